@@ -1,0 +1,1 @@
+//! shadowcache-bench (filled in below).

@@ -1,0 +1,345 @@
+//! `shadowcache`: the operator's CLI for a node's Block and Admin services.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use shadowcache_client::{Client, DiskInfo, DiskMode, StatusResponse};
+
+#[derive(Debug, Parser)]
+#[command(name = "shadowcache", version, about = "Talk to a shadowcache node")]
+struct Cli {
+    /// The node's Unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "SHADOWCACHE_SOCKET",
+        default_value = "/var/lib/shadowcache/shadowcache.sock"
+    )]
+    socket: PathBuf,
+    /// Use the node's TCP address instead of its socket.
+    #[arg(long, global = true, value_name = "ADDR")]
+    tcp: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the node's disks.
+    Disks,
+    /// Show one disk.
+    Stat {
+        /// Disk id.
+        disk: String,
+    },
+    /// Read a range of a disk to a file or stdout.
+    Read {
+        /// Disk id.
+        disk: String,
+        /// First byte.
+        #[arg(long)]
+        offset: u64,
+        /// Bytes to read.
+        #[arg(long)]
+        length: u64,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Write a file or stdin to a disk at an offset, then flush.
+    Write {
+        /// Disk id.
+        disk: String,
+        /// First byte.
+        #[arg(long)]
+        offset: u64,
+        /// Read from here instead of stdin.
+        #[arg(short = 'i', long)]
+        input: Option<PathBuf>,
+    },
+    /// Seal a disk: read-only for ever, served through the cache.
+    Seal {
+        /// Disk id.
+        disk: String,
+    },
+    /// Register a disk whose origin is a file or block device on the node's host.
+    Register {
+        /// Disk id.
+        disk: String,
+        /// Origin path on the node's host.
+        origin: String,
+        /// Mode.
+        #[arg(long, value_parser = ["mutable", "sealed"], default_value = "mutable")]
+        mode: String,
+    },
+    /// Cache tiers, hit ratios, dedup and disks.
+    Status,
+}
+
+fn mode_name(m: i32) -> &'static str {
+    match DiskMode::try_from(m) {
+        Ok(DiskMode::Mutable) => "mutable",
+        Ok(DiskMode::Sealed) => "sealed",
+        _ => "unknown",
+    }
+}
+
+fn disk_json(d: &DiskInfo) -> serde_json::Value {
+    json!({
+        "id": d.id,
+        "size_bytes": d.size_bytes,
+        "mode": mode_name(d.mode),
+        "generation": d.generation,
+        "origin": d.origin,
+        "owner": d.owner,
+    })
+}
+
+fn print_disks(disks: &[DiskInfo]) {
+    println!(
+        "{:<24} {:>16} {:<8} {:>4}  ORIGIN",
+        "DISK", "SIZE", "MODE", "GEN"
+    );
+    for d in disks {
+        println!(
+            "{:<24} {:>16} {:<8} {:>4}  {}",
+            d.id,
+            d.size_bytes,
+            mode_name(d.mode),
+            d.generation,
+            d.origin
+        );
+    }
+}
+
+fn ratio(n: u64, d: u64) -> f64 {
+    if d == 0 { 0.0 } else { n as f64 / d as f64 }
+}
+
+fn status_json(s: &StatusResponse) -> serde_json::Value {
+    let c = s.counters.clone().unwrap_or_default();
+    let lookups = c.lookups;
+    json!({
+        "node_id": s.node_id,
+        "version": s.version,
+        "block_size": s.block_size,
+        "uptime_ms": s.uptime_ms,
+        "single_touch_share": s.single_touch_share,
+        "tiers": s.tiers.iter().map(|t| json!({
+            "name": t.name,
+            "entries": t.entries,
+            "bytes": t.bytes,
+            "capacity_bytes": t.capacity_bytes,
+            "hits": t.hits,
+            "hit_ratio": ratio(t.hits, lookups),
+        })).collect::<Vec<_>>(),
+        "hit_ratio": ratio(lookups - c.misses.min(lookups), lookups),
+        "dedup_ratio": ratio(c.logical_bytes, c.stored_bytes),
+        "counters": {
+            "lookups": c.lookups,
+            "misses": c.misses,
+            "zero_block_hits": c.zero_block_hits,
+            "origin_reads": c.origin_reads,
+            "origin_read_bytes": c.origin_read_bytes,
+            "promotions": c.promotions,
+            "demotions": c.demotions,
+            "evictions": c.evictions,
+            "ssd_verify_failures": c.ssd_verify_failures,
+            "logical_bytes": c.logical_bytes,
+            "stored_bytes": c.stored_bytes,
+            "single_flight_joins": c.single_flight_joins,
+        },
+        "disks": s.disks.iter().map(disk_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(s: &StatusResponse) {
+    let c = s.counters.clone().unwrap_or_default();
+    println!(
+        "node {}  version {}  block size {}  up {:.1}s",
+        s.node_id,
+        s.version,
+        s.block_size,
+        s.uptime_ms as f64 / 1000.0
+    );
+    println!();
+    println!(
+        "{:<11} {:>10} {:>14} {:>14} {:>12} {:>9}",
+        "TIER", "ENTRIES", "BYTES", "CAPACITY", "HITS", "HIT%"
+    );
+    for t in &s.tiers {
+        println!(
+            "{:<11} {:>10} {:>14} {:>14} {:>12} {:>8.2}%",
+            t.name,
+            t.entries,
+            t.bytes,
+            t.capacity_bytes,
+            t.hits,
+            100.0 * ratio(t.hits, c.lookups)
+        );
+    }
+    println!(
+        "{:<11} {:>10} {:>14} {:>14} {:>12} {:>8.2}%",
+        "miss",
+        "",
+        "",
+        "",
+        c.misses,
+        100.0 * ratio(c.misses, c.lookups)
+    );
+    println!();
+    println!(
+        "hit ratio {:.2}%  lookups {}  zero-block hits {}  single-flight joins {}",
+        100.0 * ratio(c.lookups - c.misses.min(c.lookups), c.lookups),
+        c.lookups,
+        c.zero_block_hits,
+        c.single_flight_joins
+    );
+    println!(
+        "dedup ratio {:.2}  (logical {} bytes / stored {} bytes)",
+        ratio(c.logical_bytes, c.stored_bytes),
+        c.logical_bytes,
+        c.stored_bytes
+    );
+    println!(
+        "origin reads {} ({} bytes)  promotions {}  demotions {}  evictions {}  ssd verify failures {}",
+        c.origin_reads,
+        c.origin_read_bytes,
+        c.promotions,
+        c.demotions,
+        c.evictions,
+        c.ssd_verify_failures
+    );
+    println!();
+    print_disks(&s.disks);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = match &cli.tcp {
+        Some(addr) => Client::connect_tcp(addr).await?,
+        None => Client::connect_unix(&cli.socket).await?,
+    };
+    match cli.command {
+        Command::Disks => {
+            let disks = client.list_disks().await?;
+            if cli.json {
+                println!("{}", json!(disks.iter().map(disk_json).collect::<Vec<_>>()));
+            } else {
+                print_disks(&disks);
+            }
+        }
+        Command::Stat { disk } => {
+            let d = client.disk(&disk).stat().await?;
+            if cli.json {
+                println!("{}", disk_json(&d));
+            } else {
+                print_disks(&[d]);
+            }
+        }
+        Command::Read {
+            disk,
+            offset,
+            length,
+            output,
+        } => {
+            let data = client.disk(&disk).read_at(offset, length).await?;
+            match &output {
+                Some(path) => std::fs::write(path, &data)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+            }
+            if cli.json && output.is_some() {
+                println!(
+                    "{}",
+                    json!({"disk": disk, "offset": offset, "length": data.len()})
+                );
+            }
+        }
+        Command::Write {
+            disk,
+            offset,
+            input,
+        } => {
+            let data = match &input {
+                Some(path) => std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                None => {
+                    let mut v = Vec::new();
+                    std::io::stdin().read_to_end(&mut v)?;
+                    v
+                }
+            };
+            let len = data.len();
+            let d = client.disk(&disk);
+            d.write_at(offset, data).await?;
+            d.flush().await?;
+            if cli.json {
+                println!("{}", json!({"disk": disk, "offset": offset, "length": len}));
+            } else {
+                eprintln!("wrote {len} bytes to {disk} at {offset} (flushed)");
+            }
+        }
+        Command::Seal { disk } => {
+            let d = client.set_disk_mode(&disk, DiskMode::Sealed).await?;
+            if cli.json {
+                println!("{}", disk_json(&d));
+            } else {
+                println!("{} is sealed (generation {})", d.id, d.generation);
+            }
+        }
+        Command::Register { disk, origin, mode } => {
+            let mode = if mode == "sealed" {
+                DiskMode::Sealed
+            } else {
+                DiskMode::Mutable
+            };
+            let d = client.register_disk(&disk, &origin, mode).await?;
+            if cli.json {
+                println!("{}", disk_json(&d));
+            } else {
+                print_disks(&[d]);
+            }
+        }
+        Command::Status => {
+            let s = client.status().await?;
+            if cli.json {
+                println!("{}", status_json(&s));
+            } else {
+                print_status(&s);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shadowcache: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shadowcache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

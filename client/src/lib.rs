@@ -1,0 +1,294 @@
+//! Rust client for a shadowcache node's Block and Admin services.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shadowcache_client::ClientError> {
+//! let client = shadowcache_client::Client::connect_unix("/var/lib/shadowcache/shadowcache.sock").await?;
+//! let disk = client.disk("replica");
+//! let bytes = disk.read_at(4096, 512).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Ranges of any size and alignment are accepted: requests above the protocol's per-request
+//! limit (16 MiB) are split and sent concurrently, and the pieces joined. Errors keep the
+//! node's gRPC code ([`ClientError::code`]), e.g. `NotFound` for an unknown disk.
+
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use hyper_util::rt::TokioIo;
+use shadowcache_proto as pb;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use pb::{DiskInfo, DiskMode, StatusResponse};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node could not be reached.
+    #[error("cannot connect to shadowcache node at {target}: {source}")]
+    Connect {
+        /// The socket path or address.
+        target: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The node answered with an error.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+}
+
+// Not `#[from]`: that would make the status the error's source, and every report would print
+// tonic's own rendering of it after ours.
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::NotFound => "not found",
+        tonic::Code::OutOfRange => "out of range",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+impl ClientError {
+    /// The gRPC code: `Unavailable` for connection failures.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            ClientError::Connect { .. } => tonic::Code::Unavailable,
+            ClientError::Status(s) => s.code(),
+        }
+    }
+}
+
+/// Shorthand.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A connection to one node. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    block: pb::block_client::BlockClient<Channel>,
+    admin: pb::admin_client::AdminClient<Channel>,
+}
+
+impl Client {
+    fn from_channel(channel: Channel) -> Client {
+        let max = pb::MAX_MESSAGE_BYTES;
+        Client {
+            block: pb::block_client::BlockClient::new(channel.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            admin: pb::admin_client::AdminClient::new(channel)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        }
+    }
+
+    fn endpoint(uri: &'static str) -> Endpoint {
+        Endpoint::from_static(uri)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .tcp_nodelay(true)
+    }
+
+    /// Connects to a node's Unix socket.
+    pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Client> {
+        let path: PathBuf = path.as_ref().to_path_buf();
+        let target = path.display().to_string();
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = Self::endpoint("http://shadowcache.local")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(s))
+                }
+            }))
+            .await
+            .map_err(|source| ClientError::Connect { target, source })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Connects to a node's TCP address (`host:port` or `http://host:port`).
+    pub async fn connect_tcp(addr: &str) -> Result<Client> {
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|source| ClientError::Connect {
+                target: addr.to_string(),
+                source,
+            })?
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                target: addr.to_string(),
+                source,
+            })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// A handle on one disk.
+    pub fn disk(&self, id: &str) -> Disk {
+        Disk {
+            client: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    /// Every disk of the node.
+    pub async fn list_disks(&self) -> Result<Vec<DiskInfo>> {
+        let r = self
+            .admin
+            .clone()
+            .list_disks(pb::ListDisksRequest {})
+            .await?;
+        Ok(r.into_inner().disks)
+    }
+
+    /// Registers a disk whose origin is a file or block device on the node's host.
+    pub async fn register_disk(&self, id: &str, origin: &str, mode: DiskMode) -> Result<DiskInfo> {
+        let r = self
+            .admin
+            .clone()
+            .register_disk(pb::RegisterDiskRequest {
+                id: id.to_string(),
+                origin: origin.to_string(),
+                mode: mode as i32,
+            })
+            .await?;
+        Ok(r.into_inner().disk.unwrap_or_default())
+    }
+
+    /// Changes a disk's mode (mutable -> sealed).
+    pub async fn set_disk_mode(&self, id: &str, mode: DiskMode) -> Result<DiskInfo> {
+        let r = self
+            .admin
+            .clone()
+            .set_disk_mode(pb::SetDiskModeRequest {
+                disk: id.to_string(),
+                mode: mode as i32,
+            })
+            .await?;
+        Ok(r.into_inner().disk.unwrap_or_default())
+    }
+
+    /// The node's cache tiers, counters and disks.
+    pub async fn status(&self) -> Result<StatusResponse> {
+        Ok(self
+            .admin
+            .clone()
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner())
+    }
+}
+
+/// One disk of a node.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    client: Client,
+    id: String,
+}
+
+impl Disk {
+    /// The disk's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let max = pb::MAX_IO_BYTES;
+        if len <= max {
+            return self.read_one(offset, len).await;
+        }
+        let pieces = (0..len.div_ceil(max)).map(|n| {
+            let at = n * max;
+            self.read_one(offset + at, max.min(len - at))
+        });
+        let parts = futures::future::try_join_all(pieces).await?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        for p in parts {
+            out.extend_from_slice(&p);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_one(&self, offset: u64, length: u64) -> Result<Bytes> {
+        let r = self
+            .client
+            .block
+            .clone()
+            .read(pb::ReadRequest {
+                disk: self.id.clone(),
+                offset,
+                length,
+            })
+            .await?;
+        Ok(r.into_inner().data)
+    }
+
+    /// Writes `data` at `offset`. Durable once [`Disk::flush`] returns.
+    pub async fn write_at(&self, offset: u64, data: impl Into<Bytes>) -> Result<()> {
+        let data: Bytes = data.into();
+        let max = pb::MAX_IO_BYTES as usize;
+        if data.len() <= max {
+            return self.write_one(offset, data).await;
+        }
+        let pieces = (0..data.len().div_ceil(max)).map(|n| {
+            let at = n * max;
+            self.write_one(offset + at as u64, data.slice(at..data.len().min(at + max)))
+        });
+        futures::future::try_join_all(pieces).await.map(|_| ())
+    }
+
+    async fn write_one(&self, offset: u64, data: Bytes) -> Result<()> {
+        self.client
+            .block
+            .clone()
+            .write(pb::WriteRequest {
+                disk: self.id.clone(),
+                offset,
+                data,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.client
+            .block
+            .clone()
+            .flush(pb::FlushRequest {
+                disk: self.id.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Size, mode and generation.
+    pub async fn stat(&self) -> Result<DiskInfo> {
+        let r = self
+            .client
+            .block
+            .clone()
+            .stat(pb::StatRequest {
+                disk: self.id.clone(),
+            })
+            .await?;
+        Ok(r.into_inner().disk.unwrap_or_default())
+    }
+}

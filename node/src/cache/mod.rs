@@ -1,0 +1,603 @@
+//! The content cache: one per node, shared by every disk, keyed by fingerprint.
+//!
+//! Three places an entry can live:
+//!
+//! ```text
+//!   admit (first read) ──► RAM single-touch ──(evicted)──► dropped
+//!                               │ second read (metadata only: the Bytes are shared)
+//!                               ▼
+//!                          RAM multi-touch ──(evicted)──► demotion queue ──► SSD ──(evicted)──► dropped
+//!                               ▲                                             │
+//!                               └──────────────── SSD hit ◄───────────────────┘
+//! ```
+//!
+//! The tiers are exclusive: an entry lives in exactly one place. An SSD hit moves the entry back
+//! to the top of RAM multi-touch and frees its slot; a later demotion writes it again. (An
+//! inclusive SSD would save those rewrites but count every hot block twice against capacity.)
+//!
+//! Demotions are written by one writer thread that drains a bounded queue; until written, a
+//! demoted entry stays readable from a small pending map. The cache knows nothing about disks or
+//! peers; all-zero blocks never reach it (the read path answers them with [`ContentCache::zero`]).
+//!
+//! Architecture invariant: no lookup returns bytes that do not hash to the fingerprint asked
+//! for. RAM entries are only admitted by callers that hashed the bytes; SSD reads are verified.
+
+pub mod fingerprint;
+pub mod ram;
+pub mod ssd;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+pub use fingerprint::Fingerprint;
+use ram::{Entry, Pool, Value};
+pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
+
+use crate::telemetry::{self, Count};
+
+/// Settings of the content cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Block size in bytes: the largest entry and the SSD slot size. Default: 64 KiB.
+    pub block_bytes: u32,
+    /// RAM for both pools, in payload bytes. Default: 256 MiB.
+    pub ram_bytes: u64,
+    /// Fraction of `ram_bytes` given to the single-touch pool. Default: 0.25.
+    pub single_touch_share: f64,
+    /// The SSD tier, or none for a RAM-only cache. Default: none.
+    pub ssd: Option<SsdConfig>,
+    /// Demotions that may wait for the SSD writer before new ones are dropped. Default: 1024.
+    pub demotion_queue: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            block_bytes: 64 * 1024,
+            ram_bytes: 256 * 1024 * 1024,
+            single_touch_share: 0.25,
+            ssd: None,
+            demotion_queue: 1024,
+        }
+    }
+}
+
+/// Where a lookup was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// RAM single-touch pool (the entry is promoted by this hit).
+    RamSingle,
+    /// RAM multi-touch pool.
+    RamMulti,
+    /// SSD tier (the entry is copied back to RAM multi-touch by this hit).
+    Ssd,
+}
+
+impl Tier {
+    /// The metric label and status name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::RamSingle => "ram_single",
+            Tier::RamMulti => "ram_multi",
+            Tier::Ssd => "ssd",
+        }
+    }
+}
+
+/// Counters of the cache, kept locally and exported as metrics.
+#[derive(Debug)]
+pub struct CacheStats {
+    /// Lookups made (hits plus misses).
+    pub lookups: AtomicU64,
+    /// Hits in RAM single-touch.
+    pub hits_ram_single: Count,
+    /// Hits in RAM multi-touch.
+    pub hits_ram_multi: Count,
+    /// Hits in SSD.
+    pub hits_ssd: Count,
+    /// Lookups nothing answered.
+    pub misses: Count,
+    /// Single -> multi moves.
+    pub promotions: Count,
+    /// RAM multi -> SSD moves.
+    pub demotions: Count,
+    /// Drops from single-touch.
+    pub evictions_ram_single: Count,
+    /// Drops from RAM multi-touch (no SSD tier, or demotion queue full).
+    pub evictions_ram_multi: Count,
+    /// Drops from SSD.
+    pub evictions_ssd: Count,
+    /// SSD slots that failed verification.
+    pub ssd_verify_failures: Count,
+    /// Bytes the cached entries stand for (see [`ram::Entry::logical_bytes`]).
+    pub logical_bytes: AtomicU64,
+}
+
+impl CacheStats {
+    fn new() -> Self {
+        use telemetry::*;
+        CacheStats {
+            lookups: AtomicU64::new(0),
+            hits_ram_single: Count::new(CACHE_HITS, &[("tier", "ram_single")]),
+            hits_ram_multi: Count::new(CACHE_HITS, &[("tier", "ram_multi")]),
+            hits_ssd: Count::new(CACHE_HITS, &[("tier", "ssd")]),
+            misses: Count::new(CACHE_MISSES, &[]),
+            promotions: Count::new(PROMOTIONS, &[]),
+            demotions: Count::new(DEMOTIONS, &[]),
+            evictions_ram_single: Count::new(EVICTIONS, &[("pool", "ram_single")]),
+            evictions_ram_multi: Count::new(EVICTIONS, &[("pool", "ram_multi")]),
+            evictions_ssd: Count::new(EVICTIONS, &[("pool", "ssd")]),
+            ssd_verify_failures: Count::new(SSD_VERIFY_FAILURES, &[]),
+            logical_bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn add_logical(&self, n: u64) {
+        self.logical_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub_logical(&self, n: u64) {
+        // Saturating: accounting races (an entry dropped while re-admitted) must never wrap.
+        let _ = self
+            .logical_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+
+    fn hit(&self, tier: Tier) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        match tier {
+            Tier::RamSingle => self.hits_ram_single.inc(),
+            Tier::RamMulti => self.hits_ram_multi.inc(),
+            Tier::Ssd => self.hits_ssd.inc(),
+        }
+    }
+}
+
+/// One tier's occupancy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierUsage {
+    /// The tier.
+    pub tier: Tier,
+    /// Entries held.
+    pub entries: u64,
+    /// Payload bytes held.
+    pub bytes: u64,
+    /// Capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Lookups answered here.
+    pub hits: u64,
+}
+
+enum WriterMsg {
+    Demote(Fingerprint),
+    Flush(mpsc::SyncSender<()>),
+    Stop,
+}
+
+struct Inner {
+    config: CacheConfig,
+    single: Pool,
+    multi: Pool,
+    ssd: Option<Arc<SsdTier>>,
+    pending: Arc<DashMap<Fingerprint, Value>>,
+    writer: Option<mpsc::SyncSender<WriterMsg>>,
+    writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Arc<CacheStats>,
+    zero: Bytes,
+}
+
+/// The content cache. Cheap to clone; all clones share one cache.
+#[derive(Clone)]
+pub struct ContentCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ContentCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentCache")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Why the cache could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The SSD tier could not be opened.
+    #[error(transparent)]
+    Ssd(#[from] SsdError),
+    /// The writer thread could not be started.
+    #[error("could not start the ssd writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl ContentCache {
+    /// Builds the cache, opening (and recovering) the SSD tier if one is configured.
+    pub fn open(config: CacheConfig) -> Result<(ContentCache, Option<Recovery>), CacheError> {
+        let stats = Arc::new(CacheStats::new());
+        let single_bytes = (config.ram_bytes as f64 * config.single_touch_share) as u64;
+        let multi_bytes = config.ram_bytes.saturating_sub(single_bytes);
+
+        let single = {
+            let stats = stats.clone();
+            ram::pool("ram_single", single_bytes, move |_fp, v| {
+                stats.evictions_ram_single.inc();
+                stats.sub_logical(v.logical_bytes());
+            })
+        };
+
+        let (ssd, recovery) = match &config.ssd {
+            Some(c) => {
+                let (tier, rec) = SsdTier::open(c.clone())?;
+                if rec.recovered > 0 {
+                    tracing::info!(entries = rec.recovered, "ssd tier recovered warm");
+                }
+                (Some(Arc::new(tier)), Some(rec))
+            }
+            None => (None, None),
+        };
+        let pending: Arc<DashMap<Fingerprint, Value>> = Arc::new(DashMap::new());
+        let (tx, rx) = mpsc::sync_channel::<WriterMsg>(config.demotion_queue.max(1));
+        let writer = ssd.as_ref().map(|_| tx.clone());
+
+        let multi = {
+            let stats = stats.clone();
+            let pending = pending.clone();
+            let writer = writer.clone();
+            ram::pool("ram_multi", multi_bytes, move |fp, v| {
+                let Some(w) = &writer else {
+                    stats.evictions_ram_multi.inc();
+                    stats.sub_logical(v.logical_bytes());
+                    return;
+                };
+                let logical = v.logical_bytes();
+                pending.insert(fp, v);
+                if w.try_send(WriterMsg::Demote(fp)).is_err() {
+                    // The SSD writer is behind: drop rather than block the reader.
+                    pending.remove(&fp);
+                    stats.evictions_ram_multi.inc();
+                    stats.sub_logical(logical);
+                }
+            })
+        };
+
+        // Recovered entries stand for at least their own bytes (their dedup references were
+        // saved at the last clean shutdown).
+        if let Some(tier) = &ssd {
+            stats.add_logical(tier.logical_bytes());
+        }
+
+        let writer_thread = match (&ssd, writer.is_some()) {
+            (Some(tier), true) => {
+                let w = Writer {
+                    ssd: tier.clone(),
+                    multi: multi.clone(),
+                    pending: pending.clone(),
+                    stats: stats.clone(),
+                };
+                Some(
+                    std::thread::Builder::new()
+                        .name("shadowcache-ssd-writer".into())
+                        .spawn(move || w.run(rx))
+                        .map_err(CacheError::Thread)?,
+                )
+            }
+            _ => None,
+        };
+
+        let zero = Bytes::from(vec![0u8; config.block_bytes as usize]);
+        Ok((
+            ContentCache {
+                inner: Arc::new(Inner {
+                    config,
+                    single,
+                    multi,
+                    ssd,
+                    pending,
+                    writer,
+                    writer_thread: parking_lot::Mutex::new(writer_thread),
+                    stats,
+                    zero,
+                }),
+            },
+            recovery,
+        ))
+    }
+
+    /// The settings the cache was built with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.inner.stats
+    }
+
+    /// `len` zero bytes, shared: all-zero blocks are answered from here and never stored.
+    ///
+    /// `len` is at most the block size.
+    pub fn zero(&self, len: usize) -> Bytes {
+        self.inner.zero.slice(..len.min(self.inner.zero.len()))
+    }
+
+    /// Looks `fp` up in RAM only; never blocks. A single-touch hit promotes the entry.
+    ///
+    /// Counts a hit when found and nothing when not (the caller goes on to [`Self::get`] or
+    /// counts a miss), so that one lookup is never counted twice.
+    #[inline]
+    pub fn get_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        let inner = &*self.inner;
+        if let Some(v) = inner.multi.get(fp) {
+            inner.stats.hit(Tier::RamMulti);
+            return Some((v.bytes.clone(), Tier::RamMulti));
+        }
+        if let Some(v) = inner.single.remove(fp) {
+            let bytes = v.bytes.clone();
+            inner.multi.insert(*fp, v);
+            inner.stats.promotions.inc();
+            inner.stats.hit(Tier::RamSingle);
+            return Some((bytes, Tier::RamSingle));
+        }
+        if let Some((_, v)) = inner.pending.remove(fp) {
+            // Demoted but not yet written: back to the top of multi-touch.
+            let bytes = v.bytes.clone();
+            inner.multi.insert(*fp, v);
+            inner.stats.hit(Tier::RamMulti);
+            return Some((bytes, Tier::RamMulti));
+        }
+        None
+    }
+
+    /// Looks `fp` up in every tier. An SSD hit is read on the blocking pool, verified, and
+    /// copied back to RAM multi-touch. Counts one hit or one miss.
+    pub async fn get(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        if let Some(hit) = self.get_ram(fp) {
+            return Some(hit);
+        }
+        let inner = &*self.inner;
+        if let Some(ssd) = &inner.ssd
+            && let Some(at) = ssd.lookup(fp)
+        {
+            let tier = ssd.clone();
+            let key = *fp;
+            let read = tokio::task::spawn_blocking(move || tier.read(&key, at)).await;
+            match read {
+                Ok(ssd::SlotRead::Hit(bytes)) => {
+                    inner.multi.insert(*fp, Entry::new(bytes.clone(), at.refs));
+                    ssd.release(fp, at);
+                    inner.stats.hit(Tier::Ssd);
+                    return Some((bytes, Tier::Ssd));
+                }
+                Ok(ssd::SlotRead::Corrupt) => {
+                    inner.stats.ssd_verify_failures.inc();
+                    inner.stats.evictions_ssd.inc();
+                    inner.stats.sub_logical(u64::from(at.refs) * at.len());
+                }
+                Ok(ssd::SlotRead::Reassigned) | Err(_) => {}
+            }
+        }
+        self.record_miss();
+        None
+    }
+
+    /// Counts a miss that never reached a lookup (the caller did not know the fingerprint).
+    pub fn record_miss(&self) {
+        self.inner.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.misses.inc();
+    }
+
+    /// Admits `bytes`, read from a trusted source, that hash to `fp`. Never called with an
+    /// all-zero block.
+    ///
+    /// A fingerprint the cache does not hold lands in single-touch. One it holds is being read
+    /// again through another disk block (dedup): the entry gains a reference and, being read a
+    /// second time, moves to multi-touch.
+    pub fn admit(&self, fp: Fingerprint, bytes: Bytes) {
+        let inner = &*self.inner;
+        let len = bytes.len() as u64;
+        inner.stats.add_logical(len);
+        if let Some(v) = inner.multi.get(&fp) {
+            v.refs.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(v) = inner.single.remove(&fp) {
+            v.refs.fetch_add(1, Ordering::Relaxed);
+            inner.multi.insert(fp, v);
+            inner.stats.promotions.inc();
+            return;
+        }
+        if let Some((_, v)) = inner.pending.remove(&fp) {
+            v.refs.fetch_add(1, Ordering::Relaxed);
+            inner.multi.insert(fp, v);
+            return;
+        }
+        if let Some(ssd) = &inner.ssd
+            && let Some(at) = ssd.lookup(&fp)
+        {
+            // Read again through another disk block: back to RAM multi-touch, off the SSD.
+            inner
+                .multi
+                .insert(fp, Entry::new(bytes, at.refs.saturating_add(1)));
+            ssd.release(&fp, at);
+            return;
+        }
+        inner.single.insert(fp, Entry::new(bytes, 1));
+    }
+
+    /// Which tier holds `fp` now, without touching anything (tests and diagnostics).
+    pub fn tier_of(&self, fp: &Fingerprint) -> Option<Tier> {
+        let inner = &*self.inner;
+        if inner.multi.contains_key(fp) || inner.pending.contains_key(fp) {
+            Some(Tier::RamMulti)
+        } else if inner.single.contains_key(fp) {
+            Some(Tier::RamSingle)
+        } else if inner.ssd.as_ref().is_some_and(|s| s.contains(fp)) {
+            Some(Tier::Ssd)
+        } else {
+            None
+        }
+    }
+
+    /// Runs moka's deferred maintenance (evictions) now and waits until the SSD writer has
+    /// written every demotion queued so far. Tests and benchmarks call it to see a settled cache.
+    pub fn settle(&self) {
+        // Evictions from multi queue demotions; run both pools until nothing moves.
+        for _ in 0..4 {
+            self.inner.single.run_pending_tasks();
+            self.inner.multi.run_pending_tasks();
+        }
+        self.flush_writer();
+    }
+
+    fn flush_writer(&self) {
+        if let Some(w) = &self.inner.writer {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if w.send(WriterMsg::Flush(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+    }
+
+    /// Occupancy and hits of each tier: ram_single, ram_multi, ssd (if configured).
+    pub fn usage(&self) -> Vec<TierUsage> {
+        let inner = &*self.inner;
+        // moka counts lazily; settle its bookkeeping so the figures are current.
+        inner.single.run_pending_tasks();
+        inner.multi.run_pending_tasks();
+        let single_cap = (inner.config.ram_bytes as f64 * inner.config.single_touch_share) as u64;
+        let mut out = vec![
+            TierUsage {
+                tier: Tier::RamSingle,
+                entries: inner.single.entry_count(),
+                bytes: inner.single.weighted_size(),
+                capacity_bytes: single_cap,
+                hits: inner.stats.hits_ram_single.get(),
+            },
+            TierUsage {
+                tier: Tier::RamMulti,
+                entries: inner.multi.entry_count() + inner.pending.len() as u64,
+                bytes: inner.multi.weighted_size()
+                    + inner.pending.iter().map(|e| e.value().len()).sum::<u64>(),
+                capacity_bytes: inner.config.ram_bytes - single_cap,
+                hits: inner.stats.hits_ram_multi.get(),
+            },
+        ];
+        if let Some(ssd) = &inner.ssd {
+            let (entries, bytes) = ssd.usage();
+            out.push(TierUsage {
+                tier: Tier::Ssd,
+                entries,
+                bytes,
+                capacity_bytes: ssd.capacity_bytes(),
+                hits: inner.stats.hits_ssd.get(),
+            });
+        }
+        for t in &out {
+            metrics::gauge!(telemetry::STORED_BYTES, "tier" => t.tier.as_str()).set(t.bytes as f64);
+            metrics::gauge!(telemetry::ENTRIES, "tier" => t.tier.as_str()).set(t.entries as f64);
+        }
+        metrics::gauge!(telemetry::LOGICAL_BYTES)
+            .set(inner.stats.logical_bytes.load(Ordering::Relaxed) as f64);
+        out
+    }
+
+    /// Payload bytes held by all tiers together.
+    pub fn stored_bytes(&self) -> u64 {
+        self.usage().iter().map(|t| t.bytes).sum()
+    }
+
+    /// Writes the RAM multi-touch entries to SSD (so that a restart finds them warm), waits for
+    /// the writer, makes the SSD files durable and stops the writer. Blocks; idempotent.
+    pub fn shutdown(&self) {
+        let inner = &*self.inner;
+        if let (Some(ssd), Some(w)) = (&inner.ssd, &inner.writer) {
+            inner.multi.run_pending_tasks();
+            for (fp, v) in inner.multi.iter() {
+                if !ssd.contains(&fp) {
+                    inner.pending.insert(*fp, v);
+                    if w.send(WriterMsg::Demote(*fp)).is_err() {
+                        break;
+                    }
+                }
+            }
+            self.flush_writer();
+            if let Err(e) = ssd.sync() {
+                tracing::warn!(error = %e, "could not sync the ssd tier at shutdown");
+            }
+            let _ = w.send(WriterMsg::Stop);
+        }
+        if let Some(t) = inner.writer_thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The SSD tier, if configured (tests and diagnostics).
+    pub fn ssd(&self) -> Option<&SsdTier> {
+        self.inner.ssd.as_deref()
+    }
+
+    /// Where the SSD tier keeps its slots.
+    pub fn ssd_path(&self) -> Option<PathBuf> {
+        self.inner.ssd.as_ref().map(|s| s.data_path().to_path_buf())
+    }
+}
+
+/// The SSD writer: drains demotions off the read path.
+struct Writer {
+    ssd: Arc<SsdTier>,
+    multi: Pool,
+    pending: Arc<DashMap<Fingerprint, Value>>,
+    stats: Arc<CacheStats>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<WriterMsg>) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                WriterMsg::Demote(fp) => self.demote(fp),
+                WriterMsg::Flush(done) => {
+                    let _ = done.send(());
+                }
+                WriterMsg::Stop => break,
+            }
+        }
+    }
+
+    fn demote(&self, fp: Fingerprint) {
+        // A reader may have taken the entry back to RAM meanwhile: then there is nothing to do.
+        let Some(v) = self.pending.get(&fp).map(|e| e.value().clone()) else {
+            return;
+        };
+        let refs = v.refs.load(Ordering::Relaxed);
+        if let Some(r) = self.ssd.reserve(&fp, refs) {
+            if let Some((efp, elen, erefs)) = r.evicted {
+                self.stats.evictions_ssd.inc();
+                if !self.multi.contains_key(&efp) && !self.pending.contains_key(&efp) {
+                    self.stats.sub_logical(u64::from(elen) * u64::from(erefs));
+                }
+            }
+            if let Err(e) = self.ssd.write(r, fp, &v.bytes, refs) {
+                tracing::warn!(error = %e, "ssd write failed; entry dropped");
+                self.stats.evictions_ram_multi.inc();
+                self.stats.sub_logical(v.logical_bytes());
+            } else {
+                self.stats.demotions.inc();
+            }
+        } else {
+            // Already on SSD (a race with another demotion of the same block): refreshed.
+            self.stats.demotions.inc();
+        }
+        self.pending.remove_if(&fp, |_, p| Arc::ptr_eq(p, &v));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! Behaviour of the three pools together: promotion, demotion, eviction order, dedup accounting,
+//! a warm restart and a damaged SSD slot.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::*;
+
+const BS: u32 = 4096;
+
+/// RAM of four blocks split evenly (two single-touch, two multi-touch), and `ssd_slots` on SSD.
+fn cache(dir: &Path, ssd_slots: u64) -> ContentCache {
+    let (c, _) = ContentCache::open(CacheConfig {
+        block_bytes: BS,
+        ram_bytes: 4 * u64::from(BS),
+        single_touch_share: 0.5,
+        ssd: (ssd_slots > 0).then(|| SsdConfig {
+            data_path: dir.join("slots"),
+            index_path: dir.join("index"),
+            capacity_bytes: ssd_slots * u64::from(BS),
+            slot_bytes: BS,
+        }),
+        demotion_queue: 64,
+    })
+    .expect("open cache");
+    c
+}
+
+fn block(tag: u8) -> (Fingerprint, Bytes) {
+    let b = Bytes::from(vec![tag; BS as usize]);
+    (Fingerprint::of(&b), b)
+}
+
+/// Reads as the read path does: a lookup, and on a miss an admit of the block's bytes.
+fn read(c: &ContentCache, tag: u8) -> Option<Tier> {
+    let (fp, b) = block(tag);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let hit = rt.block_on(c.get(&fp));
+    if hit.is_none() {
+        c.admit(fp, b);
+    }
+    c.settle();
+    hit.map(|(bytes, tier)| {
+        assert_eq!(Fingerprint::of(&bytes), fp, "a hit returned other bytes");
+        tier
+    })
+}
+
+fn tier(c: &ContentCache, tag: u8) -> Option<Tier> {
+    c.tier_of(&block(tag).0)
+}
+
+/// Without dedup (every block distinct), the bytes the entries stand for are the bytes stored.
+fn logical_matches_contents(c: &ContentCache) {
+    c.settle();
+    let stored: u64 = c.usage().iter().map(|t| t.bytes).sum();
+    let logical = c.stats().logical_bytes.load(Ordering::Relaxed);
+    assert_eq!(
+        logical, stored,
+        "dedup accounting drifted from the contents"
+    );
+}
+
+#[test]
+fn a_first_read_lands_in_single_touch_and_a_second_promotes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    assert_eq!(read(&c, 1), None);
+    assert_eq!(tier(&c, 1), Some(Tier::RamSingle));
+    assert_eq!(read(&c, 1), Some(Tier::RamSingle));
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(read(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(c.stats().promotions.get(), 1);
+}
+
+#[test]
+fn single_touch_evicts_its_least_recent_entry_and_drops_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    read(&c, 1);
+    read(&c, 2);
+    read(&c, 3); // single holds two: 1 is the least recent and goes
+    assert_eq!(
+        tier(&c, 1),
+        None,
+        "a single-touch eviction must not reach SSD"
+    );
+    assert_eq!(tier(&c, 2), Some(Tier::RamSingle));
+    assert_eq!(tier(&c, 3), Some(Tier::RamSingle));
+    assert_eq!(c.stats().evictions_ram_single.get(), 1);
+    assert_eq!(c.ssd().map(|s| s.usage().0), Some(0));
+}
+
+#[test]
+fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 2);
+    // Promote 1, 2, 3 in turn; multi holds two, so 1 is demoted.
+    for tag in 1..=3 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 2), Some(Tier::RamMulti));
+    assert_eq!(tier(&c, 3), Some(Tier::RamMulti));
+    assert_eq!(c.stats().demotions.get(), 1);
+    // Two more promotions demote 2 and 3; the SSD (two slots) then drops its oldest, 1.
+    for tag in 4..=5 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), None);
+    assert_eq!(tier(&c, 2), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 3), Some(Tier::Ssd));
+    assert_eq!(c.stats().evictions_ssd.get(), 1);
+    logical_matches_contents(&c);
+}
+
+#[test]
+fn an_ssd_hit_returns_the_entry_to_the_top_of_ram_multi_touch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    for tag in 1..=3 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    // 1 is now the most recent in multi: the next demotion takes 3's elder, 2.
+    read(&c, 4);
+    read(&c, 4);
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(tier(&c, 2), Some(Tier::Ssd));
+    assert_eq!(c.stats().hits_ssd.get(), 1);
+}
+
+#[test]
+fn without_an_ssd_tier_multi_touch_evictions_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 0);
+    for tag in 1..=3 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), None);
+    assert_eq!(c.stats().evictions_ram_multi.get(), 1);
+}
+
+#[test]
+fn identical_blocks_are_stored_once_and_counted_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    let (fp, b) = block(9);
+    // Two disks' blocks with the same content, each read from its origin once.
+    c.admit(fp, b.clone());
+    c.admit(fp, Bytes::from(b.to_vec()));
+    c.settle();
+    assert_eq!(c.stored_bytes(), u64::from(BS));
+    assert_eq!(
+        c.stats().logical_bytes.load(Ordering::Relaxed),
+        2 * u64::from(BS)
+    );
+    // Read through the second disk's block too: it is the content's second read.
+    assert_eq!(tier(&c, 9), Some(Tier::RamMulti));
+}
+
+#[test]
+fn a_restarted_cache_serves_ssd_hits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let c = cache(dir.path(), 8);
+        for tag in 1..=3 {
+            read(&c, tag);
+            read(&c, tag);
+        }
+        c.shutdown();
+    }
+    let c = cache(dir.path(), 8);
+    for tag in 1..=3 {
+        assert_eq!(read(&c, tag), Some(Tier::Ssd), "block {tag} was not warm");
+    }
+    assert_eq!(c.stats().misses.get(), 0);
+}
+
+#[test]
+fn a_flipped_byte_in_the_ssd_file_is_detected_and_never_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    for tag in 1..=3 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    let (fp1, _) = block(1);
+    let ssd = c.ssd().expect("ssd");
+    let off = ssd.payload_offset(&fp1).expect("1 is on ssd");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ssd.data_path())
+        .expect("open slots");
+    f.write_all_at(&[0xFF], off + 17).expect("flip");
+    // The lookup misses (read() asserts that any hit verifies), and is counted.
+    assert_eq!(read(&c, 1), None);
+    assert_eq!(c.stats().ssd_verify_failures.get(), 1);
+    // The reader's admit put the good bytes back in single-touch; the bad slot is gone.
+    assert_eq!(tier(&c, 1), Some(Tier::RamSingle));
+}
+
+#[test]
+fn zero_bytes_come_from_one_shared_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 0);
+    let z = c.zero(100);
+    assert_eq!(z.len(), 100);
+    assert!(z.iter().all(|b| *b == 0));
+    assert_eq!(
+        c.zero(BS as usize).as_ptr(),
+        z.as_ptr(),
+        "zero blocks must share one buffer"
+    );
+    assert_eq!(c.stored_bytes(), 0);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Whatever the order of reads: pools stay within capacity, an entry lives in one RAM
+        /// pool at most, and every hit returns the bytes of the fingerprint asked for.
+        #[test]
+        fn pools_stay_within_capacity_and_hits_are_exact(reads in proptest::collection::vec(1u8..24, 1..120)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let c = cache(dir.path(), 6);
+            for tag in reads {
+                read(&c, tag); // asserts hit bytes
+                let (fp, _) = block(tag);
+                let in_single = c.inner.single.contains_key(&fp);
+                let in_multi = c.inner.multi.contains_key(&fp);
+                prop_assert!(!(in_single && in_multi));
+                for t in c.usage() {
+                    prop_assert!(t.bytes <= t.capacity_bytes, "{:?} over capacity", t);
+                }
+            }
+            logical_matches_contents(&c);
+        }
+    }
+}

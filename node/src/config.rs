@@ -1,0 +1,551 @@
+//! Configuration: one TOML file, the common keys also as command-line flags (flags win).
+//!
+//! Every key is documented in `deploy/node.example.toml` and README.md. Unknown keys and bad
+//! values stop the start with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::disk::DiskMode;
+use crate::telemetry::LogFormat;
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and the line.
+        message: String,
+    },
+    /// A value that parses but cannot be used.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The key, e.g. `cache.block_size` or `--block-size`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A size in bytes, written as an integer or a string such as `64KiB`, `1.5GiB`, `512`, `4k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64KiB, 1GiB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB)"
+                ));
+            }
+        };
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(Size(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `[cache]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    block_size: Option<Size>,
+    ram: Option<Size>,
+    single_touch_share: Option<f64>,
+    ssd: Option<Size>,
+    ssd_path: Option<PathBuf>,
+    ssd_index_path: Option<PathBuf>,
+}
+
+/// `[[disk]]` in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    id: String,
+    origin: PathBuf,
+    #[serde(default)]
+    mode: Option<DiskMode>,
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen_unix: Option<PathBuf>,
+    listen_tcp: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    cache: FileCache,
+    #[serde(default)]
+    disk: Vec<FileDisk>,
+}
+
+/// Command-line flags of `shadowcache-node`; each overrides the config file's key.
+#[derive(Debug, Default, Clone, clap::Parser)]
+#[command(
+    name = "shadowcache-node",
+    version,
+    about = "The shadowcache node: a distributed read cache for virtual disks"
+)]
+pub struct Flags {
+    /// TOML config file (see deploy/node.example.toml).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's id (default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Directory for the socket, the SSD tier, content maps and saved disks.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Unix socket for the gRPC Block and Admin services (default: DATA_DIR/shadowcache.sock).
+    #[arg(long, value_name = "PATH")]
+    pub listen_unix: Option<PathBuf>,
+    /// Also serve gRPC on this TCP address.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_tcp: Option<SocketAddr>,
+    /// A disk, `ID=PATH[,sealed|,mutable]` (default mutable); repeatable.
+    #[arg(long = "disk", value_name = "ID=PATH[,MODE]")]
+    pub disks: Vec<String>,
+    /// Cache block size, a power of two from 4KiB to 1MiB (default 64KiB).
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<Size>,
+    /// RAM for the cache's two pools (default 256MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub ram_cache: Option<Size>,
+    /// SSD tier size; 0 disables it (default 1GiB).
+    #[arg(long, value_name = "SIZE")]
+    pub ssd_cache: Option<Size>,
+    /// SSD tier slot file or block device (default DATA_DIR/cache.slots).
+    #[arg(long, value_name = "PATH")]
+    pub ssd_path: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A disk to register at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    /// Disk id.
+    pub id: String,
+    /// Origin path (raw image or block device).
+    pub origin: PathBuf,
+    /// Mode.
+    pub mode: DiskMode,
+}
+
+/// The node's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id.
+    pub node_id: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Unix socket path for gRPC.
+    pub listen_unix: PathBuf,
+    /// Optional TCP address for gRPC.
+    pub listen_tcp: Option<SocketAddr>,
+    /// Optional Prometheus address.
+    pub metrics: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Cache block size in bytes.
+    pub block_bytes: u32,
+    /// RAM for both pools.
+    pub ram_bytes: u64,
+    /// Single-touch share of RAM.
+    pub single_touch_share: f64,
+    /// SSD tier bytes (0: none).
+    pub ssd_bytes: u64,
+    /// SSD slot file.
+    pub ssd_path: PathBuf,
+    /// SSD index file.
+    pub ssd_index_path: PathBuf,
+    /// Disks to register at start.
+    pub disks: Vec<DiskSpec>,
+}
+
+/// Default block size: see docs/ARCHITECTURE.md for the measurements behind it.
+pub const DEFAULT_BLOCK_BYTES: u32 = 64 * 1024;
+/// Default RAM for the cache.
+pub const DEFAULT_RAM_BYTES: u64 = 256 << 20;
+/// Default SSD tier size.
+pub const DEFAULT_SSD_BYTES: u64 = 1 << 30;
+/// Default single-touch share of RAM.
+pub const DEFAULT_SINGLE_TOUCH_SHARE: f64 = 0.25;
+
+/// Parses `ID=PATH[,sealed|,mutable]`.
+pub fn parse_disk_flag(s: &str) -> Result<DiskSpec, ConfigError> {
+    let key = "--disk";
+    let (id, rest) = s
+        .split_once('=')
+        .ok_or_else(|| invalid(key, format!("{s:?} is not ID=PATH[,sealed|,mutable]")))?;
+    let (path, mode) = match rest.rsplit_once(',') {
+        Some((p, "sealed")) => (p, DiskMode::Sealed),
+        Some((p, "mutable")) => (p, DiskMode::Mutable),
+        // A path holding a comma must end with an explicit mode.
+        Some((_, m)) => {
+            return Err(invalid(
+                key,
+                format!(
+                    "unknown mode {m:?} in {s:?} (sealed or mutable; a path with a comma needs an explicit mode)"
+                ),
+            ));
+        }
+        None => (rest, DiskMode::Mutable),
+    };
+    if id.is_empty() || path.is_empty() {
+        return Err(invalid(
+            key,
+            format!("{s:?} is not ID=PATH[,sealed|,mutable]"),
+        ));
+    }
+    Ok(DiskSpec {
+        id: id.to_string(),
+        origin: PathBuf::from(path),
+        mode,
+    })
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+impl Config {
+    /// Builds the configuration from flags and the file they name (if any).
+    pub fn from_flags(flags: &Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = flags
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/shadowcache"));
+        let mut disks: Vec<DiskSpec> = file
+            .disk
+            .into_iter()
+            .map(|d| DiskSpec {
+                id: d.id,
+                origin: d.origin,
+                mode: d.mode.unwrap_or(DiskMode::Mutable),
+            })
+            .collect();
+        for d in &flags.disks {
+            let spec = parse_disk_flag(d)?;
+            // A flag replaces the file's disk of the same id.
+            disks.retain(|x| x.id != spec.id);
+            disks.push(spec);
+        }
+        let cfg = Config {
+            node_id: flags
+                .node_id
+                .clone()
+                .or(file.node_id)
+                .unwrap_or_else(default_node_id),
+            listen_unix: flags
+                .listen_unix
+                .clone()
+                .or(file.listen_unix)
+                .unwrap_or_else(|| data_dir.join("shadowcache.sock")),
+            listen_tcp: flags.listen_tcp.or(file.listen_tcp),
+            metrics: flags.metrics.or(file.metrics),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            block_bytes: flags
+                .block_size
+                .or(file.cache.block_size)
+                .map(|s| s.0)
+                .unwrap_or(u64::from(DEFAULT_BLOCK_BYTES))
+                .try_into()
+                .map_err(|_| {
+                    invalid(
+                        "cache.block_size",
+                        "must be a power of two from 4KiB to 1MiB",
+                    )
+                })?,
+            ram_bytes: flags
+                .ram_cache
+                .or(file.cache.ram)
+                .map_or(DEFAULT_RAM_BYTES, |s| s.0),
+            single_touch_share: file
+                .cache
+                .single_touch_share
+                .unwrap_or(DEFAULT_SINGLE_TOUCH_SHARE),
+            ssd_bytes: flags
+                .ssd_cache
+                .or(file.cache.ssd)
+                .map_or(DEFAULT_SSD_BYTES, |s| s.0),
+            ssd_path: flags
+                .ssd_path
+                .clone()
+                .or(file.cache.ssd_path)
+                .unwrap_or_else(|| data_dir.join("cache.slots")),
+            ssd_index_path: file
+                .cache
+                .ssd_index_path
+                .unwrap_or_else(|| data_dir.join("cache.index")),
+            data_dir,
+            disks,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_file(path, &text)
+    }
+
+    fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Checks values that parse but cannot be used.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bs = self.block_bytes;
+        if !bs.is_power_of_two() || !(4096..=1 << 20).contains(&bs) {
+            return Err(invalid(
+                "cache.block_size",
+                format!("{bs} is not a power of two from 4KiB (4096) to 1MiB (1048576)"),
+            ));
+        }
+        let share = self.single_touch_share;
+        if !(share > 0.0 && share < 1.0) {
+            return Err(invalid(
+                "cache.single_touch_share",
+                format!("{share} is not a fraction strictly between 0 and 1"),
+            ));
+        }
+        if self.ram_bytes < 2 * u64::from(bs) {
+            return Err(invalid(
+                "cache.ram",
+                format!("{} bytes is less than two blocks of {bs}", self.ram_bytes),
+            ));
+        }
+        if self.ssd_bytes != 0 && self.ssd_bytes < u64::from(bs) {
+            return Err(invalid(
+                "cache.ssd",
+                format!(
+                    "{} bytes holds no block of {bs}; use 0 to disable the ssd tier",
+                    self.ssd_bytes
+                ),
+            ));
+        }
+        if self.node_id.is_empty() {
+            return Err(invalid("node_id", "must not be empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (n, d) in self.disks.iter().enumerate() {
+            if let Err(e) = crate::disk::DiskId::parse(&d.id) {
+                return Err(invalid(format!("disk[{n}].id"), e.to_string()));
+            }
+            if !seen.insert(d.id.as_str()) {
+                return Err(invalid(
+                    format!("disk[{n}].id"),
+                    format!("disk {:?} is listed twice", d.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache settings this configuration describes.
+    pub fn cache_config(&self) -> crate::cache::CacheConfig {
+        crate::cache::CacheConfig {
+            block_bytes: self.block_bytes,
+            ram_bytes: self.ram_bytes,
+            single_touch_share: self.single_touch_share,
+            ssd: (self.ssd_bytes > 0).then(|| crate::cache::SsdConfig {
+                data_path: self.ssd_path.clone(),
+                index_path: self.ssd_index_path.clone(),
+                capacity_bytes: self.ssd_bytes,
+                slot_bytes: self.block_bytes,
+            }),
+            demotion_queue: 1024,
+        }
+    }
+
+    /// A configuration for tests and the demo: everything under `data_dir`, defaults otherwise.
+    pub fn for_data_dir(data_dir: &Path) -> Config {
+        let flags = Flags {
+            data_dir: Some(data_dir.to_path_buf()),
+            node_id: Some("local".into()),
+            ..Flags::default()
+        };
+        // Defaults always validate.
+        match Config::from_flags(&flags) {
+            Ok(c) => c,
+            Err(e) => unreachable!("default configuration is invalid: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write");
+        Config::from_flags(&Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+    }
+
+    fn message(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Ok(_) => panic!("config was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("64KiB".parse::<Size>(), Ok(Size(65536)));
+        assert_eq!("1.5GiB".parse::<Size>(), Ok(Size(1610612736)));
+        assert_eq!("4k".parse::<Size>(), Ok(Size(4096)));
+        assert_eq!("512".parse::<Size>(), Ok(Size(512)));
+        assert!("12XB".parse::<Size>().is_err());
+        assert!("MiB".parse::<Size>().is_err());
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = parse(
+            r#"
+            node_id = "h1"
+            data_dir = "/tmp/x"
+            listen_tcp = "127.0.0.1:7000"
+            metrics = "127.0.0.1:9100"
+            log_format = "json"
+            [cache]
+            block_size = "16KiB"
+            ram = "1GiB"
+            single_touch_share = 0.3
+            ssd = 0
+            [[disk]]
+            id = "replica"
+            origin = "/img/replica.raw"
+            mode = "sealed"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.block_bytes, 16384);
+        assert_eq!(c.ram_bytes, 1 << 30);
+        assert_eq!(c.ssd_bytes, 0);
+        assert_eq!(c.listen_unix, PathBuf::from("/tmp/x/shadowcache.sock"));
+        assert_eq!(c.disks[0].mode, DiskMode::Sealed);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let m = message(parse("[cache]\nrma = \"1GiB\"\n"));
+        assert!(m.contains("rma"), "{m}");
+        let m = message(parse("nodeid = \"x\"\n"));
+        assert!(m.contains("nodeid"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let m = message(parse("[cache]\nblock_size = \"3000\"\n"));
+        assert!(m.contains("cache.block_size"), "{m}");
+        let m = message(parse("[cache]\nblock_size = \"2MiB\"\n"));
+        assert!(m.contains("cache.block_size"), "{m}");
+        let m = message(parse("[cache]\nram = \"lots\"\n"));
+        assert!(m.contains("ram"), "{m}");
+        let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
+        assert!(m.contains("single_touch_share"), "{m}");
+        let m = message(parse("listen_tcp = \"nowhere\"\n"));
+        assert!(m.contains("listen_tcp"), "{m}");
+        let m = message(parse("[[disk]]\nid = \"a b\"\norigin = \"/x\"\n"));
+        assert!(m.contains("disk[0].id"), "{m}");
+        let m = message(parse(
+            "[[disk]]\nid = \"a\"\norigin = \"/x\"\nmode = \"frozen\"\n",
+        ));
+        assert!(m.contains("frozen"), "{m}");
+    }
+
+    #[test]
+    fn disk_flags_parse() {
+        let d = parse_disk_flag("base=/img/a.raw,sealed").expect("ok");
+        assert_eq!((d.id.as_str(), d.mode), ("base", DiskMode::Sealed));
+        assert!(parse_disk_flag("w=/img/a,b.raw").is_err());
+        let d = parse_disk_flag("w=/img/a,b.raw,mutable").expect("a comma in a path is kept");
+        assert_eq!(d.origin, PathBuf::from("/img/a,b.raw"));
+        assert!(parse_disk_flag("noequals").is_err());
+        assert!(parse_disk_flag("x=/a,frozen").is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! A sealed disk's content map: block index -> what the block holds (a fingerprint, or zero).
+//!
+//! Filled when a block is first read from the origin, so later reads never hash again. For a
+//! sealed disk the map is also appended to a log file under the data directory, so that a node
+//! restarted on the same data directory knows the fingerprints at once and serves SSD hits
+//! without touching the origin.
+//!
+//! Log format: a header (magic with version, block size, the origin's identity string, an 8-byte
+//! checksum), then 48-byte records: u64 block index, one kind byte (0 zero, 1 data), 32 bytes of
+//! fingerprint, 3 zero bytes, and 4 bytes of BLAKE3 over the 44 before them. Loading stops at the first record whose checksum
+//! fails (a torn tail after a crash) and truncates there. A header that does not match the disk
+//! (another block size, an origin changed while the node was down) discards the whole log:
+//! a wrong map entry could serve a wrong byte, a missing one only costs an origin read.
+//!
+//! Architecture invariant: appends never block the read path; they go through a bounded queue
+//! to one writer thread, and are dropped (costing a later origin read) when it is full.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use dashmap::DashMap;
+
+use crate::cache::Fingerprint;
+
+const MAGIC: &[u8; 8] = b"SHDWMAP1";
+const RECORD_BYTES: usize = 48;
+const APPEND_QUEUE: usize = 65_536;
+
+/// What one block of a disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRef {
+    /// Every byte is zero; answered by the shared zero block, never stored.
+    Zero,
+    /// Bytes with this fingerprint.
+    Data(Fingerprint),
+}
+
+enum LogMsg {
+    Append(u64, BlockRef),
+    Sync(mpsc::SyncSender<()>),
+}
+
+/// Block index -> [`BlockRef`] for one sealed disk, optionally persisted.
+#[derive(Debug)]
+pub struct ContentMap {
+    entries: DashMap<u64, BlockRef>,
+    log: Option<mpsc::SyncSender<LogMsg>>,
+}
+
+fn encode_record(index: u64, r: BlockRef) -> [u8; RECORD_BYTES] {
+    let mut b = [0u8; RECORD_BYTES];
+    b[0..8].copy_from_slice(&index.to_le_bytes());
+    if let BlockRef::Data(fp) = r {
+        b[8] = 1;
+        b[9..41].copy_from_slice(&fp.0);
+    }
+    let c = blake3::hash(&b[0..44]);
+    b[44..48].copy_from_slice(&c.as_bytes()[0..4]);
+    b
+}
+
+fn decode_record(b: &[u8]) -> Option<(u64, BlockRef)> {
+    if b[44..48] != blake3::hash(&b[0..44]).as_bytes()[0..4] {
+        return None;
+    }
+    let index = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    match b[8] {
+        0 => Some((index, BlockRef::Zero)),
+        1 => {
+            let mut fp = [0u8; 32];
+            fp.copy_from_slice(&b[9..41]);
+            Some((index, BlockRef::Data(Fingerprint(fp))))
+        }
+        _ => None,
+    }
+}
+
+fn encode_header(block_bytes: u32, identity: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64 + identity.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&block_bytes.to_le_bytes());
+    h.extend_from_slice(&(identity.len() as u32).to_le_bytes());
+    h.extend_from_slice(identity.as_bytes());
+    let c = blake3::hash(&h);
+    h.extend_from_slice(&c.as_bytes()[0..8]);
+    h
+}
+
+impl ContentMap {
+    /// An empty map kept in memory only.
+    pub fn in_memory() -> Self {
+        ContentMap {
+            entries: DashMap::new(),
+            log: None,
+        }
+    }
+
+    /// Opens (or starts) the persisted map at `path`, trusting it only if it was written for
+    /// the same block size and the same origin identity. Never fails: a log that cannot be
+    /// used is discarded with a warning, a log that cannot be written leaves the map in memory.
+    pub fn open(path: &Path, block_bytes: u32, identity: Option<&str>) -> Self {
+        let map = DashMap::new();
+        let Some(identity) = identity else {
+            return ContentMap {
+                entries: map,
+                log: None,
+            };
+        };
+        let header = encode_header(block_bytes, identity);
+        let loaded = Self::load(path, &header, &map);
+        let file = match Self::prepare(path, &header, loaded) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "content map log unavailable; keeping the map in memory only");
+                return ContentMap {
+                    entries: map,
+                    log: None,
+                };
+            }
+        };
+        if !map.is_empty() {
+            tracing::info!(path = %path.display(), blocks = map.len(), "content map loaded");
+        }
+        let (tx, rx) = mpsc::sync_channel(APPEND_QUEUE);
+        let path_buf = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("shadowcache-map-log".into())
+            .spawn(move || log_writer(file, rx, path_buf));
+        ContentMap {
+            entries: map,
+            log: spawned.ok().map(|_| tx),
+        }
+    }
+
+    /// Reads a log; returns the byte length of its valid prefix, or None if it is unusable.
+    fn load(path: &Path, header: &[u8], map: &DashMap<u64, BlockRef>) -> Option<u64> {
+        let mut f = File::open(path).ok()?;
+        let mut buf = Vec::new();
+        if let Err(e) = f.read_to_end(&mut buf) {
+            tracing::warn!(path = %path.display(), error = %e, "content map log unreadable; starting a new one");
+            return None;
+        }
+        if buf.len() < header.len() || &buf[..header.len()] != header {
+            tracing::warn!(path = %path.display(), "content map log belongs to another origin state or block size; discarded");
+            return None;
+        }
+        let body = &buf[header.len()..];
+        let mut good = 0;
+        for rec in body.chunks(RECORD_BYTES) {
+            let Some((i, r)) = (rec.len() == RECORD_BYTES)
+                .then(|| decode_record(rec))
+                .flatten()
+            else {
+                tracing::warn!(path = %path.display(), valid_records = good / RECORD_BYTES, "content map log has a damaged tail; truncated there");
+                break;
+            };
+            map.insert(i, r);
+            good += RECORD_BYTES;
+        }
+        Some((header.len() + good) as u64)
+    }
+
+    fn prepare(path: &Path, header: &[u8], valid_len: Option<u64>) -> std::io::Result<File> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match valid_len {
+            Some(len) => {
+                f.set_len(len)?;
+                f.seek(std::io::SeekFrom::End(0))?;
+            }
+            None => {
+                f.set_len(0)?;
+                f.write_all(header)?;
+            }
+        }
+        Ok(f)
+    }
+
+    /// What block `index` holds, if known.
+    #[inline]
+    pub fn get(&self, index: u64) -> Option<BlockRef> {
+        self.entries.get(&index).map(|r| *r)
+    }
+
+    /// Records what block `index` holds.
+    pub fn insert(&self, index: u64, r: BlockRef) {
+        let previous = self.entries.insert(index, r);
+        if previous == Some(r) {
+            return;
+        }
+        if let Some(log) = &self.log {
+            // A full queue drops the record: the block is simply read from the origin again
+            // after a restart.
+            let _ = log.try_send(LogMsg::Append(index, r));
+        }
+    }
+
+    /// Blocks mapped so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Waits until every queued record is written and synced. Blocks.
+    pub fn sync(&self) {
+        if let Some(log) = &self.log {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if log.send(LogMsg::Sync(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+    }
+}
+
+fn log_writer(file: File, rx: mpsc::Receiver<LogMsg>, path: PathBuf) {
+    let mut w = BufWriter::with_capacity(64 * 1024, file);
+    let mut failed = false;
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            LogMsg::Append(i, r) => {
+                if !failed && let Err(e) = w.write_all(&encode_record(i, r)) {
+                    tracing::warn!(path = %path.display(), error = %e, "content map log write failed; further records dropped");
+                    failed = true;
+                }
+            }
+            LogMsg::Sync(done) => {
+                if !failed {
+                    let res = w.flush().and_then(|()| w.get_ref().sync_data());
+                    if let Err(e) = res {
+                        tracing::warn!(path = %path.display(), error = %e, "content map log sync failed");
+                    }
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    let _ = w.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(n: u8) -> BlockRef {
+        BlockRef::Data(Fingerprint([n; 32]))
+    }
+
+    #[test]
+    fn a_saved_map_is_reloaded_for_the_same_origin_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.map");
+        {
+            let m = ContentMap::open(&p, 4096, Some("origin-a"));
+            m.insert(3, fp(1));
+            m.insert(9, BlockRef::Zero);
+            m.sync();
+        }
+        let m = ContentMap::open(&p, 4096, Some("origin-a"));
+        assert_eq!(m.get(3), Some(fp(1)));
+        assert_eq!(m.get(9), Some(BlockRef::Zero));
+        drop(m);
+        let other = ContentMap::open(&p, 4096, Some("origin-b"));
+        assert!(
+            other.is_empty(),
+            "a map of a changed origin must not be trusted"
+        );
+        let resized = ContentMap::open(&p, 8192, Some("origin-b"));
+        assert!(resized.is_empty());
+    }
+
+    #[test]
+    fn a_torn_tail_keeps_the_records_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.map");
+        {
+            let m = ContentMap::open(&p, 4096, Some("o"));
+            for i in 0..10 {
+                m.insert(i, fp(i as u8 + 1));
+            }
+            m.sync();
+        }
+        let len = std::fs::metadata(&p).expect("meta").len();
+        // Tear the last record and damage the eighth.
+        let f = OpenOptions::new().write(true).open(&p).expect("open");
+        f.set_len(len - 5).expect("truncate");
+        use std::os::unix::fs::FileExt;
+        let header = encode_header(4096, "o").len() as u64;
+        f.write_all_at(&[0xEE], header + 7 * RECORD_BYTES as u64 + 20)
+            .expect("damage");
+        let m = ContentMap::open(&p, 4096, Some("o"));
+        assert_eq!(m.len(), 7);
+        assert_eq!(m.get(6), Some(fp(7)));
+        assert_eq!(m.get(7), None);
+        // The log goes on from the valid prefix.
+        m.insert(42, fp(9));
+        m.sync();
+        drop(m);
+        let m = ContentMap::open(&p, 4096, Some("o"));
+        assert_eq!((m.len(), m.get(42)), (8, Some(fp(9))));
+    }
+}

@@ -1,0 +1,410 @@
+//! The disk registry and each disk's state machine.
+//!
+//! A disk is registered from the config file or through Admin: an id, an origin on this node
+//! (this node is its owner), a mode. Modes move one way only:
+//!
+//! ```text
+//!   mutable ──seal──► sealing (new writes refused; in-flight writes drain; origin flushed) ──► sealed
+//! ```
+//!
+//! A sealed disk is read-only for ever and served through the content cache; its content map
+//! lives here. Disks registered through Admin, and every seal, are saved in `disks.toml` in the
+//! data directory, so that a restart keeps them (a sealed disk must never become writable again
+//! because a config file still says `mutable`).
+//!
+//! Architecture invariant: no lock is held across an await; the seal waits for writes with an
+//! in-flight counter and a `Notify`.
+
+pub mod content_map;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+pub use content_map::{BlockRef, ContentMap};
+
+use crate::error::{Error, Result};
+use crate::origin::{FileOrigin, Origin};
+
+/// A disk's id: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with '.'.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiskId(Arc<str>);
+
+impl DiskId {
+    /// Checks and wraps an id.
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && !s.starts_with('.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if ok {
+            Ok(DiskId(s.into()))
+        } else {
+            Err(Error::InvalidDiskId(s.chars().take(160).collect()))
+        }
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for DiskId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DiskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a disk is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskMode {
+    /// Reads and writes go to the origin; nothing is cached.
+    Mutable,
+    /// Read-only for ever; served through the content cache.
+    Sealed,
+}
+
+impl DiskMode {
+    /// The config and CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMode::Mutable => "mutable",
+            DiskMode::Sealed => "sealed",
+        }
+    }
+}
+
+const MUTABLE: u8 = 0;
+const SEALING: u8 = 1;
+const SEALED: u8 = 2;
+
+/// One registered disk.
+#[derive(Debug)]
+pub struct Disk {
+    /// Its id.
+    pub id: DiskId,
+    /// Its origin (this node owns every disk it registers).
+    pub origin: Arc<dyn Origin>,
+    /// Size in bytes, from the origin.
+    pub size: u64,
+    state: AtomicU8,
+    generation: AtomicU64,
+    writes_in_flight: AtomicU64,
+    writes_drained: tokio::sync::Notify,
+    sealed: tokio::sync::Notify,
+    map: OnceLock<ContentMap>,
+}
+
+/// Holds a write's place in the in-flight count; dropping it lets a pending seal go on.
+#[derive(Debug)]
+pub struct WriteGuard<'a>(&'a Disk);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.writes_in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.writes_drained.notify_waiters();
+        }
+    }
+}
+
+impl Disk {
+    fn new(id: DiskId, origin: Arc<dyn Origin>) -> Self {
+        Disk {
+            size: origin.size(),
+            id,
+            origin,
+            state: AtomicU8::new(MUTABLE),
+            generation: AtomicU64::new(1),
+            writes_in_flight: AtomicU64::new(0),
+            writes_drained: tokio::sync::Notify::new(),
+            sealed: tokio::sync::Notify::new(),
+            map: OnceLock::new(),
+        }
+    }
+
+    /// The mode clients see: a disk being sealed already refuses writes, so it shows as sealed.
+    pub fn mode(&self) -> DiskMode {
+        if self.state.load(Ordering::SeqCst) == MUTABLE {
+            DiskMode::Mutable
+        } else {
+            DiskMode::Sealed
+        }
+    }
+
+    /// The content map, once the disk is sealed (reads are served through the cache only then).
+    #[inline]
+    pub fn sealed_map(&self) -> Option<&ContentMap> {
+        if self.state.load(Ordering::Acquire) == SEALED {
+            self.map.get()
+        } else {
+            None
+        }
+    }
+
+    /// The generation: bumped whenever the disk's contents or mode may change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Admits one write, or refuses it with "disk is sealed".
+    pub fn begin_write(&self) -> Result<WriteGuard<'_>> {
+        self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = WriteGuard(self);
+        if self.state.load(Ordering::SeqCst) != MUTABLE {
+            return Err(Error::Sealed(self.id.to_string()));
+        }
+        Ok(guard)
+    }
+
+    /// Seals the disk: refuses new writes, waits for in-flight writes, flushes the origin,
+    /// then serves reads through the cache with `map`. Idempotent; concurrent calls all return
+    /// once the disk is sealed.
+    pub async fn seal(&self, map: impl FnOnce() -> ContentMap) -> Result<()> {
+        match self
+            .state
+            .compare_exchange(MUTABLE, SEALING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => {}
+            Err(SEALED) => return Ok(()),
+            Err(_) => loop {
+                let notified = self.sealed.notified();
+                if self.state.load(Ordering::SeqCst) == SEALED {
+                    return Ok(());
+                }
+                notified.await;
+            },
+        }
+        loop {
+            let drained = self.writes_drained.notified();
+            if self.writes_in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            drained.await;
+        }
+        // Acknowledged writes must be durable before the disk claims to be immutable.
+        if let Err(e) = self.origin.flush().await {
+            tracing::warn!(disk = %self.id, error = %e, "flush before seal failed; sealing anyway (writes are refused from now on)");
+        }
+        let _ = self.map.set(map());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.store(SEALED, Ordering::Release);
+        self.sealed.notify_waiters();
+        tracing::info!(disk = %self.id, reason = "operator", "disk sealed");
+        Ok(())
+    }
+}
+
+/// A disk as saved in `disks.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SavedDisk {
+    /// Disk id.
+    pub id: String,
+    /// Origin path.
+    pub origin: PathBuf,
+    /// Mode.
+    pub mode: DiskMode,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedState {
+    #[serde(default)]
+    disk: Vec<SavedDisk>,
+}
+
+/// Every disk of this node, by id.
+#[derive(Debug)]
+pub struct Registry {
+    disks: DashMap<DiskId, Arc<Disk>>,
+    origins: DashMap<DiskId, PathBuf>,
+    block_bytes: u32,
+    data_dir: PathBuf,
+    save_lock: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// An empty registry keeping its state under `data_dir`.
+    pub fn new(data_dir: &Path, block_bytes: u32) -> Self {
+        Registry {
+            disks: DashMap::new(),
+            origins: DashMap::new(),
+            block_bytes,
+            data_dir: data_dir.to_path_buf(),
+            save_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.data_dir.join("disks.toml")
+    }
+
+    fn map_path(&self, id: &DiskId) -> PathBuf {
+        self.data_dir.join("maps").join(format!("{id}.map"))
+    }
+
+    /// The disk with this id.
+    #[inline]
+    pub fn get(&self, id: &str) -> Result<Arc<Disk>> {
+        // DiskId borrows as str (same hash), so the hot path allocates nothing.
+        self.disks
+            .get(id)
+            .map(|d| d.value().clone())
+            .ok_or_else(|| Error::UnknownDisk(id.chars().take(160).collect()))
+    }
+
+    /// Every disk, sorted by id.
+    pub fn list(&self) -> Vec<Arc<Disk>> {
+        let mut v: Vec<Arc<Disk>> = self.disks.iter().map(|d| d.value().clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// The origin path a disk was registered with.
+    pub fn origin_path(&self, id: &DiskId) -> Option<PathBuf> {
+        self.origins.get(id).map(|p| p.clone())
+    }
+
+    /// Registers a disk whose origin is the file or block device at `origin`.
+    pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<Arc<Disk>> {
+        let id = DiskId::parse(id)?;
+        if self.disks.contains_key(&id) {
+            return Err(Error::DiskExists(id.to_string()));
+        }
+        let path = origin.to_path_buf();
+        let writable = mode == DiskMode::Mutable;
+        let file = tokio::task::spawn_blocking(move || FileOrigin::open(&path, writable))
+            .await
+            .map_err(|e| Error::State(e.to_string()))??;
+        let disk = Arc::new(Disk::new(id.clone(), Arc::new(file)));
+        if mode == DiskMode::Sealed {
+            self.seal_disk(&disk).await?;
+        }
+        match self.disks.entry(id.clone()) {
+            dashmap::Entry::Occupied(_) => return Err(Error::DiskExists(id.to_string())),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(disk.clone());
+            }
+        }
+        self.origins.insert(id.clone(), origin.to_path_buf());
+        tracing::info!(disk = %id, origin = %origin.display(), size = disk.size, mode = mode.as_str(), "disk registered");
+        Ok(disk)
+    }
+
+    async fn seal_disk(&self, disk: &Disk) -> Result<()> {
+        let path = self.map_path(&disk.id);
+        let block_bytes = self.block_bytes;
+        let origin = disk.origin.clone();
+        // The identity is read after the flush inside seal(), so that our own last writes
+        // do not make the saved map look stale.
+        disk.seal(move || {
+            let identity = origin.identity();
+            ContentMap::open(&path, block_bytes, identity.as_deref())
+        })
+        .await
+    }
+
+    /// Seals a disk and saves that it is sealed.
+    pub async fn seal(&self, id: &str) -> Result<Arc<Disk>> {
+        let disk = self.get(id)?;
+        self.seal_disk(&disk).await?;
+        self.save().await?;
+        Ok(disk)
+    }
+
+    /// Loads `disks.toml` and registers (or seals) what it names. A disk the config already
+    /// registered keeps its config origin; a saved seal always wins.
+    pub async fn load_saved(&self) -> Result<()> {
+        let path = self.state_path();
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::State(format!("{}: {e}", path.display()))),
+        };
+        let saved: SavedState =
+            toml::from_str(&text).map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
+        for d in saved.disk {
+            match self.get(&d.id) {
+                Ok(disk) => {
+                    if d.mode == DiskMode::Sealed && disk.mode() == DiskMode::Mutable {
+                        tracing::info!(disk = %d.id, "disk was sealed before the restart; sealing it again");
+                        self.seal_disk(&disk).await?;
+                    }
+                }
+                Err(_) => {
+                    if let Err(e) = self.register(&d.id, &d.origin, d.mode).await {
+                        tracing::warn!(disk = %d.id, error = %e, "saved disk could not be registered again");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `disks.toml` (atomically: a temporary file renamed over the old one).
+    pub async fn save(&self) -> Result<()> {
+        let _held = self.save_lock.lock().await;
+        let state = SavedState {
+            disk: self
+                .list()
+                .iter()
+                .filter_map(|d| {
+                    Some(SavedDisk {
+                        id: d.id.to_string(),
+                        origin: self.origin_path(&d.id)?,
+                        mode: d.mode(),
+                    })
+                })
+                .collect(),
+        };
+        let text = toml::to_string(&state).map_err(|e| Error::State(e.to_string()))?;
+        let path = self.state_path();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let tmp = path.with_extension("toml.tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(|e| Error::State(e.to_string()))?
+        .map_err(|e| Error::State(format!("{}: {e}", self.state_path().display())))
+    }
+
+    /// Makes every sealed disk's content map durable (clean shutdown). Blocks.
+    pub fn sync_maps(&self) {
+        for d in self.list() {
+            if let Some(m) = d.map.get() {
+                m.sync();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_ids_are_checked() {
+        for ok in ["replica", "w7-base.v2", "A_1"] {
+            assert!(DiskId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(129)] {
+            assert!(
+                matches!(DiskId::parse(bad), Err(Error::InvalidDiskId(_))),
+                "{bad}"
+            );
+        }
+    }
+}

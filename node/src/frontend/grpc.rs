@@ -1,0 +1,355 @@
+//! gRPC frontend: the Block and Admin services of `shadowcache.v1`, on a Unix socket and
+//! optionally TCP.
+//!
+//! This file translates between protobuf messages and [`Node`] calls, maps [`Error`] to
+//! `tonic::Code` in one place ([`status`]), and records per-RPC metrics. It holds no cache or
+//! disk logic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use shadowcache_proto as pb;
+use tokio::net::{TcpListener, UnixListener};
+use tonic::{Code, Request, Response, Status};
+
+use crate::disk::DiskMode;
+use crate::error::Error;
+use crate::telemetry;
+use crate::{DiskInfo, Node, NodeStatus};
+
+/// Maps a node error to its gRPC status. The codes are the contract of `shadowcache.proto`.
+pub fn status(e: &Error) -> Status {
+    let code = match e {
+        Error::UnknownDisk(_) => Code::NotFound,
+        Error::InvalidDiskId(_) | Error::Invalid(_) | Error::TooLarge { .. } => {
+            Code::InvalidArgument
+        }
+        Error::DiskExists(_) => Code::AlreadyExists,
+        Error::OutOfRange { .. } => Code::OutOfRange,
+        Error::Sealed(_) | Error::Unseal(_) => Code::FailedPrecondition,
+        Error::Origin(_) => Code::Unavailable,
+        Error::State(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn mode_to_pb(m: DiskMode) -> pb::DiskMode {
+    match m {
+        DiskMode::Mutable => pb::DiskMode::Mutable,
+        DiskMode::Sealed => pb::DiskMode::Sealed,
+    }
+}
+
+fn mode_from_pb(m: i32) -> Result<DiskMode, Error> {
+    match pb::DiskMode::try_from(m) {
+        Ok(pb::DiskMode::Mutable) => Ok(DiskMode::Mutable),
+        Ok(pb::DiskMode::Sealed) => Ok(DiskMode::Sealed),
+        _ => Err(Error::Invalid(format!(
+            "disk mode {m} is not DISK_MODE_MUTABLE or DISK_MODE_SEALED"
+        ))),
+    }
+}
+
+fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
+    pb::DiskInfo {
+        id: d.id,
+        size_bytes: d.size_bytes,
+        mode: mode_to_pb(d.mode) as i32,
+        generation: d.generation,
+        origin: d.origin,
+        owner: d.owner,
+    }
+}
+
+fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
+    let c = &s.counters;
+    pb::StatusResponse {
+        node_id: s.node_id,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        block_size: s.block_bytes,
+        tiers: s
+            .tiers
+            .iter()
+            .map(|t| pb::TierStatus {
+                name: t.tier.as_str().to_string(),
+                entries: t.entries,
+                bytes: t.bytes,
+                capacity_bytes: t.capacity_bytes,
+                hits: t.hits,
+            })
+            .collect(),
+        counters: Some(pb::CacheCounters {
+            lookups: c.lookups,
+            misses: c.misses,
+            zero_block_hits: c.zero_block_hits,
+            origin_reads: c.origin_reads,
+            origin_read_bytes: c.origin_read_bytes,
+            promotions: c.promotions,
+            demotions: c.demotions,
+            evictions: c.evictions,
+            ssd_verify_failures: c.ssd_verify_failures,
+            logical_bytes: c.logical_bytes,
+            stored_bytes: c.stored_bytes,
+            single_flight_joins: c.single_flight_joins,
+        }),
+        disks: s.disks.into_iter().map(info_to_pb).collect(),
+        uptime_ms: s.uptime_ms,
+        single_touch_share: s.single_touch_share,
+    }
+}
+
+/// Records one RPC: count, latency, payload bytes, and the error code if any.
+fn observe<T>(rpc: &'static str, started: Instant, bytes: u64, r: &Result<T, Error>) {
+    metrics::counter!(telemetry::RPC_REQUESTS, "rpc" => rpc).increment(1);
+    metrics::histogram!(telemetry::RPC_SECONDS, "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+    match r {
+        Ok(_) => {
+            if bytes > 0 {
+                metrics::counter!(telemetry::RPC_BYTES, "rpc" => rpc).increment(bytes);
+            }
+        }
+        Err(e) => {
+            let code = status(e).code();
+            metrics::counter!(telemetry::RPC_ERRORS, "rpc" => rpc, "code" => code_label(code))
+                .increment(1);
+        }
+    }
+}
+
+fn code_label(c: Code) -> &'static str {
+    match c {
+        Code::NotFound => "not_found",
+        Code::InvalidArgument => "invalid_argument",
+        Code::AlreadyExists => "already_exists",
+        Code::OutOfRange => "out_of_range",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Unavailable => "unavailable",
+        _ => "other",
+    }
+}
+
+/// The Block and Admin services over one node.
+#[derive(Debug, Clone)]
+pub struct GrpcFrontend {
+    node: Arc<Node>,
+}
+
+impl GrpcFrontend {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        GrpcFrontend { node }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::block_server::Block for GrpcFrontend {
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self.node.read(&r.disk, r.offset, r.length).await;
+        observe("read", t, r.length, &res);
+        res.map(|data| Response::new(pb::ReadResponse { data }))
+            .map_err(|e| status(&e))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let len = r.data.len() as u64;
+        let res = self.node.write(&r.disk, r.offset, r.data).await;
+        observe("write", t, len, &res);
+        res.map(|()| Response::new(pb::WriteResponse {}))
+            .map_err(|e| status(&e))
+    }
+
+    async fn flush(
+        &self,
+        request: Request<pb::FlushRequest>,
+    ) -> Result<Response<pb::FlushResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self.node.flush(&r.disk).await;
+        observe("flush", t, 0, &res);
+        res.map(|()| Response::new(pb::FlushResponse {}))
+            .map_err(|e| status(&e))
+    }
+
+    async fn stat(
+        &self,
+        request: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
+        let t = Instant::now();
+        let res = self.node.stat(&request.into_inner().disk);
+        observe("stat", t, 0, &res);
+        res.map(|d| {
+            Response::new(pb::StatResponse {
+                disk: Some(info_to_pb(d)),
+            })
+        })
+        .map_err(|e| status(&e))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for GrpcFrontend {
+    async fn list_disks(
+        &self,
+        _request: Request<pb::ListDisksRequest>,
+    ) -> Result<Response<pb::ListDisksResponse>, Status> {
+        let t = Instant::now();
+        let disks = self.node.disks();
+        observe::<()>("list_disks", t, 0, &Ok(()));
+        Ok(Response::new(pb::ListDisksResponse {
+            disks: disks.into_iter().map(info_to_pb).collect(),
+        }))
+    }
+
+    async fn register_disk(
+        &self,
+        request: Request<pb::RegisterDiskRequest>,
+    ) -> Result<Response<pb::RegisterDiskResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = async {
+            let mode = if r.mode == pb::DiskMode::Unspecified as i32 {
+                DiskMode::Mutable
+            } else {
+                mode_from_pb(r.mode)?
+            };
+            if r.origin.is_empty() {
+                return Err(Error::Invalid("origin is empty".into()));
+            }
+            self.node.register(&r.id, Path::new(&r.origin), mode).await
+        }
+        .await;
+        observe("register_disk", t, 0, &res);
+        res.map(|d| {
+            Response::new(pb::RegisterDiskResponse {
+                disk: Some(info_to_pb(d)),
+            })
+        })
+        .map_err(|e| status(&e))
+    }
+
+    async fn set_disk_mode(
+        &self,
+        request: Request<pb::SetDiskModeRequest>,
+    ) -> Result<Response<pb::SetDiskModeResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = async {
+            let mode = mode_from_pb(r.mode)?;
+            self.node.set_mode(&r.disk, mode).await
+        }
+        .await;
+        observe("set_disk_mode", t, 0, &res);
+        res.map(|d| {
+            Response::new(pb::SetDiskModeResponse {
+                disk: Some(info_to_pb(d)),
+            })
+        })
+        .map_err(|e| status(&e))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let t = Instant::now();
+        let s = self.node.status();
+        observe::<()>("status", t, 0, &Ok(()));
+        Ok(Response::new(status_to_pb(s)))
+    }
+}
+
+fn router(node: Arc<Node>) -> tonic::transport::server::Router {
+    let fe = GrpcFrontend::new(node);
+    let max = pb::MAX_MESSAGE_BYTES;
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_concurrent_streams(Some(1024))
+        .add_service(
+            pb::block_server::BlockServer::new(fe.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(fe)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+}
+
+/// Binds the Unix socket: creates its directory, replaces a stale socket file (refusing if a
+/// live node answers on it), and sets mode 0660.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "listen_unix {}: another process is serving on this socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on listen_unix {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    Ok(l)
+}
+
+async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
+    while !*stopped.borrow() {
+        if stopped.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves gRPC on a bound Unix socket until `stopped` turns true.
+pub async fn serve_unix(
+    node: Arc<Node>,
+    listener: UnixListener,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    router(node)
+        .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
+        .await
+        .context("grpc server on the unix socket")
+}
+
+/// Serves gRPC on a bound TCP listener until `stopped` turns true.
+pub async fn serve_tcp(
+    node: Arc<Node>,
+    listener: TcpListener,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router(node)
+        .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
+        .await
+        .context("grpc server on tcp")
+}
+
+/// The default socket path for a data directory.
+pub fn default_socket(data_dir: &Path) -> PathBuf {
+    data_dir.join("shadowcache.sock")
+}

@@ -1,0 +1,4 @@
+//! Frontends: the protocols clients speak to a node. They translate requests into [`crate::Node`]
+//! calls and errors into protocol codes; they hold no cache or disk logic.
+
+pub mod grpc;

@@ -1,0 +1,351 @@
+//! shadowcache-node: the daemon that runs on every hypervisor host.
+//!
+//! # Layout
+//!
+//! - `config.rs`: the TOML file and the flags, validated with the key at fault in every error.
+//! - `disk/`: the registry of this node's disks, each disk's mode (mutable -> sealed), and a
+//!   sealed disk's content map (block index -> fingerprint), persisted under the data directory.
+//! - `origin/`: where a disk's authoritative bytes live (a raw file or a block device).
+//! - `cache/`: the content cache: fingerprints, the RAM single- and multi-touch pools (moka),
+//!   the SSD slot store with its index. It knows nothing about disks.
+//! - `read.rs` and `write.rs`: the rules of DESIGN.md's read and write paths.
+//! - `frontend/`: protocols only: gRPC Block and Admin on a Unix socket and optionally TCP.
+//! - `telemetry.rs`: metric names and handles, tracing setup.
+//!
+//! [`start`] builds a [`Node`] from a [`Config`] and serves it; [`RunningNode::shutdown`] stops
+//! the servers, writes the RAM multi-touch entries to the SSD tier and syncs it, so that a node
+//! restarted on the same data directory is warm.
+
+pub mod cache;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod frontend;
+pub mod origin;
+pub mod read;
+pub mod telemetry;
+pub mod write;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+
+pub use cache::{ContentCache, Fingerprint, Tier, TierUsage};
+pub use config::{Config, Flags};
+pub use disk::{DiskMode, Registry};
+pub use error::{Error, Result};
+pub use read::ReadPath;
+
+/// What a client sees of a disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskInfo {
+    /// Disk id.
+    pub id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Mode.
+    pub mode: DiskMode,
+    /// Generation.
+    pub generation: u64,
+    /// Origin as registered.
+    pub origin: String,
+    /// Owner node id.
+    pub owner: String,
+}
+
+/// Counters since start, for `Status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Block lookups (hits plus misses).
+    pub lookups: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Zero-block answers.
+    pub zero_block_hits: u64,
+    /// Origin reads.
+    pub origin_reads: u64,
+    /// Origin bytes read.
+    pub origin_read_bytes: u64,
+    /// Promotions.
+    pub promotions: u64,
+    /// Demotions.
+    pub demotions: u64,
+    /// Evictions from every pool.
+    pub evictions: u64,
+    /// SSD verification failures.
+    pub ssd_verify_failures: u64,
+    /// Bytes the cached entries stand for.
+    pub logical_bytes: u64,
+    /// Bytes stored by all tiers.
+    pub stored_bytes: u64,
+    /// Single-flight joins.
+    pub single_flight_joins: u64,
+}
+
+/// A snapshot of the node for `Status`.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// Node id.
+    pub node_id: String,
+    /// Cache block size.
+    pub block_bytes: u32,
+    /// Single-touch share of RAM.
+    pub single_touch_share: f64,
+    /// Each tier.
+    pub tiers: Vec<TierUsage>,
+    /// Counters.
+    pub counters: Counters,
+    /// Disks.
+    pub disks: Vec<DiskInfo>,
+    /// Time since start.
+    pub uptime_ms: u64,
+}
+
+/// One node: its disks, its cache and its read path. Frontends call these methods.
+#[derive(Debug)]
+pub struct Node {
+    config: Config,
+    registry: Registry,
+    cache: ContentCache,
+    reads: ReadPath,
+    started: Instant,
+}
+
+impl Node {
+    /// Opens the data directory and the cache, and registers the configured and saved disks.
+    pub async fn open(config: Config) -> anyhow::Result<Arc<Node>> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        let cache_config = config.cache_config();
+        let (cache, _recovery) =
+            tokio::task::spawn_blocking(move || ContentCache::open(cache_config))
+                .await
+                .context("cache open task")?
+                .context("cannot open the content cache")?;
+        let registry = Registry::new(&config.data_dir, config.block_bytes);
+        for d in &config.disks {
+            registry
+                .register(&d.id, &d.origin, d.mode)
+                .await
+                .with_context(|| format!("disk {:?} from the configuration", d.id))?;
+        }
+        registry
+            .load_saved()
+            .await
+            .context("cannot load saved disks")?;
+        let reads = ReadPath::new(cache.clone());
+        Ok(Arc::new(Node {
+            config,
+            registry,
+            cache,
+            reads,
+            started: Instant::now(),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The content cache.
+    pub fn cache(&self) -> &ContentCache {
+        &self.cache
+    }
+
+    /// The read path (its counters).
+    pub fn reads(&self) -> &ReadPath {
+        &self.reads
+    }
+
+    /// Reads `len` bytes at `offset` of disk `disk`.
+    pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
+        let d = self.registry.get(disk)?;
+        self.reads.read(&d, offset, len).await
+    }
+
+    /// Writes `data` at `offset` of disk `disk`.
+    pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+        let d = self.registry.get(disk)?;
+        write::write(&d, offset, data).await
+    }
+
+    /// Makes the acknowledged writes of `disk` durable.
+    pub async fn flush(&self, disk: &str) -> Result<()> {
+        let d = self.registry.get(disk)?;
+        write::flush(&d).await
+    }
+
+    fn info(&self, d: &disk::Disk) -> DiskInfo {
+        DiskInfo {
+            id: d.id.to_string(),
+            size_bytes: d.size,
+            mode: d.mode(),
+            generation: d.generation(),
+            origin: d.origin.describe().to_string(),
+            owner: self.config.node_id.clone(),
+        }
+    }
+
+    /// One disk.
+    pub fn stat(&self, disk: &str) -> Result<DiskInfo> {
+        let d = self.registry.get(disk)?;
+        Ok(self.info(&d))
+    }
+
+    /// Every disk, by id.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.registry.list().iter().map(|d| self.info(d)).collect()
+    }
+
+    /// Registers a disk and saves it, so that it is still there after a restart.
+    pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<DiskInfo> {
+        let d = self.registry.register(id, origin, mode).await?;
+        self.registry.save().await?;
+        Ok(self.info(&d))
+    }
+
+    /// Changes a disk's mode; only mutable -> sealed exists.
+    pub async fn set_mode(&self, disk: &str, mode: DiskMode) -> Result<DiskInfo> {
+        let d = self.registry.get(disk)?;
+        match (d.mode(), mode) {
+            (_, DiskMode::Sealed) => {
+                self.registry.seal(disk).await?;
+            }
+            (DiskMode::Mutable, DiskMode::Mutable) => {}
+            (DiskMode::Sealed, DiskMode::Mutable) => return Err(Error::Unseal(disk.to_string())),
+        }
+        Ok(self.info(&d))
+    }
+
+    /// A snapshot of the cache, its counters and the disks.
+    pub fn status(&self) -> NodeStatus {
+        let tiers = self.cache.usage();
+        let c = self.cache.stats();
+        let r = self.reads.stats();
+        NodeStatus {
+            node_id: self.config.node_id.clone(),
+            block_bytes: self.config.block_bytes,
+            single_touch_share: self.config.single_touch_share,
+            counters: Counters {
+                lookups: c.lookups.load(Ordering::Relaxed),
+                misses: c.misses.get(),
+                zero_block_hits: r.zero_block_hits.get(),
+                origin_reads: r.origin_reads.get(),
+                origin_read_bytes: r.origin_read_bytes.get(),
+                promotions: c.promotions.get(),
+                demotions: c.demotions.get(),
+                evictions: c.evictions_ram_single.get()
+                    + c.evictions_ram_multi.get()
+                    + c.evictions_ssd.get(),
+                ssd_verify_failures: c.ssd_verify_failures.get(),
+                logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
+                stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
+                single_flight_joins: r.single_flight_joins.get(),
+            },
+            tiers,
+            disks: self.disks(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Leaves the cache warm: RAM multi-touch written to SSD, SSD and content maps synced.
+    /// Blocks; call it from a blocking context.
+    pub fn close(&self) {
+        self.cache.shutdown();
+        self.registry.sync_maps();
+    }
+}
+
+/// A node serving its frontends.
+#[derive(Debug)]
+pub struct RunningNode {
+    node: Arc<Node>,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Opens the node and starts its frontends: gRPC on the Unix socket, and on TCP if configured.
+pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
+    let node = Node::open(config).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    let unix = frontend::grpc::bind_unix(&node.config.listen_unix)?;
+    servers.push(tokio::spawn(frontend::grpc::serve_unix(
+        node.clone(),
+        unix,
+        stopped.clone(),
+    )));
+    if let Some(addr) = node.config.listen_tcp {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on listen_tcp {addr}"))?;
+        servers.push(tokio::spawn(frontend::grpc::serve_tcp(
+            node.clone(),
+            tcp,
+            stopped.clone(),
+        )));
+    }
+    // Gauges (bytes and entries per tier) are refreshed from the cache once a second.
+    {
+        let node = node.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { node.cache.usage(); }
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
+    }
+    tracing::info!(
+        node_id = %node.config.node_id,
+        socket = %node.config.listen_unix.display(),
+        tcp = ?node.config.listen_tcp,
+        block_size = node.config.block_bytes,
+        disks = node.registry.list().len(),
+        "shadowcache node serving"
+    );
+    Ok(RunningNode {
+        node,
+        stop,
+        servers,
+    })
+}
+
+impl RunningNode {
+    /// The node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The Unix socket the gRPC services listen on.
+    pub fn unix_socket(&self) -> &Path {
+        &self.node.config.listen_unix
+    }
+
+    /// Stops the frontends (in-flight requests finish), then leaves the cache warm.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for s in self.servers {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "frontend stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "frontend task failed"),
+            }
+        }
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.close())
+            .await
+            .context("shutdown task")?;
+        let _ = std::fs::remove_file(&self.node.config.listen_unix);
+        tracing::info!("shadowcache node stopped; cache left warm");
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! A raw image file or a block device as an origin, read and written with pread/pwrite on
+//! tokio's blocking pool.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Origin, OriginError, OriginFuture};
+
+/// A raw image file or block device.
+#[derive(Debug)]
+pub struct FileOrigin {
+    file: Arc<File>,
+    path: PathBuf,
+    describe: String,
+    size: u64,
+    writable: bool,
+}
+
+impl FileOrigin {
+    /// Opens `path`, read-write when `writable` (mutable disks), read-only otherwise.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, OriginError> {
+        let describe = path.display().to_string();
+        let open_err = |e: io::Error| OriginError::Open {
+            origin: describe.clone(),
+            cause: e.to_string(),
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let ft = meta.file_type();
+        let size = if ft.is_block_device() {
+            file.seek(io::SeekFrom::End(0)).map_err(open_err)?
+        } else if ft.is_file() {
+            meta.len()
+        } else {
+            return Err(OriginError::Open {
+                origin: describe,
+                cause: "not a regular file or block device".into(),
+            });
+        };
+        Ok(FileOrigin {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            describe,
+            size,
+            writable,
+        })
+    }
+
+    fn io_error(&self, op: &'static str, offset: u64, e: io::Error) -> OriginError {
+        OriginError::Io {
+            origin: self.describe.clone(),
+            op,
+            offset,
+            cause: e.to_string(),
+        }
+    }
+}
+
+fn join_error(origin: &str, e: tokio::task::JoinError) -> OriginError {
+    OriginError::Io {
+        origin: origin.to_string(),
+        op: "blocking task",
+        offset: 0,
+        cause: e.to_string(),
+    }
+}
+
+impl Origin for FileOrigin {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            let res = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .map_err(|e| join_error(&self.describe, e))?;
+            match res {
+                Ok(buf) => Ok(Bytes::from(buf)),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(OriginError::Short {
+                    origin: self.describe.clone(),
+                    offset,
+                    len: len as u64,
+                }),
+                Err(e) => Err(self.io_error("read", offset, e)),
+            }
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> OriginFuture<'_, ()> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            if !self.writable {
+                return Err(self.io_error(
+                    "write",
+                    offset,
+                    io::Error::new(io::ErrorKind::PermissionDenied, "origin opened read-only"),
+                ));
+            }
+            tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+                .await
+                .map_err(|e| join_error(&self.describe, e))?
+                .map_err(|e| self.io_error("write", offset, e))
+        })
+    }
+
+    fn flush(&self) -> OriginFuture<'_, ()> {
+        let file = self.file.clone();
+        Box::pin(async move {
+            if !self.writable {
+                return Ok(());
+            }
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(|e| join_error(&self.describe, e))?
+                .map_err(|e| self.io_error("flush", 0, e))
+        })
+    }
+
+    fn identity(&self) -> Option<String> {
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some(format!(
+            "dev={} ino={} size={} mtime={}.{}",
+            m.dev(),
+            m.ino(),
+            self.size,
+            m.mtime(),
+            m.mtime_nsec()
+        ))
+    }
+}

@@ -1,0 +1,222 @@
+//! The read path of DESIGN.md, in one place.
+//!
+//! For disk D, range [offset, offset + len):
+//!
+//! 1. Unknown disk, a range past the end, or a request above the per-request limit: an error,
+//!    nothing else touched. A zero-length range at or before the end reads nothing.
+//! 2. D is mutable (or being sealed): read the origin directly; nothing is cached.
+//! 3. D is sealed: split the range into blocks. For each block, the content map gives its
+//!    fingerprint (or says it is all zero); a cache hit serves it. Otherwise the block is read
+//!    from the origin once however many readers want it (single flight per disk block), hashed,
+//!    recorded in the content map, admitted to the cache, and handed to every waiter.
+//! 4. A range inside one block is a slice of that block's `Bytes` (no copy); a range spanning
+//!    blocks is assembled into one buffer (one copy).
+//!
+//! Architecture invariant: a byte reaches a reader only from the origin or from a cache entry
+//! whose fingerprint the content map recorded when that block was read from the origin. An
+//! origin error reaches every waiter and leaves nothing behind in the cache or the map.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use crate::cache::fingerprint::is_zero;
+use crate::cache::{ContentCache, Fingerprint};
+use crate::disk::{BlockRef, ContentMap, Disk, DiskId};
+use crate::error::{Error, Result};
+use crate::telemetry::{self, Count};
+
+/// Largest range one request may read or write (the gRPC client splits larger ones).
+pub const MAX_IO_BYTES: u64 = shadowcache_proto::MAX_IO_BYTES;
+
+/// Counters of the read path (the cache keeps its own).
+#[derive(Debug)]
+pub struct ReadStats {
+    /// Reads sent to origins.
+    pub origin_reads: Count,
+    /// Bytes read from origins.
+    pub origin_read_bytes: Count,
+    /// Origin reads that failed.
+    pub origin_errors: Count,
+    /// Cold block reads that joined a read already in flight.
+    pub single_flight_joins: Count,
+    /// Blocks answered by the shared zero block.
+    pub zero_block_hits: Count,
+}
+
+impl ReadStats {
+    fn new() -> Self {
+        use telemetry::*;
+        ReadStats {
+            origin_reads: Count::new(ORIGIN_READS, &[]),
+            origin_read_bytes: Count::new(ORIGIN_READ_BYTES, &[]),
+            origin_errors: Count::new(ORIGIN_ERRORS, &[]),
+            single_flight_joins: Count::new(SINGLE_FLIGHT_JOINS, &[]),
+            zero_block_hits: Count::new(ZERO_BLOCK_HITS, &[]),
+        }
+    }
+}
+
+type Flight = Arc<OnceCell<Result<Bytes>>>;
+
+/// Serves reads of every disk of a node.
+#[derive(Debug)]
+pub struct ReadPath {
+    cache: ContentCache,
+    block_bytes: u64,
+    flights: DashMap<(DiskId, u64), Flight>,
+    stats: ReadStats,
+}
+
+/// Checks that [offset, offset + len) lies inside the disk and within the per-request limit.
+pub fn check_range(disk: &Disk, offset: u64, len: u64) -> Result<()> {
+    let end = offset.checked_add(len);
+    if end.is_none_or(|e| e > disk.size) {
+        return Err(Error::OutOfRange {
+            disk: disk.id.to_string(),
+            offset,
+            len,
+            size: disk.size,
+        });
+    }
+    if len > MAX_IO_BYTES {
+        return Err(Error::TooLarge {
+            len,
+            max: MAX_IO_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl ReadPath {
+    /// A read path over `cache`, whose block size it uses.
+    pub fn new(cache: ContentCache) -> Self {
+        ReadPath {
+            block_bytes: u64::from(cache.config().block_bytes),
+            cache,
+            flights: DashMap::new(),
+            stats: ReadStats::new(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
+    }
+
+    /// Reads `len` bytes at `offset` of `disk`.
+    pub async fn read(&self, disk: &Disk, offset: u64, len: u64) -> Result<Bytes> {
+        check_range(disk, offset, len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let Some(map) = disk.sealed_map() else {
+            return self.origin_read(disk, offset, len as usize).await;
+        };
+        let bs = self.block_bytes;
+        let first = offset / bs;
+        let last = (offset + len - 1) / bs;
+        let head = (offset - first * bs) as usize;
+        if first == last {
+            let block = self.block(disk, map, first).await?;
+            return Ok(block.slice(head..head + len as usize));
+        }
+        let blocks =
+            futures::future::join_all((first..=last).map(|i| self.block(disk, map, i))).await;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut remaining = len as usize;
+        for (n, block) in blocks.into_iter().enumerate() {
+            let block = block?;
+            let from = if n == 0 { head } else { 0 };
+            let take = (block.len() - from).min(remaining);
+            out.extend_from_slice(&block[from..from + take]);
+            remaining -= take;
+        }
+        Ok(out.freeze())
+    }
+
+    fn block_len(&self, disk: &Disk, index: u64) -> usize {
+        (disk.size - index * self.block_bytes).min(self.block_bytes) as usize
+    }
+
+    async fn block(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
+        match map.get(index) {
+            Some(BlockRef::Zero) => {
+                self.stats.zero_block_hits.inc();
+                return Ok(self.cache.zero(self.block_len(disk, index)));
+            }
+            Some(BlockRef::Data(fp)) => {
+                if let Some((bytes, _tier)) = self.cache.get(&fp).await {
+                    return Ok(bytes);
+                }
+            }
+            None => self.cache.record_miss(),
+        }
+        self.fill(disk, map, index).await
+    }
+
+    /// Reads a block from the origin, once for all concurrent readers of it.
+    async fn fill(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
+        let key = (disk.id.clone(), index);
+        let cell = match self.flights.entry(key.clone()) {
+            dashmap::Entry::Occupied(e) => {
+                self.stats.single_flight_joins.inc();
+                e.get().clone()
+            }
+            dashmap::Entry::Vacant(v) => v.insert(Arc::new(OnceCell::new())).clone(),
+        };
+        let result = cell
+            .get_or_init(|| self.load(disk, map, index))
+            .await
+            .clone();
+        self.flights.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+        result
+    }
+
+    async fn load(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
+        let len = self.block_len(disk, index);
+        // A flight that finished just before ours began may have filled the block already.
+        match map.get(index) {
+            Some(BlockRef::Zero) => return Ok(self.cache.zero(len)),
+            Some(BlockRef::Data(fp)) => {
+                if let Some((bytes, _)) = self.cache.get_ram(&fp) {
+                    return Ok(bytes);
+                }
+            }
+            None => {}
+        }
+        let bytes = self
+            .origin_read(disk, index * self.block_bytes, len)
+            .await?;
+        if is_zero(&bytes) {
+            map.insert(index, BlockRef::Zero);
+            return Ok(self.cache.zero(len));
+        }
+        let fp = Fingerprint::of(&bytes);
+        if let Some(BlockRef::Data(old)) = map.get(index)
+            && old != fp
+        {
+            tracing::warn!(disk = %disk.id, block = index, "the origin of a sealed disk changed; serving what it holds now");
+        }
+        self.cache.admit(fp, bytes.clone());
+        map.insert(index, BlockRef::Data(fp));
+        Ok(bytes)
+    }
+
+    async fn origin_read(&self, disk: &Disk, offset: u64, len: usize) -> Result<Bytes> {
+        self.stats.origin_reads.inc();
+        match disk.origin.read_at(offset, len).await {
+            Ok(bytes) => {
+                self.stats.origin_read_bytes.add(len as u64);
+                Ok(bytes)
+            }
+            Err(e) => {
+                self.stats.origin_errors.inc();
+                tracing::warn!(disk = %disk.id, error = %e, "origin read failed");
+                Err(e.into())
+            }
+        }
+    }
+}

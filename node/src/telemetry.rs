@@ -1,0 +1,160 @@
+//! Metric names, their handles, and tracing setup: every metric the node exports is named here.
+//!
+//! Names follow Prometheus conventions with the `shadowcache_` prefix; labels come from small
+//! fixed sets (`tier`, `pool`, `rpc`). Each counter is kept twice: a local atomic that
+//! `Status` reads, and a `metrics` handle registered once at construction, so the hot path never
+//! looks a metric up by name. Handles made before a recorder is installed are no-ops, which is
+//! what the in-process benchmarks want.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Block lookups answered by a cache tier, by `tier` = ram_single | ram_multi | ssd.
+pub const CACHE_HITS: &str = "shadowcache_cache_hits_total";
+/// Block lookups that no tier could answer.
+pub const CACHE_MISSES: &str = "shadowcache_cache_misses_total";
+/// Lookups answered by the shared zero block.
+pub const ZERO_BLOCK_HITS: &str = "shadowcache_zero_block_hits_total";
+/// Entries moved from the single-touch to the multi-touch pool by a second read.
+pub const PROMOTIONS: &str = "shadowcache_cache_promotions_total";
+/// Entries moved from RAM multi-touch to the SSD tier.
+pub const DEMOTIONS: &str = "shadowcache_cache_demotions_total";
+/// Entries dropped from the cache, by `pool` = ram_single | ram_multi | ssd.
+pub const EVICTIONS: &str = "shadowcache_cache_evictions_total";
+/// SSD slots whose bytes did not hash to their fingerprint.
+pub const SSD_VERIFY_FAILURES: &str = "shadowcache_ssd_verify_failures_total";
+/// Bytes of disk blocks the cached entries stand for (before dedup).
+pub const LOGICAL_BYTES: &str = "shadowcache_cache_logical_bytes";
+/// Bytes held by the cache tiers, by `tier`.
+pub const STORED_BYTES: &str = "shadowcache_cache_stored_bytes";
+/// Entries held by the cache tiers, by `tier`.
+pub const ENTRIES: &str = "shadowcache_cache_entries";
+/// Reads sent to a disk's origin.
+pub const ORIGIN_READS: &str = "shadowcache_origin_reads_total";
+/// Bytes read from origins.
+pub const ORIGIN_READ_BYTES: &str = "shadowcache_origin_read_bytes_total";
+/// Origin reads or writes that failed.
+pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
+/// Cold reads of a block that joined another reader's origin read.
+pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
+/// gRPC requests, by `rpc`.
+pub const RPC_REQUESTS: &str = "shadowcache_rpc_requests_total";
+/// gRPC requests that ended in an error, by `rpc` and `code`.
+pub const RPC_ERRORS: &str = "shadowcache_rpc_errors_total";
+/// Payload bytes moved by gRPC requests, by `rpc`.
+pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";
+/// gRPC request latency, by `rpc`.
+pub const RPC_SECONDS: &str = "shadowcache_rpc_duration_seconds";
+
+/// A counter kept locally (for `Status`) and exported (for Prometheus).
+#[derive(Debug)]
+pub struct Count {
+    local: AtomicU64,
+    exported: metrics::Counter,
+}
+
+impl Count {
+    /// A counter named `name` with the given labels.
+    pub fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Self {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::from_static_parts(k, v))
+            .collect();
+        Count {
+            local: AtomicU64::new(0),
+            exported: metrics::counter!(name, labels),
+        }
+    }
+
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.local.fetch_add(n, Ordering::Relaxed);
+        self.exported.increment(n);
+    }
+
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// The local value.
+    pub fn get(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` (default `info`) filters, output on stderr.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests that start several nodes in one process) is not an error.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Installs the Prometheus recorder and its HTTP listener (`GET /metrics`) on `addr`.
+///
+/// Must run before the node is built so that the node's metric handles are live.
+pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), String> {
+    let latency_buckets = [
+        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+        0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(RPC_SECONDS.to_string()),
+            &latency_buckets,
+        )
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CACHE_HITS, "Block lookups answered by a cache tier");
+    describe_counter!(CACHE_MISSES, "Block lookups no tier could answer");
+    describe_counter!(ZERO_BLOCK_HITS, "Lookups answered by the shared zero block");
+    describe_counter!(PROMOTIONS, "Single-touch entries promoted to multi-touch");
+    describe_counter!(DEMOTIONS, "Multi-touch entries demoted from RAM to SSD");
+    describe_counter!(EVICTIONS, "Entries dropped from the cache, by pool");
+    describe_counter!(SSD_VERIFY_FAILURES, "SSD slots that failed verification");
+    describe_gauge!(
+        LOGICAL_BYTES,
+        Unit::Bytes,
+        "Disk bytes the cached entries stand for"
+    );
+    describe_gauge!(STORED_BYTES, Unit::Bytes, "Bytes held by each cache tier");
+    describe_gauge!(ENTRIES, "Entries held by each cache tier");
+    describe_counter!(ORIGIN_READS, "Reads sent to origins");
+    describe_counter!(ORIGIN_READ_BYTES, Unit::Bytes, "Bytes read from origins");
+    describe_counter!(ORIGIN_ERRORS, "Origin I/O errors");
+    describe_counter!(
+        SINGLE_FLIGHT_JOINS,
+        "Cold reads that joined an in-flight origin read"
+    );
+    describe_counter!(RPC_REQUESTS, "gRPC requests by rpc");
+    describe_counter!(RPC_ERRORS, "gRPC requests that failed, by rpc and code");
+    describe_counter!(RPC_BYTES, Unit::Bytes, "Payload bytes by rpc");
+    describe_histogram!(RPC_SECONDS, Unit::Seconds, "gRPC request latency by rpc");
+}

@@ -1,0 +1,1 @@
+//! Test support shared by shadowcache's integration tests (placeholder filled below).
