@@ -157,6 +157,11 @@ impl Node {
         &self.cache
     }
 
+    /// The disk registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The read path (its counters).
     pub fn reads(&self) -> &ReadPath {
         &self.reads

@@ -1,1 +1,191 @@
-//! Test support shared by shadowcache's integration tests (placeholder filled below).
+//! Test support shared by shadowcache's integration tests: images of known bytes, real
+//! `shadowcache-node` processes, and polling with a deadline instead of sleeps.
+//!
+//! Every spawned process is killed when its guard drops, also when a test panics.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+/// Writes `size` bytes of seeded random data to `path` and returns them.
+pub fn random_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data[..]);
+    write_file(path, &data);
+    data
+}
+
+/// Writes `data` to `path`, creating parent directories.
+pub fn write_file(path: &Path, data: &[u8]) {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).expect("create image directory");
+    }
+    let mut f = std::fs::File::create(path).expect("create image");
+    f.write_all(data).expect("write image");
+    f.sync_all().expect("sync image");
+}
+
+/// The directory holding the workspace's built binaries (`target/debug` or `target/release`),
+/// found from the running test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary directory");
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("profile directory")
+    } else {
+        deps
+    };
+    dir.to_path_buf()
+}
+
+/// A workspace binary by name. Panics with instructions if it has not been built: `cargo test
+/// --workspace` builds every binary before any test runs.
+pub fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build it: cargo build -p the crate that has it)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `shadowcache-node` process with its own data directory.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Option<Child>,
+    /// The data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// The gRPC Unix socket.
+    pub socket: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node on `data_dir` with extra `args` and waits until its socket accepts.
+    pub fn start(data_dir: &Path, args: &[String]) -> NodeProcess {
+        let mut n = NodeProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            socket: data_dir.join("shadowcache.sock"),
+            args: args.to_vec(),
+            log: data_dir.join("node.log"),
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.data_dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("node log");
+        let child = Command::new(binary("shadowcache-node"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--node-id")
+            .arg("test-node")
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shadowcache-node");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        let started = wait_for("the node's socket", Duration::from_secs(30), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(Err(status));
+            }
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| Ok(()))
+        });
+        if let Err(status) = started {
+            panic!(
+                "shadowcache-node exited with {status} at start; log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (success), panicking otherwise.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let status = wait_for(
+            "the node to exit after SIGTERM",
+            Duration::from_secs(30),
+            || child.try_wait().ok().flatten(),
+        );
+        assert!(
+            status.success(),
+            "node exited with {status}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL, no clean shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops cleanly and starts again on the same data directory and arguments.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -277,10 +277,11 @@ impl Registry {
         self.origins.get(id).map(|p| p.clone())
     }
 
-    /// Registers a disk whose origin is the file or block device at `origin`.
+    /// Registers a disk whose origin is the file or block device at `origin`, and remembers the
+    /// path so that [`Registry::save`] can write it down.
     pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<Arc<Disk>> {
-        let id = DiskId::parse(id)?;
-        if self.disks.contains_key(&id) {
+        let parsed = DiskId::parse(id)?;
+        if self.disks.contains_key(&parsed) {
             return Err(Error::DiskExists(id.to_string()));
         }
         let path = origin.to_path_buf();
@@ -288,7 +289,23 @@ impl Registry {
         let file = tokio::task::spawn_blocking(move || FileOrigin::open(&path, writable))
             .await
             .map_err(|e| Error::State(e.to_string()))??;
-        let disk = Arc::new(Disk::new(id.clone(), Arc::new(file)));
+        let disk = self.register_origin(id, Arc::new(file), mode).await?;
+        self.origins.insert(disk.id.clone(), origin.to_path_buf());
+        Ok(disk)
+    }
+
+    /// Registers a disk over any origin (tests use counting and failing ones). Not saved.
+    pub async fn register_origin(
+        &self,
+        id: &str,
+        origin: Arc<dyn Origin>,
+        mode: DiskMode,
+    ) -> Result<Arc<Disk>> {
+        let id = DiskId::parse(id)?;
+        if self.disks.contains_key(&id) {
+            return Err(Error::DiskExists(id.to_string()));
+        }
+        let disk = Arc::new(Disk::new(id.clone(), origin));
         if mode == DiskMode::Sealed {
             self.seal_disk(&disk).await?;
         }
@@ -298,8 +315,7 @@ impl Registry {
                 v.insert(disk.clone());
             }
         }
-        self.origins.insert(id.clone(), origin.to_path_buf());
-        tracing::info!(disk = %id, origin = %origin.display(), size = disk.size, mode = mode.as_str(), "disk registered");
+        tracing::info!(disk = %id, origin = disk.origin.describe(), size = disk.size, mode = mode.as_str(), "disk registered");
         Ok(disk)
     }
 

@@ -1,0 +1,79 @@
+//! A broken configuration stops `shadowcache-node` at start, with a message naming the key.
+
+use std::process::Command;
+
+use shadowcache_testkit::binary;
+
+fn start(args: &[&str]) -> (i32, String) {
+    let out = Command::new(binary("shadowcache-node"))
+        .args(args)
+        .output()
+        .expect("run shadowcache-node");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_and_files_name_the_key_and_stop_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--block-size".into(), "3000".into()],
+            "cache.block_size",
+        ),
+        (
+            vec!["--block-size".into(), "2MiB".into()],
+            "cache.block_size",
+        ),
+        (vec!["--ram-cache".into(), "lots".into()], "--ram-cache"),
+        (vec!["--disk".into(), "noequals".into()], "--disk"),
+        (vec!["--disk".into(), "a b=/x".into()], "disk[0].id"),
+    ];
+    for (args, key) in cases {
+        let mut all = vec!["--data-dir".to_string(), d.clone()];
+        all.extend(args.clone());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (code, err) = start(&refs);
+        assert_ne!(code, 0, "{args:?} was accepted");
+        assert!(err.contains(key), "{args:?}: {err}");
+    }
+    let files = [
+        ("[cache]\nrma = \"1GiB\"\n", "rma"),
+        ("listen_tcp = 17\n", "listen_tcp"),
+        (
+            "[cache]\nsingle_touch_share = 2.0\n",
+            "cache.single_touch_share",
+        ),
+        ("[[disk]]\nid = \"x\"\n", "origin"),
+        ("not toml at all [", "TOML"),
+    ];
+    for (text, key) in files {
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).expect("write config");
+        let (code, err) = start(&["--config", &path.display().to_string(), "--data-dir", &d]);
+        assert_eq!(code, 2, "{text:?} was accepted: {err}");
+        assert!(err.contains(key), "{text:?}: {err}");
+    }
+    let (code, err) = start(&["--config", "/no/such/node.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/no/such/node.toml"), "{err}");
+}
+
+#[test]
+fn a_disk_whose_origin_is_missing_stops_the_start_with_its_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, err) = start(&[
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "--disk",
+        "base=/no/such/image.raw,sealed",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("\"base\"") && err.contains("/no/such/image.raw"),
+        "{err}"
+    );
+}

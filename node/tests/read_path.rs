@@ -1,0 +1,232 @@
+//! The read path in process, over origins that count and fail on demand: single flight,
+//! EIO handling, zero blocks, content-map reuse.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shadowcache_node::origin::{Origin, OriginError, OriginFuture};
+use shadowcache_node::{Config, DiskMode, Error, Node};
+
+/// An in-memory origin that counts reads, can be slowed down, and fails with EIO on demand.
+#[derive(Debug)]
+struct TestOrigin {
+    data: Bytes,
+    reads: AtomicU64,
+    delay_ms: u64,
+    fail: AtomicBool,
+}
+
+impl TestOrigin {
+    fn new(data: Vec<u8>, delay_ms: u64) -> Arc<Self> {
+        Arc::new(TestOrigin {
+            data: Bytes::from(data),
+            reads: AtomicU64::new(0),
+            delay_ms,
+            fail: AtomicBool::new(false),
+        })
+    }
+}
+
+impl Origin for TestOrigin {
+    fn describe(&self) -> &str {
+        "test-origin"
+    }
+
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
+        Box::pin(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(OriginError::Io {
+                    origin: "test-origin".into(),
+                    op: "read",
+                    offset,
+                    cause: "Input/output error (os error 5)".into(),
+                });
+            }
+            let o = offset as usize;
+            Ok(Bytes::copy_from_slice(&self.data[o..o + len]))
+        })
+    }
+
+    fn write_at(&self, _offset: u64, _data: Bytes) -> OriginFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush(&self) -> OriginFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn identity(&self) -> Option<String> {
+        None
+    }
+}
+
+async fn node(dir: &std::path::Path, block_bytes: u32) -> Arc<Node> {
+    let mut c = Config::for_data_dir(dir);
+    c.block_bytes = block_bytes;
+    c.ram_bytes = 16 << 20;
+    c.ssd_bytes = 0;
+    Node::open(c).await.expect("node")
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8 + 1).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_readers_of_one_cold_block_cause_one_origin_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(64 * 1024), 100);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    let mut tasks = Vec::new();
+    for n in 0..64u64 {
+        let node = node.clone();
+        // Different ranges inside block 2.
+        tasks.push(tokio::spawn(async move {
+            node.read("d", 8192 + n * 7, 100).await
+        }));
+    }
+    let expected = pattern(64 * 1024);
+    for (n, t) in tasks.into_iter().enumerate() {
+        let got = t.await.expect("task").expect("read");
+        let at = 8192 + n * 7;
+        assert_eq!(&got[..], &expected[at..at + 100]);
+    }
+    assert_eq!(
+        origin.reads.load(Ordering::SeqCst),
+        1,
+        "single flight failed"
+    );
+    assert!(node.reads().stats().single_flight_joins.get() >= 1);
+    // Later reads are hits: the content map knows the block, the cache has it.
+    node.read("d", 8192, 4096).await.expect("read");
+    assert_eq!(origin.reads.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_fails_with_eio_is_unavailable_and_caches_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(32 * 1024), 20);
+    origin.fail.store(true, Ordering::SeqCst);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    // Concurrent readers of the failing block all get the error.
+    let (a, b) = tokio::join!(node.read("d", 0, 10), node.read("d", 5, 10));
+    for r in [a, b] {
+        match r {
+            Err(Error::Origin(e)) => assert!(e.to_string().contains("os error 5"), "{e}"),
+            other => panic!("expected an origin error, got {other:?}"),
+        }
+    }
+    node.cache().settle();
+    assert_eq!(
+        node.cache().stored_bytes(),
+        0,
+        "bytes were cached from a failing origin"
+    );
+    // Once the origin recovers, the same block is read again and served right.
+    origin.fail.store(false, Ordering::SeqCst);
+    let got = node.read("d", 0, 4096).await.expect("read after recovery");
+    assert_eq!(&got[..], &pattern(32 * 1024)[..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_blocks_are_served_without_being_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let mut data = vec![0u8; 40 * 1024];
+    data[20 * 1024..24 * 1024].copy_from_slice(&pattern(4096));
+    let origin = TestOrigin::new(data.clone(), 0);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    for _ in 0..2 {
+        let got = node.read("d", 0, data.len() as u64).await.expect("read");
+        assert_eq!(&got[..], &data[..]);
+    }
+    node.cache().settle();
+    assert_eq!(
+        node.cache().stored_bytes(),
+        4096,
+        "only the one non-zero block is stored"
+    );
+    assert_eq!(
+        node.reads().stats().zero_block_hits.get(),
+        9,
+        "second pass: nine zero blocks"
+    );
+    assert_eq!(
+        origin.reads.load(Ordering::SeqCst),
+        10,
+        "each block read from the origin once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_block_read_is_a_slice_of_the_cached_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(16 * 1024), 0);
+    node.registry()
+        .register_origin("d", origin, DiskMode::Sealed)
+        .await
+        .expect("register");
+    let a = node.read("d", 4096 + 10, 100).await.expect("read");
+    let b = node.read("d", 4096 + 200, 100).await.expect("read");
+    // Both are views of one cached buffer: no copy was made for either.
+    assert_eq!(b.as_ptr() as usize - a.as_ptr() as usize, 190);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_at_and_past_the_end_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let size = 10_000u64;
+    let origin = TestOrigin::new(pattern(size as usize), 0);
+    node.registry()
+        .register_origin("d", origin, DiskMode::Sealed)
+        .await
+        .expect("register");
+    assert_eq!(
+        node.read("d", size, 0).await.expect("empty at end").len(),
+        0
+    );
+    assert_eq!(
+        node.read("d", size - 1, 1).await.expect("last byte")[0],
+        pattern(10_000)[9_999]
+    );
+    for (off, len) in [
+        (size, 1),
+        (size - 1, 2),
+        (size + 1, 0),
+        (u64::MAX, 2),
+        (0, size + 1),
+    ] {
+        assert!(
+            matches!(
+                node.read("d", off, len).await,
+                Err(Error::OutOfRange { .. })
+            ),
+            "{off}+{len}"
+        );
+    }
+    assert!(matches!(
+        node.read("nope", 0, 1).await,
+        Err(Error::UnknownDisk(_))
+    ));
+}
