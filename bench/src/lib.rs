@@ -1,1 +1,16 @@
-//! shadowcache-bench (filled in below).
+//! shadowcache-bench: benchmarks, trace replay and the local demo.
+//!
+//! # Layout
+//!
+//! - `cache_bench.rs`: `cache` (hit and miss costs in process and over gRPC, index overhead)
+//!   and `cache --trace` (a real address trace replayed through one node).
+//! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
+//! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
+//!   carry addresses only.
+//! - `alloc.rs`: a counting allocator for memory-overhead figures.
+
+pub mod alloc;
+pub mod cache_bench;
+pub mod demo;
+pub mod synthetic;
+pub mod trace;

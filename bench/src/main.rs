@@ -1,1 +1,116 @@
-fn main() {}
+//! `shadowcache-bench`: prints figures; asserts nothing.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use shadowcache_bench::{alloc, cache_bench, demo};
+use shadowcache_node::config::Size;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shadowcache-bench",
+    version,
+    about = "shadowcache benchmarks, trace replay and demo"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot desktops from one replica through a local node, printing hit ratios (the main job).
+    Demo {
+        /// Desktops to boot.
+        #[arg(long, default_value_t = 8)]
+        desktops: usize,
+        /// Replica size.
+        #[arg(long, default_value = "256MiB")]
+        replica: Size,
+        /// Desktops booting at once.
+        #[arg(long, default_value_t = 2)]
+        concurrent: usize,
+    },
+    /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
+    /// --trace, hit and dedup ratios of a trace replayed through one node.
+    Cache {
+        /// Write the figures here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Replay this `.lis` trace (zstd allowed) instead.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Block sizes.
+        #[arg(long, value_delimiter = ',', default_value = "4KiB,16KiB,64KiB")]
+        block_sizes: Vec<Size>,
+        /// RAM sizes for --trace.
+        #[arg(long, value_delimiter = ',', default_value = "32MiB,128MiB,512MiB")]
+        ram_sizes: Vec<Size>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Image size for the miss measurements.
+        #[arg(long, default_value = "512MiB")]
+        image: Size,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Demo {
+                desktops,
+                replica,
+                concurrent,
+            } => {
+                demo::run(demo::Options {
+                    desktops,
+                    replica_bytes: replica.0,
+                    concurrent: concurrent.max(1),
+                })
+                .await
+            }
+            Command::Cache {
+                json,
+                trace,
+                block_sizes,
+                ram_sizes,
+                seconds,
+                image,
+            } => {
+                let block_sizes: Vec<u32> = block_sizes.iter().map(|s| s.0 as u32).collect();
+                let out = match trace {
+                    Some(trace) => {
+                        cache_bench::replay(cache_bench::TraceOptions {
+                            trace,
+                            block_sizes,
+                            ram_sizes: ram_sizes.iter().map(|s| s.0).collect(),
+                        })
+                        .await?
+                    }
+                    None => {
+                        cache_bench::run(cache_bench::Options {
+                            block_sizes,
+                            seconds,
+                            image_bytes: image.0,
+                            scratch: None,
+                        })
+                        .await?
+                    }
+                };
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+                    eprintln!("figures written to {}", path.display());
+                }
+                Ok(())
+            }
+        }
+    })
+}

@@ -162,7 +162,7 @@ pub struct Flags {
     /// A disk, `ID=PATH[,sealed|,mutable]` (default mutable); repeatable.
     #[arg(long = "disk", value_name = "ID=PATH[,MODE]")]
     pub disks: Vec<String>,
-    /// Cache block size, a power of two from 4KiB to 1MiB (default 64KiB).
+    /// Cache block size, a power of two from 4KiB to 1MiB (default 16KiB).
     #[arg(long, value_name = "SIZE")]
     pub block_size: Option<Size>,
     /// RAM for the cache's two pools (default 256MiB).
@@ -225,7 +225,7 @@ pub struct Config {
 }
 
 /// Default block size: see docs/ARCHITECTURE.md for the measurements behind it.
-pub const DEFAULT_BLOCK_BYTES: u32 = 64 * 1024;
+pub const DEFAULT_BLOCK_BYTES: u32 = 16 * 1024;
 /// Default RAM for the cache.
 pub const DEFAULT_RAM_BYTES: u64 = 256 << 20;
 /// Default SSD tier size.
@@ -469,6 +469,16 @@ mod tests {
             Ok(_) => panic!("config was accepted"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn the_example_config_in_the_repository_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/node.example.toml");
+        let file = Config::parse_file(&path, &text).expect("example parses");
+        assert_eq!(file.disk.len(), 2);
+        let c = parse(&text).expect("example validates");
+        assert_eq!(c.block_bytes, DEFAULT_BLOCK_BYTES);
     }
 
     #[test]

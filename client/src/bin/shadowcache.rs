@@ -124,7 +124,7 @@ fn ratio(n: u64, d: u64) -> f64 {
 }
 
 fn status_json(s: &StatusResponse) -> serde_json::Value {
-    let c = s.counters.clone().unwrap_or_default();
+    let c = s.counters.unwrap_or_default();
     let lookups = c.lookups;
     json!({
         "node_id": s.node_id,
@@ -161,7 +161,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
 }
 
 fn print_status(s: &StatusResponse) {
-    let c = s.counters.clone().unwrap_or_default();
+    let c = s.counters.unwrap_or_default();
     println!(
         "node {}  version {}  block size {}  up {:.1}s",
         s.node_id,

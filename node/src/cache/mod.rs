@@ -43,7 +43,7 @@ use crate::telemetry::{self, Count};
 /// Settings of the content cache.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// Block size in bytes: the largest entry and the SSD slot size. Default: 64 KiB.
+    /// Block size in bytes: the largest entry and the SSD slot size. Default: 16 KiB.
     pub block_bytes: u32,
     /// RAM for both pools, in payload bytes. Default: 256 MiB.
     pub ram_bytes: u64,
@@ -58,7 +58,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            block_bytes: 64 * 1024,
+            block_bytes: 16 * 1024,
             ram_bytes: 256 * 1024 * 1024,
             single_touch_share: 0.25,
             ssd: None,
@@ -402,8 +402,7 @@ impl ContentCache {
     /// second time, moves to multi-touch.
     pub fn admit(&self, fp: Fingerprint, bytes: Bytes) {
         let inner = &*self.inner;
-        let len = bytes.len() as u64;
-        inner.stats.add_logical(len);
+        inner.stats.add_logical(bytes.len() as u64);
         if let Some(v) = inner.multi.get(&fp) {
             v.refs.fetch_add(1, Ordering::Relaxed);
             return;
@@ -485,7 +484,11 @@ impl ContentCache {
                 tier: Tier::RamMulti,
                 entries: inner.multi.entry_count() + inner.pending.len() as u64,
                 bytes: inner.multi.weighted_size()
-                    + inner.pending.iter().map(|e| e.value().len()).sum::<u64>(),
+                    + inner
+                        .pending
+                        .iter()
+                        .map(|e| e.value().payload_bytes())
+                        .sum::<u64>(),
                 capacity_bytes: inner.config.ram_bytes - single_cap,
                 hits: inner.stats.hits_ram_multi.get(),
             },

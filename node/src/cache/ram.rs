@@ -37,14 +37,14 @@ impl Entry {
         })
     }
 
-    /// Payload length.
-    pub fn len(&self) -> u64 {
+    /// Payload length in bytes.
+    pub fn payload_bytes(&self) -> u64 {
         self.bytes.len() as u64
     }
 
     /// Bytes this entry stands for: references times length.
     pub fn logical_bytes(&self) -> u64 {
-        u64::from(self.refs.load(Ordering::Relaxed)) * self.len()
+        u64::from(self.refs.load(Ordering::Relaxed)) * self.payload_bytes()
     }
 }
 

@@ -831,8 +831,7 @@ mod tests {
             .expect("open");
         let second = {
             let (t, _) = SsdTier::open(cfg(dir.path(), 4)).expect("open");
-            let s = t.index.lock().map[&Fingerprint::of(&block(2))];
-            s
+            t.index.lock().map[&Fingerprint::of(&block(2))]
         };
         idx.write_all_at(
             &[0xAB; 20],

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, the real-binary integration tests and doc tests.
+# Installs what the tests need first, so that it passes on a fresh machine (CI calls it too).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tools from apt that tests use. None yet beyond the Rust toolchain; the NBD work adds
+# qemu-utils, libnbd-bin, fio and nbdkit here.
+need_apt=()
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "scripts/test.sh: please install: ${need_apt[*]}" >&2
+    exit 1
+  fi
+fi
+
+# The shared traces sit beside the checkout (../shared); tests that replay them say so loudly
+# when they are missing.
+[ -d ../shared/traces ] || echo "WARNING: ../shared/traces is missing; trace tests will fail" >&2
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast --failure-output final
+  cargo test --workspace --doc
+else
+  echo "cargo-nextest not found; using cargo test" >&2
+  cargo test --workspace --no-fail-fast
+fi
