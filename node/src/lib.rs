@@ -338,11 +338,15 @@ impl RunningNode {
     /// Stops the frontends (in-flight requests finish), then leaves the cache warm.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        // In-flight requests get a grace period; a client that keeps a connection busy longer
+        // does not keep the cache from being saved.
+        let grace = Duration::from_secs(10);
         for s in self.servers {
-            match s.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "frontend stopped with an error"),
-                Err(e) => tracing::warn!(error = %e, "frontend task failed"),
+            match tokio::time::timeout(grace, s).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "frontend stopped with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "frontend task failed"),
+                Err(_) => tracing::warn!("frontend still busy after {grace:?}; closing anyway"),
             }
         }
         let node = self.node.clone();

@@ -473,3 +473,44 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then_some(out)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_serves_too_the_socket_is_0660_and_sigint_stops_cleanly_with_json_logs() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("base.raw");
+    let data = random_image(&img, 100_000, 11);
+    let port = free_port();
+    let mut node = NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            "--log-format=json".into(),
+            disk_arg("base", &img, "sealed"),
+        ],
+    );
+    let mode = std::fs::metadata(&node.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    let tcp = Client::connect_tcp(&format!("127.0.0.1:{port}"))
+        .await
+        .expect("tcp");
+    assert!(tcp.disk("base").read_at(10, 1000).await.expect("read")[..] == data[10..1010]);
+    drop(tcp);
+    node.stop_with("INT");
+    let log = node.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
+        assert!(v["level"].is_string(), "{l}");
+    }
+    assert!(
+        log.contains("SIGINT") && log.contains("cache left warm"),
+        "{log}"
+    );
+    assert!(!node.socket.exists(), "the socket file was left behind");
+}

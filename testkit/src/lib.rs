@@ -150,11 +150,16 @@ impl NodeProcess {
 
     /// Sends SIGTERM and waits for a clean exit (success), panicking otherwise.
     pub fn stop(&mut self) {
+        self.stop_with("TERM");
+    }
+
+    /// Sends `signal` (a name such as TERM or INT) and waits for a clean exit.
+    pub fn stop_with(&mut self, signal: &str) {
         let Some(mut child) = self.child.take() else {
             return;
         };
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{signal}"))
             .arg(child.id().to_string())
             .status();
         let status = wait_for(

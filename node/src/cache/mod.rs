@@ -34,7 +34,7 @@ use std::sync::mpsc;
 use bytes::Bytes;
 use dashmap::DashMap;
 
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, FingerprintHashing};
 use ram::{Entry, Pool, Value};
 pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
 
@@ -186,7 +186,7 @@ struct Inner {
     single: Pool,
     multi: Pool,
     ssd: Option<Arc<SsdTier>>,
-    pending: Arc<DashMap<Fingerprint, Value>>,
+    pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     writer: Option<mpsc::SyncSender<WriterMsg>>,
     writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<CacheStats>,
@@ -243,7 +243,8 @@ impl ContentCache {
             }
             None => (None, None),
         };
-        let pending: Arc<DashMap<Fingerprint, Value>> = Arc::new(DashMap::new());
+        let pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>> =
+            Arc::new(DashMap::with_hasher(FingerprintHashing::default()));
         let (tx, rx) = mpsc::sync_channel::<WriterMsg>(config.demotion_queue.max(1));
         let writer = ssd.as_ref().map(|_| tx.clone());
 
@@ -557,7 +558,7 @@ impl ContentCache {
 struct Writer {
     ssd: Arc<SsdTier>,
     multi: Pool,
-    pending: Arc<DashMap<Fingerprint, Value>>,
+    pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     stats: Arc<CacheStats>,
 }
 
@@ -591,14 +592,29 @@ impl Writer {
                 tracing::warn!(error = %e, "ssd write failed; entry dropped");
                 self.stats.evictions_ram_multi.inc();
                 self.stats.sub_logical(v.logical_bytes());
-            } else {
-                self.stats.demotions.inc();
+                self.pending.remove_if(&fp, |_, p| Arc::ptr_eq(p, &v));
+                return;
             }
-        } else {
+            self.stats.demotions.inc();
+        } else if self.ssd.contains(&fp) {
             // Already on SSD (a race with another demotion of the same block): refreshed.
             self.stats.demotions.inc();
+        } else {
+            // No slot could be had (every slot is being written): the entry is dropped.
+            self.stats.evictions_ram_multi.inc();
+            self.stats.sub_logical(v.logical_bytes());
         }
-        self.pending.remove_if(&fp, |_, p| Arc::ptr_eq(p, &v));
+        if self
+            .pending
+            .remove_if(&fp, |_, p| Arc::ptr_eq(p, &v))
+            .is_none()
+        {
+            // A reader took the entry back to RAM while it was being written: keep it in one
+            // place only.
+            if let Some(at) = self.ssd.lookup(&fp) {
+                self.ssd.release(&fp, at);
+            }
+        }
     }
 }
 

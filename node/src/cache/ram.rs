@@ -17,7 +17,7 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
-use super::fingerprint::Fingerprint;
+use super::fingerprint::{Fingerprint, FingerprintHashing};
 
 /// One cached block: its bytes and how many disk blocks have mapped to it (dedup accounting).
 #[derive(Debug)]
@@ -52,7 +52,7 @@ impl Entry {
 pub type Value = Arc<Entry>;
 
 /// A pool: a moka cache of fingerprint -> entry.
-pub type Pool = Cache<Fingerprint, Value>;
+pub type Pool = Cache<Fingerprint, Value, FingerprintHashing>;
 
 /// Builds a pool of `capacity_bytes` whose listener sees every removal caused by size.
 pub fn pool(
@@ -71,5 +71,5 @@ pub fn pool(
                 on_evict(*k, v);
             }
         })
-        .build()
+        .build_with_hasher(FingerprintHashing::default())
 }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::fingerprint::Fingerprint;
+use super::fingerprint::{Fingerprint, FingerprintHashing};
 
 const SUPERBLOCK_BYTES: u64 = 4096;
 const HEADER_BYTES: u64 = 64;
@@ -165,7 +165,7 @@ impl SlotMeta {
 
 /// The in-memory index: fingerprint -> slot, and the LRU list (head = most recent).
 struct Index {
-    map: HashMap<Fingerprint, u32>,
+    map: HashMap<Fingerprint, u32, FingerprintHashing>,
     slots: Vec<SlotMeta>,
     head: u32,
     tail: u32,
@@ -221,6 +221,44 @@ impl Index {
         }
         self.slots[s as usize] = SlotMeta::free();
         self.free.push(s);
+    }
+
+    /// Takes one recovered header into the index (recovery only).
+    fn recover(
+        &mut self,
+        slot: usize,
+        header: Header,
+        slot_bytes: u64,
+        data_len: u64,
+        rec: &mut Recovery,
+    ) {
+        match header {
+            Header::Empty => {}
+            Header::Corrupt => rec.corrupt_headers += 1,
+            Header::Valid { fp, len, seq, refs } => {
+                if slot as u64 * slot_bytes + u64::from(len) > data_len {
+                    rec.truncated += 1;
+                    return;
+                }
+                if let Some(&other) = self.map.get(&fp) {
+                    rec.duplicates += 1;
+                    if self.slots[other as usize].seq >= seq {
+                        return;
+                    }
+                    self.slots[other as usize] = SlotMeta::free();
+                }
+                self.map.insert(fp, slot as u32);
+                self.slots[slot] = SlotMeta {
+                    fp,
+                    len,
+                    refs,
+                    seq,
+                    prev: NIL,
+                    next: NIL,
+                    state: SlotState::Live,
+                };
+            }
+        }
     }
 
     fn seq(&mut self) -> u64 {
@@ -340,7 +378,7 @@ impl SsdTier {
                 max: max_slots,
             });
         }
-        let slot_count = slots as u32;
+        let mut slot_count = slots as u32;
         for p in [&config.data_path, &config.index_path] {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -371,6 +409,21 @@ impl SsdTier {
                 .seek(io::SeekFrom::End(0))
                 .map_err(io_err(&config.data_path))?
         };
+        if !is_regular {
+            // A block device cannot grow: the tier is at most the device.
+            let fits = (data_len / slot_bytes).min(u64::from(max_slots)) as u32;
+            if fits < slot_count {
+                tracing::warn!(device = %config.data_path.display(), slots = fits, "ssd device is smaller than the configured ssd size; using the whole device");
+                slot_count = fits;
+            }
+            if slot_count == 0 {
+                return Err(SsdError::Capacity {
+                    capacity_bytes: data_len,
+                    slot_bytes: config.slot_bytes,
+                    max: max_slots,
+                });
+            }
+        }
         let index_len = index_file
             .metadata()
             .map_err(io_err(&config.index_path))?
@@ -384,7 +437,10 @@ impl SsdTier {
             && super_buf == expected_super;
 
         let mut index = Index {
-            map: HashMap::with_capacity(slot_count as usize),
+            map: HashMap::with_capacity_and_hasher(
+                slot_count as usize,
+                FingerprintHashing::default(),
+            ),
             slots: vec![SlotMeta::free(); slot_count as usize],
             head: NIL,
             tail: NIL,
@@ -407,7 +463,6 @@ impl SsdTier {
                 .write_all_at(&expected_super, 0)
                 .map_err(io_err(&config.index_path))?;
         } else {
-            // Read every header in one pass: slot_count * 64 bytes (16 MiB per 1 GiB of 4 KiB slots).
             let want = u64::from(slot_count) * HEADER_BYTES;
             let have = index_len.saturating_sub(SUPERBLOCK_BYTES).min(want);
             if have < want {
@@ -416,41 +471,25 @@ impl SsdTier {
                     have, want, "ssd index is truncated; the missing headers count as empty slots"
                 );
             }
-            let mut buf = vec![0u8; have as usize];
-            if let Err(e) = index_file.read_exact_at(&mut buf, SUPERBLOCK_BYTES) {
-                tracing::warn!(error = %e, "ssd index unreadable; starting with an empty ssd tier");
-                recovery.reset = true;
-                buf.clear();
-            }
-            for (slot, h) in buf.chunks_exact(HEADER_BYTES as usize).enumerate() {
-                match decode_header(h, config.slot_bytes) {
-                    Header::Empty => {}
-                    Header::Corrupt => recovery.corrupt_headers += 1,
-                    Header::Valid { fp, len, seq, refs } => {
-                        let end = slot as u64 * slot_bytes + u64::from(len);
-                        if end > data_len {
-                            recovery.truncated += 1;
-                            continue;
-                        }
-                        if let Some(&other) = index.map.get(&fp) {
-                            recovery.duplicates += 1;
-                            if index.slots[other as usize].seq >= seq {
-                                continue;
-                            }
-                            index.slots[other as usize] = SlotMeta::free();
-                        }
-                        index.map.insert(fp, slot as u32);
-                        index.slots[slot] = SlotMeta {
-                            fp,
-                            len,
-                            refs,
-                            seq,
-                            prev: NIL,
-                            next: NIL,
-                            state: SlotState::Live,
-                        };
-                    }
+            // Headers are read 1 MiB at a time: the index of a large device does not fit in RAM
+            // twice.
+            let headers = (have / HEADER_BYTES) as usize;
+            let per_chunk = (1usize << 20) / HEADER_BYTES as usize;
+            let mut buf = vec![0u8; per_chunk * HEADER_BYTES as usize];
+            let mut first = 0usize;
+            while first < headers {
+                let n = per_chunk.min(headers - first);
+                let chunk = &mut buf[..n * HEADER_BYTES as usize];
+                let at = SUPERBLOCK_BYTES + first as u64 * HEADER_BYTES;
+                if let Err(e) = index_file.read_exact_at(chunk, at) {
+                    tracing::warn!(error = %e, "ssd index unreadable past this point; later slots count as empty");
+                    break;
                 }
+                for (k, h) in chunk.chunks_exact(HEADER_BYTES as usize).enumerate() {
+                    let header = decode_header(h, config.slot_bytes);
+                    index.recover(first + k, header, slot_bytes, data_len, &mut recovery);
+                }
+                first += n;
             }
             live.extend(index.map.values().copied());
             if recovery.corrupt_headers + recovery.truncated > 0 {
