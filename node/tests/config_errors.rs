@@ -77,3 +77,22 @@ fn a_disk_whose_origin_is_missing_stops_the_start_with_its_id() {
         "{err}"
     );
 }
+
+#[test]
+fn a_corrupt_saved_disk_list_stops_the_start_and_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("disks.toml"), "[[disk]]\nid = 3\n").expect("write");
+    let (code, err) = start(&["--data-dir", &dir.path().display().to_string()]);
+    assert_ne!(
+        code, 0,
+        "a node must not start without knowing which disks were sealed"
+    );
+    assert!(err.contains("disks.toml"), "{err}");
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_created_is_named() {
+    let (code, err) = start(&["--data-dir", "/proc/no-such-dir/x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/proc/no-such-dir/x"), "{err}");
+}

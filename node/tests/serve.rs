@@ -175,6 +175,46 @@ async fn errors_carry_the_documented_grpc_codes() {
         ),
         Code::Unavailable
     );
+    assert_eq!(
+        code(
+            client
+                .register_disk(
+                    "a/b",
+                    &rw.display().to_string(),
+                    shadowcache_client::DiskMode::Mutable
+                )
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    // A mode number outside the enum, sent raw.
+    let mut admin = shadowcache_proto::admin_client::AdminClient::new(
+        tonic::transport::Endpoint::from_static("http://x")
+            .connect_with_connector(tower_connector(node.socket.clone()))
+            .await
+            .expect("raw connect"),
+    );
+    let bad_mode = admin
+        .set_disk_mode(shadowcache_proto::SetDiskModeRequest {
+            disk: "rw".into(),
+            mode: 99,
+        })
+        .await;
+    assert_eq!(
+        bad_mode.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::InvalidArgument)
+    );
+    let no_origin = admin
+        .register_disk(shadowcache_proto::RegisterDiskRequest {
+            id: "y".into(),
+            origin: String::new(),
+            mode: 0,
+        })
+        .await;
+    assert_eq!(
+        no_origin.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::InvalidArgument)
+    );
     // A single request above the protocol limit, sent raw (the client library would split it).
     let mut raw = shadowcache_proto::block_client::BlockClient::new(
         tonic::transport::Endpoint::from_static("http://x")
@@ -202,6 +242,35 @@ async fn errors_carry_the_documented_grpc_codes() {
         too_big.map(|_| ()).map_err(|s| s.code()),
         Err(Code::OutOfRange)
     );
+    // On a disk large enough, 17 MiB in one request is refused as too large.
+    let big = tempfile::NamedTempFile::new().expect("big");
+    big.as_file().set_len(32 << 20).expect("sparse");
+    client
+        .register_disk(
+            "big",
+            &big.path().display().to_string(),
+            shadowcache_client::DiskMode::Sealed,
+        )
+        .await
+        .expect("register big");
+    let too_big = raw
+        .read(shadowcache_proto::ReadRequest {
+            disk: "big".into(),
+            offset: 0,
+            length: 17 << 20,
+        })
+        .await;
+    assert_eq!(
+        too_big.map(|_| ()).map_err(|s| s.code()),
+        Err(Code::InvalidArgument)
+    );
+    // The client library splits it, and the sparse disk reads as zeros.
+    let all = client
+        .disk("big")
+        .read_at(1, 17 << 20)
+        .await
+        .expect("split read");
+    assert!(all.len() == 17 << 20 && all.iter().all(|b| *b == 0));
 }
 
 fn tower_connector(
