@@ -907,6 +907,68 @@ mod tests {
         assert!(get(&t, &b).is_none());
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Put(u8),
+            Get(u8),
+            Reopen,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0u8..12).prop_map(Op::Put),
+                4 => (0u8..12).prop_map(Op::Get),
+                1 => Just(Op::Reopen),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(40))]
+            /// The index agrees with the slot file: every indexed entry reads back verified, the
+            /// LRU list and the map hold the same entries, usage never exceeds capacity, and a
+            /// reopen recovers exactly what was live.
+            #[test]
+            fn the_index_agrees_with_the_slot_file(ops in proptest::collection::vec(op(), 1..60)) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let (mut t, _) = SsdTier::open(cfg(dir.path(), 5)).expect("open");
+                for op in ops {
+                    match op {
+                        Op::Put(tag) => { put(&t, &block(tag)); }
+                        Op::Get(tag) => {
+                            let fp = Fingerprint::of(&block(tag));
+                            if t.contains(&fp) {
+                                let got = get(&t, &fp);
+                                prop_assert_eq!(got.as_deref(), Some(&block(tag)[..]));
+                            }
+                        }
+                        Op::Reopen => {
+                            t.sync().expect("sync");
+                            let mut live = t.lru_order();
+                            drop(t);
+                            let (reopened, rec) = SsdTier::open(cfg(dir.path(), 5)).expect("reopen");
+                            let mut back = reopened.lru_order();
+                            live.sort();
+                            back.sort();
+                            prop_assert_eq!(back, live);
+                            prop_assert_eq!(rec.corrupt_headers, 0);
+                            t = reopened;
+                        }
+                    }
+                    let (entries, bytes) = t.usage();
+                    prop_assert!(entries <= 5 && bytes <= 5 * 4096);
+                    prop_assert_eq!(t.lru_order().len() as u64, entries);
+                    for fp in t.lru_order() {
+                        prop_assert!(get(&t, &fp).is_some(), "an indexed entry did not verify");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_geometry_change_starts_empty() {
         let dir = tempfile::tempdir().expect("tempdir");
