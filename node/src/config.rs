@@ -224,6 +224,8 @@ pub struct Config {
     pub disks: Vec<DiskSpec>,
 }
 
+/// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
+pub const MAX_SSD_SLOTS: u64 = 64 << 20;
 /// Default block size: see docs/ARCHITECTURE.md for the measurements behind it.
 pub const DEFAULT_BLOCK_BYTES: u32 = 16 * 1024;
 /// Default RAM for the cache.
@@ -401,6 +403,18 @@ impl Config {
                 ),
             ));
         }
+        // The SSD index keeps about 100 bytes of RAM per slot.
+        let slots = self.ssd_bytes / u64::from(bs);
+        if slots > MAX_SSD_SLOTS {
+            return Err(invalid(
+                "cache.ssd",
+                format!(
+                    "{} bytes in blocks of {bs} is {slots} slots, more than {MAX_SSD_SLOTS} (about {} MiB of RAM for the ssd index); use a larger cache.block_size",
+                    self.ssd_bytes,
+                    (slots * 100) >> 20
+                ),
+            ));
+        }
         if self.node_id.is_empty() {
             return Err(invalid("node_id", "must not be empty"));
         }
@@ -538,6 +552,11 @@ mod tests {
         assert!(m.contains("ram"), "{m}");
         let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
         assert!(m.contains("single_touch_share"), "{m}");
+        let m = message(parse("[cache]\nblock_size = \"4KiB\"\nssd = \"2TiB\"\n"));
+        assert!(
+            m.contains("cache.ssd") && m.contains("larger cache.block_size"),
+            "{m}"
+        );
         let m = message(parse("listen_tcp = \"nowhere\"\n"));
         assert!(m.contains("listen_tcp"), "{m}");
         let m = message(parse("[[disk]]\nid = \"a b\"\norigin = \"/x\"\n"));

@@ -113,6 +113,9 @@ pub struct Node {
     cache: ContentCache,
     reads: ReadPath,
     started: Instant,
+    /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
+    /// directory would tear each other's SSD tier and content maps.
+    _lock: std::fs::File,
 }
 
 impl Node {
@@ -120,6 +123,20 @@ impl Node {
     pub async fn open(config: Config) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        let lock_path = config.data_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "data_dir {} is in use by another shadowcache-node (it holds {})",
+                config.data_dir.display(),
+                lock_path.display()
+            );
+        }
         let cache_config = config.cache_config();
         let (cache, _recovery) =
             tokio::task::spawn_blocking(move || ContentCache::open(cache_config))
@@ -144,6 +161,7 @@ impl Node {
             cache,
             reads,
             started: Instant::now(),
+            _lock: lock,
         }))
     }
 
@@ -261,8 +279,9 @@ impl Node {
     /// Leaves the cache warm: RAM multi-touch written to SSD, SSD and content maps synced.
     /// Blocks; call it from a blocking context.
     pub fn close(&self) {
-        self.cache.shutdown();
+        // Maps first: they are small and what a warm restart needs most.
         self.registry.sync_maps();
+        self.cache.shutdown();
     }
 }
 

@@ -8,20 +8,33 @@
 //! Architecture invariant: every write holds the disk's in-flight guard for its whole duration,
 //! so a seal never completes while a write it did not refuse is still running.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::disk::Disk;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::read::check_range;
 
 /// Writes `data` at `offset` of `disk`.
-pub async fn write(disk: &Disk, offset: u64, data: Bytes) -> Result<()> {
+///
+/// The write runs in a task of its own that holds the disk's write guard until the origin has
+/// the bytes: a caller that goes away (a cancelled RPC) cannot let a seal slip in before a write
+/// that is still landing.
+pub async fn write(disk: &Arc<Disk>, offset: u64, data: Bytes) -> Result<()> {
     check_range(disk, offset, data.len() as u64)?;
-    let _guard = disk.begin_write()?;
+    let guard = disk.begin_write()?;
     if data.is_empty() {
         return Ok(());
     }
-    disk.origin.write_at(offset, data).await.map_err(|e| {
+    let d = disk.clone();
+    let landed = tokio::spawn(async move {
+        let _held = guard;
+        d.origin.write_at(offset, data).await
+    })
+    .await
+    .map_err(|e| Error::State(format!("write task: {e}")))?;
+    landed.map_err(|e| {
         tracing::warn!(disk = %disk.id, error = %e, "origin write failed");
         e.into()
     })

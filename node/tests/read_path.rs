@@ -16,6 +16,9 @@ struct TestOrigin {
     reads: AtomicU64,
     delay_ms: u64,
     fail: AtomicBool,
+    /// Writes that reached the origin, in order.
+    written: parking_lot::Mutex<Vec<(u64, Vec<u8>)>>,
+    write_delay_ms: AtomicU64,
 }
 
 impl TestOrigin {
@@ -25,6 +28,8 @@ impl TestOrigin {
             reads: AtomicU64::new(0),
             delay_ms,
             fail: AtomicBool::new(false),
+            written: parking_lot::Mutex::new(Vec::new()),
+            write_delay_ms: AtomicU64::new(0),
         })
     }
 }
@@ -55,8 +60,13 @@ impl Origin for TestOrigin {
         })
     }
 
-    fn write_at(&self, _offset: u64, _data: Bytes) -> OriginFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+    fn write_at(&self, offset: u64, data: Bytes) -> OriginFuture<'_, ()> {
+        Box::pin(async move {
+            let ms = self.write_delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            self.written.lock().push((offset, data.to_vec()));
+            Ok(())
+        })
     }
 
     fn flush(&self) -> OriginFuture<'_, ()> {
@@ -229,4 +239,75 @@ async fn ranges_at_and_past_the_end_are_checked() {
         node.read("nope", 0, 1).await,
         Err(Error::UnknownDisk(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_write_still_lands_before_a_seal_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(16 * 1024), 0);
+    origin.write_delay_ms.store(300, Ordering::SeqCst);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Mutable)
+        .await
+        .expect("register");
+    // The client gives up on its write long before the origin has it.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(30),
+        node.write("d", 100, Bytes::from_static(b"late")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the write should still have been running");
+    // Sealing now must wait for that write: once sealed, the origin has it.
+    node.set_mode("d", DiskMode::Sealed).await.expect("seal");
+    assert_eq!(
+        origin.written.lock().as_slice(),
+        &[(100u64, b"late".to_vec())]
+    );
+    assert!(matches!(
+        node.write("d", 0, Bytes::from_static(b"x")).await,
+        Err(Error::Sealed(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_seal_still_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(16 * 1024), 0);
+    origin.write_delay_ms.store(200, Ordering::SeqCst);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Mutable)
+        .await
+        .expect("register");
+    let writer = {
+        let node = node.clone();
+        tokio::spawn(async move { node.write("d", 0, Bytes::from_static(b"w")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The seal waits for the write; its caller gives up meanwhile.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(30),
+        node.set_mode("d", DiskMode::Sealed),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the seal should have been waiting for the write"
+    );
+    writer.await.expect("task").expect("write");
+    // The seal went on without its caller.
+    let disk = node.registry().get("d").expect("disk");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while disk.sealed_map().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disk was left half sealed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And reads are now served through the cache.
+    node.read("d", 0, 4096).await.expect("read");
+    node.read("d", 0, 4096).await.expect("read");
+    assert!(node.cache().stats().hits_ram_single.get() >= 1);
 }

@@ -187,6 +187,52 @@ async fn errors_carry_the_documented_grpc_codes() {
         ),
         Code::InvalidArgument
     );
+    // One origin under two ids, the node's own files, and a FIFO are all refused.
+    let err = client
+        .register_disk(
+            "alias",
+            &base.display().to_string(),
+            shadowcache_client::DiskMode::Sealed,
+        )
+        .await
+        .expect_err("an alias of an origin");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.to_string()
+            .contains("already the origin of disk \"base\""),
+        "{err}"
+    );
+    let own = node.data_dir.join("cache.slots").display().to_string();
+    let err = client
+        .register_disk("own", &own, shadowcache_client::DiskMode::Sealed)
+        .await
+        .expect_err("the node's own slot file");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let fifo = dir.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.register_disk(
+            "fifo",
+            &fifo.display().to_string(),
+            shadowcache_client::DiskMode::Sealed,
+        ),
+    )
+    .await
+    .expect("registering a FIFO must not hang")
+    .expect_err("a FIFO");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.to_string()
+            .contains("not a regular file or block device"),
+        "{err}"
+    );
     // A mode number outside the enum, sent raw.
     let mut admin = shadowcache_proto::admin_client::AdminClient::new(
         tonic::transport::Endpoint::from_static("http://x")
@@ -567,7 +613,20 @@ async fn tcp_serves_too_the_socket_is_0660_and_sigint_stops_cleanly_with_json_lo
         .await
         .expect("tcp");
     assert!(tcp.disk("base").read_at(10, 1000).await.expect("read")[..] == data[10..1010]);
+    // Admin opens host paths: it is not served on unauthenticated TCP.
+    assert_eq!(code(tcp.status().await), Code::Unimplemented);
     drop(tcp);
+    // A second node on the same data directory refuses to start.
+    let second = std::process::Command::new(shadowcache_testkit::binary("shadowcache-node"))
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .arg("--listen-unix")
+        .arg(dir.path().join("other.sock"))
+        .output()
+        .expect("run a second node");
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another shadowcache-node"), "{err}");
     node.stop_with("INT");
     let log = node.log_text();
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -429,7 +429,15 @@ impl ContentCache {
             ssd.release(&fp, at);
             return;
         }
-        inner.single.insert(fp, Entry::new(bytes, 1));
+        // Two readers may admit the same new block at once: the second finds the first's
+        // entry and adds its reference to it, so the bytes are counted once per reference.
+        let e = inner
+            .single
+            .entry(fp)
+            .or_insert_with(|| Entry::new(bytes, 1));
+        if !e.is_fresh() {
+            e.value().refs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Which tier holds `fp` now, without touching anything (tests and diagnostics).

@@ -597,8 +597,9 @@ impl SsdTier {
         }
         ix.release(at.slot);
         drop(ix);
+        // The header is left alone: clearing it here could race with the writer reusing the
+        // slot, and a stale header is harmless (verification catches it again after a restart).
         tracing::warn!(slot = at.slot, fingerprint = %fp, "ssd slot failed verification; dropped");
-        self.clear_header(at.slot);
         SlotRead::Corrupt
     }
 
@@ -697,29 +698,9 @@ impl SsdTier {
         SUPERBLOCK_BYTES + u64::from(slot) * HEADER_BYTES
     }
 
-    fn clear_header(&self, slot: u32) {
-        if let Err(e) = self
-            .index_file
-            .write_all_at(&[0u8; HEADER_BYTES as usize], self.header_offset(slot))
-        {
-            tracing::warn!(slot, error = %e, "could not clear a dropped ssd slot header");
-        }
-    }
-
-    /// Makes the slot and index files durable (clean shutdown).
+    /// Makes the slot and index files durable (clean shutdown). Headers were written with
+    /// their payloads; dedup references gained later are not saved (they only feed accounting).
     pub fn sync(&self) -> io::Result<()> {
-        // Reference counts changed by touches are written back so that dedup accounting
-        // survives a restart; payloads and headers were written as they arrived.
-        let headers: Vec<(u32, [u8; HEADER_BYTES as usize])> = {
-            let ix = self.index.lock();
-            ix.map
-                .values()
-                .map(|s| (*s, encode_header(&ix.slots[*s as usize])))
-                .collect()
-        };
-        for (s, h) in headers {
-            self.index_file.write_all_at(&h, self.header_offset(s))?;
-        }
         self.data.sync_data()?;
         self.index_file.sync_data()
     }

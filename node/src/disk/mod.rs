@@ -108,10 +108,13 @@ pub struct Disk {
 }
 
 /// Holds a write's place in the in-flight count; dropping it lets a pending seal go on.
+///
+/// It owns its disk so that it can move into the task that performs the write: a write whose
+/// caller went away still holds off a seal until the bytes have reached the origin.
 #[derive(Debug)]
-pub struct WriteGuard<'a>(&'a Disk);
+pub struct WriteGuard(Arc<Disk>);
 
-impl Drop for WriteGuard<'_> {
+impl Drop for WriteGuard {
     fn drop(&mut self) {
         if self.0.writes_in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.writes_drained.notify_waiters();
@@ -159,9 +162,9 @@ impl Disk {
     }
 
     /// Admits one write, or refuses it with "disk is sealed".
-    pub fn begin_write(&self) -> Result<WriteGuard<'_>> {
+    pub fn begin_write(self: &Arc<Self>) -> Result<WriteGuard> {
         self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = WriteGuard(self);
+        let guard = WriteGuard(self.clone());
         if self.state.load(Ordering::SeqCst) != MUTABLE {
             return Err(Error::Sealed(self.id.to_string()));
         }
@@ -169,9 +172,25 @@ impl Disk {
     }
 
     /// Seals the disk: refuses new writes, waits for in-flight writes, flushes the origin,
-    /// then serves reads through the cache with `map`. Idempotent; concurrent calls all return
-    /// once the disk is sealed.
-    pub async fn seal(&self, map: impl FnOnce() -> ContentMap) -> Result<()> {
+    /// then serves reads through the cache with the map `map` builds (on the blocking pool: it
+    /// may read a saved map). Idempotent; concurrent calls all return once the disk is sealed.
+    ///
+    /// The transition runs in a task of its own, so a caller that goes away (a cancelled RPC)
+    /// cannot leave the disk half sealed.
+    pub async fn seal(
+        self: &Arc<Self>,
+        map: impl FnOnce() -> ContentMap + Send + 'static,
+    ) -> Result<()> {
+        let disk = self.clone();
+        tokio::spawn(async move { disk.seal_to_the_end(map).await })
+            .await
+            .map_err(|e| Error::State(format!("seal task: {e}")))?
+    }
+
+    async fn seal_to_the_end(
+        &self,
+        map: impl FnOnce() -> ContentMap + Send + 'static,
+    ) -> Result<()> {
         match self
             .state
             .compare_exchange(MUTABLE, SEALING, Ordering::SeqCst, Ordering::SeqCst)
@@ -197,7 +216,10 @@ impl Disk {
         if let Err(e) = self.origin.flush().await {
             tracing::warn!(disk = %self.id, error = %e, "flush before seal failed; sealing anyway (writes are refused from now on)");
         }
-        let _ = self.map.set(map());
+        let map = tokio::task::spawn_blocking(map)
+            .await
+            .map_err(|e| Error::State(format!("content map task: {e}")))?;
+        let _ = self.map.set(map);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.state.store(SEALED, Ordering::Release);
         self.sealed.notify_waiters();
@@ -230,6 +252,12 @@ struct SavedState {
 pub struct Registry {
     disks: DashMap<DiskId, Arc<Disk>>,
     origins: DashMap<DiskId, PathBuf>,
+    /// (device, inode) of every file origin: one origin under two ids would let a sealed alias
+    /// serve bytes that writes through the other id replaced.
+    origin_files: DashMap<(u64, u64), DiskId>,
+    /// Saved disks that could not be registered again at start (an origin not mounted yet):
+    /// kept in `disks.toml` so that their seal is not forgotten.
+    unrestored: parking_lot::Mutex<Vec<SavedDisk>>,
     block_bytes: u32,
     data_dir: PathBuf,
     save_lock: tokio::sync::Mutex<()>,
@@ -241,6 +269,8 @@ impl Registry {
         Registry {
             disks: DashMap::new(),
             origins: DashMap::new(),
+            origin_files: DashMap::new(),
+            unrestored: parking_lot::Mutex::new(Vec::new()),
             block_bytes,
             data_dir: data_dir.to_path_buf(),
             save_lock: tokio::sync::Mutex::new(()),
@@ -285,13 +315,50 @@ impl Registry {
             return Err(Error::DiskExists(id.to_string()));
         }
         let path = origin.to_path_buf();
+        let data_dir = self.data_dir.clone();
         let writable = mode == DiskMode::Mutable;
-        let file = tokio::task::spawn_blocking(move || FileOrigin::open(&path, writable))
-            .await
-            .map_err(|e| Error::State(e.to_string()))??;
-        let disk = self.register_origin(id, Arc::new(file), mode).await?;
-        self.origins.insert(disk.id.clone(), origin.to_path_buf());
-        Ok(disk)
+        let file = tokio::task::spawn_blocking(move || {
+            // The node's own files (slot file, index, maps) are never a disk.
+            if let (Ok(o), Ok(d)) = (path.canonicalize(), data_dir.canonicalize())
+                && o.starts_with(&d)
+            {
+                return Err(Error::Invalid(format!(
+                    "origin {} lies inside the node's data directory {}",
+                    path.display(),
+                    data_dir.display()
+                )));
+            }
+            FileOrigin::open(&path, writable).map_err(Error::from)
+        })
+        .await
+        .map_err(|e| Error::State(e.to_string()))??;
+        let file_id = file.file_id();
+        if let Some(fid) = file_id {
+            match self.origin_files.entry(fid) {
+                dashmap::Entry::Occupied(e) => {
+                    return Err(Error::Invalid(format!(
+                        "origin {} is already the origin of disk {:?}",
+                        origin.display(),
+                        e.get().as_str()
+                    )));
+                }
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(parsed.clone());
+                }
+            }
+        }
+        match self.register_origin(id, Arc::new(file), mode).await {
+            Ok(disk) => {
+                self.origins.insert(disk.id.clone(), origin.to_path_buf());
+                Ok(disk)
+            }
+            Err(e) => {
+                if let Some(fid) = file_id {
+                    self.origin_files.remove(&fid);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Registers a disk over any origin (tests use counting and failing ones). Not saved.
@@ -306,20 +373,25 @@ impl Registry {
             return Err(Error::DiskExists(id.to_string()));
         }
         let disk = Arc::new(Disk::new(id.clone(), origin));
-        if mode == DiskMode::Sealed {
-            self.seal_disk(&disk).await?;
-        }
+        // Claim the id first, so that two concurrent registrations never both seal (and both
+        // append to one saved content map). Until the seal completes, reads go to the origin.
         match self.disks.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => return Err(Error::DiskExists(id.to_string())),
             dashmap::Entry::Vacant(v) => {
                 v.insert(disk.clone());
             }
         }
+        if mode == DiskMode::Sealed
+            && let Err(e) = self.seal_disk(&disk).await
+        {
+            self.disks.remove(&id);
+            return Err(e);
+        }
         tracing::info!(disk = %id, origin = disk.origin.describe(), size = disk.size, mode = mode.as_str(), "disk registered");
         Ok(disk)
     }
 
-    async fn seal_disk(&self, disk: &Disk) -> Result<()> {
+    async fn seal_disk(&self, disk: &Arc<Disk>) -> Result<()> {
         let path = self.map_path(&disk.id);
         let block_bytes = self.block_bytes;
         let origin = disk.origin.clone();
@@ -361,7 +433,8 @@ impl Registry {
                 }
                 Err(_) => {
                     if let Err(e) = self.register(&d.id, &d.origin, d.mode).await {
-                        tracing::warn!(disk = %d.id, error = %e, "saved disk could not be registered again");
+                        tracing::warn!(disk = %d.id, error = %e, "saved disk could not be registered again; it stays in disks.toml");
+                        self.unrestored.lock().push(d);
                     }
                 }
             }
@@ -369,28 +442,38 @@ impl Registry {
         Ok(())
     }
 
-    /// Writes `disks.toml` (atomically: a temporary file renamed over the old one).
+    /// Writes `disks.toml` durably: a temporary file, synced, renamed over the old one, and the
+    /// directory synced, so that a power cut leaves the old list or the new one, never neither.
     pub async fn save(&self) -> Result<()> {
         let _held = self.save_lock.lock().await;
-        let state = SavedState {
-            disk: self
-                .list()
-                .iter()
-                .filter_map(|d| {
-                    Some(SavedDisk {
-                        id: d.id.to_string(),
-                        origin: self.origin_path(&d.id)?,
-                        mode: d.mode(),
-                    })
+        let mut disk: Vec<SavedDisk> = self
+            .list()
+            .iter()
+            .filter_map(|d| {
+                Some(SavedDisk {
+                    id: d.id.to_string(),
+                    origin: self.origin_path(&d.id)?,
+                    mode: d.mode(),
                 })
-                .collect(),
-        };
-        let text = toml::to_string(&state).map_err(|e| Error::State(e.to_string()))?;
+            })
+            .collect();
+        for d in self.unrestored.lock().iter() {
+            if !disk.iter().any(|x| x.id == d.id) {
+                disk.push(d.clone());
+            }
+        }
+        let text =
+            toml::to_string(&SavedState { disk }).map_err(|e| Error::State(e.to_string()))?;
         let path = self.state_path();
+        let dir = self.data_dir.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
             let tmp = path.with_extension("toml.tmp");
-            std::fs::write(&tmp, text)?;
-            std::fs::rename(&tmp, &path)
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&dir)?.sync_all()
         })
         .await
         .map_err(|e| Error::State(e.to_string()))?

@@ -271,23 +271,27 @@ impl pb::admin_server::Admin for GrpcFrontend {
     }
 }
 
-fn router(node: Arc<Node>) -> tonic::transport::server::Router {
+/// The services on one listener. Admin (which opens host paths as origins) is served only
+/// where `with_admin` says: the Unix socket, whose file mode limits who may connect. TCP has no
+/// authentication yet, so it carries Block only.
+fn router(node: Arc<Node>, with_admin: bool) -> tonic::transport::server::Router {
     let fe = GrpcFrontend::new(node);
     let max = pb::MAX_MESSAGE_BYTES;
+    let admin = with_admin.then(|| {
+        pb::admin_server::AdminServer::new(fe.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    });
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_concurrent_streams(Some(1024))
         .add_service(
-            pb::block_server::BlockServer::new(fe.clone())
+            pb::block_server::BlockServer::new(fe)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(
-            pb::admin_server::AdminServer::new(fe)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
+        .add_optional_service(admin)
 }
 
 /// Binds the Unix socket: creates its directory, replaces a stale socket file (refusing if a
@@ -330,7 +334,7 @@ pub async fn serve_unix(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    router(node)
+    router(node, true)
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
         .context("grpc server on the unix socket")
@@ -343,7 +347,7 @@ pub async fn serve_tcp(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    router(node)
+    router(node, false)
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
         .context("grpc server on tcp")

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,7 +15,6 @@ use super::{Origin, OriginError, OriginFuture};
 #[derive(Debug)]
 pub struct FileOrigin {
     file: Arc<File>,
-    path: PathBuf,
     describe: String,
     size: u64,
     writable: bool,
@@ -29,6 +28,14 @@ impl FileOrigin {
             origin: describe.clone(),
             cause: e.to_string(),
         };
+        // Check the type before opening: open(2) on a FIFO would block a thread for ever.
+        let ft = std::fs::metadata(path).map_err(open_err)?.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(OriginError::Open {
+                origin: describe,
+                cause: "not a regular file or block device".into(),
+            });
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -48,11 +55,15 @@ impl FileOrigin {
         };
         Ok(FileOrigin {
             file: Arc::new(file),
-            path: path.to_path_buf(),
             describe,
             size,
             writable,
         })
+    }
+
+    /// (device, inode) of the open file: two paths to one file have the same id.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     fn io_error(&self, op: &'static str, offset: u64, e: io::Error) -> OriginError {
@@ -135,7 +146,13 @@ impl Origin for FileOrigin {
     }
 
     fn identity(&self) -> Option<String> {
-        let m = std::fs::metadata(&self.path).ok()?;
+        // The file we have open, not whatever the path names now (an image renamed over it).
+        let m = self.file.metadata().ok()?;
+        if m.file_type().is_block_device() {
+            // A device's metadata does not change when its blocks do: no identity, so no
+            // saved map is ever trusted for it.
+            return None;
+        }
         Some(format!(
             "dev={} ino={} size={} mtime={}.{}",
             m.dev(),
