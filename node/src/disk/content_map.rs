@@ -77,6 +77,20 @@ fn decode_record(b: &[u8]) -> Option<(u64, BlockRef)> {
     }
 }
 
+/// Reads up to one record; returns how many bytes it got (0 at a clean end).
+fn read_record(r: &mut impl Read, rec: &mut [u8; RECORD_BYTES]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < RECORD_BYTES {
+        match r.read(&mut rec[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 fn encode_header(block_bytes: u32, identity: &str) -> Vec<u8> {
     let mut h = Vec::with_capacity(64 + identity.len());
     h.extend_from_slice(MAGIC);
@@ -136,30 +150,36 @@ impl ContentMap {
 
     /// Reads a log; returns the byte length of its valid prefix, or None if it is unusable.
     fn load(path: &Path, header: &[u8], map: &DashMap<u64, BlockRef>) -> Option<u64> {
-        let mut f = File::open(path).ok()?;
-        let mut buf = Vec::new();
-        if let Err(e) = f.read_to_end(&mut buf) {
-            tracing::warn!(path = %path.display(), error = %e, "content map log unreadable; starting a new one");
-            return None;
-        }
-        if buf.len() < header.len() || &buf[..header.len()] != header {
+        // Streamed record by record: a large disk's log is not held in memory beside its map.
+        let mut r = std::io::BufReader::with_capacity(1 << 20, File::open(path).ok()?);
+        let mut head = vec![0u8; header.len()];
+        if r.read_exact(&mut head).is_err() || head != header {
             tracing::warn!(path = %path.display(), "content map log belongs to another origin state or block size; discarded");
             return None;
         }
-        let body = &buf[header.len()..];
-        let mut good = 0;
-        for rec in body.chunks(RECORD_BYTES) {
-            let Some((i, r)) = (rec.len() == RECORD_BYTES)
-                .then(|| decode_record(rec))
-                .flatten()
-            else {
-                tracing::warn!(path = %path.display(), valid_records = good / RECORD_BYTES, "content map log has a damaged tail; truncated there");
+        let mut good = 0u64;
+        let mut rec = [0u8; RECORD_BYTES];
+        loop {
+            match read_record(&mut r, &mut rec) {
+                Ok(0) => break,
+                Ok(n) if n == RECORD_BYTES => {}
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), valid_records = good, "content map log has a torn tail; truncated there");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, valid_records = good, "content map log unreadable past this point; truncated there");
+                    break;
+                }
+            }
+            let Some((i, b)) = decode_record(&rec) else {
+                tracing::warn!(path = %path.display(), valid_records = good, "content map log has a damaged record; truncated there");
                 break;
             };
-            map.insert(i, r);
-            good += RECORD_BYTES;
+            map.insert(i, b);
+            good += 1;
         }
-        Some((header.len() + good) as u64)
+        Some(header.len() as u64 + good * RECORD_BYTES as u64)
     }
 
     fn prepare(path: &Path, header: &[u8], valid_len: Option<u64>) -> std::io::Result<File> {
