@@ -216,6 +216,43 @@ async fn start_node(
 
 const READ: u64 = 4096;
 
+/// Times in-process `Node::read`s of READ bytes at the start of `blocks[n % len]`, cycling.
+async fn inproc_reads(
+    node: &Arc<shadowcache_node::Node>,
+    blocks: &[u64],
+    bs: u32,
+    budget: Duration,
+    max_ops: u64,
+) -> anyhow::Result<Figures> {
+    measure(budget, max_ops, |n| {
+        let node = node.clone();
+        let at = blocks[(n % blocks.len() as u64) as usize] * u64::from(bs);
+        async move {
+            node.read("img", at, READ)
+                .await
+                .map(|_| ())
+                .map_err(Into::into)
+        }
+    })
+    .await
+}
+
+/// The same through the gRPC client.
+async fn grpc_reads(
+    disk: &shadowcache_client::Disk,
+    blocks: &[u64],
+    bs: u32,
+    budget: Duration,
+    max_ops: u64,
+) -> anyhow::Result<Figures> {
+    measure(budget, max_ops, |n| {
+        let disk = disk.clone();
+        let at = blocks[(n % blocks.len() as u64) as usize] * u64::from(bs);
+        async move { disk.read_at(at, READ).await.map(|_| ()).map_err(Into::into) }
+    })
+    .await
+}
+
 /// One block size: RAM hits, SSD hits and misses, in process and over gRPC; the empty round trip.
 async fn per_block_size(
     opts: &Options,
@@ -239,28 +276,8 @@ async fn per_block_size(
             node.read("img", at(i), READ).await?;
         }
     }
-    let ram_inproc = measure(budget, u64::MAX, |n| {
-        let node = node.clone();
-        let i = hot[(n % hot.len() as u64) as usize];
-        async move {
-            node.read("img", at(i), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
-    let ram_grpc = measure(budget, u64::MAX, |n| {
-        let disk = disk.clone();
-        let i = hot[(n % hot.len() as u64) as usize];
-        async move {
-            disk.read_at(at(i), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
+    let ram_inproc = inproc_reads(&node, &hot, bs, budget, u64::MAX).await?;
+    let ram_grpc = grpc_reads(&disk, &hot, bs, budget, u64::MAX).await?;
     let empty = measure(budget, u64::MAX, |_| {
         let disk = disk.clone();
         async move { disk.stat().await.map(|_| ()).map_err(Into::into) }
@@ -269,26 +286,10 @@ async fn per_block_size(
     // Misses: blocks nobody read yet; the in-process half first, then the gRPC half.
     let cold_start = hot.len() as u64;
     let half = (blocks - cold_start) / 2;
-    let miss_inproc = measure(budget, half, |n| {
-        let node = node.clone();
-        async move {
-            node.read("img", at(cold_start + n), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
-    let miss_grpc = measure(budget, half, |n| {
-        let disk = disk.clone();
-        async move {
-            disk.read_at(at(cold_start + half + n), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
+    let cold_a: Vec<u64> = (cold_start..cold_start + half).collect();
+    let cold_b: Vec<u64> = (cold_start + half..cold_start + 2 * half).collect();
+    let miss_inproc = inproc_reads(&node, &cold_a, bs, budget, half).await?;
+    let miss_grpc = grpc_reads(&disk, &cold_b, bs, budget, half).await?;
     drop(client);
     a.shutdown().await?;
 
@@ -313,28 +314,8 @@ async fn per_block_size(
         .stats()
         .lookups
         .load(std::sync::atomic::Ordering::Relaxed);
-    let ssd_inproc = measure(budget, u64::MAX, |n| {
-        let node = node.clone();
-        let i = ws[(n % ws.len() as u64) as usize];
-        async move {
-            node.read("img", at(i), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
-    let ssd_grpc = measure(budget, u64::MAX, |n| {
-        let disk = disk.clone();
-        let i = ws[(n % ws.len() as u64) as usize];
-        async move {
-            disk.read_at(at(i), READ)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        }
-    })
-    .await?;
+    let ssd_inproc = inproc_reads(&node, &ws, bs, budget, u64::MAX).await?;
+    let ssd_grpc = grpc_reads(&disk, &ws, bs, budget, u64::MAX).await?;
     let ssd_hits = node.cache().stats().hits_ssd.get() - hits_before;
     let lookups = node
         .cache()

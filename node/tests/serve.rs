@@ -268,24 +268,10 @@ async fn errors_carry_the_documented_grpc_codes() {
             .await
             .expect("raw connect"),
     );
-    let r = raw
-        .read(shadowcache_proto::ReadRequest {
-            disk: "base".into(),
-            offset: 0,
-            length: 100_000,
-        })
-        .await;
-    assert!(r.is_ok());
-    let too_big = raw
-        .read(shadowcache_proto::ReadRequest {
-            disk: "rw".into(),
-            offset: 0,
-            length: 17 << 20,
-        })
-        .await;
+    assert_eq!(raw_read(&mut raw, "base", 100_000).await, Ok(()));
     // 17 MiB is past the end of this disk too; range is checked first.
     assert_eq!(
-        too_big.map(|_| ()).map_err(|s| s.code()),
+        raw_read(&mut raw, "rw", 17 << 20).await,
         Err(Code::OutOfRange)
     );
     // On a disk large enough, 17 MiB in one request is refused as too large.
@@ -299,15 +285,8 @@ async fn errors_carry_the_documented_grpc_codes() {
         )
         .await
         .expect("register big");
-    let too_big = raw
-        .read(shadowcache_proto::ReadRequest {
-            disk: "big".into(),
-            offset: 0,
-            length: 17 << 20,
-        })
-        .await;
     assert_eq!(
-        too_big.map(|_| ()).map_err(|s| s.code()),
+        raw_read(&mut raw, "big", 17 << 20).await,
         Err(Code::InvalidArgument)
     );
     // The client library splits it, and the sparse disk reads as zeros.
@@ -317,6 +296,22 @@ async fn errors_carry_the_documented_grpc_codes() {
         .await
         .expect("split read");
     assert!(all.len() == 17 << 20 && all.iter().all(|b| *b == 0));
+}
+
+/// One Read request of `length` bytes at offset 0, sent as is (no client-side splitting).
+async fn raw_read(
+    raw: &mut shadowcache_proto::block_client::BlockClient<tonic::transport::Channel>,
+    disk: &str,
+    length: u64,
+) -> Result<(), Code> {
+    raw.read(shadowcache_proto::ReadRequest {
+        disk: disk.into(),
+        offset: 0,
+        length,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|s| s.code())
 }
 
 fn tower_connector(
