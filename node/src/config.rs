@@ -110,6 +110,20 @@ struct FileCache {
     ssd_index_path: Option<PathBuf>,
 }
 
+/// `[cluster]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    peer_listen: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
+    #[serde(default)]
+    seeds: Vec<SocketAddr>,
+    cluster_id: Option<String>,
+    gossip_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    rpc_timeout_ms: Option<u64>,
+}
+
 /// `[[disk]]` in the config file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +146,8 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     #[serde(default)]
     cache: FileCache,
+    #[serde(default)]
+    cluster: FileCluster,
     #[serde(default)]
     disk: Vec<FileDisk>,
 }
@@ -180,6 +196,35 @@ pub struct Flags {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Join a cluster: gossip (UDP) and the Peer service (TCP) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The address other members use to reach this node (default: --peer-listen).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// Another member's peer address to join through; repeatable.
+    #[arg(long = "seed", value_name = "ADDR")]
+    pub seeds: Vec<SocketAddr>,
+}
+
+/// Cluster settings; `peer_listen` unset means a cluster of one.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Gossip (UDP) and Peer gRPC (TCP) address.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address advertised to other members.
+    pub advertise: Option<SocketAddr>,
+    /// Members to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Cluster name; gossip from other clusters is ignored.
+    pub cluster_id: String,
+    /// Gossip round interval.
+    pub gossip_interval_ms: u64,
+    /// Failure detector threshold: at 8, a silent member is declared dead about 5 gossip
+    /// intervals after it stopped (measured on loopback).
+    pub phi_threshold: f64,
+    /// Deadline of every node-to-node call.
+    pub rpc_timeout_ms: u64,
 }
 
 /// A disk to register at start.
@@ -222,6 +267,8 @@ pub struct Config {
     pub ssd_index_path: PathBuf,
     /// Disks to register at start.
     pub disks: Vec<DiskSpec>,
+    /// Cluster membership and node-to-node settings.
+    pub cluster: ClusterConfig,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -352,6 +399,22 @@ impl Config {
                 .unwrap_or_else(|| data_dir.join("cache.index")),
             data_dir,
             disks,
+            cluster: ClusterConfig {
+                peer_listen: flags.peer_listen.or(file.cluster.peer_listen),
+                advertise: flags.advertise.or(file.cluster.advertise),
+                seeds: if flags.seeds.is_empty() {
+                    file.cluster.seeds
+                } else {
+                    flags.seeds.clone()
+                },
+                cluster_id: file
+                    .cluster
+                    .cluster_id
+                    .unwrap_or_else(|| "shadowcache".to_string()),
+                gossip_interval_ms: file.cluster.gossip_interval_ms.unwrap_or(500),
+                phi_threshold: file.cluster.phi_threshold.unwrap_or(8.0),
+                rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -413,6 +476,39 @@ impl Config {
                     self.ssd_bytes,
                     (slots * 100) >> 20
                 ),
+            ));
+        }
+        let c = &self.cluster;
+        if !(10..=60_000).contains(&c.gossip_interval_ms) {
+            return Err(invalid(
+                "cluster.gossip_interval_ms",
+                format!("{} is not 10 to 60000", c.gossip_interval_ms),
+            ));
+        }
+        if !(c.phi_threshold >= 1.0 && c.phi_threshold <= 100.0) {
+            return Err(invalid(
+                "cluster.phi_threshold",
+                format!("{} is not 1 to 100", c.phi_threshold),
+            ));
+        }
+        if !(10..=600_000).contains(&c.rpc_timeout_ms) {
+            return Err(invalid(
+                "cluster.rpc_timeout_ms",
+                format!("{} is not 10 to 600000", c.rpc_timeout_ms),
+            ));
+        }
+        if c.peer_listen.is_none() && (!c.seeds.is_empty() || c.advertise.is_some()) {
+            return Err(invalid(
+                "cluster.peer_listen",
+                "seeds or advertise are set but peer_listen is not",
+            ));
+        }
+        if let (Some(l), None) = (c.peer_listen, c.advertise)
+            && l.ip().is_unspecified()
+        {
+            return Err(invalid(
+                "cluster.advertise",
+                format!("peer_listen {l} is a wildcard: set the address other members should use"),
             ));
         }
         if self.node_id.is_empty() {
@@ -491,6 +587,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("deploy/node.example.toml");
         let file = Config::parse_file(&path, &text).expect("example parses");
         assert_eq!(file.disk.len(), 2);
+        assert_eq!(file.cluster.seeds.len(), 2);
         let c = parse(&text).expect("example validates");
         assert_eq!(c.block_bytes, DEFAULT_BLOCK_BYTES);
     }
@@ -557,6 +654,18 @@ mod tests {
             m.contains("cache.ssd") && m.contains("larger cache.block_size"),
             "{m}"
         );
+        let m = message(parse("[cluster]\nseeds = [\"127.0.0.1:7000\"]\n"));
+        assert!(m.contains("cluster.peer_listen"), "{m}");
+        let m = message(parse("[cluster]\npeer_listen = \"0.0.0.0:7000\"\n"));
+        assert!(m.contains("cluster.advertise"), "{m}");
+        let m = message(parse(
+            "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nphi_threshold = 0.5\n",
+        ));
+        assert!(m.contains("cluster.phi_threshold"), "{m}");
+        let m = message(parse("[cluster]\ngossip_interval_ms = 1\n"));
+        assert!(m.contains("cluster.gossip_interval_ms"), "{m}");
+        let m = message(parse("[cluster]\nseed = []\n"));
+        assert!(m.contains("seed"), "{m}");
         let m = message(parse("listen_tcp = \"nowhere\"\n"));
         assert!(m.contains("listen_tcp"), "{m}");
         let m = message(parse("[[disk]]\nid = \"a b\"\norigin = \"/x\"\n"));

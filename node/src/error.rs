@@ -49,6 +49,14 @@ pub enum Error {
     /// The origin failed; nothing read from it was cached.
     #[error(transparent)]
     Origin(#[from] OriginError),
+    /// A disk's owner could not be reached or could not serve the request.
+    #[error("owner {node} is unavailable: {cause}")]
+    Peer {
+        /// The owner's node id.
+        node: String,
+        /// What went wrong.
+        cause: String,
+    },
     /// The node's own state (data directory) could not be written.
     #[error("node state: {0}")]
     State(String),

@@ -17,6 +17,7 @@
 //! restarted on the same data directory is warm.
 
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -99,10 +100,12 @@ pub struct NodeStatus {
     pub tiers: Vec<TierUsage>,
     /// Counters.
     pub counters: Counters,
-    /// Disks.
+    /// Disks: this node's, then other members'.
     pub disks: Vec<DiskInfo>,
     /// Time since start.
     pub uptime_ms: u64,
+    /// Live members, this node included.
+    pub members: Vec<cluster::Member>,
 }
 
 /// One node: its disks, its cache and its read path. Frontends call these methods.
@@ -112,6 +115,7 @@ pub struct Node {
     registry: Registry,
     cache: ContentCache,
     reads: ReadPath,
+    cluster: Arc<cluster::Cluster>,
     started: Instant,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
     /// directory would tear each other's SSD tier and content maps.
@@ -155,11 +159,15 @@ impl Node {
             .await
             .context("cannot load saved disks")?;
         let reads = ReadPath::new(cache.clone());
+        let cluster = cluster::Cluster::start(&config)
+            .await
+            .context("cannot join the cluster")?;
         Ok(Arc::new(Node {
             config,
             registry,
             cache,
             reads,
+            cluster,
             started: Instant::now(),
             _lock: lock,
         }))
@@ -185,20 +193,79 @@ impl Node {
         &self.reads
     }
 
-    /// Reads `len` bytes at `offset` of disk `disk`.
+    /// The cluster view.
+    pub fn cluster(&self) -> &Arc<cluster::Cluster> {
+        &self.cluster
+    }
+
+    /// The owner of `disk` if another member owns it, or an error if nobody does.
+    fn remote(&self, disk: &str) -> Result<cluster::RemoteDisk> {
+        self.cluster
+            .remote(disk)
+            .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))
+    }
+
+    /// Reads `len` bytes at `offset` of disk `disk`, wherever it is owned.
     pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
+        match self.registry.get(disk) {
+            Ok(d) => self.reads.read(&d, offset, len).await,
+            Err(Error::UnknownDisk(_)) => {
+                let r = self.remote(disk)?;
+                read::check_span(disk, r.info.size_bytes, offset, len)?;
+                metrics::counter!(telemetry::FORWARDED, "rpc" => "read").increment(1);
+                self.cluster
+                    .peers
+                    .read(&r.owner, r.addr, disk, offset, len)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `data` at `offset` of disk `disk`; a disk owned elsewhere is written at its owner.
+    pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+        match self.registry.get(disk) {
+            Ok(d) => write::write(&d, offset, data).await,
+            Err(Error::UnknownDisk(_)) => {
+                let r = self.remote(disk)?;
+                read::check_span(disk, r.info.size_bytes, offset, data.len() as u64)?;
+                metrics::counter!(telemetry::FORWARDED, "rpc" => "write").increment(1);
+                self.cluster
+                    .peers
+                    .write(&r.owner, r.addr, disk, offset, data)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the acknowledged writes of `disk` durable, at its owner.
+    pub async fn flush(&self, disk: &str) -> Result<()> {
+        match self.registry.get(disk) {
+            Ok(d) => write::flush(&d).await,
+            Err(Error::UnknownDisk(_)) => {
+                let r = self.remote(disk)?;
+                metrics::counter!(telemetry::FORWARDED, "rpc" => "flush").increment(1);
+                self.cluster.peers.flush(&r.owner, r.addr, disk).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a disk this node owns (for the Peer service: never forwarded again).
+    pub async fn read_local(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         let d = self.registry.get(disk)?;
         self.reads.read(&d, offset, len).await
     }
 
-    /// Writes `data` at `offset` of disk `disk`.
-    pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+    /// Writes a disk this node owns (for the Peer service).
+    pub async fn write_local(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
         let d = self.registry.get(disk)?;
         write::write(&d, offset, data).await
     }
 
-    /// Makes the acknowledged writes of `disk` durable.
-    pub async fn flush(&self, disk: &str) -> Result<()> {
+    /// Flushes a disk this node owns (for the Peer service).
+    pub async fn flush_local(&self, disk: &str) -> Result<()> {
         let d = self.registry.get(disk)?;
         write::flush(&d).await
     }
@@ -214,27 +281,72 @@ impl Node {
         }
     }
 
-    /// One disk.
-    pub fn stat(&self, disk: &str) -> Result<DiskInfo> {
-        let d = self.registry.get(disk)?;
-        Ok(self.info(&d))
+    fn remote_info(r: cluster::RemoteDisk) -> DiskInfo {
+        use shadowcache_proto::DiskMode as Pb;
+        DiskInfo {
+            mode: match Pb::try_from(r.info.mode) {
+                Ok(Pb::Sealed) => DiskMode::Sealed,
+                _ => DiskMode::Mutable,
+            },
+            id: r.info.id,
+            size_bytes: r.info.size_bytes,
+            generation: r.info.generation,
+            origin: r.info.origin,
+            owner: r.owner,
+        }
     }
 
-    /// Every disk, by id.
-    pub fn disks(&self) -> Vec<DiskInfo> {
+    /// One disk, wherever it is owned.
+    pub fn stat(&self, disk: &str) -> Result<DiskInfo> {
+        match self.registry.get(disk) {
+            Ok(d) => Ok(self.info(&d)),
+            Err(Error::UnknownDisk(_)) => self.remote(disk).map(Self::remote_info),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The disks this node owns, by id.
+    pub fn local_disks(&self) -> Vec<DiskInfo> {
         self.registry.list().iter().map(|d| self.info(d)).collect()
+    }
+
+    /// Every disk of the cluster: this node's, then other members', each by id.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        let mut v = self.local_disks();
+        v.extend(
+            self.cluster
+                .remote_disks()
+                .into_iter()
+                .filter(|r| self.registry.get(&r.info.id).is_err())
+                .map(Self::remote_info),
+        );
+        v
     }
 
     /// Registers a disk and saves it, so that it is still there after a restart.
     pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<DiskInfo> {
+        if let Some(r) = self.cluster.remote(id) {
+            tracing::warn!(disk = id, owner = %r.owner, "register refused: another member owns this id");
+            return Err(Error::DiskExists(id.to_string()));
+        }
         let d = self.registry.register(id, origin, mode).await?;
         self.registry.save().await?;
+        self.cluster.disks_changed().await;
         Ok(self.info(&d))
     }
 
     /// Changes a disk's mode; only mutable -> sealed exists.
     pub async fn set_mode(&self, disk: &str, mode: DiskMode) -> Result<DiskInfo> {
-        let d = self.registry.get(disk)?;
+        let d = match self.registry.get(disk) {
+            Ok(d) => d,
+            Err(Error::UnknownDisk(_)) if self.cluster.remote(disk).is_some() => {
+                let owner = self.remote(disk)?.owner;
+                return Err(Error::Invalid(format!(
+                    "disk {disk:?} is owned by member {owner}: change its mode there"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         match (d.mode(), mode) {
             (_, DiskMode::Sealed) => {
                 self.registry.seal(disk).await?;
@@ -242,6 +354,7 @@ impl Node {
             (DiskMode::Mutable, DiskMode::Mutable) => {}
             (DiskMode::Sealed, DiskMode::Mutable) => return Err(Error::Unseal(disk.to_string())),
         }
+        self.cluster.disks_changed().await;
         Ok(self.info(&d))
     }
 
@@ -273,6 +386,7 @@ impl Node {
             tiers,
             disks: self.disks(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            members: self.cluster.members(),
         }
     }
 
@@ -313,6 +427,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
             tcp,
             stopped.clone(),
         )));
+    }
+    if let Some(addr) = node.config.cluster.peer_listen {
+        let peer = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on peer_listen {addr}"))?;
+        servers.push(tokio::spawn(frontend::grpc::serve_peer(
+            node.clone(),
+            peer,
+            stopped.clone(),
+        )));
+        let n = node.clone();
+        node.cluster
+            .spawn_refresher(stopped.clone(), move |id| n.registry.get(id).is_ok());
     }
     // Gauges (bytes and entries per tier) are refreshed from the cache once a second.
     {
@@ -368,6 +495,7 @@ impl RunningNode {
                 Err(_) => tracing::warn!("frontend still busy after {grace:?}; closing anyway"),
             }
         }
+        self.node.cluster.shutdown().await;
         let node = self.node.clone();
         tokio::task::spawn_blocking(move || node.close())
             .await

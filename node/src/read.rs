@@ -72,13 +72,18 @@ pub struct ReadPath {
 
 /// Checks that [offset, offset + len) lies inside the disk and within the per-request limit.
 pub fn check_range(disk: &Disk, offset: u64, len: u64) -> Result<()> {
+    check_span(disk.id.as_str(), disk.size, offset, len)
+}
+
+/// [`check_range`] for a disk known by id and size only (one owned by another member).
+pub fn check_span(disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
     let end = offset.checked_add(len);
-    if end.is_none_or(|e| e > disk.size) {
+    if end.is_none_or(|e| e > size) {
         return Err(Error::OutOfRange {
-            disk: disk.id.to_string(),
+            disk: disk.to_string(),
             offset,
             len,
-            size: disk.size,
+            size,
         });
     }
     if len > MAX_IO_BYTES {

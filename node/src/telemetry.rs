@@ -36,6 +36,10 @@ pub const ORIGIN_READ_BYTES: &str = "shadowcache_origin_read_bytes_total";
 pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
 /// Cold reads of a block that joined another reader's origin read.
 pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
+/// Live cluster members, this node included.
+pub const MEMBERS_ALIVE: &str = "shadowcache_members_alive";
+/// Requests forwarded to a disk's owner, by `rpc`.
+pub const FORWARDED: &str = "shadowcache_forwarded_requests_total";
 /// gRPC requests, by `rpc`.
 pub const RPC_REQUESTS: &str = "shadowcache_rpc_requests_total";
 /// gRPC requests that ended in an error, by `rpc` and `code`.
@@ -153,6 +157,8 @@ fn describe() {
         SINGLE_FLIGHT_JOINS,
         "Cold reads that joined an in-flight origin read"
     );
+    describe_gauge!(MEMBERS_ALIVE, "Live cluster members, this node included");
+    describe_counter!(FORWARDED, "Requests forwarded to a disk's owner, by rpc");
     describe_counter!(RPC_REQUESTS, "gRPC requests by rpc");
     describe_counter!(RPC_ERRORS, "gRPC requests that failed, by rpc and code");
     describe_counter!(RPC_BYTES, Unit::Bytes, "Payload bytes by rpc");

@@ -77,6 +77,22 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A port free for both TCP and UDP on 127.0.0.1 (a node's peer address uses both).
+pub fn free_peer_port() -> u16 {
+    for _ in 0..100 {
+        let Ok(tcp) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(port) = tcp.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP on 127.0.0.1");
+}
+
 /// A running `shadowcache-node` process with its own data directory.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -110,11 +126,12 @@ impl NodeProcess {
             .append(true)
             .open(&self.log)
             .expect("node log");
-        let child = Command::new(binary("shadowcache-node"))
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--node-id")
-            .arg("test-node")
+        let mut cmd = Command::new(binary("shadowcache-node"));
+        cmd.arg("--data-dir").arg(&self.data_dir);
+        if !self.args.iter().any(|a| a.starts_with("--node-id")) {
+            cmd.arg("--node-id").arg("test-node");
+        }
+        let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

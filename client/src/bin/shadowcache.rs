@@ -104,16 +104,17 @@ fn disk_json(d: &DiskInfo) -> serde_json::Value {
 
 fn print_disks(disks: &[DiskInfo]) {
     println!(
-        "{:<24} {:>16} {:<8} {:>4}  ORIGIN",
-        "DISK", "SIZE", "MODE", "GEN"
+        "{:<24} {:>16} {:<8} {:>4}  {:<16} ORIGIN",
+        "DISK", "SIZE", "MODE", "GEN", "OWNER"
     );
     for d in disks {
         println!(
-            "{:<24} {:>16} {:<8} {:>4}  {}",
+            "{:<24} {:>16} {:<8} {:>4}  {:<16} {}",
             d.id,
             d.size_bytes,
             mode_name(d.mode),
             d.generation,
+            d.owner,
             d.origin
         );
     }
@@ -157,6 +158,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "single_flight_joins": c.single_flight_joins,
         },
         "disks": s.disks.iter().map(disk_json).collect::<Vec<_>>(),
+        "members": s.members.iter().map(|m| json!({"id": m.id, "peer_addr": m.peer_addr})).collect::<Vec<_>>(),
     })
 }
 
@@ -217,6 +219,11 @@ fn print_status(s: &StatusResponse) {
         c.evictions,
         c.ssd_verify_failures
     );
+    println!();
+    println!("members ({}):", s.members.len());
+    for m in &s.members {
+        println!("  {:<24} {}", m.id, m.peer_addr);
+    }
     println!();
     print_disks(&s.disks);
 }

@@ -29,7 +29,7 @@ pub fn status(e: &Error) -> Status {
         Error::DiskExists(_) => Code::AlreadyExists,
         Error::OutOfRange { .. } => Code::OutOfRange,
         Error::Sealed(_) | Error::Unseal(_) => Code::FailedPrecondition,
-        Error::Origin(_) => Code::Unavailable,
+        Error::Origin(_) | Error::Peer { .. } => Code::Unavailable,
         Error::State(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -52,7 +52,8 @@ fn mode_from_pb(m: i32) -> Result<DiskMode, Error> {
     }
 }
 
-fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
+/// A disk as the protocol describes it.
+pub fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
     pb::DiskInfo {
         id: d.id,
         size_bytes: d.size_bytes,
@@ -97,11 +98,19 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
         disks: s.disks.into_iter().map(info_to_pb).collect(),
         uptime_ms: s.uptime_ms,
         single_touch_share: s.single_touch_share,
+        members: s
+            .members
+            .into_iter()
+            .map(|m| pb::MemberInfo {
+                id: m.id,
+                peer_addr: m.peer_addr.to_string(),
+            })
+            .collect(),
     }
 }
 
 /// Records one RPC: count, latency, payload bytes, and the error code if any.
-fn observe<T>(rpc: &'static str, started: Instant, bytes: u64, r: &Result<T, Error>) {
+pub fn observe<T>(rpc: &'static str, started: Instant, bytes: u64, r: &Result<T, Error>) {
     metrics::counter!(telemetry::RPC_REQUESTS, "rpc" => rpc).increment(1);
     metrics::histogram!(telemetry::RPC_SECONDS, "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
@@ -338,6 +347,28 @@ pub async fn serve_unix(
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
         .context("grpc server on the unix socket")
+}
+
+/// Serves the Peer service on the node's `peer_listen` address until `stopped` turns true.
+pub async fn serve_peer(
+    node: Arc<Node>,
+    listener: TcpListener,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let max = pb::MAX_MESSAGE_BYTES;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_concurrent_streams(Some(1024))
+        .add_service(
+            pb::peer_server::PeerServer::new(super::peer::PeerFrontend::new(node))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
+        .await
+        .context("peer grpc server")
 }
 
 /// Serves gRPC on a bound TCP listener until `stopped` turns true.

@@ -2,3 +2,4 @@
 //! calls and errors into protocol codes; they hold no cache or disk logic.
 
 pub mod grpc;
+pub mod peer;

@@ -1,0 +1,183 @@
+//! Several real `shadowcache-node` processes on loopback, joined by gossip: every disk is
+//! usable from every node, reads and writes reach the owner, and a killed member's disks go.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use shadowcache_client::{Client, ClientError, DiskMode};
+use shadowcache_testkit::{NodeProcess, free_peer_port, random_image};
+use tonic::Code;
+
+struct Member {
+    process: NodeProcess,
+    addr: String,
+}
+
+fn member(dir: &Path, id: &str, seed: Option<&str>, extra: &[String]) -> Member {
+    let port = free_peer_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec![format!("--node-id={id}"), format!("--peer-listen={addr}")];
+    if let Some(s) = seed {
+        args.push(format!("--seed={s}"));
+    }
+    args.extend_from_slice(extra);
+    Member {
+        process: NodeProcess::start(&dir.join(id), &args),
+        addr,
+    }
+}
+
+async fn client(m: &Member) -> Client {
+    Client::connect_unix(&m.process.socket)
+        .await
+        .expect("connect")
+}
+
+/// Polls `status` at `m` until `ok` holds (gossip takes a few rounds), or fails after 30 s.
+async fn until(m: &Member, what: &str, ok: impl Fn(&shadowcache_client::StatusResponse) -> bool) {
+    let c = client(m).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.status().await.expect("status");
+        if ok(&s) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: members {:?}, disks {:?}",
+            s.members,
+            s.disks
+                .iter()
+                .map(|d| (&d.id, &d.owner))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn has_disk(s: &shadowcache_client::StatusResponse, id: &str, owner: &str) -> bool {
+    s.disks.iter().any(|d| d.id == id && d.owner == owner)
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_disks_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let rw = dir.path().join("rw.raw");
+    let base_data = random_image(&base, 3 << 20, 1);
+    random_image(&rw, 1 << 20, 2);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--disk=base={},sealed", base.display()),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    let b = member(dir.path(), "b", Some(&a.addr), &[]);
+    let c = member(dir.path(), "c", Some(&a.addr), &[]);
+    for m in [&a, &b, &c] {
+        until(m, "three members and a's disks", |s| {
+            s.members.len() == 3 && has_disk(s, "base", "a") && has_disk(s, "rw", "a")
+        })
+        .await;
+    }
+
+    // Reads of a's sealed disk at c are a's bytes.
+    let cc = client(&c).await;
+    let disk = cc.disk("base");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for _ in 0..200 {
+        let off = rng.random_range(0..(3u64 << 20));
+        let len = rng.random_range(0..200_000u64).min((3 << 20) - off);
+        let got = disk.read_at(off, len).await.expect("read at c");
+        assert!(
+            got[..] == base_data[off as usize..(off + len) as usize],
+            "{off}+{len}"
+        );
+    }
+    assert_eq!(code(disk.read_at(3 << 20, 1).await), Code::OutOfRange);
+    assert_eq!(code(cc.disk("nope").read_at(0, 1).await), Code::NotFound);
+    match cc.disk("base").write_at(0, vec![1u8]).await {
+        Err(ClientError::Status(s)) => {
+            assert_eq!(s.code(), Code::FailedPrecondition);
+            assert!(s.message().contains("disk is sealed"), "{}", s.message());
+        }
+        other => panic!("write to a sealed disk through c: {other:?}"),
+    }
+
+    // A write at b lands at a's origin and is read back at c.
+    let bc = client(&b).await;
+    bc.disk("rw")
+        .write_at(4097, b"written at b".to_vec())
+        .await
+        .expect("write at b");
+    bc.disk("rw").flush().await.expect("flush at b");
+    assert_eq!(
+        &cc.disk("rw").read_at(4097, 12).await.expect("read at c")[..],
+        b"written at b"
+    );
+    assert_eq!(
+        &std::fs::read(&rw).expect("origin")[4097..4109],
+        b"written at b"
+    );
+
+    // A disk registered at b becomes visible everywhere; its id cannot be taken again elsewhere.
+    let bdisk = dir.path().join("bdisk.raw");
+    random_image(&bdisk, 64 << 10, 4);
+    bc.register_disk("bdisk", &bdisk.display().to_string(), DiskMode::Sealed)
+        .await
+        .expect("register at b");
+    for m in [&a, &c] {
+        until(m, "b's new disk", |s| has_disk(s, "bdisk", "b")).await;
+    }
+    let other = dir.path().join("other.raw");
+    random_image(&other, 4096, 5);
+    assert_eq!(
+        code(
+            cc.register_disk("bdisk", &other.display().to_string(), DiskMode::Sealed)
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(cc.set_disk_mode("rw", DiskMode::Sealed).await),
+        Code::InvalidArgument
+    );
+
+    // a dies without a word: b and c drop it, and its disks, within the failure detector's bound.
+    let mut a = a;
+    let killed = Instant::now();
+    a.process.kill();
+    for m in [&b, &c] {
+        until(m, "a to be declared dead", |s| {
+            s.members.len() == 2 && !has_disk(s, "base", "a") && !has_disk(s, "rw", "a")
+        })
+        .await;
+    }
+    let detect = killed.elapsed();
+    eprintln!("a killed member was dropped by the others after {detect:?}");
+    assert!(
+        detect < Duration::from_secs(20),
+        "detection took {detect:?}"
+    );
+    assert_eq!(code(cc.disk("base").read_at(0, 1).await), Code::NotFound);
+    // What b owns is still served at c.
+    assert_eq!(
+        cc.disk("bdisk")
+            .read_at(0, 10)
+            .await
+            .expect("bdisk at c")
+            .len(),
+        10
+    );
+}
