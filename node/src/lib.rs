@@ -85,6 +85,10 @@ pub struct Counters {
     pub stored_bytes: u64,
     /// Single-flight joins.
     pub single_flight_joins: u64,
+    /// Reads sent to remote owners of sealed disks.
+    pub owner_reads: u64,
+    /// Bytes read from remote owners.
+    pub owner_read_bytes: u64,
 }
 
 /// A snapshot of the node for `Status`.
@@ -209,6 +213,10 @@ impl Node {
     pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         match self.registry.get(disk) {
             Ok(d) => self.reads.read(&d, offset, len).await,
+            Err(Error::UnknownDisk(_)) if let Some(shadow) = self.cluster.shadow(disk) => {
+                // A sealed disk of another member: served through this node's cache.
+                self.reads.read(&shadow, offset, len).await
+            }
             Err(Error::UnknownDisk(_)) => {
                 let r = self.remote(disk)?;
                 read::check_span(disk, r.info.size_bytes, offset, len)?;
@@ -382,6 +390,8 @@ impl Node {
                 logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
                 stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
                 single_flight_joins: r.single_flight_joins.get(),
+                owner_reads: r.owner_reads.get(),
+                owner_read_bytes: r.owner_read_bytes.get(),
             },
             tiers,
             disks: self.disks(),

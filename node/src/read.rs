@@ -40,6 +40,10 @@ pub struct ReadStats {
     pub origin_read_bytes: Count,
     /// Origin reads that failed.
     pub origin_errors: Count,
+    /// Reads of remote sealed disks sent to their owner.
+    pub owner_reads: Count,
+    /// Bytes read from owners.
+    pub owner_read_bytes: Count,
     /// Cold block reads that joined a read already in flight.
     pub single_flight_joins: Count,
     /// Blocks answered by the shared zero block.
@@ -53,6 +57,8 @@ impl ReadStats {
             origin_reads: Count::new(ORIGIN_READS, &[]),
             origin_read_bytes: Count::new(ORIGIN_READ_BYTES, &[]),
             origin_errors: Count::new(ORIGIN_ERRORS, &[]),
+            owner_reads: Count::new(OWNER_READS, &[]),
+            owner_read_bytes: Count::new(OWNER_READ_BYTES, &[]),
             single_flight_joins: Count::new(SINGLE_FLIGHT_JOINS, &[]),
             zero_block_hits: Count::new(ZERO_BLOCK_HITS, &[]),
         }
@@ -211,10 +217,15 @@ impl ReadPath {
     }
 
     async fn origin_read(&self, disk: &Disk, offset: u64, len: usize) -> Result<Bytes> {
-        self.stats.origin_reads.inc();
+        let (reads, bytes_read) = if disk.origin.is_remote() {
+            (&self.stats.owner_reads, &self.stats.owner_read_bytes)
+        } else {
+            (&self.stats.origin_reads, &self.stats.origin_read_bytes)
+        };
+        reads.inc();
         match disk.origin.read_at(offset, len).await {
             Ok(bytes) => {
-                self.stats.origin_read_bytes.add(len as u64);
+                bytes_read.add(len as u64);
                 Ok(bytes)
             }
             Err(e) => {

@@ -32,6 +32,10 @@ pub const ENTRIES: &str = "shadowcache_cache_entries";
 pub const ORIGIN_READS: &str = "shadowcache_origin_reads_total";
 /// Bytes read from origins.
 pub const ORIGIN_READ_BYTES: &str = "shadowcache_origin_read_bytes_total";
+/// Block reads of sealed disks owned by another member, sent to that owner.
+pub const OWNER_READS: &str = "shadowcache_owner_reads_total";
+/// Bytes read from other members that own the disks.
+pub const OWNER_READ_BYTES: &str = "shadowcache_owner_read_bytes_total";
 /// Origin reads or writes that failed.
 pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
 /// Cold reads of a block that joined another reader's origin read.
@@ -153,6 +157,15 @@ fn describe() {
     describe_counter!(ORIGIN_READS, "Reads sent to origins");
     describe_counter!(ORIGIN_READ_BYTES, Unit::Bytes, "Bytes read from origins");
     describe_counter!(ORIGIN_ERRORS, "Origin I/O errors");
+    describe_counter!(
+        OWNER_READS,
+        "Reads of remote sealed disks sent to their owner"
+    );
+    describe_counter!(
+        OWNER_READ_BYTES,
+        Unit::Bytes,
+        "Bytes read from remote owners"
+    );
     describe_counter!(
         SINGLE_FLIGHT_JOINS,
         "Cold reads that joined an in-flight origin read"

@@ -105,6 +105,32 @@ async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_di
             "{off}+{len}"
         );
     }
+    // c caches a's sealed disk: a second whole pass costs a nothing.
+    let whole = disk.read_at(0, 3 << 20).await.expect("whole disk at c");
+    assert!(whole[..] == base_data[..]);
+    let before = cc
+        .status()
+        .await
+        .expect("status")
+        .counters
+        .expect("counters");
+    assert!(
+        before.owner_reads > 0 && before.origin_reads == 0,
+        "{before:?}"
+    );
+    let again = disk.read_at(0, 3 << 20).await.expect("again");
+    assert!(again[..] == base_data[..]);
+    let after = cc
+        .status()
+        .await
+        .expect("status")
+        .counters
+        .expect("counters");
+    assert_eq!(
+        after.owner_reads, before.owner_reads,
+        "the second pass went to the owner"
+    );
+    assert!(after.lookups - after.misses > before.lookups - before.misses);
     assert_eq!(code(disk.read_at(3 << 20, 1).await), Code::OutOfRange);
     assert_eq!(code(cc.disk("nope").read_at(0, 1).await), Code::NotFound);
     match cc.disk("base").write_at(0, vec![1u8]).await {

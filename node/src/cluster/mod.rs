@@ -29,6 +29,8 @@ pub use membership::{GossipConfig, Member, Membership};
 pub use peers::Peers;
 
 use crate::config::Config;
+use crate::disk::{Disk, DiskId};
+use crate::origin::PeerOrigin;
 
 /// A disk owned by another member.
 #[derive(Debug, Clone)]
@@ -48,8 +50,10 @@ pub struct Cluster {
     membership: Membership,
     members: watch::Receiver<Vec<Member>>,
     /// Clients of the other members' Peer services.
-    pub peers: Peers,
+    pub peers: Arc<Peers>,
     remote: DashMap<String, RemoteDisk>,
+    /// Local shadows of the sealed disks other members own: served through this node's cache.
+    shadows: DashMap<String, Arc<Disk>>,
     fetched: DashMap<String, u64>,
     disks_version: AtomicU64,
 }
@@ -77,8 +81,12 @@ impl Cluster {
             me: config.node_id.clone(),
             members: membership.watch(),
             membership,
-            peers: Peers::new(&config.node_id, Duration::from_millis(c.rpc_timeout_ms)),
+            peers: Arc::new(Peers::new(
+                &config.node_id,
+                Duration::from_millis(c.rpc_timeout_ms),
+            )),
             remote: DashMap::new(),
+            shadows: DashMap::new(),
             fetched: DashMap::new(),
             disks_version: AtomicU64::new(0),
         }))
@@ -92,6 +100,45 @@ impl Cluster {
     /// The member that owns `disk`, if another member does.
     pub fn remote(&self, disk: &str) -> Option<RemoteDisk> {
         self.remote.get(disk).map(|r| r.clone())
+    }
+
+    /// The local shadow of a sealed disk another member owns.
+    #[inline]
+    pub fn shadow(&self, disk: &str) -> Option<Arc<Disk>> {
+        self.shadows.get(disk).map(|d| d.clone())
+    }
+
+    /// Makes the shadows match the remote sealed disks: one per disk, rebuilt when its owner,
+    /// generation or size changes, dropped when the disk goes.
+    fn sync_shadows(&self) {
+        self.shadows.retain(|id, d| {
+            self.remote.get(id).is_some_and(|r| {
+                r.info.mode == pb::DiskMode::Sealed as i32
+                    && r.info.generation == d.generation()
+                    && r.info.size_bytes == d.size
+                    && d.origin.describe() == format!("peer://{}/{}", r.owner, r.info.id)
+            })
+        });
+        for r in self.remote.iter() {
+            if r.info.mode != pb::DiskMode::Sealed as i32 || self.shadows.contains_key(r.key()) {
+                continue;
+            }
+            let Ok(id) = DiskId::parse(&r.info.id) else {
+                continue;
+            };
+            let origin = PeerOrigin::new(
+                self.peers.clone(),
+                &r.owner,
+                r.addr,
+                &r.info.id,
+                r.info.size_bytes,
+            );
+            self.shadows.insert(
+                r.key().clone(),
+                Disk::shadow(id, Arc::new(origin), r.info.generation),
+            );
+            tracing::info!(disk = %r.key(), owner = %r.owner, "caching a sealed disk of another member");
+        }
     }
 
     /// Every disk other members own, by id.
@@ -194,6 +241,7 @@ impl Cluster {
                 }
             }
         }
+        self.sync_shadows();
     }
 
     /// Leaves the cluster.

@@ -137,6 +137,16 @@ impl Disk {
         }
     }
 
+    /// A sealed disk served through the cache with an in-memory content map, from its first
+    /// read: the local shadow of a sealed disk another member owns.
+    pub fn shadow(id: DiskId, origin: Arc<dyn Origin>, generation: u64) -> Arc<Disk> {
+        let d = Disk::new(id, origin);
+        d.state.store(SEALED, Ordering::SeqCst);
+        d.generation.store(generation, Ordering::SeqCst);
+        let _ = d.map.set(ContentMap::in_memory());
+        Arc::new(d)
+    }
+
     /// The mode clients see: a disk being sealed already refuses writes, so it shows as sealed.
     pub fn mode(&self) -> DiskMode {
         if self.state.load(Ordering::SeqCst) == MUTABLE {

@@ -94,6 +94,8 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             logical_bytes: c.logical_bytes,
             stored_bytes: c.stored_bytes,
             single_flight_joins: c.single_flight_joins,
+            owner_reads: c.owner_reads,
+            owner_read_bytes: c.owner_read_bytes,
         }),
         disks: s.disks.into_iter().map(info_to_pb).collect(),
         uptime_ms: s.uptime_ms,

@@ -1,13 +1,14 @@
 //! Origins: where a disk's authoritative bytes live.
 //!
 //! `Origin` is the one interface the read and write paths use; `file.rs` implements it for a raw
-//! image file or a block device. (NBD exports come with the NBD work.) Methods are async and
+//! image file or a block device, `peer.rs` for a sealed disk another member owns. (NBD exports come with the NBD work.) Methods are async and
 //! return boxed futures so that an origin can be a file on a blocking pool or a network export.
 //!
 //! Architecture invariant: an origin returns exactly the bytes asked for or an error; a short
 //! read is an error, never a short buffer, so nothing partial can be cached.
 
 pub mod file;
+pub mod peer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 pub use file::FileOrigin;
+pub use peer::PeerOrigin;
 
 /// A boxed future returned by origin methods.
 pub type OriginFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, OriginError>> + Send + 'a>>;
@@ -76,4 +78,9 @@ pub trait Origin: Send + Sync + std::fmt::Debug + 'static {
     /// A string that changes whenever the origin may have been changed while we were not
     /// looking (device, inode, size, modification time). Used to trust a saved content map.
     fn identity(&self) -> Option<String>;
+
+    /// True when the bytes come from another member (the disk's owner), not a local origin.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
