@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use shadowcache_proto as pb;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use pb::{DiskInfo, DiskMode, StatusResponse};
+pub use pb::{CacheCounters, DiskInfo, DiskMode, MemberInfo, StatusResponse, TierStatus};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]

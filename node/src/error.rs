@@ -49,6 +49,16 @@ pub enum Error {
     /// The origin failed; nothing read from it was cached.
     #[error(transparent)]
     Origin(#[from] OriginError),
+    /// A request named a generation of a disk that is not its current one.
+    #[error("stale generation for disk {disk:?}: asked {asked}, current {current}")]
+    StaleGeneration {
+        /// The disk.
+        disk: String,
+        /// The generation asked for.
+        asked: u64,
+        /// The current generation.
+        current: u64,
+    },
     /// A disk's owner could not be reached or could not serve the request.
     #[error("owner {node} is unavailable: {cause}")]
     Peer {

@@ -89,6 +89,10 @@ pub struct Counters {
     pub owner_reads: u64,
     /// Bytes read from remote owners.
     pub owner_read_bytes: u64,
+    /// Blocks fetched from other members.
+    pub peer_reads: u64,
+    /// Bytes fetched from other members.
+    pub peer_read_bytes: u64,
 }
 
 /// A snapshot of the node for `Status`.
@@ -260,6 +264,79 @@ impl Node {
         }
     }
 
+    /// Entries of the content map of a sealed disk this node owns, in [first, first + count)
+    /// (at most 4096), for `Peer.ContentMap`.
+    pub fn content_map_chunk(
+        &self,
+        disk: &str,
+        generation: u64,
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<(u64, disk::BlockRef)>> {
+        let d = self.registry.get(disk)?;
+        if d.generation() != generation {
+            return Err(Error::StaleGeneration {
+                disk: disk.to_string(),
+                asked: generation,
+                current: d.generation(),
+            });
+        }
+        let map = d
+            .sealed_map()
+            .ok_or_else(|| Error::Invalid(format!("disk {disk:?} is not sealed")))?;
+        let blocks = d.size.div_ceil(u64::from(self.config.block_bytes));
+        let end = first.saturating_add(u64::from(count.min(4096))).min(blocks);
+        Ok((first..end)
+            .filter_map(|i| map.get(i).map(|r| (i, r)))
+            .collect())
+    }
+
+    /// Blocks of a sealed disk, for another member (`Peer.FetchBlocks`): this node's own disk,
+    /// or the shadow of another member's, read through this node's cache; reads it causes go
+    /// to owners only. `None` for a block it could not provide. At most 64 blocks.
+    pub async fn blocks_for_peer(
+        &self,
+        disk: &str,
+        generation: u64,
+        indices: &[u64],
+    ) -> Result<Vec<(u64, Option<Bytes>)>> {
+        if indices.len() > 64 {
+            return Err(Error::Invalid(format!(
+                "{} blocks asked for; at most 64 per request",
+                indices.len()
+            )));
+        }
+        let d = match self.registry.get(disk) {
+            Ok(d) if d.sealed_map().is_some() => d,
+            Ok(_) => return Err(Error::Invalid(format!("disk {disk:?} is not sealed"))),
+            Err(Error::UnknownDisk(_)) => self
+                .cluster
+                .shadow(disk)
+                .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?,
+            Err(e) => return Err(e),
+        };
+        if d.generation() != generation {
+            return Err(Error::StaleGeneration {
+                disk: disk.to_string(),
+                asked: generation,
+                current: d.generation(),
+            });
+        }
+        let bs = u64::from(self.config.block_bytes);
+        let mut out = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let at = i.saturating_mul(bs);
+            if at >= d.size {
+                out.push((i, None));
+                continue;
+            }
+            let len = bs.min(d.size - at);
+            let got = origin::peer::serving_peer(self.reads.read(&d, at, len)).await;
+            out.push((i, got.ok()));
+        }
+        Ok(out)
+    }
+
     /// Reads a disk this node owns (for the Peer service: never forwarded again).
     pub async fn read_local(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         let d = self.registry.get(disk)?;
@@ -392,6 +469,8 @@ impl Node {
                 single_flight_joins: r.single_flight_joins.get(),
                 owner_reads: r.owner_reads.get(),
                 owner_read_bytes: r.owner_read_bytes.get(),
+                peer_reads: r.peer_reads.get(),
+                peer_read_bytes: r.peer_read_bytes.get(),
             },
             tiers,
             disks: self.disks(),

@@ -26,6 +26,7 @@ use crate::cache::fingerprint::is_zero;
 use crate::cache::{ContentCache, Fingerprint};
 use crate::disk::{BlockRef, ContentMap, Disk, DiskId};
 use crate::error::{Error, Result};
+use crate::origin::Source;
 use crate::telemetry::{self, Count};
 
 /// Largest range one request may read or write (the gRPC client splits larger ones).
@@ -44,6 +45,10 @@ pub struct ReadStats {
     pub owner_reads: Count,
     /// Bytes read from owners.
     pub owner_read_bytes: Count,
+    /// Blocks of remote sealed disks fetched from members other than the owner.
+    pub peer_reads: Count,
+    /// Bytes fetched from such members.
+    pub peer_read_bytes: Count,
     /// Cold block reads that joined a read already in flight.
     pub single_flight_joins: Count,
     /// Blocks answered by the shared zero block.
@@ -59,6 +64,8 @@ impl ReadStats {
             origin_errors: Count::new(ORIGIN_ERRORS, &[]),
             owner_reads: Count::new(OWNER_READS, &[]),
             owner_read_bytes: Count::new(OWNER_READ_BYTES, &[]),
+            peer_reads: Count::new(PEER_READS, &[]),
+            peer_read_bytes: Count::new(PEER_READ_BYTES, &[]),
             single_flight_joins: Count::new(SINGLE_FLIGHT_JOINS, &[]),
             zero_block_hits: Count::new(ZERO_BLOCK_HITS, &[]),
         }
@@ -198,9 +205,7 @@ impl ReadPath {
             }
             None => {}
         }
-        let bytes = self
-            .origin_read(disk, index * self.block_bytes, len)
-            .await?;
+        let bytes = self.block_read(disk, index, len).await?;
         if is_zero(&bytes) {
             map.insert(index, BlockRef::Zero);
             return Ok(self.cache.zero(len));
@@ -214,6 +219,27 @@ impl ReadPath {
         self.cache.admit(fp, bytes.clone());
         map.insert(index, BlockRef::Data(fp));
         Ok(bytes)
+    }
+
+    /// One block for the cache, counted by where it came from.
+    async fn block_read(&self, disk: &Disk, index: u64, len: usize) -> Result<Bytes> {
+        match disk.origin.read_block(index, self.block_bytes, len).await {
+            Ok((bytes, source)) => {
+                let (reads, bytes_read) = match source {
+                    Source::Origin => (&self.stats.origin_reads, &self.stats.origin_read_bytes),
+                    Source::Owner => (&self.stats.owner_reads, &self.stats.owner_read_bytes),
+                    Source::Peer => (&self.stats.peer_reads, &self.stats.peer_read_bytes),
+                };
+                reads.inc();
+                bytes_read.add(len as u64);
+                Ok(bytes)
+            }
+            Err(e) => {
+                self.stats.origin_errors.inc();
+                tracing::warn!(disk = %disk.id, block = index, error = %e, "block read failed");
+                Err(e.into())
+            }
+        }
     }
 
     async fn origin_read(&self, disk: &Disk, offset: u64, len: usize) -> Result<Bytes> {

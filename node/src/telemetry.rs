@@ -36,6 +36,15 @@ pub const ORIGIN_READ_BYTES: &str = "shadowcache_origin_read_bytes_total";
 pub const OWNER_READS: &str = "shadowcache_owner_reads_total";
 /// Bytes read from other members that own the disks.
 pub const OWNER_READ_BYTES: &str = "shadowcache_owner_read_bytes_total";
+/// Blocks of remote sealed disks fetched from members other than the owner.
+pub const PEER_READS: &str = "shadowcache_peer_reads_total";
+/// Bytes fetched from such members.
+pub const PEER_READ_BYTES: &str = "shadowcache_peer_read_bytes_total";
+/// Peer block fetches that did not give a verified block, by `reason` = error | missing |
+/// bad_bytes | no_fingerprint.
+pub const PEER_FETCH_FAILURES: &str = "shadowcache_peer_fetch_failures_total";
+/// Blocks served to other members by FetchBlocks.
+pub const PEER_SERVED_BLOCKS: &str = "shadowcache_peer_served_blocks_total";
 /// Origin reads or writes that failed.
 pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
 /// Cold reads of a block that joined another reader's origin read.
@@ -157,6 +166,20 @@ fn describe() {
     describe_counter!(ORIGIN_READS, "Reads sent to origins");
     describe_counter!(ORIGIN_READ_BYTES, Unit::Bytes, "Bytes read from origins");
     describe_counter!(ORIGIN_ERRORS, "Origin I/O errors");
+    describe_counter!(
+        PEER_READS,
+        "Blocks fetched from members other than the owner"
+    );
+    describe_counter!(
+        PEER_READ_BYTES,
+        Unit::Bytes,
+        "Bytes fetched from members other than the owner"
+    );
+    describe_counter!(
+        PEER_FETCH_FAILURES,
+        "Peer block fetches without a verified block, by reason"
+    );
+    describe_counter!(PEER_SERVED_BLOCKS, "Blocks served to other members");
     describe_counter!(
         OWNER_READS,
         "Reads of remote sealed disks sent to their owner"

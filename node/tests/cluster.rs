@@ -15,6 +15,16 @@ struct Member {
 }
 
 fn member(dir: &Path, id: &str, seed: Option<&str>, extra: &[String]) -> Member {
+    member_with_env(dir, id, seed, extra, &[])
+}
+
+fn member_with_env(
+    dir: &Path,
+    id: &str,
+    seed: Option<&str>,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> Member {
     let port = free_peer_port();
     let addr = format!("127.0.0.1:{port}");
     let mut args = vec![format!("--node-id={id}"), format!("--peer-listen={addr}")];
@@ -23,7 +33,7 @@ fn member(dir: &Path, id: &str, seed: Option<&str>, extra: &[String]) -> Member 
     }
     args.extend_from_slice(extra);
     Member {
-        process: NodeProcess::start(&dir.join(id), &args),
+        process: NodeProcess::start_with_env(&dir.join(id), &args, env),
         addr,
     }
 }
@@ -205,5 +215,147 @@ async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_di
             .expect("bdisk at c")
             .len(),
         10
+    );
+}
+
+async fn counters(m: &Member) -> shadowcache_client::CacheCounters {
+    client(m)
+        .await
+        .status()
+        .await
+        .expect("status")
+        .counters
+        .expect("counters")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_boot_storm_each_block_leaves_the_owner_about_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let size: u64 = 4 << 20;
+    let data = random_image(&base, size as usize, 7);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=base={},sealed", base.display())],
+    );
+    let readers: Vec<Member> = ["b", "c", "d"]
+        .iter()
+        .map(|id| member(dir.path(), id, Some(&a.addr), &[]))
+        .collect();
+    for m in std::iter::once(&a).chain(&readers) {
+        until(m, "four members and the disk", |s| {
+            s.members.len() == 4 && has_disk(s, "base", "a")
+        })
+        .await;
+    }
+    // Every reader reads the whole disk at the same moment, 64 KiB at a time, 4 streams each.
+    let mut tasks = Vec::new();
+    for m in &readers {
+        let c = client(m).await;
+        for stream in 0..4u64 {
+            let disk = c.disk("base");
+            let data = data.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut at = stream * (64 << 10);
+                while at < size {
+                    let got = disk.read_at(at, 64 << 10).await.expect("read");
+                    assert!(
+                        got[..] == data[at as usize..at as usize + (64 << 10)],
+                        "bytes differ at {at}"
+                    );
+                    at += 4 * (64 << 10);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("reader");
+    }
+    let mut owner_bytes = 0;
+    let mut peer_bytes = 0;
+    for m in &readers {
+        let c = counters(m).await;
+        owner_bytes += c.owner_read_bytes;
+        peer_bytes += c.peer_read_bytes;
+    }
+    let egress = owner_bytes as f64 / size as f64;
+    eprintln!(
+        "owner egress / disk size = {egress:.3} (peers served {:.3} of it)",
+        peer_bytes as f64 / size as f64
+    );
+    // Every reader got every block; a rare single-flight race may fetch one twice.
+    let got = owner_bytes + peer_bytes;
+    assert!(
+        got >= 3 * size && got as f64 <= 3.05 * size as f64,
+        "readers fetched {got} bytes"
+    );
+    assert!(
+        egress <= 1.05,
+        "blocks left the owner {egress:.3} times on average"
+    );
+    assert!(peer_bytes >= size, "peers served too little: {peer_bytes}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_never_gets_its_bytes_to_a_reader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let size: u64 = 2 << 20;
+    let data = random_image(&base, size as usize, 8);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=base={},sealed", base.display())],
+    );
+    let liar = member_with_env(
+        dir.path(),
+        "b",
+        Some(&a.addr),
+        &[],
+        &[("SHADOWCACHE_FAULT_CORRUPT_PEER_BLOCKS", "1")],
+    );
+    let metrics_port = shadowcache_testkit::free_port();
+    let c = member(
+        dir.path(),
+        "c",
+        Some(&a.addr),
+        &[format!("--metrics=127.0.0.1:{metrics_port}")],
+    );
+    for m in [&a, &liar, &c] {
+        until(m, "three members and the disk", |s| {
+            s.members.len() == 3 && has_disk(s, "base", "a")
+        })
+        .await;
+    }
+    // The liar holds every block first, so that it is asked for those it is home of.
+    let lc = client(&liar).await;
+    assert!(lc.disk("base").read_at(0, size).await.expect("liar reads")[..] == data[..]);
+    let cc = client(&c).await;
+    for _ in 0..2 {
+        let got = cc.disk("base").read_at(0, size).await.expect("read at c");
+        assert!(got[..] == data[..], "a lying peer's bytes reached a reader");
+    }
+    let cnt = counters(&c).await;
+    assert_eq!(
+        cnt.peer_reads, 0,
+        "a block from the liar was accepted: {cnt:?}"
+    );
+    assert_eq!(
+        cnt.owner_read_bytes, size,
+        "every block came from the owner instead"
+    );
+    // And c did ask the liar, and caught it every time.
+    let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
+    let caught = shadowcache_testkit::metric(
+        &body,
+        "shadowcache_peer_fetch_failures_total{reason=\"bad_bytes\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        caught >= 16.0,
+        "the liar was asked for {caught} blocks only:\n{body}"
     );
 }

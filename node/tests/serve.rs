@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use shadowcache_client::{Client, ClientError};
-use shadowcache_testkit::{NodeProcess, free_port, random_image, wait_for, write_file};
+use shadowcache_testkit::{NodeProcess, free_port, http_get, random_image, wait_for, write_file};
 use tonic::Code;
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -567,73 +567,4 @@ async fn metrics_are_served_in_prometheus_text() {
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_serves_too_the_socket_is_0660_and_sigint_stops_cleanly_with_json_logs() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("base.raw");
-    let data = random_image(&img, 100_000, 11);
-    let port = free_port();
-    let mut node = NodeProcess::start(
-        &dir.path().join("node"),
-        &[
-            format!("--listen-tcp=127.0.0.1:{port}"),
-            "--log-format=json".into(),
-            disk_arg("base", &img, "sealed"),
-        ],
-    );
-    let mode = std::fs::metadata(&node.socket)
-        .expect("socket")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
-    let tcp = Client::connect_tcp(&format!("127.0.0.1:{port}"))
-        .await
-        .expect("tcp");
-    assert!(tcp.disk("base").read_at(10, 1000).await.expect("read")[..] == data[10..1010]);
-    // Admin opens host paths: it is not served on unauthenticated TCP.
-    assert_eq!(code(tcp.status().await), Code::Unimplemented);
-    drop(tcp);
-    // A second node on the same data directory refuses to start.
-    let second = std::process::Command::new(shadowcache_testkit::binary("shadowcache-node"))
-        .arg("--data-dir")
-        .arg(&node.data_dir)
-        .arg("--listen-unix")
-        .arg(dir.path().join("other.sock"))
-        .output()
-        .expect("run a second node");
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("in use by another shadowcache-node"), "{err}");
-    node.stop_with("INT");
-    let log = node.log_text();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!lines.is_empty());
-    for l in &lines {
-        let v: serde_json::Value =
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
-        assert!(v["level"].is_string(), "{l}");
-    }
-    assert!(
-        log.contains("SIGINT") && log.contains("cache left warm"),
-        "{log}"
-    );
-    assert!(!node.socket.exists(), "the socket file was left behind");
 }

@@ -77,6 +77,27 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `GET path` on 127.0.0.1:`port`; the whole response when the status is 200.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+/// The value of the Prometheus sample `name` (with its labels, exactly as exported) in `body`.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A port free for both TCP and UDP on 127.0.0.1 (a node's peer address uses both).
 pub fn free_peer_port() -> u16 {
     for _ in 0..100 {
@@ -102,17 +123,27 @@ pub struct NodeProcess {
     /// The gRPC Unix socket.
     pub socket: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
 }
 
 impl NodeProcess {
     /// Starts a node on `data_dir` with extra `args` and waits until its socket accepts.
     pub fn start(data_dir: &Path, args: &[String]) -> NodeProcess {
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// [`NodeProcess::start`] with extra environment variables (fault injection).
+    pub fn start_with_env(data_dir: &Path, args: &[String], env: &[(&str, &str)]) -> NodeProcess {
         let mut n = NodeProcess {
             child: None,
             data_dir: data_dir.to_path_buf(),
             socket: data_dir.join("shadowcache.sock"),
             args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             log: data_dir.join("node.log"),
         };
         n.spawn();
@@ -134,6 +165,7 @@ impl NodeProcess {
         let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -158,6 +158,8 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "single_flight_joins": c.single_flight_joins,
             "owner_reads": c.owner_reads,
             "owner_read_bytes": c.owner_read_bytes,
+            "peer_reads": c.peer_reads,
+            "peer_read_bytes": c.peer_read_bytes,
         },
         "disks": s.disks.iter().map(disk_json).collect::<Vec<_>>(),
         "members": s.members.iter().map(|m| json!({"id": m.id, "peer_addr": m.peer_addr})).collect::<Vec<_>>(),
@@ -213,11 +215,13 @@ fn print_status(s: &StatusResponse) {
         c.stored_bytes
     );
     println!(
-        "origin reads {} ({} bytes)  owner reads {} ({} bytes)  promotions {}  demotions {}  evictions {}  ssd verify failures {}",
+        "origin reads {} ({} bytes)  owner reads {} ({} bytes)  peer reads {} ({} bytes)  promotions {}  demotions {}  evictions {}  ssd verify failures {}",
         c.origin_reads,
         c.origin_read_bytes,
         c.owner_reads,
         c.owner_read_bytes,
+        c.peer_reads,
+        c.peer_read_bytes,
         c.promotions,
         c.demotions,
         c.evictions,

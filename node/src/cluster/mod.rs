@@ -128,10 +128,13 @@ impl Cluster {
             };
             let origin = PeerOrigin::new(
                 self.peers.clone(),
+                &self.me,
+                self.members.clone(),
                 &r.owner,
                 r.addr,
                 &r.info.id,
                 r.info.size_bytes,
+                r.info.generation,
             );
             self.shadows.insert(
                 r.key().clone(),

@@ -9,6 +9,8 @@ use dashmap::DashMap;
 use shadowcache_proto as pb;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cache::Fingerprint;
+use crate::disk::BlockRef;
 use crate::error::{Error, Result};
 
 /// Why a call to a peer failed, as a node error: the owner's own answer keeps its kind (an
@@ -126,6 +128,87 @@ impl Peers {
         .await
         .map(|_| ())
         .map_err(|s| peer_error(node, disk, s))
+    }
+
+    /// Entries of the owner's content map of `disk` in [first, first + count); refused (as an
+    /// error) when the owner's block size differs from `block_bytes`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn content_map(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        disk: &str,
+        generation: u64,
+        first: u64,
+        count: u32,
+        block_bytes: u64,
+    ) -> Result<Vec<(u64, BlockRef)>> {
+        let mut c = self.client(node, addr)?;
+        let r = c
+            .content_map(pb::ContentMapRequest {
+                disk: disk.to_string(),
+                generation,
+                first_block: first,
+                count,
+            })
+            .await
+            .map_err(|s| peer_error(node, disk, s))?
+            .into_inner();
+        if u64::from(r.block_size) != block_bytes || r.generation != generation {
+            return Err(Error::Peer {
+                node: node.to_string(),
+                cause: format!(
+                    "content map of {disk:?} is for block size {} generation {}, not {block_bytes} and {generation}",
+                    r.block_size, r.generation
+                ),
+            });
+        }
+        Ok(r.entries
+            .into_iter()
+            .filter_map(|e| {
+                if e.zero {
+                    return Some((e.index, BlockRef::Zero));
+                }
+                let fp: [u8; 32] = e.fingerprint[..].try_into().ok()?;
+                Some((e.index, BlockRef::Data(Fingerprint(fp))))
+            })
+            .collect())
+    }
+
+    /// Blocks of `disk` from `node`: (index, bytes) for each block it sent, bytes `None` where
+    /// it had none. Nothing here is verified: the caller checks every block.
+    pub async fn fetch_blocks(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        disk: &str,
+        generation: u64,
+        indices: &[u64],
+    ) -> Result<Vec<(u64, Option<Bytes>)>> {
+        use futures::StreamExt;
+        let mut c = self.client(node, addr)?;
+        let mut stream = c
+            .fetch_blocks(pb::FetchBlocksRequest {
+                disk: disk.to_string(),
+                generation,
+                indices: indices.to_vec(),
+                from_node: self.me.clone(),
+            })
+            .await
+            .map_err(|s| peer_error(node, disk, s))?
+            .into_inner();
+        let mut out = Vec::with_capacity(indices.len());
+        while let Some(msg) = stream.next().await {
+            let b = msg.map_err(|s| peer_error(node, disk, s))?;
+            out.push((b.index, (!b.missing).then_some(b.data)));
+            if out.len() > indices.len() {
+                return Err(Error::Peer {
+                    node: node.to_string(),
+                    cause: "sent more blocks than asked for".into(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Flushes through the owner.

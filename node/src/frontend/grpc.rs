@@ -31,6 +31,7 @@ pub fn status(e: &Error) -> Status {
         Error::Sealed(_) | Error::Unseal(_) => Code::FailedPrecondition,
         Error::Origin(_) | Error::Peer { .. } => Code::Unavailable,
         Error::State(_) => Code::Internal,
+        Error::StaleGeneration { .. } => Code::Aborted,
     };
     Status::new(code, e.to_string())
 }
@@ -96,6 +97,8 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             single_flight_joins: c.single_flight_joins,
             owner_reads: c.owner_reads,
             owner_read_bytes: c.owner_read_bytes,
+            peer_reads: c.peer_reads,
+            peer_read_bytes: c.peer_read_bytes,
         }),
         disks: s.disks.into_iter().map(info_to_pb).collect(),
         uptime_ms: s.uptime_ms,

@@ -24,8 +24,94 @@ impl PeerFrontend {
     }
 }
 
+/// Fault injection for tests of the verification path: when the node was started with
+/// `SHADOWCACHE_FAULT_CORRUPT_PEER_BLOCKS=1`, every block it serves to a peer has its first byte
+/// flipped (a lying peer). Never set it anywhere else.
+fn lying() -> bool {
+    static LIE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LIE.get_or_init(|| {
+        std::env::var("SHADOWCACHE_FAULT_CORRUPT_PEER_BLOCKS").is_ok_and(|v| v == "1")
+    })
+}
+
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerFrontend {
+    type FetchBlocksStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::BlockData, Status>> + Send + 'static>,
+    >;
+
+    async fn content_map(
+        &self,
+        request: Request<pb::ContentMapRequest>,
+    ) -> Result<Response<pb::ContentMapResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self
+            .node
+            .content_map_chunk(&r.disk, r.generation, r.first_block, r.count);
+        observe("peer_content_map", t, 0, &res);
+        let entries = res.map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ContentMapResponse {
+            generation: r.generation,
+            block_size: self.node.config().block_bytes,
+            entries: entries
+                .into_iter()
+                .map(|(index, b)| match b {
+                    crate::disk::BlockRef::Zero => pb::ContentMapEntry {
+                        index,
+                        zero: true,
+                        fingerprint: bytes::Bytes::new(),
+                    },
+                    crate::disk::BlockRef::Data(fp) => pb::ContentMapEntry {
+                        index,
+                        zero: false,
+                        fingerprint: bytes::Bytes::copy_from_slice(&fp.0),
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn fetch_blocks(
+        &self,
+        request: Request<pb::FetchBlocksRequest>,
+    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self
+            .node
+            .blocks_for_peer(&r.disk, r.generation, &r.indices)
+            .await;
+        observe("peer_fetch_blocks", t, 0, &res);
+        let blocks = res.map_err(|e| status(&e))?;
+        let lie = lying();
+        let msgs: Vec<Result<pb::BlockData, Status>> = blocks
+            .into_iter()
+            .map(|(index, data)| {
+                Ok(match data {
+                    Some(mut d) => {
+                        metrics::counter!(crate::telemetry::PEER_SERVED_BLOCKS).increment(1);
+                        if lie && !d.is_empty() {
+                            let mut v = d.to_vec();
+                            v[0] ^= 0xFF;
+                            d = bytes::Bytes::from(v);
+                        }
+                        pb::BlockData {
+                            index,
+                            data: d,
+                            missing: false,
+                        }
+                    }
+                    None => pb::BlockData {
+                        index,
+                        data: bytes::Bytes::new(),
+                        missing: true,
+                    },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
+    }
     async fn owned_disks(
         &self,
         _request: Request<pb::OwnedDisksRequest>,

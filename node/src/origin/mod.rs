@@ -58,6 +58,17 @@ pub enum OriginError {
     },
 }
 
+/// Where a block's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This node's own origin.
+    Origin,
+    /// The disk's owner, another member.
+    Owner,
+    /// A member that is not the owner, verified against the owner's fingerprint.
+    Peer,
+}
+
 /// The authoritative bytes of one disk.
 pub trait Origin: Send + Sync + std::fmt::Debug + 'static {
     /// The origin as registered, for messages.
@@ -82,5 +93,25 @@ pub trait Origin: Send + Sync + std::fmt::Debug + 'static {
     /// True when the bytes come from another member (the disk's owner), not a local origin.
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// Reads block `index` (`len` bytes at `index * block_bytes`) for the cache, and says where
+    /// it came from. An origin that can get a block elsewhere than from the disk's owner (a
+    /// peer) must verify it before returning it.
+    fn read_block(
+        &self,
+        index: u64,
+        block_bytes: u64,
+        len: usize,
+    ) -> OriginFuture<'_, (Bytes, Source)> {
+        let source = if self.is_remote() {
+            Source::Owner
+        } else {
+            Source::Origin
+        };
+        Box::pin(async move {
+            let b = self.read_at(index * block_bytes, len).await?;
+            Ok((b, source))
+        })
     }
 }

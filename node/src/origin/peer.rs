@@ -1,40 +1,203 @@
-//! A disk owned by another member, seen as an origin: reads go to the owner's Peer service.
+//! A sealed disk owned by another member, seen as an origin of blocks for this node's cache.
 //!
-//! A node caches a sealed disk that another member owns by serving it through its own read path
-//! over this origin: the bytes come straight from the owner (who reads them through its own
-//! cache), and this node's content map and cache take them from there. Writes are refused here
-//! (a sealed disk takes none; mutable remote disks are forwarded, never cached).
+//! A node caches such a disk by serving it through its own read path over this origin. A block
+//! this node misses is fetched from the block's *home*: the member chosen by rendezvous hashing
+//! of (disk, block) over the live members other than the owner. The home fetches the block from
+//! the owner once (its own single flight), keeps it, and answers every member that asks, so in a
+//! boot storm each block leaves the owner about once. Bytes from a home are verified against the
+//! owner's fingerprint (fetched from the owner's content map, the only trusted source); a home
+//! that fails, lacks the block or sends bytes that do not verify is counted and skipped, and the
+//! block is read from the owner instead. A block this node is itself the home of, and every read
+//! made while serving another member (`serving_peer`), goes to the owner directly, so a request
+//! never travels more than two hops.
+//!
+//! Architecture invariant: no byte from a non-owner reaches the cache unless it hashes to the
+//! owner's fingerprint for that block at this disk's generation.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::watch;
 
-use super::{Origin, OriginError, OriginFuture};
-use crate::cluster::Peers;
+use super::{Origin, OriginError, OriginFuture, Source};
+use crate::cache::fingerprint::is_zero;
+use crate::cluster::{Member, Peers};
+use crate::disk::BlockRef;
+use crate::telemetry;
 
-/// A remote owner's disk.
+/// Blocks per content-map chunk asked of the owner.
+pub const MAP_CHUNK_BLOCKS: u64 = 4096;
+
+tokio::task_local! {
+    static SERVING_PEER: bool;
+}
+
+/// Runs `f` as the service of another member's request: reads in it go to owners only.
+pub async fn serving_peer<F: std::future::Future>(f: F) -> F::Output {
+    SERVING_PEER.scope(true, f).await
+}
+
+fn is_serving_peer() -> bool {
+    SERVING_PEER.try_with(|v| *v).unwrap_or(false)
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The home of block `index` of `disk` among `members` (the owner excluded): highest random
+/// weight, the same answer on every member that sees the same live set.
+pub fn home<'a>(members: &'a [Member], owner: &str, disk: &str, index: u64) -> Option<&'a Member> {
+    let key = mix64(fnv(disk) ^ mix64(index));
+    members
+        .iter()
+        .filter(|m| m.id != owner)
+        .max_by_key(|m| (mix64(fnv(&m.id) ^ key), m.id.as_str()))
+}
+
+/// A remote owner's sealed disk.
 #[derive(Debug)]
 pub struct PeerOrigin {
     peers: Arc<Peers>,
+    me: String,
+    members: watch::Receiver<Vec<Member>>,
     owner: String,
     addr: SocketAddr,
     disk: String,
     size: u64,
+    generation: u64,
     describe: String,
+    /// The owner's fingerprints, by chunk of [`MAP_CHUNK_BLOCKS`].
+    owner_map: DashMap<u64, HashMap<u64, BlockRef>>,
 }
 
 impl PeerOrigin {
-    /// Disk `disk` of `size` bytes, owned by `owner` at `addr`.
-    pub fn new(peers: Arc<Peers>, owner: &str, addr: SocketAddr, disk: &str, size: u64) -> Self {
+    /// Disk `disk` of `size` bytes at `generation`, owned by `owner` at `addr`; `me` and
+    /// `members` are this node and the live set, for choosing homes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        peers: Arc<Peers>,
+        me: &str,
+        members: watch::Receiver<Vec<Member>>,
+        owner: &str,
+        addr: SocketAddr,
+        disk: &str,
+        size: u64,
+        generation: u64,
+    ) -> Self {
         PeerOrigin {
             peers,
+            me: me.to_string(),
+            members,
             owner: owner.to_string(),
             addr,
             describe: format!("peer://{owner}/{disk}"),
             disk: disk.to_string(),
             size,
+            generation,
+            owner_map: DashMap::new(),
         }
+    }
+
+    /// The owner's fingerprint of block `index`: from the chunk fetched before, else asked anew
+    /// (the whole chunk the first time, the one entry after that).
+    async fn owner_fingerprint(&self, index: u64, block_bytes: u64) -> Option<BlockRef> {
+        let chunk = index / MAP_CHUNK_BLOCKS;
+        let known = self.owner_map.get(&chunk).map(|m| m.get(&index).copied());
+        match known {
+            Some(Some(r)) => return Some(r),
+            Some(None) => {}
+            None => {
+                let entries = self
+                    .peers
+                    .content_map(
+                        &self.owner,
+                        self.addr,
+                        &self.disk,
+                        self.generation,
+                        chunk * MAP_CHUNK_BLOCKS,
+                        MAP_CHUNK_BLOCKS as u32,
+                        block_bytes,
+                    )
+                    .await
+                    .ok()?;
+                self.owner_map.entry(chunk).or_default().extend(entries);
+                if let Some(r) = self
+                    .owner_map
+                    .get(&chunk)
+                    .and_then(|m| m.get(&index).copied())
+                {
+                    return Some(r);
+                }
+            }
+        }
+        let entries = self
+            .peers
+            .content_map(
+                &self.owner,
+                self.addr,
+                &self.disk,
+                self.generation,
+                index,
+                1,
+                block_bytes,
+            )
+            .await
+            .ok()?;
+        let r = entries.iter().find(|(i, _)| *i == index).map(|(_, r)| *r);
+        self.owner_map.entry(chunk).or_default().extend(entries);
+        r
+    }
+
+    /// Block `index` from `home`, verified against the owner's fingerprint; on failure, why.
+    async fn fetch_from_home(
+        &self,
+        home: &Member,
+        index: u64,
+        block_bytes: u64,
+        len: usize,
+    ) -> Result<Bytes, &'static str> {
+        let got = self
+            .peers
+            .fetch_blocks(
+                &home.id,
+                home.peer_addr,
+                &self.disk,
+                self.generation,
+                &[index],
+            )
+            .await
+            .map_err(|_| "error")?;
+        let bytes = got
+            .into_iter()
+            .find(|(i, _)| *i == index)
+            .and_then(|(_, b)| b)
+            .ok_or("missing")?;
+        let expected = self
+            .owner_fingerprint(index, block_bytes)
+            .await
+            .ok_or("no_fingerprint")?;
+        let verified = bytes.len() == len
+            && match expected {
+                BlockRef::Zero => is_zero(&bytes),
+                BlockRef::Data(fp) => fp.matches(&bytes),
+            };
+        if !verified {
+            tracing::warn!(peer = %home.id, disk = %self.disk, block = index, "a peer sent bytes that do not match the owner's fingerprint; reading from the owner");
+            return Err("bad_bytes");
+        }
+        Ok(bytes)
     }
 
     fn error(&self, op: &'static str, offset: u64, cause: String) -> OriginError {
@@ -94,5 +257,72 @@ impl Origin for PeerOrigin {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn read_block(
+        &self,
+        index: u64,
+        block_bytes: u64,
+        len: usize,
+    ) -> OriginFuture<'_, (Bytes, Source)> {
+        Box::pin(async move {
+            if !is_serving_peer() {
+                let members = self.members.borrow().clone();
+                if let Some(h) = home(&members, &self.owner, &self.disk, index)
+                    && h.id != self.me
+                {
+                    match self.fetch_from_home(h, index, block_bytes, len).await {
+                        Ok(b) => return Ok((b, Source::Peer)),
+                        Err(reason) => {
+                            metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => reason)
+                                .increment(1);
+                        }
+                    }
+                }
+            }
+            let b = self.read_at(index * block_bytes, len).await?;
+            Ok((b, Source::Owner))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            disks_version: 0,
+        }
+    }
+
+    #[test]
+    fn homes_spread_over_members_but_never_the_owner_and_move_little_when_one_leaves() {
+        let all = vec![m("a"), m("b"), m("c"), m("d")];
+        let mut count: HashMap<&str, u32> = HashMap::new();
+        for i in 0..4000 {
+            let h = home(&all, "a", "disk", i).expect("home");
+            assert_ne!(h.id, "a");
+            *count.entry(h.id.as_str()).or_default() += 1;
+        }
+        for id in ["b", "c", "d"] {
+            let n = count[id];
+            assert!(
+                (1100..1600).contains(&n),
+                "{id} is home of {n} of 4000 blocks"
+            );
+        }
+        // d leaves: only d's blocks move.
+        let three = vec![m("a"), m("b"), m("c")];
+        for i in 0..4000 {
+            let before = home(&all, "a", "disk", i).expect("home").id.clone();
+            let after = home(&three, "a", "disk", i).expect("home").id.clone();
+            if before != "d" {
+                assert_eq!(before, after, "block {i} moved although its home stayed");
+            }
+        }
+        assert!(home(&[m("a")], "a", "disk", 1).is_none());
     }
 }
