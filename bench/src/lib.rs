@@ -4,6 +4,8 @@
 //!
 //! - `cache_bench.rs`: `cache` (hit and miss costs in process and over gRPC, index overhead)
 //!   and `cache --trace` (a real address trace replayed through one node).
+//! - `cluster_bench.rs`: `cluster`, a boot storm on a cluster of real node processes: owner
+//!   egress with peer fetch, caching alone, and no cache.
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
 //! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.
@@ -11,6 +13,7 @@
 
 pub mod alloc;
 pub mod cache_bench;
+pub mod cluster_bench;
 pub mod demo;
 pub mod synthetic;
 pub mod trace;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use shadowcache_bench::{alloc, cache_bench, demo};
+use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo};
 use shadowcache_node::config::Size;
 
 #[global_allocator]
@@ -33,6 +33,24 @@ enum Command {
         /// Desktops booting at once.
         #[arg(long, default_value_t = 2)]
         concurrent: usize,
+    },
+    /// A boot storm on N node processes: owner egress with peer fetch, alone, and uncached.
+    Cluster {
+        /// Node processes, the owner included (3 to 8 is the intended range).
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Readers on each node (default: as many as nodes).
+        #[arg(long)]
+        readers: Option<usize>,
+        /// Working set (the replica's size).
+        #[arg(long, default_value = "32MiB")]
+        working_set: Size,
+        /// Bytes per read.
+        #[arg(long, default_value = "64KiB")]
+        read_size: Size,
+        /// Write the figures here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
     /// --trace, hit and dedup ratios of a trace replayed through one node.
@@ -76,6 +94,26 @@ fn main() -> anyhow::Result<()> {
                     concurrent: concurrent.max(1),
                 })
                 .await
+            }
+            Command::Cluster {
+                nodes,
+                readers,
+                working_set,
+                read_size,
+                json,
+            } => {
+                let out = cluster_bench::run(cluster_bench::Options {
+                    nodes,
+                    readers: readers.unwrap_or(nodes).max(1),
+                    working_set: working_set.0,
+                    read_bytes: read_size.0,
+                })
+                .await?;
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+                    eprintln!("figures written to {}", path.display());
+                }
+                Ok(())
             }
             Command::Cache {
                 json,

@@ -122,6 +122,8 @@ struct FileCluster {
     gossip_interval_ms: Option<u64>,
     phi_threshold: Option<f64>,
     rpc_timeout_ms: Option<u64>,
+    cache_remote: Option<bool>,
+    peer_fetch: Option<bool>,
 }
 
 /// `[[disk]]` in the config file.
@@ -225,6 +227,12 @@ pub struct ClusterConfig {
     pub phi_threshold: f64,
     /// Deadline of every node-to-node call.
     pub rpc_timeout_ms: u64,
+    /// Cache sealed disks other members own (default true). False forwards every read of them
+    /// to the owner: the "no cache" baseline of the cluster benchmark.
+    pub cache_remote: bool,
+    /// Fetch missed blocks from their home member (default true). False reads every miss from
+    /// the owner: each node caching alone, the CBRC-like baseline.
+    pub peer_fetch: bool,
 }
 
 /// A disk to register at start.
@@ -414,6 +422,8 @@ impl Config {
                 gossip_interval_ms: file.cluster.gossip_interval_ms.unwrap_or(500),
                 phi_threshold: file.cluster.phi_threshold.unwrap_or(8.0),
                 rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
+                cache_remote: file.cluster.cache_remote.unwrap_or(true),
+                peer_fetch: file.cluster.peer_fetch.unwrap_or(true),
             },
         };
         cfg.validate()?;

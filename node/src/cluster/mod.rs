@@ -56,6 +56,8 @@ pub struct Cluster {
     shadows: DashMap<String, Arc<Disk>>,
     fetched: DashMap<String, u64>,
     disks_version: AtomicU64,
+    cache_remote: bool,
+    peer_fetch: bool,
 }
 
 impl Cluster {
@@ -89,6 +91,8 @@ impl Cluster {
             shadows: DashMap::new(),
             fetched: DashMap::new(),
             disks_version: AtomicU64::new(0),
+            cache_remote: c.cache_remote,
+            peer_fetch: c.peer_fetch,
         }))
     }
 
@@ -120,7 +124,10 @@ impl Cluster {
             })
         });
         for r in self.remote.iter() {
-            if r.info.mode != pb::DiskMode::Sealed as i32 || self.shadows.contains_key(r.key()) {
+            if !self.cache_remote
+                || r.info.mode != pb::DiskMode::Sealed as i32
+                || self.shadows.contains_key(r.key())
+            {
                 continue;
             }
             let Ok(id) = DiskId::parse(&r.info.id) else {
@@ -135,7 +142,8 @@ impl Cluster {
                 &r.info.id,
                 r.info.size_bytes,
                 r.info.generation,
-            );
+            )
+            .with_peer_fetch(self.peer_fetch);
             self.shadows.insert(
                 r.key().clone(),
                 Disk::shadow(id, Arc::new(origin), r.info.generation),

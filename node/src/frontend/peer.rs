@@ -49,7 +49,8 @@ impl pb::peer_server::Peer for PeerFrontend {
         let res = self
             .node
             .content_map_chunk(&r.disk, r.generation, r.first_block, r.count);
-        observe("peer_content_map", t, 0, &res);
+        let bytes = res.as_ref().map_or(0, |e| e.len() as u64 * 41);
+        observe("peer_content_map", t, bytes, &res);
         let entries = res.map_err(|e| status(&e))?;
         Ok(Response::new(pb::ContentMapResponse {
             generation: r.generation,
@@ -82,7 +83,12 @@ impl pb::peer_server::Peer for PeerFrontend {
             .node
             .blocks_for_peer(&r.disk, r.generation, &r.indices)
             .await;
-        observe("peer_fetch_blocks", t, 0, &res);
+        let bytes = res.as_ref().map_or(0, |b| {
+            b.iter()
+                .map(|(_, d)| d.as_ref().map_or(0, |d| d.len() as u64))
+                .sum()
+        });
+        observe("peer_fetch_blocks", t, bytes, &res);
         let blocks = res.map_err(|e| status(&e))?;
         let lie = lying();
         let msgs: Vec<Result<pb::BlockData, Status>> = blocks

@@ -80,6 +80,7 @@ pub struct PeerOrigin {
     describe: String,
     /// The owner's fingerprints, by chunk of [`MAP_CHUNK_BLOCKS`].
     owner_map: DashMap<u64, HashMap<u64, BlockRef>>,
+    peer_fetch: bool,
 }
 
 impl PeerOrigin {
@@ -107,7 +108,15 @@ impl PeerOrigin {
             size,
             generation,
             owner_map: DashMap::new(),
+            peer_fetch: true,
         }
+    }
+
+    /// Whether missed blocks may come from their home member (true by default); false reads
+    /// every miss from the owner.
+    pub fn with_peer_fetch(mut self, on: bool) -> Self {
+        self.peer_fetch = on;
+        self
     }
 
     /// The owner's fingerprint of block `index`: from the chunk fetched before, else asked anew
@@ -266,7 +275,7 @@ impl Origin for PeerOrigin {
         len: usize,
     ) -> OriginFuture<'_, (Bytes, Source)> {
         Box::pin(async move {
-            if !is_serving_peer() {
+            if self.peer_fetch && !is_serving_peer() {
                 let members = self.members.borrow().clone();
                 if let Some(h) = home(&members, &self.owner, &self.disk, index)
                     && h.id != self.me
