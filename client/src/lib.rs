@@ -19,7 +19,10 @@ use hyper_util::rt::TokioIo;
 use shadowcache_proto as pb;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use pb::{CacheCounters, DiskInfo, DiskMode, MemberInfo, StatusResponse, TierStatus};
+pub use pb::{
+    CacheCounters, DetectionAction, DiskInfo, DiskMode, LeaseCounters, MemberInfo, StatusResponse,
+    TierStatus,
+};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +182,19 @@ impl Client {
             .set_disk_mode(pb::SetDiskModeRequest {
                 disk: id.to_string(),
                 mode: mode as i32,
+            })
+            .await?;
+        Ok(r.into_inner().disk.unwrap_or_default())
+    }
+
+    /// Pins a disk this node owns mutable, unpins it, or drops its shadow clones.
+    pub async fn set_detection(&self, id: &str, action: DetectionAction) -> Result<DiskInfo> {
+        let r = self
+            .admin
+            .clone()
+            .set_detection(pb::SetDetectionRequest {
+                disk: id.to_string(),
+                action: action as i32,
             })
             .await?;
         Ok(r.into_inner().disk.unwrap_or_default())

@@ -116,6 +116,7 @@ struct FileCache {
 struct FileCluster {
     peer_listen: Option<SocketAddr>,
     advertise: Option<SocketAddr>,
+    advertise_rpc: Option<SocketAddr>,
     #[serde(default)]
     seeds: Vec<SocketAddr>,
     cluster_id: Option<String>,
@@ -124,6 +125,25 @@ struct FileCluster {
     rpc_timeout_ms: Option<u64>,
     cache_remote: Option<bool>,
     peer_fetch: Option<bool>,
+}
+
+/// `[detection]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDetection {
+    enabled: Option<bool>,
+    window_ms: Option<u64>,
+    min_readers: Option<u32>,
+    min_reads: Option<u64>,
+    quiet_period_ms: Option<u64>,
+}
+
+/// `[lease]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLease {
+    term_ms: Option<u64>,
+    drift_margin_ms: Option<u64>,
 }
 
 /// `[[disk]]` in the config file.
@@ -150,6 +170,10 @@ struct FileConfig {
     cache: FileCache,
     #[serde(default)]
     cluster: FileCluster,
+    #[serde(default)]
+    detection: FileDetection,
+    #[serde(default)]
+    lease: FileLease,
     #[serde(default)]
     disk: Vec<FileDisk>,
 }
@@ -204,6 +228,9 @@ pub struct Flags {
     /// The address other members use to reach this node (default: --peer-listen).
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<SocketAddr>,
+    /// The Peer gRPC address other members dial, when it is not --advertise (a proxy).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_rpc: Option<SocketAddr>,
     /// Another member's peer address to join through; repeatable.
     #[arg(long = "seed", value_name = "ADDR")]
     pub seeds: Vec<SocketAddr>,
@@ -216,6 +243,9 @@ pub struct ClusterConfig {
     pub peer_listen: Option<SocketAddr>,
     /// Address advertised to other members.
     pub advertise: Option<SocketAddr>,
+    /// Peer gRPC address advertised to other members when it differs from `advertise` (a
+    /// proxy in front of this node, as the partition tests use).
+    pub advertise_rpc: Option<SocketAddr>,
     /// Members to join through.
     pub seeds: Vec<SocketAddr>,
     /// Cluster name; gossip from other clusters is ignored.
@@ -233,6 +263,53 @@ pub struct ClusterConfig {
     /// Fetch missed blocks from their home member (default true). False reads every miss from
     /// the owner: each node caching alone, the CBRC-like baseline.
     pub peer_fetch: bool,
+}
+
+/// `[detection]`: when the owner of a mutable disk finds it read-only and read by several
+/// members, and makes it immutable under leases.
+#[derive(Debug, Clone)]
+pub struct DetectionConfig {
+    /// Detection runs at all (default true).
+    pub enabled: bool,
+    /// The sliding window over which reads and readers are counted.
+    pub window_ms: u64,
+    /// Distinct members (the owner counts) that read the disk in the window (default 2).
+    pub min_readers: u32,
+    /// Reads in the window (default 64).
+    pub min_reads: u64,
+    /// Time without any write (default 10 s).
+    pub quiet_period_ms: u64,
+}
+
+impl Default for DetectionConfig {
+    fn default() -> Self {
+        DetectionConfig {
+            enabled: true,
+            window_ms: 30_000,
+            min_readers: 2,
+            min_reads: 64,
+            quiet_period_ms: 10_000,
+        }
+    }
+}
+
+/// `[lease]`: the terms on which members serve a detected disk from their caches.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How long a lease lasts (default 10 s); renewed at a third of it.
+    pub term_ms: u64,
+    /// Clock drift allowed between members (default 500 ms): a holder gives a lease up this
+    /// much early, the owner counts it this much late.
+    pub drift_margin_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            term_ms: 10_000,
+            drift_margin_ms: 500,
+        }
+    }
 }
 
 /// A disk to register at start.
@@ -277,6 +354,10 @@ pub struct Config {
     pub disks: Vec<DiskSpec>,
     /// Cluster membership and node-to-node settings.
     pub cluster: ClusterConfig,
+    /// Detection of read-only multi-reader disks.
+    pub detection: DetectionConfig,
+    /// Leases on detected disks.
+    pub lease: LeaseConfig,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -410,6 +491,7 @@ impl Config {
             cluster: ClusterConfig {
                 peer_listen: flags.peer_listen.or(file.cluster.peer_listen),
                 advertise: flags.advertise.or(file.cluster.advertise),
+                advertise_rpc: flags.advertise_rpc.or(file.cluster.advertise_rpc),
                 seeds: if flags.seeds.is_empty() {
                     file.cluster.seeds
                 } else {
@@ -424,6 +506,23 @@ impl Config {
                 rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
                 cache_remote: file.cluster.cache_remote.unwrap_or(true),
                 peer_fetch: file.cluster.peer_fetch.unwrap_or(true),
+            },
+            detection: {
+                let d = DetectionConfig::default();
+                DetectionConfig {
+                    enabled: file.detection.enabled.unwrap_or(d.enabled),
+                    window_ms: file.detection.window_ms.unwrap_or(d.window_ms),
+                    min_readers: file.detection.min_readers.unwrap_or(d.min_readers),
+                    min_reads: file.detection.min_reads.unwrap_or(d.min_reads),
+                    quiet_period_ms: file.detection.quiet_period_ms.unwrap_or(d.quiet_period_ms),
+                }
+            },
+            lease: {
+                let d = LeaseConfig::default();
+                LeaseConfig {
+                    term_ms: file.lease.term_ms.unwrap_or(d.term_ms),
+                    drift_margin_ms: file.lease.drift_margin_ms.unwrap_or(d.drift_margin_ms),
+                }
             },
         };
         cfg.validate()?;
@@ -507,7 +606,9 @@ impl Config {
                 format!("{} is not 10 to 600000", c.rpc_timeout_ms),
             ));
         }
-        if c.peer_listen.is_none() && (!c.seeds.is_empty() || c.advertise.is_some()) {
+        if c.peer_listen.is_none()
+            && (!c.seeds.is_empty() || c.advertise.is_some() || c.advertise_rpc.is_some())
+        {
             return Err(invalid(
                 "cluster.peer_listen",
                 "seeds or advertise are set but peer_listen is not",
@@ -519,6 +620,38 @@ impl Config {
             return Err(invalid(
                 "cluster.advertise",
                 format!("peer_listen {l} is a wildcard: set the address other members should use"),
+            ));
+        }
+        let d = &self.detection;
+        if !(100..=86_400_000).contains(&d.window_ms) {
+            return Err(invalid(
+                "detection.window_ms",
+                format!("{} is not 100 to 86400000", d.window_ms),
+            ));
+        }
+        if d.min_readers < 1 {
+            return Err(invalid("detection.min_readers", "must be at least 1"));
+        }
+        if d.quiet_period_ms > 86_400_000 {
+            return Err(invalid(
+                "detection.quiet_period_ms",
+                format!("{} is more than a day", d.quiet_period_ms),
+            ));
+        }
+        let l = &self.lease;
+        if !(100..=3_600_000).contains(&l.term_ms) {
+            return Err(invalid(
+                "lease.term_ms",
+                format!("{} is not 100 to 3600000", l.term_ms),
+            ));
+        }
+        if l.drift_margin_ms.saturating_mul(3) >= l.term_ms {
+            return Err(invalid(
+                "lease.drift_margin_ms",
+                format!(
+                    "{} must be less than a third of lease.term_ms ({})",
+                    l.drift_margin_ms, l.term_ms
+                ),
             ));
         }
         if self.node_id.is_empty() {

@@ -67,6 +67,18 @@ pub enum Error {
         /// What went wrong.
         cause: String,
     },
+    /// A write found the disk detected-immutable: its leases must be revoked first. Handled
+    /// inside the node (never sent to a client).
+    #[error("disk {0:?} is detected-immutable; its leases are being revoked")]
+    Detected(String),
+    /// A lease on a disk that is not detected at the generation asked for.
+    #[error("no lease on disk {disk:?}: {why}")]
+    NoLease {
+        /// The disk.
+        disk: String,
+        /// Why.
+        why: String,
+    },
     /// The node's own state (data directory) could not be written.
     #[error("node state: {0}")]
     State(String),

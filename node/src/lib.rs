@@ -17,8 +17,10 @@
 //! restarted on the same data directory is warm.
 
 pub mod cache;
+pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod detect;
 pub mod disk;
 pub mod error;
 pub mod frontend;
@@ -28,8 +30,8 @@ pub mod telemetry;
 pub mod write;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -37,7 +39,7 @@ use bytes::Bytes;
 
 pub use cache::{ContentCache, Fingerprint, Tier, TierUsage};
 pub use config::{Config, Flags};
-pub use disk::{DiskMode, Registry};
+pub use disk::{DiskMode, DiskState, Registry};
 pub use error::{Error, Result};
 pub use read::ReadPath;
 
@@ -56,6 +58,20 @@ pub struct DiskInfo {
     pub origin: String,
     /// Owner node id.
     pub owner: String,
+    /// Random per registration at the owner.
+    pub epoch: u64,
+    /// Detection pinned off (owner only).
+    pub pinned: bool,
+    /// Members that read it in the detection window (owner only).
+    pub readers: Vec<String>,
+    /// Members holding a lease on it (owner only).
+    pub lease_holders: Vec<String>,
+    /// Blocks whose content this node knows (its coverage of an immutable disk).
+    pub known_blocks: u64,
+    /// Blocks of the disk.
+    pub total_blocks: u64,
+    /// This node holds a valid lease on it (a detected disk another member owns).
+    pub lease_valid: bool,
 }
 
 /// Counters since start, for `Status`.
@@ -114,6 +130,27 @@ pub struct NodeStatus {
     pub uptime_ms: u64,
     /// Live members, this node included.
     pub members: Vec<cluster::Member>,
+    /// Lease and detection counters.
+    pub leases: LeaseCounters,
+}
+
+/// Lease and detection counters since start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseCounters {
+    /// Leases granted (owner).
+    pub grants: u64,
+    /// Leases renewed (owner).
+    pub renewals: u64,
+    /// Leases that ran out: waited out by a revocation (owner) or lapsed in use (holder).
+    pub expiries: u64,
+    /// Revocations (acknowledged or waited out).
+    pub revocations: u64,
+    /// Milliseconds writes waited for revocations.
+    pub revocation_wait_ms: u64,
+    /// Disks detected here.
+    pub detections: u64,
+    /// Bytes sent to other members.
+    pub peer_served_bytes: u64,
 }
 
 /// One node: its disks, its cache and its read path. Frontends call these methods.
@@ -124,6 +161,9 @@ pub struct Node {
     cache: ContentCache,
     reads: ReadPath,
     cluster: Arc<cluster::Cluster>,
+    clock: Arc<dyn clock::Clock>,
+    /// This node, for the tasks it spawns (revocations run to the end without their caller).
+    me: Weak<Node>,
     started: Instant,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
     /// directory would tear each other's SSD tier and content maps.
@@ -155,7 +195,11 @@ impl Node {
                 .await
                 .context("cache open task")?
                 .context("cannot open the content cache")?;
-        let registry = Registry::new(&config.data_dir, config.block_bytes);
+        let registry = Registry::new(
+            &config.data_dir,
+            config.block_bytes,
+            Duration::from_millis(config.lease.term_ms + config.lease.drift_margin_ms),
+        );
         for d in &config.disks {
             registry
                 .register(&d.id, &d.origin, d.mode)
@@ -167,15 +211,18 @@ impl Node {
             .await
             .context("cannot load saved disks")?;
         let reads = ReadPath::new(cache.clone());
-        let cluster = cluster::Cluster::start(&config)
+        let clock = clock::system();
+        let cluster = cluster::Cluster::start(&config, clock.clone())
             .await
             .context("cannot join the cluster")?;
-        Ok(Arc::new(Node {
+        Ok(Arc::new_cyclic(|me| Node {
             config,
             registry,
             cache,
             reads,
             cluster,
+            clock,
+            me: me.clone(),
             started: Instant::now(),
             _lock: lock,
         }))
@@ -216,28 +263,58 @@ impl Node {
     /// Reads `len` bytes at `offset` of disk `disk`, wherever it is owned.
     pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         match self.registry.get(disk) {
-            Ok(d) => self.reads.read(&d, offset, len).await,
+            Ok(d) => {
+                self.note_read(&d, &self.config.node_id);
+                self.reads.read(&d, offset, len).await
+            }
             Err(Error::UnknownDisk(_)) if let Some(shadow) = self.cluster.shadow(disk) => {
-                // A sealed disk of another member: served through this node's cache.
-                self.reads.read(&shadow, offset, len).await
+                // A sealed disk of another member, or a detected one under a valid lease:
+                // served through this node's cache.
+                if self.cluster.lease_ok(&shadow).await {
+                    match self.reads.read(&shadow.disk, offset, len).await {
+                        Ok(b) => return Ok(b),
+                        Err(e) if shadow.lease.is_none() => return Err(e),
+                        Err(e) => {
+                            // The owner refused this generation (a write is being applied):
+                            // this shadow is done; read through the owner.
+                            tracing::debug!(disk, error = %e, "shadow of a detected disk failed; reading through the owner");
+                            self.cluster.drop_shadow(&shadow);
+                        }
+                    }
+                } else {
+                    self.cluster.stats.leaseless_reads.inc();
+                }
+                self.forward_read(disk, offset, len).await
             }
-            Err(Error::UnknownDisk(_)) => {
-                let r = self.remote(disk)?;
-                read::check_span(disk, r.info.size_bytes, offset, len)?;
-                metrics::counter!(telemetry::FORWARDED, "rpc" => "read").increment(1);
-                self.cluster
-                    .peers
-                    .read(&r.owner, r.addr, disk, offset, len)
-                    .await
-            }
+            Err(Error::UnknownDisk(_)) => self.forward_read(disk, offset, len).await,
             Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a disk another member owns at the owner, caching nothing.
+    async fn forward_read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
+        let r = self.remote(disk)?;
+        read::check_span(disk, r.info.size_bytes, offset, len)?;
+        metrics::counter!(telemetry::FORWARDED, "rpc" => "read").increment(1);
+        self.cluster
+            .peers
+            .read(&r.owner, r.addr, disk, offset, len, 0, 0)
+            .await
+    }
+
+    /// Counts a read of an owned mutable disk by member `from` towards its detection.
+    #[inline]
+    fn note_read(&self, d: &disk::Disk, from: &str) {
+        if self.config.detection.enabled && d.state() == DiskState::Mutable {
+            d.owner
+                .record_read(from, self.clock.now(), &self.config.detection);
         }
     }
 
     /// Writes `data` at `offset` of disk `disk`; a disk owned elsewhere is written at its owner.
     pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
         match self.registry.get(disk) {
-            Ok(d) => write::write(&d, offset, data).await,
+            Ok(d) => self.write_owned(&d, offset, data).await,
             Err(Error::UnknownDisk(_)) => {
                 let r = self.remote(disk)?;
                 read::check_span(disk, r.info.size_bytes, offset, data.len() as u64)?;
@@ -264,26 +341,52 @@ impl Node {
         }
     }
 
-    /// Entries of the content map of a sealed disk this node owns, in [first, first + count)
-    /// (at most 4096), for `Peer.ContentMap`.
-    pub fn content_map_chunk(
-        &self,
-        disk: &str,
-        generation: u64,
-        first: u64,
-        count: u32,
-    ) -> Result<Vec<(u64, disk::BlockRef)>> {
-        let d = self.registry.get(disk)?;
-        if d.generation() != generation {
+    /// A write of a disk this node owns: waits out a post-restart fence, ends a detection
+    /// (revoking every lease) when it finds one, then writes.
+    async fn write_owned(&self, d: &Arc<disk::Disk>, offset: u64, data: Bytes) -> Result<()> {
+        read::check_range(d, offset, data.len() as u64)?;
+        loop {
+            let fenced = d.owner.fenced_for(self.clock.now());
+            if !fenced.is_zero() {
+                tracing::info!(disk = %d.id, wait_ms = fenced.as_millis() as u64, "write waits until leases granted before the restart are over");
+                tokio::time::sleep(fenced).await;
+                continue;
+            }
+            d.owner.record_write(self.clock.now());
+            match write::write(d, offset, data.clone()).await {
+                Err(Error::Detected(_)) => self.end_detection(d, "write").await?,
+                r => return r,
+            }
+        }
+    }
+
+    /// Checks that a request about `d` names its current generation and epoch (0: any).
+    fn check_generation(d: &disk::Disk, generation: u64, epoch: u64) -> Result<()> {
+        if (generation != 0 && d.generation() != generation) || (epoch != 0 && d.epoch != epoch) {
             return Err(Error::StaleGeneration {
-                disk: disk.to_string(),
+                disk: d.id.to_string(),
                 asked: generation,
                 current: d.generation(),
             });
         }
+        Ok(())
+    }
+
+    /// Entries of the content map of a sealed or detected disk this node owns, in [first,
+    /// first + count) (at most 4096), for `Peer.ContentMap`.
+    pub fn content_map_chunk(
+        &self,
+        disk: &str,
+        (generation, epoch): (u64, u64),
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<(u64, disk::BlockRef)>> {
+        let d = self.registry.get(disk)?;
         let map = d
-            .sealed_map()
-            .ok_or_else(|| Error::Invalid(format!("disk {disk:?} is not sealed")))?;
+            .serving_map()
+            .ok_or_else(|| Error::Invalid(format!("disk {disk:?} is not immutable")))?;
+        // Checked after the map was taken: a generation that ended before cannot slip by.
+        Self::check_generation(&d, generation.max(1), epoch)?;
         let blocks = d.size.div_ceil(u64::from(self.config.block_bytes));
         let end = first.saturating_add(u64::from(count.min(4096))).min(blocks);
         Ok((first..end)
@@ -297,7 +400,7 @@ impl Node {
     pub async fn blocks_for_peer(
         &self,
         disk: &str,
-        generation: u64,
+        (generation, epoch): (u64, u64),
         indices: &[u64],
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
         if indices.len() > 64 {
@@ -307,21 +410,30 @@ impl Node {
             )));
         }
         let d = match self.registry.get(disk) {
-            Ok(d) if d.sealed_map().is_some() => d,
-            Ok(_) => return Err(Error::Invalid(format!("disk {disk:?} is not sealed"))),
-            Err(Error::UnknownDisk(_)) => self
-                .cluster
-                .shadow(disk)
-                .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?,
+            Ok(d) if d.serving_map().is_some() => {
+                Self::check_generation(&d, generation.max(1), epoch)?;
+                d
+            }
+            Ok(_) => return Err(Error::Invalid(format!("disk {disk:?} is not immutable"))),
+            Err(Error::UnknownDisk(_)) => {
+                let sh = self
+                    .cluster
+                    .shadow(disk)
+                    .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?;
+                if sh.disk.generation() != generation
+                    || sh
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.epoch != epoch || !l.valid(self.clock.now()))
+                {
+                    // Not serving that generation from the cache here: the asker reads it
+                    // from the owner.
+                    return Ok(indices.iter().map(|&i| (i, None)).collect());
+                }
+                sh.disk.clone()
+            }
             Err(e) => return Err(e),
         };
-        if d.generation() != generation {
-            return Err(Error::StaleGeneration {
-                disk: disk.to_string(),
-                asked: generation,
-                current: d.generation(),
-            });
-        }
         let bs = u64::from(self.config.block_bytes);
         let mut out = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -337,16 +449,247 @@ impl Node {
         Ok(out)
     }
 
-    /// Reads a disk this node owns (for the Peer service: never forwarded again).
-    pub async fn read_local(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
+    /// Reads a disk this node owns for member `from` (the Peer service: never forwarded
+    /// again). With a `generation` (not 0), only at that generation and `epoch`.
+    pub async fn read_local(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        from: &str,
+        (generation, epoch): (u64, u64),
+    ) -> Result<Bytes> {
         let d = self.registry.get(disk)?;
-        self.reads.read(&d, offset, len).await
+        Self::check_generation(&d, generation, epoch)?;
+        self.note_read(&d, from);
+        let b = self.reads.read(&d, offset, len).await?;
+        // Checked again after the read: bytes of a generation that ended meanwhile must not
+        // reach a shadow of it.
+        Self::check_generation(&d, generation, epoch)?;
+        Ok(b)
     }
 
     /// Writes a disk this node owns (for the Peer service).
     pub async fn write_local(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
         let d = self.registry.get(disk)?;
-        write::write(&d, offset, data).await
+        self.write_owned(&d, offset, data).await
+    }
+
+    /// Grants (or renews) `from` a lease on (disk, generation, epoch), for `Peer.Lease`.
+    pub fn grant_lease(
+        &self,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+        from: &str,
+    ) -> Result<Duration> {
+        let d = self.registry.get(disk)?;
+        let term = Duration::from_millis(self.config.lease.term_ms);
+        let margin = Duration::from_millis(self.config.lease.drift_margin_ms);
+        let mut leases = d.owner.leases.lock();
+        // Under the lease lock: a revocation that starts after this sees the grant.
+        if d.state() != DiskState::Detected
+            || d.generation() != generation
+            || (epoch != 0 && d.epoch != epoch)
+        {
+            return Err(Error::NoLease {
+                disk: disk.to_string(),
+                why: format!(
+                    "it is {} at generation {} (asked {generation})",
+                    d.mode().as_str(),
+                    d.generation()
+                ),
+            });
+        }
+        let now = self.clock.now();
+        let renewal = leases
+            .insert(Arc::from(from), now + term + margin)
+            .is_some_and(|e| e > now);
+        drop(leases);
+        if renewal {
+            self.cluster.stats.renewals.inc();
+        } else {
+            self.cluster.stats.grants.inc();
+            tracing::debug!(disk, holder = from, generation, "lease granted");
+        }
+        Ok(term)
+    }
+
+    /// The owner revoked (disk, generation) here (`Peer.Revoke`): returns once this node no
+    /// longer serves it from its cache.
+    pub fn revoke_held(&self, disk: &str, generation: u64) {
+        self.cluster.revoke_local(disk, generation);
+    }
+
+    /// Ends the detection of a disk this node owns: no new leases, a new generation saved,
+    /// every holder revoked (acknowledged, or its lease run out), then mutable again. Runs in a
+    /// task of its own, so a caller that goes away cannot leave the disk half way.
+    pub async fn end_detection(&self, d: &Arc<disk::Disk>, reason: &'static str) -> Result<()> {
+        let node = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::State("the node is shutting down".into()))?;
+        let d = d.clone();
+        tokio::spawn(async move { node.end_detection_to_the_end(&d, reason).await })
+            .await
+            .map_err(|e| Error::State(format!("revocation task: {e}")))?
+    }
+
+    async fn end_detection_to_the_end(
+        &self,
+        d: &Arc<disk::Disk>,
+        reason: &'static str,
+    ) -> Result<()> {
+        let _one = d.owner.revoking.lock().await;
+        let holders: Vec<(Arc<str>, Duration)> = {
+            let mut leases = d.owner.leases.lock();
+            if !d.begin_revoking() {
+                if d.state() == DiskState::Revoking {
+                    // A revocation task that did not finish (it cannot be cancelled, so it
+                    // panicked): its holders were taken; wait them out in full.
+                    let until = self.clock.now()
+                        + Duration::from_millis(
+                            self.config.lease.term_ms + self.config.lease.drift_margin_ms,
+                        );
+                    d.owner.fence(until);
+                    d.end_revoking();
+                }
+                return Ok(());
+            }
+            leases.drain().collect()
+        };
+        let old = d.generation() - 1;
+        let started = self.clock.now();
+        if let Err(e) = self.registry.save().await {
+            tracing::warn!(disk = %d.id, error = %e, "could not save the new generation; a restart will wait a lease term before writes");
+        }
+        self.cluster.disks_changed().await;
+        let live: Vec<(Arc<str>, Duration)> =
+            holders.into_iter().filter(|(_, e)| *e > started).collect();
+        let outcomes = futures::future::join_all(
+            live.iter()
+                .map(|(h, expiry)| self.cluster.revoke_holder(h, d.id.as_str(), old, *expiry)),
+        )
+        .await;
+        let stats = &self.cluster.stats;
+        for acked in &outcomes {
+            if *acked {
+                stats.revocations_acked.inc();
+            } else {
+                stats.revocations_expired.inc();
+                stats.owner_expiries.inc();
+            }
+        }
+        let waited = self.clock.now().saturating_sub(started);
+        stats.revocation_wait.record(waited.as_secs_f64());
+        stats.revocation_wait_ms.add(waited.as_millis() as u64);
+        d.owner.reset(self.clock.now());
+        d.end_revoking();
+        stats.undetections.inc();
+        if let Err(e) = self.registry.save().await {
+            tracing::warn!(disk = %d.id, error = %e, "could not save that the disk is mutable again");
+        }
+        self.cluster.disks_changed().await;
+        tracing::info!(
+            disk = %d.id,
+            reason,
+            generation = d.generation(),
+            holders = live.len(),
+            acked = outcomes.iter().filter(|a| **a).count(),
+            waited_ms = waited.as_millis() as u64,
+            "disk mutable again: every lease revoked"
+        );
+        Ok(())
+    }
+
+    /// Makes `d` detected-immutable if it qualifies now. One transition at a time per disk.
+    async fn detect(&self, d: &Arc<disk::Disk>) {
+        let now = self.clock.now();
+        let Some(activity) = d.owner.qualifies(now, &self.config.detection) else {
+            return;
+        };
+        if d.state() != DiskState::Mutable
+            || d.owner
+                .detecting
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let generation = d.generation() + 1;
+        // The generation is saved (as detected) before any lease on it can be granted.
+        d.restore_generation(generation);
+        let saved = self.registry.save().await;
+        let ok = saved.is_ok() && d.begin_detected(generation);
+        d.owner
+            .detecting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = saved {
+            tracing::warn!(disk = %d.id, error = %e, "could not save the detected generation; the disk stays mutable");
+            return;
+        }
+        if !ok {
+            tracing::debug!(disk = %d.id, "a write came in while detecting; the disk stays mutable");
+            return;
+        }
+        self.cluster.stats.detections.inc();
+        self.cluster.disks_changed().await;
+        tracing::info!(
+            disk = %d.id,
+            generation,
+            readers = ?activity.readers,
+            reads = activity.reads,
+            quiet_ms = self.config.detection.quiet_period_ms,
+            reason = "read by enough members with no write",
+            "disk detected-immutable"
+        );
+    }
+
+    /// Looks at every mutable disk this node owns and detects those that qualify.
+    pub async fn detect_all(&self) {
+        if !self.config.detection.enabled {
+            return;
+        }
+        for d in self.registry.list() {
+            if d.state() == DiskState::Mutable {
+                self.detect(&d).await;
+            }
+        }
+    }
+
+    /// An operator's detection control of a disk this node owns.
+    pub async fn set_detection(&self, disk: &str, action: DetectionAction) -> Result<DiskInfo> {
+        let d = match self.registry.get(disk) {
+            Ok(d) => d,
+            Err(Error::UnknownDisk(_)) if self.cluster.remote(disk).is_some() => {
+                let owner = self.remote(disk)?.owner;
+                return Err(Error::Invalid(format!(
+                    "disk {disk:?} is owned by member {owner}: change its detection there"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if d.state() == DiskState::Sealed {
+            return Err(Error::Invalid(format!(
+                "disk {disk:?} is sealed: it is immutable for ever, detection does not apply"
+            )));
+        }
+        match action {
+            DetectionAction::Pin => {
+                d.owner.set_pinned(true);
+                self.end_detection(&d, "operator pinned it mutable").await?;
+                tracing::info!(disk, "detection pinned off by an operator");
+            }
+            DetectionAction::Unpin => {
+                d.owner.set_pinned(false);
+                tracing::info!(disk, "detection unpinned by an operator");
+            }
+            DetectionAction::DropShadows => {
+                self.end_detection(&d, "operator dropped its shadow clones")
+                    .await?;
+            }
+        }
+        self.registry.save().await?;
+        Ok(self.info(&d))
     }
 
     /// Flushes a disk this node owns (for the Peer service).
@@ -355,7 +698,12 @@ impl Node {
         write::flush(&d).await
     }
 
+    fn total_blocks(&self, size: u64) -> u64 {
+        size.div_ceil(u64::from(self.config.block_bytes))
+    }
+
     fn info(&self, d: &disk::Disk) -> DiskInfo {
+        let now = self.clock.now();
         DiskInfo {
             id: d.id.to_string(),
             size_bytes: d.size,
@@ -363,21 +711,44 @@ impl Node {
             generation: d.generation(),
             origin: d.origin.describe().to_string(),
             owner: self.config.node_id.clone(),
+            epoch: d.epoch,
+            pinned: d.owner.pinned(),
+            readers: d.owner.activity(now, &self.config.detection).readers,
+            lease_holders: d.owner.holders(now),
+            known_blocks: d.serving_map().map_or(0, |m| m.len() as u64),
+            total_blocks: self.total_blocks(d.size),
+            lease_valid: false,
         }
     }
 
-    fn remote_info(r: cluster::RemoteDisk) -> DiskInfo {
+    fn remote_info(&self, r: cluster::RemoteDisk) -> DiskInfo {
         use shadowcache_proto::DiskMode as Pb;
+        let shadow = self.cluster.shadow(&r.info.id);
+        let now = self.clock.now();
         DiskInfo {
             mode: match Pb::try_from(r.info.mode) {
                 Ok(Pb::Sealed) => DiskMode::Sealed,
+                Ok(Pb::Detected) => DiskMode::Detected,
                 _ => DiskMode::Mutable,
             },
+            known_blocks: shadow
+                .as_ref()
+                .and_then(|s| s.disk.serving_map())
+                .map_or(0, |m| m.len() as u64),
+            total_blocks: self.total_blocks(r.info.size_bytes),
+            lease_valid: shadow
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.valid(now)),
             id: r.info.id,
             size_bytes: r.info.size_bytes,
             generation: r.info.generation,
             origin: r.info.origin,
             owner: r.owner,
+            epoch: r.info.epoch,
+            pinned: r.info.pinned,
+            readers: r.info.readers,
+            lease_holders: r.info.lease_holders,
         }
     }
 
@@ -385,7 +756,7 @@ impl Node {
     pub fn stat(&self, disk: &str) -> Result<DiskInfo> {
         match self.registry.get(disk) {
             Ok(d) => Ok(self.info(&d)),
-            Err(Error::UnknownDisk(_)) => self.remote(disk).map(Self::remote_info),
+            Err(Error::UnknownDisk(_)) => self.remote(disk).map(|r| self.remote_info(r)),
             Err(e) => Err(e),
         }
     }
@@ -403,7 +774,7 @@ impl Node {
                 .remote_disks()
                 .into_iter()
                 .filter(|r| self.registry.get(&r.info.id).is_err())
-                .map(Self::remote_info),
+                .map(|r| self.remote_info(r)),
         );
         v
     }
@@ -433,10 +804,20 @@ impl Node {
             Err(e) => return Err(e),
         };
         match (d.mode(), mode) {
+            (_, DiskMode::Detected) => {
+                return Err(Error::Invalid(
+                    "a disk becomes detected by detection, not by an operator: seal it, or leave it mutable".into(),
+                ));
+            }
+            (DiskMode::Detected, DiskMode::Sealed) => {
+                // Sealing makes it immutable for ever: its leases go first.
+                self.end_detection(&d, "operator sealed it").await?;
+                self.registry.seal(disk).await?;
+            }
             (_, DiskMode::Sealed) => {
                 self.registry.seal(disk).await?;
             }
-            (DiskMode::Mutable, DiskMode::Mutable) => {}
+            (DiskMode::Mutable | DiskMode::Detected, DiskMode::Mutable) => {}
             (DiskMode::Sealed, DiskMode::Mutable) => return Err(Error::Unseal(disk.to_string())),
         }
         self.cluster.disks_changed().await;
@@ -476,6 +857,18 @@ impl Node {
             disks: self.disks(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             members: self.cluster.members(),
+            leases: {
+                let l = &self.cluster.stats;
+                LeaseCounters {
+                    grants: l.grants.get(),
+                    renewals: l.renewals.get(),
+                    expiries: l.owner_expiries.get() + l.holder_expiries.get(),
+                    revocations: l.revocations_acked.get() + l.revocations_expired.get(),
+                    revocation_wait_ms: l.revocation_wait_ms.get(),
+                    detections: l.detections.get(),
+                    peer_served_bytes: l.peer_served_bytes.get(),
+                }
+            },
         }
     }
 
@@ -486,6 +879,17 @@ impl Node {
         self.registry.sync_maps();
         self.cache.shutdown();
     }
+}
+
+/// What an operator does to a disk's detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectionAction {
+    /// Never detect it (a detected disk goes back to mutable first).
+    Pin,
+    /// Let detection run again.
+    Unpin,
+    /// A detected disk goes back to mutable; detection starts over.
+    DropShadows,
 }
 
 /// A node serving its frontends.
@@ -529,6 +933,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
         let n = node.clone();
         node.cluster
             .spawn_refresher(stopped.clone(), move |id| n.registry.get(id).is_ok());
+    }
+    // Detection looks at every owned mutable disk four times a second.
+    if node.config.detection.enabled {
+        let node = node.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => node.detect_all().await,
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
     }
     // Gauges (bytes and entries per tier) are refreshed from the cache once a second.
     {

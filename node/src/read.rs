@@ -24,7 +24,7 @@ use tokio::sync::OnceCell;
 
 use crate::cache::fingerprint::is_zero;
 use crate::cache::{ContentCache, Fingerprint};
-use crate::disk::{BlockRef, ContentMap, Disk, DiskId};
+use crate::disk::{BlockRef, ContentMap, Disk};
 use crate::error::{Error, Result};
 use crate::origin::Source;
 use crate::telemetry::{self, Count};
@@ -79,7 +79,9 @@ type Flight = Arc<OnceCell<Result<Bytes>>>;
 pub struct ReadPath {
     cache: ContentCache,
     block_bytes: u64,
-    flights: DashMap<(DiskId, u64), Flight>,
+    /// In-flight block loads by (disk instance, generation, block): a shadow replaced by a
+    /// newer one, or a new generation of a disk, never joins a load of the old one.
+    flights: DashMap<(u64, u64, u64), Flight>,
     stats: ReadStats,
 }
 
@@ -130,9 +132,10 @@ impl ReadPath {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let Some(map) = disk.sealed_map() else {
+        let Some(map) = disk.serving_map() else {
             return self.origin_read(disk, offset, len as usize).await;
         };
+        let map = &*map;
         let bs = self.block_bytes;
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
@@ -177,8 +180,8 @@ impl ReadPath {
 
     /// Reads a block from the origin, once for all concurrent readers of it.
     async fn fill(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
-        let key = (disk.id.clone(), index);
-        let cell = match self.flights.entry(key.clone()) {
+        let key = (disk.instance, disk.generation(), index);
+        let cell = match self.flights.entry(key) {
             dashmap::Entry::Occupied(e) => {
                 self.stats.single_flight_joins.inc();
                 e.get().clone()

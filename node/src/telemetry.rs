@@ -57,6 +57,25 @@ pub const FORWARDED: &str = "shadowcache_forwarded_requests_total";
 pub const RPC_REQUESTS: &str = "shadowcache_rpc_requests_total";
 /// gRPC requests that ended in an error, by `rpc` and `code`.
 pub const RPC_ERRORS: &str = "shadowcache_rpc_errors_total";
+/// Leases granted by this node as an owner (first grants, not renewals).
+pub const LEASE_GRANTS: &str = "shadowcache_lease_grants_total";
+/// Leases renewed by this node as an owner.
+pub const LEASE_RENEWALS: &str = "shadowcache_lease_renewals_total";
+/// Leases that ran out, by `side` = owner (a revocation waited for it) | holder (in use,
+/// not renewed in time).
+pub const LEASE_EXPIRIES: &str = "shadowcache_lease_expiries_total";
+/// Leases revoked, by `outcome` = acked | expired.
+pub const LEASE_REVOCATIONS: &str = "shadowcache_lease_revocations_total";
+/// Time a write (or an operator's drop) waited for every lease of a disk to be revoked.
+pub const REVOCATION_WAIT_SECONDS: &str = "shadowcache_lease_revocation_wait_seconds";
+/// Detection transitions, by `to` = detected | mutable and `reason`.
+pub const DETECTION_TRANSITIONS: &str = "shadowcache_detection_transitions_total";
+/// Bytes this node sent to other members (Peer.Read and FetchBlocks): an owner's egress.
+pub const PEER_SERVED_BYTES: &str = "shadowcache_peer_served_bytes_total";
+/// Reads of a detected disk another member owns that went to the owner because this node
+/// held no valid lease.
+pub const LEASELESS_READS: &str = "shadowcache_leaseless_reads_total";
+
 /// Payload bytes moved by gRPC requests, by `rpc`.
 pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";
 /// gRPC request latency, by `rpc`.
@@ -98,6 +117,61 @@ impl Count {
     /// The local value.
     pub fn get(&self) -> u64 {
         self.local.load(Ordering::Relaxed)
+    }
+}
+
+/// Lease and detection counters of one node, for `Status` and Prometheus.
+#[derive(Debug)]
+pub struct LeaseStats {
+    /// Leases granted (as an owner).
+    pub grants: Count,
+    /// Leases renewed (as an owner).
+    pub renewals: Count,
+    /// Leases a revocation had to wait out (as an owner).
+    pub owner_expiries: Count,
+    /// Leases that ran out while in use (as a holder).
+    pub holder_expiries: Count,
+    /// Revocations acknowledged by the holder.
+    pub revocations_acked: Count,
+    /// Revocations that ended by the lease running out.
+    pub revocations_expired: Count,
+    /// Milliseconds writes waited for revocations.
+    pub revocation_wait_ms: Count,
+    /// Disks this node detected.
+    pub detections: Count,
+    /// Detections ended (by a write or an operator).
+    pub undetections: Count,
+    /// Bytes sent to other members.
+    pub peer_served_bytes: Count,
+    /// Reads forwarded to an owner for want of a lease.
+    pub leaseless_reads: Count,
+    /// Revocation wait histogram.
+    pub revocation_wait: metrics::Histogram,
+}
+
+impl LeaseStats {
+    /// Registered counters.
+    pub fn new() -> Self {
+        LeaseStats {
+            grants: Count::new(LEASE_GRANTS, &[]),
+            renewals: Count::new(LEASE_RENEWALS, &[]),
+            owner_expiries: Count::new(LEASE_EXPIRIES, &[("side", "owner")]),
+            holder_expiries: Count::new(LEASE_EXPIRIES, &[("side", "holder")]),
+            revocations_acked: Count::new(LEASE_REVOCATIONS, &[("outcome", "acked")]),
+            revocations_expired: Count::new(LEASE_REVOCATIONS, &[("outcome", "expired")]),
+            revocation_wait_ms: Count::new("shadowcache_lease_revocation_wait_ms_total", &[]),
+            detections: Count::new(DETECTION_TRANSITIONS, &[("to", "detected")]),
+            undetections: Count::new(DETECTION_TRANSITIONS, &[("to", "mutable")]),
+            peer_served_bytes: Count::new(PEER_SERVED_BYTES, &[]),
+            leaseless_reads: Count::new(LEASELESS_READS, &[]),
+            revocation_wait: metrics::histogram!(REVOCATION_WAIT_SECONDS),
+        }
+    }
+}
+
+impl Default for LeaseStats {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

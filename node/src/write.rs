@@ -2,8 +2,9 @@
 //!
 //! A sealed disk (or one being sealed) refuses writes with "disk is sealed". A write to a
 //! mutable disk goes straight to the origin; it is durable once a later flush returns. Mutable
-//! disks are never cached, so a write invalidates nothing. (Detected-immutable disks, leases and
-//! revocation come with the cluster work and will live here too.)
+//! disks are never cached, so a write invalidates nothing. A write that finds the disk
+//! detected-immutable (or its leases being revoked) comes back as [`Error::Detected`]: the node
+//! ends the detection (every lease revoked, see `Node::end_detection`) and tries again.
 //!
 //! Architecture invariant: every write holds the disk's in-flight guard for its whole duration,
 //! so a seal never completes while a write it did not refuse is still running.
@@ -23,7 +24,9 @@ use crate::read::check_range;
 /// that is still landing.
 pub async fn write(disk: &Arc<Disk>, offset: u64, data: Bytes) -> Result<()> {
     check_range(disk, offset, data.len() as u64)?;
-    let guard = disk.begin_write()?;
+    let Some(guard) = disk.begin_write()? else {
+        return Err(Error::Detected(disk.id.to_string()));
+    };
     if data.is_empty() {
         return Ok(());
     }
@@ -44,7 +47,7 @@ pub async fn write(disk: &Arc<Disk>, offset: u64, data: Bytes) -> Result<()> {
 pub async fn flush(disk: &Disk) -> Result<()> {
     // Only a fully sealed disk can skip the flush: one still sealing may hold writes that
     // its seal has not flushed yet.
-    if disk.sealed_map().is_some() {
+    if disk.state() == crate::disk::DiskState::Sealed {
         return Ok(());
     }
     disk.origin.flush().await.map_err(Into::into)

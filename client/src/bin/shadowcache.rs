@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use shadowcache_client::{Client, DiskInfo, DiskMode, StatusResponse};
+use shadowcache_client::{Client, DetectionAction, DiskInfo, DiskMode, StatusResponse};
 
 #[derive(Debug, Parser)]
 #[command(name = "shadowcache", version, about = "Talk to a shadowcache node")]
@@ -69,6 +69,22 @@ enum Command {
         /// Disk id.
         disk: String,
     },
+    /// Never detect a disk (a detected one goes back to mutable first); kept across restarts.
+    Pin {
+        /// Disk id (owned by this node).
+        disk: String,
+    },
+    /// Let detection run again on a pinned disk.
+    Unpin {
+        /// Disk id (owned by this node).
+        disk: String,
+    },
+    /// A detected disk goes back to mutable: every lease is revoked, caches stop serving it,
+    /// and detection starts over.
+    DropShadows {
+        /// Disk id (owned by this node).
+        disk: String,
+    },
     /// Register a disk whose origin is a file or block device on the node's host.
     Register {
         /// Disk id.
@@ -87,6 +103,7 @@ fn mode_name(m: i32) -> &'static str {
     match DiskMode::try_from(m) {
         Ok(DiskMode::Mutable) => "mutable",
         Ok(DiskMode::Sealed) => "sealed",
+        Ok(DiskMode::Detected) => "detected",
         _ => "unknown",
     }
 }
@@ -99,24 +116,47 @@ fn disk_json(d: &DiskInfo) -> serde_json::Value {
         "generation": d.generation,
         "origin": d.origin,
         "owner": d.owner,
+        "epoch": d.epoch,
+        "pinned": d.pinned,
+        "readers": d.readers,
+        "lease_holders": d.lease_holders,
+        "known_blocks": d.known_blocks,
+        "total_blocks": d.total_blocks,
+        "coverage": ratio(d.known_blocks, d.total_blocks),
+        "lease_valid": d.lease_valid,
     })
 }
 
 fn print_disks(disks: &[DiskInfo]) {
     println!(
-        "{:<24} {:>16} {:<8} {:>4}  {:<16} ORIGIN",
-        "DISK", "SIZE", "MODE", "GEN", "OWNER"
+        "{:<24} {:>16} {:<8} {:>4}  {:<16} {:>8}  ORIGIN",
+        "DISK", "SIZE", "MODE", "GEN", "OWNER", "COVERAGE"
     );
     for d in disks {
+        let mode = if d.pinned {
+            format!("{}*", mode_name(d.mode))
+        } else {
+            mode_name(d.mode).to_string()
+        };
         println!(
-            "{:<24} {:>16} {:<8} {:>4}  {:<16} {}",
+            "{:<24} {:>16} {:<8} {:>4}  {:<16} {:>7.1}%  {}",
             d.id,
             d.size_bytes,
-            mode_name(d.mode),
+            mode,
             d.generation,
             d.owner,
+            100.0 * ratio(d.known_blocks, d.total_blocks),
             d.origin
         );
+        if !d.readers.is_empty() {
+            println!("{:<26}readers in window: {}", "", d.readers.join(", "));
+        }
+        if !d.lease_holders.is_empty() {
+            println!("{:<26}lease holders: {}", "", d.lease_holders.join(", "));
+        }
+        if d.lease_valid {
+            println!("{:<26}this node holds a lease", "");
+        }
     }
 }
 
@@ -126,6 +166,7 @@ fn ratio(n: u64, d: u64) -> f64 {
 
 fn status_json(s: &StatusResponse) -> serde_json::Value {
     let c = s.counters.unwrap_or_default();
+    let l = s.leases.unwrap_or_default();
     let lookups = c.lookups;
     json!({
         "node_id": s.node_id,
@@ -163,6 +204,15 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         },
         "disks": s.disks.iter().map(disk_json).collect::<Vec<_>>(),
         "members": s.members.iter().map(|m| json!({"id": m.id, "peer_addr": m.peer_addr})).collect::<Vec<_>>(),
+        "leases": {
+            "grants": l.grants,
+            "renewals": l.renewals,
+            "expiries": l.expiries,
+            "revocations": l.revocations,
+            "revocation_wait_ms": l.revocation_wait_ms,
+            "detections": l.detections,
+            "peer_served_bytes": l.peer_served_bytes,
+        },
     })
 }
 
@@ -226,6 +276,17 @@ fn print_status(s: &StatusResponse) {
         c.demotions,
         c.evictions,
         c.ssd_verify_failures
+    );
+    let l = s.leases.unwrap_or_default();
+    println!(
+        "detections {}  lease grants {}  renewals {}  expiries {}  revocations {} (waited {} ms)  bytes served to members {}",
+        l.detections,
+        l.grants,
+        l.renewals,
+        l.expiries,
+        l.revocations,
+        l.revocation_wait_ms,
+        l.peer_served_bytes
     );
     println!();
     println!("members ({}):", s.members.len());
@@ -311,6 +372,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", disk_json(&d));
             } else {
                 println!("{} is sealed (generation {})", d.id, d.generation);
+            }
+        }
+        Command::Pin { ref disk }
+        | Command::Unpin { ref disk }
+        | Command::DropShadows { ref disk } => {
+            let (action, done) = match &cli.command {
+                Command::Pin { .. } => (DetectionAction::Pin, "pinned mutable"),
+                Command::Unpin { .. } => (DetectionAction::Unpin, "unpinned"),
+                _ => (
+                    DetectionAction::DropShadows,
+                    "mutable, its shadow clones dropped",
+                ),
+            };
+            let disk = disk.clone();
+            let d = client.set_detection(&disk, action).await?;
+            if cli.json {
+                println!("{}", disk_json(&d));
+            } else {
+                println!("{} is {done} (generation {})", d.id, d.generation);
             }
         }
         Command::Register { disk, origin, mode } => {

@@ -32,6 +32,8 @@ pub struct Member {
     pub peer_addr: SocketAddr,
     /// Changes whenever its disk registry changes.
     pub disks_version: u64,
+    /// Its gossip generation: different after every restart.
+    pub boot: u64,
 }
 
 /// How to join a cluster.
@@ -45,6 +47,8 @@ pub struct GossipConfig {
     pub listen: SocketAddr,
     /// The address peers use to reach this node (default: `listen`).
     pub advertise: SocketAddr,
+    /// The Peer gRPC address advertised (default: `advertise`).
+    pub advertise_rpc: SocketAddr,
     /// Other members' addresses to join through.
     pub seeds: Vec<SocketAddr>,
     /// Gossip round interval.
@@ -87,6 +91,7 @@ fn parse_member(id: &ChitchatId, state: &chitchat::NodeState) -> Option<Member> 
             .get(KEY_DISKS_VERSION)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        boot: id.generation_id,
     })
 }
 
@@ -97,6 +102,7 @@ impl Membership {
             id: node_id.to_string(),
             peer_addr,
             disks_version: 0,
+            boot: 0,
         };
         let (tx, rx) = watch::channel(vec![me.clone()]);
         Membership {
@@ -135,7 +141,7 @@ impl Membership {
             extra_liveness_predicate: None,
         };
         let initial = vec![
-            (KEY_PEER_ADDR.to_string(), cfg.advertise.to_string()),
+            (KEY_PEER_ADDR.to_string(), cfg.advertise_rpc.to_string()),
             (KEY_DISKS_VERSION.to_string(), "0".to_string()),
         ];
         let handle = spawn_chitchat(config, initial, &UdpTransport)
@@ -146,8 +152,9 @@ impl Membership {
             })?;
         let me = Member {
             id: cfg.node_id.clone(),
-            peer_addr: cfg.advertise,
+            peer_addr: cfg.advertise_rpc,
             disks_version: 0,
+            boot: generation,
         };
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(vec![me.clone()]);
@@ -159,7 +166,9 @@ impl Membership {
                         .iter()
                         .filter_map(|(id, s)| parse_member(id, s))
                         .collect();
-                    v.sort_by(|a, b| a.id.cmp(&b.id));
+                    // Two incarnations of one id (a restart the failure detector has not
+                    // seen yet): the newest wins.
+                    v.sort_by(|a, b| a.id.cmp(&b.id).then(b.boot.cmp(&a.boot)));
                     v.dedup_by(|a, b| a.id == b.id);
                     v
                 };

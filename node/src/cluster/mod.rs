@@ -7,11 +7,18 @@
 //! writes of a disk owned elsewhere are forwarded to its owner (`Peer.Read`, `Write`, `Flush`)
 //! and nothing of them is cached here.
 //!
+//! Sealed and detected disks of other members are served through local *shadows* (a disk
+//! object over a [`PeerOrigin`], with an in-memory content map). A shadow of a detected disk
+//! serves from the cache only while this node holds a valid lease on it ([`HolderLease`]);
+//! leases are asked for at the first read, renewed at a third of their term while reads keep
+//! wanting them, and revoked by the owner (`Peer.Revoke`) before it applies a write.
+//!
 //! Architecture invariant: this module never decides what a disk's bytes are; it only knows
 //! who owns which disk and how to reach them. A disk id known locally always wins over a
 //! remote one; between two remote owners of one id, the lower node id wins (and a warning says
 //! so), so every node resolves a conflict the same way.
 
+pub mod lease;
 pub mod membership;
 pub mod peers;
 
@@ -25,12 +32,27 @@ use dashmap::DashMap;
 use shadowcache_proto as pb;
 use tokio::sync::watch;
 
+pub use lease::HolderLease;
 pub use membership::{GossipConfig, Member, Membership};
 pub use peers::Peers;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::disk::{Disk, DiskId};
 use crate::origin::PeerOrigin;
+use crate::telemetry::LeaseStats;
+
+/// The local shadow of a sealed or detected disk another member owns.
+#[derive(Debug)]
+pub struct Shadow {
+    /// The disk served through this node's cache.
+    pub disk: Arc<Disk>,
+    /// For a detected disk: the lease this node needs to serve it from the cache.
+    pub lease: Option<Arc<HolderLease>>,
+    owner: String,
+    addr: SocketAddr,
+    epoch: u64,
+}
 
 /// A disk owned by another member.
 #[derive(Debug, Clone)]
@@ -52,17 +74,26 @@ pub struct Cluster {
     /// Clients of the other members' Peer services.
     pub peers: Arc<Peers>,
     remote: DashMap<String, RemoteDisk>,
-    /// Local shadows of the sealed disks other members own: served through this node's cache.
-    shadows: DashMap<String, Arc<Disk>>,
-    fetched: DashMap<String, u64>,
+    /// Local shadows of the sealed and detected disks other members own.
+    shadows: DashMap<String, Arc<Shadow>>,
+    /// Per member: the (boot, disks_version) whose disk list is in `remote`.
+    fetched: DashMap<String, (u64, u64)>,
+    /// Per disk: the highest generation revoked here; no shadow of it is made again.
+    revoked: DashMap<String, u64>,
     disks_version: AtomicU64,
     cache_remote: bool,
     peer_fetch: bool,
+    clock: Arc<dyn Clock>,
+    rpc_timeout: Duration,
+    lease_term: Duration,
+    drift_margin: Duration,
+    /// Lease and detection counters of this node.
+    pub stats: LeaseStats,
 }
 
 impl Cluster {
     /// Joins the cluster the config describes, or makes a cluster of one.
-    pub async fn start(config: &Config) -> anyhow::Result<Arc<Cluster>> {
+    pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Cluster>> {
         let c = &config.cluster;
         let membership = match c.peer_listen {
             Some(listen) => {
@@ -71,6 +102,7 @@ impl Cluster {
                     cluster_id: c.cluster_id.clone(),
                     listen,
                     advertise: c.advertise.unwrap_or(listen),
+                    advertise_rpc: c.advertise_rpc.or(c.advertise).unwrap_or(listen),
                     seeds: c.seeds.clone(),
                     gossip_interval: Duration::from_millis(c.gossip_interval_ms),
                     phi_threshold: c.phi_threshold,
@@ -86,14 +118,158 @@ impl Cluster {
             peers: Arc::new(Peers::new(
                 &config.node_id,
                 Duration::from_millis(c.rpc_timeout_ms),
+                Duration::from_millis(
+                    c.rpc_timeout_ms + config.lease.term_ms + config.lease.drift_margin_ms,
+                ) * 2,
             )),
             remote: DashMap::new(),
             shadows: DashMap::new(),
             fetched: DashMap::new(),
+            revoked: DashMap::new(),
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,
+            clock,
+            rpc_timeout: Duration::from_millis(c.rpc_timeout_ms),
+            lease_term: Duration::from_millis(config.lease.term_ms),
+            drift_margin: Duration::from_millis(config.lease.drift_margin_ms),
+            stats: LeaseStats::new(),
         }))
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Now, on the lease clock.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    /// Whether this node may serve `shadow` from its cache now: always for a sealed disk; for
+    /// a detected one, while it holds a valid lease (asked for here if it has none).
+    pub async fn lease_ok(&self, shadow: &Shadow) -> bool {
+        let Some(lease) = &shadow.lease else {
+            return true;
+        };
+        let now = self.clock.now();
+        lease.touch(now);
+        if lease.valid(now) {
+            return true;
+        }
+        self.acquire(lease).await
+    }
+
+    /// Asks the owner for `lease` (or its renewal); true if it is valid afterwards.
+    async fn acquire(&self, lease: &HolderLease) -> bool {
+        let _one = lease.acquiring.lock().await;
+        if lease.revoked() {
+            return false;
+        }
+        let sent = self.clock.now();
+        // A renewal that is not due yet was done by whoever held the lock before us.
+        if lease.remaining(sent) > self.lease_term * 2 / 3 {
+            return true;
+        }
+        let asked = self.peers.lease(
+            &lease.owner,
+            lease.addr,
+            &lease.disk,
+            lease.generation,
+            lease.epoch,
+        );
+        match tokio::time::timeout(self.rpc_timeout, asked).await {
+            Ok(Ok(term)) => {
+                let term = term.min(self.lease_term * 10);
+                lease.granted(sent, term, self.drift_margin) && lease.valid(self.clock.now())
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(disk = %lease.disk, owner = %lease.owner, error = %e, "lease refused");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(disk = %lease.disk, owner = %lease.owner, "lease request timed out");
+                false
+            }
+        }
+    }
+
+    /// The owner revoked (disk, generation): this node stops serving it from its cache before
+    /// it answers. Any shadow of that generation or older goes.
+    pub fn revoke_local(&self, disk: &str, generation: u64) {
+        let now = self.clock.now();
+        self.revoked
+            .entry(disk.to_string())
+            .and_modify(|g| *g = (*g).max(generation))
+            .or_insert(generation);
+        if let Some((_, sh)) = self
+            .shadows
+            .remove_if(disk, |_, sh| sh.disk.generation() <= generation)
+        {
+            if let Some(l) = &sh.lease {
+                l.revoke(now);
+            }
+            tracing::info!(
+                disk,
+                generation,
+                "lease revoked by the owner; the disk is read through its owner now"
+            );
+        }
+    }
+
+    /// Revokes `holder`'s lease on (disk, generation), which runs until `expiry` on this
+    /// node's clock: true when the holder acknowledged, false when the lease ran out first.
+    pub async fn revoke_holder(
+        &self,
+        holder: &str,
+        disk: &str,
+        generation: u64,
+        expiry: Duration,
+    ) -> bool {
+        loop {
+            let now = self.clock.now();
+            if now >= expiry {
+                return false;
+            }
+            let left = expiry - now;
+            let addr = self
+                .members()
+                .into_iter()
+                .find(|m| m.id == holder)
+                .map(|m| m.peer_addr);
+            if let Some(addr) = addr {
+                let call = self.peers.revoke(holder, addr, disk, generation);
+                if let Ok(Ok(())) = tokio::time::timeout(left.min(self.rpc_timeout), call).await {
+                    return true;
+                }
+            }
+            // Unreachable or not a member any more: try again until the lease is surely over.
+            let left = expiry.saturating_sub(self.clock.now());
+            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+        }
+    }
+
+    /// Renews the leases reads still want, and counts the ones that lapsed.
+    async fn renew_leases(self: &Arc<Self>) {
+        let now = self.clock.now();
+        let leases: Vec<Arc<HolderLease>> = self
+            .shadows
+            .iter()
+            .filter_map(|s| s.lease.clone())
+            .collect();
+        for l in leases {
+            if l.take_lapse(now) {
+                self.stats.holder_expiries.inc();
+                tracing::info!(disk = %l.disk, "lease ran out before it was renewed; reads go to the owner");
+            }
+            let wanted = now.saturating_sub(l.last_used()) < self.lease_term * 2;
+            let due = l.remaining(now) < self.lease_term * 2 / 3;
+            if wanted && due && !l.revoked() {
+                let this = self.clone();
+                tokio::spawn(async move { this.acquire(&l).await });
+            }
+        }
     }
 
     /// The live members, this node included, by id.
@@ -106,27 +282,51 @@ impl Cluster {
         self.remote.get(disk).map(|r| r.clone())
     }
 
-    /// The local shadow of a sealed disk another member owns.
+    /// The local shadow of a sealed or detected disk another member owns.
     #[inline]
-    pub fn shadow(&self, disk: &str) -> Option<Arc<Disk>> {
+    pub fn shadow(&self, disk: &str) -> Option<Arc<Shadow>> {
         self.shadows.get(disk).map(|d| d.clone())
     }
 
-    /// Makes the shadows match the remote sealed disks: one per disk, rebuilt when its owner,
-    /// generation or size changes, dropped when the disk goes.
+    /// Drops a shadow that turned out stale (its owner refused its generation).
+    pub fn drop_shadow(&self, shadow: &Arc<Shadow>) {
+        self.shadows
+            .remove_if(shadow.disk.id.as_str(), |_, s| Arc::ptr_eq(s, shadow));
+    }
+
+    /// Makes the shadows match the remote sealed and detected disks: one per disk, rebuilt
+    /// when its owner, address, epoch, generation, mode or size changes, dropped when the disk
+    /// goes.
     fn sync_shadows(&self) {
-        self.shadows.retain(|id, d| {
-            self.remote.get(id).is_some_and(|r| {
-                r.info.mode == pb::DiskMode::Sealed as i32
-                    && r.info.generation == d.generation()
-                    && r.info.size_bytes == d.size
-                    && d.origin.describe() == format!("peer://{}/{}", r.owner, r.info.id)
-            })
+        let now = self.clock.now();
+        let cached = |mode: i32| {
+            mode == pb::DiskMode::Sealed as i32 || mode == pb::DiskMode::Detected as i32
+        };
+        self.shadows.retain(|id, sh| {
+            let keep = self.remote.get(id).is_some_and(|r| {
+                cached(r.info.mode)
+                    && r.info.generation == sh.disk.generation()
+                    && r.info.size_bytes == sh.disk.size
+                    && r.info.epoch == sh.epoch
+                    && r.owner == sh.owner
+                    && r.addr == sh.addr
+                    && (r.info.mode == pb::DiskMode::Detected as i32) == sh.lease.is_some()
+            });
+            if !keep && let Some(l) = &sh.lease {
+                l.revoke(now);
+            }
+            keep
         });
         for r in self.remote.iter() {
-            if !self.cache_remote
-                || r.info.mode != pb::DiskMode::Sealed as i32
-                || self.shadows.contains_key(r.key())
+            if !self.cache_remote || !cached(r.info.mode) || self.shadows.contains_key(r.key()) {
+                continue;
+            }
+            let detected = r.info.mode == pb::DiskMode::Detected as i32;
+            if detected
+                && self
+                    .revoked
+                    .get(r.key())
+                    .is_some_and(|g| *g >= r.info.generation)
             {
                 continue;
             }
@@ -142,13 +342,29 @@ impl Cluster {
                 &r.info.id,
                 r.info.size_bytes,
                 r.info.generation,
+                r.info.epoch,
             )
             .with_peer_fetch(self.peer_fetch);
+            let lease = detected.then(|| {
+                Arc::new(HolderLease::new(
+                    &r.info.id,
+                    r.info.generation,
+                    r.info.epoch,
+                    &r.owner,
+                    r.addr,
+                ))
+            });
             self.shadows.insert(
                 r.key().clone(),
-                Disk::shadow(id, Arc::new(origin), r.info.generation),
+                Arc::new(Shadow {
+                    disk: Disk::shadow(id, Arc::new(origin), r.info.generation),
+                    lease,
+                    owner: r.owner.clone(),
+                    addr: r.addr,
+                    epoch: r.info.epoch,
+                }),
             );
-            tracing::info!(disk = %r.key(), owner = %r.owner, "caching a sealed disk of another member");
+            tracing::info!(disk = %r.key(), owner = %r.owner, generation = r.info.generation, mode = if detected { "detected" } else { "sealed" }, "caching a disk of another member");
         }
     }
 
@@ -179,8 +395,20 @@ impl Cluster {
     ) {
         let this = self.clone();
         let mut members = self.members.clone();
+        let mut stop_renewing = stopped.clone();
+        let renewer = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut tick = tokio::time::interval(renewer.lease_term / 6);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => renewer.renew_leases().await,
+                    _ = stop_renewing.changed() => break,
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 this.refresh(&local).await;
                 tokio::select! {
@@ -207,24 +435,32 @@ impl Cluster {
             .map(|e| e.key().clone())
             .filter(|id| !live.contains_key(id))
             .collect();
-        for id in gone {
-            self.fetched.remove(&id);
-            self.peers.forget(&id);
+        for id in &gone {
+            self.fetched.remove(id);
+            self.peers.forget(id);
             let before = self.remote.len();
-            self.remote.retain(|_, r| r.owner != id);
+            self.remote.retain(|_, r| &r.owner != id);
             tracing::info!(member = %id, disks = before - self.remote.len(), "member left; its disks are no longer served here");
+        }
+        if !gone.is_empty() {
+            // A disk id two members own is kept from the lower id; when that one leaves, the
+            // other's list must be read again for its disk to show.
+            self.fetched.clear();
         }
         for m in live.values() {
             if self
                 .fetched
                 .get(&m.id)
-                .is_some_and(|v| *v == m.disks_version)
+                .is_some_and(|v| v.0 == m.boot && v.1 >= m.disks_version)
             {
                 continue;
             }
             match self.peers.owned_disks(&m.id, m.peer_addr).await {
                 Ok(list) => {
                     self.remote.retain(|_, r| r.owner != m.id);
+                    if self.fetched.get(&m.id).is_some_and(|v| v.0 != m.boot) {
+                        tracing::info!(member = %m.id, "member restarted; its disks are read anew");
+                    }
                     for d in list.disks {
                         if local(&d.id) {
                             tracing::warn!(disk = %d.id, owner = %m.id, "a disk of this id is local here; the remote one is ignored");
@@ -245,7 +481,7 @@ impl Cluster {
                         );
                     }
                     self.fetched
-                        .insert(m.id.clone(), list.disks_version.max(m.disks_version));
+                        .insert(m.id.clone(), (m.boot, list.disks_version));
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");

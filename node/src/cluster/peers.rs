@@ -20,6 +20,11 @@ fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
     match s.code() {
         Code::NotFound => Error::UnknownDisk(disk.to_string()),
         Code::FailedPrecondition => Error::Sealed(disk.to_string()),
+        Code::Aborted => Error::StaleGeneration {
+            disk: disk.to_string(),
+            asked: 0,
+            current: 0,
+        },
         _ => Error::Peer {
             node: node.to_string(),
             cause: format!("{:?}: {}", s.code(), s.message()),
@@ -32,15 +37,18 @@ fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
 pub struct Peers {
     me: String,
     timeout: Duration,
+    write_timeout: Duration,
     channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
 }
 
 impl Peers {
-    /// Clients on behalf of node `me`, with `timeout` on every call.
-    pub fn new(me: &str, timeout: Duration) -> Self {
+    /// Clients on behalf of node `me`, with `timeout` on every call but writes, which get
+    /// `write_timeout` (they may wait for a lease to run out at the owner).
+    pub fn new(me: &str, timeout: Duration, write_timeout: Duration) -> Self {
         Peers {
             me: me.to_string(),
             timeout,
+            write_timeout,
             channels: DashMap::new(),
         }
     }
@@ -58,16 +66,45 @@ impl Peers {
                 cause: e.to_string(),
             })?
             .connect_timeout(self.timeout)
-            .timeout(self.timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20));
+            .initial_connection_window_size(Some(32 << 20))
+            // A peer that vanishes without a FIN (a cut link) is noticed by keepalive, not
+            // by the next call's deadline alone.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(self.timeout.min(Duration::from_secs(10)))
+            .keep_alive_while_idle(true);
         let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
         self.channels
             .insert(node.to_string(), (addr, client.clone()));
         Ok(client)
+    }
+
+    /// Runs one call with the deadline (tonic's `timeout` covers the response headers only; a
+    /// stream that stalls after them is cut here).
+    async fn deadline<T>(
+        &self,
+        node: &str,
+        disk: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Peer {
+                node: node.to_string(),
+                cause: format!(
+                    "no answer within {} ms{}",
+                    self.timeout.as_millis(),
+                    if disk.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (disk {disk:?})")
+                    }
+                ),
+            }),
+        }
     }
 
     /// Forgets a member's channel (it left the cluster).
@@ -82,13 +119,64 @@ impl Peers {
         addr: SocketAddr,
     ) -> Result<pb::OwnedDisksResponse> {
         let mut c = self.client(node, addr)?;
-        c.owned_disks(pb::OwnedDisksRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| peer_error(node, "", s))
+        self.deadline(node, "", async {
+            c.owned_disks(pb::OwnedDisksRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| peer_error(node, "", s))
+        })
+        .await
     }
 
-    /// Reads through the owner.
+    /// Asks `node` (the owner) for a lease on (disk, generation, epoch): the term granted.
+    pub async fn lease(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<Duration> {
+        let mut c = self.client(node, addr)?;
+        self.deadline(node, disk, async {
+            c.lease(pb::LeaseRequest {
+                disk: disk.to_string(),
+                generation,
+                epoch,
+                from_node: self.me.clone(),
+            })
+            .await
+            .map(|r| Duration::from_millis(r.into_inner().term_ms))
+            .map_err(|s| peer_error(node, disk, s))
+        })
+        .await
+    }
+
+    /// Tells lease holder `node` to stop serving (disk, generation); Ok once it has.
+    pub async fn revoke(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        disk: &str,
+        generation: u64,
+    ) -> Result<()> {
+        let mut c = self.client(node, addr)?;
+        self.deadline(node, disk, async {
+            c.revoke(pb::RevokeRequest {
+                disk: disk.to_string(),
+                generation,
+                from_node: self.me.clone(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| peer_error(node, disk, s))
+        })
+        .await
+    }
+
+    /// Reads through the owner; with a `generation` (not 0) the owner refuses unless the disk
+    /// is at that generation and `epoch`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn read(
         &self,
         node: &str,
@@ -96,17 +184,35 @@ impl Peers {
         disk: &str,
         offset: u64,
         length: u64,
+        generation: u64,
+        epoch: u64,
     ) -> Result<Bytes> {
         let mut c = self.client(node, addr)?;
-        c.read(pb::PeerReadRequest {
-            disk: disk.to_string(),
-            offset,
-            length,
-            from_node: self.me.clone(),
-        })
-        .await
-        .map(|r| r.into_inner().data)
-        .map_err(|s| peer_error(node, disk, s))
+        let data = self
+            .deadline(node, disk, async {
+                c.read(pb::PeerReadRequest {
+                    disk: disk.to_string(),
+                    offset,
+                    length,
+                    from_node: self.me.clone(),
+                    generation,
+                    epoch,
+                })
+                .await
+                .map(|r| r.into_inner().data)
+                .map_err(|s| peer_error(node, disk, s))
+            })
+            .await?;
+        if data.len() as u64 != length {
+            return Err(Error::Peer {
+                node: node.to_string(),
+                cause: format!(
+                    "answered a read of {length} bytes of {disk:?} with {} bytes",
+                    data.len()
+                ),
+            });
+        }
+        Ok(data)
     }
 
     /// Writes through the owner.
@@ -119,15 +225,23 @@ impl Peers {
         data: Bytes,
     ) -> Result<()> {
         let mut c = self.client(node, addr)?;
-        c.write(pb::PeerWriteRequest {
+        // A longer deadline: the owner may wait for a lease to run out before it applies it.
+        let call = c.write(pb::PeerWriteRequest {
             disk: disk.to_string(),
             offset,
             data,
             from_node: self.me.clone(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|s| peer_error(node, disk, s))
+        });
+        match tokio::time::timeout(self.write_timeout, call).await {
+            Ok(r) => r.map(|_| ()).map_err(|s| peer_error(node, disk, s)),
+            Err(_) => Err(Error::Peer {
+                node: node.to_string(),
+                cause: format!(
+                    "write of {disk:?} not acknowledged within {} ms",
+                    self.write_timeout.as_millis()
+                ),
+            }),
+        }
     }
 
     /// Entries of the owner's content map of `disk` in [first, first + count); refused (as an
@@ -138,21 +252,25 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation: u64,
+        (generation, epoch): (u64, u64),
         first: u64,
         count: u32,
         block_bytes: u64,
     ) -> Result<Vec<(u64, BlockRef)>> {
         let mut c = self.client(node, addr)?;
-        let r = c
-            .content_map(pb::ContentMapRequest {
-                disk: disk.to_string(),
-                generation,
-                first_block: first,
-                count,
+        let r = self
+            .deadline(node, disk, async {
+                c.content_map(pb::ContentMapRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    first_block: first,
+                    count,
+                    epoch,
+                })
+                .await
+                .map_err(|s| peer_error(node, disk, s))
             })
-            .await
-            .map_err(|s| peer_error(node, disk, s))?
+            .await?
             .into_inner();
         if u64::from(r.block_size) != block_bytes || r.generation != generation {
             return Err(Error::Peer {
@@ -182,44 +300,51 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation: u64,
+        (generation, epoch): (u64, u64),
         indices: &[u64],
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
         use futures::StreamExt;
         let mut c = self.client(node, addr)?;
-        let mut stream = c
-            .fetch_blocks(pb::FetchBlocksRequest {
-                disk: disk.to_string(),
-                generation,
-                indices: indices.to_vec(),
-                from_node: self.me.clone(),
-            })
-            .await
-            .map_err(|s| peer_error(node, disk, s))?
-            .into_inner();
-        let mut out = Vec::with_capacity(indices.len());
-        while let Some(msg) = stream.next().await {
-            let b = msg.map_err(|s| peer_error(node, disk, s))?;
-            out.push((b.index, (!b.missing).then_some(b.data)));
-            if out.len() > indices.len() {
-                return Err(Error::Peer {
-                    node: node.to_string(),
-                    cause: "sent more blocks than asked for".into(),
-                });
+        self.deadline(node, disk, async {
+            let mut stream = c
+                .fetch_blocks(pb::FetchBlocksRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    indices: indices.to_vec(),
+                    from_node: self.me.clone(),
+                    epoch,
+                })
+                .await
+                .map_err(|s| peer_error(node, disk, s))?
+                .into_inner();
+            let mut out = Vec::with_capacity(indices.len());
+            while let Some(msg) = stream.next().await {
+                let b = msg.map_err(|s| peer_error(node, disk, s))?;
+                out.push((b.index, (!b.missing).then_some(b.data)));
+                if out.len() > indices.len() {
+                    return Err(Error::Peer {
+                        node: node.to_string(),
+                        cause: "sent more blocks than asked for".into(),
+                    });
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     /// Flushes through the owner.
     pub async fn flush(&self, node: &str, addr: SocketAddr, disk: &str) -> Result<()> {
         let mut c = self.client(node, addr)?;
-        c.flush(pb::PeerFlushRequest {
-            disk: disk.to_string(),
-            from_node: self.me.clone(),
+        self.deadline(node, disk, async {
+            c.flush(pb::PeerFlushRequest {
+                disk: disk.to_string(),
+                from_node: self.me.clone(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| peer_error(node, disk, s))
         })
         .await
-        .map(|_| ())
-        .map_err(|s| peer_error(node, disk, s))
     }
 }

@@ -1,11 +1,19 @@
 //! The disk registry and each disk's state machine.
 //!
 //! A disk is registered from the config file or through Admin: an id, an origin on this node
-//! (this node is its owner), a mode. Modes move one way only:
+//! (this node is its owner), a mode. The states:
 //!
 //! ```text
 //!   mutable ──seal──► sealing (new writes refused; in-flight writes drain; origin flushed) ──► sealed
+//!      ▲ │
+//!      │ └─detect (no write in flight; new generation saved)──► detected (served from caches
+//!      │                                                          under leases)
+//!      └──── revoking (no new leases; holders revoked; reads from the origin) ◄──write/drop─┘
 //! ```
+//!
+//! Sealed is for ever. Detected lasts until a write or an operator ends it; the generation is
+//! bumped when it starts (and saved before any lease is granted) and again when it ends, so a
+//! cache tagged with a generation can never outlive the bytes it describes.
 //!
 //! A sealed disk is read-only for ever and served through the content cache; its content map
 //! lives here. Disks registered through Admin, and every seal, are saved in `disks.toml` in the
@@ -20,6 +28,7 @@ pub mod content_map;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -74,6 +83,9 @@ pub enum DiskMode {
     Mutable,
     /// Read-only for ever; served through the content cache.
     Sealed,
+    /// Found read-only by several members; immutable under leases until a write. Reported
+    /// only: never a mode to register a disk with.
+    Detected,
 }
 
 impl DiskMode {
@@ -82,6 +94,7 @@ impl DiskMode {
         match self {
             DiskMode::Mutable => "mutable",
             DiskMode::Sealed => "sealed",
+            DiskMode::Detected => "detected",
         }
     }
 }
@@ -89,6 +102,23 @@ impl DiskMode {
 const MUTABLE: u8 = 0;
 const SEALING: u8 = 1;
 const SEALED: u8 = 2;
+const DETECTED: u8 = 3;
+const REVOKING: u8 = 4;
+
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
+
+/// A random number for a disk's epoch: different for every registration in every process.
+fn random_epoch(instance: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&t.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&instance.to_le_bytes());
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[0..8].try_into().unwrap_or([1; 8])).max(1)
+}
 
 /// One registered disk.
 #[derive(Debug)]
@@ -99,12 +129,36 @@ pub struct Disk {
     pub origin: Arc<dyn Origin>,
     /// Size in bytes, from the origin.
     pub size: u64,
+    /// Unique among the disk objects of this process (keys single flights).
+    pub instance: u64,
+    /// Random per registration: tells members that a disk of the same id and generation was
+    /// registered again (an owner restart, an image replaced) and their caches of it must go.
+    pub epoch: u64,
+    /// Detection and leases (used at the owner only).
+    pub owner: crate::detect::OwnerState,
     state: AtomicU8,
     generation: AtomicU64,
     writes_in_flight: AtomicU64,
     writes_drained: tokio::sync::Notify,
     sealed: tokio::sync::Notify,
-    map: OnceLock<ContentMap>,
+    map: OnceLock<Arc<ContentMap>>,
+    /// The content map of the current detected generation.
+    detected_map: parking_lot::RwLock<Option<Arc<ContentMap>>>,
+}
+
+/// Where a disk stands, as its owner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    /// Reads and writes go to the origin.
+    Mutable,
+    /// A seal is draining writes.
+    Sealing,
+    /// Read-only for ever.
+    Sealed,
+    /// Immutable under leases.
+    Detected,
+    /// Leases being revoked before a write.
+    Revoking,
 }
 
 /// Holds a write's place in the in-flight count; dropping it lets a pending seal go on.
@@ -124,46 +178,131 @@ impl Drop for WriteGuard {
 
 impl Disk {
     fn new(id: DiskId, origin: Arc<dyn Origin>) -> Self {
+        let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
         Disk {
             size: origin.size(),
             id,
             origin,
+            instance,
+            epoch: random_epoch(instance),
+            owner: crate::detect::OwnerState::new(crate::clock::boot_now()),
             state: AtomicU8::new(MUTABLE),
             generation: AtomicU64::new(1),
             writes_in_flight: AtomicU64::new(0),
             writes_drained: tokio::sync::Notify::new(),
             sealed: tokio::sync::Notify::new(),
             map: OnceLock::new(),
+            detected_map: parking_lot::RwLock::new(None),
         }
     }
 
-    /// A sealed disk served through the cache with an in-memory content map, from its first
-    /// read: the local shadow of a sealed disk another member owns.
+    /// A disk served through the cache with an in-memory content map, from its first read:
+    /// the local shadow of a sealed or detected disk another member owns.
     pub fn shadow(id: DiskId, origin: Arc<dyn Origin>, generation: u64) -> Arc<Disk> {
         let d = Disk::new(id, origin);
         d.state.store(SEALED, Ordering::SeqCst);
         d.generation.store(generation, Ordering::SeqCst);
-        let _ = d.map.set(ContentMap::in_memory());
+        let _ = d.map.set(Arc::new(ContentMap::in_memory()));
         Arc::new(d)
     }
 
-    /// The mode clients see: a disk being sealed already refuses writes, so it shows as sealed.
-    pub fn mode(&self) -> DiskMode {
-        if self.state.load(Ordering::SeqCst) == MUTABLE {
-            DiskMode::Mutable
-        } else {
-            DiskMode::Sealed
+    /// The state now.
+    pub fn state(&self) -> DiskState {
+        match self.state.load(Ordering::SeqCst) {
+            MUTABLE => DiskState::Mutable,
+            SEALING => DiskState::Sealing,
+            SEALED => DiskState::Sealed,
+            DETECTED => DiskState::Detected,
+            _ => DiskState::Revoking,
         }
     }
 
-    /// The content map, once the disk is sealed (reads are served through the cache only then).
+    /// The mode clients see: sealed once the seal is complete, detected while detected;
+    /// mutable otherwise (a disk being sealed already refuses writes, but members must not
+    /// cache it before its seal is complete).
+    pub fn mode(&self) -> DiskMode {
+        match self.state.load(Ordering::SeqCst) {
+            SEALED => DiskMode::Sealed,
+            DETECTED => DiskMode::Detected,
+            _ => DiskMode::Mutable,
+        }
+    }
+
+    /// The map reads are served through: the saved one of a sealed disk, the one of the
+    /// current generation of a detected disk; `None` (read the origin) otherwise.
+    #[inline]
+    pub fn serving_map(&self) -> Option<Arc<ContentMap>> {
+        match self.state.load(Ordering::Acquire) {
+            SEALED => self.map.get().cloned(),
+            DETECTED => self.detected_map.read().clone(),
+            _ => None,
+        }
+    }
+
+    /// The content map, once the disk is sealed.
     #[inline]
     pub fn sealed_map(&self) -> Option<&ContentMap> {
         if self.state.load(Ordering::Acquire) == SEALED {
-            self.map.get()
+            self.map.get().map(|m| &**m)
         } else {
             None
         }
+    }
+
+    /// Makes a mutable disk detected-immutable at `generation` (already saved). Refused
+    /// (false) when the disk is not mutable or a write is in flight.
+    pub fn begin_detected(&self, generation: u64) -> bool {
+        if self.state.load(Ordering::SeqCst) != MUTABLE {
+            return false;
+        }
+        self.generation.store(generation, Ordering::SeqCst);
+        *self.detected_map.write() = Some(Arc::new(ContentMap::in_memory()));
+        if self
+            .state
+            .compare_exchange(MUTABLE, DETECTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            *self.detected_map.write() = None;
+            return false;
+        }
+        // A writer bumps the in-flight count before it looks at the state; one that looked
+        // before our switch is still counted here, and we step back.
+        if self.writes_in_flight.load(Ordering::SeqCst) > 0 {
+            let _ =
+                self.state
+                    .compare_exchange(DETECTED, MUTABLE, Ordering::SeqCst, Ordering::SeqCst);
+            *self.detected_map.write() = None;
+            return false;
+        }
+        true
+    }
+
+    /// Detected -> revoking, with a new generation: no read is served from a cache of the old
+    /// one from now on at this node, and members asking for it are refused. Call with the
+    /// owner's lease table locked. False if the disk was not detected.
+    pub fn begin_revoking(&self) -> bool {
+        if self
+            .state
+            .compare_exchange(DETECTED, REVOKING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.detected_map.write() = None;
+        true
+    }
+
+    /// Revoking -> mutable: every lease is over.
+    pub fn end_revoking(&self) {
+        let _ = self
+            .state
+            .compare_exchange(REVOKING, MUTABLE, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Sets the generation restored from saved state (never lowers it).
+    pub fn restore_generation(&self, generation: u64) {
+        self.generation.fetch_max(generation, Ordering::SeqCst);
     }
 
     /// The generation: bumped whenever the disk's contents or mode may change.
@@ -171,14 +310,16 @@ impl Disk {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Admits one write, or refuses it with "disk is sealed".
-    pub fn begin_write(self: &Arc<Self>) -> Result<WriteGuard> {
+    /// Admits one write: `Ok(Some)` to go on, `Ok(None)` when the disk is detected or
+    /// revoking (end that first, then try again), or "disk is sealed".
+    pub fn begin_write(self: &Arc<Self>) -> Result<Option<WriteGuard>> {
         self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = WriteGuard(self.clone());
-        if self.state.load(Ordering::SeqCst) != MUTABLE {
-            return Err(Error::Sealed(self.id.to_string()));
+        match self.state.load(Ordering::SeqCst) {
+            MUTABLE => Ok(Some(guard)),
+            DETECTED | REVOKING => Ok(None),
+            _ => Err(Error::Sealed(self.id.to_string())),
         }
-        Ok(guard)
     }
 
     /// Seals the disk: refuses new writes, waits for in-flight writes, flushes the origin,
@@ -207,6 +348,12 @@ impl Disk {
         {
             Ok(_) => {}
             Err(SEALED) => return Ok(()),
+            Err(DETECTED | REVOKING) => {
+                return Err(Error::Invalid(format!(
+                    "disk {:?} is detected-immutable: drop its shadow clones first",
+                    self.id.as_str()
+                )));
+            }
             Err(_) => loop {
                 let notified = self.sealed.notified();
                 if self.state.load(Ordering::SeqCst) == SEALED {
@@ -229,7 +376,7 @@ impl Disk {
         let map = tokio::task::spawn_blocking(map)
             .await
             .map_err(|e| Error::State(format!("content map task: {e}")))?;
-        let _ = self.map.set(map);
+        let _ = self.map.set(Arc::new(map));
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.state.store(SEALED, Ordering::Release);
         self.sealed.notify_waiters();
@@ -246,8 +393,17 @@ pub struct SavedDisk {
     pub id: String,
     /// Origin path.
     pub origin: PathBuf,
-    /// Mode.
+    /// Mode (mutable or sealed; a detected disk is saved as mutable with `detected`).
     pub mode: DiskMode,
+    /// The generation when saved (0: not saved by this version).
+    #[serde(default)]
+    pub generation: u64,
+    /// It was detected-immutable: leases may have been granted before a crash.
+    #[serde(default)]
+    pub detected: bool,
+    /// Detection pinned off by an operator.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -271,11 +427,14 @@ pub struct Registry {
     block_bytes: u32,
     data_dir: PathBuf,
     save_lock: tokio::sync::Mutex<()>,
+    /// How long writes to a disk that was detected before a restart wait (a lease term plus
+    /// the drift margin).
+    lease_fence: Duration,
 }
 
 impl Registry {
     /// An empty registry keeping its state under `data_dir`.
-    pub fn new(data_dir: &Path, block_bytes: u32) -> Self {
+    pub fn new(data_dir: &Path, block_bytes: u32, lease_fence: Duration) -> Self {
         Registry {
             disks: DashMap::new(),
             origins: DashMap::new(),
@@ -284,6 +443,7 @@ impl Registry {
             block_bytes,
             data_dir: data_dir.to_path_buf(),
             save_lock: tokio::sync::Mutex::new(()),
+            lease_fence,
         }
     }
 
@@ -434,19 +594,32 @@ impl Registry {
         let saved: SavedState =
             toml::from_str(&text).map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
         for d in saved.disk {
-            match self.get(&d.id) {
+            let disk = match self.get(&d.id) {
                 Ok(disk) => {
                     if d.mode == DiskMode::Sealed && disk.mode() == DiskMode::Mutable {
                         tracing::info!(disk = %d.id, "disk was sealed before the restart; sealing it again");
                         self.seal_disk(&disk).await?;
                     }
+                    disk
                 }
-                Err(_) => {
-                    if let Err(e) = self.register(&d.id, &d.origin, d.mode).await {
+                Err(_) => match self.register(&d.id, &d.origin, d.mode).await {
+                    Ok(disk) => disk,
+                    Err(e) => {
                         tracing::warn!(disk = %d.id, error = %e, "saved disk could not be registered again; it stays in disks.toml");
                         self.unrestored.lock().push(d);
+                        continue;
                     }
-                }
+                },
+            };
+            disk.restore_generation(d.generation);
+            disk.owner.set_pinned(d.pinned);
+            if d.detected {
+                // Leases granted before the restart may still run: no write until they are
+                // surely over.
+                disk.restore_generation(d.generation + 1);
+                disk.owner
+                    .fence(crate::clock::boot_now() + self.lease_fence);
+                tracing::info!(disk = %d.id, fence_ms = self.lease_fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
             }
         }
         Ok(())
@@ -460,10 +633,19 @@ impl Registry {
             .list()
             .iter()
             .filter_map(|d| {
+                let state = d.state();
                 Some(SavedDisk {
                     id: d.id.to_string(),
                     origin: self.origin_path(&d.id)?,
-                    mode: d.mode(),
+                    mode: if state == DiskState::Sealed {
+                        DiskMode::Sealed
+                    } else {
+                        DiskMode::Mutable
+                    },
+                    generation: d.generation(),
+                    detected: matches!(state, DiskState::Detected | DiskState::Revoking)
+                        || d.owner.detecting.load(Ordering::SeqCst),
+                    pinned: d.owner.pinned(),
                 })
             })
             .collect();

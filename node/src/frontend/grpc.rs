@@ -28,8 +28,8 @@ pub fn status(e: &Error) -> Status {
         }
         Error::DiskExists(_) => Code::AlreadyExists,
         Error::OutOfRange { .. } => Code::OutOfRange,
-        Error::Sealed(_) | Error::Unseal(_) => Code::FailedPrecondition,
-        Error::Origin(_) | Error::Peer { .. } => Code::Unavailable,
+        Error::Sealed(_) | Error::Unseal(_) | Error::NoLease { .. } => Code::FailedPrecondition,
+        Error::Origin(_) | Error::Peer { .. } | Error::Detected(_) => Code::Unavailable,
         Error::State(_) => Code::Internal,
         Error::StaleGeneration { .. } => Code::Aborted,
     };
@@ -40,6 +40,7 @@ fn mode_to_pb(m: DiskMode) -> pb::DiskMode {
     match m {
         DiskMode::Mutable => pb::DiskMode::Mutable,
         DiskMode::Sealed => pb::DiskMode::Sealed,
+        DiskMode::Detected => pb::DiskMode::Detected,
     }
 }
 
@@ -62,6 +63,13 @@ pub fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
         generation: d.generation,
         origin: d.origin,
         owner: d.owner,
+        epoch: d.epoch,
+        pinned: d.pinned,
+        readers: d.readers,
+        lease_holders: d.lease_holders,
+        known_blocks: d.known_blocks,
+        total_blocks: d.total_blocks,
+        lease_valid: d.lease_valid,
     }
 }
 
@@ -111,6 +119,15 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
                 peer_addr: m.peer_addr.to_string(),
             })
             .collect(),
+        leases: Some(pb::LeaseCounters {
+            grants: s.leases.grants,
+            renewals: s.leases.renewals,
+            expiries: s.leases.expiries,
+            revocations: s.leases.revocations,
+            revocation_wait_ms: s.leases.revocation_wait_ms,
+            detections: s.leases.detections,
+            peer_served_bytes: s.leases.peer_served_bytes,
+        }),
     }
 }
 
@@ -268,6 +285,36 @@ impl pb::admin_server::Admin for GrpcFrontend {
         observe("set_disk_mode", t, 0, &res);
         res.map(|d| {
             Response::new(pb::SetDiskModeResponse {
+                disk: Some(info_to_pb(d)),
+            })
+        })
+        .map_err(|e| status(&e))
+    }
+
+    async fn set_detection(
+        &self,
+        request: Request<pb::SetDetectionRequest>,
+    ) -> Result<Response<pb::SetDetectionResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = async {
+            let action = match pb::DetectionAction::try_from(r.action) {
+                Ok(pb::DetectionAction::Pin) => crate::DetectionAction::Pin,
+                Ok(pb::DetectionAction::Unpin) => crate::DetectionAction::Unpin,
+                Ok(pb::DetectionAction::DropShadows) => crate::DetectionAction::DropShadows,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "detection action {} is not PIN, UNPIN or DROP_SHADOWS",
+                        r.action
+                    )));
+                }
+            };
+            self.node.set_detection(&r.disk, action).await
+        }
+        .await;
+        observe("set_detection", t, 0, &res);
+        res.map(|d| {
+            Response::new(pb::SetDetectionResponse {
                 disk: Some(info_to_pb(d)),
             })
         })

@@ -46,9 +46,9 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::ContentMapResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self
-            .node
-            .content_map_chunk(&r.disk, r.generation, r.first_block, r.count);
+        let res =
+            self.node
+                .content_map_chunk(&r.disk, (r.generation, r.epoch), r.first_block, r.count);
         let bytes = res.as_ref().map_or(0, |e| e.len() as u64 * 41);
         observe("peer_content_map", t, bytes, &res);
         let entries = res.map_err(|e| status(&e))?;
@@ -81,7 +81,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self
             .node
-            .blocks_for_peer(&r.disk, r.generation, &r.indices)
+            .blocks_for_peer(&r.disk, (r.generation, r.epoch), &r.indices)
             .await;
         let bytes = res.as_ref().map_or(0, |b| {
             b.iter()
@@ -89,6 +89,7 @@ impl pb::peer_server::Peer for PeerFrontend {
                 .sum()
         });
         observe("peer_fetch_blocks", t, bytes, &res);
+        self.node.cluster().stats.peer_served_bytes.add(bytes);
         let blocks = res.map_err(|e| status(&e))?;
         let lie = lying();
         let msgs: Vec<Result<pb::BlockData, Status>> = blocks
@@ -143,8 +144,20 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self.node.read_local(&r.disk, r.offset, r.length).await;
+        let res = self
+            .node
+            .read_local(
+                &r.disk,
+                r.offset,
+                r.length,
+                &r.from_node,
+                (r.generation, r.epoch),
+            )
+            .await;
         observe("peer_read", t, r.length, &res);
+        if res.is_ok() {
+            self.node.cluster().stats.peer_served_bytes.add(r.length);
+        }
         res.map(|data| Response::new(pb::ReadResponse { data }))
             .map_err(|e| status(&e))
     }
@@ -160,6 +173,35 @@ impl pb::peer_server::Peer for PeerFrontend {
         observe("peer_write", t, len, &res);
         res.map(|()| Response::new(pb::WriteResponse {}))
             .map_err(|e| status(&e))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self
+            .node
+            .grant_lease(&r.disk, r.generation, r.epoch, &r.from_node);
+        observe("peer_lease", t, 0, &res);
+        res.map(|term| {
+            Response::new(pb::LeaseResponse {
+                term_ms: term.as_millis() as u64,
+            })
+        })
+        .map_err(|e| status(&e))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        self.node.revoke_held(&r.disk, r.generation);
+        observe::<()>("peer_revoke", t, 0, &Ok(()));
+        Ok(Response::new(pb::RevokeResponse {}))
     }
 
     async fn flush(

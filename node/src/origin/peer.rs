@@ -77,6 +77,7 @@ pub struct PeerOrigin {
     disk: String,
     size: u64,
     generation: u64,
+    epoch: u64,
     describe: String,
     /// The owner's fingerprints, by chunk of [`MAP_CHUNK_BLOCKS`].
     owner_map: DashMap<u64, HashMap<u64, BlockRef>>,
@@ -84,7 +85,7 @@ pub struct PeerOrigin {
 }
 
 impl PeerOrigin {
-    /// Disk `disk` of `size` bytes at `generation`, owned by `owner` at `addr`; `me` and
+    /// Disk `disk` of `size` bytes at `generation` and `epoch`, owned by `owner` at `addr`; `me` and
     /// `members` are this node and the live set, for choosing homes.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -96,8 +97,10 @@ impl PeerOrigin {
         disk: &str,
         size: u64,
         generation: u64,
+        epoch: u64,
     ) -> Self {
         PeerOrigin {
+            epoch,
             peers,
             me: me.to_string(),
             members,
@@ -134,7 +137,7 @@ impl PeerOrigin {
                         &self.owner,
                         self.addr,
                         &self.disk,
-                        self.generation,
+                        (self.generation, self.epoch),
                         chunk * MAP_CHUNK_BLOCKS,
                         MAP_CHUNK_BLOCKS as u32,
                         block_bytes,
@@ -157,7 +160,7 @@ impl PeerOrigin {
                 &self.owner,
                 self.addr,
                 &self.disk,
-                self.generation,
+                (self.generation, self.epoch),
                 index,
                 1,
                 block_bytes,
@@ -183,7 +186,7 @@ impl PeerOrigin {
                 &home.id,
                 home.peer_addr,
                 &self.disk,
-                self.generation,
+                (self.generation, self.epoch),
                 &[index],
             )
             .await
@@ -232,7 +235,15 @@ impl Origin for PeerOrigin {
         Box::pin(async move {
             let b = self
                 .peers
-                .read(&self.owner, self.addr, &self.disk, offset, len as u64)
+                .read(
+                    &self.owner,
+                    self.addr,
+                    &self.disk,
+                    offset,
+                    len as u64,
+                    self.generation,
+                    self.epoch,
+                )
                 .await
                 .map_err(|e| self.error("read", offset, e.to_string()))?;
             if b.len() != len {
@@ -304,6 +315,7 @@ mod tests {
             id: id.into(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             disks_version: 0,
+            boot: 1,
         }
     }
 

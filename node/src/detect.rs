@@ -1,0 +1,269 @@
+//! Detection and leases at a disk's owner.
+//!
+//! The owner of a mutable disk counts, over a sliding window, the reads of the disk and the
+//! distinct members that made them (itself included), and remembers when the last write came.
+//! When at least `min_readers` members read it, at least `min_reads` reads arrived and no write
+//! came for `quiet_period`, the disk becomes detected-immutable at a fresh generation (saved
+//! before any lease is granted on it) and every member learns it through the disk registry.
+//!
+//! While a disk is detected, members serve it from their caches under leases that the owner
+//! grants here: (holder, expiry) per disk, the expiry counted on the owner's boot clock from the
+//! grant *plus* the drift margin. A write (or an operator's drop) ends the detection: under the
+//! same lock that grants, the disk turns to revoking (no more grants), the holders are taken,
+//! and the write path revokes each one (an acknowledgement, or the lease running out) before
+//! the write is applied.
+//!
+//! Architecture invariant: granting and the switch to revoking take the same mutex, so a lease
+//! is either among the holders a revocation waits for, or was never granted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::config::DetectionConfig;
+
+/// Buckets per window: the window slides in steps of a eighth of its length.
+const BUCKETS: u32 = 8;
+
+#[derive(Debug)]
+struct Bucket {
+    start: Duration,
+    reads: u64,
+    readers: Vec<Arc<str>>,
+}
+
+/// Reads and readers of one disk over a sliding window.
+#[derive(Debug, Default)]
+struct Window {
+    buckets: VecDeque<Bucket>,
+}
+
+impl Window {
+    fn prune(&mut self, now: Duration, span: Duration) {
+        let step = span / BUCKETS;
+        while let Some(b) = self.buckets.front() {
+            if b.start + step + span <= now {
+                self.buckets.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// What the window holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Reads in the window.
+    pub reads: u64,
+    /// Distinct members that read, sorted.
+    pub readers: Vec<String>,
+}
+
+/// The owner's detection and lease state of one disk.
+#[derive(Debug)]
+pub struct OwnerState {
+    window: parking_lot::Mutex<Window>,
+    /// Nanoseconds on the boot clock of the last write (or of registration).
+    last_write: AtomicU64,
+    pinned: AtomicBool,
+    /// A detection transition is running (one at a time).
+    pub(crate) detecting: AtomicBool,
+    /// Holder -> expiry on the owner's clock (grant time + term + drift margin).
+    pub(crate) leases: parking_lot::Mutex<HashMap<Arc<str>, Duration>>,
+    /// One revocation at a time; writes that find the disk revoking wait on it.
+    pub(crate) revoking: tokio::sync::Mutex<()>,
+    /// Writes wait until this time (nanoseconds on the boot clock): set after a restart of an
+    /// owner whose disk was detected, since leases granted before the crash may still run.
+    fence_until: AtomicU64,
+}
+
+impl OwnerState {
+    /// Fresh state at `now`.
+    pub fn new(now: Duration) -> Self {
+        OwnerState {
+            window: parking_lot::Mutex::new(Window::default()),
+            last_write: AtomicU64::new(now.as_nanos() as u64),
+            pinned: AtomicBool::new(false),
+            detecting: AtomicBool::new(false),
+            leases: parking_lot::Mutex::new(HashMap::new()),
+            revoking: tokio::sync::Mutex::new(()),
+            fence_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one read by member `node`.
+    pub fn record_read(&self, node: &str, now: Duration, cfg: &DetectionConfig) {
+        let span = Duration::from_millis(cfg.window_ms);
+        let step = span / BUCKETS;
+        let mut w = self.window.lock();
+        let fresh = w.buckets.back().is_none_or(|b| b.start + step <= now);
+        if fresh {
+            w.prune(now, span);
+            w.buckets.push_back(Bucket {
+                start: now,
+                reads: 0,
+                readers: Vec::new(),
+            });
+        }
+        if let Some(b) = w.buckets.back_mut() {
+            b.reads += 1;
+            if !b.readers.iter().any(|r| &**r == node) {
+                b.readers.push(Arc::from(node));
+            }
+        }
+    }
+
+    /// Records a write: detection starts over.
+    pub fn record_write(&self, now: Duration) {
+        self.last_write
+            .fetch_max(now.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Forgets the window (after a detection ends) and counts quiet from `now`.
+    pub fn reset(&self, now: Duration) {
+        self.window.lock().buckets.clear();
+        self.last_write
+            .store(now.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Reads and readers in the window ending at `now`.
+    pub fn activity(&self, now: Duration, cfg: &DetectionConfig) -> Activity {
+        let span = Duration::from_millis(cfg.window_ms);
+        let mut w = self.window.lock();
+        w.prune(now, span);
+        let mut readers: Vec<String> = Vec::new();
+        let mut reads = 0;
+        for b in &w.buckets {
+            reads += b.reads;
+            for r in &b.readers {
+                if !readers.iter().any(|x| x == &**r) {
+                    readers.push(r.to_string());
+                }
+            }
+        }
+        readers.sort();
+        Activity { reads, readers }
+    }
+
+    /// Whether the disk qualifies for detection at `now`, and the activity that makes it.
+    pub fn qualifies(&self, now: Duration, cfg: &DetectionConfig) -> Option<Activity> {
+        if !cfg.enabled || self.pinned() {
+            return None;
+        }
+        let quiet = Duration::from_millis(cfg.quiet_period_ms).as_nanos() as u64;
+        if (now.as_nanos() as u64).saturating_sub(self.last_write.load(Ordering::SeqCst)) < quiet {
+            return None;
+        }
+        let a = self.activity(now, cfg);
+        (a.readers.len() as u64 >= u64::from(cfg.min_readers) && a.reads >= cfg.min_reads)
+            .then_some(a)
+    }
+
+    /// Whether an operator pinned the disk mutable.
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::SeqCst)
+    }
+
+    /// Pins or unpins.
+    pub fn set_pinned(&self, on: bool) {
+        self.pinned.store(on, Ordering::SeqCst);
+    }
+
+    /// Holds writes until `until` (boot clock).
+    pub fn fence(&self, until: Duration) {
+        self.fence_until
+            .fetch_max(until.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// How long writes must still wait at `now`.
+    pub fn fenced_for(&self, now: Duration) -> Duration {
+        Duration::from_nanos(
+            self.fence_until
+                .load(Ordering::SeqCst)
+                .saturating_sub(now.as_nanos() as u64),
+        )
+    }
+
+    /// The members whose lease has not run out at `now` (on the owner's count), sorted.
+    pub fn holders(&self, now: Duration) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .leases
+            .lock()
+            .iter()
+            .filter(|(_, e)| **e > now)
+            .map(|(h, _)| h.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DetectionConfig {
+        DetectionConfig {
+            enabled: true,
+            window_ms: 8_000,
+            min_readers: 2,
+            min_reads: 10,
+            quiet_period_ms: 1_000,
+        }
+    }
+
+    fn s(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs)
+    }
+
+    #[test]
+    fn needs_enough_readers_reads_and_quiet() {
+        let c = cfg();
+        let o = OwnerState::new(s(0.0));
+        for _ in 0..20 {
+            o.record_read("a", s(2.0), &c);
+        }
+        assert_eq!(o.qualifies(s(2.0), &c), None, "one reader is not enough");
+        o.record_read("b", s(2.5), &c);
+        let a = o
+            .qualifies(s(2.5), &c)
+            .expect("two readers, 21 reads, quiet");
+        assert_eq!(a.readers, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(a.reads, 21);
+        o.record_write(s(3.0));
+        assert_eq!(o.qualifies(s(3.5), &c), None, "a write 0.5 s ago");
+        assert!(o.qualifies(s(4.1), &c).is_some(), "quiet again");
+        o.set_pinned(true);
+        assert_eq!(o.qualifies(s(4.2), &c), None, "pinned");
+    }
+
+    #[test]
+    fn old_reads_slide_out_of_the_window() {
+        let c = cfg();
+        let o = OwnerState::new(s(0.0));
+        for i in 0..10 {
+            o.record_read("a", s(1.0 + f64::from(i) * 0.01), &c);
+        }
+        o.record_read("b", s(5.0), &c);
+        assert!(o.qualifies(s(5.0), &c).is_some());
+        // Nine seconds later a's reads are out of the 8 s window.
+        assert_eq!(o.activity(s(10.5), &c).readers, vec!["b".to_string()]);
+        assert_eq!(o.qualifies(s(10.5), &c), None);
+        o.reset(s(11.0));
+        assert_eq!(o.activity(s(11.0), &c), Activity::default());
+    }
+
+    #[test]
+    fn holders_are_those_whose_lease_still_runs() {
+        let o = OwnerState::new(s(0.0));
+        o.leases.lock().insert(Arc::from("x"), s(10.0));
+        o.leases.lock().insert(Arc::from("y"), s(5.0));
+        assert_eq!(o.holders(s(4.0)), vec!["x".to_string(), "y".to_string()]);
+        assert_eq!(o.holders(s(6.0)), vec!["x".to_string()]);
+        o.fence(s(3.0));
+        assert_eq!(o.fenced_for(s(1.0)), s(2.0));
+        assert_eq!(o.fenced_for(s(4.0)), Duration::ZERO);
+    }
+}
