@@ -420,12 +420,10 @@ impl Node {
                     .cluster
                     .shadow(disk)
                     .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?;
-                if sh.disk.generation() != generation
-                    || sh
-                        .lease
-                        .as_ref()
-                        .is_some_and(|l| l.epoch != epoch || !l.valid(self.clock.now()))
-                {
+                let stale = sh.disk.generation() != generation
+                    || sh.lease.as_ref().is_some_and(|l| l.epoch != epoch);
+                // Serving a detected disk to a member from this cache needs a lease too.
+                if stale || !self.cluster.lease_ok(&sh).await {
                     // Not serving that generation from the cache here: the asker reads it
                     // from the owner.
                     return Ok(indices.iter().map(|&i| (i, None)).collect());

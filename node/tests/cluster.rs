@@ -1,81 +1,15 @@
 //! Several real `shadowcache-node` processes on loopback, joined by gossip: every disk is
 //! usable from every node, reads and writes reach the owner, and a killed member's disks go.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{Member, client, code, counters, has_disk, member, member_with_env, until};
 use rand::{Rng, SeedableRng};
-use shadowcache_client::{Client, ClientError, DiskMode};
-use shadowcache_testkit::{NodeProcess, free_peer_port, random_image};
+use shadowcache_client::{ClientError, DiskMode};
+use shadowcache_testkit::random_image;
 use tonic::Code;
-
-struct Member {
-    process: NodeProcess,
-    addr: String,
-}
-
-fn member(dir: &Path, id: &str, seed: Option<&str>, extra: &[String]) -> Member {
-    member_with_env(dir, id, seed, extra, &[])
-}
-
-fn member_with_env(
-    dir: &Path,
-    id: &str,
-    seed: Option<&str>,
-    extra: &[String],
-    env: &[(&str, &str)],
-) -> Member {
-    let port = free_peer_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut args = vec![format!("--node-id={id}"), format!("--peer-listen={addr}")];
-    if let Some(s) = seed {
-        args.push(format!("--seed={s}"));
-    }
-    args.extend_from_slice(extra);
-    Member {
-        process: NodeProcess::start_with_env(&dir.join(id), &args, env),
-        addr,
-    }
-}
-
-async fn client(m: &Member) -> Client {
-    Client::connect_unix(&m.process.socket)
-        .await
-        .expect("connect")
-}
-
-/// Polls `status` at `m` until `ok` holds (gossip takes a few rounds), or fails after 30 s.
-async fn until(m: &Member, what: &str, ok: impl Fn(&shadowcache_client::StatusResponse) -> bool) {
-    let c = client(m).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = c.status().await.expect("status");
-        if ok(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status: members {:?}, disks {:?}",
-            s.members,
-            s.disks
-                .iter()
-                .map(|d| (&d.id, &d.owner))
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn has_disk(s: &shadowcache_client::StatusResponse, id: &str, owner: &str) -> bool {
-    s.disks.iter().any(|d| d.id == id && d.owner == owner)
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.code(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_disks_away() {
@@ -216,16 +150,6 @@ async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_di
             .len(),
         10
     );
-}
-
-async fn counters(m: &Member) -> shadowcache_client::CacheCounters {
-    client(m)
-        .await
-        .status()
-        .await
-        .expect("status")
-        .counters
-        .expect("counters")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
