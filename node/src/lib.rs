@@ -72,6 +72,8 @@ pub struct DiskInfo {
     pub total_blocks: u64,
     /// This node holds a valid lease on it (a detected disk another member owns).
     pub lease_valid: bool,
+    /// Blocks other members hold, from their block maps: (member, blocks).
+    pub coverage: Vec<(String, u64)>,
 }
 
 /// Counters since start, for `Status`.
@@ -151,6 +153,10 @@ pub struct LeaseCounters {
     pub detections: u64,
     /// Bytes sent to other members.
     pub peer_served_bytes: u64,
+    /// Serialized bytes of other members' block maps held.
+    pub block_map_bytes: u64,
+    /// Bytes of block maps received.
+    pub block_map_traffic_bytes: u64,
 }
 
 /// One node: its disks, its cache and its read path. Frontends call these methods.
@@ -402,6 +408,7 @@ impl Node {
         disk: &str,
         (generation, epoch): (u64, u64),
         indices: &[u64],
+        cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
         if indices.len() > 64 {
             return Err(Error::Invalid(format!(
@@ -440,11 +447,72 @@ impl Node {
                 out.push((i, None));
                 continue;
             }
+            if cached_only {
+                // Asked as a holder from this node's block map: the cache or nothing.
+                let got = self.reads.cached_block(&d, i).await;
+                if got.is_none() {
+                    d.held.remove(i);
+                }
+                out.push((i, got));
+                continue;
+            }
             let len = bs.min(d.size - at);
             let got = origin::peer::serving_peer(self.reads.read(&d, at, len)).await;
             out.push((i, got.ok()));
         }
         Ok(out)
+    }
+
+    /// This node's block map of an immutable disk at (generation, epoch), streamed to another
+    /// member (`Peer.SubscribeBlockMap`) until that generation is over here.
+    pub fn block_map_stream(
+        &self,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<
+        tokio::sync::mpsc::Receiver<
+            std::result::Result<shadowcache_proto::BlockMapUpdate, tonic::Status>,
+        >,
+    > {
+        match self.registry.get(disk) {
+            Ok(d) => {
+                if d.serving_map().is_none() {
+                    return Err(Error::Invalid(format!("disk {disk:?} is not immutable")));
+                }
+                Self::check_generation(&d, generation.max(1), epoch)?;
+                let alive = d.clone();
+                Ok(cluster::blockmap::serve(d, generation, move || {
+                    alive.serving_map().is_some() && alive.generation() == generation
+                }))
+            }
+            Err(Error::UnknownDisk(_)) => {
+                let sh = self
+                    .cluster
+                    .shadow(disk)
+                    .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?;
+                if sh.disk.generation() != generation || sh.maps.epoch != epoch {
+                    return Err(Error::StaleGeneration {
+                        disk: disk.to_string(),
+                        asked: generation,
+                        current: sh.disk.generation(),
+                    });
+                }
+                let cluster = self.cluster.clone();
+                let alive = sh.clone();
+                Ok(cluster::blockmap::serve(
+                    sh.disk.clone(),
+                    generation,
+                    move || {
+                        cluster
+                            .shadow(alive.disk.id.as_str())
+                            .is_some_and(|s| Arc::ptr_eq(&s, &alive))
+                            && alive.lease.as_ref().is_none_or(|l| !l.revoked())
+                    },
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a disk this node owns for member `from` (the Peer service: never forwarded
@@ -716,6 +784,7 @@ impl Node {
             known_blocks: d.serving_map().map_or(0, |m| m.len() as u64),
             total_blocks: self.total_blocks(d.size),
             lease_valid: false,
+            coverage: Vec::new(),
         }
     }
 
@@ -738,6 +807,10 @@ impl Node {
                 .as_ref()
                 .and_then(|s| s.lease.as_ref())
                 .is_some_and(|l| l.valid(now)),
+            coverage: shadow
+                .as_ref()
+                .map(|s| s.maps.coverage())
+                .unwrap_or_default(),
             id: r.info.id,
             size_bytes: r.info.size_bytes,
             generation: r.info.generation,
@@ -865,6 +938,8 @@ impl Node {
                     revocation_wait_ms: l.revocation_wait_ms.get(),
                     detections: l.detections.get(),
                     peer_served_bytes: l.peer_served_bytes.get(),
+                    block_map_bytes: self.cluster.block_map_bytes(),
+                    block_map_traffic_bytes: l.block_map_traffic.get(),
                 }
             },
         }
@@ -955,7 +1030,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { node.cache.usage(); }
+                    _ = tick.tick() => {
+                        node.cache.usage();
+                        metrics::gauge!(telemetry::BLOCK_MAP_BYTES)
+                            .set(node.cluster.block_map_bytes() as f64);
+                    }
                     _ = stopped.changed() => break,
                 }
             }

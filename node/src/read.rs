@@ -211,6 +211,7 @@ impl ReadPath {
         let bytes = self.block_read(disk, index, len).await?;
         if is_zero(&bytes) {
             map.insert(index, BlockRef::Zero);
+            disk.held.insert(index);
             return Ok(self.cache.zero(len));
         }
         let fp = Fingerprint::of(&bytes);
@@ -221,7 +222,21 @@ impl ReadPath {
         }
         self.cache.admit(fp, bytes.clone());
         map.insert(index, BlockRef::Data(fp));
+        disk.held.insert(index);
         Ok(bytes)
+    }
+
+    /// Block `index` of an immutable disk if this node's cache holds it now; never reads an
+    /// origin or a member.
+    pub async fn cached_block(&self, disk: &Disk, index: u64) -> Option<Bytes> {
+        let map = disk.serving_map()?;
+        if index.checked_mul(self.block_bytes)? >= disk.size {
+            return None;
+        }
+        match map.get(index)? {
+            BlockRef::Zero => Some(self.cache.zero(self.block_len(disk, index))),
+            BlockRef::Data(fp) => self.cache.get(&fp).await.map(|(b, _)| b),
+        }
     }
 
     /// One block for the cache, counted by where it came from.

@@ -43,6 +43,9 @@ pub const PEER_READ_BYTES: &str = "shadowcache_peer_read_bytes_total";
 /// Peer block fetches that did not give a verified block, by `reason` = error | missing |
 /// bad_bytes | no_fingerprint.
 pub const PEER_FETCH_FAILURES: &str = "shadowcache_peer_fetch_failures_total";
+/// Verified blocks fetched from other members, by `via` = holder (found in its block map) |
+/// home (the block's rendezvous home).
+pub const PEER_FETCHES: &str = "shadowcache_peer_fetches_total";
 /// Blocks served to other members by FetchBlocks.
 pub const PEER_SERVED_BLOCKS: &str = "shadowcache_peer_served_blocks_total";
 /// Origin reads or writes that failed.
@@ -75,6 +78,11 @@ pub const PEER_SERVED_BYTES: &str = "shadowcache_peer_served_bytes_total";
 /// Reads of a detected disk another member owns that went to the owner because this node
 /// held no valid lease.
 pub const LEASELESS_READS: &str = "shadowcache_leaseless_reads_total";
+
+/// Bytes of other members' block maps received (snapshots and changes).
+pub const BLOCK_MAP_TRAFFIC_BYTES: &str = "shadowcache_block_map_traffic_bytes_total";
+/// Serialized bytes of the block maps of other members this node holds.
+pub const BLOCK_MAP_BYTES: &str = "shadowcache_block_map_bytes";
 
 /// Payload bytes moved by gRPC requests, by `rpc`.
 pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";
@@ -147,6 +155,8 @@ pub struct LeaseStats {
     pub leaseless_reads: Count,
     /// Revocation wait histogram.
     pub revocation_wait: metrics::Histogram,
+    /// Bytes of block map snapshots and changes received.
+    pub block_map_traffic: Count,
 }
 
 impl LeaseStats {
@@ -165,6 +175,7 @@ impl LeaseStats {
             peer_served_bytes: Count::new(PEER_SERVED_BYTES, &[]),
             leaseless_reads: Count::new(LEASELESS_READS, &[]),
             revocation_wait: metrics::histogram!(REVOCATION_WAIT_SECONDS),
+            block_map_traffic: Count::new(BLOCK_MAP_TRAFFIC_BYTES, &[]),
         }
     }
 }

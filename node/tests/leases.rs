@@ -166,7 +166,13 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
             cfg.clone(),
         ],
     );
-    let b = member(dir.path(), "b", Some(&a.addr), std::slice::from_ref(&cfg));
+    let b_metrics = shadowcache_testkit::free_port();
+    let b = member(
+        dir.path(),
+        "b",
+        Some(&a.addr),
+        &[cfg.clone(), format!("--metrics=127.0.0.1:{b_metrics}")],
+    );
     let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
     for m in [&a, &b, &c] {
         until(m, "three members and the disk", |s| {
@@ -218,10 +224,44 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
 
     // Both read the whole disk: each block leaves the owner about once.
     let before = status(&a).await.leases.expect("leases").peer_served_bytes;
-    for cl in [&cc, &bc] {
-        let got = cl.disk("vdi").read_at(0, size).await.expect("whole disk");
-        assert!(got[..] == data[..], "a detected disk read wrong bytes");
-    }
+    let got = cc
+        .disk("vdi")
+        .read_at(0, size)
+        .await
+        .expect("whole disk at c");
+    assert!(got[..] == data[..], "a detected disk read wrong bytes");
+    // b learns from c's block map that c holds every block, and asks c for them.
+    let blocks = size / BS;
+    until(&b, "c's block map at b", |s| {
+        disk_info(s, "vdi")
+            .coverage
+            .iter()
+            .any(|m| m.member == "c" && m.blocks == blocks)
+    })
+    .await;
+    let got = bc
+        .disk("vdi")
+        .read_at(0, size)
+        .await
+        .expect("whole disk at b");
+    assert!(got[..] == data[..], "a detected disk read wrong bytes");
+    let body = shadowcache_testkit::http_get(b_metrics, "/metrics").expect("metrics");
+    let via_holder =
+        shadowcache_testkit::metric(&body, "shadowcache_peer_fetches_total{via=\"holder\"}")
+            .unwrap_or(0.0);
+    assert!(
+        via_holder as u64 >= blocks / 4,
+        "b fetched only {via_holder} blocks from holders in block maps"
+    );
+    let l = status(&b).await.leases.expect("leases");
+    assert!(
+        l.block_map_bytes > 0 && l.block_map_traffic_bytes > 0,
+        "{l:?}"
+    );
+    eprintln!(
+        "block maps at b: {} bytes held, {} bytes received, for a disk of {blocks} blocks",
+        l.block_map_bytes, l.block_map_traffic_bytes
+    );
     let s = status(&a).await;
     let egress = s.leases.expect("leases").peer_served_bytes - before;
     eprintln!(

@@ -124,6 +124,11 @@ fn disk_json(d: &DiskInfo) -> serde_json::Value {
         "total_blocks": d.total_blocks,
         "coverage": ratio(d.known_blocks, d.total_blocks),
         "lease_valid": d.lease_valid,
+        "member_coverage": d.coverage.iter().map(|c| json!({
+            "member": c.member,
+            "blocks": c.blocks,
+            "coverage": ratio(c.blocks, d.total_blocks),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -156,6 +161,20 @@ fn print_disks(disks: &[DiskInfo]) {
         }
         if d.lease_valid {
             println!("{:<26}this node holds a lease", "");
+        }
+        if !d.coverage.is_empty() {
+            let c: Vec<String> = d
+                .coverage
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {:.1}%",
+                        c.member,
+                        100.0 * ratio(c.blocks, d.total_blocks)
+                    )
+                })
+                .collect();
+            println!("{:<26}held by members: {}", "", c.join(", "));
         }
     }
 }
@@ -212,6 +231,8 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "revocation_wait_ms": l.revocation_wait_ms,
             "detections": l.detections,
             "peer_served_bytes": l.peer_served_bytes,
+            "block_map_bytes": l.block_map_bytes,
+            "block_map_traffic_bytes": l.block_map_traffic_bytes,
         },
     })
 }
@@ -278,6 +299,10 @@ fn print_status(s: &StatusResponse) {
         c.ssd_verify_failures
     );
     let l = s.leases.unwrap_or_default();
+    println!(
+        "block maps held {} bytes, received {} bytes",
+        l.block_map_bytes, l.block_map_traffic_bytes
+    );
     println!(
         "detections {}  lease grants {}  renewals {}  expiries {}  revocations {} (waited {} ms)  bytes served to members {}",
         l.detections,

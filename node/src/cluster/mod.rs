@@ -18,6 +18,7 @@
 //! remote one; between two remote owners of one id, the lower node id wins (and a warning says
 //! so), so every node resolves a conflict the same way.
 
+pub mod blockmap;
 pub mod lease;
 pub mod membership;
 pub mod peers;
@@ -42,6 +43,14 @@ use crate::disk::{Disk, DiskId};
 use crate::origin::PeerOrigin;
 use crate::telemetry::LeaseStats;
 
+/// A running block map subscription.
+#[derive(Debug)]
+struct Subscription {
+    boot: u64,
+    maps: Arc<blockmap::RemoteMaps>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// The local shadow of a sealed or detected disk another member owns.
 #[derive(Debug)]
 pub struct Shadow {
@@ -49,6 +58,8 @@ pub struct Shadow {
     pub disk: Arc<Disk>,
     /// For a detected disk: the lease this node needs to serve it from the cache.
     pub lease: Option<Arc<HolderLease>>,
+    /// Other members' block maps of it.
+    pub maps: Arc<blockmap::RemoteMaps>,
     owner: String,
     addr: SocketAddr,
     epoch: u64,
@@ -80,6 +91,8 @@ pub struct Cluster {
     fetched: DashMap<String, (u64, u64)>,
     /// Per disk: the highest generation revoked here; no shadow of it is made again.
     revoked: DashMap<String, u64>,
+    /// Block map subscriptions by (disk, member): the shadow and member boot they are for.
+    subs: DashMap<(String, String), Subscription>,
     disks_version: AtomicU64,
     cache_remote: bool,
     peer_fetch: bool,
@@ -126,6 +139,7 @@ impl Cluster {
             shadows: DashMap::new(),
             fetched: DashMap::new(),
             revoked: DashMap::new(),
+            subs: DashMap::new(),
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,
@@ -345,6 +359,8 @@ impl Cluster {
                 r.info.epoch,
             )
             .with_peer_fetch(self.peer_fetch);
+            let maps = Arc::new(blockmap::RemoteMaps::new(r.info.generation, r.info.epoch));
+            let origin = origin.with_block_maps(maps.clone());
             let lease = detected.then(|| {
                 Arc::new(HolderLease::new(
                     &r.info.id,
@@ -359,6 +375,7 @@ impl Cluster {
                 Arc::new(Shadow {
                     disk: Disk::shadow(id, Arc::new(origin), r.info.generation),
                     lease,
+                    maps,
                     owner: r.owner.clone(),
                     addr: r.addr,
                     epoch: r.info.epoch,
@@ -421,7 +438,7 @@ impl Cluster {
     }
 
     /// One refresh: drop the disks of members that left, fetch the lists that changed.
-    async fn refresh(&self, local: &(impl Fn(&str) -> bool + Send + Sync)) {
+    async fn refresh(self: &Arc<Self>, local: &(impl Fn(&str) -> bool + Send + Sync)) {
         let live: HashMap<String, Member> = self
             .members()
             .into_iter()
@@ -489,6 +506,89 @@ impl Cluster {
             }
         }
         self.sync_shadows();
+        self.sync_subscriptions(&live);
+    }
+
+    /// One block map subscription per (shadow, other live member but the owner); those whose
+    /// shadow or member went are stopped and their maps dropped.
+    fn sync_subscriptions(self: &Arc<Self>, live: &HashMap<String, Member>) {
+        self.subs.retain(|(disk, member), sub| {
+            let keep = live.get(member).is_some_and(|m| m.boot == sub.boot)
+                && self
+                    .shadows
+                    .get(disk)
+                    .is_some_and(|s| Arc::ptr_eq(&s.maps, &sub.maps));
+            if !keep {
+                sub.task.abort();
+                sub.maps.forget(member);
+            }
+            keep
+        });
+        let shadows: Vec<Arc<Shadow>> = self.shadows.iter().map(|s| s.value().clone()).collect();
+        for sh in shadows {
+            for m in live.values() {
+                if m.id == sh.owner || m.id == self.me {
+                    continue;
+                }
+                let key = (sh.disk.id.to_string(), m.id.clone());
+                if self.subs.contains_key(&key) {
+                    continue;
+                }
+                let this = self.clone();
+                let (maps, member, addr) = (sh.maps.clone(), m.id.clone(), m.peer_addr);
+                let disk = sh.disk.id.to_string();
+                let task = tokio::spawn(async move {
+                    this.follow_block_map(&disk, &member, addr, &maps).await;
+                });
+                self.subs.insert(
+                    key,
+                    Subscription {
+                        boot: m.boot,
+                        maps: sh.maps.clone(),
+                        task,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Keeps `maps` current with `member`'s block map until aborted; reconnects after errors
+    /// (the member may not serve the disk yet).
+    async fn follow_block_map(
+        &self,
+        disk: &str,
+        member: &str,
+        addr: SocketAddr,
+        maps: &blockmap::RemoteMaps,
+    ) {
+        use futures::StreamExt;
+        loop {
+            match self
+                .peers
+                .subscribe_block_map(member, addr, disk, maps.generation, maps.epoch)
+                .await
+            {
+                Ok(mut stream) => {
+                    while let Some(Ok(u)) = stream.next().await {
+                        match maps.apply(member, &u) {
+                            Ok(bytes) => self.stats.block_map_traffic.add(bytes),
+                            Err(e) => {
+                                tracing::warn!(disk, member, error = %e, "bad block map update; map dropped");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(disk, member, error = %e, "block map not available yet"),
+            }
+            maps.forget(member);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Serialized bytes of every block map held of other members.
+    pub fn block_map_bytes(&self) -> u64 {
+        self.shadows.iter().map(|s| s.maps.bytes()).sum()
     }
 
     /// Leaves the cluster.

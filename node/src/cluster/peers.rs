@@ -2,6 +2,8 @@
 //! call with a deadline and explicit message limits.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,6 +41,17 @@ pub struct Peers {
     timeout: Duration,
     write_timeout: Duration,
     channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
+    /// Block fetches in flight to each member (its load, for choosing among holders).
+    inflight: DashMap<String, Arc<AtomicU64>>,
+}
+
+/// Counts one fetch in flight to a member while it lives.
+struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Peers {
@@ -50,6 +63,7 @@ impl Peers {
             timeout,
             write_timeout,
             channels: DashMap::new(),
+            inflight: DashMap::new(),
         }
     }
 
@@ -110,6 +124,39 @@ impl Peers {
     /// Forgets a member's channel (it left the cluster).
     pub fn forget(&self, node: &str) {
         self.channels.remove(node);
+        self.inflight.remove(node);
+    }
+
+    /// Block fetches in flight to `node` now.
+    pub fn load(&self, node: &str) -> u64 {
+        self.inflight
+            .get(node)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Subscribes to `node`'s block map of (disk, generation, epoch). No deadline: the stream
+    /// lives as long as the map does (HTTP/2 keepalive notices a dead peer).
+    pub async fn subscribe_block_map(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<tonic::Streaming<pb::BlockMapUpdate>> {
+        let mut c = self.client(node, addr)?;
+        self.deadline(node, disk, async {
+            c.subscribe_block_map(pb::BlockMapRequest {
+                disk: disk.to_string(),
+                generation,
+                epoch,
+                from_node: self.me.clone(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| peer_error(node, disk, s))
+        })
+        .await
     }
 
     /// The disks `node` owns.
@@ -302,9 +349,13 @@ impl Peers {
         disk: &str,
         (generation, epoch): (u64, u64),
         indices: &[u64],
+        cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
         use futures::StreamExt;
         let mut c = self.client(node, addr)?;
+        let counter = self.inflight.entry(node.to_string()).or_default().clone();
+        counter.fetch_add(1, Ordering::Relaxed);
+        let _inflight = InFlight(counter);
         self.deadline(node, disk, async {
             let mut stream = c
                 .fetch_blocks(pb::FetchBlocksRequest {
@@ -313,6 +364,7 @@ impl Peers {
                     indices: indices.to_vec(),
                     from_node: self.me.clone(),
                     epoch,
+                    cached_only,
                 })
                 .await
                 .map_err(|s| peer_error(node, disk, s))?

@@ -136,6 +136,8 @@ pub struct Disk {
     pub epoch: u64,
     /// Detection and leases (used at the owner only).
     pub owner: crate::detect::OwnerState,
+    /// The blocks of it this node holds (its block map, for other members).
+    pub held: crate::cluster::blockmap::HeldBlocks,
     state: AtomicU8,
     generation: AtomicU64,
     writes_in_flight: AtomicU64,
@@ -144,6 +146,12 @@ pub struct Disk {
     map: OnceLock<Arc<ContentMap>>,
     /// The content map of the current detected generation.
     detected_map: parking_lot::RwLock<Option<Arc<ContentMap>>>,
+}
+
+impl crate::cluster::blockmap::AsHeld for Disk {
+    fn held(&self) -> &crate::cluster::blockmap::HeldBlocks {
+        &self.held
+    }
 }
 
 /// Where a disk stands, as its owner sees it.
@@ -186,6 +194,7 @@ impl Disk {
             instance,
             epoch: random_epoch(instance),
             owner: crate::detect::OwnerState::new(crate::clock::boot_now()),
+            held: Default::default(),
             state: AtomicU8::new(MUTABLE),
             generation: AtomicU64::new(1),
             writes_in_flight: AtomicU64::new(0),

@@ -70,6 +70,11 @@ pub fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
         known_blocks: d.known_blocks,
         total_blocks: d.total_blocks,
         lease_valid: d.lease_valid,
+        coverage: d
+            .coverage
+            .into_iter()
+            .map(|(member, blocks)| pb::MemberCoverage { member, blocks })
+            .collect(),
     }
 }
 
@@ -127,6 +132,8 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             revocation_wait_ms: s.leases.revocation_wait_ms,
             detections: s.leases.detections,
             peer_served_bytes: s.leases.peer_served_bytes,
+            block_map_bytes: s.leases.block_map_bytes,
+            block_map_traffic_bytes: s.leases.block_map_traffic_bytes,
         }),
     }
 }

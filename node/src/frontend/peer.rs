@@ -81,7 +81,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self
             .node
-            .blocks_for_peer(&r.disk, (r.generation, r.epoch), &r.indices)
+            .blocks_for_peer(&r.disk, (r.generation, r.epoch), &r.indices, r.cached_only)
             .await;
         let bytes = res.as_ref().map_or(0, |b| {
             b.iter()
@@ -172,6 +172,21 @@ impl pb::peer_server::Peer for PeerFrontend {
         let res = self.node.write_local(&r.disk, r.offset, r.data).await;
         observe("peer_write", t, len, &res);
         res.map(|()| Response::new(pb::WriteResponse {}))
+            .map_err(|e| status(&e))
+    }
+
+    type SubscribeBlockMapStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::BlockMapUpdate, Status>>;
+
+    async fn subscribe_block_map(
+        &self,
+        request: Request<pb::BlockMapRequest>,
+    ) -> Result<Response<Self::SubscribeBlockMapStream>, Status> {
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self.node.block_map_stream(&r.disk, r.generation, r.epoch);
+        observe("peer_subscribe_block_map", t, 0, &res);
+        res.map(|rx| Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
             .map_err(|e| status(&e))
     }
 

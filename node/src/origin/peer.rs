@@ -1,7 +1,11 @@
-//! A sealed disk owned by another member, seen as an origin of blocks for this node's cache.
+//! A sealed or detected disk owned by another member, seen as an origin of blocks for this
+//! node's cache.
 //!
 //! A node caches such a disk by serving it through its own read path over this origin. A block
-//! this node misses is fetched from the block's *home*: the member chosen by rendezvous hashing
+//! this node misses is asked first of members whose block map shows it (see
+//! [`crate::cluster::blockmap`]): the less loaded of two picked at random, then the others, at
+//! most [`MAX_HOLDERS_TRIED`], each answering from its cache only. Then it is fetched from the
+//! block's *home*: the member chosen by rendezvous hashing
 //! of (disk, block) over the live members other than the owner. The home fetches the block from
 //! the owner once (its own single flight), keeps it, and answers every member that asks, so in a
 //! boot storm each block leaves the owner about once. Bytes from a home are verified against the
@@ -24,12 +28,17 @@ use tokio::sync::watch;
 
 use super::{Origin, OriginError, OriginFuture, Source};
 use crate::cache::fingerprint::is_zero;
+use crate::cluster::blockmap::RemoteMaps;
 use crate::cluster::{Member, Peers};
+
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 use crate::disk::BlockRef;
 use crate::telemetry;
 
 /// Blocks per content-map chunk asked of the owner.
 pub const MAP_CHUNK_BLOCKS: u64 = 4096;
+/// Holders from block maps asked for one block before its home and the owner.
+pub const MAX_HOLDERS_TRIED: usize = 3;
 
 tokio::task_local! {
     static SERVING_PEER: bool;
@@ -82,6 +91,8 @@ pub struct PeerOrigin {
     /// The owner's fingerprints, by chunk of [`MAP_CHUNK_BLOCKS`].
     owner_map: DashMap<u64, HashMap<u64, BlockRef>>,
     peer_fetch: bool,
+    /// Other members' block maps of this disk.
+    maps: Option<Arc<RemoteMaps>>,
 }
 
 impl PeerOrigin {
@@ -112,7 +123,44 @@ impl PeerOrigin {
             generation,
             owner_map: DashMap::new(),
             peer_fetch: true,
+            maps: None,
         }
+    }
+
+    /// Asks holders found in these block maps before the block's home.
+    pub fn with_block_maps(mut self, maps: Arc<RemoteMaps>) -> Self {
+        self.maps = Some(maps);
+        self
+    }
+
+    /// Members whose block map shows `index`, live and neither this node nor the owner, in the
+    /// order to ask them: the less loaded of two picked at random first, then by load.
+    fn holders(&self, index: u64, members: &[Member]) -> Vec<Member> {
+        let Some(maps) = &self.maps else {
+            return Vec::new();
+        };
+        let mut hs: Vec<(u64, Member)> = maps
+            .holders(index)
+            .into_iter()
+            .filter(|h| *h != self.me && *h != self.owner)
+            .filter_map(|h| members.iter().find(|m| m.id == h).cloned())
+            .map(|m| (self.peers.load(&m.id), m))
+            .collect();
+        if hs.len() >= 2 {
+            // Two random choices: spread equal loads, prefer the lighter of the two.
+            let r =
+                mix64(index ^ NEXT.fetch_add(0x9E37_79B9, std::sync::atomic::Ordering::Relaxed));
+            let i = (r % hs.len() as u64) as usize;
+            let j = ((r >> 32) % (hs.len() as u64 - 1)) as usize;
+            let j = if j >= i { j + 1 } else { j };
+            let first = if hs[j].0 < hs[i].0 { j } else { i };
+            hs.swap(0, first);
+            hs[1..].sort_by_key(|(l, _)| *l);
+        }
+        hs.into_iter()
+            .take(MAX_HOLDERS_TRIED)
+            .map(|(_, m)| m)
+            .collect()
     }
 
     /// Whether missed blocks may come from their home member (true by default); false reads
@@ -172,13 +220,15 @@ impl PeerOrigin {
         r
     }
 
-    /// Block `index` from `home`, verified against the owner's fingerprint; on failure, why.
-    async fn fetch_from_home(
+    /// Block `index` from member `home` (its home, or with `cached_only` a holder from the
+    /// block maps), verified against the owner's fingerprint; on failure, why.
+    async fn fetch_from(
         &self,
         home: &Member,
         index: u64,
         block_bytes: u64,
         len: usize,
+        cached_only: bool,
     ) -> Result<Bytes, &'static str> {
         let got = self
             .peers
@@ -188,14 +238,20 @@ impl PeerOrigin {
                 &self.disk,
                 (self.generation, self.epoch),
                 &[index],
+                cached_only,
             )
             .await
             .map_err(|_| "error")?;
-        let bytes = got
+        let Some(bytes) = got
             .into_iter()
             .find(|(i, _)| *i == index)
             .and_then(|(_, b)| b)
-            .ok_or("missing")?;
+        else {
+            if let Some(m) = &self.maps {
+                m.not_held(&home.id, index);
+            }
+            return Err("missing");
+        };
         let expected = self
             .owner_fingerprint(index, block_bytes)
             .await
@@ -288,11 +344,29 @@ impl Origin for PeerOrigin {
         Box::pin(async move {
             if self.peer_fetch && !is_serving_peer() {
                 let members = self.members.borrow().clone();
+                let holders = self.holders(index, &members);
+                for h in &holders {
+                    match self.fetch_from(h, index, block_bytes, len, true).await {
+                        Ok(b) => {
+                            metrics::counter!(telemetry::PEER_FETCHES, "via" => "holder")
+                                .increment(1);
+                            return Ok((b, Source::Peer));
+                        }
+                        Err(reason) => {
+                            metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => reason)
+                                .increment(1);
+                        }
+                    }
+                }
                 if let Some(h) = home(&members, &self.owner, &self.disk, index)
                     && h.id != self.me
                 {
-                    match self.fetch_from_home(h, index, block_bytes, len).await {
-                        Ok(b) => return Ok((b, Source::Peer)),
+                    match self.fetch_from(h, index, block_bytes, len, false).await {
+                        Ok(b) => {
+                            metrics::counter!(telemetry::PEER_FETCHES, "via" => "home")
+                                .increment(1);
+                            return Ok((b, Source::Peer));
+                        }
                         Err(reason) => {
                             metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => reason)
                                 .increment(1);

@@ -1,0 +1,370 @@
+//! Block maps: which blocks of an immutable disk each member holds.
+//!
+//! Every member keeps, for each immutable disk it serves through its cache, a roaring bitmap of
+//! the blocks it has loaded ([`HeldBlocks`], in the disk object). Other members subscribe to it
+//! over gRPC (`Peer.SubscribeBlockMap`): a snapshot first, then the changes, batched every
+//! [`DELTA_INTERVAL`]. A subscriber keeps one bitmap per member and disk ([`RemoteMaps`]); a
+//! miss asks a member whose map shows the block, the less loaded of two picked at random, before
+//! the block's home and the owner. A map of another generation or epoch, or of a member that
+//! left, is dropped. A bit can outlive its block in the holder's cache (evictions are not
+//! tracked); such a holder answers "missing", clears the bit, and the asker moves on.
+//!
+//! Architecture invariant: block maps only say where to *ask*; every block from a member is
+//! still verified against the owner's fingerprint.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use roaring::RoaringBitmap;
+use shadowcache_proto as pb;
+
+/// How often changes of a map are sent to subscribers.
+pub const DELTA_INTERVAL: Duration = Duration::from_millis(250);
+/// Largest bitmap payload in one message.
+const MAX_BITS_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Default)]
+struct Held {
+    bits: RoaringBitmap,
+    version: u64,
+}
+
+/// The blocks of one disk this node holds.
+#[derive(Debug, Default)]
+pub struct HeldBlocks {
+    inner: parking_lot::Mutex<Held>,
+}
+
+impl HeldBlocks {
+    /// Block `index` is held now.
+    pub fn insert(&self, index: u64) {
+        let Ok(i) = u32::try_from(index) else {
+            return;
+        };
+        let mut h = self.inner.lock();
+        if h.bits.insert(i) {
+            h.version += 1;
+        }
+    }
+
+    /// Block `index` is not held (found missing when asked for).
+    pub fn remove(&self, index: u64) {
+        let Ok(i) = u32::try_from(index) else {
+            return;
+        };
+        let mut h = self.inner.lock();
+        if h.bits.remove(i) {
+            h.version += 1;
+        }
+    }
+
+    /// Whether block `index` is marked held.
+    pub fn contains(&self, index: u64) -> bool {
+        u32::try_from(index).is_ok_and(|i| self.inner.lock().bits.contains(i))
+    }
+
+    /// Blocks held.
+    pub fn len(&self) -> u64 {
+        self.inner.lock().bits.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The version (changes with every change) and, if it differs from `known`, a copy.
+    fn snapshot_if_changed(&self, known: Option<u64>) -> Option<(u64, RoaringBitmap)> {
+        let h = self.inner.lock();
+        (known != Some(h.version)).then(|| (h.version, h.bits.clone()))
+    }
+}
+
+fn serialize(bits: &RoaringBitmap) -> Bytes {
+    let mut v = Vec::with_capacity(bits.serialized_size());
+    // Writing to a Vec cannot fail.
+    let _ = bits.serialize_into(&mut v);
+    Bytes::from(v)
+}
+
+/// `bits` as messages of at most [`MAX_BITS_BYTES`], the first one with `reset`.
+fn snapshot_messages(generation: u64, bits: &RoaringBitmap) -> Vec<pb::BlockMapUpdate> {
+    if bits.serialized_size() <= MAX_BITS_BYTES {
+        return vec![pb::BlockMapUpdate {
+            generation,
+            reset: true,
+            bits: serialize(bits),
+            removed: Vec::new(),
+        }];
+    }
+    // Split by value: a chunk of 2^20 values serializes to at most about 2.1 MiB.
+    let mut out = Vec::new();
+    let mut part = RoaringBitmap::new();
+    for v in bits.iter() {
+        part.insert(v);
+        if part.len() >= 1 << 20 {
+            out.push(std::mem::take(&mut part));
+        }
+    }
+    if !part.is_empty() || out.is_empty() {
+        out.push(part);
+    }
+    out.iter()
+        .enumerate()
+        .map(|(n, p)| pb::BlockMapUpdate {
+            generation,
+            reset: n == 0,
+            bits: serialize(p),
+            removed: Vec::new(),
+        })
+        .collect()
+}
+
+/// Streams `held` to a subscriber until `alive` says the disk's generation is over or the
+/// subscriber goes: a snapshot, then the changes every [`DELTA_INTERVAL`].
+pub fn serve(
+    held: Arc<dyn AsHeld>,
+    generation: u64,
+    alive: impl Fn() -> bool + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Result<pb::BlockMapUpdate, tonic::Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut sent = RoaringBitmap::new();
+        let mut version = None;
+        let mut tick = tokio::time::interval(DELTA_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !alive() || tx.is_closed() {
+                break;
+            }
+            let Some((v, now)) = held.held().snapshot_if_changed(version) else {
+                continue;
+            };
+            let msgs = if version.is_none() {
+                snapshot_messages(generation, &now)
+            } else {
+                let added = &now - &sent;
+                let removed: Vec<u32> = (&sent - &now).iter().collect();
+                let mut msgs = if added.is_empty() {
+                    Vec::new()
+                } else {
+                    let mut m = snapshot_messages(generation, &added);
+                    for u in &mut m {
+                        u.reset = false;
+                    }
+                    m
+                };
+                if !removed.is_empty() {
+                    msgs.push(pb::BlockMapUpdate {
+                        generation,
+                        reset: false,
+                        bits: Bytes::new(),
+                        removed,
+                    });
+                }
+                msgs
+            };
+            for m in msgs {
+                if tx.send(Ok(m)).await.is_err() {
+                    return;
+                }
+            }
+            version = Some(v);
+            sent = now;
+        }
+    });
+    rx
+}
+
+/// Something that holds a [`HeldBlocks`] (a disk).
+pub trait AsHeld: Send + Sync {
+    /// Its block map.
+    fn held(&self) -> &HeldBlocks;
+}
+
+/// The block maps of one disk (at one generation and epoch) of every other member.
+#[derive(Debug)]
+pub struct RemoteMaps {
+    /// The generation these maps are for.
+    pub generation: u64,
+    /// The epoch.
+    pub epoch: u64,
+    maps: DashMap<String, RoaringBitmap>,
+    bytes: AtomicU64,
+}
+
+impl RemoteMaps {
+    /// No maps yet.
+    pub fn new(generation: u64, epoch: u64) -> Self {
+        RemoteMaps {
+            generation,
+            epoch,
+            maps: DashMap::new(),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Members whose map shows block `index`.
+    pub fn holders(&self, index: u64) -> Vec<String> {
+        let Ok(i) = u32::try_from(index) else {
+            return Vec::new();
+        };
+        self.maps
+            .iter()
+            .filter(|m| m.value().contains(i))
+            .map(|m| m.key().clone())
+            .collect()
+    }
+
+    /// Blocks each member holds, by member.
+    pub fn coverage(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .maps
+            .iter()
+            .map(|m| (m.key().clone(), m.value().len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Applies one update from `member`; an update that does not decode drops its map. Returns
+    /// the bytes it carried.
+    pub fn apply(&self, member: &str, u: &pb::BlockMapUpdate) -> Result<u64, String> {
+        if u.generation != self.generation {
+            return Err(format!(
+                "map of generation {} for generation {}",
+                u.generation, self.generation
+            ));
+        }
+        let bits = if u.bits.is_empty() {
+            RoaringBitmap::new()
+        } else {
+            RoaringBitmap::deserialize_from(&u.bits[..]).map_err(|e| {
+                self.forget(member);
+                format!("undecodable block map: {e}")
+            })?
+        };
+        let mut fresh = false;
+        let mut m = self.maps.entry(member.to_string()).or_insert_with(|| {
+            fresh = true;
+            RoaringBitmap::new()
+        });
+        let before = if fresh { 0 } else { m.serialized_size() as u64 };
+        if u.reset {
+            *m = bits;
+        } else {
+            *m |= bits;
+        }
+        for r in &u.removed {
+            m.remove(*r);
+        }
+        let after = m.serialized_size() as u64;
+        drop(m);
+        self.bytes.fetch_add(after, Ordering::Relaxed);
+        self.bytes.fetch_sub(before, Ordering::Relaxed);
+        Ok(u.bits.len() as u64 + 4 * u.removed.len() as u64 + 16)
+    }
+
+    /// Notes that `member` does not hold block `index` after all.
+    pub fn not_held(&self, member: &str, index: u64) {
+        if let (Ok(i), Some(mut m)) = (u32::try_from(index), self.maps.get_mut(member)) {
+            let before = m.serialized_size() as u64;
+            if m.remove(i) {
+                let after = m.serialized_size() as u64;
+                self.bytes.fetch_add(after, Ordering::Relaxed);
+                self.bytes.fetch_sub(before, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops `member`'s map.
+    pub fn forget(&self, member: &str) {
+        if let Some((_, m)) = self.maps.remove(member) {
+            self.bytes
+                .fetch_sub(m.serialized_size() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Serialized bytes of the maps held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct D(HeldBlocks);
+    impl AsHeld for D {
+        fn held(&self) -> &HeldBlocks {
+            &self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_sees_the_snapshot_then_the_changes() {
+        let d = Arc::new(D(HeldBlocks::default()));
+        for i in [1u64, 5, 9] {
+            d.0.insert(i);
+        }
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let a = alive.clone();
+        let mut rx = serve(d.clone(), 7, move || a.load(Ordering::SeqCst));
+        let remote = RemoteMaps::new(7, 1);
+        let first = rx.recv().await.expect("snapshot").expect("ok");
+        assert!(first.reset);
+        remote.apply("m", &first).expect("apply");
+        assert_eq!(remote.holders(5), vec!["m".to_string()]);
+        assert!(remote.holders(6).is_empty());
+        d.0.insert(6);
+        d.0.remove(1);
+        let mut seen = 0;
+        while seen < 2 {
+            let u = rx.recv().await.expect("delta").expect("ok");
+            assert!(!u.reset);
+            remote.apply("m", &u).expect("apply");
+            seen = usize::from(!remote.holders(6).is_empty())
+                + usize::from(remote.holders(1).is_empty());
+        }
+        assert_eq!(remote.coverage(), vec![("m".to_string(), 3)]);
+        assert!(remote.bytes() > 0);
+        // Another generation's update is refused; a garbled one drops the map.
+        let mut stale = first.clone();
+        stale.generation = 6;
+        assert!(remote.apply("m", &stale).is_err());
+        let garbled = pb::BlockMapUpdate {
+            generation: 7,
+            reset: true,
+            bits: Bytes::from_static(b"not a bitmap"),
+            removed: vec![],
+        };
+        assert!(remote.apply("m", &garbled).is_err());
+        assert!(remote.holders(5).is_empty());
+        assert_eq!(remote.bytes(), 0);
+        alive.store(false, Ordering::SeqCst);
+        while rx.recv().await.is_some() {}
+    }
+
+    #[test]
+    fn a_large_map_is_split_into_bounded_messages() {
+        let mut bits = RoaringBitmap::new();
+        // Every other block of 40M: about 5 MiB serialized as bitmaps.
+        for i in (0..40_000_000u32).step_by(2) {
+            bits.insert(i);
+        }
+        let msgs = snapshot_messages(1, &bits);
+        assert!(msgs.len() > 1);
+        assert!(msgs[0].reset && msgs[1..].iter().all(|m| !m.reset));
+        assert!(msgs.iter().all(|m| m.bits.len() <= MAX_BITS_BYTES));
+        let r = RemoteMaps::new(1, 1);
+        for m in &msgs {
+            r.apply("x", m).expect("apply");
+        }
+        assert_eq!(r.coverage(), vec![("x".to_string(), 20_000_000)]);
+    }
+}
