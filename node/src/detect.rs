@@ -121,6 +121,11 @@ impl OwnerState {
             .fetch_max(now.as_nanos() as u64, Ordering::SeqCst);
     }
 
+    /// The last write's time (nanoseconds on the boot clock).
+    pub fn last_write(&self) -> u64 {
+        self.last_write.load(Ordering::SeqCst)
+    }
+
     /// Forgets the window (after a detection ends) and counts quiet from `now`.
     pub fn reset(&self, now: Duration) {
         self.window.lock().buckets.clear();

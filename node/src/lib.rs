@@ -170,6 +170,9 @@ pub struct Node {
     clock: Arc<dyn clock::Clock>,
     /// This node, for the tasks it spawns (revocations run to the end without their caller).
     me: Weak<Node>,
+    /// Blocks being gathered for other members (`FetchBlocks`), in blocks: bounds the memory
+    /// that many members asking at once can pin (256 MiB of blocks at most).
+    peer_serving: tokio::sync::Semaphore,
     started: Instant,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
     /// directory would tear each other's SSD tier and content maps.
@@ -221,12 +224,14 @@ impl Node {
         let cluster = cluster::Cluster::start(&config, clock.clone())
             .await
             .context("cannot join the cluster")?;
+        let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);
         Ok(Arc::new_cyclic(|me| Node {
             config,
             registry,
             cache,
             reads,
             cluster,
+            peer_serving: tokio::sync::Semaphore::new(serving_blocks),
             clock,
             me: me.clone(),
             started: Instant::now(),
@@ -276,15 +281,15 @@ impl Node {
             Err(Error::UnknownDisk(_)) if let Some(shadow) = self.cluster.shadow(disk) => {
                 // A sealed disk of another member, or a detected one under a valid lease:
                 // served through this node's cache.
+                read::check_range(&shadow.disk, offset, len)?;
                 if self.cluster.lease_ok(&shadow).await {
                     match self.reads.read(&shadow.disk, offset, len).await {
                         Ok(b) => return Ok(b),
                         Err(e) if shadow.lease.is_none() => return Err(e),
                         Err(e) => {
-                            // The owner refused this generation (a write is being applied):
-                            // this shadow is done; read through the owner.
+                            // The owner may have refused this generation (a write is being
+                            // applied; the revocation is on its way): read through it.
                             tracing::debug!(disk, error = %e, "shadow of a detected disk failed; reading through the owner");
-                            self.cluster.drop_shadow(&shadow);
                         }
                     }
                 } else {
@@ -351,6 +356,13 @@ impl Node {
     /// (revoking every lease) when it finds one, then writes.
     async fn write_owned(&self, d: &Arc<disk::Disk>, offset: u64, data: Bytes) -> Result<()> {
         read::check_range(d, offset, data.len() as u64)?;
+        if data.is_empty() {
+            // Nothing to write: no reason to end a detection for it.
+            return match d.state() {
+                DiskState::Sealed | DiskState::Sealing => Err(Error::Sealed(d.id.to_string())),
+                _ => Ok(()),
+            };
+        }
         loop {
             let fenced = d.owner.fenced_for(self.clock.now());
             if !fenced.is_zero() {
@@ -439,6 +451,11 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
+        let _room = self
+            .peer_serving
+            .acquire_many(indices.len() as u32)
+            .await
+            .map_err(|_| Error::State("the node is shutting down".into()))?;
         let bs = u64::from(self.config.block_bytes);
         let mut out = Vec::with_capacity(indices.len());
         for &i in indices {
@@ -516,7 +533,8 @@ impl Node {
     }
 
     /// Reads a disk this node owns for member `from` (the Peer service: never forwarded
-    /// again). With a `generation` (not 0), only at that generation and `epoch`.
+    /// again). With a `generation` (not 0), only at that generation and `epoch`. Only reads by
+    /// live members count towards detection.
     pub async fn read_local(
         &self,
         disk: &str,
@@ -527,7 +545,9 @@ impl Node {
     ) -> Result<Bytes> {
         let d = self.registry.get(disk)?;
         Self::check_generation(&d, generation, epoch)?;
-        self.note_read(&d, from);
+        if self.cluster.live_member(from) {
+            self.note_read(&d, from);
+        }
         let b = self.reads.read(&d, offset, len).await?;
         // Checked again after the read: bytes of a generation that ended meanwhile must not
         // reach a shadow of it.
@@ -552,9 +572,17 @@ impl Node {
         let d = self.registry.get(disk)?;
         let term = Duration::from_millis(self.config.lease.term_ms);
         let margin = Duration::from_millis(self.config.lease.drift_margin_ms);
+        if !self.cluster.live_member(from) || from == self.config.node_id {
+            return Err(Error::NoLease {
+                disk: disk.to_string(),
+                why: format!("{from:?} is not a live member of the cluster"),
+            });
+        }
         let mut leases = d.owner.leases.lock();
-        // Under the lease lock: a revocation that starts after this sees the grant.
+        // Under the lease lock: a revocation that starts after this sees the grant. No grant
+        // while a detection is still deciding (it may step back).
         if d.state() != DiskState::Detected
+            || d.owner.detecting.load(std::sync::atomic::Ordering::SeqCst)
             || d.generation() != generation
             || (epoch != 0 && d.epoch != epoch)
         {
@@ -583,8 +611,19 @@ impl Node {
 
     /// The owner revoked (disk, generation) here (`Peer.Revoke`): returns once this node no
     /// longer serves it from its cache.
-    pub fn revoke_held(&self, disk: &str, generation: u64) {
-        self.cluster.revoke_local(disk, generation);
+    pub fn revoke_held(&self, disk: &str, generation: u64, from: &str) -> Result<()> {
+        match self.cluster.remote(disk) {
+            Some(r) if r.owner == from => {
+                self.cluster.revoke_local(disk, generation);
+                Ok(())
+            }
+            // A disk this node no longer knows holds no lease here: nothing to stop.
+            None if self.registry.get(disk).is_err() => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{from:?} does not own disk {:?}: revocation refused",
+                disk.chars().take(160).collect::<String>()
+            ))),
+        }
     }
 
     /// Ends the detection of a disk this node owns: no new leases, a new generation saved,
@@ -682,10 +721,17 @@ impl Node {
             return;
         }
         let generation = d.generation() + 1;
+        let last_write = d.owner.last_write();
         // The generation is saved (as detected) before any lease on it can be granted.
         d.restore_generation(generation);
         let saved = self.registry.save().await;
-        let ok = saved.is_ok() && d.begin_detected(generation);
+        let mut ok = saved.is_ok() && d.begin_detected(generation);
+        // A write that came and went during the save, or a pin, undoes it (no lease can have
+        // been granted: grants wait for `detecting` to clear).
+        if ok && (d.owner.last_write() != last_write || d.owner.pinned()) {
+            d.abort_detected();
+            ok = false;
+        }
         d.owner
             .detecting
             .store(false, std::sync::atomic::Ordering::SeqCst);

@@ -74,6 +74,23 @@ impl ReadStats {
 
 type Flight = Arc<OnceCell<Result<Bytes>>>;
 
+struct FlightDone<'a> {
+    flights: &'a DashMap<(u64, u64, u64), Flight>,
+    key: (u64, u64, u64),
+    cell: Flight,
+}
+
+impl Drop for FlightDone<'_> {
+    fn drop(&mut self) {
+        // Finished: out. Cancelled: out only if no other waiter still holds the cell (the
+        // map's reference, the waiter's own and this guard's make three).
+        self.flights.remove_if(&self.key, |_, c| {
+            Arc::ptr_eq(c, &self.cell)
+                && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 3)
+        });
+    }
+}
+
 /// Serves reads of every disk of a node.
 #[derive(Debug)]
 pub struct ReadPath {
@@ -188,12 +205,16 @@ impl ReadPath {
             }
             dashmap::Entry::Vacant(v) => v.insert(Arc::new(OnceCell::new())).clone(),
         };
-        let result = cell
-            .get_or_init(|| self.load(disk, map, index))
+        // Removes the entry however this ends, also when every waiter is cancelled (an entry
+        // left behind would live on, keyed by a disk instance that may never come back).
+        let _done = FlightDone {
+            flights: &self.flights,
+            key,
+            cell: cell.clone(),
+        };
+        cell.get_or_init(|| self.load(disk, map, index))
             .await
-            .clone();
-        self.flights.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
-        result
+            .clone()
     }
 
     async fn load(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {

@@ -100,13 +100,25 @@ fn check(reads: &[ReadRec], writes: &[WriteRec]) -> usize {
 }
 
 /// Reader tasks: `per_node` loops on each member reading random whole blocks of `disk` until
-/// `stop`, recording every read.
+/// `stop`, recording every read. A failed read fails the test, except with `tolerate_errors`
+/// (a member restarting), where it is skipped.
 fn spawn_readers(
     members: &[(&'static str, &Member)],
     per_node: usize,
     blocks: u64,
     stop: Arc<std::sync::atomic::AtomicBool>,
     log: Arc<parking_lot::Mutex<Vec<ReadRec>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    spawn_readers_with(members, per_node, blocks, stop, log, false)
+}
+
+fn spawn_readers_with(
+    members: &[(&'static str, &Member)],
+    per_node: usize,
+    blocks: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    log: Arc<parking_lot::Mutex<Vec<ReadRec>>>,
+    tolerate_errors: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for (n, (name, m)) in members.iter().enumerate() {
@@ -124,7 +136,15 @@ fn spawn_readers(
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let block = rng.random_range(0..blocks);
                     let start = Instant::now();
-                    let got = d.read_at(block * BS, BS).await.expect("read");
+                    let got = match d.read_at(block * BS, BS).await {
+                        Ok(got) => got,
+                        Err(e) if tolerate_errors => {
+                            eprintln!("read at {name} failed (tolerated): {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Err(e) => panic!("read at {name}: {e}"),
+                    };
                     let version = version_of(block, &got);
                     log.lock().push(ReadRec {
                         node: name,
@@ -209,7 +229,7 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
     })
     .await;
     let s = status(&a).await;
-    let info = disk_info(&s, "vdi");
+    let info = disk_info(&s, "vdi").clone();
     assert!(
         info.readers.contains(&"b".to_string()) && info.readers.contains(&"c".to_string()),
         "{info:?}"
@@ -278,6 +298,51 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
     assert!(peer > 0, "no block came from a peer");
     let sb = status(&b).await;
     assert!(disk_info(&sb, "vdi").lease_valid, "b holds no lease");
+    // Bad requests do not cost b its shadow: a read past the end, an empty write (which ends
+    // no detection), and Peer calls from someone who is not a member.
+    assert_eq!(
+        common::code(bc.disk("vdi").read_at(size, 1).await),
+        tonic::Code::OutOfRange
+    );
+    bc.disk("vdi")
+        .write_at(0, Vec::<u8>::new())
+        .await
+        .expect("an empty write");
+    let mut peer_a =
+        shadowcache_proto::peer_client::PeerClient::connect(format!("http://{}", a.addr))
+            .await
+            .expect("peer client");
+    let refused = peer_a
+        .lease(shadowcache_proto::LeaseRequest {
+            disk: "vdi".into(),
+            generation: info.generation,
+            epoch: info.epoch,
+            from_node: "mallory".into(),
+        })
+        .await
+        .expect_err("a lease for a non-member");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let mut peer_b =
+        shadowcache_proto::peer_client::PeerClient::connect(format!("http://{}", b.addr))
+            .await
+            .expect("peer client");
+    let refused = peer_b
+        .revoke(shadowcache_proto::RevokeRequest {
+            disk: "vdi".into(),
+            generation: u64::MAX,
+            from_node: "mallory".into(),
+        })
+        .await
+        .expect_err("a revocation by a non-owner");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let s = status(&a).await;
+    assert_eq!(mode_at(&s, "vdi"), Some(DiskMode::Detected));
+    assert_eq!(s.leases.expect("leases").detections, 1);
+    assert!(disk_info(&status(&b).await, "vdi").lease_valid);
     // Cached now: another pass costs the owner nothing.
     let got = bc.disk("vdi").read_at(0, size).await.expect("again");
     assert!(got[..] == data[..]);
@@ -529,4 +594,95 @@ async fn a_write_waits_out_the_lease_of_a_cut_off_reader_and_of_a_killed_one() {
         "the owner should have waited out two leases: {l:?}"
     );
     assert!(l.revocations >= 3, "{l:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_restarted_while_its_disk_was_detected_holds_writes_for_a_lease_term() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blocks = 8u64;
+    let path = image(dir.path(), blocks);
+    let settings = Settings {
+        lease_ms: 3_000,
+        ..Settings::default()
+    };
+    let cfg = config_flag(dir.path(), settings);
+    let mut a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--disk=vdi={},mutable", path.display()),
+            cfg.clone(),
+        ],
+    );
+    let b = member(dir.path(), "b", Some(&a.addr), std::slice::from_ref(&cfg));
+    let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
+    for m in [&a, &b, &c] {
+        until(m, "three members and the disk", |s| {
+            s.members.len() == 3 && common::has_disk(s, "vdi", "a")
+        })
+        .await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let readers = spawn_readers_with(
+        &[("b", &b), ("c", &c)],
+        1,
+        blocks,
+        stop.clone(),
+        reads.clone(),
+        true,
+    );
+    until(&a, "vdi detected and leased", |s| {
+        mode_at(s, "vdi") == Some(DiskMode::Detected)
+            && disk_info(s, "vdi").lease_holders.len() == 2
+    })
+    .await;
+    let before = disk_info(&status(&a).await, "vdi").clone();
+    // The owner restarts: it cannot know which leases it granted, so a write waits them out.
+    a.process.restart();
+    let restarted = Instant::now();
+    let s = status(&a).await;
+    let after = disk_info(&s, "vdi");
+    assert_eq!(DiskMode::try_from(after.mode), Ok(DiskMode::Mutable));
+    assert!(
+        after.generation > before.generation,
+        "the generation went from {} to {} over the restart",
+        before.generation,
+        after.generation
+    );
+    assert_ne!(
+        after.epoch, before.epoch,
+        "a restart gives the disk a new epoch"
+    );
+    let block = 5;
+    client(&a)
+        .await
+        .disk("vdi")
+        .write_at(block * BS, versioned(block, 2))
+        .await
+        .expect("write after restart");
+    let ack = Instant::now();
+    let waited = ack - restarted;
+    eprintln!("a write right after the owner's restart waited {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(2_500),
+        "a write after the restart did not wait for old leases: {waited:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in readers {
+        t.await.expect("reader");
+    }
+    let reads = reads.lock().clone();
+    let writes = vec![WriteRec {
+        block,
+        version: 2,
+        ack,
+    }];
+    let constrained = check(&reads, &writes);
+    assert!(
+        reads.iter().any(|r| r.block == block && r.start > ack),
+        "no read after the write ({constrained} constrained)"
+    );
 }

@@ -36,6 +36,11 @@ pub struct HolderLease {
     last_used: AtomicU64,
     /// The lease was valid at least once and has not been counted as expired since.
     held: AtomicBool,
+    /// When the last request for it ended (nanoseconds, boot clock; 0: never) and whether it
+    /// was granted: readers that queued behind a request take its answer instead of asking
+    /// again, and a refusal is believed for a moment.
+    last_attempt: AtomicU64,
+    last_ok: AtomicBool,
 }
 
 impl HolderLease {
@@ -51,7 +56,27 @@ impl HolderLease {
             acquiring: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(0),
             held: AtomicBool::new(false),
+            last_attempt: AtomicU64::new(0),
+            last_ok: AtomicBool::new(false),
         }
+    }
+
+    /// Records the end of a request for the lease at `now`.
+    pub fn attempted(&self, now: Duration, ok: bool) {
+        self.last_ok.store(ok, Ordering::SeqCst);
+        self.last_attempt
+            .store(now.as_nanos().max(1) as u64, Ordering::SeqCst);
+    }
+
+    /// When the last request ended and whether it was granted.
+    pub fn last_attempt(&self) -> Option<(Duration, bool)> {
+        let at = self.last_attempt.load(Ordering::SeqCst);
+        (at != 0).then(|| {
+            (
+                Duration::from_nanos(at),
+                self.last_ok.load(Ordering::SeqCst),
+            )
+        })
     }
 
     /// Whether this node may serve the disk from its cache at `now`.

@@ -43,6 +43,9 @@ use crate::disk::{Disk, DiskId};
 use crate::origin::PeerOrigin;
 use crate::telemetry::LeaseStats;
 
+/// How long a refused (or failed) lease request is believed before another is sent.
+const REFUSAL_HOLD: Duration = Duration::from_millis(200);
+
 /// A running block map subscription.
 #[derive(Debug)]
 struct Subscription {
@@ -89,8 +92,9 @@ pub struct Cluster {
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
     fetched: DashMap<String, (u64, u64)>,
-    /// Per disk: the highest generation revoked here; no shadow of it is made again.
-    revoked: DashMap<String, u64>,
+    /// Per disk: the epoch and highest generation revoked here; no shadow of them is made
+    /// again (a disk registered anew, with another epoch, is not held back).
+    revoked: DashMap<String, (u64, u64)>,
     /// Block map subscriptions by (disk, member): the shadow and member boot they are for.
     subs: DashMap<(String, String), Subscription>,
     disks_version: AtomicU64,
@@ -161,6 +165,11 @@ impl Cluster {
         self.clock.now()
     }
 
+    /// Whether `id` is a live member now (this node included).
+    pub fn live_member(&self, id: &str) -> bool {
+        self.members.borrow().iter().any(|m| m.id == id)
+    }
+
     /// Whether this node may serve `shadow` from its cache now: always for a sealed disk; for
     /// a detected one, while it holds a valid lease (asked for here if it has none).
     pub async fn lease_ok(&self, shadow: &Shadow) -> bool {
@@ -175,8 +184,12 @@ impl Cluster {
         self.acquire(lease).await
     }
 
-    /// Asks the owner for `lease` (or its renewal); true if it is valid afterwards.
+    /// Asks the owner for `lease` (or its renewal); true if it is valid afterwards. One
+    /// request at a time: callers that queued behind one take its answer, and a refusal is
+    /// believed for [`REFUSAL_HOLD`], so an unreachable owner costs one deadline, not one per
+    /// reader.
     async fn acquire(&self, lease: &HolderLease) -> bool {
+        let arrived = self.clock.now();
         let _one = lease.acquiring.lock().await;
         if lease.revoked() {
             return false;
@@ -186,6 +199,17 @@ impl Cluster {
         if lease.remaining(sent) > self.lease_term * 2 / 3 {
             return true;
         }
+        if let Some((at, ok)) = lease.last_attempt()
+            && (at >= arrived || (!ok && sent.saturating_sub(at) < REFUSAL_HOLD))
+        {
+            return ok && lease.valid(sent);
+        }
+        let granted = self.request_lease(lease, sent).await;
+        lease.attempted(self.clock.now(), granted);
+        granted
+    }
+
+    async fn request_lease(&self, lease: &HolderLease, sent: Duration) -> bool {
         let asked = self.peers.lease(
             &lease.owner,
             lease.addr,
@@ -213,10 +237,17 @@ impl Cluster {
     /// it answers. Any shadow of that generation or older goes.
     pub fn revoke_local(&self, disk: &str, generation: u64) {
         let now = self.clock.now();
+        let epoch = self.remote.get(disk).map_or(0, |r| r.info.epoch);
         self.revoked
             .entry(disk.to_string())
-            .and_modify(|g| *g = (*g).max(generation))
-            .or_insert(generation);
+            .and_modify(|(e, g)| {
+                if *e == epoch {
+                    *g = (*g).max(generation);
+                } else {
+                    (*e, *g) = (epoch, generation);
+                }
+            })
+            .or_insert((epoch, generation));
         if let Some((_, sh)) = self
             .shadows
             .remove_if(disk, |_, sh| sh.disk.generation() <= generation)
@@ -279,7 +310,8 @@ impl Cluster {
             }
             let wanted = now.saturating_sub(l.last_used()) < self.lease_term * 2;
             let due = l.remaining(now) < self.lease_term * 2 / 3;
-            if wanted && due && !l.revoked() {
+            // Skip a lease whose request is still running (an unreachable owner).
+            if wanted && due && !l.revoked() && l.acquiring.try_lock().is_ok() {
                 let this = self.clone();
                 tokio::spawn(async move { this.acquire(&l).await });
             }
@@ -340,7 +372,7 @@ impl Cluster {
                 && self
                     .revoked
                     .get(r.key())
-                    .is_some_and(|g| *g >= r.info.generation)
+                    .is_some_and(|v| v.0 == r.info.epoch && v.1 >= r.info.generation)
             {
                 continue;
             }
@@ -474,16 +506,24 @@ impl Cluster {
             }
             match self.peers.owned_disks(&m.id, m.peer_addr).await {
                 Ok(list) => {
-                    self.remote.retain(|_, r| r.owner != m.id);
                     if self.fetched.get(&m.id).is_some_and(|v| v.0 != m.boot) {
                         tracing::info!(member = %m.id, "member restarted; its disks are read anew");
                     }
+                    // Entries are replaced in place and the member's vanished disks removed
+                    // after: a concurrent read never sees a disk of this member missing.
+                    let ids: std::collections::HashSet<String> =
+                        list.disks.iter().map(|d| d.id.clone()).collect();
+                    self.remote
+                        .retain(|id, r| r.owner != m.id || ids.contains(id));
                     for d in list.disks {
                         if local(&d.id) {
                             tracing::warn!(disk = %d.id, owner = %m.id, "a disk of this id is local here; the remote one is ignored");
                             continue;
                         }
-                        let keep_existing = self.remote.get(&d.id).is_some_and(|r| r.owner < m.id);
+                        let keep_existing = self
+                            .remote
+                            .get(&d.id)
+                            .is_some_and(|r| r.owner < m.id && self.live_member(&r.owner));
                         if keep_existing {
                             tracing::warn!(disk = %d.id, owner = %m.id, "two members own a disk of this id; the lower node id wins");
                             continue;

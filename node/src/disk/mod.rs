@@ -264,7 +264,7 @@ impl Disk {
         if self.state.load(Ordering::SeqCst) != MUTABLE {
             return false;
         }
-        self.generation.store(generation, Ordering::SeqCst);
+        self.generation.fetch_max(generation, Ordering::SeqCst);
         *self.detected_map.write() = Some(Arc::new(ContentMap::in_memory()));
         if self
             .state
@@ -284,6 +284,18 @@ impl Disk {
             return false;
         }
         true
+    }
+
+    /// Detected -> mutable, right after [`Disk::begin_detected`] and before any lease could be
+    /// granted (a write or a pin came in meanwhile).
+    pub fn abort_detected(&self) {
+        if self
+            .state
+            .compare_exchange(DETECTED, MUTABLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            *self.detected_map.write() = None;
+        }
     }
 
     /// Detected -> revoking, with a new generation: no read is served from a cache of the old
@@ -529,6 +541,18 @@ impl Registry {
         match self.register_origin(id, Arc::new(file), mode).await {
             Ok(disk) => {
                 self.origins.insert(disk.id.clone(), origin.to_path_buf());
+                // A saved disk that could not come back at start (its origin was not there)
+                // and is registered now keeps what was saved of it: its seal, generation, pin,
+                // and the wait for leases granted before the restart.
+                let saved = {
+                    let mut u = self.unrestored.lock();
+                    u.iter()
+                        .position(|d| d.id == disk.id.as_str())
+                        .map(|i| u.remove(i))
+                };
+                if let Some(saved) = saved {
+                    self.apply_saved(&disk, &saved).await?;
+                }
                 Ok(disk)
             }
             Err(e) => {
@@ -604,13 +628,7 @@ impl Registry {
             toml::from_str(&text).map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
         for d in saved.disk {
             let disk = match self.get(&d.id) {
-                Ok(disk) => {
-                    if d.mode == DiskMode::Sealed && disk.mode() == DiskMode::Mutable {
-                        tracing::info!(disk = %d.id, "disk was sealed before the restart; sealing it again");
-                        self.seal_disk(&disk).await?;
-                    }
-                    disk
-                }
+                Ok(disk) => disk,
                 Err(_) => match self.register(&d.id, &d.origin, d.mode).await {
                     Ok(disk) => disk,
                     Err(e) => {
@@ -620,16 +638,26 @@ impl Registry {
                     }
                 },
             };
-            disk.restore_generation(d.generation);
-            disk.owner.set_pinned(d.pinned);
-            if d.detected {
-                // Leases granted before the restart may still run: no write until they are
-                // surely over.
-                disk.restore_generation(d.generation + 1);
-                disk.owner
-                    .fence(crate::clock::boot_now() + self.lease_fence);
-                tracing::info!(disk = %d.id, fence_ms = self.lease_fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
-            }
+            self.apply_saved(&disk, &d).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives a disk what was saved of it: a seal always wins; the generation never goes back;
+    /// a pin stays; a disk that was detected holds writes until leases granted before the
+    /// restart are surely over, at a generation above theirs.
+    async fn apply_saved(&self, disk: &Arc<Disk>, d: &SavedDisk) -> Result<()> {
+        if d.mode == DiskMode::Sealed && disk.mode() == DiskMode::Mutable {
+            tracing::info!(disk = %d.id, "disk was sealed before the restart; sealing it again");
+            self.seal_disk(disk).await?;
+        }
+        disk.restore_generation(d.generation);
+        disk.owner.set_pinned(d.pinned);
+        if d.detected {
+            disk.restore_generation(d.generation + 1);
+            disk.owner
+                .fence(crate::clock::boot_now() + self.lease_fence);
+            tracing::info!(disk = %d.id, fence_ms = self.lease_fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
         }
         Ok(())
     }

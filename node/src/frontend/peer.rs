@@ -214,9 +214,10 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        self.node.revoke_held(&r.disk, r.generation);
-        observe::<()>("peer_revoke", t, 0, &Ok(()));
-        Ok(Response::new(pb::RevokeResponse {}))
+        let res = self.node.revoke_held(&r.disk, r.generation, &r.from_node);
+        observe("peer_revoke", t, 0, &res);
+        res.map(|()| Response::new(pb::RevokeResponse {}))
+            .map_err(|e| status(&e))
     }
 
     async fn flush(
