@@ -125,6 +125,17 @@ struct FileCluster {
     rpc_timeout_ms: Option<u64>,
     cache_remote: Option<bool>,
     peer_fetch: Option<bool>,
+    tls: Option<FileTls>,
+}
+
+/// `[cluster.tls]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    server_name: Option<String>,
 }
 
 /// `[detection]` in the config file.
@@ -263,6 +274,22 @@ pub struct ClusterConfig {
     /// Fetch missed blocks from their home member (default true). False reads every miss from
     /// the owner: each node caching alone, the CBRC-like baseline.
     pub peer_fetch: bool,
+    /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
+    /// CA may call it, and members only talk to such holders.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[cluster.tls]`: PEM files for mutual TLS between members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// The cluster CA's certificate: every member's certificate must be signed by it.
+    pub ca: PathBuf,
+    /// This member's certificate (signed by the CA; its names must include `server_name`).
+    pub cert: PathBuf,
+    /// This member's private key.
+    pub key: PathBuf,
+    /// The name every member's certificate carries (default "shadowcache").
+    pub server_name: String,
 }
 
 /// `[detection]`: when the owner of a mutable disk finds it read-only and read by several
@@ -506,6 +533,12 @@ impl Config {
                 rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
                 cache_remote: file.cluster.cache_remote.unwrap_or(true),
                 peer_fetch: file.cluster.peer_fetch.unwrap_or(true),
+                tls: file.cluster.tls.map(|t| TlsConfig {
+                    ca: t.ca,
+                    cert: t.cert,
+                    key: t.key,
+                    server_name: t.server_name.unwrap_or_else(|| "shadowcache".to_string()),
+                }),
             },
             detection: {
                 let d = DetectionConfig::default();
@@ -621,6 +654,20 @@ impl Config {
                 "cluster.advertise",
                 format!("peer_listen {l} is a wildcard: set the address other members should use"),
             ));
+        }
+        if let Some(t) = &c.tls {
+            for (key, path) in [
+                ("cluster.tls.ca", &t.ca),
+                ("cluster.tls.cert", &t.cert),
+                ("cluster.tls.key", &t.key),
+            ] {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(invalid(key, format!("{}: {e}", path.display())));
+                }
+            }
+            if t.server_name.is_empty() {
+                return Err(invalid("cluster.tls.server_name", "must not be empty"));
+            }
         }
         let d = &self.detection;
         if !(100..=86_400_000).contains(&d.window_ms) {
@@ -805,6 +852,21 @@ mod tests {
             "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nphi_threshold = 0.5\n",
         ));
         assert!(m.contains("cluster.phi_threshold"), "{m}");
+        let m = message(parse(
+            "[cluster]\npeer_listen = \"127.0.0.1:7000\"\n[cluster.tls]\nca = \"/no/ca.pem\"\ncert = \"/no/c.pem\"\nkey = \"/no/k.pem\"\n",
+        ));
+        assert!(
+            m.contains("cluster.tls.ca") && m.contains("/no/ca.pem"),
+            "{m}"
+        );
+        let m = message(parse("[cluster.tls]\nca = \"x\"\n"));
+        assert!(m.contains("cert"), "{m}");
+        let m = message(parse("[lease]\nterm_ms = 1000\ndrift_margin_ms = 400\n"));
+        assert!(m.contains("lease.drift_margin_ms"), "{m}");
+        let m = message(parse("[detection]\nmin_readers = 0\n"));
+        assert!(m.contains("detection.min_readers"), "{m}");
+        let m = message(parse("[detection]\nwindow = 5\n"));
+        assert!(m.contains("window"), "{m}");
         let m = message(parse("[cluster]\ngossip_interval_ms = 1\n"));
         assert!(m.contains("cluster.gossip_interval_ms"), "{m}");
         let m = message(parse("[cluster]\nseed = []\n"));

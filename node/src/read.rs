@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
 use crate::cache::fingerprint::is_zero;
-use crate::cache::{ContentCache, Fingerprint};
+use crate::cache::{ContentCache, Fingerprint, Tier};
 use crate::disk::{BlockRef, ContentMap, Disk};
 use crate::error::{Error, Result};
 use crate::origin::Source;
@@ -53,6 +53,10 @@ pub struct ReadStats {
     pub single_flight_joins: Count,
     /// Blocks answered by the shared zero block.
     pub zero_block_hits: Count,
+    /// Block bytes served from RAM.
+    pub ram_bytes: Count,
+    /// Block bytes served from the SSD tier.
+    pub ssd_bytes: Count,
 }
 
 impl ReadStats {
@@ -68,6 +72,8 @@ impl ReadStats {
             peer_read_bytes: Count::new(PEER_READ_BYTES, &[]),
             single_flight_joins: Count::new(SINGLE_FLIGHT_JOINS, &[]),
             zero_block_hits: Count::new(ZERO_BLOCK_HITS, &[]),
+            ram_bytes: Count::new(HIT_BYTES, &[("tier", "ram")]),
+            ssd_bytes: Count::new(HIT_BYTES, &[("tier", "ssd")]),
         }
     }
 }
@@ -186,7 +192,12 @@ impl ReadPath {
                 return Ok(self.cache.zero(self.block_len(disk, index)));
             }
             Some(BlockRef::Data(fp)) => {
-                if let Some((bytes, _tier)) = self.cache.get(&fp).await {
+                if let Some((bytes, tier)) = self.cache.get(&fp).await {
+                    match tier {
+                        Tier::Ssd => &self.stats.ssd_bytes,
+                        _ => &self.stats.ram_bytes,
+                    }
+                    .add(bytes.len() as u64);
                     return Ok(bytes);
                 }
             }

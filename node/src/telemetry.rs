@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const CACHE_HITS: &str = "shadowcache_cache_hits_total";
 /// Block lookups that no tier could answer.
 pub const CACHE_MISSES: &str = "shadowcache_cache_misses_total";
+/// Block bytes served from the cache, by `tier` = ram | ssd (with the origin, owner and peer
+/// byte counters: bytes by source).
+pub const HIT_BYTES: &str = "shadowcache_cache_hit_bytes_total";
 /// Lookups answered by the shared zero block.
 pub const ZERO_BLOCK_HITS: &str = "shadowcache_zero_block_hits_total";
 /// Entries moved from the single-touch to the multi-touch pool by a second read.

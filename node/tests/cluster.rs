@@ -283,3 +283,109 @@ async fn a_lying_peer_never_gets_its_bytes_to_a_reader() {
         "the liar was asked for {caught} blocks only:\n{body}"
     );
 }
+
+/// A config file for member `name` with mutual TLS from `pki` (phi 14, detection off).
+fn tls_config(dir: &std::path::Path, pki: &shadowcache_testkit::TestPki, name: &str) -> String {
+    let (cert, key) = pki.member(name, "shadowcache");
+    let path = dir.join(format!("{name}-tls.toml"));
+    let text = format!(
+        "[cluster]\nphi_threshold = 14\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n\n\
+         [cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[detection]\nenabled = false\n",
+        pki.ca.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    shadowcache_testkit::write_file(&path, text.as_bytes());
+    format!("--config={}", path.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_only_members_with_the_clusters_certificates_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let size: u64 = 1 << 20;
+    let data = random_image(&base, size as usize, 21);
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let rogue_pki = shadowcache_testkit::TestPki::new(&dir.path().join("rogue-pki"));
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--disk=base={},sealed", base.display()),
+            tls_config(dir.path(), &pki, "a"),
+        ],
+    );
+    let b = member(
+        dir.path(),
+        "b",
+        Some(&a.addr),
+        &[tls_config(dir.path(), &pki, "b")],
+    );
+    // Same gossip, certificates from another CA.
+    let rogue = member(
+        dir.path(),
+        "rogue",
+        Some(&a.addr),
+        &[tls_config(dir.path(), &rogue_pki, "rogue")],
+    );
+    until(&b, "a's disk at b over TLS", |s| {
+        s.members.len() == 3 && has_disk(s, "base", "a")
+    })
+    .await;
+    let got = client(&b)
+        .await
+        .disk("base")
+        .read_at(0, size)
+        .await
+        .expect("read at b");
+    assert!(got[..] == data[..]);
+    assert!(counters(&b).await.owner_read_bytes > 0);
+    // The rogue is in the member list but learns nothing and reads nothing.
+    until(&rogue, "the rogue to see three members", |s| {
+        s.members.len() == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let s = client(&rogue).await.status().await.expect("status");
+    assert!(
+        !has_disk(&s, "base", "a"),
+        "a member without the cluster's certificate learned a's disks: {:?}",
+        s.disks
+    );
+    assert_eq!(
+        code(client(&rogue).await.disk("base").read_at(0, 1).await),
+        Code::NotFound
+    );
+    // A caller that trusts the CA but shows no certificate of its own is refused.
+    let anonymous = tonic::transport::Endpoint::from_shared(format!("https://{}", a.addr))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(&pki.ca).expect("ca"),
+                ))
+                .domain_name("shadowcache"),
+        )
+        .expect("tls config");
+    if let Ok(channel) = anonymous.connect().await {
+        let mut p = shadowcache_proto::peer_client::PeerClient::new(channel);
+        assert!(
+            p.owned_disks(shadowcache_proto::OwnedDisksRequest {})
+                .await
+                .is_err(),
+            "the Peer service answered a caller without a client certificate"
+        );
+    }
+    // A plain-text caller gets no answer from the Peer service.
+    let plain =
+        shadowcache_proto::peer_client::PeerClient::connect(format!("http://{}", a.addr)).await;
+    if let Ok(mut p) = plain {
+        assert!(
+            p.owned_disks(shadowcache_proto::OwnedDisksRequest {})
+                .await
+                .is_err(),
+            "the Peer service answered a caller without a certificate"
+        );
+    }
+}

@@ -332,3 +332,55 @@ fn pump(
     }
     let _ = to.shutdown(std::net::Shutdown::Write);
 }
+
+/// PEM files for a cluster's mutual TLS, made with rcgen: a CA and, per member, a certificate
+/// for the cluster's server name signed by it.
+#[derive(Debug)]
+pub struct TestPki {
+    /// The CA certificate file.
+    pub ca: PathBuf,
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+impl TestPki {
+    /// A fresh CA under `dir`.
+    pub fn new(dir: &Path) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "shadowcache test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let ca = dir.join("ca.pem");
+        write_file(&ca, ca_cert.pem().as_bytes());
+        TestPki {
+            ca,
+            ca_params,
+            ca_key,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// A certificate and key for member `name`, valid for `server_name`: (cert, key) files.
+    pub fn member(&self, name: &str, server_name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("member key");
+        let mut params =
+            rcgen::CertificateParams::new(vec![server_name.to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        let (c, k) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        write_file(&c, cert.pem().as_bytes());
+        write_file(&k, key.serialize_pem().as_bytes());
+        (c, k)
+    }
+}

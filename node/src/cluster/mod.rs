@@ -22,6 +22,7 @@ pub mod blockmap;
 pub mod lease;
 pub mod membership;
 pub mod peers;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -106,12 +107,15 @@ pub struct Cluster {
     drift_margin: Duration,
     /// Lease and detection counters of this node.
     pub stats: LeaseStats,
+    /// Mutual TLS on the Peer service, if configured.
+    pub tls: Option<tls::PeerTls>,
 }
 
 impl Cluster {
     /// Joins the cluster the config describes, or makes a cluster of one.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Cluster>> {
         let c = &config.cluster;
+        let tls = c.tls.as_ref().map(tls::PeerTls::load).transpose()?;
         let membership = match c.peer_listen {
             Some(listen) => {
                 Membership::join(GossipConfig {
@@ -138,6 +142,7 @@ impl Cluster {
                 Duration::from_millis(
                     c.rpc_timeout_ms + config.lease.term_ms + config.lease.drift_margin_ms,
                 ) * 2,
+                tls.as_ref().map(|t| t.client.clone()),
             )),
             remote: DashMap::new(),
             shadows: DashMap::new(),
@@ -152,6 +157,7 @@ impl Cluster {
             lease_term: Duration::from_millis(config.lease.term_ms),
             drift_margin: Duration::from_millis(config.lease.drift_margin_ms),
             stats: LeaseStats::new(),
+            tls,
         }))
     }
 
@@ -553,7 +559,8 @@ impl Cluster {
     /// shadow or member went are stopped and their maps dropped.
     fn sync_subscriptions(self: &Arc<Self>, live: &HashMap<String, Member>) {
         self.subs.retain(|(disk, member), sub| {
-            let keep = live.get(member).is_some_and(|m| m.boot == sub.boot)
+            let keep = self.peer_fetch
+                && live.get(member).is_some_and(|m| m.boot == sub.boot)
                 && self
                     .shadows
                     .get(disk)
@@ -564,6 +571,10 @@ impl Cluster {
             }
             keep
         });
+        if !self.peer_fetch {
+            // Each node caching alone asks nobody: the maps would be read for nothing.
+            return;
+        }
         let shadows: Vec<Arc<Shadow>> = self.shadows.iter().map(|s| s.value().clone()).collect();
         for sh in shadows {
             for m in live.values() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use shadowcache_proto as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::cache::Fingerprint;
 use crate::disk::BlockRef;
@@ -43,6 +43,7 @@ pub struct Peers {
     channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
     /// Block fetches in flight to each member (its load, for choosing among holders).
     inflight: DashMap<String, Arc<AtomicU64>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// Counts one fetch in flight to a member while it lives.
@@ -57,13 +58,20 @@ impl Drop for InFlight {
 impl Peers {
     /// Clients on behalf of node `me`, with `timeout` on every call but writes, which get
     /// `write_timeout` (they may wait for a lease to run out at the owner).
-    pub fn new(me: &str, timeout: Duration, write_timeout: Duration) -> Self {
+    /// With `tls`, every call is made over mutual TLS.
+    pub fn new(
+        me: &str,
+        timeout: Duration,
+        write_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
         Peers {
             me: me.to_string(),
             timeout,
             write_timeout,
             channels: DashMap::new(),
             inflight: DashMap::new(),
+            tls,
         }
     }
 
@@ -74,11 +82,19 @@ impl Peers {
         {
             return Ok(c.1.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::Peer {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| Error::Peer {
                 node: node.to_string(),
                 cause: e.to_string(),
-            })?
+            })?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Error::Peer {
+                node: node.to_string(),
+                cause: format!("tls: {e}"),
+            })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))

@@ -416,7 +416,13 @@ pub async fn serve_peer(
 ) -> anyhow::Result<()> {
     let max = pb::MAX_MESSAGE_BYTES;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &node.cluster().tls {
+        builder = builder
+            .tls_config(tls.server.clone())
+            .context("peer tls configuration")?;
+    }
+    builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_concurrent_streams(Some(1024))
