@@ -4,9 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Tools from apt that tests use. None yet beyond the Rust toolchain; the NBD work adds
-# qemu-utils, libnbd-bin, fio and nbdkit here.
+# Tools from apt that the NBD tests drive (node/tests/nbd.rs): each command and its package.
 need_apt=()
+for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
+            fio:fio nbdkit:nbdkit; do
+  cmd=${pair%%:*} pkg=${pair##*:}
+  if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! " ${need_apt[*]} " =~ " $pkg " ]]; then
+    need_apt+=("$pkg")
+  fi
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

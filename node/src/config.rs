@@ -175,6 +175,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen_unix: Option<PathBuf>,
     listen_tcp: Option<SocketAddr>,
+    nbd_listen: Option<SocketAddr>,
+    nbd_unix: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     #[serde(default)]
@@ -212,6 +214,12 @@ pub struct Flags {
     /// Also serve gRPC on this TCP address.
     #[arg(long, value_name = "ADDR")]
     pub listen_tcp: Option<SocketAddr>,
+    /// Serve NBD on this TCP address (off by default; keep it on loopback or a trusted network).
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD Unix socket (default: DATA_DIR/nbd.sock).
+    #[arg(long, value_name = "PATH")]
+    pub nbd_unix: Option<PathBuf>,
     /// A disk, `ID=PATH[,sealed|,mutable]` (default mutable); repeatable.
     #[arg(long = "disk", value_name = "ID=PATH[,MODE]")]
     pub disks: Vec<String>,
@@ -361,6 +369,10 @@ pub struct Config {
     pub listen_unix: PathBuf,
     /// Optional TCP address for gRPC.
     pub listen_tcp: Option<SocketAddr>,
+    /// Optional TCP address for NBD.
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD Unix socket.
+    pub nbd_unix: Option<PathBuf>,
     /// Optional Prometheus address.
     pub metrics: Option<SocketAddr>,
     /// Log format.
@@ -478,6 +490,14 @@ impl Config {
                 .or(file.listen_unix)
                 .unwrap_or_else(|| data_dir.join("shadowcache.sock")),
             listen_tcp: flags.listen_tcp.or(file.listen_tcp),
+            nbd_listen: flags.nbd_listen.or(file.nbd_listen),
+            nbd_unix: Some(
+                flags
+                    .nbd_unix
+                    .clone()
+                    .or(file.nbd_unix)
+                    .unwrap_or_else(|| data_dir.join("nbd.sock")),
+            ),
             metrics: flags.metrics.or(file.metrics),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             block_bytes: flags

@@ -24,6 +24,7 @@ pub mod detect;
 pub mod disk;
 pub mod error;
 pub mod frontend;
+pub mod nbd;
 pub mod origin;
 pub mod read;
 pub mod telemetry;
@@ -561,6 +562,43 @@ impl Node {
         self.write_owned(&d, offset, data).await
     }
 
+    /// `base:allocation` extents of [offset, offset + len) of `disk` for NBD BLOCK_STATUS:
+    /// (length, flags), all-zero blocks an immutable disk's content map knows of reported as
+    /// holes that read as zeroes, everything else as data. With `one`, the first extent only.
+    pub fn allocation(&self, disk: &str, offset: u64, len: u64, one: bool) -> Vec<(u32, u32)> {
+        let map = match self.registry.get(disk) {
+            Ok(d) => d.serving_map(),
+            Err(_) => self.cluster.shadow(disk).and_then(|s| s.disk.serving_map()),
+        };
+        let Some(map) = map else {
+            return vec![(len as u32, 0)];
+        };
+        let bs = u64::from(self.config.block_bytes);
+        let end = offset + len;
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let i = at / bs;
+            let upto = ((i + 1) * bs).min(end);
+            let flags = match map.get(i) {
+                Some(disk::BlockRef::Zero) => nbd::proto::STATE_HOLE | nbd::proto::STATE_ZERO,
+                _ => 0,
+            };
+            let n = (upto - at) as u32;
+            match out.last_mut() {
+                Some(last) if last.1 == flags => last.0 += n,
+                _ => {
+                    if one && !out.is_empty() {
+                        break;
+                    }
+                    out.push((n, flags));
+                }
+            }
+            at = upto;
+        }
+        out
+    }
+
     /// Grants (or renews) `from` a lease on (disk, generation, epoch), for `Peer.Lease`.
     pub fn grant_lease(
         &self,
@@ -1037,6 +1075,24 @@ pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
         servers.push(tokio::spawn(frontend::grpc::serve_tcp(
             node.clone(),
             tcp,
+            stopped.clone(),
+        )));
+    }
+    if let Some(path) = &node.config.nbd_unix {
+        let l = frontend::grpc::bind_unix(path)?;
+        servers.push(tokio::spawn(nbd::serve_unix(
+            node.clone(),
+            l,
+            stopped.clone(),
+        )));
+    }
+    if let Some(addr) = node.config.nbd_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on nbd_listen {addr}"))?;
+        servers.push(tokio::spawn(nbd::serve_tcp(
+            node.clone(),
+            l,
             stopped.clone(),
         )));
     }

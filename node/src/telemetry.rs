@@ -87,6 +87,9 @@ pub const BLOCK_MAP_TRAFFIC_BYTES: &str = "shadowcache_block_map_traffic_bytes_t
 /// Serialized bytes of the block maps of other members this node holds.
 pub const BLOCK_MAP_BYTES: &str = "shadowcache_block_map_bytes";
 
+/// NBD connections that reached transmission.
+pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
+
 /// Payload bytes moved by gRPC requests, by `rpc`.
 pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";
 /// gRPC request latency, by `rpc`.

@@ -501,6 +501,8 @@ impl Cluster {
             // A disk id two members own is kept from the lower id; when that one leaves, the
             // other's list must be read again for its disk to show.
             self.fetched.clear();
+            // Their shadows go now, before the lists of the others are fetched.
+            self.sync_shadows();
         }
         for m in live.values() {
             if self

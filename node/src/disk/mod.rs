@@ -425,6 +425,10 @@ pub struct SavedDisk {
     /// Detection pinned off by an operator.
     #[serde(default)]
     pub pinned: bool,
+    /// With `detected`: the lease term plus drift margin leases were granted with, in ms
+    /// (a restart with a shorter term still waits this long).
+    #[serde(default)]
+    pub lease_fence_ms: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -654,10 +658,12 @@ impl Registry {
         disk.restore_generation(d.generation);
         disk.owner.set_pinned(d.pinned);
         if d.detected {
+            let fence = self
+                .lease_fence
+                .max(Duration::from_millis(d.lease_fence_ms.min(86_400_000)));
             disk.restore_generation(d.generation + 1);
-            disk.owner
-                .fence(crate::clock::boot_now() + self.lease_fence);
-            tracing::info!(disk = %d.id, fence_ms = self.lease_fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
+            disk.owner.fence(crate::clock::boot_now() + fence);
+            tracing::info!(disk = %d.id, fence_ms = fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
         }
         Ok(())
     }
@@ -683,6 +689,7 @@ impl Registry {
                     detected: matches!(state, DiskState::Detected | DiskState::Revoking)
                         || d.owner.detecting.load(Ordering::SeqCst),
                     pinned: d.owner.pinned(),
+                    lease_fence_ms: self.lease_fence.as_millis() as u64,
                 })
             })
             .collect();

@@ -1,0 +1,570 @@
+//! The NBD frontend: qemu, the libnbd tools, fio's nbd engine and the kernel's nbd-client
+//! attach to a node's disks over the Network Block Device protocol, one export per disk.
+//!
+//! Fixed newstyle negotiation with NO_ZEROES; options GO, INFO, LIST, ABORT, EXPORT_NAME,
+//! STRUCTURED_REPLY, LIST_/SET_META_CONTEXT (`base:allocation`); every other option is answered
+//! unsupported. In transmission, one task reads and checks requests and runs each in a task of
+//! its own (at most [`MAX_IN_FLIGHT`] per connection); replies go out in the order they finish,
+//! through one writer task that owns the socket's write half. Reads, writes and flushes are the
+//! node's own ([`Node::read`], [`Node::write`], [`Node::flush`]): a disk another member owns is
+//! read through this node's cache or its owner, and written at its owner.
+//!
+//! Architecture invariant: a malformed or hostile client can end its own connection, never the
+//! node, and never gets a byte of a disk it did not name.
+
+pub mod proto;
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::error::Error;
+use crate::{DiskMode, Node};
+use proto::*;
+
+/// Requests served at once on one connection (above every client's queue depth).
+pub const MAX_IN_FLIGHT: usize = 128;
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The socket failed or closed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client broke the protocol; the connection is closed.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+fn protocol(s: impl Into<String>) -> NbdError {
+    NbdError::Protocol(s.into())
+}
+
+/// An export as negotiated.
+#[derive(Debug, Clone)]
+struct Export {
+    name: String,
+    size: u64,
+    flags: u16,
+}
+
+/// Negotiation state of one connection.
+#[derive(Debug, Default)]
+struct Session {
+    structured: bool,
+    meta: bool,
+}
+
+fn export_flags(mode: DiskMode, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_CAN_MULTI_CONN;
+    if mode == DiskMode::Sealed {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+    }
+    if structured {
+        f |= TF_SEND_DF;
+    }
+    f
+}
+
+/// The export `name` names: a disk id, or "" for the node's only disk.
+fn lookup(node: &Node, name: &str, structured: bool) -> Option<Export> {
+    let info = if name.is_empty() {
+        let disks = node.disks();
+        if disks.len() != 1 {
+            return None;
+        }
+        disks.into_iter().next()?
+    } else {
+        node.stat(name).ok()?
+    };
+    Some(Export {
+        flags: export_flags(info.mode, structured),
+        name: info.id,
+        size: info.size_bytes,
+    })
+}
+
+/// Serves one client until it disconnects or breaks the protocol.
+pub async fn serve<S>(node: Arc<Node>, stream: S) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut session = Session::default();
+    let Some(export) = negotiate(&node, &mut rd, &mut wr, &mut session).await? else {
+        return Ok(());
+    };
+    metrics::counter!(crate::telemetry::NBD_CONNECTIONS).increment(1);
+    transmission(node, rd, wr, export, session).await
+}
+
+async fn read_u32(r: &mut (impl AsyncRead + Unpin)) -> Result<u32, NbdError> {
+    Ok(r.read_u32().await?)
+}
+
+async fn reply(
+    w: &mut (impl AsyncWrite + Unpin),
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> Result<(), NbdError> {
+    w.write_all(&option_reply(option, kind, data)).await?;
+    Ok(())
+}
+
+/// The handshake and options; `Some(export)` once the client moved to transmission.
+async fn negotiate<R, W>(
+    node: &Node,
+    rd: &mut R,
+    wr: &mut W,
+    session: &mut Session,
+) -> Result<Option<Export>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = BytesMut::with_capacity(18);
+    hello.put_u64(NBD_MAGIC);
+    hello.put_u64(IHAVEOPT);
+    hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    wr.write_all(&hello).await?;
+    let client = read_u32(rd).await?;
+    if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol(format!("unknown client flags {client:#x}")));
+    }
+    let no_zeroes = client & CLIENT_NO_ZEROES != 0;
+    loop {
+        let magic = rd.read_u64().await?;
+        if magic != IHAVEOPT {
+            return Err(protocol(format!("option magic {magic:#x}")));
+        }
+        let option = read_u32(rd).await?;
+        let len = read_u32(rd).await?;
+        if len > MAX_OPTION {
+            // The payload cannot be skipped safely: say so and end.
+            reply(wr, option, REP_ERR_TOO_BIG, b"option payload too large").await?;
+            return Err(protocol(format!("option {option} with {len} bytes")));
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8(data).map_err(|_| protocol("export name"))?;
+                let Some(e) = lookup(node, &name, session.structured) else {
+                    // This option has no error reply: the spec says to close.
+                    return Err(protocol(format!("unknown export {name:?}")));
+                };
+                let mut b = BytesMut::with_capacity(134);
+                b.put_u64(e.size);
+                b.put_u16(e.flags);
+                if !no_zeroes {
+                    b.put_bytes(0, 124);
+                }
+                wr.write_all(&b).await?;
+                return Ok(Some(e));
+            }
+            OPT_ABORT => {
+                reply(wr, option, REP_ACK, &[]).await?;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply(wr, option, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    continue;
+                }
+                for d in node.disks() {
+                    let mut b = BytesMut::with_capacity(4 + d.id.len());
+                    b.put_u32(d.id.len() as u32);
+                    b.put_slice(d.id.as_bytes());
+                    reply(wr, option, REP_SERVER, &b).await?;
+                }
+                reply(wr, option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, infos)) = parse_go(&data) else {
+                    reply(wr, option, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
+                    continue;
+                };
+                let Some(e) = lookup(node, &name, session.structured) else {
+                    let msg = if name.is_empty() {
+                        "this node has several disks: name one as the export".to_string()
+                    } else {
+                        format!(
+                            "unknown export {:?}",
+                            name.chars().take(128).collect::<String>()
+                        )
+                    };
+                    reply(wr, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                    continue;
+                };
+                let mut b = BytesMut::with_capacity(12);
+                b.put_u16(INFO_EXPORT);
+                b.put_u64(e.size);
+                b.put_u16(e.flags);
+                reply(wr, option, REP_INFO, &b).await?;
+                if infos.contains(&INFO_BLOCK_SIZE) {
+                    let mut b = BytesMut::with_capacity(14);
+                    b.put_u16(INFO_BLOCK_SIZE);
+                    b.put_u32(512);
+                    b.put_u32(node.config().block_bytes);
+                    b.put_u32(MAX_REQUEST);
+                    reply(wr, option, REP_INFO, &b).await?;
+                }
+                reply(wr, option, REP_ACK, &[]).await?;
+                if option == OPT_GO {
+                    return Ok(Some(e));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(wr, option, REP_ERR_INVALID, b"takes no data").await?;
+                    continue;
+                }
+                session.structured = true;
+                reply(wr, option, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set && !session.structured {
+                    reply(
+                        wr,
+                        option,
+                        REP_ERR_INVALID,
+                        b"needs structured replies first",
+                    )
+                    .await?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta(&data) else {
+                    reply(
+                        wr,
+                        option,
+                        REP_ERR_INVALID,
+                        b"malformed meta context request",
+                    )
+                    .await?;
+                    continue;
+                };
+                if set && lookup(node, &name, true).is_none() {
+                    reply(wr, option, REP_ERR_UNKNOWN, b"unknown export").await?;
+                    continue;
+                }
+                let matches =
+                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+                let wanted = if queries.is_empty() {
+                    !set
+                } else {
+                    queries.iter().any(|q| matches(q))
+                };
+                if set {
+                    session.meta = wanted;
+                }
+                if wanted {
+                    let mut b = BytesMut::with_capacity(4 + BASE_ALLOCATION.len());
+                    b.put_u32(BASE_ALLOCATION_ID);
+                    b.put_slice(BASE_ALLOCATION.as_bytes());
+                    reply(wr, option, REP_META_CONTEXT, &b).await?;
+                }
+                reply(wr, option, REP_ACK, &[]).await?;
+            }
+            other => {
+                reply(wr, other, REP_ERR_UNSUP, b"unsupported option").await?;
+            }
+        }
+    }
+}
+
+/// The errno a node error maps to, for a command.
+fn errno(e: &Error, cmd: u16) -> u32 {
+    match e {
+        Error::OutOfRange { .. } if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES => ENOSPC,
+        Error::OutOfRange { .. } | Error::Invalid(_) => EINVAL,
+        Error::TooLarge { .. } => EOVERFLOW,
+        Error::Sealed(_) | Error::Unseal(_) => EPERM,
+        _ => EIO,
+    }
+}
+
+/// One reply: the pieces to write, in order.
+type Reply = Vec<Bytes>;
+
+fn error_reply(structured: bool, cookie: u64, err: u32, message: &str) -> Reply {
+    if structured {
+        vec![error_chunk(cookie, err, message)]
+    } else {
+        vec![simple_reply(cookie, err)]
+    }
+}
+
+fn ok_reply(structured: bool, cookie: u64) -> Reply {
+    if structured {
+        vec![chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).freeze()]
+    } else {
+        vec![simple_reply(cookie, 0)]
+    }
+}
+
+async fn transmission<R, W>(
+    node: Arc<Node>,
+    mut rd: R,
+    wr: W,
+    export: Export,
+    session: Session,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let export = Arc::new(export);
+    let structured = session.structured;
+    let zeros = Bytes::from(vec![0u8; 1 << 20]);
+    let result = loop {
+        let mut hdr = [0u8; REQUEST_BYTES];
+        if let Err(e) = rd.read_exact(&mut hdr).await {
+            // A client that goes away mid-request ends its connection only.
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
+        }
+        let Some(req) = Request::decode(&hdr) else {
+            break Err(protocol("bad request magic"));
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        // The payload of a write is part of the framing: read it before anything else.
+        let payload = if req.cmd == CMD_WRITE {
+            if req.len > MAX_REQUEST {
+                let _ = tx
+                    .send(error_reply(
+                        structured,
+                        req.cookie,
+                        EOVERFLOW,
+                        "write too large",
+                    ))
+                    .await;
+                break Err(protocol(format!("write of {} bytes", req.len)));
+            }
+            let mut buf = BytesMut::zeroed(req.len as usize);
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break Err(e.into());
+            }
+            buf.freeze()
+        } else {
+            Bytes::new()
+        };
+        if req.cmd == CMD_DISC {
+            break Ok(());
+        }
+        let node = node.clone();
+        let export = export.clone();
+        let tx = tx.clone();
+        let zeros = zeros.clone();
+        let meta = session.meta;
+        tokio::spawn(async move {
+            let r = handle(&node, &export, req, payload, structured, meta, &zeros).await;
+            let _ = tx.send(r).await;
+            drop(permit);
+        });
+    };
+    // Finish what is in flight, then close.
+    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+) -> std::io::Result<()> {
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    while let Some(reply) = rx.recv().await {
+        for piece in reply {
+            w.write_all(&piece).await?;
+        }
+        // Batch replies that are ready; flush when none is waiting.
+        while let Ok(reply) = rx.try_recv() {
+            for piece in reply {
+                w.write_all(&piece).await?;
+            }
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
+
+/// Serves one request; its reply.
+async fn handle(
+    node: &Node,
+    export: &Export,
+    req: Request,
+    payload: Bytes,
+    structured: bool,
+    meta: bool,
+    zeros: &Bytes,
+) -> Reply {
+    let cookie = req.cookie;
+    let fail = |err: u32, msg: &str| error_reply(structured, cookie, err, msg);
+    if req.flags & !CMDF_KNOWN != 0 {
+        return fail(EINVAL, "unknown command flag");
+    }
+    let read_only = export.flags & TF_READ_ONLY != 0;
+    let end = req.offset.checked_add(u64::from(req.len));
+    let in_range = end.is_some_and(|e| e <= export.size);
+    match req.cmd {
+        CMD_READ => {
+            if req.len > MAX_REQUEST {
+                return fail(EOVERFLOW, "read too large");
+            }
+            if !in_range {
+                return fail(EINVAL, "read past the end");
+            }
+            match node
+                .read(&export.name, req.offset, u64::from(req.len))
+                .await
+            {
+                Ok(data) if structured => {
+                    if data.is_empty() {
+                        return ok_reply(true, cookie);
+                    }
+                    let mut h = chunk_header(
+                        cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + data.len() as u32,
+                    );
+                    h.put_u64(req.offset);
+                    vec![h.freeze(), data]
+                }
+                Ok(data) => vec![simple_reply(cookie, 0), data],
+                Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
+            }
+        }
+        CMD_WRITE | CMD_WRITE_ZEROES => {
+            if read_only {
+                return fail(EPERM, "read-only export");
+            }
+            if !in_range {
+                return fail(ENOSPC, "write past the end");
+            }
+            let r = if req.cmd == CMD_WRITE {
+                node.write(&export.name, req.offset, payload).await
+            } else {
+                write_zeroes(node, &export.name, req.offset, u64::from(req.len), zeros).await
+            };
+            let r = match r {
+                Ok(()) if req.flags & CMDF_FUA != 0 => node.flush(&export.name).await,
+                r => r,
+            };
+            match r {
+                Ok(()) => ok_reply(structured, cookie),
+                Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
+            }
+        }
+        CMD_FLUSH => match node.flush(&export.name).await {
+            Ok(()) => ok_reply(structured, cookie),
+            Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
+        },
+        CMD_BLOCK_STATUS => {
+            if !structured || !meta {
+                return fail(EINVAL, "no metadata context negotiated");
+            }
+            if !in_range || req.len == 0 {
+                return fail(EINVAL, "block status past the end");
+            }
+            let extents = node.allocation(
+                &export.name,
+                req.offset,
+                u64::from(req.len),
+                req.flags & CMDF_REQ_ONE != 0,
+            );
+            let mut b = chunk_header(
+                cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                4 + 8 * extents.len() as u32,
+            );
+            b.put_u32(BASE_ALLOCATION_ID);
+            for (len, flags) in extents {
+                b.put_u32(len);
+                b.put_u32(flags);
+            }
+            vec![b.freeze()]
+        }
+        CMD_TRIM => fail(ENOTSUP, "trim is not supported"),
+        _ => fail(EINVAL, "unknown command"),
+    }
+}
+
+/// Writes `len` zero bytes at `offset`, a MiB at a time.
+async fn write_zeroes(
+    node: &Node,
+    disk: &str,
+    offset: u64,
+    len: u64,
+    zeros: &Bytes,
+) -> crate::Result<()> {
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64);
+        node.write(disk, offset + at, zeros.slice(..n as usize))
+            .await?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Accepts NBD clients on a Unix socket until `stopped`.
+pub async fn serve_unix(
+    node: Arc<Node>,
+    listener: tokio::net::UnixListener,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (s, _) = r?;
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(node, s).await {
+                        tracing::debug!(error = %e, "nbd connection ended");
+                    }
+                });
+            }
+            _ = stopped.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Accepts NBD clients on TCP until `stopped`.
+pub async fn serve_tcp(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let (s, peer) = r?;
+                let _ = s.set_nodelay(true);
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(node, s).await {
+                        tracing::debug!(error = %e, %peer, "nbd connection ended");
+                    }
+                });
+            }
+            _ = stopped.changed() => return Ok(()),
+        }
+    }
+}
