@@ -471,3 +471,126 @@ async fn a_detected_disk_reads_identical_and_takes_writes_through_a_non_owner() 
     let origin = std::fs::read(&path).expect("origin");
     assert!(origin[65536..65536 + 16384].iter().all(|x| *x == 0x6d));
 }
+
+/// A child process killed when dropped (qemu-nbd, nbdkit).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_socket(path: &Path) {
+    shadowcache_testkit::wait_for("an nbd server's socket", Duration::from_secs(20), || {
+        UnixStream::connect(path).ok()
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_exports_are_origins_a_qcow2_through_qemu_nbd_and_a_writable_nbdkit_disk() {
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    let qemu_io = tool("qemu-io", "qemu-utils");
+    let qemu_nbd = tool("qemu-nbd", "qemu-utils");
+    let nbdkit = tool("nbdkit", "nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qcow = dir.path().join("img.qcow2");
+    run(Command::new(&qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("6M"));
+    run(Command::new(&qemu_io)
+        .args(["-f", "qcow2"])
+        .args([
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 2M 512k",
+            "-c",
+            "write -P 0x33 5000000 12345",
+        ])
+        .arg(&qcow));
+    let expected = dir.path().join("expected.raw");
+    run(Command::new(&qemu_img)
+        .args(["convert", "-O", "raw"])
+        .arg(&qcow)
+        .arg(&expected));
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let _qemu = Server(
+        Command::new(&qemu_nbd)
+            .args(["-r", "-t", "-e", "4", "-f", "qcow2", "-x", "img", "-k"])
+            .arg(&qsock)
+            .arg(&qcow)
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    let ksock = dir.path().join("nbdkit.sock");
+    let _kit = Server(
+        Command::new(&nbdkit)
+            .args(["-f", "-U"])
+            .arg(&ksock)
+            .args(["memory", "4M"])
+            .spawn()
+            .expect("nbdkit"),
+    );
+    wait_socket(&qsock);
+    wait_socket(&ksock);
+    let node = NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            format!(
+                "--disk=img=nbd+unix:///img?socket={},sealed",
+                qsock.display()
+            ),
+            format!("--disk=mem=nbd+unix:///?socket={},mutable", ksock.display()),
+        ],
+    );
+    let c = shadowcache_client::Client::connect_unix(&node.socket)
+        .await
+        .expect("connect");
+    let want = std::fs::read(&expected).expect("expected");
+    // Read through the cache twice (the second pass from RAM), and through the NBD frontend.
+    for _ in 0..2 {
+        let got = c
+            .disk("img")
+            .read_at(0, want.len() as u64)
+            .await
+            .expect("read img");
+        assert!(
+            got[..] == want[..],
+            "a qcow2 behind qemu-nbd read differently"
+        );
+    }
+    let n = node.data_dir.join("nbd.sock");
+    let out = run(Command::new(&qemu_img)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&expected)
+        .arg(format!("nbd+unix:///img?socket={}", n.display())));
+    assert!(out.contains("Images are identical"), "{out}");
+    // The writable export takes writes and flushes, and reads them back.
+    let d = c.disk("mem");
+    d.write_at(123_456, vec![0x5au8; 70_000])
+        .await
+        .expect("write");
+    d.flush().await.expect("flush");
+    let got = d.read_at(123_000, 71_000).await.expect("read back");
+    assert!(got[..456].iter().all(|b| *b == 0));
+    assert!(got[456..70_456].iter().all(|b| *b == 0x5a));
+    // A read-only export cannot be a mutable disk; a dead server is UNAVAILABLE.
+    let err = c
+        .register_disk(
+            "ro",
+            &format!("nbd+unix:///img?socket={}", qsock.display()),
+            shadowcache_client::DiskMode::Mutable,
+        )
+        .await
+        .expect_err("mutable over a read-only export");
+    assert!(err.to_string().contains("read-only"), "{err}");
+    drop(_kit);
+    let err = d
+        .read_at(0, 4096)
+        .await
+        .expect_err("read after nbdkit died");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+}

@@ -509,9 +509,19 @@ impl Registry {
         if self.disks.contains_key(&parsed) {
             return Err(Error::DiskExists(id.to_string()));
         }
+        let writable = mode == DiskMode::Mutable;
+        if let Some(uri) = origin
+            .to_str()
+            .filter(|s| crate::origin::nbd::is_nbd_uri(s))
+        {
+            let o = crate::origin::NbdOrigin::open(uri, writable).await?;
+            let disk = self.register_origin(id, Arc::new(o), mode).await?;
+            self.origins.insert(disk.id.clone(), origin.to_path_buf());
+            self.restore_unrestored(&disk).await?;
+            return Ok(disk);
+        }
         let path = origin.to_path_buf();
         let data_dir = self.data_dir.clone();
-        let writable = mode == DiskMode::Mutable;
         let file = tokio::task::spawn_blocking(move || {
             // The node's own files (slot file, index, maps) are never a disk.
             if let (Ok(o), Ok(d)) = (path.canonicalize(), data_dir.canonicalize())
@@ -545,18 +555,7 @@ impl Registry {
         match self.register_origin(id, Arc::new(file), mode).await {
             Ok(disk) => {
                 self.origins.insert(disk.id.clone(), origin.to_path_buf());
-                // A saved disk that could not come back at start (its origin was not there)
-                // and is registered now keeps what was saved of it: its seal, generation, pin,
-                // and the wait for leases granted before the restart.
-                let saved = {
-                    let mut u = self.unrestored.lock();
-                    u.iter()
-                        .position(|d| d.id == disk.id.as_str())
-                        .map(|i| u.remove(i))
-                };
-                if let Some(saved) = saved {
-                    self.apply_saved(&disk, &saved).await?;
-                }
+                self.restore_unrestored(&disk).await?;
                 Ok(disk)
             }
             Err(e) => {
@@ -643,6 +642,22 @@ impl Registry {
                 },
             };
             self.apply_saved(&disk, &d).await?;
+        }
+        Ok(())
+    }
+
+    /// A saved disk that could not come back at start (its origin was not there) and is
+    /// registered now keeps what was saved of it: its seal, generation, pin, and the wait for
+    /// leases granted before the restart.
+    async fn restore_unrestored(&self, disk: &Arc<Disk>) -> Result<()> {
+        let saved = {
+            let mut u = self.unrestored.lock();
+            u.iter()
+                .position(|d| d.id == disk.id.as_str())
+                .map(|i| u.remove(i))
+        };
+        if let Some(saved) = saved {
+            self.apply_saved(disk, &saved).await?;
         }
         Ok(())
     }

@@ -1,13 +1,14 @@
 //! Origins: where a disk's authoritative bytes live.
 //!
 //! `Origin` is the one interface the read and write paths use; `file.rs` implements it for a raw
-//! image file or a block device, `peer.rs` for a sealed disk another member owns. (NBD exports come with the NBD work.) Methods are async and
+//! image file or a block device, `peer.rs` for a disk another member owns, `nbd.rs` for an NBD export. Methods are async and
 //! return boxed futures so that an origin can be a file on a blocking pool or a network export.
 //!
 //! Architecture invariant: an origin returns exactly the bytes asked for or an error; a short
 //! read is an error, never a short buffer, so nothing partial can be cached.
 
 pub mod file;
+pub mod nbd;
 pub mod peer;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 pub use file::FileOrigin;
+pub use nbd::NbdOrigin;
 pub use peer::PeerOrigin;
 
 /// A boxed future returned by origin methods.
