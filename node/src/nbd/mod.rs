@@ -568,3 +568,142 @@ pub async fn serve_tcp(
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Random bytes after a valid prefix (none, the greeting's answer, or a full GO), fed to
+    //! the real server over an in-memory pipe: it must end the connection (no hang, no panic)
+    //! once the client stops sending, whatever it was sent.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+    use tokio::io::AsyncWriteExt;
+
+    struct Fixture {
+        rt: tokio::runtime::Runtime,
+        node: Arc<Node>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let img = dir.path().join("d.raw");
+            std::fs::write(&img, vec![7u8; 1 << 20]).expect("image");
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let flags = crate::Flags {
+                data_dir: Some(dir.path().join("data")),
+                node_id: Some("fuzz".into()),
+                disks: vec![format!("d={}", img.display())],
+                ssd_cache: Some(crate::config::Size(0)),
+                ram_cache: Some(crate::config::Size(8 << 20)),
+                ..Default::default()
+            };
+            let config = crate::Config::from_flags(&flags).expect("config");
+            let node = rt.block_on(Node::open(config)).expect("node");
+            Fixture {
+                rt,
+                node,
+                _dir: dir,
+            }
+        })
+    }
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&OPT_GO.to_be_bytes());
+        b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b
+    }
+
+    /// Valid request headers with random fields, so that the fuzzer reaches the commands.
+    fn requests(raw: &[(u16, u16, u64, u32)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for &(flags, cmd, offset, len) in raw {
+            let r = Request {
+                flags,
+                cmd: cmd % 10,
+                cookie: offset ^ 0x5a5a,
+                offset: offset % (2 << 20),
+                len: len % (1 << 21),
+            };
+            b.extend_from_slice(&r.encode());
+        }
+        b
+    }
+
+    fn feed(prefix: Vec<u8>, tail: Vec<u8>) -> usize {
+        let f = fixture();
+        f.rt.block_on(async {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let node = f.node.clone();
+            let served = tokio::spawn(async move { serve(node, server).await });
+            let drain = tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let mut buf = [0u8; 1 << 16];
+                let _ = client.write_all(&prefix).await;
+                let _ = client.write_all(&tail).await;
+                let _ = client.shutdown().await;
+                // Read until the server closes.
+                loop {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                    }
+                }
+                bytes
+            });
+            let done = tokio::time::timeout(std::time::Duration::from_secs(20), served)
+                .await
+                .expect("the server did not end the connection");
+            assert!(done.is_ok(), "the connection task panicked");
+            let out = tokio::time::timeout(std::time::Duration::from_secs(20), drain)
+                .await
+                .expect("the client side did not see the connection close")
+                .expect("client task");
+            assert!(out.len() >= 18 && &out[..8] == b"NBDMAGIC");
+            out.len()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn random_bytes_in_negotiation_end_the_connection(
+            greeting in any::<bool>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let prefix = if greeting { 3u32.to_be_bytes().to_vec() } else { Vec::new() };
+            let _ = feed(prefix, tail);
+        }
+
+        #[test]
+        fn random_requests_in_transmission_end_the_connection(
+            raw in proptest::collection::vec((any::<u16>(), any::<u16>(), any::<u64>(), any::<u32>()), 0..12),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut tail = requests(&raw);
+            tail.extend_from_slice(&junk);
+            let out = feed(go("d"), tail);
+            // Greeting, two option replies and the export info: 90 bytes. A first request
+            // that is neither a write (whose payload is missing) nor DISC gets a reply.
+            if let Some(&(_, cmd, _, _)) = raw.first()
+                && cmd % 10 != CMD_WRITE
+                && cmd % 10 != CMD_DISC
+            {
+                prop_assert!(out > 90, "no reply to the first request ({out} bytes)");
+            }
+        }
+    }
+}
