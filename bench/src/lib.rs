@@ -6,6 +6,8 @@
 //!   and `cache --trace` (a real address trace replayed through one node).
 //! - `cluster_bench.rs`: `cluster`, a boot storm on a cluster of real node processes: owner
 //!   egress with peer fetch, caching alone, and no cache.
+//! - `nbd_bench.rs`: `nbd`, fio's nbd engine against qemu-nbd, nbdkit and shadowcache's NBD
+//!   frontend (RAM hits, SSD hits, cold) on the same bytes.
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
 //! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.
@@ -15,5 +17,6 @@ pub mod alloc;
 pub mod cache_bench;
 pub mod cluster_bench;
 pub mod demo;
+pub mod nbd_bench;
 pub mod synthetic;
 pub mod trace;

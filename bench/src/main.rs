@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo};
+use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench};
 use shadowcache_node::config::Size;
 
 #[global_allocator]
@@ -48,6 +48,19 @@ enum Command {
         /// Bytes per read.
         #[arg(long, default_value = "64KiB")]
         read_size: Size,
+        /// Write the figures here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// fio over NBD: qemu-nbd, nbdkit file, nbdkit memory and shadowcache (RAM hits, SSD hits,
+    /// cold) on the same image; needs fio, qemu-nbd, nbdkit and nbdcopy.
+    Nbd {
+        /// Image size.
+        #[arg(long, default_value = "256MiB")]
+        image: Size,
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 6)]
+        seconds: u64,
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -107,6 +120,22 @@ fn main() -> anyhow::Result<()> {
                     readers: readers.unwrap_or(nodes).max(1),
                     working_set: working_set.0,
                     read_bytes: read_size.0,
+                })
+                .await?;
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+                    eprintln!("figures written to {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Nbd {
+                image,
+                seconds,
+                json,
+            } => {
+                let out = nbd_bench::run_bench(nbd_bench::Options {
+                    image_bytes: image.0,
+                    seconds: seconds.max(1),
                 })
                 .await?;
                 if let Some(path) = json {

@@ -1,0 +1,327 @@
+//! `shadowcache-bench nbd`: fio's nbd engine against, in one run and on the same bytes:
+//! (a) `qemu-nbd` serving the raw image, (b) `nbdkit file` on it, (c) `nbdkit memory` holding
+//! the same bytes, and shadowcache serving the image (d) from RAM hits, (e) from SSD hits, (f)
+//! cold, every read from the origin. For 4 KiB random reads at QD 1 and 32 with one and two
+//! connections, and 1 MiB sequential reads. Prints IOPS, bandwidth, p50/p99 latency, and for
+//! (d), (e), (f) each figure as a ratio to (c) and to (a). Asserts nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use shadowcache_testkit::{NodeProcess, wait_for};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Image size.
+    pub image_bytes: u64,
+    /// Seconds per measured run (each after a warm pass of a third of it).
+    pub seconds: u64,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One server under test: its NBD URI and whatever keeps it alive.
+struct Server {
+    name: &'static str,
+    uri: String,
+    _child: Option<Killed>,
+    _node: Option<NodeProcess>,
+}
+
+fn need(tool: &str, package: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(tool))
+                .find(|p| p.is_file())
+        })
+        .with_context(|| format!("{tool} is not installed (apt-get install {package})"))
+}
+
+fn wait_socket(path: &Path) {
+    wait_for("an nbd socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(path).ok()
+    });
+}
+
+fn spawn(cmd: &mut Command) -> anyhow::Result<Killed> {
+    Ok(Killed(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("{cmd:?}"))?,
+    ))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A workload: name, fio arguments.
+fn workloads() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        (
+            "4k rand QD1 1c",
+            vec!["--rw=randread", "--bs=4k", "--iodepth=1", "--numjobs=1"],
+        ),
+        (
+            "4k rand QD1 2c",
+            vec!["--rw=randread", "--bs=4k", "--iodepth=1", "--numjobs=2"],
+        ),
+        (
+            "4k rand QD32 1c",
+            vec!["--rw=randread", "--bs=4k", "--iodepth=32", "--numjobs=1"],
+        ),
+        (
+            "4k rand QD32 2c",
+            vec!["--rw=randread", "--bs=4k", "--iodepth=32", "--numjobs=2"],
+        ),
+        (
+            "1M seq QD8 1c",
+            vec!["--rw=read", "--bs=1m", "--iodepth=8", "--numjobs=1"],
+        ),
+    ]
+}
+
+fn fio(fio: &Path, uri: &str, size: u64, args: &[&str], seconds: u64) -> anyhow::Result<Value> {
+    let out = run(Command::new(fio)
+        .arg("--name=b")
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--size={size}"))
+        .args(args)
+        .arg("--group_reporting")
+        .arg("--time_based")
+        .arg(format!("--runtime={seconds}"))
+        .arg("--lat_percentiles=1")
+        .arg("--output-format=json"))?;
+    let v: Value = serde_json::from_str(&out[out.find('{').context("fio printed no JSON")?..])?;
+    let r = &v["jobs"][0]["read"];
+    let pct = |p: &str| {
+        r["lat_ns"]["percentile"][p]
+            .as_f64()
+            .or_else(|| r["clat_ns"]["percentile"][p].as_f64())
+            .unwrap_or(0.0)
+            / 1000.0
+    };
+    Ok(json!({
+        "iops": r["iops"].as_f64().unwrap_or(0.0).round(),
+        "mb_s": (r["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6 * 10.0).round() / 10.0,
+        "p50_us": pct("50.000000"),
+        "p99_us": pct("99.000000"),
+    }))
+}
+
+fn node(dir: &Path, image: &Path, name: &str, args: &[String]) -> anyhow::Result<Server> {
+    let data = dir.join(name);
+    let mut all = vec![format!("--node-id={name}")];
+    all.extend_from_slice(args);
+    let sealed = !args.iter().any(|a| a == "--cold");
+    all.retain(|a| a != "--cold");
+    all.push(format!(
+        "--disk=img={}{}",
+        image.display(),
+        if sealed { ",sealed" } else { ",mutable" }
+    ));
+    let p = NodeProcess::start(&data, &all);
+    let sock = data.join("nbd.sock");
+    wait_socket(&sock);
+    Ok(Server {
+        name: match name {
+            "ram" => "shadowcache RAM hits",
+            "ssd" => "shadowcache SSD hits",
+            _ => "shadowcache cold (origin)",
+        },
+        uri: format!("nbd+unix:///img?socket={}", sock.display()),
+        _child: None,
+        _node: Some(p),
+    })
+}
+
+/// Runs every server and workload; prints the table; returns the figures.
+pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
+    let fio_bin = need("fio", "fio")?;
+    let qemu_nbd = need("qemu-nbd", "qemu-utils")?;
+    let nbdkit = need("nbdkit", "nbdkit")?;
+    let nbdcopy = need("nbdcopy", "libnbd-bin")?;
+    let dir = tempfile::tempdir()?;
+    let image = dir.path().join("image.raw");
+    {
+        use std::io::Write;
+        let mix = crate::synthetic::Mix::default();
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image)?);
+        let mut at = 0;
+        while at < opts.image_bytes {
+            let n = (1u64 << 20).min(opts.image_bytes - at);
+            f.write_all(&mix.read(at, n as usize))?;
+            at += n;
+        }
+        f.flush()?;
+    }
+    let size = opts.image_bytes;
+    let mut servers = Vec::new();
+    // (a) qemu-nbd, (b) nbdkit file, (c) nbdkit memory filled with the same bytes.
+    let qs = dir.path().join("qemu.sock");
+    let q = spawn(
+        Command::new(&qemu_nbd)
+            .args(["-r", "-t", "-f", "raw", "-e", "4", "-k"])
+            .arg(&qs)
+            .arg(&image),
+    )?;
+    wait_socket(&qs);
+    servers.push(Server {
+        name: "qemu-nbd",
+        uri: format!("nbd+unix:///?socket={}", qs.display()),
+        _child: Some(q),
+        _node: None,
+    });
+    let fs = dir.path().join("file.sock");
+    let k = spawn(
+        Command::new(&nbdkit)
+            .args(["-f", "-r", "-U"])
+            .arg(&fs)
+            .arg("file")
+            .arg(&image),
+    )?;
+    wait_socket(&fs);
+    servers.push(Server {
+        name: "nbdkit file",
+        uri: format!("nbd+unix:///?socket={}", fs.display()),
+        _child: Some(k),
+        _node: None,
+    });
+    let ms = dir.path().join("mem.sock");
+    let m = spawn(
+        Command::new(&nbdkit)
+            .args(["-f", "-U"])
+            .arg(&ms)
+            .arg("memory")
+            .arg(size.to_string()),
+    )?;
+    wait_socket(&ms);
+    let mem_uri = format!("nbd+unix:///?socket={}", ms.display());
+    run(Command::new(&nbdcopy).arg(&image).arg(&mem_uri))?;
+    servers.push(Server {
+        name: "nbdkit memory",
+        uri: mem_uri,
+        _child: Some(m),
+        _node: None,
+    });
+    // (d) RAM hits: RAM for twice the image (a second read moves blocks to multi-touch).
+    let ram = format!("--ram-cache={}", size * 3);
+    servers.push(node(
+        dir.path(),
+        &image,
+        "ram",
+        &[ram, "--ssd-cache=0".into()],
+    )?);
+    // (e) SSD hits: 8 MiB of RAM, the image on the SSD tier.
+    servers.push(node(
+        dir.path(),
+        &image,
+        "ssd",
+        &[
+            "--ram-cache=8MiB".into(),
+            format!("--ssd-cache={}", size * 3),
+        ],
+    )?);
+    // (f) cold: a mutable disk is read from its origin every time.
+    servers.push(node(dir.path(), &image, "cold", &["--cold".into()])?);
+    // Warm the shadowcache tiers: two whole passes promote every block, and with 8 MiB of
+    // RAM push them on to the SSD tier.
+    for s in &servers[3..5] {
+        for _ in 0..2 {
+            run(Command::new(&nbdcopy)
+                .arg("--connections=4")
+                .arg(&s.uri)
+                .arg("null:"))?;
+        }
+    }
+    let mut table = Vec::new();
+    for (w, args) in workloads() {
+        let mut row = serde_json::Map::new();
+        for s in &servers {
+            eprintln!("{w}: {} ...", s.name);
+            // One warm pass (a third of the run), then the measured run.
+            fio(&fio_bin, &s.uri, size, &args, (opts.seconds / 3).max(1))?;
+            row.insert(
+                s.name.to_string(),
+                fio(&fio_bin, &s.uri, size, &args, opts.seconds)?,
+            );
+        }
+        table.push((w, row));
+    }
+    print_table(&table, &servers);
+    let results: Vec<Value> = table
+        .iter()
+        .map(|(w, row)| json!({"workload": w, "servers": row}))
+        .collect();
+    Ok(json!({
+        "benchmark": "nbd",
+        "image_bytes": size,
+        "seconds": opts.seconds,
+        "results": results,
+    }))
+}
+
+fn print_table(table: &[(&str, serde_json::Map<String, Value>)], servers: &[Server]) {
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!();
+    for (w, row) in table {
+        println!("{w}");
+        println!(
+            "  {:<28} {:>10} {:>9} {:>9} {:>9}   {:>27}   {:>27}",
+            "server",
+            "IOPS",
+            "MB/s",
+            "p50 µs",
+            "p99 µs",
+            "÷ nbdkit memory (IOPS MB/s p50)",
+            "÷ qemu-nbd (IOPS MB/s p50)"
+        );
+        let mem = &row["nbdkit memory"];
+        let qemu = &row["qemu-nbd"];
+        for s in servers {
+            let v = &row[s.name];
+            let ratios = |base: &Value| {
+                if s.name.starts_with("shadowcache") {
+                    format!(
+                        "{:>8.2} {:>8.2} {:>8.2}",
+                        f(v, "iops") / f(base, "iops").max(1e-9),
+                        f(v, "mb_s") / f(base, "mb_s").max(1e-9),
+                        f(v, "p50_us") / f(base, "p50_us").max(1e-9)
+                    )
+                } else {
+                    String::new()
+                }
+            };
+            println!(
+                "  {:<28} {:>10.0} {:>9.1} {:>9.1} {:>9.1}   {:>27}   {:>27}",
+                s.name,
+                f(v, "iops"),
+                f(v, "mb_s"),
+                f(v, "p50_us"),
+                f(v, "p99_us"),
+                ratios(mem),
+                ratios(qemu)
+            );
+        }
+    }
+}
