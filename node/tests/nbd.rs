@@ -594,3 +594,29 @@ async fn nbd_exports_are_origins_a_qcow2_through_qemu_nbd_and_a_writable_nbdkit_
         .expect_err("read after nbdkit died");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
 }
+
+#[test]
+fn the_kernel_client_reads_an_export_identical_when_the_nbd_module_is_there() {
+    if !Path::new("/dev/nbd0").exists() {
+        eprintln!(
+            "\n*** SKIPPED: /dev/nbd0 is missing (no `nbd` kernel module on this machine): \
+             the kernel nbd-client test did not run ***\n"
+        );
+        return;
+    }
+    let nbd_client = tool("nbd-client", "nbd-client");
+    let f = fixture();
+    let sock = f.node.data_dir.join("nbd.sock");
+    run(Command::new(&nbd_client)
+        .arg("-unix")
+        .arg(&sock)
+        .arg("/dev/nbd0")
+        .args(["-N", "base"]));
+    let got = std::fs::read("/dev/nbd0");
+    let _ = Command::new(&nbd_client).args(["-d", "/dev/nbd0"]).status();
+    let got = got.expect("read /dev/nbd0");
+    assert!(
+        got == std::fs::read(&f.base).expect("base"),
+        "the kernel read different bytes"
+    );
+}
