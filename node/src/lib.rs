@@ -274,17 +274,23 @@ impl Node {
 
     /// Reads `len` bytes at `offset` of disk `disk`, wherever it is owned.
     pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
+        Ok(read::join(self.read_pieces(disk, offset, len).await?))
+    }
+
+    /// [`Node::read`] as the slices of the blocks read, in order (see
+    /// [`ReadPath::read_pieces`]).
+    pub async fn read_pieces(&self, disk: &str, offset: u64, len: u64) -> Result<Vec<Bytes>> {
         match self.registry.get(disk) {
             Ok(d) => {
                 self.note_read(&d, &self.config.node_id);
-                self.reads.read(&d, offset, len).await
+                self.reads.read_pieces(&d, offset, len).await
             }
             Err(Error::UnknownDisk(_)) if let Some(shadow) = self.cluster.shadow(disk) => {
                 // A sealed disk of another member, or a detected one under a valid lease:
                 // served through this node's cache.
                 read::check_range(&shadow.disk, offset, len)?;
                 if self.cluster.lease_ok(&shadow).await {
-                    match self.reads.read(&shadow.disk, offset, len).await {
+                    match self.reads.read_pieces(&shadow.disk, offset, len).await {
                         Ok(b) => return Ok(b),
                         Err(e) if shadow.lease.is_none() => return Err(e),
                         Err(e) => {
@@ -296,9 +302,11 @@ impl Node {
                 } else {
                     self.cluster.stats.leaseless_reads.inc();
                 }
-                self.forward_read(disk, offset, len).await
+                self.forward_read(disk, offset, len).await.map(|b| vec![b])
             }
-            Err(Error::UnknownDisk(_)) => self.forward_read(disk, offset, len).await,
+            Err(Error::UnknownDisk(_)) => {
+                self.forward_read(disk, offset, len).await.map(|b| vec![b])
+            }
             Err(e) => Err(e),
         }
     }

@@ -108,6 +108,21 @@ pub struct ReadPath {
     stats: ReadStats,
 }
 
+/// The pieces as one buffer: the piece itself when there is one (no copy), else one copy.
+pub fn join(mut pieces: Vec<Bytes>) -> Bytes {
+    match pieces.len() {
+        0 => Bytes::new(),
+        1 => pieces.pop().unwrap_or_default(),
+        _ => {
+            let mut out = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+            for p in &pieces {
+                out.extend_from_slice(p);
+            }
+            out.freeze()
+        }
+    }
+}
+
 /// Checks that [offset, offset + len) lies inside the disk and within the per-request limit.
 pub fn check_range(disk: &Disk, offset: u64, len: u64) -> Result<()> {
     check_span(disk.id.as_str(), disk.size, offset, len)
@@ -151,12 +166,18 @@ impl ReadPath {
 
     /// Reads `len` bytes at `offset` of `disk`.
     pub async fn read(&self, disk: &Disk, offset: u64, len: u64) -> Result<Bytes> {
+        Ok(join(self.read_pieces(disk, offset, len).await?))
+    }
+
+    /// [`ReadPath::read`] as the slices of the cached blocks, in order, without assembling
+    /// them (a writer that can send several buffers at once copies nothing).
+    pub async fn read_pieces(&self, disk: &Disk, offset: u64, len: u64) -> Result<Vec<Bytes>> {
         check_range(disk, offset, len)?;
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(Vec::new());
         }
         let Some(map) = disk.serving_map() else {
-            return self.origin_read(disk, offset, len as usize).await;
+            return Ok(vec![self.origin_read(disk, offset, len as usize).await?]);
         };
         let map = &*map;
         let bs = self.block_bytes;
@@ -165,20 +186,20 @@ impl ReadPath {
         let head = (offset - first * bs) as usize;
         if first == last {
             let block = self.block(disk, map, first).await?;
-            return Ok(block.slice(head..head + len as usize));
+            return Ok(vec![block.slice(head..head + len as usize)]);
         }
         let blocks =
             futures::future::join_all((first..=last).map(|i| self.block(disk, map, i))).await;
-        let mut out = BytesMut::with_capacity(len as usize);
+        let mut out = Vec::with_capacity(blocks.len());
         let mut remaining = len as usize;
         for (n, block) in blocks.into_iter().enumerate() {
             let block = block?;
             let from = if n == 0 { head } else { 0 };
             let take = (block.len() - from).min(remaining);
-            out.extend_from_slice(&block[from..from + take]);
+            out.push(block.slice(from..from + take));
             remaining -= take;
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 
     fn block_len(&self, disk: &Disk, index: u64) -> usize {

@@ -383,19 +383,44 @@ where
     result
 }
 
+/// Sends replies as they come: every piece of every reply that is ready goes out in vectored
+/// writes straight from the cached blocks' buffers (no copy into a write buffer).
 async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Reply>,
 ) -> std::io::Result<()> {
-    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    use bytes::Buf;
+    let mut pending: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     while let Some(reply) = rx.recv().await {
-        for piece in reply {
-            w.write_all(&piece).await?;
+        pending.extend(reply);
+        while pending.len() < 512 {
+            match rx.try_recv() {
+                Ok(reply) => pending.extend(reply),
+                Err(_) => break,
+            }
         }
-        // Batch replies that are ready; flush when none is waiting.
-        while let Ok(reply) = rx.try_recv() {
-            for piece in reply {
-                w.write_all(&piece).await?;
+        while !pending.is_empty() {
+            let io: Vec<std::io::IoSlice<'_>> = pending
+                .iter()
+                .take(64)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            let mut n = w.write_vectored(&io).await?;
+            drop(io);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let Some(front) = pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= n {
+                    n -= front.len();
+                    pending.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
             }
         }
         w.flush().await?;
@@ -430,23 +455,32 @@ async fn handle(
                 return fail(EINVAL, "read past the end");
             }
             match node
-                .read(&export.name, req.offset, u64::from(req.len))
+                .read_pieces(&export.name, req.offset, u64::from(req.len))
                 .await
             {
-                Ok(data) if structured => {
-                    if data.is_empty() {
+                Ok(pieces) if structured => {
+                    let len: usize = pieces.iter().map(Bytes::len).sum();
+                    if len == 0 {
                         return ok_reply(true, cookie);
                     }
                     let mut h = chunk_header(
                         cookie,
                         REPLY_FLAG_DONE,
                         REPLY_TYPE_OFFSET_DATA,
-                        8 + data.len() as u32,
+                        8 + len as u32,
                     );
                     h.put_u64(req.offset);
-                    vec![h.freeze(), data]
+                    let mut out = Vec::with_capacity(pieces.len() + 1);
+                    out.push(h.freeze());
+                    out.extend(pieces);
+                    out
                 }
-                Ok(data) => vec![simple_reply(cookie, 0), data],
+                Ok(pieces) => {
+                    let mut out = Vec::with_capacity(pieces.len() + 1);
+                    out.push(simple_reply(cookie, 0));
+                    out.extend(pieces);
+                    out
+                }
                 Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
             }
         }
