@@ -26,6 +26,8 @@ use proto::*;
 
 /// Requests served at once on one connection (above every client's queue depth).
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Largest read served in the reading task when it is the only request in flight.
+const INLINE_READ: u32 = 128 << 10;
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +312,7 @@ fn ok_reply(structured: bool, cookie: u64) -> Reply {
 
 async fn transmission<R, W>(
     node: Arc<Node>,
-    mut rd: R,
+    rd: R,
     wr: W,
     export: Export,
     session: Session,
@@ -325,6 +327,8 @@ where
     let export = Arc::new(export);
     let structured = session.structured;
     let zeros = Bytes::from(vec![0u8; 1 << 20]);
+    // Buffered: at a queue depth above one, several request headers arrive in one read.
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let result = loop {
         let mut hdr = [0u8; REQUEST_BYTES];
         if let Err(e) = rd.read_exact(&mut hdr).await {
@@ -365,11 +369,23 @@ where
         if req.cmd == CMD_DISC {
             break Ok(());
         }
+        let meta = session.meta;
+        // Alone (nothing else in flight or buffered) and small: served right here, without a
+        // task of its own; the hop costs more than the work for a cache hit at queue depth 1.
+        if req.cmd == CMD_READ
+            && req.len <= INLINE_READ
+            && rd.buffer().is_empty()
+            && slots.available_permits() == MAX_IN_FLIGHT - 1
+        {
+            let r = handle(&node, &export, req, payload, structured, meta, &zeros).await;
+            let _ = tx.send(r).await;
+            drop(permit);
+            continue;
+        }
         let node = node.clone();
         let export = export.clone();
         let tx = tx.clone();
         let zeros = zeros.clone();
-        let meta = session.meta;
         tokio::spawn(async move {
             let r = handle(&node, &export, req, payload, structured, meta, &zeros).await;
             let _ = tx.send(r).await;
