@@ -87,6 +87,14 @@ pub const BLOCK_MAP_TRAFFIC_BYTES: &str = "shadowcache_block_map_traffic_bytes_t
 /// Serialized bytes of the block maps of other members this node holds.
 pub const BLOCK_MAP_BYTES: &str = "shadowcache_block_map_bytes";
 
+/// NBD requests, by `cmd` = read | write | flush | write_zeroes | block_status | other.
+pub const NBD_REQUESTS: &str = "shadowcache_nbd_requests_total";
+/// NBD requests answered with an error, by `cmd`.
+pub const NBD_ERRORS: &str = "shadowcache_nbd_errors_total";
+/// Bytes read, written or zeroed over NBD, by `cmd`.
+pub const NBD_BYTES: &str = "shadowcache_nbd_bytes_total";
+/// NBD request latency, by `cmd`.
+pub const NBD_SECONDS: &str = "shadowcache_nbd_duration_seconds";
 /// NBD connections that reached transmission.
 pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 

@@ -54,6 +54,7 @@ struct Fixture {
     node: NodeProcess,
     base: PathBuf,
     rw: PathBuf,
+    metrics: u16,
 }
 
 fn fixture() -> Fixture {
@@ -64,11 +65,13 @@ fn fixture() -> Fixture {
     write_file(&base, &data);
     let rw = dir.path().join("rw.raw");
     random_image(&rw, 4 << 20, 32);
+    let metrics = shadowcache_testkit::free_port();
     let node = NodeProcess::start(
         &dir.path().join("node"),
         &[
             format!("--disk=base={},sealed", base.display()),
             format!("--disk=rw={},mutable", rw.display()),
+            format!("--metrics=127.0.0.1:{metrics}"),
         ],
     );
     // The NBD socket comes up with the gRPC one; make sure.
@@ -80,6 +83,7 @@ fn fixture() -> Fixture {
         node,
         base,
         rw,
+        metrics,
     }
 }
 
@@ -393,6 +397,29 @@ fn a_hostile_client_gets_errors_or_a_closed_connection_and_the_node_serves_on() 
     // DISC: no reply, the server closes.
     request(&mut s, 2, 0, 9, 0, 0);
     assert!(closed(&mut s));
+    // Every request and every error reply was counted.
+    let body = shadowcache_testkit::http_get(f.metrics, "/metrics").expect("metrics");
+    let m = |name: &str| shadowcache_testkit::metric(&body, name).unwrap_or(0.0);
+    assert!(
+        m("shadowcache_nbd_errors_total{cmd=\"read\"}") >= 3.0,
+        "{body}"
+    );
+    assert!(
+        m("shadowcache_nbd_errors_total{cmd=\"write\"}") >= 1.0,
+        "{body}"
+    );
+    assert!(
+        m("shadowcache_nbd_errors_total{cmd=\"other\"}") >= 1.0,
+        "{body}"
+    );
+    assert!(
+        m("shadowcache_nbd_requests_total{cmd=\"read\"}") >= 5.0,
+        "{body}"
+    );
+    assert!(
+        m("shadowcache_nbd_bytes_total{cmd=\"read\"}") >= 1008.0,
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -444,8 +444,83 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
-/// Serves one request; its reply.
+/// Per-command metric handles, made once (after the recorder is installed).
+struct CmdMetrics {
+    requests: metrics::Counter,
+    errors: metrics::Counter,
+    bytes: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+fn cmd_metrics(cmd: u16) -> &'static CmdMetrics {
+    static M: std::sync::OnceLock<Vec<CmdMetrics>> = std::sync::OnceLock::new();
+    const NAMES: [&str; 6] = [
+        "read",
+        "write",
+        "flush",
+        "write_zeroes",
+        "block_status",
+        "other",
+    ];
+    let all = M.get_or_init(|| {
+        use crate::telemetry::*;
+        NAMES
+            .iter()
+            .map(|&c| CmdMetrics {
+                requests: metrics::counter!(NBD_REQUESTS, "cmd" => c),
+                errors: metrics::counter!(NBD_ERRORS, "cmd" => c),
+                bytes: metrics::counter!(NBD_BYTES, "cmd" => c),
+                seconds: metrics::histogram!(NBD_SECONDS, "cmd" => c),
+            })
+            .collect()
+    });
+    let i = match cmd {
+        CMD_READ => 0,
+        CMD_WRITE => 1,
+        CMD_FLUSH => 2,
+        CMD_WRITE_ZEROES => 3,
+        CMD_BLOCK_STATUS => 4,
+        _ => 5,
+    };
+    &all[i]
+}
+
+/// Whether a reply reports an error (simple: a non-zero error; structured: an error chunk).
+fn is_error(reply: &Reply) -> bool {
+    reply.first().is_some_and(|h| {
+        h.len() >= 8
+            && match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) {
+                SIMPLE_REPLY_MAGIC => h[4..8] != [0, 0, 0, 0],
+                _ => u16::from_be_bytes([h[6], h[7]]) == REPLY_TYPE_ERROR,
+            }
+    })
+}
+
+/// Serves one request and counts it: requests, errors, bytes and latency by command.
 async fn handle(
+    node: &Node,
+    export: &Export,
+    req: Request,
+    payload: Bytes,
+    structured: bool,
+    meta: bool,
+    zeros: &Bytes,
+) -> Reply {
+    let started = std::time::Instant::now();
+    let r = serve_request(node, export, req, payload, structured, meta, zeros).await;
+    let m = cmd_metrics(req.cmd);
+    m.requests.increment(1);
+    m.seconds.record(started.elapsed().as_secs_f64());
+    if is_error(&r) {
+        m.errors.increment(1);
+    } else if req.cmd == CMD_READ || req.cmd == CMD_WRITE || req.cmd == CMD_WRITE_ZEROES {
+        m.bytes.increment(u64::from(req.len));
+    }
+    r
+}
+
+/// Serves one request; its reply.
+async fn serve_request(
     node: &Node,
     export: &Export,
     req: Request,
