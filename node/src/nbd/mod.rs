@@ -64,7 +64,7 @@ fn export_flags(mode: DiskMode, structured: bool) -> u16 {
     if mode == DiskMode::Sealed {
         f |= TF_READ_ONLY;
     } else {
-        f |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+        f |= TF_SEND_FUA | TF_SEND_WRITE_ZEROES | TF_SEND_TRIM;
     }
     if structured {
         f |= TF_SEND_DF;
@@ -283,7 +283,11 @@ where
 /// The errno a node error maps to, for a command.
 fn errno(e: &Error, cmd: u16) -> u32 {
     match e {
-        Error::OutOfRange { .. } if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES => ENOSPC,
+        Error::OutOfRange { .. }
+            if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES || cmd == CMD_TRIM =>
+        {
+            ENOSPC
+        }
         Error::OutOfRange { .. } | Error::Invalid(_) => EINVAL,
         Error::TooLarge { .. } => EOVERFLOW,
         Error::Sealed(_) | Error::Unseal(_) => EPERM,
@@ -454,12 +458,13 @@ struct CmdMetrics {
 
 fn cmd_metrics(cmd: u16) -> &'static CmdMetrics {
     static M: std::sync::OnceLock<Vec<CmdMetrics>> = std::sync::OnceLock::new();
-    const NAMES: [&str; 6] = [
+    const NAMES: [&str; 7] = [
         "read",
         "write",
         "flush",
         "write_zeroes",
         "block_status",
+        "trim",
         "other",
     ];
     let all = M.get_or_init(|| {
@@ -480,7 +485,8 @@ fn cmd_metrics(cmd: u16) -> &'static CmdMetrics {
         CMD_FLUSH => 2,
         CMD_WRITE_ZEROES => 3,
         CMD_BLOCK_STATUS => 4,
-        _ => 5,
+        CMD_TRIM => 5,
+        _ => 6,
     };
     &all[i]
 }
@@ -513,7 +519,7 @@ async fn handle(
     m.seconds.record(started.elapsed().as_secs_f64());
     if is_error(&r) {
         m.errors.increment(1);
-    } else if req.cmd == CMD_READ || req.cmd == CMD_WRITE || req.cmd == CMD_WRITE_ZEROES {
+    } else if matches!(req.cmd, CMD_READ | CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
         m.bytes.increment(u64::from(req.len));
     }
     r
@@ -575,7 +581,9 @@ async fn serve_request(
                 Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
             }
         }
-        CMD_WRITE | CMD_WRITE_ZEROES => {
+        // TRIM leaves the range's contents unspecified; zeroes are such contents, and they go
+        // through the owner's write path like any write (a detected disk's leases end first).
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
             if read_only {
                 return fail(EPERM, "read-only export");
             }
@@ -626,7 +634,6 @@ async fn serve_request(
             }
             vec![b.freeze()]
         }
-        CMD_TRIM => fail(ENOTSUP, "trim is not supported"),
         _ => fail(EINVAL, "unknown command"),
     }
 }

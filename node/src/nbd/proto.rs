@@ -75,6 +75,8 @@ pub const TF_READ_ONLY: u16 = 2;
 pub const TF_SEND_FLUSH: u16 = 4;
 /// FUA supported.
 pub const TF_SEND_FUA: u16 = 8;
+/// TRIM supported.
+pub const TF_SEND_TRIM: u16 = 32;
 /// WRITE_ZEROES supported.
 pub const TF_SEND_WRITE_ZEROES: u16 = 64;
 /// DF supported.
@@ -90,7 +92,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 /// Flush.
 pub const CMD_FLUSH: u16 = 3;
-/// Trim (not advertised).
+/// Trim (served as write zeroes).
 pub const CMD_TRIM: u16 = 4;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
