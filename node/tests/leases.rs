@@ -176,30 +176,14 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
     let path = dir.path().join("vdi.raw");
     let size: u64 = 2 << 20;
     let data = random_image(&path, size as usize, 11);
-    let cfg = config_flag(dir.path(), Settings::default());
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--disk=vdi={},mutable", path.display()),
-            cfg.clone(),
-        ],
-    );
     let b_metrics = shadowcache_testkit::free_port();
-    let b = member(
+    let (a, b, c) = common::vdi_cluster(
         dir.path(),
-        "b",
-        Some(&a.addr),
-        &[cfg.clone(), format!("--metrics=127.0.0.1:{b_metrics}")],
-    );
-    let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
-    for m in [&a, &b, &c] {
-        until(m, "three members and the disk", |s| {
-            s.members.len() == 3 && common::has_disk(s, "vdi", "a")
-        })
-        .await;
-    }
+        &path,
+        Settings::default(),
+        &[format!("--metrics=127.0.0.1:{b_metrics}")],
+    )
+    .await;
     let (bc, cc) = (client(&b).await, client(&c).await);
 
     // Reads from b alone, for well over the quiet period: not detected.
@@ -377,24 +361,7 @@ async fn no_read_returns_bytes_older_than_an_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let blocks = 12u64;
     let path = image(dir.path(), blocks);
-    let cfg = config_flag(dir.path(), Settings::default());
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--disk=vdi={},mutable", path.display()),
-            cfg.clone(),
-        ],
-    );
-    let b = member(dir.path(), "b", Some(&a.addr), std::slice::from_ref(&cfg));
-    let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
-    for m in [&a, &b, &c] {
-        until(m, "three members and the disk", |s| {
-            s.members.len() == 3 && common::has_disk(s, "vdi", "a")
-        })
-        .await;
-    }
+    let (a, b, c) = common::vdi_cluster(dir.path(), &path, Settings::default(), &[]).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reads = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let readers = spawn_readers(
@@ -605,24 +572,7 @@ async fn an_owner_restarted_while_its_disk_was_detected_holds_writes_for_a_lease
         lease_ms: 3_000,
         ..Settings::default()
     };
-    let cfg = config_flag(dir.path(), settings);
-    let mut a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--disk=vdi={},mutable", path.display()),
-            cfg.clone(),
-        ],
-    );
-    let b = member(dir.path(), "b", Some(&a.addr), std::slice::from_ref(&cfg));
-    let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
-    for m in [&a, &b, &c] {
-        until(m, "three members and the disk", |s| {
-            s.members.len() == 3 && common::has_disk(s, "vdi", "a")
-        })
-        .await;
-    }
+    let (mut a, b, c) = common::vdi_cluster(dir.path(), &path, settings, &[]).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reads = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let readers = spawn_readers_with(

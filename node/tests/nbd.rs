@@ -424,30 +424,13 @@ fn a_hostile_client_gets_errors_or_a_closed_connection_and_the_node_serves_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detected_disk_reads_identical_and_takes_writes_through_a_non_owner() {
-    use common::{Settings, client, config_flag, member, until};
+    use common::{Settings, client, until};
     let qemu_img = tool("qemu-img", "qemu-utils");
     let qemu_io = tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("vdi.raw");
     random_image(&path, 2 << 20, 33);
-    let cfg = config_flag(dir.path(), Settings::default());
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--disk=vdi={},mutable", path.display()),
-            cfg.clone(),
-        ],
-    );
-    let b = member(dir.path(), "b", Some(&a.addr), std::slice::from_ref(&cfg));
-    let c = member(dir.path(), "c", Some(&a.addr), &[cfg]);
-    for m in [&a, &b, &c] {
-        until(m, "three members and the disk", |s| {
-            s.members.len() == 3 && common::has_disk(s, "vdi", "a")
-        })
-        .await;
-    }
+    let (a, b, c) = common::vdi_cluster(dir.path(), &path, Settings::default(), &[]).await;
     // Reads from two members make the owner detect the disk.
     for m in [&b, &c] {
         let cl = client(m).await;

@@ -151,3 +151,34 @@ pub async fn counters(m: &Member) -> shadowcache_client::CacheCounters {
         .counters
         .expect("counters")
 }
+
+/// Three members: `a` owns disk `vdi` (mutable, origin `path`), `b` (with `b_extra` flags) and
+/// `c` join through it; returns once every member sees all three and the disk.
+pub async fn vdi_cluster(
+    dir: &Path,
+    path: &Path,
+    settings: Settings,
+    b_extra: &[String],
+) -> (Member, Member, Member) {
+    let cfg = config_flag(dir, settings);
+    let a = member(
+        dir,
+        "a",
+        None,
+        &[
+            format!("--disk=vdi={},mutable", path.display()),
+            cfg.clone(),
+        ],
+    );
+    let mut b_args = vec![cfg.clone()];
+    b_args.extend_from_slice(b_extra);
+    let b = member(dir, "b", Some(&a.addr), &b_args);
+    let c = member(dir, "c", Some(&a.addr), &[cfg]);
+    for m in [&a, &b, &c] {
+        until(m, "three members and the disk", |s| {
+            s.members.len() == 3 && has_disk(s, "vdi", "a")
+        })
+        .await;
+    }
+    (a, b, c)
+}
