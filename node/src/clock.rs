@@ -3,12 +3,12 @@
 //! `std::time::Instant` and tokio's clock use `CLOCK_MONOTONIC`, which stops during suspend: a
 //! holder suspended in the middle of its lease would wake up believing the lease still runs
 //! while the owner, which did not sleep, has already let it lapse and applied a write. Lease
-//! times are therefore read from `CLOCK_BOOTTIME` on Linux, behind [`Clock`] so that tests can
-//! drive time by hand.
+//! times are therefore read from `CLOCK_BOOTTIME` on Linux, behind [`Clock`]. (The time
+//! arithmetic of detection and leases takes `now` as an argument and is unit-tested with
+//! plain durations: `detect.rs`, `cluster/lease.rs`.)
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A monotonic clock, as a time since some fixed point.
@@ -25,23 +25,6 @@ impl Clock for BootClock {
     fn now(&self) -> Duration {
         let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
         Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-    }
-}
-
-/// A clock moved by hand (tests).
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicU64);
-
-impl ManualClock {
-    /// Moves the clock forward.
-    pub fn advance(&self, d: Duration) {
-        self.0.fetch_add(d.as_nanos() as u64, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Duration {
-        Duration::from_nanos(self.0.load(Ordering::SeqCst))
     }
 }
 

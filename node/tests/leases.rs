@@ -354,6 +354,62 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
         Some(DiskMode::Mutable),
         "a pinned disk was detected"
     );
+
+    // Unpinned (through the CLI, as an operator would): reads detect it again; then
+    // drop-shadows ends that detection, revoking the leases taken meanwhile.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(shadowcache_testkit::binary("shadowcache"))
+            .arg("--socket")
+            .arg(&a.process.socket)
+            .args(args)
+            .output()
+            .expect("shadowcache cli");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(cli(&["unpin", "vdi"]).contains("unpinned"));
+    assert!(!disk_info(&status(&a).await, "vdi").pinned);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mode_at(&status(&a).await, "vdi") != Some(DiskMode::Detected) {
+        assert!(
+            Instant::now() < deadline,
+            "an unpinned disk was not detected again"
+        );
+        bc.disk("vdi").read_at(0, 4096).await.expect("read");
+        cc.disk("vdi").read_at(0, 4096).await.expect("read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b and c take leases on the new generation once they learn of it; then drop the shadows.
+    while disk_info(&status(&a).await, "vdi").lease_holders.len() < 2 {
+        assert!(Instant::now() < deadline, "no leases on the new generation");
+        bc.disk("vdi").read_at(0, 4096).await.expect("read");
+        cc.disk("vdi").read_at(0, 4096).await.expect("read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = status(&a).await.leases.expect("leases");
+    assert_eq!(before.detections, 2);
+    let out = cli(&["drop-shadows", "vdi"]);
+    assert!(out.contains("shadow clones dropped"), "{out}");
+    let s = status(&a).await;
+    assert_eq!(mode_at(&s, "vdi"), Some(DiskMode::Mutable));
+    let after = s.leases.expect("leases");
+    assert!(
+        after.revocations >= before.revocations + 2,
+        "drop-shadows revoked {} leases",
+        after.revocations - before.revocations
+    );
+    // A sealed disk has no detection to pin, and an unknown one is named.
+    let out = std::process::Command::new(shadowcache_testkit::binary("shadowcache"))
+        .arg("--socket")
+        .arg(&a.process.socket)
+        .args(["pin", "nope"])
+        .output()
+        .expect("cli");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,21 +61,6 @@ impl HeldBlocks {
         }
     }
 
-    /// Whether block `index` is marked held.
-    pub fn contains(&self, index: u64) -> bool {
-        u32::try_from(index).is_ok_and(|i| self.inner.lock().bits.contains(i))
-    }
-
-    /// Blocks held.
-    pub fn len(&self) -> u64 {
-        self.inner.lock().bits.len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The version (changes with every change) and, if it differs from `known`, a copy.
     fn snapshot_if_changed(&self, known: Option<u64>) -> Option<(u64, RoaringBitmap)> {
         let h = self.inner.lock();

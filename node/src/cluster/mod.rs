@@ -161,16 +161,6 @@ impl Cluster {
         }))
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
-
-    /// Now, on the lease clock.
-    pub fn now(&self) -> Duration {
-        self.clock.now()
-    }
-
     /// Whether `id` is a live member now (this node included).
     pub fn live_member(&self, id: &str) -> bool {
         self.members.borrow().iter().any(|m| m.id == id)
@@ -338,12 +328,6 @@ impl Cluster {
     #[inline]
     pub fn shadow(&self, disk: &str) -> Option<Arc<Shadow>> {
         self.shadows.get(disk).map(|d| d.clone())
-    }
-
-    /// Drops a shadow that turned out stale (its owner refused its generation).
-    pub fn drop_shadow(&self, shadow: &Arc<Shadow>) {
-        self.shadows
-            .remove_if(shadow.disk.id.as_str(), |_, s| Arc::ptr_eq(s, shadow));
     }
 
     /// Makes the shadows match the remote sealed and detected disks: one per disk, rebuilt

@@ -656,6 +656,26 @@ async fn write_zeroes(
     Ok(())
 }
 
+/// Serves one accepted client in a task of its own.
+fn spawn_client<S>(node: &Arc<Node>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = serve(node, stream).await {
+            tracing::debug!(error = %e, %peer, "nbd connection ended");
+        }
+    });
+}
+
+/// A failed accept (out of file descriptors, a connection reset before it was taken) ends
+/// nothing but that one client: log it and pause briefly so that a full fd table is not spun on.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "nbd accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
 /// Accepts NBD clients on a Unix socket until `stopped`.
 pub async fn serve_unix(
     node: Arc<Node>,
@@ -664,15 +684,10 @@ pub async fn serve_unix(
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (s, _) = r?;
-                let node = node.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve(node, s).await {
-                        tracing::debug!(error = %e, "nbd connection ended");
-                    }
-                });
-            }
+            r = listener.accept() => match r {
+                Ok((s, _)) => spawn_client(&node, s, "unix".into()),
+                Err(e) => accept_failed(e).await,
+            },
             _ = stopped.changed() => return Ok(()),
         }
     }
@@ -686,16 +701,13 @@ pub async fn serve_tcp(
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (s, peer) = r?;
-                let _ = s.set_nodelay(true);
-                let node = node.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve(node, s).await {
-                        tracing::debug!(error = %e, %peer, "nbd connection ended");
-                    }
-                });
-            }
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    spawn_client(&node, s, peer.to_string());
+                }
+                Err(e) => accept_failed(e).await,
+            },
             _ = stopped.changed() => return Ok(()),
         }
     }
