@@ -107,6 +107,7 @@ fn ram_lookups(block_bytes: u32, budget: Duration) -> anyhow::Result<Figures> {
         single_touch_share: 0.25,
         ssd: None,
         demotion_queue: 16,
+        ..CacheConfig::default()
     })?;
     let payload = Bytes::from(vec![7u8; block_bytes as usize]);
     let mut fps: Vec<Fingerprint> = (0..entries)
@@ -170,6 +171,7 @@ fn index_overhead(block_bytes: u32) -> anyhow::Result<Value> {
         single_touch_share: 0.5,
         ssd: None,
         demotion_queue: 16,
+        ..CacheConfig::default()
     })?;
     for (fp, b) in fps.iter().zip(&payloads) {
         cache.admit(*fp, b.clone());

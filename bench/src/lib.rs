@@ -18,5 +18,8 @@ pub mod cache_bench;
 pub mod cluster_bench;
 pub mod demo;
 pub mod nbd_bench;
+pub mod plot;
+pub mod policy_bench;
+pub mod policy_ref;
 pub mod synthetic;
 pub mod trace;

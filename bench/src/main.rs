@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench};
+use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench, policy_bench};
 use shadowcache_node::config::Size;
 
 #[global_allocator]
@@ -64,6 +64,38 @@ enum Command {
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// A trace replayed page by page through the node's RAM pools, beside plain LRU and ARC
+    /// (the ARC paper's rules: single-page reads of 512 bytes), with hit ratios per capacity.
+    Policy {
+        /// The trace: `.lis` (zstd allowed, as in shared/traces) or VMware `.vscsi` (reads).
+        #[arg(long)]
+        trace: PathBuf,
+        /// Cache capacities in pages (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        capacity: Vec<u64>,
+        /// Bytes per page.
+        #[arg(long, default_value_t = 512)]
+        page_size: u64,
+        /// Sweep capacities from 1/64 of the trace's footprint to all of it, and plot them.
+        #[arg(long)]
+        sweep: bool,
+        /// Write the figures here as JSON (a sweep also writes a PNG and an SVG beside it).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Plot path prefix (default: the JSON path, or policy-TRACE in the current directory).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Also replay with this many pages of RAM and the rest of each capacity on SSD,
+        /// reporting hits by tier and demotions.
+        #[arg(long)]
+        ram: Option<u64>,
+        /// Directory for the SSD files of --ram (default: a temporary directory).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// Seconds per RAM-hit lookup-rate measurement (0 skips them).
+        #[arg(long, default_value_t = 1.0)]
+        lookup_seconds: f64,
     },
     /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
     /// --trace, hit and dedup ratios of a trace replayed through one node.
@@ -138,6 +170,43 @@ fn main() -> anyhow::Result<()> {
                     seconds: seconds.max(1),
                 })
                 .await?;
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+                    eprintln!("figures written to {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Policy {
+                trace,
+                capacity,
+                page_size,
+                sweep,
+                json,
+                plot,
+                ram,
+                scratch,
+                lookup_seconds,
+            } => {
+                let plot = plot.or_else(|| {
+                    sweep.then(|| match &json {
+                        Some(j) => j.with_extension(""),
+                        None => {
+                            PathBuf::from(format!("policy-{}", policy_bench::trace_name(&trace)))
+                        }
+                    })
+                });
+                let out = tokio::task::block_in_place(|| {
+                    policy_bench::run(policy_bench::Options {
+                        trace,
+                        capacities: capacity,
+                        page_bytes: page_size,
+                        sweep,
+                        plot,
+                        ram_pages: ram,
+                        scratch,
+                        lookup_seconds,
+                    })
+                })?;
                 if let Some(path) = json {
                     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
                     eprintln!("figures written to {}", path.display());

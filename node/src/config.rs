@@ -105,6 +105,11 @@ struct FileCache {
     block_size: Option<Size>,
     ram: Option<Size>,
     single_touch_share: Option<f64>,
+    adaptive_split: Option<bool>,
+    single_touch_min: Option<f64>,
+    single_touch_max: Option<f64>,
+    ghost_ratio: Option<f64>,
+    second_chances: Option<bool>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -381,8 +386,18 @@ pub struct Config {
     pub block_bytes: u32,
     /// RAM for both pools.
     pub ram_bytes: u64,
-    /// Single-touch share of RAM.
+    /// Single-touch share of RAM at start.
     pub single_touch_share: f64,
+    /// Whether ghost hits move the single-touch share.
+    pub adaptive_split: bool,
+    /// Lowest single-touch share.
+    pub single_touch_min: f64,
+    /// Highest single-touch share.
+    pub single_touch_max: f64,
+    /// Keys each ghost remembers per block of a full RAM budget.
+    pub ghost_ratio: f64,
+    /// Whether re-reads in multi-touch earn second chances.
+    pub second_chances: bool,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -408,7 +423,7 @@ pub const DEFAULT_RAM_BYTES: u64 = 256 << 20;
 /// Default SSD tier size.
 pub const DEFAULT_SSD_BYTES: u64 = 1 << 30;
 /// Default single-touch share of RAM.
-pub const DEFAULT_SINGLE_TOUCH_SHARE: f64 = 0.25;
+pub const DEFAULT_SINGLE_TOUCH_SHARE: f64 = crate::cache::pool::DEFAULT_SINGLE_SHARE;
 
 /// Parses `ID=PATH[,sealed|,mutable]`.
 pub fn parse_disk_flag(s: &str) -> Result<DiskSpec, ConfigError> {
@@ -520,6 +535,20 @@ impl Config {
                 .cache
                 .single_touch_share
                 .unwrap_or(DEFAULT_SINGLE_TOUCH_SHARE),
+            adaptive_split: file.cache.adaptive_split.unwrap_or(true),
+            single_touch_min: file
+                .cache
+                .single_touch_min
+                .unwrap_or(crate::cache::pool::DEFAULT_SHARE_MIN),
+            single_touch_max: file
+                .cache
+                .single_touch_max
+                .unwrap_or(crate::cache::pool::DEFAULT_SHARE_MAX),
+            ghost_ratio: file
+                .cache
+                .ghost_ratio
+                .unwrap_or(crate::cache::pool::DEFAULT_GHOST_RATIO),
+            second_chances: file.cache.second_chances.unwrap_or(true),
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -611,6 +640,23 @@ impl Config {
             return Err(invalid(
                 "cache.single_touch_share",
                 format!("{share} is not a fraction strictly between 0 and 1"),
+            ));
+        }
+        let (lo, hi) = (self.single_touch_min, self.single_touch_max);
+        if !(lo > 0.0 && lo <= share && share <= hi && hi < 1.0) {
+            return Err(invalid(
+                "cache.single_touch_min",
+                format!(
+                    "single_touch_min {lo}, single_touch_share {share} and single_touch_max {hi} \
+                     must satisfy 0 < min <= share <= max < 1"
+                ),
+            ));
+        }
+        let g = self.ghost_ratio;
+        if !(0.0..=16.0).contains(&g) {
+            return Err(invalid(
+                "cache.ghost_ratio",
+                format!("{g} is not between 0 and 16 (keys remembered per block of RAM)"),
             ));
         }
         if self.ram_bytes < 2 * u64::from(bs) {
@@ -745,6 +791,11 @@ impl Config {
             block_bytes: self.block_bytes,
             ram_bytes: self.ram_bytes,
             single_touch_share: self.single_touch_share,
+            adaptive: self.adaptive_split,
+            single_touch_min: self.single_touch_min,
+            single_touch_max: self.single_touch_max,
+            ghost_ratio: self.ghost_ratio,
+            second_chances: self.second_chances,
             ssd: (self.ssd_bytes > 0).then(|| crate::cache::SsdConfig {
                 data_path: self.ssd_path.clone(),
                 index_path: self.ssd_index_path.clone(),

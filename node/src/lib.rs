@@ -135,6 +135,8 @@ pub struct NodeStatus {
     pub members: Vec<cluster::Member>,
     /// Lease and detection counters.
     pub leases: LeaseCounters,
+    /// The RAM pools' policy state.
+    pub policy: cache::PolicyState,
 }
 
 /// Lease and detection counters since start.
@@ -990,12 +992,14 @@ impl Node {
     /// A snapshot of the cache, its counters and the disks.
     pub fn status(&self) -> NodeStatus {
         let tiers = self.cache.usage();
+        let policy = self.cache.policy();
         let c = self.cache.stats();
         let r = self.reads.stats();
         NodeStatus {
             node_id: self.config.node_id.clone(),
             block_bytes: self.config.block_bytes,
-            single_touch_share: self.config.single_touch_share,
+            single_touch_share: policy.single_share(),
+            policy,
             counters: Counters {
                 lookups: c.lookups.load(Ordering::Relaxed),
                 misses: c.misses.get(),

@@ -25,6 +25,14 @@ pub const DEMOTIONS: &str = "shadowcache_cache_demotions_total";
 pub const EVICTIONS: &str = "shadowcache_cache_evictions_total";
 /// SSD slots whose bytes did not hash to their fingerprint.
 pub const SSD_VERIFY_FAILURES: &str = "shadowcache_ssd_verify_failures_total";
+/// The RAM single-touch pool's target, as a share of the RAM budget (it adapts to ghost hits).
+pub const SINGLE_TOUCH_TARGET: &str = "shadowcache_cache_single_touch_target_ratio";
+/// Keys each ghost remembers, by `ghost` = single | multi.
+pub const GHOST_KEYS: &str = "shadowcache_cache_ghost_keys";
+/// Admissions of a key a ghost remembered (a re-read soon after eviction), by `ghost`.
+pub const GHOST_HITS: &str = "shadowcache_cache_ghost_hits_total";
+/// Moves of the single-touch target, by `direction` = grew | shrank.
+pub const SINGLE_TOUCH_TARGET_MOVES: &str = "shadowcache_cache_single_touch_target_moves_total";
 /// Bytes of disk blocks the cached entries stand for (before dedup).
 pub const LOGICAL_BYTES: &str = "shadowcache_cache_logical_bytes";
 /// Bytes held by the cache tiers, by `tier`.
@@ -255,6 +263,19 @@ fn describe() {
     describe_counter!(DEMOTIONS, "Multi-touch entries demoted from RAM to SSD");
     describe_counter!(EVICTIONS, "Entries dropped from the cache, by pool");
     describe_counter!(SSD_VERIFY_FAILURES, "SSD slots that failed verification");
+    describe_gauge!(
+        SINGLE_TOUCH_TARGET,
+        "RAM single-touch target as a share of the RAM budget"
+    );
+    describe_gauge!(GHOST_KEYS, "Evicted keys each ghost remembers");
+    describe_counter!(
+        GHOST_HITS,
+        "Admissions of keys a ghost remembered, which go to multi-touch"
+    );
+    describe_counter!(
+        SINGLE_TOUCH_TARGET_MOVES,
+        "Moves of the single-touch target by ghost hits"
+    );
     describe_gauge!(
         LOGICAL_BYTES,
         Unit::Bytes,

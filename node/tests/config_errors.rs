@@ -47,6 +47,12 @@ fn bad_flags_and_files_name_the_key_and_stop_the_start() {
             "[cache]\nsingle_touch_share = 2.0\n",
             "cache.single_touch_share",
         ),
+        (
+            "[cache]\nsingle_touch_share = 0.25\nsingle_touch_min = 0.5\n",
+            "cache.single_touch_min",
+        ),
+        ("[cache]\nghost_ratio = -1.0\n", "cache.ghost_ratio"),
+        ("[cache]\nadaptive_split = \"yes\"\n", "adaptive_split"),
         ("[[disk]]\nid = \"x\"\n", "origin"),
         ("not toml at all [", "TOML"),
     ];

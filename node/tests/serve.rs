@@ -564,7 +564,24 @@ async fn metrics_are_served_in_prometheus_text() {
         "shadowcache_cache_promotions_total",
         "shadowcache_cache_logical_bytes",
         "shadowcache_cache_stored_bytes{tier=\"ram_multi\"}",
+        "shadowcache_cache_single_touch_target_ratio",
+        "shadowcache_cache_ghost_keys{ghost=\"single\"}",
+        "shadowcache_cache_ghost_keys{ghost=\"multi\"}",
+        "shadowcache_cache_ghost_hits_total{ghost=\"single\"}",
+        "shadowcache_cache_single_touch_target_moves_total{direction=\"grew\"}",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
+    // The policy's state in status: the default split starts at its lower limit and adapts.
+    let p = connect(&node)
+        .await
+        .status()
+        .await
+        .expect("status")
+        .policy
+        .expect("policy in status");
+    assert!(p.adaptive);
+    assert!(p.single_touch_min > 0.0 && p.single_touch_min <= p.single_touch_target);
+    assert!(p.single_touch_target <= p.single_touch_max && p.single_touch_max < 1.0);
+    assert!(p.ghost_capacity > 0, "{p:?}");
 }

@@ -186,6 +186,7 @@ fn ratio(n: u64, d: u64) -> f64 {
 fn status_json(s: &StatusResponse) -> serde_json::Value {
     let c = s.counters.unwrap_or_default();
     let l = s.leases.unwrap_or_default();
+    let p = s.policy.unwrap_or_default();
     let lookups = c.lookups;
     json!({
         "node_id": s.node_id,
@@ -193,6 +194,19 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "block_size": s.block_size,
         "uptime_ms": s.uptime_ms,
         "single_touch_share": s.single_touch_share,
+        "policy": {
+            "single_touch_target": p.single_touch_target,
+            "single_touch_min": p.single_touch_min,
+            "single_touch_max": p.single_touch_max,
+            "adaptive": p.adaptive,
+            "ghost_single_keys": p.ghost_single_keys,
+            "ghost_multi_keys": p.ghost_multi_keys,
+            "ghost_capacity": p.ghost_capacity,
+            "ghost_hits_single": p.ghost_hits_single,
+            "ghost_hits_multi": p.ghost_hits_multi,
+            "target_grew": p.target_grew,
+            "target_shrank": p.target_shrank,
+        },
         "tiers": s.tiers.iter().map(|t| json!({
             "name": t.name,
             "entries": t.entries,
@@ -278,6 +292,24 @@ fn print_status(s: &StatusResponse) {
         c.lookups,
         c.zero_block_hits,
         c.single_flight_joins
+    );
+    let p = s.policy.unwrap_or_default();
+    println!(
+        "single-touch target {:.1}% of RAM ({}, limits {:.1}%..{:.1}%, moved up {} down {})",
+        100.0 * p.single_touch_target,
+        if p.adaptive { "adaptive" } else { "fixed" },
+        100.0 * p.single_touch_min,
+        100.0 * p.single_touch_max,
+        p.target_grew,
+        p.target_shrank
+    );
+    println!(
+        "ghosts: single {} multi {} keys (bound {} each)  ghost hits: single {} multi {}",
+        p.ghost_single_keys,
+        p.ghost_multi_keys,
+        p.ghost_capacity,
+        p.ghost_hits_single,
+        p.ghost_hits_multi
     );
     println!(
         "dedup ratio {:.2}  (logical {} bytes / stored {} bytes)",

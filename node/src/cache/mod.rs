@@ -23,6 +23,7 @@
 //! for. RAM entries are only admitted by callers that hashed the bytes; SSD reads are verified.
 
 pub mod fingerprint;
+pub mod pool;
 pub mod ram;
 pub mod ssd;
 
@@ -35,7 +36,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 pub use fingerprint::{Fingerprint, FingerprintHashing};
-use ram::{Entry, Pool, Value};
+use parking_lot::Mutex;
+use pool::Pools;
+pub use pool::{PolicyCounters, PolicyState, PoolConfig, Segment};
+use ram::{Entry, Value};
 pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
 
 use crate::telemetry::{self, Count};
@@ -47,8 +51,18 @@ pub struct CacheConfig {
     pub block_bytes: u32,
     /// RAM for both pools, in payload bytes. Default: 256 MiB.
     pub ram_bytes: u64,
-    /// Fraction of `ram_bytes` given to the single-touch pool. Default: 0.25.
+    /// Fraction of `ram_bytes` the single-touch pool aims at, at start. Default: 0.25.
     pub single_touch_share: f64,
+    /// Whether reads of recently evicted keys move the single-touch target. Default: true.
+    pub adaptive: bool,
+    /// The single-touch target's lower limit, as a fraction of `ram_bytes`. Default: 0.01.
+    pub single_touch_min: f64,
+    /// The single-touch target's upper limit, as a fraction of `ram_bytes`. Default: 0.99.
+    pub single_touch_max: f64,
+    /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 1.0.
+    pub ghost_ratio: f64,
+    /// Whether multi-touch entries re-read in RAM get second chances at eviction. Default: true.
+    pub second_chances: bool,
     /// The SSD tier, or none for a RAM-only cache. Default: none.
     pub ssd: Option<SsdConfig>,
     /// Demotions that may wait for the SSD writer before new ones are dropped. Default: 1024.
@@ -60,9 +74,30 @@ impl Default for CacheConfig {
         CacheConfig {
             block_bytes: 16 * 1024,
             ram_bytes: 256 * 1024 * 1024,
-            single_touch_share: 0.25,
+            single_touch_share: pool::DEFAULT_SINGLE_SHARE,
+            adaptive: true,
+            single_touch_min: pool::DEFAULT_SHARE_MIN,
+            single_touch_max: pool::DEFAULT_SHARE_MAX,
+            ghost_ratio: pool::DEFAULT_GHOST_RATIO,
+            second_chances: true,
             ssd: None,
             demotion_queue: 1024,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The RAM pools' settings.
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            capacity_bytes: self.ram_bytes,
+            block_bytes: self.block_bytes,
+            single_share: self.single_touch_share,
+            adaptive: self.adaptive,
+            share_min: self.single_touch_min,
+            share_max: self.single_touch_max,
+            ghost_ratio: self.ghost_ratio,
+            second_chances: self.second_chances,
         }
     }
 }
@@ -114,6 +149,10 @@ pub struct CacheStats {
     pub evictions_ssd: Count,
     /// SSD slots that failed verification.
     pub ssd_verify_failures: Count,
+    /// Admissions of keys the single-touch ghost remembered.
+    pub ghost_hits_single: Count,
+    /// Admissions of keys the multi-touch ghost remembered.
+    pub ghost_hits_multi: Count,
     /// Bytes the cached entries stand for (see [`ram::Entry::logical_bytes`]).
     pub logical_bytes: AtomicU64,
 }
@@ -133,6 +172,8 @@ impl CacheStats {
             evictions_ram_multi: Count::new(EVICTIONS, &[("pool", "ram_multi")]),
             evictions_ssd: Count::new(EVICTIONS, &[("pool", "ssd")]),
             ssd_verify_failures: Count::new(SSD_VERIFY_FAILURES, &[]),
+            ghost_hits_single: Count::new(GHOST_HITS, &[("ghost", "single")]),
+            ghost_hits_multi: Count::new(GHOST_HITS, &[("ghost", "multi")]),
             logical_bytes: AtomicU64::new(0),
         }
     }
@@ -148,6 +189,14 @@ impl CacheStats {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 Some(v.saturating_sub(n))
             });
+    }
+
+    fn ghost_hit(&self, ghost: Option<Segment>) {
+        match ghost {
+            Some(Segment::Single) => self.ghost_hits_single.inc(),
+            Some(Segment::Multi) => self.ghost_hits_multi.inc(),
+            None => {}
+        }
     }
 
     fn hit(&self, tier: Tier) {
@@ -183,8 +232,7 @@ enum WriterMsg {
 
 struct Inner {
     config: CacheConfig,
-    single: Pool,
-    multi: Pool,
+    pools: Arc<Mutex<Pools>>,
     ssd: Option<Arc<SsdTier>>,
     pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     writer: Option<mpsc::SyncSender<WriterMsg>>,
@@ -222,16 +270,7 @@ impl ContentCache {
     /// Builds the cache, opening (and recovering) the SSD tier if one is configured.
     pub fn open(config: CacheConfig) -> Result<(ContentCache, Option<Recovery>), CacheError> {
         let stats = Arc::new(CacheStats::new());
-        let single_bytes = (config.ram_bytes as f64 * config.single_touch_share) as u64;
-        let multi_bytes = config.ram_bytes.saturating_sub(single_bytes);
-
-        let single = {
-            let stats = stats.clone();
-            ram::pool("ram_single", single_bytes, move |_fp, v| {
-                stats.evictions_ram_single.inc();
-                stats.sub_logical(v.logical_bytes());
-            })
-        };
+        let pools = Arc::new(Mutex::new(Pools::new(&config.pool_config())));
 
         let (ssd, recovery) = match &config.ssd {
             Some(c) => {
@@ -248,27 +287,6 @@ impl ContentCache {
         let (tx, rx) = mpsc::sync_channel::<WriterMsg>(config.demotion_queue.max(1));
         let writer = ssd.as_ref().map(|_| tx.clone());
 
-        let multi = {
-            let stats = stats.clone();
-            let pending = pending.clone();
-            let writer = writer.clone();
-            ram::pool("ram_multi", multi_bytes, move |fp, v| {
-                let Some(w) = &writer else {
-                    stats.evictions_ram_multi.inc();
-                    stats.sub_logical(v.logical_bytes());
-                    return;
-                };
-                let logical = v.logical_bytes();
-                pending.insert(fp, v);
-                if w.try_send(WriterMsg::Demote(fp)).is_err() {
-                    // The SSD writer is behind: drop rather than block the reader.
-                    pending.remove(&fp);
-                    stats.evictions_ram_multi.inc();
-                    stats.sub_logical(logical);
-                }
-            })
-        };
-
         // Recovered entries stand for at least their own bytes (their dedup references were
         // saved at the last clean shutdown).
         if let Some(tier) = &ssd {
@@ -279,7 +297,7 @@ impl ContentCache {
             (Some(tier), true) => {
                 let w = Writer {
                     ssd: tier.clone(),
-                    multi: multi.clone(),
+                    pools: pools.clone(),
                     pending: pending.clone(),
                     stats: stats.clone(),
                 };
@@ -298,8 +316,7 @@ impl ContentCache {
             ContentCache {
                 inner: Arc::new(Inner {
                     config,
-                    single,
-                    multi,
+                    pools,
                     ssd,
                     pending,
                     writer,
@@ -336,21 +353,26 @@ impl ContentCache {
     #[inline]
     pub fn get_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
         let inner = &*self.inner;
-        if let Some(v) = inner.multi.get(fp) {
-            inner.stats.hit(Tier::RamMulti);
-            return Some((v.bytes.clone(), Tier::RamMulti));
-        }
-        if let Some(v) = inner.single.remove(fp) {
-            let bytes = v.bytes.clone();
-            inner.multi.insert(*fp, v);
-            inner.stats.promotions.inc();
-            inner.stats.hit(Tier::RamSingle);
-            return Some((bytes, Tier::RamSingle));
+        let found = inner
+            .pools
+            .lock()
+            .get(fp)
+            .map(|(v, seg)| (v.bytes.clone(), seg));
+        if let Some((bytes, seg)) = found {
+            let tier = match seg {
+                Segment::Multi => Tier::RamMulti,
+                Segment::Single => {
+                    inner.stats.promotions.inc();
+                    Tier::RamSingle
+                }
+            };
+            inner.stats.hit(tier);
+            return Some((bytes, tier));
         }
         if let Some((_, v)) = inner.pending.remove(fp) {
             // Demoted but not yet written: back to the top of multi-touch.
             let bytes = v.bytes.clone();
-            inner.multi.insert(*fp, v);
+            inner.insert(*fp, v, true);
             inner.stats.hit(Tier::RamMulti);
             return Some((bytes, Tier::RamMulti));
         }
@@ -372,8 +394,8 @@ impl ContentCache {
             let read = tokio::task::spawn_blocking(move || tier.read(&key, at)).await;
             match read {
                 Ok(ssd::SlotRead::Hit(bytes)) => {
-                    inner.multi.insert(*fp, Entry::new(bytes.clone(), at.refs));
                     ssd.release(fp, at);
+                    inner.insert(*fp, Entry::new(bytes.clone(), at.refs), true);
                     inner.stats.hit(Tier::Ssd);
                     return Some((bytes, Tier::Ssd));
                 }
@@ -404,49 +426,57 @@ impl ContentCache {
     pub fn admit(&self, fp: Fingerprint, bytes: Bytes) {
         let inner = &*self.inner;
         inner.stats.add_logical(bytes.len() as u64);
-        if let Some(v) = inner.multi.get(&fp) {
-            v.refs.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if let Some(v) = inner.single.remove(&fp) {
-            v.refs.fetch_add(1, Ordering::Relaxed);
-            inner.multi.insert(fp, v);
-            inner.stats.promotions.inc();
-            return;
+        {
+            let mut pools = inner.pools.lock();
+            if let Some((v, seg)) = pools.get(&fp) {
+                v.refs.fetch_add(1, Ordering::Relaxed);
+                if seg == Segment::Single {
+                    inner.stats.promotions.inc();
+                }
+                return;
+            }
         }
         if let Some((_, v)) = inner.pending.remove(&fp) {
             v.refs.fetch_add(1, Ordering::Relaxed);
-            inner.multi.insert(fp, v);
+            inner.insert(fp, v, true);
             return;
         }
         if let Some(ssd) = &inner.ssd
             && let Some(at) = ssd.lookup(&fp)
         {
             // Read again through another disk block: back to RAM multi-touch, off the SSD.
-            inner
-                .multi
-                .insert(fp, Entry::new(bytes, at.refs.saturating_add(1)));
             ssd.release(&fp, at);
+            inner.insert(fp, Entry::new(bytes, at.refs.saturating_add(1)), true);
             return;
         }
         // Two readers may admit the same new block at once: the second finds the first's
-        // entry and adds its reference to it, so the bytes are counted once per reference.
-        let e = inner
-            .single
-            .entry(fp)
-            .or_insert_with(|| Entry::new(bytes, 1));
-        if !e.is_fresh() {
-            e.value().refs.fetch_add(1, Ordering::Relaxed);
+        // entry (the pools touch it and keep it) and adds its reference to it, so the bytes
+        // are counted once per reference.
+        let mut pools = inner.pools.lock();
+        if let Some((v, seg)) = pools.get(&fp) {
+            v.refs.fetch_add(1, Ordering::Relaxed);
+            if seg == Segment::Single {
+                inner.stats.promotions.inc();
+            }
+            return;
         }
+        let placed = pools.insert(fp, Entry::new(bytes, 1), false, &mut |f, v, from| {
+            inner.evicted(f, v, from)
+        });
+        drop(pools);
+        inner.stats.ghost_hit(placed.ghost);
     }
 
     /// Which tier holds `fp` now, without touching anything (tests and diagnostics).
     pub fn tier_of(&self, fp: &Fingerprint) -> Option<Tier> {
         let inner = &*self.inner;
-        if inner.multi.contains_key(fp) || inner.pending.contains_key(fp) {
+        match inner.pools.lock().segment_of(fp) {
+            Some(Segment::Multi) => return Some(Tier::RamMulti),
+            Some(Segment::Single) => return Some(Tier::RamSingle),
+            None => {}
+        }
+        if inner.pending.contains_key(fp) {
             Some(Tier::RamMulti)
-        } else if inner.single.contains_key(fp) {
-            Some(Tier::RamSingle)
         } else if inner.ssd.as_ref().is_some_and(|s| s.contains(fp)) {
             Some(Tier::Ssd)
         } else {
@@ -454,14 +484,22 @@ impl ContentCache {
         }
     }
 
-    /// Runs moka's deferred maintenance (evictions) now and waits until the SSD writer has
-    /// written every demotion queued so far. Tests and benchmarks call it to see a settled cache.
+    /// The RAM pools' policy state: the single-touch target, ghosts, and what adapted.
+    pub fn policy(&self) -> PolicyState {
+        let st = self.inner.pools.lock().state();
+        publish_policy(&st);
+        st
+    }
+
+    /// Runs [`pool::Pools`] code under the cache's lock (tests and diagnostics).
+    pub fn with_pools<R>(&self, f: impl FnOnce(&Pools) -> R) -> R {
+        f(&self.inner.pools.lock())
+    }
+
+    /// Waits until the SSD writer has written every demotion queued so far. Tests and
+    /// benchmarks call it to see a settled cache. (The RAM pools evict in the call that
+    /// overfills them; there is no deferred work.)
     pub fn settle(&self) {
-        // Evictions from multi queue demotions; run both pools until nothing moves.
-        for _ in 0..4 {
-            self.inner.single.run_pending_tasks();
-            self.inner.multi.run_pending_tasks();
-        }
         self.flush_writer();
     }
 
@@ -477,28 +515,23 @@ impl ContentCache {
     /// Occupancy and hits of each tier: ram_single, ram_multi, ssd (if configured).
     pub fn usage(&self) -> Vec<TierUsage> {
         let inner = &*self.inner;
-        // moka counts lazily; settle its bookkeeping so the figures are current.
-        inner.single.run_pending_tasks();
-        inner.multi.run_pending_tasks();
-        let single_cap = (inner.config.ram_bytes as f64 * inner.config.single_touch_share) as u64;
+        let st = self.policy();
+        let (pending_n, pending_bytes) = inner.pending.iter().fold((0u64, 0u64), |(n, b), e| {
+            (n + 1, b + e.value().payload_bytes())
+        });
         let mut out = vec![
             TierUsage {
                 tier: Tier::RamSingle,
-                entries: inner.single.entry_count(),
-                bytes: inner.single.weighted_size(),
-                capacity_bytes: single_cap,
+                entries: st.single_entries,
+                bytes: st.single_bytes,
+                capacity_bytes: st.single_target_bytes,
                 hits: inner.stats.hits_ram_single.get(),
             },
             TierUsage {
                 tier: Tier::RamMulti,
-                entries: inner.multi.entry_count() + inner.pending.len() as u64,
-                bytes: inner.multi.weighted_size()
-                    + inner
-                        .pending
-                        .iter()
-                        .map(|e| e.value().payload_bytes())
-                        .sum::<u64>(),
-                capacity_bytes: inner.config.ram_bytes - single_cap,
+                entries: st.multi_entries + pending_n,
+                bytes: st.multi_bytes + pending_bytes,
+                capacity_bytes: st.capacity_bytes - st.single_target_bytes,
                 hits: inner.stats.hits_ram_multi.get(),
             },
         ];
@@ -531,11 +564,11 @@ impl ContentCache {
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         if let (Some(ssd), Some(w)) = (&inner.ssd, &inner.writer) {
-            inner.multi.run_pending_tasks();
-            for (fp, v) in inner.multi.iter() {
+            let multi = inner.pools.lock().multi_entries();
+            for (fp, v) in multi {
                 if !ssd.contains(&fp) {
-                    inner.pending.insert(*fp, v);
-                    if w.send(WriterMsg::Demote(*fp)).is_err() {
+                    inner.pending.insert(fp, v);
+                    if w.send(WriterMsg::Demote(fp)).is_err() {
                         break;
                     }
                 }
@@ -562,10 +595,59 @@ impl ContentCache {
     }
 }
 
+impl Inner {
+    /// Puts an entry that was read before (back from SSD or the demotion queue) into the RAM
+    /// pools.
+    fn insert(&self, fp: Fingerprint, v: Value, known: bool) {
+        let placed = self
+            .pools
+            .lock()
+            .insert(fp, v, known, &mut |f, v, from| self.evicted(f, v, from));
+        self.stats.ghost_hit(placed.ghost);
+    }
+
+    /// Handles an entry the pools evicted. Runs under the pools' lock, so it never blocks,
+    /// does no I/O and never takes that lock. Lock order: pools, then `pending`; nothing
+    /// takes the pools' lock while holding a `pending` guard.
+    fn evicted(&self, fp: Fingerprint, v: Value, from: Segment) {
+        match (from, &self.writer) {
+            (Segment::Single, _) => {
+                self.stats.evictions_ram_single.inc();
+                self.stats.sub_logical(v.logical_bytes());
+            }
+            (Segment::Multi, None) => {
+                self.stats.evictions_ram_multi.inc();
+                self.stats.sub_logical(v.logical_bytes());
+            }
+            (Segment::Multi, Some(w)) => {
+                let logical = v.logical_bytes();
+                self.pending.insert(fp, v);
+                if w.try_send(WriterMsg::Demote(fp)).is_err() {
+                    // The SSD writer is behind: drop rather than block the reader.
+                    self.pending.remove(&fp);
+                    self.stats.evictions_ram_multi.inc();
+                    self.stats.sub_logical(logical);
+                }
+            }
+        }
+    }
+}
+
+/// Sets the policy gauges from a snapshot.
+fn publish_policy(st: &PolicyState) {
+    metrics::gauge!(telemetry::SINGLE_TOUCH_TARGET).set(st.single_share());
+    metrics::gauge!(telemetry::GHOST_KEYS, "ghost" => "single").set(st.ghost_single as f64);
+    metrics::gauge!(telemetry::GHOST_KEYS, "ghost" => "multi").set(st.ghost_multi as f64);
+    metrics::counter!(telemetry::SINGLE_TOUCH_TARGET_MOVES, "direction" => "grew")
+        .absolute(st.counters.target_grew);
+    metrics::counter!(telemetry::SINGLE_TOUCH_TARGET_MOVES, "direction" => "shrank")
+        .absolute(st.counters.target_shrank);
+}
+
 /// The SSD writer: drains demotions off the read path.
 struct Writer {
     ssd: Arc<SsdTier>,
-    multi: Pool,
+    pools: Arc<Mutex<Pools>>,
     pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     stats: Arc<CacheStats>,
 }
@@ -592,7 +674,8 @@ impl Writer {
         if let Some(r) = self.ssd.reserve(&fp, refs) {
             if let Some((efp, elen, erefs)) = r.evicted {
                 self.stats.evictions_ssd.inc();
-                if !self.multi.contains_key(&efp) && !self.pending.contains_key(&efp) {
+                let in_ram = self.pools.lock().segment_of(&efp).is_some();
+                if !in_ram && !self.pending.contains_key(&efp) {
                     self.stats.sub_logical(u64::from(elen) * u64::from(erefs));
                 }
             }

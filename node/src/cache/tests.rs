@@ -11,12 +11,20 @@ use super::*;
 
 const BS: u32 = 4096;
 
-/// RAM of four blocks split evenly (two single-touch, two multi-touch), and `ssd_slots` on SSD.
+/// RAM of four blocks with a fixed single-touch target of two (no adaptation, no ghosts, no
+/// second chances: the tiers' mechanics alone), and `ssd_slots` on SSD.
 fn cache(dir: &Path, ssd_slots: u64) -> ContentCache {
+    open(dir, ssd_slots, false)
+}
+
+fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
     let (c, _) = ContentCache::open(CacheConfig {
         block_bytes: BS,
         ram_bytes: 4 * u64::from(BS),
         single_touch_share: 0.5,
+        adaptive: policy,
+        ghost_ratio: if policy { 1.0 } else { 0.0 },
+        second_chances: policy,
         ssd: (ssd_slots > 0).then(|| SsdConfig {
             data_path: dir.join("slots"),
             index_path: dir.join("index"),
@@ -24,6 +32,7 @@ fn cache(dir: &Path, ssd_slots: u64) -> ContentCache {
             slot_bytes: BS,
         }),
         demotion_queue: 64,
+        ..CacheConfig::default()
     })
     .expect("open cache");
     c
@@ -82,16 +91,21 @@ fn a_first_read_lands_in_single_touch_and_a_second_promotes_it() {
 fn single_touch_evicts_its_least_recent_entry_and_drops_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    read(&c, 1);
-    read(&c, 2);
-    read(&c, 3); // single holds two: 1 is the least recent and goes
+    // With multi-touch empty, single-touch may use the whole budget of four...
+    for tag in 1..=4 {
+        read(&c, tag);
+    }
+    assert_eq!(c.stats().evictions_ram_single.get(), 0);
+    // ...and the fifth makes it give up its least recent entry.
+    read(&c, 5);
     assert_eq!(
         tier(&c, 1),
         None,
         "a single-touch eviction must not reach SSD"
     );
-    assert_eq!(tier(&c, 2), Some(Tier::RamSingle));
-    assert_eq!(tier(&c, 3), Some(Tier::RamSingle));
+    for tag in 2..=5 {
+        assert_eq!(tier(&c, tag), Some(Tier::RamSingle));
+    }
     assert_eq!(c.stats().evictions_ram_single.get(), 1);
     assert_eq!(c.ssd().map(|s| s.usage().0), Some(0));
 }
@@ -100,17 +114,18 @@ fn single_touch_evicts_its_least_recent_entry_and_drops_it() {
 fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 2);
-    // Promote 1, 2, 3 in turn; multi holds two, so 1 is demoted.
-    for tag in 1..=3 {
+    // Promote 1 to 5 in turn; RAM holds four, so 1 is demoted.
+    for tag in 1..=5 {
         read(&c, tag);
         read(&c, tag);
     }
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
-    assert_eq!(tier(&c, 2), Some(Tier::RamMulti));
-    assert_eq!(tier(&c, 3), Some(Tier::RamMulti));
+    for tag in 2..=5 {
+        assert_eq!(tier(&c, tag), Some(Tier::RamMulti));
+    }
     assert_eq!(c.stats().demotions.get(), 1);
     // Two more promotions demote 2 and 3; the SSD (two slots) then drops its oldest, 1.
-    for tag in 4..=5 {
+    for tag in 6..=7 {
         read(&c, tag);
         read(&c, tag);
     }
@@ -125,18 +140,20 @@ fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
 fn an_ssd_hit_returns_the_entry_to_the_top_of_ram_multi_touch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    for tag in 1..=3 {
+    for tag in 1..=5 {
         read(&c, tag);
         read(&c, tag);
     }
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    // 1 comes back to the top of multi-touch, which pushes the least recent, 2, to SSD.
     assert_eq!(read(&c, 1), Some(Tier::Ssd));
     assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
-    // 1 is now the most recent in multi: the next demotion takes 3's elder, 2.
-    read(&c, 4);
-    read(&c, 4);
-    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
     assert_eq!(tier(&c, 2), Some(Tier::Ssd));
+    // The next demotion takes 3, not 1.
+    read(&c, 6);
+    read(&c, 6);
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(tier(&c, 3), Some(Tier::Ssd));
     assert_eq!(c.stats().hits_ssd.get(), 1);
 }
 
@@ -144,7 +161,7 @@ fn an_ssd_hit_returns_the_entry_to_the_top_of_ram_multi_touch() {
 fn without_an_ssd_tier_multi_touch_evictions_are_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 0);
-    for tag in 1..=3 {
+    for tag in 1..=5 {
         read(&c, tag);
         read(&c, tag);
     }
@@ -192,7 +209,7 @@ fn a_restarted_cache_serves_ssd_hits_at_once() {
 fn a_flipped_byte_in_the_ssd_file_is_detected_and_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    for tag in 1..=3 {
+    for tag in 1..=5 {
         read(&c, tag);
         read(&c, tag);
     }
@@ -235,17 +252,27 @@ mod properties {
         /// Whatever the order of reads: pools stay within capacity, an entry lives in one RAM
         /// pool at most, and every hit returns the bytes of the fingerprint asked for.
         #[test]
-        fn pools_stay_within_capacity_and_hits_are_exact(reads in proptest::collection::vec(1u8..24, 1..120)) {
+        fn pools_stay_within_capacity_and_hits_are_exact(
+            reads in proptest::collection::vec(1u8..24, 1..120),
+            policy: bool,
+        ) {
             let dir = tempfile::tempdir().expect("tempdir");
-            let c = cache(dir.path(), 6);
+            let c = open(dir.path(), 6, policy);
             for tag in reads {
                 read(&c, tag); // asserts hit bytes
-                let (fp, _) = block(tag);
-                let in_single = c.inner.single.contains_key(&fp);
-                let in_multi = c.inner.multi.contains_key(&fp);
-                prop_assert!(!(in_single && in_multi));
+                let st = c.policy();
+                prop_assert!(
+                    st.single_bytes + st.multi_bytes <= st.capacity_bytes,
+                    "RAM over budget: {:?}", st
+                );
+                prop_assert!(st.single_target_bytes >= st.single_min_bytes);
+                prop_assert!(st.single_target_bytes <= st.single_max_bytes);
+                prop_assert!(st.ghost_single <= st.ghost_capacity);
+                prop_assert!(st.ghost_multi <= st.ghost_capacity);
                 for t in c.usage() {
-                    prop_assert!(t.bytes <= t.capacity_bytes, "{:?} over capacity", t);
+                    if t.tier == Tier::Ssd {
+                        prop_assert!(t.bytes <= t.capacity_bytes, "{:?} over capacity", t);
+                    }
                 }
             }
             logical_matches_contents(&c);

@@ -135,6 +135,30 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             block_map_bytes: s.leases.block_map_bytes,
             block_map_traffic_bytes: s.leases.block_map_traffic_bytes,
         }),
+        policy: Some(policy_to_pb(&s.policy)),
+    }
+}
+
+fn policy_to_pb(p: &crate::cache::PolicyState) -> pb::CachePolicy {
+    let share = |b: u64| {
+        if p.capacity_bytes == 0 {
+            0.0
+        } else {
+            b as f64 / p.capacity_bytes as f64
+        }
+    };
+    pb::CachePolicy {
+        single_touch_target: p.single_share(),
+        single_touch_min: share(p.single_min_bytes),
+        single_touch_max: share(p.single_max_bytes),
+        adaptive: p.adaptive,
+        ghost_single_keys: p.ghost_single,
+        ghost_multi_keys: p.ghost_multi,
+        ghost_capacity: p.ghost_capacity,
+        ghost_hits_single: p.counters.ghost_hits_single,
+        ghost_hits_multi: p.counters.ghost_hits_multi,
+        target_grew: p.counters.target_grew,
+        target_shrank: p.counters.target_shrank,
     }
 }
 

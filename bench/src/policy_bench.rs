@@ -1,0 +1,915 @@
+//! `policy`: a block trace replayed page by page through the node's real RAM pools, beside a
+//! plain LRU and ARC written for the bench ([`crate::policy_ref`]), on the same requests.
+//!
+//! The replay follows the rules of the ARC paper (Megiddo and Modha, FAST 2003): each request
+//! expands into single-page requests, a page is 512 bytes unless `--page-size` says otherwise,
+//! every request is a read, and the hit ratio is hits over page requests. Each page is a cache
+//! block whose fingerprint is a fixed function of its page number, so the node's cache
+//! ([`ContentCache`]) is driven exactly as the read path drives it: a RAM lookup, and on a miss
+//! an admission.
+//!
+//! Four lines per capacity:
+//! - `LRU`: the plain LRU reference (it reproduces the paper's LRU column to the second decimal);
+//! - `ARC`: the ARC reference (Figure 4 of the paper);
+//! - `SLRU`: the node's pools with the policy switched off: a fixed 25/75 split, no ghosts, no
+//!   second chances (the foundation's segmented LRU);
+//! - `shadowcache`: the node's pools as configured by default.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use serde::Serialize;
+use shadowcache_node::cache::{
+    CacheConfig, ContentCache, Fingerprint, FingerprintHashing, SsdConfig, Tier,
+};
+
+use crate::plot;
+use crate::policy_ref;
+use crate::trace;
+
+/// The published table (Megiddo and Modha, FAST 2003), as in `shared/reference/cache.md`:
+/// trace, capacity in pages, LRU %, ARC %.
+pub const PUBLISHED: &[(&str, u64, f64, f64)] = &[
+    ("P2", 32768, 18.47, 27.38),
+    ("P3", 32768, 3.57, 17.12),
+    ("P6", 32768, 4.24, 23.84),
+    ("OLTP", 1000, 32.83, 38.93),
+    ("OLTP", 5000, 53.65, 55.25),
+    ("OLTP", 15000, 64.63, 65.40),
+];
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The trace (`.lis`, `.lis.zst` or `.vscsi`).
+    pub trace: PathBuf,
+    /// Capacities in pages.
+    pub capacities: Vec<u64>,
+    /// Bytes per page.
+    pub page_bytes: u64,
+    /// Replace `capacities` by a sweep from 1/64 of the footprint to all of it.
+    pub sweep: bool,
+    /// Write PNG and SVG plots with this path prefix (sweeps).
+    pub plot: Option<PathBuf>,
+    /// The tiered replay: RAM pages, the rest of each capacity on SSD.
+    pub ram_pages: Option<u64>,
+    /// Where the tiered replay keeps its SSD files (default: a temporary directory).
+    pub scratch: Option<PathBuf>,
+    /// Seconds per RAM-hit lookup measurement (0: skip).
+    pub lookup_seconds: f64,
+}
+
+/// Hit ratio of one policy at one capacity.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyHits {
+    /// The policy.
+    pub policy: String,
+    /// Hits.
+    pub hits: u64,
+    /// Hits over page requests, in percent.
+    pub hit_percent: f64,
+}
+
+/// What the node's pools did in one replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolReport {
+    /// Single-touch target at the end, as a share of the capacity.
+    pub single_share_end: f64,
+    /// Lowest and highest single-touch target seen (sampled every 4096 requests).
+    pub single_share_range: (f64, f64),
+    /// Admissions found in the single-touch ghost.
+    pub ghost_hits_single: u64,
+    /// Admissions found in the multi-touch ghost.
+    pub ghost_hits_multi: u64,
+    /// Largest ghost sizes seen (single, multi) and the bound of each.
+    pub ghost_keys_max: (u64, u64),
+    /// The ghosts' bound in keys.
+    pub ghost_capacity: u64,
+    /// Promotions (single -> multi).
+    pub promotions: u64,
+}
+
+/// One capacity of the replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Cache capacity in pages.
+    pub capacity_pages: u64,
+    /// Every policy's result.
+    pub policies: Vec<PolicyHits>,
+    /// The node's pools, as configured by default.
+    pub shadowcache: PoolReport,
+}
+
+impl Row {
+    fn percent(&self, name: &str) -> f64 {
+        self.policies
+            .iter()
+            .find(|p| p.policy == name)
+            .map_or(f64::NAN, |p| p.hit_percent)
+    }
+}
+
+/// A published row beside the replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    /// Capacity in pages.
+    pub capacity_pages: u64,
+    /// The paper's LRU figure.
+    pub lru_published: f64,
+    /// Our LRU reference.
+    pub lru_measured: f64,
+    /// Whether they agree to the second decimal.
+    pub lru_reproduced: bool,
+    /// The paper's ARC figure.
+    pub arc_published: f64,
+    /// Our ARC reference.
+    pub arc_measured: f64,
+    /// The node's pools.
+    pub shadowcache: f64,
+    /// The node's pools minus the paper's ARC, in points.
+    pub shadowcache_minus_arc: f64,
+}
+
+/// The tiered replay at one capacity.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierRow {
+    /// Total capacity in pages (RAM plus SSD).
+    pub capacity_pages: u64,
+    /// RAM pages.
+    pub ram_pages: u64,
+    /// SSD pages.
+    pub ssd_pages: u64,
+    /// Hits in RAM single-touch.
+    pub hits_ram_single: u64,
+    /// Hits in RAM multi-touch.
+    pub hits_ram_multi: u64,
+    /// Hits on SSD.
+    pub hits_ssd: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Entries written from RAM multi-touch to SSD.
+    pub demotions: u64,
+    /// Entries dropped from SSD.
+    pub ssd_evictions: u64,
+    /// Demotions dropped because the SSD writer was behind.
+    pub demotions_dropped: u64,
+    /// SSD reads that failed verification (must be 0).
+    pub ssd_verify_failures: u64,
+    /// All hits over page requests, in percent.
+    pub hit_percent: f64,
+    /// The same capacity all in RAM, in percent (for comparison).
+    pub all_ram_hit_percent: f64,
+}
+
+/// In-process RAM-hit lookups per second.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupRate {
+    /// The pools measured.
+    pub pools: String,
+    /// Threads looking up at once.
+    pub threads: usize,
+    /// Lookups per second, all threads together.
+    pub per_second: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    /// Trace file name.
+    pub trace: String,
+    /// Page requests replayed.
+    pub requests: u64,
+    /// Distinct pages.
+    pub footprint_pages: u64,
+    /// Bytes per page.
+    pub page_bytes: u64,
+    /// One row per capacity.
+    pub rows: Vec<Row>,
+    /// Rows of the published table for this trace.
+    pub published: Vec<Published>,
+    /// The tiered replay, if asked for.
+    pub tiers: Vec<TierRow>,
+    /// RAM-hit lookup rates.
+    pub lookups: Vec<LookupRate>,
+    /// Bytes of memory per ghost key (node and table).
+    pub ghost_bytes_per_key: f64,
+}
+
+/// The fingerprint page `page` is cached under: a fixed mix of the page number filling all
+/// 32 bytes (the cache hashes some bytes and keys its ghosts by others).
+pub fn page_fingerprint(page: u64) -> Fingerprint {
+    let mut b = [0u8; 32];
+    for (k, chunk) in b.chunks_exact_mut(8).enumerate() {
+        let mut x = page.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    Fingerprint(b)
+}
+
+/// The node's cache settings for a replay of `capacity_pages` pages of `page_bytes`.
+pub fn cache_config(capacity_pages: u64, page_bytes: u64) -> CacheConfig {
+    CacheConfig {
+        block_bytes: page_bytes as u32,
+        ram_bytes: capacity_pages * page_bytes,
+        demotion_queue: 1 << 16,
+        ..CacheConfig::default()
+    }
+}
+
+/// The foundation's segmented LRU in the same pools: fixed 25/75 split, nothing else.
+pub fn slru_config(capacity_pages: u64, page_bytes: u64) -> CacheConfig {
+    CacheConfig {
+        single_touch_share: 0.25,
+        adaptive: false,
+        ghost_ratio: 0.0,
+        second_chances: false,
+        ..cache_config(capacity_pages, page_bytes)
+    }
+}
+
+/// Replays `pages` through the node's cache (RAM only): hits and what the pools did.
+pub fn replay_cache(pages: &[u64], config: CacheConfig) -> anyhow::Result<(u64, PoolReport)> {
+    let payload = Bytes::from(vec![0xA5u8; config.block_bytes as usize]);
+    let (cache, _) = ContentCache::open(config).context("open the cache")?;
+    let mut hits = 0u64;
+    let mut lo = f64::MAX;
+    let mut hi = 0f64;
+    let mut ghost_max = (0u64, 0u64);
+    for (n, &p) in pages.iter().enumerate() {
+        let fp = page_fingerprint(p);
+        if cache.get_ram(&fp).is_some() {
+            hits += 1;
+        } else {
+            cache.record_miss();
+            cache.admit(fp, payload.clone());
+        }
+        if n % 4096 == 0 {
+            let st = cache.policy();
+            lo = lo.min(st.single_share());
+            hi = hi.max(st.single_share());
+            ghost_max = (
+                ghost_max.0.max(st.ghost_single),
+                ghost_max.1.max(st.ghost_multi),
+            );
+        }
+    }
+    let st = cache.policy();
+    Ok((
+        hits,
+        PoolReport {
+            single_share_end: st.single_share(),
+            single_share_range: (lo.min(st.single_share()), hi.max(st.single_share())),
+            ghost_hits_single: st.counters.ghost_hits_single,
+            ghost_hits_multi: st.counters.ghost_hits_multi,
+            ghost_keys_max: (
+                ghost_max.0.max(st.ghost_single),
+                ghost_max.1.max(st.ghost_multi),
+            ),
+            ghost_capacity: st.ghost_capacity,
+            promotions: cache.stats().promotions.get(),
+        },
+    ))
+}
+
+fn percent(hits: u64, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        100.0 * hits as f64 / n as f64
+    }
+}
+
+/// Runs the four policies at one capacity (on two threads).
+fn row(pages: &[u64], capacity: u64, page_bytes: u64) -> anyhow::Result<Row> {
+    let cap = usize::try_from(capacity).context("capacity")?;
+    let (refs, ours, slru) = std::thread::scope(|s| {
+        let refs = s.spawn(move || {
+            let lru = policy_ref::replay(&mut policy_ref::Lru::new(cap), pages).hits;
+            let arc = policy_ref::replay(&mut policy_ref::Arc::new(cap), pages).hits;
+            (lru, arc)
+        });
+        let slru = s.spawn(move || replay_cache(pages, slru_config(capacity, page_bytes)));
+        let ours = replay_cache(pages, cache_config(capacity, page_bytes));
+        (refs.join(), ours, slru.join())
+    });
+    let (lru, arc) = refs.map_err(|_| anyhow::anyhow!("reference replay panicked"))?;
+    let (ours, report) = ours?;
+    let (slru, _) = slru.map_err(|_| anyhow::anyhow!("SLRU replay panicked"))??;
+    let n = pages.len();
+    let hits = |policy: &str, hits: u64| PolicyHits {
+        policy: policy.to_string(),
+        hits,
+        hit_percent: percent(hits, n),
+    };
+    Ok(Row {
+        capacity_pages: capacity,
+        policies: vec![
+            hits("LRU", lru),
+            hits("ARC", arc),
+            hits("SLRU", slru),
+            hits("shadowcache", ours),
+        ],
+        shadowcache: report,
+    })
+}
+
+/// The tiered replay: `ram_pages` of RAM and the rest of `capacity` on SSD, through the node's
+/// cache as the read path drives it (RAM, then SSD, then an admission).
+fn tier_row(
+    pages: &[u64],
+    capacity: u64,
+    ram_pages: u64,
+    page_bytes: u64,
+    dir: &Path,
+    all_ram: f64,
+) -> anyhow::Result<TierRow> {
+    if ram_pages == 0 || ram_pages >= capacity {
+        bail!("--ram must be between 1 and the capacity ({capacity} pages), not {ram_pages}");
+    }
+    let ssd_pages = capacity - ram_pages;
+    let sub = dir.join(format!("c{capacity}"));
+    std::fs::create_dir_all(&sub)?;
+    let config = CacheConfig {
+        ssd: Some(SsdConfig {
+            data_path: sub.join("slots"),
+            index_path: sub.join("index"),
+            capacity_bytes: ssd_pages * page_bytes,
+            slot_bytes: page_bytes as u32,
+        }),
+        ..cache_config(ram_pages, page_bytes)
+    };
+    // The SSD tier verifies every read against the fingerprint, so here each page has real
+    // content (its number, repeated) and the fingerprint is that content's BLAKE3.
+    let mut buf = vec![0u8; page_bytes as usize];
+    let (cache, _) = ContentCache::open(config).context("open the tiered cache")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut ram_single, mut ram_multi, mut ssd, mut misses) = (0u64, 0u64, 0u64, 0u64);
+    for (n, &p) in pages.iter().enumerate() {
+        for chunk in buf.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&p.to_le_bytes());
+        }
+        let fp = Fingerprint::of(&buf);
+        let hit = match cache.get_ram(&fp) {
+            Some(h) => Some(h),
+            None => rt.block_on(cache.get(&fp)),
+        };
+        match hit.map(|h| h.1) {
+            Some(Tier::RamSingle) => ram_single += 1,
+            Some(Tier::RamMulti) => ram_multi += 1,
+            Some(Tier::Ssd) => ssd += 1,
+            None => {
+                misses += 1;
+                cache.admit(fp, Bytes::copy_from_slice(&buf));
+            }
+        }
+        // Let the SSD writer keep up, as a real device's queue would, so that demotions
+        // are dropped only when the queue itself overflows.
+        if n % 8192 == 8191 {
+            cache.settle();
+        }
+    }
+    cache.settle();
+    let s = cache.stats();
+    let hits = ram_single + ram_multi + ssd;
+    Ok(TierRow {
+        capacity_pages: capacity,
+        ram_pages,
+        ssd_pages,
+        hits_ram_single: ram_single,
+        hits_ram_multi: ram_multi,
+        hits_ssd: ssd,
+        misses,
+        demotions: s.demotions.get(),
+        ssd_evictions: s.evictions_ssd.get(),
+        demotions_dropped: s.evictions_ram_multi.get(),
+        ssd_verify_failures: s.ssd_verify_failures.get(),
+        hit_percent: percent(hits, pages.len()),
+        all_ram_hit_percent: all_ram,
+    })
+}
+
+/// Capacities of a sweep: 1/64 of the footprint to all of it, two points an octave.
+pub fn sweep_capacities(footprint: u64) -> Vec<u64> {
+    let mut out: Vec<u64> = (0..=12)
+        .map(|k| (footprint as f64 * 2f64.powf(-6.0 + f64::from(k) / 2.0)).round() as u64)
+        .map(|c| c.max(1))
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The trace's short name: `P2` for `P2.lis.zst`.
+pub fn trace_name(path: &Path) -> String {
+    let f = path
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    f.split('.').next().unwrap_or_default().to_string()
+}
+
+/// Runs the replay and prints a table.
+pub fn run(opts: Options) -> anyhow::Result<Output> {
+    if !(512..=1 << 20).contains(&opts.page_bytes) || !opts.page_bytes.is_power_of_two() {
+        bail!(
+            "--page-size {} is not a power of two from 512 to 1MiB",
+            opts.page_bytes
+        );
+    }
+    let reqs = trace::read_trace(&opts.trace)?;
+    let mut pages = Vec::new();
+    policy_ref::for_each_page(&reqs, opts.page_bytes, |p| pages.push(p));
+    drop(reqs);
+    let footprint = {
+        let mut sorted = pages.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted.len() as u64
+    };
+    let name = trace_name(&opts.trace);
+    eprintln!(
+        "{name}: {} page requests of {} bytes, footprint {footprint} pages",
+        pages.len(),
+        opts.page_bytes
+    );
+    let capacities = if opts.sweep {
+        sweep_capacities(footprint)
+    } else {
+        opts.capacities.clone()
+    };
+    if capacities.is_empty() {
+        bail!("give --capacity PAGES (one or more) or --sweep");
+    }
+    if let Some(&c) = capacities.iter().find(|&&c| c == 0 || c > 1 << 30) {
+        bail!("capacity {c} pages is out of range (1 to 2^30)");
+    }
+
+    println!(
+        "{:>10} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8} {:>13} {:>12}",
+        "pages",
+        "LRU %",
+        "ARC %",
+        "SLRU %",
+        "shadowcache %",
+        "-ARC",
+        "-LRU",
+        "single share",
+        "ghost hits"
+    );
+    let mut rows = Vec::new();
+    for &c in &capacities {
+        let r = row(&pages, c, opts.page_bytes)?;
+        let (lru, arc, slru, ours) = (
+            r.percent("LRU"),
+            r.percent("ARC"),
+            r.percent("SLRU"),
+            r.percent("shadowcache"),
+        );
+        println!(
+            "{:>10} {:>8.2} {:>8.2} {:>8.2} {:>12.2} {:>+8.2} {:>+8.2} {:>6.3}..{:<5.3} {:>12}",
+            c,
+            lru,
+            arc,
+            slru,
+            ours,
+            ours - arc,
+            ours - lru,
+            r.shadowcache.single_share_range.0,
+            r.shadowcache.single_share_range.1,
+            r.shadowcache.ghost_hits_single + r.shadowcache.ghost_hits_multi
+        );
+        rows.push(r);
+    }
+
+    let mut published = Vec::new();
+    if opts.page_bytes == 512 {
+        for &(t, c, lru_p, arc_p) in PUBLISHED.iter().filter(|p| p.0 == name) {
+            let Some(r) = rows.iter().find(|r| r.capacity_pages == c) else {
+                continue;
+            };
+            let lru = r.percent("LRU");
+            let ours = r.percent("shadowcache");
+            let p = Published {
+                capacity_pages: c,
+                lru_published: lru_p,
+                lru_measured: lru,
+                lru_reproduced: format!("{lru:.2}") == format!("{lru_p:.2}"),
+                arc_published: arc_p,
+                arc_measured: r.percent("ARC"),
+                shadowcache: ours,
+                shadowcache_minus_arc: ours - arc_p,
+            };
+            println!(
+                "published {t} c={c}: LRU {lru_p:.2} (ours {lru:.2}, {}), ARC {arc_p:.2} (ours {:.2}); shadowcache {ours:.2} = ARC {:+.2}",
+                if p.lru_reproduced {
+                    "reproduced"
+                } else {
+                    "NOT REPRODUCED"
+                },
+                p.arc_measured,
+                p.shadowcache_minus_arc
+            );
+            published.push(p);
+        }
+    }
+
+    let mut tiers = Vec::new();
+    if let Some(ram) = opts.ram_pages {
+        let tmp;
+        let dir = match &opts.scratch {
+            Some(d) => d.clone(),
+            None => {
+                tmp = tempfile::tempdir()?;
+                tmp.path().to_path_buf()
+            }
+        };
+        println!(
+            "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9}",
+            "pages",
+            "RAM",
+            "SSD",
+            "RAM single",
+            "RAM multi",
+            "SSD hits",
+            "misses",
+            "demoted",
+            "hit %",
+            "all-RAM",
+            "dropped"
+        );
+        for r in &rows {
+            let t = tier_row(
+                &pages,
+                r.capacity_pages,
+                ram.min(r.capacity_pages.saturating_sub(1)).max(1),
+                opts.page_bytes,
+                &dir,
+                r.percent("shadowcache"),
+            )?;
+            println!(
+                "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9.2} {:>7.2} {:>9}",
+                t.capacity_pages,
+                t.ram_pages,
+                t.ssd_pages,
+                t.hits_ram_single,
+                t.hits_ram_multi,
+                t.hits_ssd,
+                t.misses,
+                t.demotions,
+                t.hit_percent,
+                t.all_ram_hit_percent,
+                t.demotions_dropped
+            );
+            tiers.push(t);
+        }
+    }
+
+    let lookups = if opts.lookup_seconds > 0.0 {
+        lookup_rates(opts.lookup_seconds)?
+    } else {
+        Vec::new()
+    };
+
+    let out = Output {
+        trace: name.clone(),
+        requests: pages.len() as u64,
+        footprint_pages: footprint,
+        page_bytes: opts.page_bytes,
+        rows,
+        published,
+        tiers,
+        lookups,
+        ghost_bytes_per_key: ghost_bytes_per_key(),
+    };
+    println!(
+        "memory per ghost key: {:.1} bytes (ring node and table, measured with the counting allocator)",
+        out.ghost_bytes_per_key
+    );
+    if let Some(prefix) = &opts.plot {
+        draw(&out, prefix)?;
+    }
+    Ok(out)
+}
+
+/// Hit ratio against capacity, one line per policy, as `prefix.png` and `prefix.svg`.
+pub fn draw(out: &Output, prefix: &Path) -> anyhow::Result<()> {
+    let names = ["LRU", "ARC", "SLRU", "shadowcache"];
+    let series: Vec<plot::Series> = names
+        .iter()
+        .map(|n| plot::Series {
+            name: (*n).to_string(),
+            points: out
+                .rows
+                .iter()
+                .map(|r| (r.capacity_pages as f64, r.percent(n)))
+                .collect(),
+        })
+        .collect();
+    let png = prefix.with_extension("png");
+    let svg = prefix.with_extension("svg");
+    plot::line_chart(
+        &format!(
+            "{}: hit ratio against cache size ({} B pages)",
+            out.trace, out.page_bytes
+        ),
+        "cache size (pages)",
+        "hit ratio (%)",
+        true,
+        &series,
+        &png,
+        &svg,
+    )?;
+    eprintln!("plot written to {} and {}", png.display(), svg.display());
+    Ok(())
+}
+
+/// Measured bytes per ghost key: the live heap of pools with ghosts, minus that of the same
+/// pools without, after the same once-read workload, over the keys the ghosts hold. (Needs the
+/// bench binary's counting allocator; NaN without it.)
+pub fn ghost_bytes_per_key() -> f64 {
+    use shadowcache_node::cache::pool::{PoolConfig, Pools};
+    use shadowcache_node::cache::ram::Entry;
+    let keys = 1u64 << 16;
+    let payload = Bytes::from_static(&[1u8; 512]);
+    let held = |ghost_ratio: f64| {
+        let before = crate::alloc::live_bytes();
+        let mut pools = Pools::new(&PoolConfig {
+            ghost_ratio,
+            ..PoolConfig::new(keys * 512, 512)
+        });
+        // A cache-full read twice (multi-touch), then two cache-fulls read once: the
+        // single-touch ghost fills, and no key is read again after its eviction.
+        for p in 0..3 * keys {
+            let fp = page_fingerprint(p);
+            pools.insert(fp, Entry::new(payload.clone(), 1), false, &mut |_, _, _| {});
+            if p < keys {
+                let _ = pools.get(&fp);
+            }
+        }
+        let st = pools.state();
+        let bytes = crate::alloc::live_bytes() - before;
+        drop(pools);
+        (bytes, st.ghost_single + st.ghost_multi)
+    };
+    let (without, _) = held(0.0);
+    let (with, ghosts) = held(1.0);
+    if ghosts == 0 || with <= without {
+        return f64::NAN;
+    }
+    (with - without) as f64 / ghosts as f64
+}
+
+/// In-process RAM-hit lookups per second for the node's pools, the same pools with the policy
+/// off, and the foundation's moka pools, on 1 and 2 threads.
+pub fn lookup_rates(seconds: f64) -> anyhow::Result<Vec<LookupRate>> {
+    const BLOCK: u64 = 4096;
+    const KEYS: u64 = 16_384;
+    let payload = Bytes::from(vec![0x5Au8; BLOCK as usize]);
+    let fps: Vec<Fingerprint> = (0..KEYS).map(page_fingerprint).collect();
+    let mut out = Vec::new();
+    let ours = |config: CacheConfig| -> anyhow::Result<ContentCache> {
+        let (c, _) = ContentCache::open(config)?;
+        for fp in &fps {
+            c.admit(*fp, payload.clone());
+            let _ = c.get_ram(fp);
+        }
+        Ok(c)
+    };
+    let shadow = ours(cache_config(2 * KEYS, BLOCK))?;
+    let slru = ours(slru_config(2 * KEYS, BLOCK))?;
+    let moka = MokaSlru::new(2 * KEYS * BLOCK);
+    for fp in &fps {
+        moka.admit(*fp, payload.clone());
+        let _ = moka.get(fp);
+    }
+    for threads in [1usize, 2] {
+        for (name, f) in [
+            (
+                "shadowcache",
+                &(|fp: &Fingerprint| shadow.get_ram(fp).map(|h| h.0))
+                    as &(dyn Fn(&Fingerprint) -> Option<Bytes> + Sync),
+            ),
+            ("SLRU (same pools, policy off)", &|fp: &Fingerprint| {
+                slru.get_ram(fp).map(|h| h.0)
+            }),
+            ("SLRU on moka (foundation)", &|fp: &Fingerprint| {
+                moka.get(fp)
+            }),
+        ] {
+            let rate = measure(&fps, threads, seconds, f);
+            println!(
+                "RAM-hit lookups, {name}, {threads} thread(s): {:.2} M/s",
+                rate / 1e6
+            );
+            out.push(LookupRate {
+                pools: name.to_string(),
+                threads,
+                per_second: rate,
+            });
+        }
+    }
+    for threads in [1usize, 2] {
+        let get = |p: &str| {
+            out.iter()
+                .find(|r| r.pools.starts_with(p) && r.threads == threads)
+                .map_or(f64::NAN, |r| r.per_second)
+        };
+        println!(
+            "{threads} thread(s): shadowcache / SLRU (policy off) = {:.3}, shadowcache / moka SLRU = {:.3}",
+            get("shadowcache") / get("SLRU (same"),
+            get("shadowcache") / get("SLRU on moka")
+        );
+    }
+    Ok(out)
+}
+
+fn measure(
+    fps: &[Fingerprint],
+    threads: usize,
+    seconds: f64,
+    get: &(dyn Fn(&Fingerprint) -> Option<Bytes> + Sync),
+) -> f64 {
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (stop, total) = (&stop, &total);
+            s.spawn(move || {
+                let mut i = t * 7919;
+                let mut n = 0u64;
+                let mut missing = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..1024 {
+                        // A stride that is prime to the key count visits every key.
+                        i = (i + 4099) % fps.len();
+                        if get(&fps[i]).is_none() {
+                            missing += 1;
+                        }
+                    }
+                    n += 1024;
+                }
+                assert_eq!(missing, 0, "a lookup of a cached key missed");
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+    });
+    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The foundation's RAM pools, kept here as a reference for the lookup rate: two moka caches
+/// with LRU eviction, single-touch a quarter of the budget.
+struct MokaSlru {
+    single: moka::sync::Cache<Fingerprint, Bytes, FingerprintHashing>,
+    multi: moka::sync::Cache<Fingerprint, Bytes, FingerprintHashing>,
+}
+
+impl MokaSlru {
+    fn new(bytes: u64) -> Self {
+        let pool = |cap: u64| {
+            moka::sync::Cache::builder()
+                .max_capacity(cap)
+                .weigher(|_k: &Fingerprint, v: &Bytes| v.len() as u32)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build_with_hasher(FingerprintHashing::default())
+        };
+        MokaSlru {
+            single: pool(bytes / 4),
+            multi: pool(bytes - bytes / 4),
+        }
+    }
+
+    fn get(&self, fp: &Fingerprint) -> Option<Bytes> {
+        if let Some(b) = self.multi.get(fp) {
+            return Some(b);
+        }
+        let b = self.single.remove(fp)?;
+        self.multi.insert(*fp, b.clone());
+        Some(b)
+    }
+
+    fn admit(&self, fp: Fingerprint, b: Bytes) {
+        self.single.insert(fp, b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(name: &str) -> PathBuf {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/traces")
+            .join(name);
+        assert!(
+            p.exists(),
+            "{} is missing: the shared traces must sit beside the checkout",
+            p.display()
+        );
+        p
+    }
+
+    #[test]
+    fn oltp_reproduces_the_published_lru_rows_and_the_node_pools_beat_arc() {
+        let out = run(Options {
+            trace: shipped("OLTP.lis.zst"),
+            capacities: vec![1000, 5000, 15000],
+            page_bytes: 512,
+            sweep: false,
+            plot: None,
+            ram_pages: None,
+            scratch: None,
+            lookup_seconds: 0.0,
+        })
+        .expect("replay");
+        assert_eq!(out.requests, 914_145);
+        assert_eq!(out.published.len(), 3);
+        for p in &out.published {
+            assert!(p.lru_reproduced, "LRU row not reproduced: {p:?}");
+            assert!(
+                (p.arc_measured - p.arc_published).abs() < 0.05,
+                "ARC reference drifted: {p:?}"
+            );
+            assert!(
+                p.shadowcache >= p.arc_published,
+                "the node's pools fell below ARC: {p:?}"
+            );
+        }
+        for r in &out.rows {
+            assert!(
+                r.percent("shadowcache") >= r.percent("LRU") - 0.5,
+                "more than half a point below LRU: {r:?}"
+            );
+            assert!(r.shadowcache.ghost_keys_max.0 <= r.shadowcache.ghost_capacity);
+            assert!(r.shadowcache.ghost_keys_max.1 <= r.shadowcache.ghost_capacity);
+        }
+    }
+
+    #[test]
+    fn the_tiered_replay_counts_every_request_once_and_ssd_adds_hits() {
+        let reqs = trace::read_trace(&shipped("OLTP.lis.zst")).expect("trace");
+        let mut pages = Vec::new();
+        policy_ref::for_each_page(&reqs[..200_000], 512, |p| pages.push(p));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ram_only, _) = replay_cache(&pages, cache_config(500, 512)).expect("ram");
+        let t = tier_row(&pages, 2000, 500, 512, dir.path(), f64::NAN).expect("tiers");
+        assert_eq!(
+            t.hits_ram_single + t.hits_ram_multi + t.hits_ssd + t.misses,
+            pages.len() as u64
+        );
+        assert!(t.demotions > 0 && t.hits_ssd > 0, "{t:?}");
+        assert_eq!(t.ssd_verify_failures, 0, "{t:?}");
+        assert!(
+            t.hits_ram_single + t.hits_ram_multi + t.hits_ssd > ram_only,
+            "SSD added no hits over RAM alone: {t:?} vs {ram_only}"
+        );
+        assert!(tier_row(&pages, 100, 100, 512, dir.path(), 0.0).is_err());
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        let base = Options {
+            trace: shipped("OLTP.lis.zst"),
+            capacities: vec![],
+            page_bytes: 512,
+            sweep: false,
+            plot: None,
+            ram_pages: None,
+            scratch: None,
+            lookup_seconds: 0.0,
+        };
+        let e = run(base.clone()).expect_err("no capacity");
+        assert!(e.to_string().contains("--capacity"), "{e}");
+        let e = run(Options {
+            page_bytes: 1000,
+            ..base.clone()
+        })
+        .expect_err("page size");
+        assert!(e.to_string().contains("--page-size"), "{e}");
+        let e = run(Options {
+            trace: PathBuf::from("/no/such/trace.lis"),
+            capacities: vec![10],
+            ..base
+        })
+        .expect_err("missing trace");
+        assert!(format!("{e:#}").contains("/no/such/trace.lis"), "{e:#}");
+    }
+
+    #[test]
+    fn sweeps_span_a_64th_of_the_footprint_to_all_of_it() {
+        let c = sweep_capacities(64_000);
+        assert_eq!(c.first(), Some(&1000));
+        assert_eq!(c.last(), Some(&64_000));
+        assert!(c.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(sweep_capacities(10).first(), Some(&1));
+    }
+}

@@ -1,0 +1,1004 @@
+//! The RAM pools: an LRU single-touch pool and an LRU multi-touch pool sharing one budget, with
+//! a ghost of the keys each has recently evicted, and a split between them that adapts online.
+//!
+//! ```text
+//!   first read ──► single-touch (LRU) ──evicted──► ghost S (keys only) ──read again──┐
+//!                      │ read again                                                   │
+//!                      ▼                                                              ▼
+//!                  multi-touch (LRU) ──evicted──► ghost M (keys only) ──read again──► multi-touch
+//!                      (to SSD when the cache has one)
+//! ```
+//!
+//! The policy is ARC's idea (Megiddo and Modha, FAST 2003) in the shape of our two pools. The
+//! single-touch pool has a target size `p`; when the pools together are over budget, the
+//! single-touch pool gives up its least recent entry if it is over `p` (or multi-touch is
+//! empty), and the multi-touch pool gives up its least recent entry otherwise. A key read again
+//! while in ghost S means single-touch was too small: `p` grows. A key read again while in ghost
+//! M means multi-touch was too small: `p` shrinks. `p` stays between configured limits, so a
+//! first read always has a single-touch pool to land in and a scan can never take more than the
+//! upper limit from multi-touch. A key found in either ghost is admitted straight to
+//! multi-touch.
+//!
+//! Why not moka (which served the pools before): moka cannot resize a cache at run time, which
+//! the adaptive split needs; its eviction is deferred, so pool sizes overshoot until maintenance
+//! runs; and it spends about 300 bytes an entry. This pool keeps one slab of 56-byte slots with
+//! u32 links, a table of u32 slot numbers (about 6 bytes an entry), and does all its work in the
+//! call that causes it. The cache wraps it in one mutex; nothing inside allocates on a hit.
+//!
+//! Ghosts are rings of 32-bit partial fingerprints with a table from key to ring position: 4
+//! bytes in the ring plus 8 in the table (plus hashbrown's control byte and load factor), about
+//! 14 to 25 bytes a key. A false match (two fingerprints sharing 32 bits) only sends a block to
+//! multi-touch a read early.
+
+use hashbrown::HashTable;
+
+use super::fingerprint::{Fingerprint, FingerprintHashing};
+use super::ram::Value;
+use std::hash::BuildHasher;
+
+const NIL: u32 = u32::MAX;
+
+/// One of the two RAM pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Read once since it was admitted.
+    Single = 0,
+    /// Read at least twice (or found in a ghost, or back from SSD).
+    Multi = 1,
+}
+
+/// Settings of the pools.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Payload bytes both pools may hold together.
+    pub capacity_bytes: u64,
+    /// The block size: a full cache holds `capacity_bytes / block_bytes` entries, and each ghost
+    /// remembers `ghost_ratio` times that many keys.
+    pub block_bytes: u32,
+    /// The single-touch target at start, as a share of the capacity.
+    pub single_share: f64,
+    /// Whether ghost hits move the single-touch target.
+    pub adaptive: bool,
+    /// The lowest single-touch target, as a share of the capacity.
+    pub share_min: f64,
+    /// The highest single-touch target, as a share of the capacity.
+    pub share_max: f64,
+    /// Keys each ghost remembers, per entry of a full cache. 0 turns ghosts off.
+    pub ghost_ratio: f64,
+    /// Whether re-reads in multi-touch earn second chances at eviction.
+    pub second_chances: bool,
+}
+
+impl PoolConfig {
+    /// The defaults for a cache of `capacity_bytes` in blocks of `block_bytes`.
+    pub fn new(capacity_bytes: u64, block_bytes: u32) -> Self {
+        PoolConfig {
+            capacity_bytes,
+            block_bytes,
+            single_share: DEFAULT_SINGLE_SHARE,
+            adaptive: true,
+            share_min: DEFAULT_SHARE_MIN,
+            share_max: DEFAULT_SHARE_MAX,
+            ghost_ratio: DEFAULT_GHOST_RATIO,
+            second_chances: true,
+        }
+    }
+}
+
+/// Re-reads a multi-touch entry remembers (a 2-bit counter).
+pub const MAX_REREADS: u8 = 3;
+/// Second chances one eviction may give before it takes the least recent entry anyway.
+pub const MAX_SECOND_CHANCES: u32 = 64;
+/// Default single-touch target at start: the lower limit, as ARC's target starts at zero.
+pub const DEFAULT_SINGLE_SHARE: f64 = 0.01;
+/// Default lower limit of the single-touch target.
+pub const DEFAULT_SHARE_MIN: f64 = 0.01;
+/// Default upper limit of the single-touch target.
+pub const DEFAULT_SHARE_MAX: f64 = 0.99;
+/// Default ghost size per entry of a full cache.
+pub const DEFAULT_GHOST_RATIO: f64 = 0.9;
+
+/// Bytes of one pool slot (the entry's index record, payload not included).
+pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
+struct Slot {
+    fp: Fingerprint,
+    value: Option<Value>,
+    prev: u32,
+    next: u32,
+    weight: u32,
+    seg: Segment,
+    /// Re-reads while in multi-touch, up to [`MAX_REREADS`], each worth one second chance.
+    rereads: u8,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct List {
+    head: u32,
+    tail: u32,
+    bytes: u64,
+    len: u32,
+}
+
+const EMPTY: List = List {
+    head: NIL,
+    tail: NIL,
+    bytes: 0,
+    len: 0,
+};
+
+/// Where [`Pools::insert`] put an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The pool the entry went to.
+    pub segment: Segment,
+    /// The ghost that remembered its key, if one did.
+    pub ghost: Option<Segment>,
+}
+
+/// What the pools did since they were built (monotonic counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    /// Admissions whose key was in the single-touch ghost.
+    pub ghost_hits_single: u64,
+    /// Admissions whose key was in the multi-touch ghost.
+    pub ghost_hits_multi: u64,
+    /// Times the single-touch target grew.
+    pub target_grew: u64,
+    /// Times the single-touch target shrank.
+    pub target_shrank: u64,
+}
+
+/// A snapshot of the pools' state, for status, metrics and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyState {
+    /// The single-touch target in bytes.
+    pub single_target_bytes: u64,
+    /// Its limits.
+    pub single_min_bytes: u64,
+    /// Its limits.
+    pub single_max_bytes: u64,
+    /// Capacity of both pools.
+    pub capacity_bytes: u64,
+    /// Entries and bytes in single-touch.
+    pub single_entries: u64,
+    /// Bytes in single-touch.
+    pub single_bytes: u64,
+    /// Entries in multi-touch.
+    pub multi_entries: u64,
+    /// Bytes in multi-touch.
+    pub multi_bytes: u64,
+    /// Keys in the single-touch ghost.
+    pub ghost_single: u64,
+    /// Keys in the multi-touch ghost.
+    pub ghost_multi: u64,
+    /// Keys each ghost may hold.
+    pub ghost_capacity: u64,
+    /// Whether the target adapts.
+    pub adaptive: bool,
+    /// The counters.
+    pub counters: PolicyCounters,
+}
+
+impl PolicyState {
+    /// The single-touch target as a share of the capacity.
+    pub fn single_share(&self) -> f64 {
+        if self.capacity_bytes == 0 {
+            0.0
+        } else {
+            self.single_target_bytes as f64 / self.capacity_bytes as f64
+        }
+    }
+}
+
+/// The two pools. Not synchronised: the cache keeps it behind one mutex.
+pub struct Pools {
+    slots: Vec<Slot>,
+    free: u32,
+    table: HashTable<u32>,
+    hashing: FingerprintHashing,
+    lists: [List; 2],
+    capacity: u64,
+    target: u64,
+    target_min: u64,
+    target_max: u64,
+    adaptive: bool,
+    ghosts: [Ghost; 2],
+    /// Entries a full cache holds (capacity over block size).
+    entries: usize,
+    /// Keys each ghost may hold.
+    ghost_capacity: usize,
+    second_chances: bool,
+    counters: PolicyCounters,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools")
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+fn clamp_share(x: f64) -> f64 {
+    if x.is_finite() {
+        x.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+impl Pools {
+    /// Empty pools.
+    pub fn new(config: &PoolConfig) -> Self {
+        let cap = config.capacity_bytes;
+        let of = |share: f64| (cap as f64 * clamp_share(share)) as u64;
+        let target_min = of(config.share_min);
+        let target_max = of(config.share_max).max(target_min);
+        let target = of(config.single_share).clamp(target_min, target_max);
+        let entries = cap / u64::from(config.block_bytes.max(1));
+        let ghost_keys = (entries as f64 * config.ghost_ratio.max(0.0)) as usize;
+        let hashing = FingerprintHashing::default();
+        let seed = hashing.hash_one(0x6057_u64);
+        Pools {
+            slots: Vec::new(),
+            free: NIL,
+            table: HashTable::new(),
+            hashing,
+            lists: [EMPTY; 2],
+            capacity: cap,
+            target,
+            target_min,
+            target_max,
+            adaptive: config.adaptive,
+            ghosts: [Ghost::new(ghost_keys, seed), Ghost::new(ghost_keys, seed)],
+            entries: entries as usize,
+            ghost_capacity: ghost_keys,
+            second_chances: config.second_chances,
+            counters: PolicyCounters::default(),
+        }
+    }
+
+    #[inline]
+    fn hash(&self, fp: &Fingerprint) -> u64 {
+        self.hashing.hash_one(fp)
+    }
+
+    #[inline]
+    fn find(&self, fp: &Fingerprint) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(self.hash(fp), |&i| slots[i as usize].fp == *fp)
+            .copied()
+    }
+
+    /// Looks `fp` up. A hit moves the entry to the top of multi-touch (a single-touch hit is a
+    /// promotion) and returns the pool it was found in.
+    #[inline]
+    pub fn get(&mut self, fp: &Fingerprint) -> Option<(&Value, Segment)> {
+        let i = self.find(fp)?;
+        let seg = self.slots[i as usize].seg;
+        if seg == Segment::Multi && self.second_chances {
+            let r = &mut self.slots[i as usize].rereads;
+            *r = (*r + 1).min(MAX_REREADS);
+        }
+        if !(seg == Segment::Multi && self.lists[1].head == i) {
+            self.unlink(i);
+            self.push_front(Segment::Multi, i);
+        }
+        let v = self.slots[i as usize].value.as_ref()?;
+        Some((v, seg))
+    }
+
+    /// Which pool holds `fp`, without touching it.
+    pub fn segment_of(&self, fp: &Fingerprint) -> Option<Segment> {
+        self.find(fp).map(|i| self.slots[i as usize].seg)
+    }
+
+    /// Whether a ghost remembers `fp`.
+    pub fn in_ghost(&self, fp: &Fingerprint) -> Option<Segment> {
+        let k = ghost_key(fp);
+        if self.ghosts[0].contains(k) {
+            Some(Segment::Single)
+        } else if self.ghosts[1].contains(k) {
+            Some(Segment::Multi)
+        } else {
+            None
+        }
+    }
+
+    /// Admits `fp` (which the pools do not hold) and evicts what the budget requires, handing
+    /// each evicted entry to `evicted` with the pool it left.
+    ///
+    /// The entry goes to multi-touch when `known` (it was read before: a dedup hit, or back
+    /// from SSD or the demotion queue) or when a ghost remembers it; otherwise to single-touch.
+    /// A ghost hit moves the single-touch target. Returns where the entry went and which ghost
+    /// remembered it. If the pools already hold `fp`, the entry is touched as by [`Self::get`]
+    /// and `value` dropped.
+    pub fn insert(
+        &mut self,
+        fp: Fingerprint,
+        value: Value,
+        known: bool,
+        evicted: &mut impl FnMut(Fingerprint, Value, Segment),
+    ) -> Placement {
+        if self.get(&fp).is_some() {
+            return Placement {
+                segment: Segment::Multi,
+                ghost: None,
+            };
+        }
+        let weight = u32::try_from(value.bytes.len()).unwrap_or(u32::MAX);
+        let key = ghost_key(&fp);
+        let ghost = if self.ghosts[0].remove(key) {
+            self.counters.ghost_hits_single += 1;
+            self.adapt(Segment::Single, weight);
+            Some(Segment::Single)
+        } else if self.ghosts[1].remove(key) {
+            self.counters.ghost_hits_multi += 1;
+            self.adapt(Segment::Multi, weight);
+            Some(Segment::Multi)
+        } else {
+            None
+        };
+        let seg = if known || ghost.is_some() {
+            Segment::Multi
+        } else {
+            Segment::Single
+        };
+        let i = self.alloc(fp, value, weight, seg);
+        let h = self.hash(&fp);
+        let slots = &self.slots;
+        let hashing = &self.hashing;
+        self.table
+            .insert_unique(h, i, |&j| hashing.hash_one(slots[j as usize].fp));
+        self.push_front(seg, i);
+        // As in ARC, the choice of victim looks at single-touch without the entry just
+        // admitted, and a re-read from the multi-touch ghost breaks a tie at the target in
+        // multi-touch's favour.
+        let incoming = if seg == Segment::Single { weight } else { 0 };
+        self.evict(incoming, ghost == Some(Segment::Multi), evicted);
+        Placement {
+            segment: seg,
+            ghost,
+        }
+    }
+
+    /// ARC's adaptation: a ghost hit in `ghost` moves the target towards that pool, by the
+    /// entry's weight times the ratio of the other ghost's size to this one's (at least 1).
+    fn adapt(&mut self, ghost: Segment, weight: u32) {
+        if !self.adaptive {
+            return;
+        }
+        let (this, other) = match ghost {
+            Segment::Single => (self.ghosts[0].len, self.ghosts[1].len),
+            Segment::Multi => (self.ghosts[1].len, self.ghosts[0].len),
+        };
+        // `this` no longer counts the key just hit; ARC's ratio does.
+        let ratio = (other / (this + 1)).max(1) as u64;
+        let step = u64::from(weight).saturating_mul(ratio);
+        match ghost {
+            Segment::Single => {
+                let t = self.target.saturating_add(step).min(self.target_max);
+                if t != self.target {
+                    self.counters.target_grew += 1;
+                }
+                self.target = t;
+            }
+            Segment::Multi => {
+                let t = self.target.saturating_sub(step).max(self.target_min);
+                if t != self.target {
+                    self.counters.target_shrank += 1;
+                }
+                self.target = t;
+            }
+        }
+    }
+
+    fn evict(
+        &mut self,
+        mut incoming: u32,
+        from_multi_ghost: bool,
+        evicted: &mut impl FnMut(Fingerprint, Value, Segment),
+    ) {
+        while self.lists[0].bytes + self.lists[1].bytes > self.capacity {
+            let t1 = self.lists[0].bytes - u64::from(incoming);
+            incoming = 0;
+            let from = if self.lists[0].len > 0
+                && (t1 > self.target
+                    || (from_multi_ghost && t1 == self.target)
+                    || self.lists[1].len == 0)
+            {
+                Segment::Single
+            } else {
+                Segment::Multi
+            };
+            let mut i = self.lists[from as usize].tail;
+            if i == NIL {
+                break;
+            }
+            if from == Segment::Multi {
+                // Second chances: a least recent entry that was re-read while in multi-touch
+                // spends one re-read and goes back to the top. Bounded per eviction, so one
+                // eviction never walks the whole pool under the lock.
+                let mut chances = 0;
+                while self.slots[i as usize].rereads > 0 && chances < MAX_SECOND_CHANCES {
+                    self.slots[i as usize].rereads -= 1;
+                    self.unlink(i);
+                    self.push_front(Segment::Multi, i);
+                    i = self.lists[1].tail;
+                    chances += 1;
+                }
+            }
+            let (fp, v) = self.remove_slot(i);
+            self.ghosts[from as usize].insert(ghost_key(&fp));
+            if let Some(v) = v {
+                evicted(fp, v, from);
+            }
+        }
+        // ARC's directory bounds, in entries of a full cache (c) times the ghost ratio (g):
+        // single-touch and its ghost together hold at most g*c keys, and all four at most
+        // (1+g)*c. So the multi-touch ghost is large only while single-touch is large, and
+        // the two ghosts' sizes say which pool is starved.
+        let c = self.ghost_capacity;
+        let t1 = self.lists[0].len as usize;
+        let t2 = self.lists[1].len as usize;
+        self.ghosts[0].trim(c.saturating_sub(t1));
+        let b1 = self.ghosts[0].len;
+        self.ghosts[1].trim((c + self.entries).saturating_sub(t1 + t2 + b1));
+    }
+
+    fn remove_slot(&mut self, i: u32) -> (Fingerprint, Option<Value>) {
+        self.unlink(i);
+        let fp = self.slots[i as usize].fp;
+        let h = self.hash(&fp);
+        if let Ok(e) = self.table.find_entry(h, |&j| j == i) {
+            e.remove();
+        }
+        let s = &mut self.slots[i as usize];
+        let v = s.value.take();
+        s.next = self.free;
+        self.free = i;
+        (fp, v)
+    }
+
+    /// Removes `fp` from the pools (not from the ghosts) and returns its value.
+    pub fn remove(&mut self, fp: &Fingerprint) -> Option<Value> {
+        let i = self.find(fp)?;
+        self.remove_slot(i).1
+    }
+
+    /// The multi-touch entries, most recent first (for a shutdown that writes them to SSD).
+    pub fn multi_entries(&self) -> Vec<(Fingerprint, Value)> {
+        let mut out = Vec::with_capacity(self.lists[1].len as usize);
+        let mut i = self.lists[1].head;
+        while i != NIL {
+            let s = &self.slots[i as usize];
+            if let Some(v) = &s.value {
+                out.push((s.fp, v.clone()));
+            }
+            i = s.next;
+        }
+        out
+    }
+
+    /// The keys of one pool, most recent first (tests and diagnostics).
+    pub fn keys(&self, seg: Segment) -> Vec<Fingerprint> {
+        let mut out = Vec::new();
+        let mut i = self.lists[seg as usize].head;
+        while i != NIL {
+            out.push(self.slots[i as usize].fp);
+            i = self.slots[i as usize].next;
+        }
+        out
+    }
+
+    /// The pools' state.
+    pub fn state(&self) -> PolicyState {
+        PolicyState {
+            single_target_bytes: self.target,
+            single_min_bytes: self.target_min,
+            single_max_bytes: self.target_max,
+            capacity_bytes: self.capacity,
+            single_entries: u64::from(self.lists[0].len),
+            single_bytes: self.lists[0].bytes,
+            multi_entries: u64::from(self.lists[1].len),
+            multi_bytes: self.lists[1].bytes,
+            ghost_single: self.ghosts[0].len as u64,
+            ghost_multi: self.ghosts[1].len as u64,
+            ghost_capacity: self.ghosts[0].capacity as u64,
+            adaptive: self.adaptive,
+            counters: self.counters,
+        }
+    }
+
+    fn alloc(&mut self, fp: Fingerprint, value: Value, weight: u32, seg: Segment) -> u32 {
+        let slot = Slot {
+            fp,
+            value: Some(value),
+            prev: NIL,
+            next: NIL,
+            weight,
+            seg,
+            rereads: 0,
+        };
+        if self.free != NIL {
+            let i = self.free;
+            self.free = self.slots[i as usize].next;
+            self.slots[i as usize] = slot;
+            i
+        } else {
+            // Slot numbers are u32: four billion entries is far beyond any RAM budget.
+            let i = self.slots.len() as u32;
+            self.slots.push(slot);
+            i
+        }
+    }
+
+    #[inline]
+    fn unlink(&mut self, i: u32) {
+        let (prev, next, seg, w) = {
+            let s = &self.slots[i as usize];
+            (s.prev, s.next, s.seg, s.weight)
+        };
+        let l = &mut self.lists[seg as usize];
+        if prev == NIL {
+            l.head = next;
+        } else {
+            self.slots[prev as usize].next = next;
+        }
+        if next == NIL {
+            l.tail = prev;
+        } else {
+            self.slots[next as usize].prev = prev;
+        }
+        l.len -= 1;
+        l.bytes -= u64::from(w);
+    }
+
+    #[inline]
+    fn push_front(&mut self, seg: Segment, i: u32) {
+        let l = &mut self.lists[seg as usize];
+        let old = l.head;
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = NIL;
+            s.next = old;
+            s.seg = seg;
+        }
+        if old == NIL {
+            l.tail = i;
+        } else {
+            self.slots[old as usize].prev = i;
+        }
+        l.head = i;
+        l.len += 1;
+        l.bytes += u64::from(self.slots[i as usize].weight);
+    }
+}
+
+#[inline]
+fn ghost_key(fp: &Fingerprint) -> u32 {
+    let b = &fp.0;
+    u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+}
+
+/// A keyed mix: ghost keys come from block contents, which a guest controls.
+#[inline]
+fn ghost_hash(seed: u64, key: u32) -> u64 {
+    let mut x = u64::from(key) ^ seed;
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A bounded set of recently evicted keys in eviction order: a slab of 12-byte nodes (key and
+/// u32 links) forming a list from newest to oldest, and a table of node numbers by key. A hit
+/// unlinks its key; inserting beyond the bound, or trimming, forgets the oldest keys.
+struct Ghost {
+    nodes: Vec<GhostNode>,
+    table: HashTable<u32>,
+    free: u32,
+    newest: u32,
+    oldest: u32,
+    len: usize,
+    capacity: usize,
+    seed: u64,
+}
+
+#[derive(Clone, Copy)]
+struct GhostNode {
+    key: u32,
+    newer: u32,
+    older: u32,
+}
+
+/// Bytes of one ghost node (the table adds about 5 more, over its load factor).
+pub const GHOST_NODE_BYTES: usize = std::mem::size_of::<GhostNode>();
+
+impl Ghost {
+    fn new(capacity: usize, seed: u64) -> Self {
+        Ghost {
+            nodes: Vec::new(),
+            table: HashTable::new(),
+            free: NIL,
+            newest: NIL,
+            oldest: NIL,
+            len: 0,
+            capacity,
+            seed,
+        }
+    }
+
+    #[inline]
+    fn hash(&self, key: u32) -> u64 {
+        ghost_hash(self.seed, key)
+    }
+
+    fn contains(&self, key: u32) -> bool {
+        let nodes = &self.nodes;
+        self.table
+            .find(self.hash(key), |&i| nodes[i as usize].key == key)
+            .is_some()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let GhostNode { newer, older, .. } = self.nodes[i as usize];
+        if newer == NIL {
+            self.newest = older;
+        } else {
+            self.nodes[newer as usize].older = older;
+        }
+        if older == NIL {
+            self.oldest = newer;
+        } else {
+            self.nodes[older as usize].newer = newer;
+        }
+        self.nodes[i as usize].older = self.free;
+        self.free = i;
+        self.len -= 1;
+    }
+
+    /// Forgets `key`; true if it was remembered.
+    fn remove(&mut self, key: u32) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let h = self.hash(key);
+        let nodes = &self.nodes;
+        match self.table.find_entry(h, |&i| nodes[i as usize].key == key) {
+            Ok(e) => {
+                let (i, _) = e.remove();
+                self.unlink(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Forgets the oldest key.
+    fn pop_oldest(&mut self) {
+        let i = self.oldest;
+        if i == NIL {
+            return;
+        }
+        let h = self.hash(self.nodes[i as usize].key);
+        if let Ok(e) = self.table.find_entry(h, |&j| j == i) {
+            e.remove();
+        }
+        self.unlink(i);
+    }
+
+    /// Forgets the oldest keys until at most `n` remain.
+    fn trim(&mut self, n: usize) {
+        while self.len > n {
+            self.pop_oldest();
+        }
+    }
+
+    fn insert(&mut self, key: u32) {
+        if self.capacity == 0 {
+            return;
+        }
+        // A 32-bit key can repeat (two fingerprints sharing those bits): keep one, the newest.
+        self.remove(key);
+        if self.len >= self.capacity {
+            self.pop_oldest();
+        }
+        let node = GhostNode {
+            key,
+            newer: NIL,
+            older: self.newest,
+        };
+        let i = if self.free != NIL {
+            let i = self.free;
+            self.free = self.nodes[i as usize].older;
+            self.nodes[i as usize] = node;
+            i
+        } else {
+            self.nodes.push(node);
+            (self.nodes.len() - 1) as u32
+        };
+        if self.newest == NIL {
+            self.oldest = i;
+        } else {
+            self.nodes[self.newest as usize].newer = i;
+        }
+        self.newest = i;
+        self.len += 1;
+        let h = self.hash(key);
+        let (nodes, seed) = (&self.nodes, self.seed);
+        self.table
+            .insert_unique(h, i, |&j| ghost_hash(seed, nodes[j as usize].key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cache::ram::Entry;
+
+    const B: u32 = 4096;
+
+    fn fp(n: u64) -> Fingerprint {
+        let mut b = [0u8; 32];
+        for (k, chunk) in b.chunks_exact_mut(8).enumerate() {
+            let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            chunk.copy_from_slice(&(x ^ (x >> 31)).to_le_bytes());
+        }
+        Fingerprint(b)
+    }
+
+    fn pools(blocks: u64) -> Pools {
+        Pools::new(&PoolConfig::new(blocks * u64::from(B), B))
+    }
+
+    /// Reads `n` as the cache's read path does: a lookup, and on a miss an admission.
+    fn read(p: &mut Pools, n: u64) -> Option<Segment> {
+        let f = fp(n);
+        if let Some((_, seg)) = p.get(&f) {
+            return Some(seg);
+        }
+        let v = Entry::new(Bytes::from_static(&[7u8; B as usize]), 1);
+        p.insert(f, v, false, &mut |_, _, _| {});
+        None
+    }
+
+    /// The invariants every state must keep.
+    fn check(p: &Pools) {
+        let st = p.state();
+        assert!(
+            st.single_bytes + st.multi_bytes <= st.capacity_bytes,
+            "over budget: {st:?}"
+        );
+        assert!(
+            (st.single_min_bytes..=st.single_max_bytes).contains(&st.single_target_bytes),
+            "target outside its limits: {st:?}"
+        );
+        for g in &p.ghosts {
+            assert!(g.len <= g.capacity, "ghost over its bound: {st:?}");
+            assert!(g.table.len() == g.len, "ghost table and list disagree");
+            // Nodes are recycled: the slab never outgrows the bound.
+            assert!(
+                g.nodes.len() <= g.capacity,
+                "ghost slab grew past its bound"
+            );
+        }
+        // ARC's directory bounds (ghost ratio 0.9 of a full cache).
+        let c = p.ghost_capacity;
+        assert!(st.single_entries as usize + p.ghosts[0].len <= c.max(st.single_entries as usize));
+        assert!(p.table.len() as u64 == st.single_entries + st.multi_entries);
+    }
+
+    #[test]
+    fn a_scan_of_blocks_read_once_does_not_evict_multi_touch() {
+        let mut p = pools(100);
+        for n in 0..60 {
+            read(&mut p, n);
+            assert_eq!(read(&mut p, n), Some(Segment::Single));
+        }
+        // A scan ten times the cache, every block read once.
+        for n in 1000..2000 {
+            assert_eq!(read(&mut p, n), None);
+            check(&p);
+        }
+        for n in 0..60 {
+            assert_eq!(
+                p.segment_of(&fp(n)),
+                Some(Segment::Multi),
+                "block {n} read twice was evicted by a scan"
+            );
+        }
+        assert!(p.state().single_entries <= 40);
+    }
+
+    #[test]
+    fn a_block_read_again_after_its_single_touch_eviction_lands_in_multi_touch() {
+        let mut p = pools(10);
+        // Multi-touch holds six; single-touch keeps close to its target (one block) and its
+        // ghost may remember the rest of a cache's worth (ARC's bound: |single| + |ghost|).
+        for n in 0..6 {
+            read(&mut p, n);
+            read(&mut p, n);
+        }
+        read(&mut p, 1000);
+        for n in 100..105 {
+            read(&mut p, n);
+        }
+        assert_eq!(
+            p.segment_of(&fp(1000)),
+            None,
+            "1000 should have been evicted"
+        );
+        assert_eq!(p.in_ghost(&fp(1000)), Some(Segment::Single));
+        let target = p.state().single_target_bytes;
+        let v = Entry::new(Bytes::from_static(&[7u8; B as usize]), 1);
+        let placed = p.insert(fp(1000), v, false, &mut |_, _, _| {});
+        assert_eq!(
+            placed,
+            Placement {
+                segment: Segment::Multi,
+                ghost: Some(Segment::Single)
+            }
+        );
+        assert_eq!(p.segment_of(&fp(1000)), Some(Segment::Multi));
+        assert_eq!(p.in_ghost(&fp(1000)), None, "a ghost hit forgets the key");
+        for n in 0..6 {
+            assert_eq!(p.segment_of(&fp(n)), Some(Segment::Multi));
+        }
+        assert!(
+            p.state().single_target_bytes > target,
+            "the target did not grow"
+        );
+        assert_eq!(p.state().counters.ghost_hits_single, 1);
+
+        // Without ghosts the same re-read is a first read again.
+        let mut plain = Pools::new(&PoolConfig {
+            ghost_ratio: 0.0,
+            ..PoolConfig::new(10 * u64::from(B), B)
+        });
+        for n in 0..6 {
+            read(&mut plain, n);
+            read(&mut plain, n);
+        }
+        read(&mut plain, 1000);
+        for n in 100..105 {
+            read(&mut plain, n);
+        }
+        assert_eq!(plain.segment_of(&fp(1000)), None);
+        read(&mut plain, 1000);
+        assert_eq!(plain.segment_of(&fp(1000)), Some(Segment::Single));
+    }
+
+    #[test]
+    fn the_ghosts_never_exceed_their_bound() {
+        // A random mix of hot and cold keys with many evictions and ghost hits.
+        let mut p = pools(64);
+        let bound = p.state().ghost_capacity;
+        assert_eq!(bound, (64.0 * DEFAULT_GHOST_RATIO) as u64);
+        let mut x = 12345u64;
+        let mut peak = (0, 0);
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = if x.is_multiple_of(3) {
+                x % 80
+            } else {
+                x % 5000
+            };
+            read(&mut p, n);
+            check(&p);
+            let st = p.state();
+            assert!(st.ghost_single <= bound && st.ghost_multi <= bound);
+            peak = (peak.0.max(st.ghost_single), peak.1.max(st.ghost_multi));
+        }
+        let st = p.state();
+        assert!(st.counters.ghost_hits_single > 0 && st.counters.ghost_hits_multi > 0);
+        assert!(
+            peak.0 > bound / 2 && peak.1 > 0,
+            "ghosts never filled: {peak:?}"
+        );
+    }
+
+    #[test]
+    fn the_adaptive_split_stays_within_its_limits_under_an_adversarial_pattern() {
+        let config = PoolConfig {
+            share_min: 0.1,
+            share_max: 0.6,
+            ..PoolConfig::new(100 * u64::from(B), B)
+        };
+        let mut p = Pools::new(&config);
+        let (lo, hi) = (10 * u64::from(B), 60 * u64::from(B));
+        let mut seen = (u64::MAX, 0u64);
+        let mut record = |p: &Pools| {
+            check(p);
+            let t = p.state().single_target_bytes;
+            seen = (seen.0.min(t), seen.1.max(t));
+        };
+        // A hot set in multi-touch, so that single-touch has a ghost to fill.
+        for n in 0..50 {
+            read(&mut p, n);
+            read(&mut p, n);
+        }
+        let mut next = 1_000_000u64;
+        let mut fresh = || {
+            next += 1;
+            next
+        };
+        for _ in 0..6 {
+            // Push up: each key is read again just after single-touch evicts it.
+            for _ in 0..120 {
+                let x = fresh();
+                read(&mut p, x);
+                for _ in 0..p.state().single_entries + 3 {
+                    read(&mut p, fresh());
+                }
+                read(&mut p, x);
+                record(&p);
+            }
+            // Push down: each key is read again just after multi-touch evicts it.
+            for _ in 0..120 {
+                let y = fresh();
+                read(&mut p, y);
+                read(&mut p, y);
+                for _ in 0..p.state().multi_entries + 3 {
+                    let z = fresh();
+                    read(&mut p, z);
+                    read(&mut p, z);
+                }
+                read(&mut p, y);
+                record(&p);
+            }
+        }
+        assert_eq!(
+            seen,
+            (lo, hi),
+            "the target should reach both limits and no further"
+        );
+        let st = p.state();
+        assert!(st.counters.target_grew > 0 && st.counters.target_shrank > 0);
+    }
+
+    #[test]
+    fn re_reads_in_multi_touch_earn_second_chances() {
+        for chances in [true, false] {
+            let mut p = Pools::new(&PoolConfig {
+                adaptive: false,
+                ghost_ratio: 0.0,
+                single_share: 0.1,
+                share_min: 0.1,
+                second_chances: chances,
+                ..PoolConfig::new(10 * u64::from(B), B)
+            });
+            // 0..9 in multi-touch; 0 re-read there (so it is the most recent, with a chance).
+            for n in 0..9 {
+                read(&mut p, n);
+                read(&mut p, n);
+            }
+            assert_eq!(read(&mut p, 0), Some(Segment::Multi));
+            // Ten blocks promoted in turn fill the tenth place and push nine least recent
+            // entries out: 1..8, then 0, unless its re-read earns it another round (and 50
+            // goes instead).
+            for n in 50..60 {
+                read(&mut p, n);
+                read(&mut p, n);
+                check(&p);
+            }
+            for n in 1..9 {
+                assert_eq!(p.segment_of(&fp(n)), None, "{n} should be gone");
+            }
+            if chances {
+                assert_eq!(p.segment_of(&fp(0)), Some(Segment::Multi));
+                assert_eq!(p.segment_of(&fp(50)), None);
+            } else {
+                assert_eq!(p.segment_of(&fp(0)), None);
+                assert_eq!(p.segment_of(&fp(50)), Some(Segment::Multi));
+            }
+        }
+    }
+}
