@@ -69,8 +69,11 @@ enum Command {
     /// (the ARC paper's rules: single-page reads of 512 bytes), with hit ratios per capacity.
     Policy {
         /// The trace: `.lis` (zstd allowed, as in shared/traces) or VMware `.vscsi` (reads).
+        #[arg(long, required_unless_present = "replot")]
+        trace: Option<PathBuf>,
+        /// Redraw the plot of a sweep saved with --json instead of replaying (with --plot).
         #[arg(long)]
-        trace: PathBuf,
+        replot: Option<PathBuf>,
         /// Cache capacities in pages (comma-separated).
         #[arg(long, value_delimiter = ',')]
         capacity: Vec<u64>,
@@ -186,7 +189,18 @@ fn main() -> anyhow::Result<()> {
                 ram,
                 scratch,
                 lookup_seconds,
+                replot,
             } => {
+                if let Some(saved) = replot {
+                    let text = std::fs::read_to_string(&saved)?;
+                    let out: policy_bench::Output = serde_json::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", saved.display()))?;
+                    let prefix = plot.unwrap_or_else(|| saved.with_extension(""));
+                    return policy_bench::draw(&out, &prefix);
+                }
+                let Some(trace) = trace else {
+                    anyhow::bail!("--trace is required");
+                };
                 let plot = plot.or_else(|| {
                     sweep.then(|| match &json {
                         Some(j) => j.with_extension(""),

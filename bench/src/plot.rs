@@ -358,6 +358,8 @@ where
     let mut chart = ChartBuilder::on(&root)
         .caption(text.title, (FAMILY, 30, FontStyle::Bold))
         .margin(24)
+        // Room on the right for the last x tick's label, centred on the plot's edge.
+        .margin_right(48)
         .x_label_area_size(64)
         .y_label_area_size(84)
         .build_cartesian_2d(axes.x_coord(), axes.y_coord())?;
@@ -407,7 +409,7 @@ where
     if !series.is_empty() {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .margin(16)
             .legend_area_size(36)
             .label_font((FAMILY, 18))

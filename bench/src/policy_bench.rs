@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shadowcache_node::cache::{
     CacheConfig, ContentCache, Fingerprint, FingerprintHashing, SsdConfig, Tier,
 };
@@ -63,7 +63,7 @@ pub struct Options {
 }
 
 /// Hit ratio of one policy at one capacity.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicyHits {
     /// The policy.
     pub policy: String,
@@ -74,7 +74,7 @@ pub struct PolicyHits {
 }
 
 /// What the node's pools did in one replay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolReport {
     /// Single-touch target at the end, as a share of the capacity.
     pub single_share_end: f64,
@@ -93,7 +93,7 @@ pub struct PoolReport {
 }
 
 /// One capacity of the replay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Cache capacity in pages.
     pub capacity_pages: u64,
@@ -113,7 +113,7 @@ impl Row {
 }
 
 /// A published row beside the replay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Published {
     /// Capacity in pages.
     pub capacity_pages: u64,
@@ -134,7 +134,7 @@ pub struct Published {
 }
 
 /// The tiered replay at one capacity.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierRow {
     /// Total capacity in pages (RAM plus SSD).
     pub capacity_pages: u64,
@@ -165,7 +165,7 @@ pub struct TierRow {
 }
 
 /// In-process RAM-hit lookups per second.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LookupRate {
     /// The pools measured.
     pub pools: String,
@@ -176,7 +176,7 @@ pub struct LookupRate {
 }
 
 /// Everything one run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Output {
     /// Trace file name.
     pub trace: String,
