@@ -160,9 +160,22 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
             .expect("origin reads")
             > 0
     );
+    let policy = &st["policy"];
+    assert_eq!(policy["adaptive"].as_bool(), Some(true), "{st}");
+    let target = policy["single_touch_target"].as_f64().expect("target");
+    assert!(
+        policy["single_touch_min"].as_f64().expect("min") <= target
+            && target <= policy["single_touch_max"].as_f64().expect("max"),
+        "{st}"
+    );
+    assert!(policy["ghost_capacity"].as_u64().expect("ghost bound") > 0);
     let text = ok(cli(s, &["status"]));
     assert!(
         text.contains("hit ratio") && text.contains("dedup ratio") && text.contains("ram_multi"),
+        "{text}"
+    );
+    assert!(
+        text.contains("single-touch target") && text.contains("ghost hits"),
         "{text}"
     );
 
