@@ -255,7 +255,8 @@ impl ReadPath {
         match map.get(index) {
             Some(BlockRef::Zero) => return Ok(self.cache.zero(len)),
             Some(BlockRef::Data(fp)) => {
-                if let Some((bytes, _)) = self.cache.get_ram(&fp) {
+                // This request's miss is counted already: a late hit is not a second lookup.
+                if let Some((bytes, _)) = self.cache.get_ram_uncounted(&fp) {
                     return Ok(bytes);
                 }
             }

@@ -51,7 +51,7 @@ pub struct CacheConfig {
     pub block_bytes: u32,
     /// RAM for both pools, in payload bytes. Default: 256 MiB.
     pub ram_bytes: u64,
-    /// Fraction of `ram_bytes` the single-touch pool aims at, at start. Default: 0.25.
+    /// Fraction of `ram_bytes` the single-touch pool aims at, at start. Default: 0.01.
     pub single_touch_share: f64,
     /// Whether reads of recently evicted keys move the single-touch target. Default: true.
     pub adaptive: bool,
@@ -59,7 +59,7 @@ pub struct CacheConfig {
     pub single_touch_min: f64,
     /// The single-touch target's upper limit, as a fraction of `ram_bytes`. Default: 0.99.
     pub single_touch_max: f64,
-    /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 1.0.
+    /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 0.9.
     pub ghost_ratio: f64,
     /// Whether multi-touch entries re-read in RAM get second chances at eviction. Default: true.
     pub second_chances: bool,
@@ -352,6 +352,22 @@ impl ContentCache {
     /// counts a miss), so that one lookup is never counted twice.
     #[inline]
     pub fn get_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        let hit = self.lookup_ram(fp);
+        if let Some((_, tier)) = &hit {
+            self.inner.stats.hit(*tier);
+        }
+        hit
+    }
+
+    /// [`Self::get_ram`] without counting the hit, for a second look within one request
+    /// whose miss is already counted (a single flight that found the block filled).
+    #[inline]
+    pub fn get_ram_uncounted(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        self.lookup_ram(fp)
+    }
+
+    #[inline]
+    fn lookup_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
         let inner = &*self.inner;
         let found = inner
             .pools
@@ -366,14 +382,12 @@ impl ContentCache {
                     Tier::RamSingle
                 }
             };
-            inner.stats.hit(tier);
             return Some((bytes, tier));
         }
         if let Some((_, v)) = inner.pending.remove(fp) {
             // Demoted but not yet written: back to the top of multi-touch.
             let bytes = v.bytes.clone();
             inner.insert(*fp, v, true);
-            inner.stats.hit(Tier::RamMulti);
             return Some((bytes, Tier::RamMulti));
         }
         None
@@ -531,7 +545,7 @@ impl ContentCache {
                 tier: Tier::RamMulti,
                 entries: st.multi_entries + pending_n,
                 bytes: st.multi_bytes + pending_bytes,
-                capacity_bytes: st.capacity_bytes - st.single_target_bytes,
+                capacity_bytes: st.capacity_bytes.saturating_sub(st.single_target_bytes),
                 hits: inner.stats.hits_ram_multi.get(),
             },
         ];

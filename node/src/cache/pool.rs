@@ -95,6 +95,8 @@ pub const DEFAULT_SINGLE_SHARE: f64 = 0.01;
 pub const DEFAULT_SHARE_MIN: f64 = 0.01;
 /// Default upper limit of the single-touch target.
 pub const DEFAULT_SHARE_MAX: f64 = 0.99;
+/// The largest ghost ratio the pools accept (larger values are taken as this).
+pub const MAX_GHOST_RATIO: f64 = 16.0;
 /// Default ghost size per entry of a full cache.
 pub const DEFAULT_GHOST_RATIO: f64 = 0.9;
 
@@ -232,12 +234,18 @@ impl Pools {
     /// Empty pools.
     pub fn new(config: &PoolConfig) -> Self {
         let cap = config.capacity_bytes;
-        let of = |share: f64| (cap as f64 * clamp_share(share)) as u64;
+        // f64 rounding may land a share of a huge capacity just above it.
+        let of = |share: f64| ((cap as f64 * clamp_share(share)) as u64).min(cap);
         let target_min = of(config.share_min);
         let target_max = of(config.share_max).max(target_min);
         let target = of(config.single_share).clamp(target_min, target_max);
         let entries = cap / u64::from(config.block_bytes.max(1));
-        let ghost_keys = (entries as f64 * config.ghost_ratio.max(0.0)) as usize;
+        let ratio = if config.ghost_ratio.is_finite() {
+            config.ghost_ratio.clamp(0.0, MAX_GHOST_RATIO)
+        } else {
+            0.0
+        };
+        let ghost_keys = (entries as f64 * ratio) as usize;
         let hashing = FingerprintHashing::default();
         let seed = hashing.hash_one(0x6057_u64);
         Pools {
@@ -322,7 +330,12 @@ impl Pools {
         known: bool,
         evicted: &mut impl FnMut(Fingerprint, Value, Segment),
     ) -> Placement {
-        if self.get(&fp).is_some() {
+        if let Some((existing, _)) = self.get(&fp) {
+            // Another reader put it back first: keep one entry, and the references of both.
+            let refs = value.refs.load(std::sync::atomic::Ordering::Relaxed);
+            existing
+                .refs
+                .fetch_add(refs, std::sync::atomic::Ordering::Relaxed);
             return Placement {
                 segment: Segment::Multi,
                 ghost: None,
@@ -356,8 +369,11 @@ impl Pools {
         // As in ARC, the choice of victim looks at single-touch without the entry just
         // admitted, and a re-read from the multi-touch ghost breaks a tie at the target in
         // multi-touch's favour.
-        let incoming = if seg == Segment::Single { weight } else { 0 };
-        self.evict(incoming, ghost == Some(Segment::Multi), evicted);
+        self.evict(
+            (seg == Segment::Single).then_some((i, weight)),
+            ghost == Some(Segment::Multi),
+            evicted,
+        );
         Placement {
             segment: seg,
             ghost,
@@ -397,13 +413,18 @@ impl Pools {
 
     fn evict(
         &mut self,
-        mut incoming: u32,
+        incoming: Option<(u32, u32)>,
         from_multi_ghost: bool,
         evicted: &mut impl FnMut(Fingerprint, Value, Segment),
     ) {
         while self.lists[0].bytes + self.lists[1].bytes > self.capacity {
-            let t1 = self.lists[0].bytes - u64::from(incoming);
-            incoming = 0;
+            // Single-touch without the entry being admitted, while it is still there.
+            let t1 = match incoming {
+                Some((i, w)) if self.slots[i as usize].value.is_some() => {
+                    self.lists[0].bytes.saturating_sub(u64::from(w))
+                }
+                _ => self.lists[0].bytes,
+            };
             let from = if self.lists[0].len > 0
                 && (t1 > self.target
                     || (from_multi_ghost && t1 == self.target)
@@ -445,7 +466,7 @@ impl Pools {
         let t2 = self.lists[1].len as usize;
         self.ghosts[0].trim(c.saturating_sub(t1));
         let b1 = self.ghosts[0].len;
-        self.ghosts[1].trim((c + self.entries).saturating_sub(t1 + t2 + b1));
+        self.ghosts[1].trim(c.saturating_add(self.entries).saturating_sub(t1 + t2 + b1));
     }
 
     fn remove_slot(&mut self, i: u32) -> (Fingerprint, Option<Value>) {
@@ -1000,5 +1021,67 @@ mod tests {
                 assert_eq!(p.segment_of(&fp(50)), Some(Segment::Multi));
             }
         }
+    }
+
+    fn entry(len: usize, refs: u32) -> Value {
+        Entry::new(Bytes::from(vec![7u8; len]), refs)
+    }
+
+    #[test]
+    fn odd_settings_and_sizes_never_panic_or_overfill() {
+        let cases = [
+            (0u64, 4096u32, 0.9, 0.01, 0.99),
+            (10_000, 0, f64::INFINITY, f64::NAN, 1.0),
+            ((1 << 54) - 1, 4096, 1e300, 0.0, 1.0),
+            (50_000, 4096, 16.0, 0.5, 0.2),
+            (9_000, 512, -3.0, -1.0, f64::NEG_INFINITY),
+        ];
+        for (cap, block, ratio, lo, hi) in cases {
+            let mut p = Pools::new(&PoolConfig {
+                capacity_bytes: cap,
+                block_bytes: block,
+                ghost_ratio: ratio,
+                share_min: lo,
+                share_max: hi,
+                ..PoolConfig::new(cap, 4096)
+            });
+            for n in 0..400u64 {
+                let len = ((n * 997) % 9000) as usize;
+                p.insert(fp(n % 150), entry(len, 1), n % 7 == 0, &mut |_, _, _| {});
+                let _ = p.get(&fp((n * 31) % 150));
+                check(&p);
+            }
+        }
+    }
+
+    #[test]
+    fn an_admission_never_evicts_itself_to_make_room_for_itself() {
+        let mut p = Pools::new(&PoolConfig {
+            adaptive: false,
+            single_share: 0.5,
+            share_min: 0.5,
+            ..PoolConfig::new(10_000, 4096)
+        });
+        // Multi-touch: a 100-byte entry (least recent) and a 4000-byte one.
+        for (n, len) in [(1, 100), (2, 4000)] {
+            p.insert(fp(n), entry(len, 1), false, &mut |_, _, _| {});
+            let _ = p.get(&fp(n));
+        }
+        let mut gone = Vec::new();
+        p.insert(fp(3), entry(6050, 1), false, &mut |f, _, _| gone.push(f));
+        assert_eq!(gone, vec![fp(1), fp(2)]);
+        assert_eq!(p.segment_of(&fp(3)), Some(Segment::Single));
+        check(&p);
+    }
+
+    #[test]
+    fn a_second_insert_of_a_held_key_keeps_both_references() {
+        let mut p = pools(10);
+        p.insert(fp(1), entry(4096, 1), false, &mut |_, _, _| {});
+        let placed = p.insert(fp(1), entry(4096, 3), true, &mut |_, _, _| {});
+        assert_eq!(placed.segment, Segment::Multi);
+        let (v, _) = p.get(&fp(1)).expect("held");
+        assert_eq!(v.refs.load(std::sync::atomic::Ordering::Relaxed), 4);
+        assert_eq!(p.state().multi_entries + p.state().single_entries, 1);
     }
 }
