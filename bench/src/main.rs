@@ -99,6 +99,24 @@ enum Command {
         /// Seconds per RAM-hit lookup-rate measurement (0 skips them).
         #[arg(long, default_value_t = 1.0)]
         lookup_seconds: f64,
+        /// The node's `cache.single_touch_share` for the replay (default: the node's).
+        #[arg(long)]
+        single_touch_share: Option<f64>,
+        /// The node's `cache.single_touch_min`.
+        #[arg(long)]
+        single_touch_min: Option<f64>,
+        /// The node's `cache.single_touch_max`.
+        #[arg(long)]
+        single_touch_max: Option<f64>,
+        /// The node's `cache.ghost_ratio`.
+        #[arg(long)]
+        ghost_ratio: Option<f64>,
+        /// The node's `cache.adaptive_split`.
+        #[arg(long)]
+        adaptive_split: Option<bool>,
+        /// The node's `cache.second_chances`.
+        #[arg(long)]
+        second_chances: Option<bool>,
     },
     /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
     /// --trace, hit and dedup ratios of a trace replayed through one node.
@@ -190,6 +208,12 @@ fn main() -> anyhow::Result<()> {
                 scratch,
                 lookup_seconds,
                 replot,
+                single_touch_share,
+                single_touch_min,
+                single_touch_max,
+                ghost_ratio,
+                adaptive_split,
+                second_chances,
             } => {
                 if let Some(saved) = replot {
                     let text = std::fs::read_to_string(&saved)?;
@@ -219,6 +243,14 @@ fn main() -> anyhow::Result<()> {
                         ram_pages: ram,
                         scratch,
                         lookup_seconds,
+                        tuning: policy_bench::Tuning {
+                            single_touch_share,
+                            single_touch_min,
+                            single_touch_max,
+                            ghost_ratio,
+                            adaptive: adaptive_split,
+                            second_chances,
+                        },
                     })
                 })?;
                 if let Some(path) = json {

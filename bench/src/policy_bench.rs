@@ -60,6 +60,40 @@ pub struct Options {
     pub scratch: Option<PathBuf>,
     /// Seconds per RAM-hit lookup measurement (0: skip).
     pub lookup_seconds: f64,
+    /// Policy settings for the `shadowcache` line (defaults: the node's).
+    pub tuning: Tuning,
+}
+
+/// The node's policy settings to replay with, where they differ from its defaults (the
+/// `[cache]` keys of the same names).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// `single_touch_share`: the target at start.
+    pub single_touch_share: Option<f64>,
+    /// `single_touch_min`.
+    pub single_touch_min: Option<f64>,
+    /// `single_touch_max`.
+    pub single_touch_max: Option<f64>,
+    /// `ghost_ratio`.
+    pub ghost_ratio: Option<f64>,
+    /// `adaptive_split`.
+    pub adaptive: Option<bool>,
+    /// `second_chances`.
+    pub second_chances: Option<bool>,
+}
+
+impl Tuning {
+    /// `config` with these settings applied.
+    pub fn apply(&self, mut config: CacheConfig) -> CacheConfig {
+        let t = *self;
+        config.single_touch_share = t.single_touch_share.unwrap_or(config.single_touch_share);
+        config.single_touch_min = t.single_touch_min.unwrap_or(config.single_touch_min);
+        config.single_touch_max = t.single_touch_max.unwrap_or(config.single_touch_max);
+        config.ghost_ratio = t.ghost_ratio.unwrap_or(config.ghost_ratio);
+        config.adaptive = t.adaptive.unwrap_or(config.adaptive);
+        config.second_chances = t.second_chances.unwrap_or(config.second_chances);
+        config
+    }
 }
 
 /// Hit ratio of one policy at one capacity.
@@ -286,7 +320,7 @@ fn percent(hits: u64, n: usize) -> f64 {
 }
 
 /// Runs the four policies at one capacity (on two threads).
-fn row(pages: &[u64], capacity: u64, page_bytes: u64) -> anyhow::Result<Row> {
+fn row(pages: &[u64], capacity: u64, page_bytes: u64, tuning: Tuning) -> anyhow::Result<Row> {
     let cap = usize::try_from(capacity).context("capacity")?;
     let (refs, ours, slru) = std::thread::scope(|s| {
         let refs = s.spawn(move || {
@@ -295,7 +329,7 @@ fn row(pages: &[u64], capacity: u64, page_bytes: u64) -> anyhow::Result<Row> {
             (lru, arc)
         });
         let slru = s.spawn(move || replay_cache(pages, slru_config(capacity, page_bytes)));
-        let ours = replay_cache(pages, cache_config(capacity, page_bytes));
+        let ours = replay_cache(pages, tuning.apply(cache_config(capacity, page_bytes)));
         (refs.join(), ours, slru.join())
     });
     let (lru, arc) = refs.map_err(|_| anyhow::anyhow!("reference replay panicked"))?;
@@ -328,6 +362,7 @@ fn tier_row(
     page_bytes: u64,
     dir: &Path,
     all_ram: f64,
+    tuning: Tuning,
 ) -> anyhow::Result<TierRow> {
     if ram_pages == 0 || ram_pages >= capacity {
         bail!("--ram must be between 1 and the capacity ({capacity} pages), not {ram_pages}");
@@ -342,7 +377,7 @@ fn tier_row(
             capacity_bytes: ssd_pages * page_bytes,
             slot_bytes: page_bytes as u32,
         }),
-        ..cache_config(ram_pages, page_bytes)
+        ..tuning.apply(cache_config(ram_pages, page_bytes))
     };
     // The SSD tier verifies every read against the fingerprint, so here each page has real
     // content (its number, repeated) and the fingerprint is that content's BLAKE3.
@@ -465,7 +500,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
     );
     let mut rows = Vec::new();
     for &c in &capacities {
-        let r = row(&pages, c, opts.page_bytes)?;
+        let r = row(&pages, c, opts.page_bytes, opts.tuning)?;
         let (lru, arc, slru, ours) = (
             r.percent("LRU"),
             r.percent("ARC"),
@@ -552,6 +587,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 opts.page_bytes,
                 &dir,
                 r.percent("shadowcache"),
+                opts.tuning,
             )?;
             println!(
                 "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9.2} {:>7.2} {:>9}",
@@ -829,6 +865,7 @@ mod tests {
             ram_pages: None,
             scratch: None,
             lookup_seconds: 0.0,
+            tuning: Tuning::default(),
         })
         .expect("replay");
         assert_eq!(out.requests, 914_145);
@@ -861,7 +898,16 @@ mod tests {
         policy_ref::for_each_page(&reqs[..200_000], 512, |p| pages.push(p));
         let dir = tempfile::tempdir().expect("tempdir");
         let (ram_only, _) = replay_cache(&pages, cache_config(500, 512)).expect("ram");
-        let t = tier_row(&pages, 2000, 500, 512, dir.path(), f64::NAN).expect("tiers");
+        let t = tier_row(
+            &pages,
+            2000,
+            500,
+            512,
+            dir.path(),
+            f64::NAN,
+            Tuning::default(),
+        )
+        .expect("tiers");
         assert_eq!(
             t.hits_ram_single + t.hits_ram_multi + t.hits_ssd + t.misses,
             pages.len() as u64
@@ -872,7 +918,7 @@ mod tests {
             t.hits_ram_single + t.hits_ram_multi + t.hits_ssd > ram_only,
             "SSD added no hits over RAM alone: {t:?} vs {ram_only}"
         );
-        assert!(tier_row(&pages, 100, 100, 512, dir.path(), 0.0).is_err());
+        assert!(tier_row(&pages, 100, 100, 512, dir.path(), 0.0, Tuning::default()).is_err());
     }
 
     #[test]
@@ -886,6 +932,7 @@ mod tests {
             ram_pages: None,
             scratch: None,
             lookup_seconds: 0.0,
+            tuning: Tuning::default(),
         };
         let e = run(base.clone()).expect_err("no capacity");
         assert!(e.to_string().contains("--capacity"), "{e}");

@@ -333,14 +333,27 @@ async fn with_mutual_tls_only_members_with_the_clusters_certificates_are_served(
         s.members.len() == 3 && has_disk(s, "base", "a")
     })
     .await;
-    let got = client(&b)
-        .await
-        .disk("base")
-        .read_at(0, size)
-        .await
-        .expect("read at b");
-    assert!(got[..] == data[..]);
-    assert!(counters(&b).await.owner_read_bytes > 0);
+    // Until b has built its shadow of the disk, its reads are forwarded to the owner whole
+    // (also over the Peer channel); once it has, blocks come from the owner into b's cache.
+    // Either way every byte crossed mutual TLS; read until the cached route shows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = client(&b)
+            .await
+            .disk("base")
+            .read_at(0, size)
+            .await
+            .expect("read at b");
+        assert!(got[..] == data[..]);
+        if counters(&b).await.owner_read_bytes > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never read a block from the owner over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The rogue is in the member list but learns nothing and reads nothing.
     until(&rogue, "the rogue to see three members", |s| {
         s.members.len() == 3

@@ -57,7 +57,7 @@ pub struct CacheConfig {
     pub adaptive: bool,
     /// The single-touch target's lower limit, as a fraction of `ram_bytes`. Default: 0.01.
     pub single_touch_min: f64,
-    /// The single-touch target's upper limit, as a fraction of `ram_bytes`. Default: 0.99.
+    /// The single-touch target's upper limit, as a fraction of `ram_bytes`. Default: 0.5.
     pub single_touch_max: f64,
     /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 0.9.
     pub ghost_ratio: f64,

@@ -94,7 +94,7 @@ pub const DEFAULT_SINGLE_SHARE: f64 = 0.01;
 /// Default lower limit of the single-touch target.
 pub const DEFAULT_SHARE_MIN: f64 = 0.01;
 /// Default upper limit of the single-touch target.
-pub const DEFAULT_SHARE_MAX: f64 = 0.99;
+pub const DEFAULT_SHARE_MAX: f64 = 0.5;
 /// The largest ghost ratio the pools accept (larger values are taken as this).
 pub const MAX_GHOST_RATIO: f64 = 16.0;
 /// Default ghost size per entry of a full cache.
@@ -1083,5 +1083,37 @@ mod tests {
         let (v, _) = p.get(&fp(1)).expect("held");
         assert_eq!(v.refs.load(std::sync::atomic::Ordering::Relaxed), 4);
         assert_eq!(p.state().multi_entries + p.state().single_entries, 1);
+    }
+
+    #[test]
+    fn with_the_target_at_its_ceiling_a_scan_leaves_multi_touch_the_rest() {
+        let mut p = pools(100);
+        for n in 0..80 {
+            read(&mut p, n);
+            read(&mut p, n);
+        }
+        // Push the target up: keys read again just after single-touch evicts them.
+        let mut next = 1_000_000u64;
+        for _ in 0..400 {
+            let x = next;
+            read(&mut p, x);
+            for _ in 0..p.state().single_entries + 3 {
+                next += 1;
+                read(&mut p, next);
+            }
+            read(&mut p, x);
+            next += 1;
+        }
+        let st = p.state();
+        assert_eq!(st.single_target_bytes, st.single_max_bytes, "{st:?}");
+        // Then a long scan of blocks read once.
+        for n in 5_000_000..5_010_000 {
+            read(&mut p, n);
+            let st = p.state();
+            assert!(
+                st.multi_bytes + u64::from(B) >= st.capacity_bytes - st.single_max_bytes,
+                "a scan pushed multi-touch below the ceiling's rest: {st:?}"
+            );
+        }
     }
 }
