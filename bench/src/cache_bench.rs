@@ -153,7 +153,7 @@ fn ram_lookups(block_bytes: u32, budget: Duration) -> anyhow::Result<Figures> {
     Ok(f)
 }
 
-/// Allocated bytes per GiB cached: the RAM pools' index (moka entries, keys, Arc headers) and,
+/// Allocated bytes per GiB cached: the RAM pools' index (pool slots, table, Arc headers) and,
 /// separately, the content map entry each cached block also has.
 fn index_overhead(block_bytes: u32) -> anyhow::Result<Value> {
     let entries: u64 = 16_384;

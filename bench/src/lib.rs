@@ -8,6 +8,9 @@
 //!   egress with peer fetch, caching alone, and no cache.
 //! - `nbd_bench.rs`: `nbd`, fio's nbd engine against qemu-nbd, nbdkit and shadowcache's NBD
 //!   frontend (RAM hits, SSD hits, cold) on the same bytes.
+//! - `policy_bench.rs`: `policy`, a trace replayed page by page through the node's RAM pools
+//!   beside `policy_ref.rs` (plain LRU and ARC, the ARC paper's rules), with sweeps plotted by
+//!   `plot.rs` and a RAM + SSD replay by tier.
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
 //! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.

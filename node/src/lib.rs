@@ -6,8 +6,8 @@
 //! - `disk/`: the registry of this node's disks, each disk's mode (mutable -> sealed), and a
 //!   sealed disk's content map (block index -> fingerprint), persisted under the data directory.
 //! - `origin/`: where a disk's authoritative bytes live (a raw file or a block device).
-//! - `cache/`: the content cache: fingerprints, the RAM single- and multi-touch pools (moka),
-//!   the SSD slot store with its index. It knows nothing about disks.
+//! - `cache/`: the content cache: fingerprints, the RAM single- and multi-touch pools (an
+//!   adaptive split with ghosts), the SSD slot store with its index. It knows nothing about disks.
 //! - `read.rs` and `write.rs`: the rules of DESIGN.md's read and write paths.
 //! - `frontend/`: protocols only: gRPC Block and Admin on a Unix socket and optionally TCP.
 //! - `telemetry.rs`: metric names and handles, tracing setup.
