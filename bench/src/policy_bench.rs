@@ -854,11 +854,11 @@ mod tests {
         p
     }
 
-    #[test]
-    fn oltp_reproduces_the_published_lru_rows_and_the_node_pools_beat_arc() {
-        let out = run(Options {
+    /// Options to replay the shipped OLTP trace at `capacities`, nothing else.
+    fn oltp(capacities: Vec<u64>) -> Options {
+        Options {
             trace: shipped("OLTP.lis.zst"),
-            capacities: vec![1000, 5000, 15000],
+            capacities,
             page_bytes: 512,
             sweep: false,
             plot: None,
@@ -866,8 +866,12 @@ mod tests {
             scratch: None,
             lookup_seconds: 0.0,
             tuning: Tuning::default(),
-        })
-        .expect("replay");
+        }
+    }
+
+    #[test]
+    fn oltp_reproduces_the_published_lru_rows_and_the_node_pools_beat_arc() {
+        let out = run(oltp(vec![1000, 5000, 15000])).expect("replay");
         assert_eq!(out.requests, 914_145);
         assert_eq!(out.published.len(), 3);
         for p in &out.published {
@@ -923,17 +927,7 @@ mod tests {
 
     #[test]
     fn bad_options_are_errors() {
-        let base = Options {
-            trace: shipped("OLTP.lis.zst"),
-            capacities: vec![],
-            page_bytes: 512,
-            sweep: false,
-            plot: None,
-            ram_pages: None,
-            scratch: None,
-            lookup_seconds: 0.0,
-            tuning: Tuning::default(),
-        };
+        let base = oltp(vec![]);
         let e = run(base.clone()).expect_err("no capacity");
         assert!(e.to_string().contains("--capacity"), "{e}");
         let e = run(Options {

@@ -440,15 +440,8 @@ impl ContentCache {
     pub fn admit(&self, fp: Fingerprint, bytes: Bytes) {
         let inner = &*self.inner;
         inner.stats.add_logical(bytes.len() as u64);
-        {
-            let mut pools = inner.pools.lock();
-            if let Some((v, seg)) = pools.get(&fp) {
-                v.refs.fetch_add(1, Ordering::Relaxed);
-                if seg == Segment::Single {
-                    inner.stats.promotions.inc();
-                }
-                return;
-            }
+        if inner.add_reference(&mut inner.pools.lock(), &fp) {
+            return;
         }
         if let Some((_, v)) = inner.pending.remove(&fp) {
             v.refs.fetch_add(1, Ordering::Relaxed);
@@ -467,11 +460,7 @@ impl ContentCache {
         // entry (the pools touch it and keep it) and adds its reference to it, so the bytes
         // are counted once per reference.
         let mut pools = inner.pools.lock();
-        if let Some((v, seg)) = pools.get(&fp) {
-            v.refs.fetch_add(1, Ordering::Relaxed);
-            if seg == Segment::Single {
-                inner.stats.promotions.inc();
-            }
+        if inner.add_reference(&mut pools, &fp) {
             return;
         }
         let placed = pools.insert(fp, Entry::new(bytes, 1), false, &mut |f, v, from| {
@@ -610,6 +599,19 @@ impl ContentCache {
 }
 
 impl Inner {
+    /// If the RAM pools hold `fp`: another disk block maps to it (one more reference) and it
+    /// is read again (touched, promoted from single-touch). Whether they held it.
+    fn add_reference(&self, pools: &mut Pools, fp: &Fingerprint) -> bool {
+        let Some((v, seg)) = pools.get(fp) else {
+            return false;
+        };
+        v.refs.fetch_add(1, Ordering::Relaxed);
+        if seg == Segment::Single {
+            self.stats.promotions.inc();
+        }
+        true
+    }
+
     /// Puts an entry that was read before (back from SSD or the demotion queue) into the RAM
     /// pools.
     fn insert(&self, fp: Fingerprint, v: Value, known: bool) {
