@@ -494,11 +494,6 @@ impl ContentCache {
         st
     }
 
-    /// Runs [`pool::Pools`] code under the cache's lock (tests and diagnostics).
-    pub fn with_pools<R>(&self, f: impl FnOnce(&Pools) -> R) -> R {
-        f(&self.inner.pools.lock())
-    }
-
     /// Waits until the SSD writer has written every demotion queued so far. Tests and
     /// benchmarks call it to see a settled cache. (The RAM pools evict in the call that
     /// overfills them; there is no deferred work.)

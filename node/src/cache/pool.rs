@@ -483,12 +483,6 @@ impl Pools {
         (fp, v)
     }
 
-    /// Removes `fp` from the pools (not from the ghosts) and returns its value.
-    pub fn remove(&mut self, fp: &Fingerprint) -> Option<Value> {
-        let i = self.find(fp)?;
-        self.remove_slot(i).1
-    }
-
     /// The multi-touch entries, most recent first (for a shutdown that writes them to SSD).
     pub fn multi_entries(&self) -> Vec<(Fingerprint, Value)> {
         let mut out = Vec::with_capacity(self.lists[1].len as usize);
@@ -499,17 +493,6 @@ impl Pools {
                 out.push((s.fp, v.clone()));
             }
             i = s.next;
-        }
-        out
-    }
-
-    /// The keys of one pool, most recent first (tests and diagnostics).
-    pub fn keys(&self, seg: Segment) -> Vec<Fingerprint> {
-        let mut out = Vec::new();
-        let mut i = self.lists[seg as usize].head;
-        while i != NIL {
-            out.push(self.slots[i as usize].fp);
-            i = self.slots[i as usize].next;
         }
         out
     }
@@ -1115,5 +1098,12 @@ mod tests {
                 "a scan pushed multi-touch below the ceiling's rest: {st:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_memory_per_entry_and_per_ghost_key_is_what_the_docs_say() {
+        // docs/ARCHITECTURE.md and the note quote these: a change must update them.
+        assert_eq!(SLOT_BYTES, 56);
+        assert_eq!(GHOST_NODE_BYTES, 12);
     }
 }
