@@ -625,7 +625,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         ghost_bytes_per_key: ghost_bytes_per_key(),
     };
     println!(
-        "memory per ghost key: {:.1} bytes (ring node and table, measured with the counting allocator)",
+        "memory per ghost key: {:.1} bytes (list node and table, measured with the counting allocator)",
         out.ghost_bytes_per_key
     );
     if let Some(prefix) = &opts.plot {
