@@ -671,7 +671,6 @@ pub fn draw(out: &Output, prefix: &Path) -> anyhow::Result<()> {
 /// bench binary's counting allocator; NaN without it.)
 pub fn ghost_bytes_per_key() -> f64 {
     use shadowcache_node::cache::pool::{PoolConfig, Pools};
-    use shadowcache_node::cache::ram::Entry;
     let keys = 1u64 << 16;
     let payload = Bytes::from_static(&[1u8; 512]);
     let held = |ghost_ratio: f64| {
@@ -684,7 +683,11 @@ pub fn ghost_bytes_per_key() -> f64 {
         // single-touch ghost fills, and no key is read again after its eviction.
         for p in 0..3 * keys {
             let fp = page_fingerprint(p);
-            pools.insert(fp, Entry::new(payload.clone(), 1), false, &mut |_, _, _| {});
+            let c = shadowcache_node::cache::Cached {
+                bytes: payload.clone(),
+                refs: 1,
+            };
+            pools.insert(fp, c, false, &mut |_, _, _| {});
             if p < keys {
                 let _ = pools.get(&fp);
             }

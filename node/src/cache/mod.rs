@@ -38,7 +38,7 @@ use dashmap::DashMap;
 pub use fingerprint::{Fingerprint, FingerprintHashing};
 use parking_lot::Mutex;
 use pool::Pools;
-pub use pool::{PolicyCounters, PolicyState, PoolConfig, Segment};
+pub use pool::{Cached, PolicyCounters, PolicyState, PoolConfig, Segment};
 use ram::{Entry, Value};
 pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
 
@@ -387,7 +387,7 @@ impl ContentCache {
         if let Some((_, v)) = inner.pending.remove(fp) {
             // Demoted but not yet written: back to the top of multi-touch.
             let bytes = v.bytes.clone();
-            inner.insert(*fp, v, true);
+            inner.insert(*fp, cached(&v, 0), true);
             return Some((bytes, Tier::RamMulti));
         }
         None
@@ -409,7 +409,11 @@ impl ContentCache {
             match read {
                 Ok(ssd::SlotRead::Hit(bytes)) => {
                     ssd.release(fp, at);
-                    inner.insert(*fp, Entry::new(bytes.clone(), at.refs), true);
+                    let c = Cached {
+                        bytes: bytes.clone(),
+                        refs: at.refs.max(1),
+                    };
+                    inner.insert(*fp, c, true);
                     inner.stats.hit(Tier::Ssd);
                     return Some((bytes, Tier::Ssd));
                 }
@@ -444,8 +448,7 @@ impl ContentCache {
             return;
         }
         if let Some((_, v)) = inner.pending.remove(&fp) {
-            v.refs.fetch_add(1, Ordering::Relaxed);
-            inner.insert(fp, v, true);
+            inner.insert(fp, cached(&v, 1), true);
             return;
         }
         if let Some(ssd) = &inner.ssd
@@ -453,7 +456,8 @@ impl ContentCache {
         {
             // Read again through another disk block: back to RAM multi-touch, off the SSD.
             ssd.release(&fp, at);
-            inner.insert(fp, Entry::new(bytes, at.refs.saturating_add(1)), true);
+            let refs = at.refs.max(1).saturating_add(1);
+            inner.insert(fp, Cached { bytes, refs }, true);
             return;
         }
         // Two readers may admit the same new block at once: the second finds the first's
@@ -463,7 +467,7 @@ impl ContentCache {
         if inner.add_reference(&mut pools, &fp) {
             return;
         }
-        let placed = pools.insert(fp, Entry::new(bytes, 1), false, &mut |f, v, from| {
+        let placed = pools.insert(fp, Cached { bytes, refs: 1 }, false, &mut |f, v, from| {
             inner.evicted(f, v, from)
         });
         drop(pools);
@@ -565,7 +569,7 @@ impl ContentCache {
             let multi = inner.pools.lock().multi_entries();
             for (fp, v) in multi {
                 if !ssd.contains(&fp) {
-                    inner.pending.insert(fp, v);
+                    inner.pending.insert(fp, Entry::new(v.bytes, v.refs));
                     if w.send(WriterMsg::Demote(fp)).is_err() {
                         break;
                     }
@@ -600,7 +604,7 @@ impl Inner {
         let Some((v, seg)) = pools.get(fp) else {
             return false;
         };
-        v.refs.fetch_add(1, Ordering::Relaxed);
+        v.refs = v.refs.saturating_add(1);
         if seg == Segment::Single {
             self.stats.promotions.inc();
         }
@@ -609,7 +613,7 @@ impl Inner {
 
     /// Puts an entry that was read before (back from SSD or the demotion queue) into the RAM
     /// pools.
-    fn insert(&self, fp: Fingerprint, v: Value, known: bool) {
+    fn insert(&self, fp: Fingerprint, v: Cached, known: bool) {
         let placed = self
             .pools
             .lock()
@@ -620,7 +624,7 @@ impl Inner {
     /// Handles an entry the pools evicted. Runs under the pools' lock, so it never blocks,
     /// does no I/O and never takes that lock. Lock order: pools, then `pending`; nothing
     /// takes the pools' lock while holding a `pending` guard.
-    fn evicted(&self, fp: Fingerprint, v: Value, from: Segment) {
+    fn evicted(&self, fp: Fingerprint, v: Cached, from: Segment) {
         match (from, &self.writer) {
             (Segment::Single, _) => {
                 self.stats.evictions_ram_single.inc();
@@ -631,8 +635,9 @@ impl Inner {
                 self.stats.sub_logical(v.logical_bytes());
             }
             (Segment::Multi, Some(w)) => {
+                // The demotion queue's entries are shared with the writer thread.
                 let logical = v.logical_bytes();
-                self.pending.insert(fp, v);
+                self.pending.insert(fp, Entry::new(v.bytes, v.refs));
                 if w.try_send(WriterMsg::Demote(fp)).is_err() {
                     // The SSD writer is behind: drop rather than block the reader.
                     self.pending.remove(&fp);
@@ -641,6 +646,14 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// A demoted entry back in the pools' form, with `more` references added.
+fn cached(v: &Value, more: u32) -> Cached {
+    Cached {
+        bytes: v.bytes.clone(),
+        refs: v.refs.load(Ordering::Relaxed).saturating_add(more),
     }
 }
 

@@ -26,9 +26,9 @@
 //!
 //! Why not moka (which served the pools before): moka cannot resize a cache at run time, which
 //! the adaptive split needs; its eviction is deferred, so pool sizes overshoot until maintenance
-//! runs; and it spends about 300 bytes an entry. This pool keeps one slab of 56-byte slots with
-//! u32 links, a table of u32 slot numbers (about 6 bytes an entry), and does all its work in the
-//! call that causes it. The cache wraps it in one mutex; nothing inside allocates on a hit.
+//! runs; and it spends about 300 bytes an entry. This pool keeps one slab of 88-byte slots that hold
+//! the entries themselves (bytes, references, u32 links), a table of u32 slot numbers (about 6
+//! bytes an entry), and does all its work in the call that causes it. The cache wraps it in one mutex; nothing inside allocates on a hit.
 //!
 //! Ghosts are lists of 32-bit partial fingerprints: 12-byte nodes (key and u32 links) in a
 //! recycled slab, and a table of node numbers; 22 bytes a key measured with the table's load
@@ -38,7 +38,7 @@
 use hashbrown::HashTable;
 
 use super::fingerprint::{Fingerprint, FingerprintHashing};
-use super::ram::Value;
+use bytes::Bytes;
 use std::hash::BuildHasher;
 
 const NIL: u32 = u32::MAX;
@@ -108,9 +108,25 @@ pub const DEFAULT_GHOST_RATIO: f64 = 0.9;
 /// Bytes of one pool slot (the entry's index record, payload not included).
 pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
+/// A cached block as the pools hold it, in the slot itself (no allocation of its own).
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// The block's bytes; cloning shares them.
+    pub bytes: Bytes,
+    /// Disk blocks that mapped to this entry while it was cached (dedup accounting).
+    pub refs: u32,
+}
+
+impl Cached {
+    /// Bytes this entry stands for: references times length.
+    pub fn logical_bytes(&self) -> u64 {
+        u64::from(self.refs) * self.bytes.len() as u64
+    }
+}
+
 struct Slot {
     fp: Fingerprint,
-    value: Option<Value>,
+    value: Option<Cached>,
     prev: u32,
     next: u32,
     weight: u32,
@@ -288,7 +304,7 @@ impl Pools {
     /// Looks `fp` up. A hit moves the entry to the top of multi-touch (a single-touch hit is a
     /// promotion) and returns the pool it was found in.
     #[inline]
-    pub fn get(&mut self, fp: &Fingerprint) -> Option<(&Value, Segment)> {
+    pub fn get(&mut self, fp: &Fingerprint) -> Option<(&mut Cached, Segment)> {
         let i = self.find(fp)?;
         let seg = self.slots[i as usize].seg;
         if seg == Segment::Multi && self.second_chances {
@@ -299,7 +315,7 @@ impl Pools {
             self.unlink(i);
             self.push_front(Segment::Multi, i);
         }
-        let v = self.slots[i as usize].value.as_ref()?;
+        let v = self.slots[i as usize].value.as_mut()?;
         Some((v, seg))
     }
 
@@ -331,16 +347,13 @@ impl Pools {
     pub fn insert(
         &mut self,
         fp: Fingerprint,
-        value: Value,
+        value: Cached,
         known: bool,
-        evicted: &mut impl FnMut(Fingerprint, Value, Segment),
+        evicted: &mut impl FnMut(Fingerprint, Cached, Segment),
     ) -> Placement {
         if let Some((existing, _)) = self.get(&fp) {
             // Another reader put it back first: keep one entry, and the references of both.
-            let refs = value.refs.load(std::sync::atomic::Ordering::Relaxed);
-            existing
-                .refs
-                .fetch_add(refs, std::sync::atomic::Ordering::Relaxed);
+            existing.refs = existing.refs.saturating_add(value.refs);
             return Placement {
                 segment: Segment::Multi,
                 ghost: None,
@@ -420,7 +433,7 @@ impl Pools {
         &mut self,
         incoming: Option<(u32, u32)>,
         from_multi_ghost: bool,
-        evicted: &mut impl FnMut(Fingerprint, Value, Segment),
+        evicted: &mut impl FnMut(Fingerprint, Cached, Segment),
     ) {
         while self.lists[0].bytes + self.lists[1].bytes > self.capacity {
             // Single-touch without the entry being admitted, while it is still there.
@@ -474,7 +487,7 @@ impl Pools {
         self.ghosts[1].trim(c.saturating_add(self.entries).saturating_sub(t1 + t2 + b1));
     }
 
-    fn remove_slot(&mut self, i: u32) -> (Fingerprint, Option<Value>) {
+    fn remove_slot(&mut self, i: u32) -> (Fingerprint, Option<Cached>) {
         self.unlink(i);
         let fp = self.slots[i as usize].fp;
         let h = self.hash(&fp);
@@ -489,7 +502,7 @@ impl Pools {
     }
 
     /// The multi-touch entries, most recent first (for a shutdown that writes them to SSD).
-    pub fn multi_entries(&self) -> Vec<(Fingerprint, Value)> {
+    pub fn multi_entries(&self) -> Vec<(Fingerprint, Cached)> {
         let mut out = Vec::with_capacity(self.lists[1].len as usize);
         let mut i = self.lists[1].head;
         while i != NIL {
@@ -521,7 +534,7 @@ impl Pools {
         }
     }
 
-    fn alloc(&mut self, fp: Fingerprint, value: Value, weight: u32, seg: Segment) -> u32 {
+    fn alloc(&mut self, fp: Fingerprint, value: Cached, weight: u32, seg: Segment) -> u32 {
         let slot = Slot {
             fp,
             value: Some(value),
@@ -747,7 +760,6 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::cache::ram::Entry;
 
     const B: u32 = 4096;
 
@@ -772,8 +784,7 @@ mod tests {
         if let Some((_, seg)) = p.get(&f) {
             return Some(seg);
         }
-        let v = Entry::new(Bytes::from_static(&[7u8; B as usize]), 1);
-        p.insert(f, v, false, &mut |_, _, _| {});
+        p.insert(f, entry(B as usize, 1), false, &mut |_, _, _| {});
         None
     }
 
@@ -845,8 +856,7 @@ mod tests {
         );
         assert_eq!(p.in_ghost(&fp(1000)), Some(Segment::Single));
         let target = p.state().single_target_bytes;
-        let v = Entry::new(Bytes::from_static(&[7u8; B as usize]), 1);
-        let placed = p.insert(fp(1000), v, false, &mut |_, _, _| {});
+        let placed = p.insert(fp(1000), entry(B as usize, 1), false, &mut |_, _, _| {});
         assert_eq!(
             placed,
             Placement {
@@ -1011,8 +1021,11 @@ mod tests {
         }
     }
 
-    fn entry(len: usize, refs: u32) -> Value {
-        Entry::new(Bytes::from(vec![7u8; len]), refs)
+    fn entry(len: usize, refs: u32) -> Cached {
+        Cached {
+            bytes: Bytes::from(vec![7u8; len]),
+            refs,
+        }
     }
 
     #[test]
@@ -1069,7 +1082,7 @@ mod tests {
         let placed = p.insert(fp(1), entry(4096, 3), true, &mut |_, _, _| {});
         assert_eq!(placed.segment, Segment::Multi);
         let (v, _) = p.get(&fp(1)).expect("held");
-        assert_eq!(v.refs.load(std::sync::atomic::Ordering::Relaxed), 4);
+        assert_eq!(v.refs, 4);
         assert_eq!(p.state().multi_entries + p.state().single_entries, 1);
     }
 
@@ -1108,7 +1121,7 @@ mod tests {
     #[test]
     fn the_memory_per_entry_and_per_ghost_key_is_what_the_docs_say() {
         // docs/ARCHITECTURE.md and the note quote these: a change must update them.
-        assert_eq!(SLOT_BYTES, 56);
+        assert_eq!(SLOT_BYTES, 88);
         assert_eq!(GHOST_NODE_BYTES, 12);
     }
 }

@@ -1,4 +1,5 @@
-//! A cached block as the RAM pools ([`super::pool`]) and the demotion queue hold it.
+//! A cached block as the demotion queue and the SSD writer hold it (shared between threads).
+//! The RAM pools keep theirs inline ([`super::pool::Cached`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
