@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use shadowcache_node::cache::fingerprint::mix64;
 use shadowcache_node::cache::{
     CacheConfig, ContentCache, Fingerprint, FingerprintHashing, SsdConfig, Tier,
 };
@@ -229,7 +230,7 @@ pub struct Output {
     /// RAM-hit lookup rates.
     pub lookups: Vec<LookupRate>,
     /// Bytes of memory per ghost key (node and table).
-    pub ghost_bytes_per_key: f64,
+    pub ghost_bytes_per_key: Option<f64>,
 }
 
 /// The fingerprint page `page` is cached under: a fixed mix of the page number filling all
@@ -237,10 +238,7 @@ pub struct Output {
 pub fn page_fingerprint(page: u64) -> Fingerprint {
     let mut b = [0u8; 32];
     for (k, chunk) in b.chunks_exact_mut(8).enumerate() {
-        let mut x = page.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 31;
+        let x = mix64(page.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1)));
         chunk.copy_from_slice(&x.to_le_bytes());
     }
     Fingerprint(b)
@@ -624,10 +622,14 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         lookups,
         ghost_bytes_per_key: ghost_bytes_per_key(),
     };
-    println!(
-        "memory per ghost key: {:.1} bytes (list node and table, measured with the counting allocator)",
-        out.ghost_bytes_per_key
-    );
+    match out.ghost_bytes_per_key {
+        Some(b) => println!(
+            "memory per ghost key: {b:.1} bytes (list node and table, measured with the counting allocator)"
+        ),
+        None => {
+            println!("memory per ghost key: not measured (no counting allocator in this binary)")
+        }
+    }
     if let Some(prefix) = &opts.plot {
         draw(&out, prefix)?;
     }
@@ -668,8 +670,8 @@ pub fn draw(out: &Output, prefix: &Path) -> anyhow::Result<()> {
 
 /// Measured bytes per ghost key: the live heap of pools with ghosts, minus that of the same
 /// pools without, after the same once-read workload, over the keys the ghosts hold. (Needs the
-/// bench binary's counting allocator; NaN without it.)
-pub fn ghost_bytes_per_key() -> f64 {
+/// bench binary's counting allocator; none without it.)
+pub fn ghost_bytes_per_key() -> Option<f64> {
     use shadowcache_node::cache::pool::{PoolConfig, Pools};
     let keys = 1u64 << 16;
     let payload = Bytes::from_static(&[1u8; 512]);
@@ -699,10 +701,7 @@ pub fn ghost_bytes_per_key() -> f64 {
     };
     let (without, _) = held(0.0);
     let (with, ghosts) = held(1.0);
-    if ghosts == 0 || with <= without {
-        return f64::NAN;
-    }
-    (with - without) as f64 / ghosts as f64
+    (ghosts > 0 && with > without).then(|| (with - without) as f64 / ghosts as f64)
 }
 
 /// In-process RAM-hit lookups per second for the node's pools, the same pools with the policy
@@ -946,6 +945,56 @@ mod tests {
         })
         .expect_err("missing trace");
         assert!(format!("{e:#}").contains("/no/such/trace.lis"), "{e:#}");
+    }
+
+    #[test]
+    fn tuning_reaches_the_node_line_and_a_saved_run_replots() {
+        // The node's pools tuned to the policy-off settings are the SLRU line, hit for hit.
+        let out = run(Options {
+            tuning: Tuning {
+                single_touch_share: Some(0.25),
+                adaptive: Some(false),
+                ghost_ratio: Some(0.0),
+                second_chances: Some(false),
+                ..Tuning::default()
+            },
+            ..oltp(vec![1000, 5000])
+        })
+        .expect("replay");
+        for r in &out.rows {
+            let hits = |p: &str| r.policies.iter().find(|x| x.policy == p).map(|x| x.hits);
+            assert_eq!(hits("shadowcache"), hits("SLRU"), "{r:?}");
+            assert_eq!(
+                r.shadowcache.ghost_hits_single + r.shadowcache.ghost_hits_multi,
+                0
+            );
+        }
+        // What --json saves, --replot draws.
+        let saved: Output =
+            serde_json::from_str(&serde_json::to_string(&out).expect("json")).expect("parse");
+        let dir = tempfile::tempdir().expect("tempdir");
+        draw(&saved, &dir.path().join("oltp")).expect("draw");
+        let svg = std::fs::read_to_string(dir.path().join("oltp.svg")).expect("svg");
+        assert!(svg.contains("shadowcache") && svg.contains("ARC"), "{svg}");
+        assert!(dir.path().join("oltp.png").metadata().expect("png").len() > 4096);
+    }
+
+    #[test]
+    fn the_committed_figures_parse_as_what_replot_reads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/figures");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("docs/figures") {
+            let p = e.expect("entry").path();
+            let name = p.file_name().map(|f| f.to_string_lossy().to_string());
+            if name.is_some_and(|f| f.starts_with("policy-") && f.ends_with(".json")) {
+                let text = std::fs::read_to_string(&p).expect("read");
+                let out: Output =
+                    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                assert!(!out.rows.is_empty(), "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "expected the policy figures in {}", dir.display());
     }
 
     #[test]

@@ -51,7 +51,9 @@ pub struct FingerprintHasher {
     state: u64,
 }
 
-fn mix64(mut x: u64) -> u64 {
+/// SplitMix64's finaliser: a bijective 64-bit mix (the tables' hashes and the cache policy's
+/// ghost keys use it, keyed with a per-process random value).
+pub fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)

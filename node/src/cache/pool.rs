@@ -37,7 +37,7 @@
 
 use hashbrown::HashTable;
 
-use super::fingerprint::{Fingerprint, FingerprintHashing};
+use super::fingerprint::{Fingerprint, FingerprintHashing, mix64};
 use bytes::Bytes;
 use std::hash::BuildHasher;
 
@@ -608,10 +608,7 @@ fn ghost_key(fp: &Fingerprint) -> u32 {
 /// A keyed mix: ghost keys come from block contents, which a guest controls.
 #[inline]
 fn ghost_hash(seed: u64, key: u32) -> u64 {
-    let mut x = u64::from(key) ^ seed;
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    mix64(u64::from(key) ^ seed)
 }
 
 /// A bounded set of recently evicted keys in eviction order: a slab of 12-byte nodes (key and
@@ -763,15 +760,9 @@ mod tests {
 
     const B: u32 = 4096;
 
+    /// Key `n`: the fingerprint of its number's bytes (the pools never see those bytes).
     fn fp(n: u64) -> Fingerprint {
-        let mut b = [0u8; 32];
-        for (k, chunk) in b.chunks_exact_mut(8).enumerate() {
-            let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            chunk.copy_from_slice(&(x ^ (x >> 31)).to_le_bytes());
-        }
-        Fingerprint(b)
+        Fingerprint::of(&n.to_le_bytes())
     }
 
     fn pools(blocks: u64) -> Pools {

@@ -229,6 +229,30 @@ fn a_flipped_byte_in_the_ssd_file_is_detected_and_never_served() {
 }
 
 #[test]
+fn a_second_look_within_one_request_is_not_counted_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 0);
+    let (fp, b) = block(3);
+    c.record_miss();
+    c.admit(fp, b.clone());
+    let before = (
+        c.stats().lookups.load(Ordering::Relaxed),
+        c.stats().hits_ram_single.get(),
+    );
+    let got = c.get_ram_uncounted(&fp).expect("held");
+    assert_eq!(got, (b, Tier::RamSingle));
+    assert_eq!(
+        (
+            c.stats().lookups.load(Ordering::Relaxed),
+            c.stats().hits_ram_single.get()
+        ),
+        before
+    );
+    // It is still a read: the entry was promoted.
+    assert_eq!(tier(&c, 3), Some(Tier::RamMulti));
+}
+
+#[test]
 fn zero_bytes_come_from_one_shared_block() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 0);
