@@ -211,7 +211,9 @@ fn fio_verifies_random_writes_and_reads_random_blocks() {
     let f = fixture();
     let sock = f.node.data_dir.join("nbd.sock");
     let job = |export: &str, rw: &str, extra: &[&str]| {
+        // fio writes its verify state into its working directory: the test's, not the crate's.
         let out = run(Command::new(&fio)
+            .current_dir(&f.node.data_dir)
             .arg("--name=t")
             .arg("--ioengine=nbd")
             .arg(format!(
