@@ -1,5 +1,11 @@
-//! The node's error type: what failed and with which input. Converted to a `tonic::Status` only
-//! in the frontend (`frontend/grpc.rs`), with one code per kind, documented in the proto file.
+//! The node's error type: what failed and with which input.
+//!
+//! Every error has a [`ErrorKind`] (which variant) and a [`Code`] (the protocol's status code,
+//! documented in the proto file). `frontend/status.rs` turns them into a `tonic::Status` and
+//! back, in one map used in both directions: an error a member answered comes back as
+//! [`Error::Remote`] with the same kind, code and message, never as another kind.
+//!
+//! Architecture invariant: no protocol type here; the frontends translate.
 
 use crate::origin::OriginError;
 
@@ -82,6 +88,159 @@ pub enum Error {
     /// The node's own state (data directory) could not be written.
     #[error("node state: {0}")]
     State(String),
+    /// An error another member answered, kept as it was sent: its kind and message.
+    #[error("{message}")]
+    Remote {
+        /// The member that answered.
+        node: String,
+        /// The kind of error it reported.
+        kind: ErrorKind,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// Which [`Error`] variant an error is, as carried between members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// [`Error::UnknownDisk`].
+    UnknownDisk,
+    /// [`Error::InvalidDiskId`].
+    InvalidDiskId,
+    /// [`Error::DiskExists`].
+    DiskExists,
+    /// [`Error::OutOfRange`].
+    OutOfRange,
+    /// [`Error::TooLarge`].
+    TooLarge,
+    /// [`Error::Sealed`].
+    Sealed,
+    /// [`Error::Unseal`].
+    Unseal,
+    /// [`Error::Invalid`].
+    Invalid,
+    /// [`Error::Origin`].
+    Origin,
+    /// [`Error::StaleGeneration`].
+    StaleGeneration,
+    /// [`Error::Peer`].
+    Peer,
+    /// [`Error::Detected`].
+    Detected,
+    /// [`Error::NoLease`].
+    NoLease,
+    /// [`Error::State`].
+    State,
+}
+
+/// The protocol's status codes for errors (gRPC's names and meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    /// No such disk.
+    NotFound,
+    /// The request is malformed.
+    InvalidArgument,
+    /// The id is taken.
+    AlreadyExists,
+    /// Past the end of the disk.
+    OutOfRange,
+    /// The disk's state refuses it (sealed, no lease).
+    FailedPrecondition,
+    /// Retry: an origin or member could not serve it now.
+    Unavailable,
+    /// The node's own state failed.
+    Internal,
+    /// A generation that is over.
+    Aborted,
+}
+
+impl ErrorKind {
+    /// Every kind, for the round-trip tests of the maps.
+    pub const ALL: [ErrorKind; 14] = [
+        ErrorKind::UnknownDisk,
+        ErrorKind::InvalidDiskId,
+        ErrorKind::DiskExists,
+        ErrorKind::OutOfRange,
+        ErrorKind::TooLarge,
+        ErrorKind::Sealed,
+        ErrorKind::Unseal,
+        ErrorKind::Invalid,
+        ErrorKind::Origin,
+        ErrorKind::StaleGeneration,
+        ErrorKind::Peer,
+        ErrorKind::Detected,
+        ErrorKind::NoLease,
+        ErrorKind::State,
+    ];
+
+    /// The kind's name on the wire (lowercase, stable).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::UnknownDisk => "unknown_disk",
+            ErrorKind::InvalidDiskId => "invalid_disk_id",
+            ErrorKind::DiskExists => "disk_exists",
+            ErrorKind::OutOfRange => "out_of_range",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Sealed => "sealed",
+            ErrorKind::Unseal => "unseal",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Origin => "origin",
+            ErrorKind::StaleGeneration => "stale_generation",
+            ErrorKind::Peer => "peer",
+            ErrorKind::Detected => "detected",
+            ErrorKind::NoLease => "no_lease",
+            ErrorKind::State => "state",
+        }
+    }
+
+    /// The kind named `s` on the wire.
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The status code of this kind: the one place it is decided.
+    pub fn code(self) -> Code {
+        match self {
+            ErrorKind::UnknownDisk => Code::NotFound,
+            ErrorKind::InvalidDiskId | ErrorKind::Invalid | ErrorKind::TooLarge => {
+                Code::InvalidArgument
+            }
+            ErrorKind::DiskExists => Code::AlreadyExists,
+            ErrorKind::OutOfRange => Code::OutOfRange,
+            ErrorKind::Sealed | ErrorKind::Unseal | ErrorKind::NoLease => Code::FailedPrecondition,
+            ErrorKind::Origin | ErrorKind::Peer | ErrorKind::Detected => Code::Unavailable,
+            ErrorKind::State => Code::Internal,
+            ErrorKind::StaleGeneration => Code::Aborted,
+        }
+    }
+}
+
+impl Error {
+    /// Which variant this is (for a [`Error::Remote`], the kind the member reported).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::UnknownDisk(_) => ErrorKind::UnknownDisk,
+            Error::InvalidDiskId(_) => ErrorKind::InvalidDiskId,
+            Error::DiskExists(_) => ErrorKind::DiskExists,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::Sealed(_) => ErrorKind::Sealed,
+            Error::Unseal(_) => ErrorKind::Unseal,
+            Error::Invalid(_) => ErrorKind::Invalid,
+            Error::Origin(_) => ErrorKind::Origin,
+            Error::StaleGeneration { .. } => ErrorKind::StaleGeneration,
+            Error::Peer { .. } => ErrorKind::Peer,
+            Error::Detected(_) => ErrorKind::Detected,
+            Error::NoLease { .. } => ErrorKind::NoLease,
+            Error::State(_) => ErrorKind::State,
+            Error::Remote { kind, .. } => *kind,
+        }
+    }
+
+    /// The status code clients see.
+    pub fn code(&self) -> Code {
+        self.kind().code()
+    }
 }
 
 /// Shorthand.

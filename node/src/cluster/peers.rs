@@ -15,23 +15,10 @@ use crate::cache::Fingerprint;
 use crate::disk::BlockRef;
 use crate::error::{Error, Result};
 
-/// Why a call to a peer failed, as a node error: the owner's own answer keeps its kind (an
-/// unknown or sealed disk); anything else means the owner could not serve it (UNAVAILABLE).
+/// Why a call to a peer failed, as a node error: the member's own answer keeps its kind and
+/// message; anything else means the member could not serve it (UNAVAILABLE).
 fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
-    use tonic::Code;
-    match s.code() {
-        Code::NotFound => Error::UnknownDisk(disk.to_string()),
-        Code::FailedPrecondition => Error::Sealed(disk.to_string()),
-        Code::Aborted => Error::StaleGeneration {
-            disk: disk.to_string(),
-            asked: 0,
-            current: 0,
-        },
-        _ => Error::Peer {
-            node: node.to_string(),
-            cause: format!("{:?}: {}", s.code(), s.message()),
-        },
-    }
+    crate::frontend::status::from_status(node, disk, &s)
 }
 
 /// Channels to the other members.

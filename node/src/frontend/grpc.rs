@@ -19,22 +19,7 @@ use crate::error::Error;
 use crate::telemetry;
 use crate::{DiskInfo, Node, NodeStatus};
 
-/// Maps a node error to its gRPC status. The codes are the contract of `shadowcache.proto`.
-pub fn status(e: &Error) -> Status {
-    let code = match e {
-        Error::UnknownDisk(_) => Code::NotFound,
-        Error::InvalidDiskId(_) | Error::Invalid(_) | Error::TooLarge { .. } => {
-            Code::InvalidArgument
-        }
-        Error::DiskExists(_) => Code::AlreadyExists,
-        Error::OutOfRange { .. } => Code::OutOfRange,
-        Error::Sealed(_) | Error::Unseal(_) | Error::NoLease { .. } => Code::FailedPrecondition,
-        Error::Origin(_) | Error::Peer { .. } | Error::Detected(_) => Code::Unavailable,
-        Error::State(_) => Code::Internal,
-        Error::StaleGeneration { .. } => Code::Aborted,
-    };
-    Status::new(code, e.to_string())
-}
+pub use super::status::status;
 
 fn mode_to_pb(m: DiskMode) -> pb::DiskMode {
     match m {

@@ -281,16 +281,14 @@ where
 }
 
 /// The errno a node error maps to, for a command.
+/// By kind, so that an error a member answered (a forwarded write) maps as the member's own.
 fn errno(e: &Error, cmd: u16) -> u32 {
-    match e {
-        Error::OutOfRange { .. }
-            if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES || cmd == CMD_TRIM =>
-        {
-            ENOSPC
-        }
-        Error::OutOfRange { .. } | Error::Invalid(_) => EINVAL,
-        Error::TooLarge { .. } => EOVERFLOW,
-        Error::Sealed(_) | Error::Unseal(_) => EPERM,
+    use crate::error::ErrorKind as K;
+    match e.kind() {
+        K::OutOfRange if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES || cmd == CMD_TRIM => ENOSPC,
+        K::OutOfRange | K::Invalid => EINVAL,
+        K::TooLarge => EOVERFLOW,
+        K::Sealed | K::Unseal => EPERM,
         _ => EIO,
     }
 }
