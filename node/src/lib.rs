@@ -39,6 +39,7 @@ use anyhow::Context;
 use bytes::Bytes;
 
 pub use cache::{ContentCache, Fingerprint, Tier, TierUsage};
+pub use cluster::fetch::Route;
 pub use config::{Config, Flags};
 pub use disk::{DiskMode, DiskState, Registry};
 pub use error::{Error, Result};
@@ -285,14 +286,18 @@ impl Node {
         match self.registry.get(disk) {
             Ok(d) => {
                 self.note_read(&d, &self.config.node_id);
-                self.reads.read_pieces(&d, offset, len).await
+                self.reads.read_pieces(&d, offset, len, Route::Any).await
             }
             Err(Error::UnknownDisk(_)) if let Some(shadow) = self.cluster.shadow(disk) => {
                 // A sealed disk of another member, or a detected one under a valid lease:
                 // served through this node's cache.
                 read::check_range(&shadow.disk, offset, len)?;
                 if self.cluster.lease_ok(&shadow).await {
-                    match self.reads.read_pieces(&shadow.disk, offset, len).await {
+                    match self
+                        .reads
+                        .read_pieces(&shadow.disk, offset, len, Route::Any)
+                        .await
+                    {
                         Ok(b) => return Ok(b),
                         Err(e) if shadow.lease.is_none() => return Err(e),
                         Err(e) => {
@@ -402,8 +407,11 @@ impl Node {
     }
 
     /// Entries of the content map of a sealed or detected disk this node owns, in [first,
-    /// first + count) (at most 4096), for `Peer.ContentMap`.
-    pub fn content_map_chunk(
+    /// first + count) (at most 4096), for `Peer.ContentMap`. Blocks not read yet are read
+    /// (through the cache) and fingerprinted first, so that the answer covers the whole range:
+    /// a member learns every fingerprint before it fetches a byte. A block that cannot be read
+    /// is left out (the member then asks the owner for its bytes).
+    pub async fn content_map_chunk(
         &self,
         disk: &str,
         (generation, epoch): (u64, u64),
@@ -416,8 +424,33 @@ impl Node {
             .ok_or_else(|| Error::Invalid(format!("disk {disk:?} is not immutable")))?;
         // Checked after the map was taken: a generation that ended before cannot slip by.
         Self::check_generation(&d, generation.max(1), epoch)?;
-        let blocks = d.size.div_ceil(u64::from(self.config.block_bytes));
-        let end = first.saturating_add(u64::from(count.min(4096))).min(blocks);
+        let bs = u64::from(self.config.block_bytes);
+        let blocks = d.size.div_ceil(bs);
+        let end = first
+            .saturating_add(u64::from(count.min(4096)))
+            .min(blocks)
+            .min(
+                first
+                    .saturating_add(cluster::fetch::MAP_CHUNK_BYTES / bs)
+                    .max(first + 1),
+            );
+        let unknown: Vec<u64> = (first..end).filter(|&i| map.get(i).is_none()).collect();
+        for part in unknown.chunks(cluster::fetch::MAX_BLOCKS_PER_REQUEST) {
+            // The same budget as blocks gathered for members: many members asking at once
+            // cannot pin more than it.
+            let _room = self
+                .peer_serving
+                .acquire_many(part.len() as u32)
+                .await
+                .map_err(|_| Error::State("the node is shutting down".into()))?;
+            for r in self.reads.blocks(&d, &map, part, Route::Any).await {
+                if let Err(e) = r {
+                    tracing::warn!(disk, error = %e, "a block could not be fingerprinted for a member's content map");
+                }
+            }
+        }
+        // Checked again: entries of a generation that ended meanwhile must not reach a member.
+        Self::check_generation(&d, generation.max(1), epoch)?;
         Ok((first..end)
             .filter_map(|i| map.get(i).map(|r| (i, r)))
             .collect())
@@ -433,10 +466,11 @@ impl Node {
         indices: &[u64],
         cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
-        if indices.len() > 64 {
+        if indices.len() > cluster::fetch::MAX_BLOCKS_PER_REQUEST {
             return Err(Error::Invalid(format!(
-                "{} blocks asked for; at most 64 per request",
-                indices.len()
+                "{} blocks asked for; at most {} per request",
+                indices.len(),
+                cluster::fetch::MAX_BLOCKS_PER_REQUEST
             )));
         }
         let d = match self.registry.get(disk) {
@@ -462,33 +496,49 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
+        let Some(map) = d.serving_map() else {
+            return Ok(indices.iter().map(|&i| (i, None)).collect());
+        };
         let _room = self
             .peer_serving
             .acquire_many(indices.len() as u32)
             .await
             .map_err(|_| Error::State("the node is shutting down".into()))?;
         let bs = u64::from(self.config.block_bytes);
-        let mut out = Vec::with_capacity(indices.len());
-        for &i in indices {
-            let at = i.saturating_mul(bs);
-            if at >= d.size {
-                out.push((i, None));
-                continue;
-            }
-            if cached_only {
-                // Asked as a holder from this node's block map: the cache or nothing.
-                let got = self.reads.cached_block(&d, i).await;
+        let inside = |i: u64| i.checked_mul(bs).is_some_and(|at| at < d.size);
+        if cached_only {
+            // Asked as a holder from this node's block map: the cache or nothing.
+            let mut out = Vec::with_capacity(indices.len());
+            for &i in indices {
+                let got = if inside(i) {
+                    self.reads.cached_block(&d, i).await
+                } else {
+                    None
+                };
                 if got.is_none() {
                     d.held.remove(i);
                 }
                 out.push((i, got));
-                continue;
             }
-            let len = bs.min(d.size - at);
-            let got = origin::peer::serving_peer(self.reads.read(&d, at, len)).await;
-            out.push((i, got.ok()));
+            return Ok(out);
         }
-        Ok(out)
+        let mut wanted: Vec<u64> = indices.iter().copied().filter(|&i| inside(i)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        // Read as the block's home: whatever this node lacks comes from the owner only, so a
+        // request never travels more than two hops.
+        let got = self.reads.blocks(&d, &map, &wanted, Route::OwnerOnly).await;
+        Ok(indices
+            .iter()
+            .map(|&i| {
+                let b = wanted
+                    .binary_search(&i)
+                    .ok()
+                    .and_then(|k| got.get(k))
+                    .and_then(|r| r.as_ref().ok().cloned());
+                (i, b)
+            })
+            .collect())
     }
 
     /// This node's block map of an immutable disk at (generation, epoch), streamed to another
@@ -559,7 +609,7 @@ impl Node {
         if self.cluster.live_member(from) {
             self.note_read(&d, from);
         }
-        let b = self.reads.read(&d, offset, len).await?;
+        let b = self.reads.read(&d, offset, len, Route::Any).await?;
         // Checked again after the read: bytes of a generation that ended meanwhile must not
         // reach a shadow of it.
         Self::check_generation(&d, generation, epoch)?;

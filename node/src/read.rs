@@ -5,28 +5,39 @@
 //! 1. Unknown disk, a range past the end, or a request above the per-request limit: an error,
 //!    nothing else touched. A zero-length range at or before the end reads nothing.
 //! 2. D is mutable (or being sealed): read the origin directly; nothing is cached.
-//! 3. D is sealed: split the range into blocks. For each block, the content map gives its
-//!    fingerprint (or says it is all zero); a cache hit serves it. Otherwise the block is read
-//!    from the origin once however many readers want it (single flight per disk block), hashed,
-//!    recorded in the content map, admitted to the cache, and handed to every waiter.
+//! 3. D is immutable (sealed, detected, or the shadow of such a disk another member owns):
+//!    split the range into blocks, then for the blocks all together:
+//!    - fingerprint: D's content map. For a shadow, the missing chunks of the owner's map are
+//!      fetched first ([`crate::cluster::fetch::Remote::fill_map`]), so the fingerprint is
+//!      known before any byte is fetched;
+//!    - cache: a hit on the fingerprint serves the block, whatever disk or generation put it
+//!      there; a zero block is the shared zero block;
+//!    - single flight: one load per fingerprint (per block while the fingerprint is unknown)
+//!      however many readers want it;
+//!    - fetch: D's own origin, contiguous misses in one read each; for a shadow, every miss
+//!      of the read in as few requests as the sources allow (holders, homes, the owner),
+//!      verified against the owner's fingerprints ([`crate::cluster::fetch::Remote::fetch`]);
+//!    - admit to the cache, record in the map, announce in D's block map.
 //! 4. A range inside one block is a slice of that block's `Bytes` (no copy); a range spanning
-//!    blocks is assembled into one buffer (one copy).
+//!    blocks comes back as the blocks' slices ([`ReadPath::read_pieces`]), or assembled into one
+//!    buffer (one copy).
 //!
-//! Architecture invariant: a byte reaches a reader only from the origin or from a cache entry
-//! whose fingerprint the content map recorded when that block was read from the origin. An
-//! origin error reaches every waiter and leaves nothing behind in the cache or the map.
+//! Architecture invariant: a byte reaches a reader only from this node's origin, from the
+//! disk's owner, or from a cache entry or member whose bytes hash to the fingerprint the
+//! (owner's) content map holds for that block. An error reaches every waiter of the load that
+//! failed and leaves nothing behind in the cache or the map.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, oneshot};
 
 use crate::cache::fingerprint::is_zero;
 use crate::cache::{ContentCache, Fingerprint, Tier};
+use crate::cluster::fetch::{Remote, Route, Source, Want};
 use crate::disk::{BlockRef, ContentMap, Disk};
 use crate::error::{Error, Result};
-use crate::origin::Source;
 use crate::telemetry::{self, Count};
 
 /// Largest range one request may read or write (the gRPC client splits larger ones).
@@ -78,21 +89,42 @@ impl ReadStats {
     }
 }
 
+/// What one block of a read found before any load.
+enum Found {
+    Block(Bytes),
+    /// Not cached: its fingerprint if the map knows it.
+    Missing(Option<Fingerprint>),
+}
+
+/// What a single flight is for: the content (its fingerprint known), or one block of one
+/// generation of one disk object while its fingerprint is unknown (a shadow replaced by a
+/// newer one, or a new generation of a disk, never joins a load of the old one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FlightKey {
+    Content(Fingerprint),
+    Block {
+        instance: u64,
+        generation: u64,
+        index: u64,
+    },
+}
+
 type Flight = Arc<OnceCell<Result<Bytes>>>;
 
-struct FlightDone<'a> {
-    flights: &'a DashMap<(u64, u64, u64), Flight>,
-    key: (u64, u64, u64),
+/// A place in a flight; leaving it removes the flight once it is done, or once nobody else
+/// waits on it (an entry left behind would live on, keyed by a disk that may never come back).
+struct Seat<'a> {
+    flights: &'a DashMap<FlightKey, Flight>,
+    key: FlightKey,
     cell: Flight,
 }
 
-impl Drop for FlightDone<'_> {
+impl Drop for Seat<'_> {
     fn drop(&mut self) {
-        // Finished: out. Cancelled: out only if no other waiter still holds the cell (the
-        // map's reference, the waiter's own and this guard's make three).
+        // The map's reference and this seat's make two.
         self.flights.remove_if(&self.key, |_, c| {
             Arc::ptr_eq(c, &self.cell)
-                && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 3)
+                && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 2)
         });
     }
 }
@@ -102,9 +134,7 @@ impl Drop for FlightDone<'_> {
 pub struct ReadPath {
     cache: ContentCache,
     block_bytes: u64,
-    /// In-flight block loads by (disk instance, generation, block): a shadow replaced by a
-    /// newer one, or a new generation of a disk, never joins a load of the old one.
-    flights: DashMap<(u64, u64, u64), Flight>,
+    flights: DashMap<FlightKey, Flight>,
     stats: ReadStats,
 }
 
@@ -165,13 +195,20 @@ impl ReadPath {
     }
 
     /// Reads `len` bytes at `offset` of `disk`.
-    pub async fn read(&self, disk: &Disk, offset: u64, len: u64) -> Result<Bytes> {
-        Ok(join(self.read_pieces(disk, offset, len).await?))
+    pub async fn read(&self, disk: &Disk, offset: u64, len: u64, route: Route) -> Result<Bytes> {
+        Ok(join(self.read_pieces(disk, offset, len, route).await?))
     }
 
     /// [`ReadPath::read`] as the slices of the cached blocks, in order, without assembling
-    /// them (a writer that can send several buffers at once copies nothing).
-    pub async fn read_pieces(&self, disk: &Disk, offset: u64, len: u64) -> Result<Vec<Bytes>> {
+    /// them (a writer that can send several buffers at once copies nothing). `route` says
+    /// where a shadow's missed blocks may come from.
+    pub async fn read_pieces(
+        &self,
+        disk: &Disk,
+        offset: u64,
+        len: u64,
+        route: Route,
+    ) -> Result<Vec<Bytes>> {
         check_range(disk, offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -179,17 +216,12 @@ impl ReadPath {
         let Some(map) = disk.serving_map() else {
             return Ok(vec![self.origin_read(disk, offset, len as usize).await?]);
         };
-        let map = &*map;
         let bs = self.block_bytes;
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
         let head = (offset - first * bs) as usize;
-        if first == last {
-            let block = self.block(disk, map, first).await?;
-            return Ok(vec![block.slice(head..head + len as usize)]);
-        }
-        let blocks =
-            futures::future::join_all((first..=last).map(|i| self.block(disk, map, i))).await;
+        let indices: Vec<u64> = (first..=last).collect();
+        let blocks = self.blocks(disk, &map, &indices, route).await;
         let mut out = Vec::with_capacity(blocks.len());
         let mut remaining = len as usize;
         for (n, block) in blocks.into_iter().enumerate() {
@@ -202,82 +234,323 @@ impl ReadPath {
         Ok(out)
     }
 
+    /// Whole blocks `indices` (sorted, inside the disk) of an immutable disk, each read as the
+    /// module's rules say, in order. A block that could not be read is its error.
+    pub async fn blocks(
+        &self,
+        disk: &Disk,
+        map: &Arc<ContentMap>,
+        indices: &[u64],
+        route: Route,
+    ) -> Vec<Result<Bytes>> {
+        if let Some(remote) = &disk.remote
+            && let Err(e) = remote.fill_map(map, indices).await
+        {
+            tracing::debug!(disk = %disk.id, error = %e, "owner's content map unavailable; blocks are read from the owner");
+        }
+        let found =
+            futures::future::join_all(indices.iter().map(|&i| self.lookup(disk, map, i))).await;
+        let mut out: Vec<Option<Result<Bytes>>> = Vec::with_capacity(indices.len());
+        let mut missing: Vec<(usize, u64, Option<Fingerprint>)> = Vec::new();
+        for (k, (f, &i)) in found.into_iter().zip(indices).enumerate() {
+            match f {
+                Found::Block(b) => out.push(Some(Ok(b))),
+                Found::Missing(fp) => {
+                    out.push(None);
+                    missing.push((k, i, fp));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let loaded = self.fill(disk, map, &missing, route).await;
+            for ((k, i, _), r) in missing.iter().zip(loaded) {
+                if r.is_ok() {
+                    // Also when another disk's flight brought the content: this disk holds it.
+                    disk.held.insert(*i);
+                }
+                out[*k] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::State("block neither read nor failed".into()))))
+            .collect()
+    }
+
     fn block_len(&self, disk: &Disk, index: u64) -> usize {
         (disk.size - index * self.block_bytes).min(self.block_bytes) as usize
     }
 
-    async fn block(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
+    /// The map and the cache, nothing else.
+    async fn lookup(&self, disk: &Disk, map: &ContentMap, index: u64) -> Found {
         match map.get(index) {
             Some(BlockRef::Zero) => {
                 self.stats.zero_block_hits.inc();
-                return Ok(self.cache.zero(self.block_len(disk, index)));
+                Found::Block(self.cache.zero(self.block_len(disk, index)))
             }
-            Some(BlockRef::Data(fp)) => {
-                if let Some((bytes, tier)) = self.cache.get(&fp).await {
+            Some(BlockRef::Data(fp)) => match self.cache.get(&fp).await {
+                Some((bytes, tier)) => {
                     match tier {
                         Tier::Ssd => &self.stats.ssd_bytes,
                         _ => &self.stats.ram_bytes,
                     }
                     .add(bytes.len() as u64);
-                    return Ok(bytes);
+                    Found::Block(bytes)
                 }
+                None => Found::Missing(Some(fp)),
+            },
+            None => {
+                self.cache.record_miss();
+                Found::Missing(None)
             }
-            None => self.cache.record_miss(),
         }
-        self.fill(disk, map, index).await
     }
 
-    /// Reads a block from the origin, once for all concurrent readers of it.
-    async fn fill(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
-        let key = (disk.instance, disk.generation(), index);
-        let cell = match self.flights.entry(key) {
-            dashmap::Entry::Occupied(e) => {
-                self.stats.single_flight_joins.inc();
-                e.get().clone()
-            }
-            dashmap::Entry::Vacant(v) => v.insert(Arc::new(OnceCell::new())).clone(),
+    /// Loads the `missing` blocks (position in the read, index, fingerprint if known), one
+    /// flight per content however many readers want it. Blocks whose flight this read starts
+    /// are loaded together (one batch), each handed to its waiters as soon as it is loaded;
+    /// those another read is loading are waited for, and loaded alone should that read go
+    /// away first.
+    async fn fill(
+        &self,
+        disk: &Disk,
+        map: &ContentMap,
+        missing: &[(usize, u64, Option<Fingerprint>)],
+        route: Route,
+    ) -> Vec<Result<Bytes>> {
+        let generation = disk.generation();
+        let mut seats = Vec::with_capacity(missing.len());
+        let mut lead = Vec::new();
+        for (n, &(_, index, fp)) in missing.iter().enumerate() {
+            let key = match (fp, &disk.remote) {
+                // Remote bytes are verified against the fingerprint, so any disk's flight of
+                // that content serves this one. Own origins are read block by block: bytes
+                // from one disk's origin are not checked against another disk's map.
+                (Some(fp), Some(_)) => FlightKey::Content(fp),
+                _ => FlightKey::Block {
+                    instance: disk.instance,
+                    generation,
+                    index,
+                },
+            };
+            let cell = match self.flights.entry(key) {
+                dashmap::Entry::Occupied(e) => {
+                    self.stats.single_flight_joins.inc();
+                    e.get().clone()
+                }
+                dashmap::Entry::Vacant(v) => {
+                    lead.push(n);
+                    v.insert(Arc::new(OnceCell::new())).clone()
+                }
+            };
+            seats.push(Seat {
+                flights: &self.flights,
+                key,
+                cell,
+            });
+        }
+        let led: Vec<(u64, Option<Fingerprint>)> =
+            lead.iter().map(|&n| (missing[n].1, missing[n].2)).collect();
+        let mut receivers: Vec<Option<oneshot::Receiver<Result<Bytes>>>> =
+            (0..missing.len()).map(|_| None).collect();
+        let mut senders = Vec::with_capacity(lead.len());
+        for &n in &lead {
+            let (tx, rx) = oneshot::channel();
+            senders.push(parking_lot::Mutex::new(Some(tx)));
+            receivers[n] = Some(rx);
+        }
+        // The batch hands each block over as it comes; the senders go with it, so a block it
+        // never handed over fails its waiters instead of leaving them waiting.
+        let batch = async move {
+            let deliver = |k: usize, r: Result<Bytes>| {
+                if let Some(tx) = senders.get(k).and_then(|s| s.lock().take()) {
+                    let _ = tx.send(r);
+                }
+            };
+            self.load(disk, map, &led, route, &deliver).await;
         };
-        // Removes the entry however this ends, also when every waiter is cancelled (an entry
-        // left behind would live on, keyed by a disk instance that may never come back).
-        let _done = FlightDone {
-            flights: &self.flights,
-            key,
-            cell: cell.clone(),
-        };
-        cell.get_or_init(|| self.load(disk, map, index))
-            .await
-            .clone()
+        let waits = seats
+            .iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(n, (seat, rx))| {
+                let (index, fp) = (missing[n].1, missing[n].2);
+                async move {
+                    match rx {
+                        Some(rx) => seat
+                            .cell
+                            .get_or_init(|| async move {
+                                rx.await.unwrap_or_else(|_| {
+                                    Err(Error::State("a block load ended without it".into()))
+                                })
+                            })
+                            .await
+                            .clone(),
+                        None => {
+                            seat.cell
+                                .get_or_init(|| async move {
+                                    // The read that led this flight went away: load it here.
+                                    let got = parking_lot::Mutex::new(None);
+                                    self.load(disk, map, &[(index, fp)], route, &|_, r| {
+                                        *got.lock() = Some(r);
+                                    })
+                                    .await;
+                                    got.into_inner().unwrap_or_else(|| {
+                                        Err(Error::State("a block load ended without it".into()))
+                                    })
+                                })
+                                .await
+                                .clone()
+                        }
+                    }
+                }
+            });
+        let ((), out) = futures::join!(batch, futures::future::join_all(waits));
+        out
     }
 
-    async fn load(&self, disk: &Disk, map: &ContentMap, index: u64) -> Result<Bytes> {
-        let len = self.block_len(disk, index);
-        // A flight that finished just before ours began may have filled the block already.
-        match map.get(index) {
-            Some(BlockRef::Zero) => return Ok(self.cache.zero(len)),
-            Some(BlockRef::Data(fp)) => {
-                // This request's miss is counted already: a late hit is not a second lookup.
-                if let Some((bytes, _)) = self.cache.get_ram_uncounted(&fp) {
-                    return Ok(bytes);
+    /// Loads `blocks` (index, fingerprint if known) from where they come from, handing each
+    /// to `done` (with its position in `blocks`) as soon as it is loaded or failed.
+    async fn load(
+        &self,
+        disk: &Disk,
+        map: &ContentMap,
+        blocks: &[(u64, Option<Fingerprint>)],
+        route: Route,
+        done: &(dyn Fn(usize, Result<Bytes>) + Send + Sync),
+    ) {
+        // A flight that finished just before ours began may have filled a block already. This
+        // read's miss is counted already: a late hit is not a second lookup.
+        let mut todo = Vec::with_capacity(blocks.len());
+        for (k, (_, fp)) in blocks.iter().enumerate() {
+            match fp.and_then(|fp| self.cache.get_ram_uncounted(&fp)) {
+                Some((b, _)) => done(k, Ok(b)),
+                None => todo.push(k),
+            }
+        }
+        if todo.is_empty() {
+            return;
+        }
+        match &disk.remote {
+            Some(remote) => {
+                self.load_remote(disk, remote, map, blocks, &todo, route, done)
+                    .await
+            }
+            None => self.load_origin(disk, map, blocks, &todo, done).await,
+        }
+    }
+
+    /// Blocks of a shadow from members or the owner, verified there; admitted here.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_remote(
+        &self,
+        disk: &Disk,
+        remote: &Remote,
+        map: &ContentMap,
+        blocks: &[(u64, Option<Fingerprint>)],
+        todo: &[usize],
+        route: Route,
+        done: &(dyn Fn(usize, Result<Bytes>) + Send + Sync),
+    ) {
+        let wants: Vec<Want> = todo
+            .iter()
+            .map(|&k| Want {
+                index: blocks[k].0,
+                expected: blocks[k].1,
+                len: self.block_len(disk, blocks[k].0),
+            })
+            .collect();
+        let each = |n: usize, r: Result<(Bytes, Source)>| {
+            let w = &wants[n];
+            let r = match r {
+                Ok((bytes, source)) => {
+                    let (reads, bytes_read) = match source {
+                        Source::Owner => (&self.stats.owner_reads, &self.stats.owner_read_bytes),
+                        Source::Peer => (&self.stats.peer_reads, &self.stats.peer_read_bytes),
+                    };
+                    reads.inc();
+                    bytes_read.add(bytes.len() as u64);
+                    Ok(self.admit(disk, map, w.index, bytes, w.expected))
+                }
+                Err(e) => {
+                    self.stats.origin_errors.inc();
+                    tracing::warn!(disk = %disk.id, block = w.index, error = %e, "block fetch failed");
+                    Err(e)
+                }
+            };
+            done(todo[n], r);
+        };
+        remote.fetch(&wants, route, &each).await;
+    }
+
+    /// Blocks of this node's own disk from its origin: each run of adjacent blocks in one read.
+    async fn load_origin(
+        &self,
+        disk: &Disk,
+        map: &ContentMap,
+        blocks: &[(u64, Option<Fingerprint>)],
+        todo: &[usize],
+        done: &(dyn Fn(usize, Result<Bytes>) + Send + Sync),
+    ) {
+        let mut runs: Vec<&[usize]> = Vec::new();
+        let mut start = 0;
+        for n in 1..=todo.len() {
+            let split = n == todo.len()
+                || blocks[todo[n]].0 != blocks[todo[n - 1]].0 + 1
+                || (n - start) as u64 * self.block_bytes >= MAX_IO_BYTES;
+            if split {
+                runs.push(&todo[start..n]);
+                start = n;
+            }
+        }
+        futures::future::join_all(runs.into_iter().map(|run| async move {
+            let first = blocks[run[0]].0;
+            let offset = first * self.block_bytes;
+            let len = (run.len() as u64 * self.block_bytes).min(disk.size - offset) as usize;
+            match self.origin_read(disk, offset, len).await {
+                Ok(bytes) => {
+                    for &k in run {
+                        let i = blocks[k].0;
+                        let from = ((i - first) * self.block_bytes) as usize;
+                        let block = bytes.slice(from..from + self.block_len(disk, i));
+                        done(k, Ok(self.admit(disk, map, i, block, None)));
+                    }
+                }
+                Err(e) => {
+                    for &k in run {
+                        done(k, Err(e.clone()));
+                    }
                 }
             }
-            None => {}
-        }
-        let bytes = self.block_read(disk, index, len).await?;
-        if is_zero(&bytes) {
+        }))
+        .await;
+    }
+
+    /// A loaded block into the map and the cache (`verified`: its fingerprint, checked
+    /// already); the zero block for zeroes.
+    fn admit(
+        &self,
+        disk: &Disk,
+        map: &ContentMap,
+        index: u64,
+        bytes: Bytes,
+        verified: Option<Fingerprint>,
+    ) -> Bytes {
+        if verified.is_none() && is_zero(&bytes) {
             map.insert(index, BlockRef::Zero);
-            disk.held.insert(index);
-            return Ok(self.cache.zero(len));
+            return self.cache.zero(bytes.len());
         }
-        let fp = Fingerprint::of(&bytes);
-        if let Some(BlockRef::Data(old)) = map.get(index)
-            && old != fp
-        {
-            tracing::warn!(disk = %disk.id, block = index, "the origin of a sealed disk changed; serving what it holds now");
+        let fp = verified.unwrap_or_else(|| Fingerprint::of(&bytes));
+        match map.get(index) {
+            Some(BlockRef::Data(known)) if known == fp => {}
+            known => {
+                if known.is_some() {
+                    tracing::warn!(disk = %disk.id, block = index, "the origin of an immutable disk changed; serving what it holds now");
+                }
+                map.insert(index, BlockRef::Data(fp));
+            }
         }
         self.cache.admit(fp, bytes.clone());
-        map.insert(index, BlockRef::Data(fp));
-        disk.held.insert(index);
-        Ok(bytes)
+        bytes
     }
 
     /// Block `index` of an immutable disk if this node's cache holds it now; never reads an
@@ -293,29 +566,8 @@ impl ReadPath {
         }
     }
 
-    /// One block for the cache, counted by where it came from.
-    async fn block_read(&self, disk: &Disk, index: u64, len: usize) -> Result<Bytes> {
-        match disk.origin.read_block(index, self.block_bytes, len).await {
-            Ok((bytes, source)) => {
-                let (reads, bytes_read) = match source {
-                    Source::Origin => (&self.stats.origin_reads, &self.stats.origin_read_bytes),
-                    Source::Owner => (&self.stats.owner_reads, &self.stats.owner_read_bytes),
-                    Source::Peer => (&self.stats.peer_reads, &self.stats.peer_read_bytes),
-                };
-                reads.inc();
-                bytes_read.add(len as u64);
-                Ok(bytes)
-            }
-            Err(e) => {
-                self.stats.origin_errors.inc();
-                tracing::warn!(disk = %disk.id, block = index, error = %e, "block read failed");
-                Err(e.into())
-            }
-        }
-    }
-
     async fn origin_read(&self, disk: &Disk, offset: u64, len: usize) -> Result<Bytes> {
-        let (reads, bytes_read) = if disk.origin.is_remote() {
+        let (reads, bytes_read) = if disk.remote.is_some() {
             (&self.stats.owner_reads, &self.stats.owner_read_bytes)
         } else {
             (&self.stats.origin_reads, &self.stats.origin_read_bytes)

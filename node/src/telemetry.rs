@@ -51,11 +51,14 @@ pub const OWNER_READ_BYTES: &str = "shadowcache_owner_read_bytes_total";
 pub const PEER_READS: &str = "shadowcache_peer_reads_total";
 /// Bytes fetched from such members.
 pub const PEER_READ_BYTES: &str = "shadowcache_peer_read_bytes_total";
+/// Bytes of owners' content maps received (`Peer.ContentMap` answers, as encoded): what dedup
+/// on the wire costs a member.
+pub const OWNER_MAP_BYTES: &str = "shadowcache_owner_map_bytes_total";
 /// Peer block fetches that did not give a verified block, by `reason` = error | missing |
-/// bad_bytes | no_fingerprint.
+/// bad_bytes.
 pub const PEER_FETCH_FAILURES: &str = "shadowcache_peer_fetch_failures_total";
 /// Verified blocks fetched from other members, by `via` = holder (found in its block map) |
-/// home (the block's rendezvous home).
+/// home (the block's rendezvous home). Blocks from the owner count in `OWNER_READS`.
 pub const PEER_FETCHES: &str = "shadowcache_peer_fetches_total";
 /// Blocks served to other members by FetchBlocks.
 pub const PEER_SERVED_BLOCKS: &str = "shadowcache_peer_served_blocks_total";
@@ -300,6 +303,11 @@ fn describe() {
         "Peer block fetches without a verified block, by reason"
     );
     describe_counter!(PEER_SERVED_BLOCKS, "Blocks served to other members");
+    describe_counter!(
+        OWNER_MAP_BYTES,
+        Unit::Bytes,
+        "Bytes of owners' content maps received"
+    );
     describe_counter!(
         OWNER_READS,
         "Reads of remote sealed disks sent to their owner"

@@ -8,7 +8,7 @@
 //! and nothing of them is cached here.
 //!
 //! Sealed and detected disks of other members are served through local *shadows* (a disk
-//! object over a [`PeerOrigin`], with an in-memory content map). A shadow of a detected disk
+//! object over a [`fetch::Remote`], with a bounded copy of the owner's content map). A shadow of a detected disk
 //! serves from the cache only while this node holds a valid lease on it ([`HolderLease`]);
 //! leases are asked for at the first read, renewed at a third of their term while reads keep
 //! wanting them, and revoked by the owner (`Peer.Revoke`) before it applies a write.
@@ -19,6 +19,7 @@
 //! so), so every node resolves a conflict the same way.
 
 pub mod blockmap;
+pub mod fetch;
 pub mod lease;
 pub mod membership;
 pub mod peers;
@@ -41,7 +42,6 @@ pub use peers::Peers;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::disk::{Disk, DiskId};
-use crate::origin::PeerOrigin;
 use crate::telemetry::LeaseStats;
 
 /// How long a refused (or failed) lease request is believed before another is sent.
@@ -101,6 +101,7 @@ pub struct Cluster {
     disks_version: AtomicU64,
     cache_remote: bool,
     peer_fetch: bool,
+    block_bytes: u64,
     clock: Arc<dyn Clock>,
     rpc_timeout: Duration,
     lease_term: Duration,
@@ -152,6 +153,7 @@ impl Cluster {
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,
+            block_bytes: u64::from(config.block_bytes),
             clock,
             rpc_timeout: Duration::from_millis(c.rpc_timeout_ms),
             lease_term: Duration::from_millis(config.lease.term_ms),
@@ -369,20 +371,23 @@ impl Cluster {
             let Ok(id) = DiskId::parse(&r.info.id) else {
                 continue;
             };
-            let origin = PeerOrigin::new(
+            let maps = Arc::new(blockmap::RemoteMaps::new(r.info.generation, r.info.epoch));
+            let remote = Arc::new(fetch::Remote::new(
                 self.peers.clone(),
                 &self.me,
                 self.members.clone(),
-                &r.owner,
-                r.addr,
-                &r.info.id,
-                r.info.size_bytes,
-                r.info.generation,
-                r.info.epoch,
-            )
-            .with_peer_fetch(self.peer_fetch);
-            let maps = Arc::new(blockmap::RemoteMaps::new(r.info.generation, r.info.epoch));
-            let origin = origin.with_block_maps(maps.clone());
+                fetch::RemoteDiskRef {
+                    owner: r.owner.clone(),
+                    addr: r.addr,
+                    disk: r.info.id.clone(),
+                    size: r.info.size_bytes,
+                    generation: r.info.generation,
+                    epoch: r.info.epoch,
+                },
+                self.block_bytes,
+                self.peer_fetch,
+                maps.clone(),
+            ));
             let lease = detected.then(|| {
                 Arc::new(HolderLease::new(
                     &r.info.id,
@@ -395,7 +400,7 @@ impl Cluster {
             self.shadows.insert(
                 r.key().clone(),
                 Arc::new(Shadow {
-                    disk: Disk::shadow(id, Arc::new(origin), r.info.generation),
+                    disk: Disk::shadow(id, remote, r.info.generation, self.block_bytes),
                     lease,
                     maps,
                     owner: r.owner.clone(),

@@ -322,6 +322,8 @@ impl Peers {
             })
             .await?
             .into_inner();
+        metrics::counter!(crate::telemetry::OWNER_MAP_BYTES)
+            .increment(prost::Message::encoded_len(&r) as u64);
         if u64::from(r.block_size) != block_bytes || r.generation != generation {
             return Err(Error::Peer {
                 node: node.to_string(),

@@ -12,6 +12,11 @@
 //! (another block size, an origin changed while the node was down) discards the whole log:
 //! a wrong map entry could serve a wrong byte, a missing one only costs an origin read.
 //!
+//! A member's copy of an owner's map ([`ContentMap::owner_copy`]) is not persisted and is
+//! bounded: it holds whole chunks of the owner's map, as they were fetched, in a moka cache
+//! weighted by blocks, and forgets the least recently used chunks beyond its limit (a forgotten
+//! chunk costs one more `ContentMap` request, never a wrong byte).
+//!
 //! Architecture invariant: appends never block the read path; they go through a bounded queue
 //! to one writer thread, and are dropped (costing a later origin read) when it is full.
 
@@ -19,6 +24,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+
+use std::sync::Arc;
 
 use dashmap::DashMap;
 
@@ -47,6 +54,15 @@ enum LogMsg {
 pub struct ContentMap {
     entries: DashMap<u64, BlockRef>,
     log: Option<mpsc::SyncSender<LogMsg>>,
+    /// For a member's copy of an owner's map: the chunks fetched, bounded (`entries` unused).
+    chunks: Option<Chunks>,
+}
+
+/// Whole chunks of an owner's content map, the least recently used forgotten first.
+#[derive(Debug)]
+struct Chunks {
+    blocks_per_chunk: u64,
+    cache: moka::sync::Cache<u64, Arc<[Option<BlockRef>]>>,
 }
 
 fn encode_record(index: u64, r: BlockRef) -> [u8; RECORD_BYTES] {
@@ -108,6 +124,44 @@ impl ContentMap {
         ContentMap {
             entries: DashMap::new(),
             log: None,
+            chunks: None,
+        }
+    }
+
+    /// A member's copy of an owner's map: chunks of `blocks_per_chunk` entries, at most about
+    /// `max_blocks` entries held (never fewer than one chunk).
+    pub fn owner_copy(blocks_per_chunk: u64, max_blocks: u64) -> Self {
+        let blocks_per_chunk = blocks_per_chunk.max(1);
+        ContentMap {
+            entries: DashMap::new(),
+            log: None,
+            chunks: Some(Chunks {
+                blocks_per_chunk,
+                cache: moka::sync::Cache::builder()
+                    .max_capacity(max_blocks.max(blocks_per_chunk))
+                    .weigher(|_, v: &Arc<[Option<BlockRef>]>| v.len().max(1) as u32)
+                    .build(),
+            }),
+        }
+    }
+
+    /// Blocks per chunk of an owner's copy (`None` for a map of this node's own disk).
+    pub fn chunk_blocks(&self) -> Option<u64> {
+        self.chunks.as_ref().map(|c| c.blocks_per_chunk)
+    }
+
+    /// Whether chunk `chunk` of an owner's copy is held.
+    pub fn has_chunk(&self, chunk: u64) -> bool {
+        self.chunks
+            .as_ref()
+            .is_some_and(|c| c.cache.contains_key(&chunk))
+    }
+
+    /// Records chunk `chunk` of an owner's map: `entries[k]` is block `chunk * blocks_per_chunk
+    /// + k`. Ignored by a map of this node's own disk.
+    pub fn insert_chunk(&self, chunk: u64, entries: Vec<Option<BlockRef>>) {
+        if let Some(c) = &self.chunks {
+            c.cache.insert(chunk, entries.into());
         }
     }
 
@@ -120,6 +174,7 @@ impl ContentMap {
             return ContentMap {
                 entries: map,
                 log: None,
+                chunks: None,
             };
         };
         let header = encode_header(block_bytes, identity);
@@ -131,6 +186,7 @@ impl ContentMap {
                 return ContentMap {
                     entries: map,
                     log: None,
+                    chunks: None,
                 };
             }
         };
@@ -145,6 +201,7 @@ impl ContentMap {
         ContentMap {
             entries: map,
             log: spawned.ok().map(|_| tx),
+            chunks: None,
         }
     }
 
@@ -208,11 +265,32 @@ impl ContentMap {
     /// What block `index` holds, if known.
     #[inline]
     pub fn get(&self, index: u64) -> Option<BlockRef> {
+        if let Some(c) = &self.chunks {
+            let chunk = c.cache.get(&(index / c.blocks_per_chunk))?;
+            return chunk
+                .get((index % c.blocks_per_chunk) as usize)
+                .copied()
+                .flatten();
+        }
         self.entries.get(&index).map(|r| *r)
     }
 
     /// Records what block `index` holds.
     pub fn insert(&self, index: u64, r: BlockRef) {
+        if let Some(c) = &self.chunks {
+            // Rare in an owner's copy (bytes from the owner that disagree with its map): the
+            // chunk is copied with the entry changed.
+            let n = index / c.blocks_per_chunk;
+            let k = (index % c.blocks_per_chunk) as usize;
+            if let Some(old) = c.cache.get(&n)
+                && k < old.len()
+            {
+                let mut v = old.to_vec();
+                v[k] = Some(r);
+                c.cache.insert(n, v.into());
+            }
+            return;
+        }
         let previous = self.entries.insert(index, r);
         if previous == Some(r) {
             return;
@@ -226,12 +304,19 @@ impl ContentMap {
 
     /// Blocks mapped so far.
     pub fn len(&self) -> usize {
+        if let Some(c) = &self.chunks {
+            return c
+                .cache
+                .iter()
+                .map(|(_, v)| v.iter().filter(|e| e.is_some()).count())
+                .sum();
+        }
         self.entries.len()
     }
 
     /// True when nothing is mapped.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Waits until every queued record is written and synced. Blocks.

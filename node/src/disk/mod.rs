@@ -138,6 +138,9 @@ pub struct Disk {
     pub owner: crate::detect::OwnerState,
     /// The blocks of it this node holds (its block map, for other members).
     pub held: crate::cluster::blockmap::HeldBlocks,
+    /// For the shadow of a disk another member owns: how its fingerprints and blocks are
+    /// fetched. `None` for a disk this node owns.
+    pub remote: Option<Arc<crate::cluster::fetch::Remote>>,
     state: AtomicU8,
     generation: AtomicU64,
     writes_in_flight: AtomicU64,
@@ -195,6 +198,7 @@ impl Disk {
             epoch: random_epoch(instance),
             owner: crate::detect::OwnerState::new(crate::clock::boot_now()),
             held: Default::default(),
+            remote: None,
             state: AtomicU8::new(MUTABLE),
             generation: AtomicU64::new(1),
             writes_in_flight: AtomicU64::new(0),
@@ -205,13 +209,21 @@ impl Disk {
         }
     }
 
-    /// A disk served through the cache with an in-memory content map, from its first read:
-    /// the local shadow of a sealed or detected disk another member owns.
-    pub fn shadow(id: DiskId, origin: Arc<dyn Origin>, generation: u64) -> Arc<Disk> {
-        let d = Disk::new(id, origin);
+    /// The local shadow of a sealed or detected disk another member owns, served through the
+    /// cache with a bounded copy of the owner's content map, filled as it is read.
+    pub fn shadow(
+        id: DiskId,
+        remote: Arc<crate::cluster::fetch::Remote>,
+        generation: u64,
+        block_bytes: u64,
+    ) -> Arc<Disk> {
+        let mut d = Disk::new(id, remote.clone());
+        d.remote = Some(remote);
         d.state.store(SEALED, Ordering::SeqCst);
         d.generation.store(generation, Ordering::SeqCst);
-        let _ = d.map.set(Arc::new(ContentMap::in_memory()));
+        let _ = d.map.set(Arc::new(crate::cluster::fetch::Remote::empty_map(
+            block_bytes,
+        )));
         Arc::new(d)
     }
 

@@ -46,9 +46,10 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::ContentMapResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res =
-            self.node
-                .content_map_chunk(&r.disk, (r.generation, r.epoch), r.first_block, r.count);
+        let res = self
+            .node
+            .content_map_chunk(&r.disk, (r.generation, r.epoch), r.first_block, r.count)
+            .await;
         let bytes = res.as_ref().map_or(0, |e| e.len() as u64 * 41);
         observe("peer_content_map", t, bytes, &res);
         let entries = res.map_err(|e| status(&e))?;

@@ -1,7 +1,8 @@
 //! Origins: where a disk's authoritative bytes live.
 //!
 //! `Origin` is the one interface the read and write paths use; `file.rs` implements it for a raw
-//! image file or a block device, `peer.rs` for a disk another member owns, `nbd.rs` for an NBD export. Methods are async and
+//! image file or a block device, `nbd.rs` for an NBD export. (A disk another member owns is
+//! fetched by `cluster/fetch.rs`, which the read path calls itself.) Methods are async and
 //! return boxed futures so that an origin can be a file on a blocking pool or a network export.
 //!
 //! Architecture invariant: an origin returns exactly the bytes asked for or an error; a short
@@ -9,7 +10,6 @@
 
 pub mod file;
 pub mod nbd;
-pub mod peer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +18,6 @@ use bytes::Bytes;
 
 pub use file::FileOrigin;
 pub use nbd::NbdOrigin;
-pub use peer::PeerOrigin;
 
 /// A boxed future returned by origin methods.
 pub type OriginFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, OriginError>> + Send + 'a>>;
@@ -60,17 +59,6 @@ pub enum OriginError {
     },
 }
 
-/// Where a block's bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// This node's own origin.
-    Origin,
-    /// The disk's owner, another member.
-    Owner,
-    /// A member that is not the owner, verified against the owner's fingerprint.
-    Peer,
-}
-
 /// The authoritative bytes of one disk.
 pub trait Origin: Send + Sync + std::fmt::Debug + 'static {
     /// The origin as registered, for messages.
@@ -91,29 +79,4 @@ pub trait Origin: Send + Sync + std::fmt::Debug + 'static {
     /// A string that changes whenever the origin may have been changed while we were not
     /// looking (device, inode, size, modification time). Used to trust a saved content map.
     fn identity(&self) -> Option<String>;
-
-    /// True when the bytes come from another member (the disk's owner), not a local origin.
-    fn is_remote(&self) -> bool {
-        false
-    }
-
-    /// Reads block `index` (`len` bytes at `index * block_bytes`) for the cache, and says where
-    /// it came from. An origin that can get a block elsewhere than from the disk's owner (a
-    /// peer) must verify it before returning it.
-    fn read_block(
-        &self,
-        index: u64,
-        block_bytes: u64,
-        len: usize,
-    ) -> OriginFuture<'_, (Bytes, Source)> {
-        let source = if self.is_remote() {
-            Source::Owner
-        } else {
-            Source::Origin
-        };
-        Box::pin(async move {
-            let b = self.read_at(index * block_bytes, len).await?;
-            Ok((b, source))
-        })
-    }
 }

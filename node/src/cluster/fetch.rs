@@ -1,0 +1,635 @@
+//! Fetching a disk another member owns: its owner's content map, then block bytes from
+//! holders, homes and the owner, every block verified.
+//!
+//! A [`Remote`] stands for one (disk, generation, epoch) owned elsewhere. The read path asks it
+//! for two things, in this order:
+//!
+//! 1. [`Remote::fill_map`]: the owner's fingerprints of the blocks about to be read, fetched in
+//!    chunks of up to [`MAP_CHUNK_BLOCKS`] entries (one `Peer.ContentMap` request a chunk, one
+//!    request at a time per chunk) into the shadow's bounded copy of the owner's map, with the
+//!    next chunk asked ahead of a reader moving through the disk. With a fingerprint in hand
+//!    the read path finds a block cached under any disk or generation, and a zero block never
+//!    crosses the network.
+//! 2. [`Remote::fetch`]: the bytes of the blocks the cache lacks, in as few requests as the
+//!    sources allow (`Peer.FetchBlocks` takes up to [`MAX_BLOCKS_PER_REQUEST`] indices): first
+//!    from members whose block map shows them (the less loaded of two picked at random, then
+//!    the next, at most [`HOLDER_ROUNDS`] rounds), then from each block's *home* (rendezvous
+//!    hashing over the live members but the owner), which reads it from the owner once for
+//!    everyone, and last from the owner. With [`Route::OwnerOnly`] (this node serving another
+//!    member as a home) only the owner is asked, so a request never travels more than two hops.
+//!
+//! Architecture invariant: no byte is returned unless it hashes to the owner's fingerprint for
+//! that block at this disk's generation; the one exception is a block whose fingerprint the
+//! owner could not give, which only the owner itself is asked for. This module never touches
+//! the cache; the read path admits what it returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::{OnceCell, watch};
+
+use super::blockmap::RemoteMaps;
+use super::{Member, Peers};
+use crate::cache::Fingerprint;
+use crate::disk::{BlockRef, ContentMap};
+use crate::error::{Error, Result};
+use crate::origin::{Origin, OriginError, OriginFuture};
+use crate::telemetry;
+
+/// Entries of the owner's content map asked for in one request (fewer for large blocks: a
+/// chunk never stands for more than [`MAP_CHUNK_BYTES`] of disk).
+pub const MAP_CHUNK_BLOCKS: u64 = 1024;
+/// Disk bytes one chunk of the owner's map stands for, at most: the owner reads that much to
+/// fingerprint blocks it has not read yet.
+pub const MAP_CHUNK_BYTES: u64 = 64 << 20;
+/// Entries of an owner's map a member keeps per disk, at most (about 36 bytes each).
+pub const OWNER_MAP_MAX_BLOCKS: u64 = 1 << 20;
+/// Block indices in one `Peer.FetchBlocks` request (the Peer service's own limit).
+pub const MAX_BLOCKS_PER_REQUEST: usize = 64;
+/// Rounds of asking holders found in block maps before homes and the owner.
+pub const HOLDER_ROUNDS: usize = 2;
+
+/// Where the read path may get a missed block from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Holders, then the block's home, then the owner: a read of this node's own clients.
+    Any,
+    /// The owner only: this node serves another member (as a home), which already tried the
+    /// others.
+    OwnerOnly,
+}
+
+/// Who sent a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The disk's owner.
+    Owner,
+    /// Another member, verified against the owner's fingerprint.
+    Peer,
+}
+
+/// One block the read path wants.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    /// Block index.
+    pub index: u64,
+    /// The owner's fingerprint; `None` when the owner gave none (only the owner is asked).
+    pub expected: Option<Fingerprint>,
+    /// The block's length (shorter at the end of the disk).
+    pub len: usize,
+}
+
+type ChunkFlight = Arc<OnceCell<Result<()>>>;
+
+/// Receives each fetched block (its position in the wants) once, as soon as it is settled.
+pub type Done<'a> = dyn Fn(usize, Result<(Bytes, Source)>) + Send + Sync + 'a;
+
+/// One disk another member owns, at one generation and epoch.
+#[derive(Debug)]
+pub struct Remote {
+    peers: Arc<Peers>,
+    me: String,
+    members: watch::Receiver<Vec<Member>>,
+    owner: String,
+    addr: SocketAddr,
+    disk: String,
+    size: u64,
+    generation: u64,
+    epoch: u64,
+    block_bytes: u64,
+    peer_fetch: bool,
+    maps: Arc<RemoteMaps>,
+    /// Chunks of the owner's map being fetched.
+    chunk_flights: DashMap<u64, ChunkFlight>,
+    /// Mixed into the random choice between two holders.
+    picks: AtomicU64,
+    describe: String,
+}
+
+/// What [`Remote::new`] needs to know about the disk and its owner.
+#[derive(Debug, Clone)]
+pub struct RemoteDiskRef {
+    /// The owner's node id.
+    pub owner: String,
+    /// The owner's Peer address.
+    pub addr: SocketAddr,
+    /// The disk's id.
+    pub disk: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Generation.
+    pub generation: u64,
+    /// Epoch.
+    pub epoch: u64,
+}
+
+impl Remote {
+    /// The disk `r` as this node `me` reaches it: over `peers`, choosing among the live
+    /// `members`, asking holders found in `maps` when `peer_fetch` is on.
+    pub fn new(
+        peers: Arc<Peers>,
+        me: &str,
+        members: watch::Receiver<Vec<Member>>,
+        r: RemoteDiskRef,
+        block_bytes: u64,
+        peer_fetch: bool,
+        maps: Arc<RemoteMaps>,
+    ) -> Self {
+        Remote {
+            describe: format!("peer://{}/{}", r.owner, r.disk),
+            picks: AtomicU64::new(r.epoch ^ r.generation),
+            peers,
+            me: me.to_string(),
+            members,
+            owner: r.owner,
+            addr: r.addr,
+            disk: r.disk,
+            size: r.size,
+            generation: r.generation,
+            epoch: r.epoch,
+            block_bytes,
+            peer_fetch,
+            maps,
+            chunk_flights: DashMap::new(),
+        }
+    }
+
+    /// Entries of the owner's map per chunk for this block size.
+    pub fn chunk_blocks(block_bytes: u64) -> u64 {
+        MAP_CHUNK_BLOCKS
+            .min(MAP_CHUNK_BYTES / block_bytes.max(1))
+            .max(1)
+    }
+
+    /// An empty copy of the owner's map, as [`Remote::fill_map`] fills it.
+    pub fn empty_map(block_bytes: u64) -> ContentMap {
+        ContentMap::owner_copy(Self::chunk_blocks(block_bytes), OWNER_MAP_MAX_BLOCKS)
+    }
+
+    /// The owner's node id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Other members' block maps of this disk.
+    pub fn maps(&self) -> &Arc<RemoteMaps> {
+        &self.maps
+    }
+
+    fn total_blocks(&self) -> u64 {
+        self.size.div_ceil(self.block_bytes)
+    }
+
+    /// Makes `map` hold the owner's entries of every block in `indices` (sorted), fetching the
+    /// chunks it lacks, and asks for the chunk after the last one ahead of the reader.
+    pub async fn fill_map(self: &Arc<Self>, map: &Arc<ContentMap>, indices: &[u64]) -> Result<()> {
+        let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
+        let mut wanted: Vec<u64> = indices.iter().map(|i| i / per).collect();
+        wanted.dedup();
+        let missing: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|c| !map.has_chunk(*c))
+            .collect();
+        if !missing.is_empty() {
+            let got = futures::future::join_all(missing.iter().map(|&c| self.chunk(map, c))).await;
+            for r in got {
+                r?;
+            }
+        }
+        // Read-ahead: a reader in the second half of a chunk will want the next one soon.
+        if let (Some(&last_chunk), Some(&last)) = (wanted.last(), indices.last()) {
+            let next = last_chunk + 1;
+            if last % per >= per / 2 && next * per < self.total_blocks() && !map.has_chunk(next) {
+                let (this, map) = (self.clone(), map.clone());
+                tokio::spawn(async move {
+                    let _ = this.chunk(&map, next).await;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk `chunk` of the owner's map into `map`, once however many readers want it.
+    async fn chunk(&self, map: &ContentMap, chunk: u64) -> Result<()> {
+        let cell = self.chunk_flights.entry(chunk).or_default().clone();
+        let r = cell
+            .get_or_init(|| self.load_chunk(map, chunk))
+            .await
+            .clone();
+        // Done (or failed: the next reader asks again): out of the flights.
+        self.chunk_flights
+            .remove_if(&chunk, |_, c| Arc::ptr_eq(c, &cell));
+        r
+    }
+
+    async fn load_chunk(&self, map: &ContentMap, chunk: u64) -> Result<()> {
+        if map.has_chunk(chunk) {
+            return Ok(());
+        }
+        let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
+        let first = chunk * per;
+        let count = per.min(self.total_blocks().saturating_sub(first));
+        if count == 0 {
+            return Ok(());
+        }
+        let entries = self
+            .peers
+            .content_map(
+                &self.owner,
+                self.addr,
+                &self.disk,
+                (self.generation, self.epoch),
+                first,
+                count as u32,
+                self.block_bytes,
+            )
+            .await?;
+        let mut v = vec![None; count as usize];
+        for (i, r) in entries {
+            if let Some(slot) = i.checked_sub(first).and_then(|k| v.get_mut(k as usize)) {
+                *slot = Some(r);
+            }
+        }
+        map.insert_chunk(chunk, v);
+        Ok(())
+    }
+
+    /// Members whose block map shows `index`, live and neither this node nor the owner, in the
+    /// order to ask them: the less loaded of two picked at random first, then by load.
+    fn holders(&self, index: u64, members: &[Member]) -> Vec<Member> {
+        let mut hs: Vec<(u64, Member)> = self
+            .maps
+            .holders(index)
+            .into_iter()
+            .filter(|h| *h != self.me && *h != self.owner)
+            .filter_map(|h| members.iter().find(|m| m.id == h).cloned())
+            .map(|m| (self.peers.load(&m.id), m))
+            .collect();
+        if hs.len() >= 2 {
+            let r = mix64(index ^ self.picks.fetch_add(0x9E37_79B9, Ordering::Relaxed));
+            let i = (r % hs.len() as u64) as usize;
+            let j = ((r >> 32) % (hs.len() as u64 - 1)) as usize;
+            let j = if j >= i { j + 1 } else { j };
+            let first = if hs[j].0 < hs[i].0 { j } else { i };
+            hs.swap(0, first);
+            hs[1..].sort_by_key(|(l, _)| *l);
+        }
+        hs.into_iter().take(HOLDER_ROUNDS).map(|(_, m)| m).collect()
+    }
+
+    /// The bytes of `wants`: `done(k, ..)` is called once for each `wants[k]`, as soon as
+    /// that block verified or every source failed, so that a block waits for no other block's
+    /// source. Blocks with a home go to it while those without go to the owner, at once: a
+    /// member's own loads never wait behind another member's (two homes asking each other for
+    /// blocks cannot wait on each other).
+    pub async fn fetch(&self, wants: &[Want], route: Route, done: &Done<'_>) {
+        let mut pending: Vec<usize> = (0..wants.len()).collect();
+        let mut homes: Vec<(Member, usize)> = Vec::new();
+        if route == Route::Any && self.peer_fetch {
+            let members = self.members.borrow().clone();
+            let candidates: Vec<Vec<Member>> = wants
+                .iter()
+                .map(|w| {
+                    if w.expected.is_some() {
+                        self.holders(w.index, &members)
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect();
+            for round in 0..HOLDER_ROUNDS {
+                let plan: Vec<(Member, usize)> = pending
+                    .iter()
+                    .filter_map(|&k| candidates[k].get(round).map(|m| (m.clone(), k)))
+                    .collect();
+                if plan.is_empty() {
+                    break;
+                }
+                pending = self.ask(plan, &pending, wants, true, "holder", done).await;
+            }
+            pending.retain(|&k| {
+                let w = &wants[k];
+                let h = w.expected.and_then(|_| {
+                    home(&members, &self.owner, &self.disk, w.index).filter(|h| h.id != self.me)
+                });
+                match h {
+                    Some(h) => {
+                        homes.push((h.clone(), k));
+                        false
+                    }
+                    None => true,
+                }
+            });
+        }
+        let owner = Member {
+            id: self.owner.clone(),
+            peer_addr: self.addr,
+            disks_version: 0,
+            boot: 0,
+        };
+        let via_homes = async {
+            let at_homes: Vec<usize> = homes.iter().map(|(_, k)| *k).collect();
+            let left = self.ask(homes, &at_homes, wants, false, "home", done).await;
+            self.ask_owner(&owner, &left, wants, done).await;
+        };
+        futures::join!(via_homes, self.ask_owner(&owner, &pending, wants, done));
+    }
+
+    /// `blocks` from the owner; each one that does not come is its error.
+    async fn ask_owner(&self, owner: &Member, blocks: &[usize], wants: &[Want], done: &Done<'_>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let plan: Vec<(Member, usize)> = blocks.iter().map(|&k| (owner.clone(), k)).collect();
+        for k in self.ask(plan, blocks, wants, false, "owner", done).await {
+            done(
+                k,
+                Err(Error::Peer {
+                    node: self.owner.clone(),
+                    cause: format!(
+                        "owner did not send block {} of {:?}",
+                        wants[k].index, self.disk
+                    ),
+                }),
+            );
+        }
+    }
+
+    /// Asks each member of `plan` for its blocks (grouped, [`MAX_BLOCKS_PER_REQUEST`] a
+    /// request, the requests at once), hands each block that verified to `done`, and returns
+    /// the `pending` blocks still without bytes. Asking the owner, an error is final: it goes
+    /// to `done` too.
+    async fn ask(
+        &self,
+        plan: Vec<(Member, usize)>,
+        pending: &[usize],
+        wants: &[Want],
+        cached_only: bool,
+        via: &'static str,
+        done: &Done<'_>,
+    ) -> Vec<usize> {
+        let mut groups: Vec<(Member, Vec<usize>)> = Vec::new();
+        for (m, k) in plan {
+            match groups
+                .iter_mut()
+                .find(|(g, ks)| g.id == m.id && ks.len() < MAX_BLOCKS_PER_REQUEST)
+            {
+                Some((_, ks)) => ks.push(k),
+                None => groups.push((m, vec![k])),
+            }
+        }
+        let answered: Vec<Vec<usize>> =
+            futures::future::join_all(groups.iter().map(|(m, ks)| async move {
+                let indices: Vec<u64> = ks.iter().map(|&k| wants[k].index).collect();
+                let answer = self
+                    .peers
+                    .fetch_blocks(
+                        &m.id,
+                        m.peer_addr,
+                        &self.disk,
+                        (self.generation, self.epoch),
+                        &indices,
+                        cached_only,
+                    )
+                    .await;
+                self.take(m, ks, answer, wants, cached_only, via, done)
+            }))
+            .await;
+        let answered: std::collections::HashSet<usize> = answered.into_iter().flatten().collect();
+        pending
+            .iter()
+            .copied()
+            .filter(|k| !answered.contains(k))
+            .collect()
+    }
+
+    /// What member `m` answered for blocks `ks`: the ones handed to `done`.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &self,
+        m: &Member,
+        ks: &[usize],
+        answer: Result<Vec<(u64, Option<Bytes>)>>,
+        wants: &[Want],
+        cached_only: bool,
+        via: &'static str,
+        done: &Done<'_>,
+    ) -> Vec<usize> {
+        let is_owner = via == "owner";
+        let got = match answer {
+            Ok(got) => got,
+            Err(e) => {
+                metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => "error")
+                    .increment(ks.len() as u64);
+                tracing::debug!(member = %m.id, disk = %self.disk, error = %e, via, "block fetch failed");
+                if is_owner {
+                    for &k in ks {
+                        done(k, Err(e.clone()));
+                    }
+                    return ks.to_vec();
+                }
+                return Vec::new();
+            }
+        };
+        let mut handed = Vec::with_capacity(ks.len());
+        for &k in ks {
+            let w = &wants[k];
+            let bytes = got
+                .iter()
+                .find(|(i, _)| *i == w.index)
+                .and_then(|(_, b)| b.clone());
+            let Some(bytes) = bytes else {
+                if cached_only {
+                    self.maps.not_held(&m.id, w.index);
+                }
+                metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => "missing")
+                    .increment(1);
+                continue;
+            };
+            let verified = bytes.len() == w.len
+                && match w.expected {
+                    Some(fp) => fp.matches(&bytes),
+                    None => is_owner,
+                };
+            if !verified {
+                metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => "bad_bytes")
+                    .increment(1);
+                tracing::warn!(member = %m.id, disk = %self.disk, block = w.index, via, "a member sent bytes that do not match the owner's fingerprint; asking the next source");
+                if is_owner {
+                    done(
+                        k,
+                        Err(Error::Peer {
+                            node: m.id.clone(),
+                            cause: format!(
+                                "block {} of {:?} does not match the owner's own content map",
+                                w.index, self.disk
+                            ),
+                        }),
+                    );
+                    handed.push(k);
+                }
+                continue;
+            }
+            let source = if is_owner {
+                Source::Owner
+            } else {
+                metrics::counter!(telemetry::PEER_FETCHES, "via" => via).increment(1);
+                Source::Peer
+            };
+            done(k, Ok((bytes, source)));
+            handed.push(k);
+        }
+        handed
+    }
+
+    fn error(&self, op: &'static str, offset: u64, cause: String) -> OriginError {
+        OriginError::Io {
+            origin: self.describe.clone(),
+            op,
+            offset,
+            cause,
+        }
+    }
+}
+
+/// A remote disk as an origin: its size and name, and reads straight from the owner at this
+/// generation (the read path fetches blocks through [`Remote::fetch`] instead).
+impl Origin for Remote {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
+        Box::pin(async move {
+            let b = self
+                .peers
+                .read(
+                    &self.owner,
+                    self.addr,
+                    &self.disk,
+                    offset,
+                    len as u64,
+                    self.generation,
+                    self.epoch,
+                )
+                .await
+                .map_err(|e| self.error("read", offset, e.to_string()))?;
+            if b.len() != len {
+                return Err(OriginError::Short {
+                    origin: self.describe.clone(),
+                    offset,
+                    len: len as u64,
+                });
+            }
+            Ok(b)
+        })
+    }
+
+    fn write_at(&self, offset: u64, _data: Bytes) -> OriginFuture<'_, ()> {
+        Box::pin(async move {
+            Err(self.error(
+                "write",
+                offset,
+                "a shadow of a remote disk takes no writes".into(),
+            ))
+        })
+    }
+
+    fn flush(&self) -> OriginFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn identity(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What the owner's map says of a block, for [`Want::expected`]: `None` for a zero block
+/// (never fetched) is the caller's business; this only unwraps data.
+pub fn expected(r: Option<BlockRef>) -> Option<Fingerprint> {
+    match r {
+        Some(BlockRef::Data(fp)) => Some(fp),
+        _ => None,
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The home of block `index` of `disk` among `members` (the owner excluded): highest random
+/// weight, the same answer on every member that sees the same live set.
+pub fn home<'a>(members: &'a [Member], owner: &str, disk: &str, index: u64) -> Option<&'a Member> {
+    let key = mix64(fnv(disk) ^ mix64(index));
+    members
+        .iter()
+        .filter(|m| m.id != owner)
+        .max_by_key(|m| (mix64(fnv(&m.id) ^ key), m.id.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn m(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            disks_version: 0,
+            boot: 1,
+        }
+    }
+
+    #[test]
+    fn homes_spread_over_members_but_never_the_owner_and_move_little_when_one_leaves() {
+        let all = vec![m("a"), m("b"), m("c"), m("d")];
+        let mut count: HashMap<&str, u32> = HashMap::new();
+        for i in 0..4000 {
+            let h = home(&all, "a", "disk", i).expect("home");
+            assert_ne!(h.id, "a");
+            *count.entry(h.id.as_str()).or_default() += 1;
+        }
+        for id in ["b", "c", "d"] {
+            let n = count[id];
+            assert!(
+                (1100..1600).contains(&n),
+                "{id} is home of {n} of 4000 blocks"
+            );
+        }
+        // d leaves: only d's blocks move.
+        let three = vec![m("a"), m("b"), m("c")];
+        for i in 0..4000 {
+            let before = home(&all, "a", "disk", i).expect("home").id.clone();
+            let after = home(&three, "a", "disk", i).expect("home").id.clone();
+            if before != "d" {
+                assert_eq!(before, after, "block {i} moved although its home stayed");
+            }
+        }
+        assert!(home(&[m("a")], "a", "disk", 1).is_none());
+    }
+
+    #[test]
+    fn a_chunk_of_the_owners_map_never_stands_for_more_than_its_byte_limit() {
+        assert_eq!(Remote::chunk_blocks(16 << 10), MAP_CHUNK_BLOCKS);
+        assert_eq!(Remote::chunk_blocks(1 << 20), 64);
+        assert_eq!(Remote::chunk_blocks(4 << 10), MAP_CHUNK_BLOCKS);
+    }
+}
