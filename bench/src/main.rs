@@ -61,6 +61,9 @@ enum Command {
         /// Seconds per measured run.
         #[arg(long, default_value_t = 6)]
         seconds: u64,
+        /// Only the cold read at a member (owner and member node processes) beside qemu-nbd.
+        #[arg(long)]
+        cold_member_only: bool,
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -184,11 +187,13 @@ fn main() -> anyhow::Result<()> {
             Command::Nbd {
                 image,
                 seconds,
+                cold_member_only,
                 json,
             } => {
                 let out = nbd_bench::run_bench(nbd_bench::Options {
                     image_bytes: image.0,
                     seconds: seconds.max(1),
+                    cold_member_only,
                 })
                 .await?;
                 if let Some(path) = json {

@@ -3,7 +3,9 @@
 //! the same bytes, and shadowcache serving the image (d) from RAM hits, (e) from SSD hits, (f)
 //! cold, every read from the origin. For 4 KiB random reads at QD 1 and 32 with one and two
 //! connections, and 1 MiB sequential reads. Prints IOPS, bandwidth, p50/p99 latency, and for
-//! (d), (e), (f) each figure as a ratio to (c) and to (a). Asserts nothing.
+//! (d), (e), (f) each figure as a ratio to (c) and to (a). Then a cold read at a member: one
+//! pass of 1 MiB sequential reads over a sealed disk that only its owner (another node
+//! process) holds, side by side with one pass over qemu-nbd. Asserts nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,8 @@ pub struct Options {
     pub image_bytes: u64,
     /// Seconds per measured run (each after a warm pass of a third of it).
     pub seconds: u64,
+    /// Only the cold read at a member, beside qemu-nbd.
+    pub cold_member_only: bool,
 }
 
 struct Killed(Child);
@@ -129,6 +133,110 @@ fn fio(fio: &Path, uri: &str, size: u64, args: &[&str], seconds: u64) -> anyhow:
     }))
 }
 
+/// One pass of 1 MiB sequential reads over the whole export at QD 8 (not time-based): for a
+/// cold member each block is read once, so this is its cold read rate.
+fn fio_pass(fio: &Path, uri: &str, size: u64) -> anyhow::Result<Value> {
+    let t = std::time::Instant::now();
+    let out = run(Command::new(fio)
+        .arg("--name=b")
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--size={size}"))
+        .args(["--rw=read", "--bs=1m", "--iodepth=8", "--numjobs=1"])
+        .arg("--lat_percentiles=1")
+        .arg("--output-format=json"))?;
+    let secs = t.elapsed().as_secs_f64();
+    let v: Value = serde_json::from_str(&out[out.find('{').context("fio printed no JSON")?..])?;
+    let r = &v["jobs"][0]["read"];
+    let pct = |p: &str| r["lat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(json!({
+        "mb_s": (r["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6 * 10.0).round() / 10.0,
+        "p50_us": pct("50.000000"),
+        "p99_us": pct("99.000000"),
+        "wall_s": (secs * 100.0).round() / 100.0,
+    }))
+}
+
+/// A cold member: an owner node with the image sealed, a member node that has read nothing
+/// of it; one pass at the member beside one pass at qemu-nbd.
+fn cold_member(
+    dir: &Path,
+    image: &Path,
+    size: u64,
+    fio_bin: &Path,
+    qemu_uri: &str,
+) -> anyhow::Result<Value> {
+    let nbdinfo = need("nbdinfo", "libnbd-bin")?;
+    let owner_port = shadowcache_testkit::free_peer_port();
+    let member_port = shadowcache_testkit::free_peer_port();
+    let _owner = NodeProcess::start(
+        &dir.join("owner"),
+        &[
+            "--node-id=owner".into(),
+            format!("--peer-listen=127.0.0.1:{owner_port}"),
+            format!("--disk=img={},sealed", image.display()),
+        ],
+    );
+    let member_dir = dir.join("member");
+    let _member = NodeProcess::start(
+        &member_dir,
+        &[
+            "--node-id=member".into(),
+            format!("--peer-listen=127.0.0.1:{member_port}"),
+            format!("--seed=127.0.0.1:{owner_port}"),
+            format!("--ram-cache={}", size * 2),
+        ],
+    );
+    let uri = format!(
+        "nbd+unix:///img?socket={}",
+        member_dir.join("nbd.sock").display()
+    );
+    wait_for(
+        "the member to serve the owner's disk",
+        Duration::from_secs(60),
+        || {
+            Command::new(&nbdinfo)
+                .arg("--size")
+                .arg(&uri)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    );
+    eprintln!("cold member: qemu-nbd pass ...");
+    let qemu = fio_pass(fio_bin, qemu_uri, size)?;
+    eprintln!("cold member: shadowcache member pass ...");
+    let member = fio_pass(fio_bin, &uri, size)?;
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!();
+    println!(
+        "cold read at a member, 1 MiB sequential QD8, one pass over {} MiB",
+        size >> 20
+    );
+    println!(
+        "  {:<28} {:>9} {:>9} {:>9} {:>8}",
+        "server", "MB/s", "p50 µs", "p99 µs", "wall s"
+    );
+    for (name, v) in [
+        ("qemu-nbd (origin file)", &qemu),
+        ("shadowcache member (cold)", &member),
+    ] {
+        println!(
+            "  {:<28} {:>9.1} {:>9.1} {:>9.1} {:>8.2}",
+            name,
+            f(v, "mb_s"),
+            f(v, "p50_us"),
+            f(v, "p99_us"),
+            f(v, "wall_s")
+        );
+    }
+    let ratio = f(&member, "mb_s") / f(&qemu, "mb_s").max(1e-9);
+    println!("  member ÷ qemu-nbd: {ratio:.2}x MB/s");
+    Ok(
+        json!({"qemu-nbd": qemu, "member_cold": member, "ratio_mb_s": (ratio * 100.0).round() / 100.0}),
+    )
+}
+
 fn node(dir: &Path, image: &Path, name: &str, args: &[String]) -> anyhow::Result<Server> {
     let data = dir.join(name);
     let mut all = vec![format!("--node-id={name}")];
@@ -192,6 +300,10 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         _child: Some(q),
         _node: None,
     });
+    if opts.cold_member_only {
+        let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
+        return Ok(json!({"benchmark": "nbd", "image_bytes": size, "cold_member": cold}));
+    }
     let fs = dir.path().join("file.sock");
     let k = spawn(
         Command::new(&nbdkit)
@@ -269,6 +381,7 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         table.push((w, row));
     }
     print_table(&table, &servers);
+    let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
     let results: Vec<Value> = table
         .iter()
         .map(|(w, row)| json!({"workload": w, "servers": row}))
@@ -278,6 +391,7 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         "image_bytes": size,
         "seconds": opts.seconds,
         "results": results,
+        "cold_member": cold,
     }))
 }
 
