@@ -26,10 +26,12 @@ fi
 # when they are missing.
 [ -d ../shared/traces ] || echo "WARNING: ../shared/traces is missing; trace tests will fail" >&2
 
+# The fault tests (node/tests/faults.rs) need the node built with fail points.
+features=(--features shadowcache-node/failpoints)
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast --failure-output final
-  cargo test --workspace --doc
+  cargo nextest run --workspace "${features[@]}" --no-fail-fast --failure-output final
+  cargo test --workspace "${features[@]}" --doc
 else
   echo "cargo-nextest not found; using cargo test" >&2
-  cargo test --workspace --no-fail-fast
+  cargo test --workspace "${features[@]}" --no-fail-fast
 fi

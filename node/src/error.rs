@@ -73,10 +73,6 @@ pub enum Error {
         /// What went wrong.
         cause: String,
     },
-    /// A write found the disk detected-immutable: its leases must be revoked first. Handled
-    /// inside the node (never sent to a client).
-    #[error("disk {0:?} is detected-immutable; its leases are being revoked")]
-    Detected(String),
     /// A lease on a disk that is not detected at the generation asked for.
     #[error("no lease on disk {disk:?}: {why}")]
     NoLease {
@@ -125,8 +121,6 @@ pub enum ErrorKind {
     StaleGeneration,
     /// [`Error::Peer`].
     Peer,
-    /// [`Error::Detected`].
-    Detected,
     /// [`Error::NoLease`].
     NoLease,
     /// [`Error::State`].
@@ -156,7 +150,7 @@ pub enum Code {
 
 impl ErrorKind {
     /// Every kind, for the round-trip tests of the maps.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::UnknownDisk,
         ErrorKind::InvalidDiskId,
         ErrorKind::DiskExists,
@@ -168,7 +162,6 @@ impl ErrorKind {
         ErrorKind::Origin,
         ErrorKind::StaleGeneration,
         ErrorKind::Peer,
-        ErrorKind::Detected,
         ErrorKind::NoLease,
         ErrorKind::State,
     ];
@@ -187,7 +180,6 @@ impl ErrorKind {
             ErrorKind::Origin => "origin",
             ErrorKind::StaleGeneration => "stale_generation",
             ErrorKind::Peer => "peer",
-            ErrorKind::Detected => "detected",
             ErrorKind::NoLease => "no_lease",
             ErrorKind::State => "state",
         }
@@ -208,7 +200,7 @@ impl ErrorKind {
             ErrorKind::DiskExists => Code::AlreadyExists,
             ErrorKind::OutOfRange => Code::OutOfRange,
             ErrorKind::Sealed | ErrorKind::Unseal | ErrorKind::NoLease => Code::FailedPrecondition,
-            ErrorKind::Origin | ErrorKind::Peer | ErrorKind::Detected => Code::Unavailable,
+            ErrorKind::Origin | ErrorKind::Peer => Code::Unavailable,
             ErrorKind::State => Code::Internal,
             ErrorKind::StaleGeneration => Code::Aborted,
         }
@@ -230,7 +222,6 @@ impl Error {
             Error::Origin(_) => ErrorKind::Origin,
             Error::StaleGeneration { .. } => ErrorKind::StaleGeneration,
             Error::Peer { .. } => ErrorKind::Peer,
-            Error::Detected(_) => ErrorKind::Detected,
             Error::NoLease { .. } => ErrorKind::NoLease,
             Error::State(_) => ErrorKind::State,
             Error::Remote { kind, .. } => *kind,

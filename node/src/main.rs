@@ -39,6 +39,13 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Fail points from FAILPOINTS, in a build for fault tests only; said loudly.
+    #[cfg(feature = "failpoints")]
+    let _faults = {
+        let f = fail::FailScenario::setup();
+        tracing::warn!(failpoints = ?fail::list(), "built with fail points: a test build, not for production");
+        f
+    };
     if let Some(addr) = config.metrics {
         telemetry::install_prometheus(addr).map_err(anyhow::Error::msg)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");

@@ -386,20 +386,23 @@ impl ReadPath {
                             .await
                             .clone(),
                         None => {
-                            seat.cell
-                                .get_or_init(|| async move {
-                                    // The read that led this flight went away: load it here.
-                                    let got = parking_lot::Mutex::new(None);
-                                    self.load(disk, map, &[(index, fp)], route, &|_, r| {
-                                        *got.lock() = Some(r);
-                                    })
-                                    .await;
-                                    got.into_inner().unwrap_or_else(|| {
-                                        Err(Error::State("a block load ended without it".into()))
-                                    })
+                            // The read that led this flight went away: load it here.
+                            let alone = || async move {
+                                let got = parking_lot::Mutex::new(None);
+                                self.load(disk, map, &[(index, fp)], route, &|_, r| {
+                                    *got.lock() = Some(r);
                                 })
-                                .await
-                                .clone()
+                                .await;
+                                got.into_inner().unwrap_or_else(|| {
+                                    Err(Error::State("a block load ended without it".into()))
+                                })
+                            };
+                            match seat.cell.get_or_init(alone).await {
+                                Ok(b) => Ok(b.clone()),
+                                // The flight joined may have been another disk's, another
+                                // generation's or a home's: its failure is not this read's.
+                                Err(_) => alone().await,
+                            }
                         }
                     }
                 }

@@ -1,32 +1,32 @@
-//! The write path: writes and flushes of mutable disks, which this node owns.
+//! The write path, revocation included.
 //!
-//! A sealed disk (or one being sealed) refuses writes with "disk is sealed". A write to a
+//! Every write goes to the disk's owner: a disk another member owns is written there. At the
+//! owner, a sealed disk (or one being sealed) refuses writes with "disk is sealed". A write to a
 //! mutable disk goes straight to the origin; it is durable once a later flush returns. Mutable
 //! disks are never cached, so a write invalidates nothing. A write that finds the disk
-//! detected-immutable (or its leases being revoked) comes back as [`Error::Detected`]: the node
-//! ends the detection (every lease revoked, see `Node::end_detection`) and tries again.
+//! detected-immutable (or its leases being revoked) first ends the detection
+//! ([`Node::end_detection`]: no new leases, a new generation saved, every holder revoked or
+//! waited out), then writes. An owner restarted while a disk was detected holds writes to it
+//! for a lease term.
 //!
 //! Architecture invariant: every write holds the disk's in-flight guard for its whole duration,
 //! so a seal never completes while a write it did not refuse is still running.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::disk::Disk;
+use crate::disk::{Disk, DiskState, WriteGuard};
 use crate::error::{Error, Result};
-use crate::read::check_range;
+use crate::{Node, disk, read, telemetry};
 
-/// Writes `data` at `offset` of `disk`.
+/// Writes `data` at `offset` of `disk` under its write `guard`.
 ///
-/// The write runs in a task of its own that holds the disk's write guard until the origin has
-/// the bytes: a caller that goes away (a cancelled RPC) cannot let a seal slip in before a write
-/// that is still landing.
-pub async fn write(disk: &Arc<Disk>, offset: u64, data: Bytes) -> Result<()> {
-    check_range(disk, offset, data.len() as u64)?;
-    let Some(guard) = disk.begin_write()? else {
-        return Err(Error::Detected(disk.id.to_string()));
-    };
+/// The write runs in a task of its own that holds the guard until the origin has the bytes: a
+/// caller that goes away (a cancelled RPC) cannot let a seal slip in before a write that is
+/// still landing.
+async fn land(disk: &Arc<Disk>, guard: WriteGuard, offset: u64, data: Bytes) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
@@ -51,4 +51,149 @@ pub async fn flush(disk: &Disk) -> Result<()> {
         return Ok(());
     }
     disk.origin.flush().await.map_err(Into::into)
+}
+
+impl Node {
+    /// Writes `data` at `offset` of disk `disk`; a disk owned elsewhere is written at its owner.
+    pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+        match self.registry.get(disk) {
+            Ok(d) => self.write_owned(&d, offset, data).await,
+            Err(Error::UnknownDisk(_)) => {
+                let r = self.remote(disk)?;
+                read::check_span(disk, r.info.size_bytes, offset, data.len() as u64)?;
+                metrics::counter!(telemetry::FORWARDED, "rpc" => "write").increment(1);
+                self.cluster
+                    .peers
+                    .write(&r.owner, r.addr, disk, offset, data)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the acknowledged writes of `disk` durable, at its owner.
+    pub async fn flush(&self, disk: &str) -> Result<()> {
+        match self.registry.get(disk) {
+            Ok(d) => flush(&d).await,
+            Err(Error::UnknownDisk(_)) => {
+                let r = self.remote(disk)?;
+                metrics::counter!(telemetry::FORWARDED, "rpc" => "flush").increment(1);
+                self.cluster.peers.flush(&r.owner, r.addr, disk).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A write of a disk this node owns: waits out a post-restart fence, ends a detection
+    /// (revoking every lease) when it finds one, then writes.
+    pub(crate) async fn write_owned(
+        &self,
+        d: &Arc<disk::Disk>,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<()> {
+        read::check_range(d, offset, data.len() as u64)?;
+        if data.is_empty() {
+            // Nothing to write: no reason to end a detection for it.
+            return match d.state() {
+                DiskState::Sealed | DiskState::Sealing => Err(Error::Sealed(d.id.to_string())),
+                _ => Ok(()),
+            };
+        }
+        loop {
+            let fenced = d.owner.fenced_for(self.clock.now());
+            if !fenced.is_zero() {
+                tracing::info!(disk = %d.id, wait_ms = fenced.as_millis() as u64, "write waits until leases granted before the restart are over");
+                self.clock.sleep(fenced).await;
+                continue;
+            }
+            d.owner.record_write(self.clock.now());
+            match d.begin_write()? {
+                Some(guard) => return land(d, guard, offset, data).await,
+                // Detected, or its leases being revoked: end that first, then write.
+                None => self.end_detection(d, "write").await?,
+            }
+        }
+    }
+
+    /// Ends the detection of a disk this node owns: no new leases, a new generation saved,
+    /// every holder revoked (acknowledged, or its lease run out), then mutable again. Runs in a
+    /// task of its own, so a caller that goes away cannot leave the disk half way.
+    pub async fn end_detection(&self, d: &Arc<disk::Disk>, reason: &'static str) -> Result<()> {
+        let node = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::State("the node is shutting down".into()))?;
+        let d = d.clone();
+        tokio::spawn(async move { node.end_detection_to_the_end(&d, reason).await })
+            .await
+            .map_err(|e| Error::State(format!("revocation task: {e}")))?
+    }
+
+    async fn end_detection_to_the_end(
+        &self,
+        d: &Arc<disk::Disk>,
+        reason: &'static str,
+    ) -> Result<()> {
+        let _one = d.owner.revoking.lock().await;
+        let holders: Vec<(Arc<str>, Duration)> = {
+            let mut leases = d.owner.leases.lock();
+            if !d.begin_revoking() {
+                if d.state() == DiskState::Revoking {
+                    // A revocation task that did not finish (it cannot be cancelled, so it
+                    // panicked): its holders were taken; wait them out in full.
+                    let until = self.clock.now()
+                        + Duration::from_millis(
+                            self.config.lease.term_ms + self.config.lease.drift_margin_ms,
+                        );
+                    d.owner.fence(until);
+                    d.end_revoking();
+                }
+                return Ok(());
+            }
+            leases.drain().collect()
+        };
+        let old = d.generation() - 1;
+        let started = self.clock.now();
+        if let Err(e) = self.registry.save().await {
+            tracing::warn!(disk = %d.id, error = %e, "could not save the new generation; a restart will wait a lease term before writes");
+        }
+        self.cluster.disks_changed().await;
+        let live: Vec<(Arc<str>, Duration)> =
+            holders.into_iter().filter(|(_, e)| *e > started).collect();
+        let outcomes = futures::future::join_all(
+            live.iter()
+                .map(|(h, expiry)| self.cluster.revoke_holder(h, d.id.as_str(), old, *expiry)),
+        )
+        .await;
+        let stats = &self.cluster.stats;
+        for acked in &outcomes {
+            if *acked {
+                stats.revocations_acked.inc();
+            } else {
+                stats.revocations_expired.inc();
+                stats.owner_expiries.inc();
+            }
+        }
+        let waited = self.clock.now().saturating_sub(started);
+        stats.revocation_wait.record(waited.as_secs_f64());
+        stats.revocation_wait_ms.add(waited.as_millis() as u64);
+        d.owner.reset(self.clock.now());
+        d.end_revoking();
+        stats.undetections.inc();
+        if let Err(e) = self.registry.save().await {
+            tracing::warn!(disk = %d.id, error = %e, "could not save that the disk is mutable again");
+        }
+        self.cluster.disks_changed().await;
+        tracing::info!(
+            disk = %d.id,
+            reason,
+            generation = d.generation(),
+            holders = live.len(),
+            acked = outcomes.iter().filter(|a| **a).count(),
+            waited_ms = waited.as_millis() as u64,
+            "disk mutable again: every lease revoked"
+        );
+        Ok(())
+    }
 }

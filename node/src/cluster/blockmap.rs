@@ -19,12 +19,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use roaring::RoaringBitmap;
-use shadowcache_proto as pb;
 
 /// How often changes of a map are sent to subscribers.
 pub const DELTA_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest bitmap payload in one message.
 const MAX_BITS_BYTES: usize = 4 << 20;
+
+/// One message of a block map stream: `Peer.SubscribeBlockMap`'s `BlockMapUpdate` without
+/// the wire.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Update {
+    /// The generation the map is of.
+    pub generation: u64,
+    /// Forget what was known of this map before this message.
+    pub reset: bool,
+    /// Blocks held, as a roaring bitmap (portable serialization).
+    pub bits: Bytes,
+    /// Blocks no longer held.
+    pub removed: Vec<u32>,
+}
 
 #[derive(Debug, Default)]
 struct Held {
@@ -76,9 +89,9 @@ fn serialize(bits: &RoaringBitmap) -> Bytes {
 }
 
 /// `bits` as messages of at most [`MAX_BITS_BYTES`], the first one with `reset`.
-fn snapshot_messages(generation: u64, bits: &RoaringBitmap) -> Vec<pb::BlockMapUpdate> {
+fn snapshot_messages(generation: u64, bits: &RoaringBitmap) -> Vec<Update> {
     if bits.serialized_size() <= MAX_BITS_BYTES {
-        return vec![pb::BlockMapUpdate {
+        return vec![Update {
             generation,
             reset: true,
             bits: serialize(bits),
@@ -99,7 +112,7 @@ fn snapshot_messages(generation: u64, bits: &RoaringBitmap) -> Vec<pb::BlockMapU
     }
     out.iter()
         .enumerate()
-        .map(|(n, p)| pb::BlockMapUpdate {
+        .map(|(n, p)| Update {
             generation,
             reset: n == 0,
             bits: serialize(p),
@@ -114,7 +127,7 @@ pub fn serve(
     held: Arc<dyn AsHeld>,
     generation: u64,
     alive: impl Fn() -> bool + Send + 'static,
-) -> tokio::sync::mpsc::Receiver<Result<pb::BlockMapUpdate, tonic::Status>> {
+) -> tokio::sync::mpsc::Receiver<Update> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let mut sent = RoaringBitmap::new();
@@ -144,7 +157,7 @@ pub fn serve(
                     m
                 };
                 if !removed.is_empty() {
-                    msgs.push(pb::BlockMapUpdate {
+                    msgs.push(Update {
                         generation,
                         reset: false,
                         bits: Bytes::new(),
@@ -154,7 +167,7 @@ pub fn serve(
                 msgs
             };
             for m in msgs {
-                if tx.send(Ok(m)).await.is_err() {
+                if tx.send(m).await.is_err() {
                     return;
                 }
             }
@@ -218,7 +231,7 @@ impl RemoteMaps {
 
     /// Applies one update from `member`; an update that does not decode drops its map. Returns
     /// the bytes it carried.
-    pub fn apply(&self, member: &str, u: &pb::BlockMapUpdate) -> Result<u64, String> {
+    pub fn apply(&self, member: &str, u: &Update) -> Result<u64, String> {
         if u.generation != self.generation {
             return Err(format!(
                 "map of generation {} for generation {}",
@@ -301,7 +314,7 @@ mod tests {
         let a = alive.clone();
         let mut rx = serve(d.clone(), 7, move || a.load(Ordering::SeqCst));
         let remote = RemoteMaps::new(7, 1);
-        let first = rx.recv().await.expect("snapshot").expect("ok");
+        let first = rx.recv().await.expect("snapshot");
         assert!(first.reset);
         remote.apply("m", &first).expect("apply");
         assert_eq!(remote.holders(5), vec!["m".to_string()]);
@@ -310,7 +323,7 @@ mod tests {
         d.0.remove(1);
         let mut seen = 0;
         while seen < 2 {
-            let u = rx.recv().await.expect("delta").expect("ok");
+            let u = rx.recv().await.expect("delta");
             assert!(!u.reset);
             remote.apply("m", &u).expect("apply");
             seen = usize::from(!remote.holders(6).is_empty())
@@ -322,7 +335,7 @@ mod tests {
         let mut stale = first.clone();
         stale.generation = 6;
         assert!(remote.apply("m", &stale).is_err());
-        let garbled = pb::BlockMapUpdate {
+        let garbled = Update {
             generation: 7,
             reset: true,
             bits: Bytes::from_static(b"not a bitmap"),

@@ -169,6 +169,11 @@ impl Remote {
         ContentMap::owner_copy(Self::chunk_blocks(block_bytes), OWNER_MAP_MAX_BLOCKS)
     }
 
+    /// The disk's epoch at its owner.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The owner's node id.
     pub fn owner(&self) -> &str {
         &self.owner
@@ -203,7 +208,11 @@ impl Remote {
         // Read-ahead: a reader in the second half of a chunk will want the next one soon.
         if let (Some(&last_chunk), Some(&last)) = (wanted.last(), indices.last()) {
             let next = last_chunk + 1;
-            if last % per >= per / 2 && next * per < self.total_blocks() && !map.has_chunk(next) {
+            if last % per >= per / 2
+                && next * per < self.total_blocks()
+                && !map.has_chunk(next)
+                && !self.chunk_flights.contains_key(&next)
+            {
                 let (this, map) = (self.clone(), map.clone());
                 tokio::spawn(async move {
                     let _ = this.chunk(&map, next).await;
@@ -313,8 +322,8 @@ impl Remote {
             }
             pending.retain(|&k| {
                 let w = &wants[k];
-                let h = w.expected.and_then(|_| {
-                    home(&members, &self.owner, &self.disk, w.index).filter(|h| h.id != self.me)
+                let h = w.expected.and_then(|fp| {
+                    home(&members, &self.owner, content_key(&fp)).filter(|h| h.id != self.me)
                 });
                 match h {
                     Some(h) => {
@@ -573,10 +582,19 @@ fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The home of block `index` of `disk` among `members` (the owner excluded): highest random
-/// weight, the same answer on every member that sees the same live set.
-pub fn home<'a>(members: &'a [Member], owner: &str, disk: &str, index: u64) -> Option<&'a Member> {
-    let key = mix64(fnv(disk) ^ mix64(index));
+/// The rendezvous key of a block's content: its home is the same whatever disk or block holds
+/// that content, so a home's own load of it never waits on another home (two homes cannot
+/// wait on each other for one fingerprint), and one content leaves the owner once.
+pub fn content_key(fp: &Fingerprint) -> u64 {
+    u64::from_le_bytes([
+        fp.0[0], fp.0[1], fp.0[2], fp.0[3], fp.0[4], fp.0[5], fp.0[6], fp.0[7],
+    ])
+}
+
+/// The home of the content with rendezvous `key` among `members` (the owner excluded):
+/// highest random weight, the same answer on every member that sees the same live set.
+pub fn home<'a>(members: &'a [Member], owner: &str, key: u64) -> Option<&'a Member> {
+    let key = mix64(key);
     members
         .iter()
         .filter(|m| m.id != owner)
@@ -603,7 +621,7 @@ mod tests {
         let all = vec![m("a"), m("b"), m("c"), m("d")];
         let mut count: HashMap<&str, u32> = HashMap::new();
         for i in 0..4000 {
-            let h = home(&all, "a", "disk", i).expect("home");
+            let h = home(&all, "a", mix64(i)).expect("home");
             assert_ne!(h.id, "a");
             *count.entry(h.id.as_str()).or_default() += 1;
         }
@@ -617,13 +635,13 @@ mod tests {
         // d leaves: only d's blocks move.
         let three = vec![m("a"), m("b"), m("c")];
         for i in 0..4000 {
-            let before = home(&all, "a", "disk", i).expect("home").id.clone();
-            let after = home(&three, "a", "disk", i).expect("home").id.clone();
+            let before = home(&all, "a", mix64(i)).expect("home").id.clone();
+            let after = home(&three, "a", mix64(i)).expect("home").id.clone();
             if before != "d" {
                 assert_eq!(before, after, "block {i} moved although its home stayed");
             }
         }
-        assert!(home(&[m("a")], "a", "disk", 1).is_none());
+        assert!(home(&[m("a")], "a", 1).is_none());
     }
 
     #[test]

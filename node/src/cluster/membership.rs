@@ -1,7 +1,9 @@
 //! Membership: who is in the cluster and alive, and the small facts each member advertises.
 //!
-//! Real clusters use chitchat (scuttlebutt gossip over UDP with a phi-accrual failure
-//! detector; it is what Quickwit runs on). A node without peers runs a static membership of one.
+//! Behind the [`Membership`] trait: real clusters use [`Gossip`] (chitchat: scuttlebutt gossip
+//! over UDP with a phi-accrual failure detector; it is what Quickwit runs on); a node without
+//! peers runs a [`Static`] membership of one; tests run several nodes in one process over
+//! [`InProcess`], whose live set the test changes itself.
 //! Each member advertises, as gossip key-values, its Peer gRPC address and a `disks_version`
 //! counter that changes whenever its disk registry does; bulk state (disk lists, later block
 //! maps) travels over gRPC, never in gossip datagrams.
@@ -18,7 +20,20 @@ use std::time::Duration;
 
 use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
+use futures::future::BoxFuture;
 use tokio::sync::watch;
+
+/// Who is in the cluster and alive. See the module doc for the guarantees.
+pub trait Membership: Send + Sync + std::fmt::Debug {
+    /// This node.
+    fn me(&self) -> &Member;
+    /// A receiver that sees every change of the live set (this node included, sorted by id).
+    fn watch(&self) -> watch::Receiver<Vec<Member>>;
+    /// Advertises a new disk registry version.
+    fn set_disks_version(&self, version: u64) -> BoxFuture<'_, ()>;
+    /// Leaves the cluster. Idempotent.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
 
 const KEY_PEER_ADDR: &str = "peer_addr";
 const KEY_DISKS_VERSION: &str = "disks_version";
@@ -65,21 +80,134 @@ pub struct MembershipError {
     cause: String,
 }
 
-/// The live members of the cluster, kept current.
-pub struct Membership {
+/// The live members of a cluster joined by gossip, kept current.
+pub struct Gossip {
     me: Member,
-    chitchat: Option<Arc<tokio::sync::Mutex<chitchat::Chitchat>>>,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     handle: parking_lot::Mutex<Option<ChitchatHandle>>,
     members: watch::Receiver<Vec<Member>>,
-    _static: Option<watch::Sender<Vec<Member>>>,
 }
 
-impl std::fmt::Debug for Membership {
+impl std::fmt::Debug for Gossip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Membership")
-            .field("me", &self.me)
-            .field("gossip", &self.chitchat.is_some())
-            .finish()
+        f.debug_struct("Gossip").field("me", &self.me).finish()
+    }
+}
+
+/// A cluster of this node alone.
+#[derive(Debug)]
+pub struct Static {
+    me: Member,
+    members: watch::Sender<Vec<Member>>,
+}
+
+impl Static {
+    /// This node alone.
+    pub fn single(node_id: &str, peer_addr: SocketAddr) -> Static {
+        let me = Member {
+            id: node_id.to_string(),
+            peer_addr,
+            disks_version: 0,
+            boot: 0,
+        };
+        Static {
+            members: watch::Sender::new(vec![me.clone()]),
+            me,
+        }
+    }
+}
+
+impl Membership for Static {
+    fn me(&self) -> &Member {
+        &self.me
+    }
+
+    fn watch(&self) -> watch::Receiver<Vec<Member>> {
+        self.members.subscribe()
+    }
+
+    fn set_disks_version(&self, _version: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Members of one process that see each other: the test decides who is alive
+/// ([`InProcess::remove`]), and every member sees the change at once.
+#[derive(Debug, Clone, Default)]
+pub struct InProcess {
+    live: Arc<watch::Sender<Vec<Member>>>,
+}
+
+/// One member of an [`InProcess`] cluster.
+#[derive(Debug)]
+pub struct InProcessMember {
+    me: Member,
+    cluster: InProcess,
+}
+
+impl InProcess {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        InProcess::default()
+    }
+
+    /// `id` joins (a later incarnation of an id replaces the earlier one), reachable at
+    /// `peer_addr` (only a name here: nothing listens on it).
+    pub fn join(&self, id: &str, peer_addr: SocketAddr, boot: u64) -> Arc<InProcessMember> {
+        let me = Member {
+            id: id.to_string(),
+            peer_addr,
+            disks_version: 0,
+            boot,
+        };
+        self.live.send_modify(|v| {
+            v.retain(|m| m.id != id);
+            v.push(me.clone());
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+        });
+        Arc::new(InProcessMember {
+            me,
+            cluster: self.clone(),
+        })
+    }
+
+    /// `id` is dead to everyone.
+    pub fn remove(&self, id: &str) {
+        self.live.send_modify(|v| v.retain(|m| m.id != id));
+    }
+}
+
+impl Membership for InProcessMember {
+    fn me(&self) -> &Member {
+        &self.me
+    }
+
+    fn watch(&self) -> watch::Receiver<Vec<Member>> {
+        self.cluster.live.subscribe()
+    }
+
+    fn set_disks_version(&self, version: u64) -> BoxFuture<'_, ()> {
+        self.cluster.live.send_modify(|v| {
+            for m in v
+                .iter_mut()
+                .filter(|m| m.id == self.me.id && m.boot == self.me.boot)
+            {
+                m.disks_version = version;
+            }
+        });
+        Box::pin(async {})
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        let (id, boot) = (self.me.id.clone(), self.me.boot);
+        self.cluster
+            .live
+            .send_modify(|v| v.retain(|m| !(m.id == id && m.boot == boot)));
+        Box::pin(async {})
     }
 }
 
@@ -95,27 +223,9 @@ fn parse_member(id: &ChitchatId, state: &chitchat::NodeState) -> Option<Member> 
     })
 }
 
-impl Membership {
-    /// A cluster of this node alone.
-    pub fn single(node_id: &str, peer_addr: SocketAddr) -> Membership {
-        let me = Member {
-            id: node_id.to_string(),
-            peer_addr,
-            disks_version: 0,
-            boot: 0,
-        };
-        let (tx, rx) = watch::channel(vec![me.clone()]);
-        Membership {
-            me,
-            chitchat: None,
-            handle: parking_lot::Mutex::new(None),
-            members: rx,
-            _static: Some(tx),
-        }
-    }
-
+impl Gossip {
     /// Joins (or founds) a cluster by gossip.
-    pub async fn join(cfg: GossipConfig) -> Result<Membership, MembershipError> {
+    pub async fn join(cfg: GossipConfig) -> Result<Gossip, MembershipError> {
         let generation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -187,47 +297,42 @@ impl Membership {
                 }
             }
         });
-        Ok(Membership {
+        Ok(Gossip {
             me,
-            chitchat: Some(handle.chitchat()),
+            chitchat: handle.chitchat(),
             handle: parking_lot::Mutex::new(Some(handle)),
             members: rx,
-            _static: None,
         })
     }
+}
 
-    /// This node.
-    pub fn me(&self) -> &Member {
+impl Membership for Gossip {
+    fn me(&self) -> &Member {
         &self.me
     }
 
-    /// The live members now, sorted by id, this node included.
-    pub fn members(&self) -> Vec<Member> {
-        self.members.borrow().clone()
-    }
-
-    /// A receiver that sees every change of the live set.
-    pub fn watch(&self) -> watch::Receiver<Vec<Member>> {
+    fn watch(&self) -> watch::Receiver<Vec<Member>> {
         self.members.clone()
     }
 
-    /// Advertises a new disk registry version.
-    pub async fn set_disks_version(&self, version: u64) {
-        if let Some(c) = &self.chitchat {
-            c.lock()
+    fn set_disks_version(&self, version: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.chitchat
+                .lock()
                 .await
                 .self_node_state()
                 .set(KEY_DISKS_VERSION, version);
-        }
+        })
     }
 
-    /// Leaves the cluster (stops gossiping; peers see this node go dead). Idempotent.
-    pub async fn shutdown(&self) {
-        let handle = self.handle.lock().take();
-        if let Some(h) = handle
-            && let Err(e) = h.shutdown().await
-        {
-            tracing::warn!(error = %e, "gossip shutdown");
-        }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let handle = self.handle.lock().take();
+            if let Some(h) = handle
+                && let Err(e) = h.shutdown().await
+            {
+                tracing::warn!(error = %e, "gossip shutdown");
+            }
+        })
     }
 }

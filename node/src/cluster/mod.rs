@@ -23,7 +23,6 @@ pub mod fetch;
 pub mod lease;
 pub mod membership;
 pub mod peers;
-pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,16 +31,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use shadowcache_proto as pb;
 use tokio::sync::watch;
 
 pub use lease::HolderLease;
 pub use membership::{GossipConfig, Member, Membership};
-pub use peers::Peers;
+pub use peers::{PeerService, Peers};
 
+use crate::admin::DiskInfo;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::disk::{Disk, DiskId};
+use crate::disk::{Disk, DiskId, DiskMode};
 use crate::telemetry::LeaseStats;
 
 /// How long a refused (or failed) lease request is believed before another is sent.
@@ -77,14 +76,14 @@ pub struct RemoteDisk {
     /// The owner's Peer address.
     pub addr: SocketAddr,
     /// The disk as its owner describes it.
-    pub info: pb::DiskInfo,
+    pub info: DiskInfo,
 }
 
 /// This node's view of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
     me: String,
-    membership: Membership,
+    membership: Arc<dyn Membership>,
     members: watch::Receiver<Vec<Member>>,
     /// Clients of the other members' Peer services.
     pub peers: Arc<Peers>,
@@ -108,42 +107,28 @@ pub struct Cluster {
     drift_margin: Duration,
     /// Lease and detection counters of this node.
     pub stats: LeaseStats,
-    /// Mutual TLS on the Peer service, if configured.
-    pub tls: Option<tls::PeerTls>,
 }
 
 impl Cluster {
-    /// Joins the cluster the config describes, or makes a cluster of one.
-    pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Cluster>> {
+    /// This node's view of the cluster `membership` keeps, calling members over `service`.
+    pub fn start(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        membership: Arc<dyn Membership>,
+        service: Arc<dyn PeerService>,
+    ) -> Arc<Cluster> {
         let c = &config.cluster;
-        let tls = c.tls.as_ref().map(tls::PeerTls::load).transpose()?;
-        let membership = match c.peer_listen {
-            Some(listen) => {
-                Membership::join(GossipConfig {
-                    node_id: config.node_id.clone(),
-                    cluster_id: c.cluster_id.clone(),
-                    listen,
-                    advertise: c.advertise.unwrap_or(listen),
-                    advertise_rpc: c.advertise_rpc.or(c.advertise).unwrap_or(listen),
-                    seeds: c.seeds.clone(),
-                    gossip_interval: Duration::from_millis(c.gossip_interval_ms),
-                    phi_threshold: c.phi_threshold,
-                })
-                .await?
-            }
-            None => Membership::single(&config.node_id, SocketAddr::from(([127, 0, 0, 1], 0))),
-        };
-        Ok(Arc::new(Cluster {
+        Arc::new(Cluster {
             me: config.node_id.clone(),
             members: membership.watch(),
             membership,
             peers: Arc::new(Peers::new(
-                &config.node_id,
+                service,
+                clock.clone(),
                 Duration::from_millis(c.rpc_timeout_ms),
                 Duration::from_millis(
                     c.rpc_timeout_ms + config.lease.term_ms + config.lease.drift_margin_ms,
                 ) * 2,
-                tls.as_ref().map(|t| t.client.clone()),
             )),
             remote: DashMap::new(),
             shadows: DashMap::new(),
@@ -159,8 +144,7 @@ impl Cluster {
             lease_term: Duration::from_millis(config.lease.term_ms),
             drift_margin: Duration::from_millis(config.lease.drift_margin_ms),
             stats: LeaseStats::new(),
-            tls,
-        }))
+        })
     }
 
     /// Whether `id` is a live member now (this node included).
@@ -215,7 +199,7 @@ impl Cluster {
             lease.generation,
             lease.epoch,
         );
-        match tokio::time::timeout(self.rpc_timeout, asked).await {
+        match crate::clock::timeout(&*self.clock, self.rpc_timeout, asked).await {
             Ok(Ok(term)) => {
                 let term = term.min(self.lease_term * 10);
                 lease.granted(sent, term, self.drift_margin) && lease.valid(self.clock.now())
@@ -283,13 +267,15 @@ impl Cluster {
                 .map(|m| m.peer_addr);
             if let Some(addr) = addr {
                 let call = self.peers.revoke(holder, addr, disk, generation);
-                if let Ok(Ok(())) = tokio::time::timeout(left.min(self.rpc_timeout), call).await {
+                if let Ok(Ok(())) =
+                    crate::clock::timeout(&*self.clock, left.min(self.rpc_timeout), call).await
+                {
                     return true;
                 }
             }
             // Unreachable or not a member any more: try again until the lease is surely over.
             let left = expiry.saturating_sub(self.clock.now());
-            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+            self.clock.sleep(left.min(Duration::from_millis(100))).await;
         }
     }
 
@@ -337,9 +323,7 @@ impl Cluster {
     /// goes.
     fn sync_shadows(&self) {
         let now = self.clock.now();
-        let cached = |mode: i32| {
-            mode == pb::DiskMode::Sealed as i32 || mode == pb::DiskMode::Detected as i32
-        };
+        let cached = |mode: DiskMode| mode == DiskMode::Sealed || mode == DiskMode::Detected;
         self.shadows.retain(|id, sh| {
             let keep = self.remote.get(id).is_some_and(|r| {
                 cached(r.info.mode)
@@ -348,7 +332,7 @@ impl Cluster {
                     && r.info.epoch == sh.epoch
                     && r.owner == sh.owner
                     && r.addr == sh.addr
-                    && (r.info.mode == pb::DiskMode::Detected as i32) == sh.lease.is_some()
+                    && (r.info.mode == DiskMode::Detected) == sh.lease.is_some()
             });
             if !keep && let Some(l) = &sh.lease {
                 l.revoke(now);
@@ -359,7 +343,7 @@ impl Cluster {
             if !self.cache_remote || !cached(r.info.mode) || self.shadows.contains_key(r.key()) {
                 continue;
             }
-            let detected = r.info.mode == pb::DiskMode::Detected as i32;
+            let detected = r.info.mode == DiskMode::Detected;
             if detected
                 && self
                     .revoked
@@ -442,11 +426,11 @@ impl Cluster {
         let mut stop_renewing = stopped.clone();
         let renewer = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(renewer.lease_term / 6);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Renewals are lease timing: they wait on the node's clock.
             loop {
+                renewer.renew_leases().await;
                 tokio::select! {
-                    _ = tick.tick() => renewer.renew_leases().await,
+                    () = renewer.clock.sleep(renewer.lease_term / 6) => {},
                     _ = stop_renewing.changed() => break,
                 }
             }
@@ -502,17 +486,17 @@ impl Cluster {
                 continue;
             }
             match self.peers.owned_disks(&m.id, m.peer_addr).await {
-                Ok(list) => {
+                Ok((disks, disks_version)) => {
                     if self.fetched.get(&m.id).is_some_and(|v| v.0 != m.boot) {
                         tracing::info!(member = %m.id, "member restarted; its disks are read anew");
                     }
                     // Entries are replaced in place and the member's vanished disks removed
                     // after: a concurrent read never sees a disk of this member missing.
                     let ids: std::collections::HashSet<String> =
-                        list.disks.iter().map(|d| d.id.clone()).collect();
+                        disks.iter().map(|d| d.id.clone()).collect();
                     self.remote
                         .retain(|id, r| r.owner != m.id || ids.contains(id));
-                    for d in list.disks {
+                    for d in disks {
                         if local(&d.id) {
                             tracing::warn!(disk = %d.id, owner = %m.id, "a disk of this id is local here; the remote one is ignored");
                             continue;
@@ -534,8 +518,7 @@ impl Cluster {
                             },
                         );
                     }
-                    self.fetched
-                        .insert(m.id.clone(), (m.boot, list.disks_version));
+                    self.fetched.insert(m.id.clone(), (m.boot, disks_version));
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");

@@ -1,5 +1,15 @@
-//! Clients of other members' Peer services: one lazily connected channel per member, every
-//! call with a deadline and explicit message limits.
+//! Calls to other members' Peer services, behind [`PeerService`]: the gRPC client in
+//! production (`frontend/peer_client.rs`), an in-process one in tests (`inprocess.rs`), so that
+//! the lease, revocation and fetch logic runs unchanged over either.
+//!
+//! [`Peers`] wraps the service with what every transport needs the same way: a deadline on
+//! every call, counted on the node's [`Clock`] (writes get a longer one: the owner may wait for
+//! a lease to run out before it applies them); the count of block fetches in flight to each
+//! member (its load, for choosing among holders); and the checks of what came back (a read of
+//! the length asked, a content map of the block size and generation asked).
+//!
+//! Architecture invariant: no protocol type here; a member's answer is a node [`Error`] of the
+//! kind it reported, or [`Error::Peer`] when it could not answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,29 +18,119 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use shadowcache_proto as pb;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 
-use crate::cache::Fingerprint;
+use super::blockmap::Update;
+use crate::admin::DiskInfo;
+use crate::clock::Clock;
 use crate::disk::BlockRef;
 use crate::error::{Error, Result};
 
-/// Why a call to a peer failed, as a node error: the member's own answer keeps its kind and
-/// message; anything else means the member could not serve it (UNAVAILABLE).
-fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
-    crate::frontend::status::from_status(node, disk, &s)
+/// Blocks a member sent: (index, bytes), `None` where it had none.
+pub type FetchedBlocks = Vec<(u64, Option<Bytes>)>;
+
+/// A member's block map, as it streams.
+pub type BlockMapStream = BoxStream<'static, Result<Update>>;
+
+/// One chunk of an owner's content map, as it answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapChunk {
+    /// The generation it is of.
+    pub generation: u64,
+    /// The owner's block size.
+    pub block_bytes: u64,
+    /// (block index, what it holds).
+    pub entries: Vec<(u64, BlockRef)>,
 }
 
-/// Channels to the other members.
+/// Where a call goes: a member and its Peer address.
+#[derive(Debug, Clone, Copy)]
+pub struct To<'a> {
+    /// The member's node id.
+    pub node: &'a str,
+    /// Its Peer address.
+    pub addr: SocketAddr,
+}
+
+/// The Peer service of other members, as this node calls it. Every method is one request;
+/// deadlines are the caller's ([`Peers`]).
+pub trait PeerService: Send + Sync + std::fmt::Debug {
+    /// The disks `to` owns, and the registry version it advertises.
+    fn owned_disks<'a>(&'a self, to: To<'a>) -> BoxFuture<'a, Result<(Vec<DiskInfo>, u64)>>;
+    /// A lease (or its renewal) on (disk, generation, epoch): the term granted.
+    fn lease<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Duration>>;
+    /// Tells a holder to stop serving (disk, generation); Ok once it has.
+    fn revoke<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Reads at the owner; with a `generation` (not 0), only at that generation and `epoch`.
+    fn read<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        length: u64,
+        generation_epoch: (u64, u64),
+    ) -> BoxFuture<'a, Result<Bytes>>;
+    /// Writes at the owner.
+    fn write<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Flushes at the owner.
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Entries of the owner's content map in [first, first + count).
+    fn content_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation_epoch: (u64, u64),
+        first: u64,
+        count: u32,
+    ) -> BoxFuture<'a, Result<MapChunk>>;
+    /// Blocks of `disk`: (index, bytes), `None` where the member had none. Unverified.
+    fn fetch_blocks<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation_epoch: (u64, u64),
+        indices: &'a [u64],
+        cached_only: bool,
+    ) -> BoxFuture<'a, Result<FetchedBlocks>>;
+    /// The member's block map of (disk, generation, epoch), as it changes.
+    fn subscribe_block_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<BlockMapStream>>;
+    /// Forgets what is kept for `node` (it left the cluster).
+    fn forget(&self, node: &str);
+}
+
+/// Calls to other members with deadlines, load counts and checks (see the module doc).
 #[derive(Debug)]
 pub struct Peers {
-    me: String,
+    service: Arc<dyn PeerService>,
+    clock: Arc<dyn Clock>,
     timeout: Duration,
     write_timeout: Duration,
-    channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
     /// Block fetches in flight to each member (its load, for choosing among holders).
     inflight: DashMap<String, Arc<AtomicU64>>,
-    tls: Option<ClientTlsConfig>,
 }
 
 /// Counts one fetch in flight to a member while it lives.
@@ -43,77 +143,39 @@ impl Drop for InFlight {
 }
 
 impl Peers {
-    /// Clients on behalf of node `me`, with `timeout` on every call but writes, which get
-    /// `write_timeout` (they may wait for a lease to run out at the owner).
-    /// With `tls`, every call is made over mutual TLS.
+    /// Calls over `service`, with `timeout` on every call but writes, which get
+    /// `write_timeout`, both counted on `clock`.
     pub fn new(
-        me: &str,
+        service: Arc<dyn PeerService>,
+        clock: Arc<dyn Clock>,
         timeout: Duration,
         write_timeout: Duration,
-        tls: Option<ClientTlsConfig>,
     ) -> Self {
         Peers {
-            me: me.to_string(),
+            service,
+            clock,
             timeout,
             write_timeout,
-            channels: DashMap::new(),
             inflight: DashMap::new(),
-            tls,
         }
     }
 
-    /// The client for `node` at `addr` (a new channel if the address changed).
-    fn client(&self, node: &str, addr: SocketAddr) -> Result<pb::peer_client::PeerClient<Channel>> {
-        if let Some(c) = self.channels.get(node)
-            && c.0 == addr
-        {
-            return Ok(c.1.clone());
-        }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint =
-            Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| Error::Peer {
-                node: node.to_string(),
-                cause: e.to_string(),
-            })?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Error::Peer {
-                node: node.to_string(),
-                cause: format!("tls: {e}"),
-            })?;
-        }
-        let endpoint = endpoint
-            .connect_timeout(self.timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            // A peer that vanishes without a FIN (a cut link) is noticed by keepalive, not
-            // by the next call's deadline alone.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(self.timeout.min(Duration::from_secs(10)))
-            .keep_alive_while_idle(true);
-        let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
-        self.channels
-            .insert(node.to_string(), (addr, client.clone()));
-        Ok(client)
-    }
-
-    /// Runs one call with the deadline (tonic's `timeout` covers the response headers only; a
-    /// stream that stalls after them is cut here).
+    /// Runs one call with a deadline (a stream that stalls after its first answer is the
+    /// caller's to bound).
     async fn deadline<T>(
         &self,
         node: &str,
         disk: &str,
+        limit: Duration,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, call).await {
+        match crate::clock::timeout(&*self.clock, limit, call).await {
             Ok(r) => r,
             Err(_) => Err(Error::Peer {
                 node: node.to_string(),
                 cause: format!(
                     "no answer within {} ms{}",
-                    self.timeout.as_millis(),
+                    limit.as_millis(),
                     if disk.is_empty() {
                         String::new()
                     } else {
@@ -124,9 +186,9 @@ impl Peers {
         }
     }
 
-    /// Forgets a member's channel (it left the cluster).
+    /// Forgets a member (it left the cluster).
     pub fn forget(&self, node: &str) {
-        self.channels.remove(node);
+        self.service.forget(node);
         self.inflight.remove(node);
     }
 
@@ -137,8 +199,8 @@ impl Peers {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    /// Subscribes to `node`'s block map of (disk, generation, epoch). No deadline: the stream
-    /// lives as long as the map does (HTTP/2 keepalive notices a dead peer).
+    /// Subscribes to `node`'s block map of (disk, generation, epoch). The deadline covers the
+    /// subscription; the stream lives as long as the map does.
     pub async fn subscribe_block_map(
         &self,
         node: &str,
@@ -146,36 +208,23 @@ impl Peers {
         disk: &str,
         generation: u64,
         epoch: u64,
-    ) -> Result<tonic::Streaming<pb::BlockMapUpdate>> {
-        let mut c = self.client(node, addr)?;
-        self.deadline(node, disk, async {
-            c.subscribe_block_map(pb::BlockMapRequest {
-                disk: disk.to_string(),
-                generation,
-                epoch,
-                from_node: self.me.clone(),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| peer_error(node, disk, s))
-        })
+    ) -> Result<BlockMapStream> {
+        let to = To { node, addr };
+        self.deadline(
+            node,
+            disk,
+            self.timeout,
+            self.service
+                .subscribe_block_map(to, disk, generation, epoch),
+        )
         .await
     }
 
-    /// The disks `node` owns.
-    pub async fn owned_disks(
-        &self,
-        node: &str,
-        addr: SocketAddr,
-    ) -> Result<pb::OwnedDisksResponse> {
-        let mut c = self.client(node, addr)?;
-        self.deadline(node, "", async {
-            c.owned_disks(pb::OwnedDisksRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| peer_error(node, "", s))
-        })
-        .await
+    /// The disks `node` owns and its registry version.
+    pub async fn owned_disks(&self, node: &str, addr: SocketAddr) -> Result<(Vec<DiskInfo>, u64)> {
+        let to = To { node, addr };
+        self.deadline(node, "", self.timeout, self.service.owned_disks(to))
+            .await
     }
 
     /// Asks `node` (the owner) for a lease on (disk, generation, epoch): the term granted.
@@ -187,18 +236,13 @@ impl Peers {
         generation: u64,
         epoch: u64,
     ) -> Result<Duration> {
-        let mut c = self.client(node, addr)?;
-        self.deadline(node, disk, async {
-            c.lease(pb::LeaseRequest {
-                disk: disk.to_string(),
-                generation,
-                epoch,
-                from_node: self.me.clone(),
-            })
-            .await
-            .map(|r| Duration::from_millis(r.into_inner().term_ms))
-            .map_err(|s| peer_error(node, disk, s))
-        })
+        let to = To { node, addr };
+        self.deadline(
+            node,
+            disk,
+            self.timeout,
+            self.service.lease(to, disk, generation, epoch),
+        )
         .await
     }
 
@@ -210,17 +254,13 @@ impl Peers {
         disk: &str,
         generation: u64,
     ) -> Result<()> {
-        let mut c = self.client(node, addr)?;
-        self.deadline(node, disk, async {
-            c.revoke(pb::RevokeRequest {
-                disk: disk.to_string(),
-                generation,
-                from_node: self.me.clone(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| peer_error(node, disk, s))
-        })
+        let to = To { node, addr };
+        self.deadline(
+            node,
+            disk,
+            self.timeout,
+            self.service.revoke(to, disk, generation),
+        )
         .await
     }
 
@@ -237,21 +277,15 @@ impl Peers {
         generation: u64,
         epoch: u64,
     ) -> Result<Bytes> {
-        let mut c = self.client(node, addr)?;
+        let to = To { node, addr };
         let data = self
-            .deadline(node, disk, async {
-                c.read(pb::PeerReadRequest {
-                    disk: disk.to_string(),
-                    offset,
-                    length,
-                    from_node: self.me.clone(),
-                    generation,
-                    epoch,
-                })
-                .await
-                .map(|r| r.into_inner().data)
-                .map_err(|s| peer_error(node, disk, s))
-            })
+            .deadline(
+                node,
+                disk,
+                self.timeout,
+                self.service
+                    .read(to, disk, offset, length, (generation, epoch)),
+            )
             .await?;
         if data.len() as u64 != length {
             return Err(Error::Peer {
@@ -265,7 +299,7 @@ impl Peers {
         Ok(data)
     }
 
-    /// Writes through the owner.
+    /// Writes through the owner, with the longer deadline.
     pub async fn write(
         &self,
         node: &str,
@@ -274,16 +308,15 @@ impl Peers {
         offset: u64,
         data: Bytes,
     ) -> Result<()> {
-        let mut c = self.client(node, addr)?;
-        // A longer deadline: the owner may wait for a lease to run out before it applies it.
-        let call = c.write(pb::PeerWriteRequest {
-            disk: disk.to_string(),
-            offset,
-            data,
-            from_node: self.me.clone(),
-        });
-        match tokio::time::timeout(self.write_timeout, call).await {
-            Ok(r) => r.map(|_| ()).map_err(|s| peer_error(node, disk, s)),
+        let to = To { node, addr };
+        match crate::clock::timeout(
+            &*self.clock,
+            self.write_timeout,
+            self.service.write(to, disk, offset, data),
+        )
+        .await
+        {
+            Ok(r) => r,
             Err(_) => Err(Error::Peer {
                 node: node.to_string(),
                 cause: format!(
@@ -307,42 +340,26 @@ impl Peers {
         count: u32,
         block_bytes: u64,
     ) -> Result<Vec<(u64, BlockRef)>> {
-        let mut c = self.client(node, addr)?;
+        let to = To { node, addr };
         let r = self
-            .deadline(node, disk, async {
-                c.content_map(pb::ContentMapRequest {
-                    disk: disk.to_string(),
-                    generation,
-                    first_block: first,
-                    count,
-                    epoch,
-                })
-                .await
-                .map_err(|s| peer_error(node, disk, s))
-            })
-            .await?
-            .into_inner();
-        metrics::counter!(crate::telemetry::OWNER_MAP_BYTES)
-            .increment(prost::Message::encoded_len(&r) as u64);
-        if u64::from(r.block_size) != block_bytes || r.generation != generation {
+            .deadline(
+                node,
+                disk,
+                self.timeout,
+                self.service
+                    .content_map(to, disk, (generation, epoch), first, count),
+            )
+            .await?;
+        if r.block_bytes != block_bytes || r.generation != generation {
             return Err(Error::Peer {
                 node: node.to_string(),
                 cause: format!(
                     "content map of {disk:?} is for block size {} generation {}, not {block_bytes} and {generation}",
-                    r.block_size, r.generation
+                    r.block_bytes, r.generation
                 ),
             });
         }
-        Ok(r.entries
-            .into_iter()
-            .filter_map(|e| {
-                if e.zero {
-                    return Some((e.index, BlockRef::Zero));
-                }
-                let fp: [u8; 32] = e.fingerprint[..].try_into().ok()?;
-                Some((e.index, BlockRef::Data(Fingerprint(fp))))
-            })
-            .collect())
+        Ok(r.entries)
     }
 
     /// Blocks of `disk` from `node`: (index, bytes) for each block it sent, bytes `None` where
@@ -352,56 +369,36 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        (generation, epoch): (u64, u64),
+        generation_epoch: (u64, u64),
         indices: &[u64],
         cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
-        use futures::StreamExt;
-        let mut c = self.client(node, addr)?;
+        let to = To { node, addr };
         let counter = self.inflight.entry(node.to_string()).or_default().clone();
         counter.fetch_add(1, Ordering::Relaxed);
         let _inflight = InFlight(counter);
-        self.deadline(node, disk, async {
-            let mut stream = c
-                .fetch_blocks(pb::FetchBlocksRequest {
-                    disk: disk.to_string(),
-                    generation,
-                    indices: indices.to_vec(),
-                    from_node: self.me.clone(),
-                    epoch,
-                    cached_only,
-                })
-                .await
-                .map_err(|s| peer_error(node, disk, s))?
-                .into_inner();
-            let mut out = Vec::with_capacity(indices.len());
-            while let Some(msg) = stream.next().await {
-                let b = msg.map_err(|s| peer_error(node, disk, s))?;
-                out.push((b.index, (!b.missing).then_some(b.data)));
-                if out.len() > indices.len() {
-                    return Err(Error::Peer {
-                        node: node.to_string(),
-                        cause: "sent more blocks than asked for".into(),
-                    });
-                }
-            }
-            Ok(out)
-        })
-        .await
+        let got = self
+            .deadline(
+                node,
+                disk,
+                self.timeout,
+                self.service
+                    .fetch_blocks(to, disk, generation_epoch, indices, cached_only),
+            )
+            .await?;
+        if got.len() > indices.len() {
+            return Err(Error::Peer {
+                node: node.to_string(),
+                cause: "sent more blocks than asked for".into(),
+            });
+        }
+        Ok(got)
     }
 
     /// Flushes through the owner.
     pub async fn flush(&self, node: &str, addr: SocketAddr, disk: &str) -> Result<()> {
-        let mut c = self.client(node, addr)?;
-        self.deadline(node, disk, async {
-            c.flush(pb::PeerFlushRequest {
-                disk: disk.to_string(),
-                from_node: self.me.clone(),
-            })
+        let to = To { node, addr };
+        self.deadline(node, disk, self.timeout, self.service.flush(to, disk))
             .await
-            .map(|_| ())
-            .map_err(|s| peer_error(node, disk, s))
-        })
-        .await
     }
 }

@@ -137,7 +137,10 @@ impl ContentMap {
             log: None,
             chunks: Some(Chunks {
                 blocks_per_chunk,
+                // LRU: TinyLFU would refuse a new chunk once the copy is full, and the reader
+                // in a new region of the disk is exactly the one that needs it.
                 cache: moka::sync::Cache::builder()
+                    .eviction_policy(moka::policy::EvictionPolicy::lru())
                     .max_capacity(max_blocks.max(blocks_per_chunk))
                     .weigher(|_, v: &Arc<[Option<BlockRef>]>| v.len().max(1) as u32)
                     .build(),

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 pub use content_map::{BlockRef, ContentMap};
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::origin::{FileOrigin, Origin};
 
@@ -107,19 +108,6 @@ const REVOKING: u8 = 4;
 
 static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
-/// A random number for a disk's epoch: different for every registration in every process.
-fn random_epoch(instance: u64) -> u64 {
-    let mut h = blake3::Hasher::new();
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&t.as_nanos().to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&instance.to_le_bytes());
-    let b = h.finalize();
-    u64::from_le_bytes(b.as_bytes()[0..8].try_into().unwrap_or([1; 8])).max(1)
-}
-
 /// One registered disk.
 #[derive(Debug)]
 pub struct Disk {
@@ -188,15 +176,15 @@ impl Drop for WriteGuard {
 }
 
 impl Disk {
-    fn new(id: DiskId, origin: Arc<dyn Origin>) -> Self {
+    fn new(id: DiskId, origin: Arc<dyn Origin>, epoch: u64, now: Duration) -> Self {
         let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
         Disk {
             size: origin.size(),
             id,
             origin,
             instance,
-            epoch: random_epoch(instance),
-            owner: crate::detect::OwnerState::new(crate::clock::boot_now()),
+            epoch: epoch.max(1),
+            owner: crate::detect::OwnerState::new(now),
             held: Default::default(),
             remote: None,
             state: AtomicU8::new(MUTABLE),
@@ -217,7 +205,9 @@ impl Disk {
         generation: u64,
         block_bytes: u64,
     ) -> Arc<Disk> {
-        let mut d = Disk::new(id, remote.clone());
+        // A shadow's epoch and clock are its owner's business: they are not used here.
+        let epoch = remote.epoch();
+        let mut d = Disk::new(id, remote.clone(), epoch, Duration::ZERO);
         d.remote = Some(remote);
         d.state.store(SEALED, Ordering::SeqCst);
         d.generation.store(generation, Ordering::SeqCst);
@@ -467,12 +457,25 @@ pub struct Registry {
     /// How long writes to a disk that was detected before a restart wait (a lease term plus
     /// the drift margin).
     lease_fence: Duration,
+    clock: Arc<dyn Clock>,
+    /// Epochs: a new random one for every registration.
+    rng: parking_lot::Mutex<rand::rngs::StdRng>,
 }
 
 impl Registry {
-    /// An empty registry keeping its state under `data_dir`.
-    pub fn new(data_dir: &Path, block_bytes: u32, lease_fence: Duration) -> Self {
+    /// An empty registry keeping its state under `data_dir`, reading time from `clock` and
+    /// drawing epochs from a generator seeded with `seed`.
+    pub fn new(
+        data_dir: &Path,
+        block_bytes: u32,
+        lease_fence: Duration,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+    ) -> Self {
+        use rand::SeedableRng;
         Registry {
+            clock,
+            rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
             disks: DashMap::new(),
             origins: DashMap::new(),
             origin_files: DashMap::new(),
@@ -590,7 +593,8 @@ impl Registry {
         if self.disks.contains_key(&id) {
             return Err(Error::DiskExists(id.to_string()));
         }
-        let disk = Arc::new(Disk::new(id.clone(), origin));
+        let epoch = rand::Rng::random::<u64>(&mut *self.rng.lock());
+        let disk = Arc::new(Disk::new(id.clone(), origin, epoch, self.clock.now()));
         // Claim the id first, so that two concurrent registrations never both seal (and both
         // append to one saved content map). Until the seal completes, reads go to the origin.
         match self.disks.entry(id.clone()) {
@@ -689,7 +693,7 @@ impl Registry {
                 .lease_fence
                 .max(Duration::from_millis(d.lease_fence_ms.min(86_400_000)));
             disk.restore_generation(d.generation + 1);
-            disk.owner.fence(crate::clock::boot_now() + fence);
+            disk.owner.fence(self.clock.now() + fence);
             tracing::info!(disk = %d.id, fence_ms = fence.as_millis() as u64, "disk was detected-immutable before the restart; writes wait until its leases are surely over");
         }
         Ok(())

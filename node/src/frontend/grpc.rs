@@ -63,6 +63,34 @@ pub fn info_to_pb(d: DiskInfo) -> pb::DiskInfo {
     }
 }
 
+/// A disk as another member described it. An unknown mode is mutable: never cached.
+pub fn info_from_pb(d: pb::DiskInfo) -> DiskInfo {
+    DiskInfo {
+        mode: match pb::DiskMode::try_from(d.mode) {
+            Ok(pb::DiskMode::Sealed) => DiskMode::Sealed,
+            Ok(pb::DiskMode::Detected) => DiskMode::Detected,
+            _ => DiskMode::Mutable,
+        },
+        id: d.id,
+        size_bytes: d.size_bytes,
+        generation: d.generation,
+        origin: d.origin,
+        owner: d.owner,
+        epoch: d.epoch,
+        pinned: d.pinned,
+        readers: d.readers,
+        lease_holders: d.lease_holders,
+        known_blocks: d.known_blocks,
+        total_blocks: d.total_blocks,
+        lease_valid: d.lease_valid,
+        coverage: d
+            .coverage
+            .into_iter()
+            .map(|c| (c.member, c.blocks))
+            .collect(),
+    }
+}
+
 fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
     let c = &s.counters;
     pb::StatusResponse {
@@ -421,12 +449,13 @@ pub async fn serve_unix(
 pub async fn serve_peer(
     node: Arc<Node>,
     listener: TcpListener,
+    tls: Option<super::tls::PeerTls>,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let max = pb::MAX_MESSAGE_BYTES;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &node.cluster().tls {
+    if let Some(tls) = &tls {
         builder = builder
             .tls_config(tls.server.clone())
             .context("peer tls configuration")?;

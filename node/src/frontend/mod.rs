@@ -3,4 +3,6 @@
 
 pub mod grpc;
 pub mod peer;
+pub mod peer_client;
 pub mod status;
+pub mod tls;

@@ -24,14 +24,13 @@ impl PeerFrontend {
     }
 }
 
-/// Fault injection for tests of the verification path: when the node was started with
-/// `SHADOWCACHE_FAULT_CORRUPT_PEER_BLOCKS=1`, every block it serves to a peer has its first byte
-/// flipped (a lying peer). Never set it anywhere else.
+/// Fail point `peer-serve-corrupt` (built with `--features failpoints`, switched on by
+/// `FAILPOINTS=peer-serve-corrupt=return`): every block this node serves to a member has its
+/// first byte flipped, a lying peer for the tests of the verification path. Compiled out
+/// otherwise.
 fn lying() -> bool {
-    static LIE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LIE.get_or_init(|| {
-        std::env::var("SHADOWCACHE_FAULT_CORRUPT_PEER_BLOCKS").is_ok_and(|v| v == "1")
-    })
+    fail::fail_point!("peer-serve-corrupt", |_| true);
+    false
 }
 
 #[tonic::async_trait]
@@ -176,8 +175,9 @@ impl pb::peer_server::Peer for PeerFrontend {
             .map_err(|e| status(&e))
     }
 
-    type SubscribeBlockMapStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::BlockMapUpdate, Status>>;
+    type SubscribeBlockMapStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::BlockMapUpdate, Status>> + Send + 'static>,
+    >;
 
     async fn subscribe_block_map(
         &self,
@@ -187,8 +187,19 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self.node.block_map_stream(&r.disk, r.generation, r.epoch);
         observe("peer_subscribe_block_map", t, 0, &res);
-        res.map(|rx| Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
-            .map_err(|e| status(&e))
+        res.map(|rx| {
+            use futures::StreamExt;
+            let updates = tokio_stream::wrappers::ReceiverStream::new(rx).map(|u| {
+                Ok(pb::BlockMapUpdate {
+                    generation: u.generation,
+                    reset: u.reset,
+                    bits: u.bits,
+                    removed: u.removed,
+                })
+            });
+            Response::new(Box::pin(updates) as Self::SubscribeBlockMapStream)
+        })
+        .map_err(|e| status(&e))
     }
 
     async fn lease(

@@ -102,7 +102,6 @@ mod tests {
                 node: "b".into(),
                 cause: "down".into(),
             },
-            ErrorKind::Detected => Error::Detected("d".into()),
             ErrorKind::NoLease => Error::NoLease {
                 disk: "d".into(),
                 why: "not detected".into(),

@@ -1,0 +1,286 @@
+//! What operators and clients see of a node: disks (registered here or owned by other
+//! members), registration, and the status snapshot with its counters.
+//!
+//! Architecture invariant: reads state only, except `register`, which saves the registry and
+//! tells the cluster.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::cache::TierUsage;
+use crate::disk::DiskMode;
+use crate::error::{Error, Result};
+use crate::{Node, cache, cluster, disk};
+
+/// What a client sees of a disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskInfo {
+    /// Disk id.
+    pub id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Mode.
+    pub mode: DiskMode,
+    /// Generation.
+    pub generation: u64,
+    /// Origin as registered.
+    pub origin: String,
+    /// Owner node id.
+    pub owner: String,
+    /// Random per registration at the owner.
+    pub epoch: u64,
+    /// Detection pinned off (owner only).
+    pub pinned: bool,
+    /// Members that read it in the detection window (owner only).
+    pub readers: Vec<String>,
+    /// Members holding a lease on it (owner only).
+    pub lease_holders: Vec<String>,
+    /// Blocks whose content this node knows (its coverage of an immutable disk).
+    pub known_blocks: u64,
+    /// Blocks of the disk.
+    pub total_blocks: u64,
+    /// This node holds a valid lease on it (a detected disk another member owns).
+    pub lease_valid: bool,
+    /// Blocks other members hold, from their block maps: (member, blocks).
+    pub coverage: Vec<(String, u64)>,
+}
+
+/// Counters since start, for `Status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Block lookups (hits plus misses).
+    pub lookups: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Zero-block answers.
+    pub zero_block_hits: u64,
+    /// Origin reads.
+    pub origin_reads: u64,
+    /// Origin bytes read.
+    pub origin_read_bytes: u64,
+    /// Promotions.
+    pub promotions: u64,
+    /// Demotions.
+    pub demotions: u64,
+    /// Evictions from every pool.
+    pub evictions: u64,
+    /// SSD verification failures.
+    pub ssd_verify_failures: u64,
+    /// Bytes the cached entries stand for.
+    pub logical_bytes: u64,
+    /// Bytes stored by all tiers.
+    pub stored_bytes: u64,
+    /// Single-flight joins.
+    pub single_flight_joins: u64,
+    /// Reads sent to remote owners of sealed disks.
+    pub owner_reads: u64,
+    /// Bytes read from remote owners.
+    pub owner_read_bytes: u64,
+    /// Blocks fetched from other members.
+    pub peer_reads: u64,
+    /// Bytes fetched from other members.
+    pub peer_read_bytes: u64,
+}
+
+/// A snapshot of the node for `Status`.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// Node id.
+    pub node_id: String,
+    /// Cache block size.
+    pub block_bytes: u32,
+    /// Single-touch share of RAM.
+    pub single_touch_share: f64,
+    /// Each tier.
+    pub tiers: Vec<TierUsage>,
+    /// Counters.
+    pub counters: Counters,
+    /// Disks: this node's, then other members'.
+    pub disks: Vec<DiskInfo>,
+    /// Time since start.
+    pub uptime_ms: u64,
+    /// Live members, this node included.
+    pub members: Vec<cluster::Member>,
+    /// Lease and detection counters.
+    pub leases: LeaseCounters,
+    /// The RAM pools' policy state.
+    pub policy: cache::PolicyState,
+}
+
+/// Lease and detection counters since start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeaseCounters {
+    /// Leases granted (owner).
+    pub grants: u64,
+    /// Leases renewed (owner).
+    pub renewals: u64,
+    /// Leases that ran out: waited out by a revocation (owner) or lapsed in use (holder).
+    pub expiries: u64,
+    /// Revocations (acknowledged or waited out).
+    pub revocations: u64,
+    /// Milliseconds writes waited for revocations.
+    pub revocation_wait_ms: u64,
+    /// Disks detected here.
+    pub detections: u64,
+    /// Bytes sent to other members.
+    pub peer_served_bytes: u64,
+    /// Serialized bytes of other members' block maps held.
+    pub block_map_bytes: u64,
+    /// Bytes of block maps received.
+    pub block_map_traffic_bytes: u64,
+}
+
+impl Node {
+    pub(crate) fn total_blocks(&self, size: u64) -> u64 {
+        size.div_ceil(u64::from(self.config.block_bytes))
+    }
+
+    pub(crate) fn info(&self, d: &disk::Disk) -> DiskInfo {
+        let now = self.clock.now();
+        DiskInfo {
+            id: d.id.to_string(),
+            size_bytes: d.size,
+            mode: d.mode(),
+            generation: d.generation(),
+            origin: d.origin.describe().to_string(),
+            owner: self.config.node_id.clone(),
+            epoch: d.epoch,
+            pinned: d.owner.pinned(),
+            readers: d.owner.activity(now, &self.config.detection).readers,
+            lease_holders: d.owner.holders(now),
+            known_blocks: d.serving_map().map_or(0, |m| m.len() as u64),
+            total_blocks: self.total_blocks(d.size),
+            lease_valid: false,
+            coverage: Vec::new(),
+        }
+    }
+
+    pub(crate) fn remote_info(&self, r: cluster::RemoteDisk) -> DiskInfo {
+        let shadow = self.cluster.shadow(&r.info.id);
+        let now = self.clock.now();
+        DiskInfo {
+            mode: r.info.mode,
+            known_blocks: shadow
+                .as_ref()
+                .and_then(|s| s.disk.serving_map())
+                .map_or(0, |m| m.len() as u64),
+            total_blocks: self.total_blocks(r.info.size_bytes),
+            lease_valid: shadow
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.valid(now)),
+            coverage: shadow
+                .as_ref()
+                .map(|s| s.maps.coverage())
+                .unwrap_or_default(),
+            id: r.info.id,
+            size_bytes: r.info.size_bytes,
+            generation: r.info.generation,
+            origin: r.info.origin,
+            owner: r.owner,
+            epoch: r.info.epoch,
+            pinned: r.info.pinned,
+            readers: r.info.readers,
+            lease_holders: r.info.lease_holders,
+        }
+    }
+
+    /// One disk, wherever it is owned.
+    pub fn stat(&self, disk: &str) -> Result<DiskInfo> {
+        match self.registry.get(disk) {
+            Ok(d) => Ok(self.info(&d)),
+            Err(Error::UnknownDisk(_)) => self.remote(disk).map(|r| self.remote_info(r)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The disks this node owns, by id.
+    pub fn local_disks(&self) -> Vec<DiskInfo> {
+        self.registry.list().iter().map(|d| self.info(d)).collect()
+    }
+
+    /// Every disk of the cluster: this node's, then other members', each by id.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        let mut v = self.local_disks();
+        v.extend(
+            self.cluster
+                .remote_disks()
+                .into_iter()
+                .filter(|r| self.registry.get(&r.info.id).is_err())
+                .map(|r| self.remote_info(r)),
+        );
+        v
+    }
+
+    /// Registers a disk and saves it, so that it is still there after a restart.
+    pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<DiskInfo> {
+        if let Some(r) = self.cluster.remote(id) {
+            tracing::warn!(disk = id, owner = %r.owner, "register refused: another member owns this id");
+            return Err(Error::DiskExists(id.to_string()));
+        }
+        let d = self.registry.register(id, origin, mode).await?;
+        self.registry.save().await?;
+        self.cluster.disks_changed().await;
+        Ok(self.info(&d))
+    }
+
+    /// A snapshot of the cache, its counters and the disks.
+    pub fn status(&self) -> NodeStatus {
+        let tiers = self.cache.usage();
+        let policy = self.cache.policy();
+        let c = self.cache.stats();
+        let r = self.reads.stats();
+        NodeStatus {
+            node_id: self.config.node_id.clone(),
+            block_bytes: self.config.block_bytes,
+            single_touch_share: policy.single_share(),
+            policy,
+            counters: Counters {
+                lookups: c.lookups.load(Ordering::Relaxed),
+                misses: c.misses.get(),
+                zero_block_hits: r.zero_block_hits.get(),
+                origin_reads: r.origin_reads.get(),
+                origin_read_bytes: r.origin_read_bytes.get(),
+                promotions: c.promotions.get(),
+                demotions: c.demotions.get(),
+                evictions: c.evictions_ram_single.get()
+                    + c.evictions_ram_multi.get()
+                    + c.evictions_ssd.get(),
+                ssd_verify_failures: c.ssd_verify_failures.get(),
+                logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
+                stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
+                single_flight_joins: r.single_flight_joins.get(),
+                owner_reads: r.owner_reads.get(),
+                owner_read_bytes: r.owner_read_bytes.get(),
+                peer_reads: r.peer_reads.get(),
+                peer_read_bytes: r.peer_read_bytes.get(),
+            },
+            tiers,
+            disks: self.disks(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            members: self.cluster.members(),
+            leases: {
+                let l = &self.cluster.stats;
+                LeaseCounters {
+                    grants: l.grants.get(),
+                    renewals: l.renewals.get(),
+                    expiries: l.owner_expiries.get() + l.holder_expiries.get(),
+                    revocations: l.revocations_acked.get() + l.revocations_expired.get(),
+                    revocation_wait_ms: l.revocation_wait_ms.get(),
+                    detections: l.detections.get(),
+                    peer_served_bytes: l.peer_served_bytes.get(),
+                    block_map_bytes: self.cluster.block_map_bytes(),
+                    block_map_traffic_bytes: l.block_map_traffic.get(),
+                }
+            },
+        }
+    }
+
+    /// Leaves the cache warm: RAM multi-touch written to SSD, SSD and content maps synced.
+    /// Blocks; call it from a blocking context.
+    pub fn close(&self) {
+        // Maps first: they are small and what a warm restart needs most.
+        self.registry.sync_maps();
+        self.cache.shutdown();
+    }
+}

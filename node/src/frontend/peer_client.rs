@@ -1,0 +1,315 @@
+//! The gRPC client of other members' Peer services: [`PeerService`] over tonic, one lazily
+//! connected channel per member, explicit message limits and HTTP/2 windows, and mutual TLS
+//! when configured. Deadlines are the caller's (`cluster::peers::Peers`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use shadowcache_proto as pb;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use super::grpc::info_from_pb;
+use crate::admin::DiskInfo;
+use crate::cache::Fingerprint;
+use crate::cluster::blockmap::Update;
+use crate::cluster::peers::{BlockMapStream, FetchedBlocks, MapChunk, PeerService, To};
+use crate::disk::BlockRef;
+use crate::error::{Error, Result};
+
+/// Why a call to a member failed, as a node error: the member's own answer keeps its kind and
+/// message; anything else means the member could not serve it (UNAVAILABLE).
+fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
+    super::status::from_status(node, disk, &s)
+}
+
+/// Channels to the other members.
+#[derive(Debug)]
+pub struct TonicPeers {
+    me: String,
+    connect_timeout: Duration,
+    channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl TonicPeers {
+    /// Clients on behalf of node `me`; with `tls`, every call is made over mutual TLS.
+    pub fn new(me: &str, connect_timeout: Duration, tls: Option<ClientTlsConfig>) -> Self {
+        TonicPeers {
+            me: me.to_string(),
+            connect_timeout,
+            channels: DashMap::new(),
+            tls,
+        }
+    }
+
+    /// The client for `node` at `addr` (a new channel if the address changed).
+    fn client(&self, to: To<'_>) -> Result<pb::peer_client::PeerClient<Channel>> {
+        if let Some(c) = self.channels.get(to.node)
+            && c.0 == to.addr
+        {
+            return Ok(c.1.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{}", to.addr)).map_err(|e| Error::Peer {
+                node: to.node.to_string(),
+                cause: e.to_string(),
+            })?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Error::Peer {
+                node: to.node.to_string(),
+                cause: format!("tls: {e}"),
+            })?;
+        }
+        let endpoint = endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            // A peer that vanishes without a FIN (a cut link) is noticed by keepalive, not
+            // by the next call's deadline alone.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(self.connect_timeout.min(Duration::from_secs(10)))
+            .keep_alive_while_idle(true);
+        let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+        self.channels
+            .insert(to.node.to_string(), (to.addr, client.clone()));
+        Ok(client)
+    }
+}
+
+impl PeerService for TonicPeers {
+    fn owned_disks<'a>(&'a self, to: To<'a>) -> BoxFuture<'a, Result<(Vec<DiskInfo>, u64)>> {
+        Box::pin(async move {
+            let r = self
+                .client(to)?
+                .owned_disks(pb::OwnedDisksRequest {})
+                .await
+                .map_err(|s| peer_error(to.node, "", s))?
+                .into_inner();
+            Ok((
+                r.disks.into_iter().map(info_from_pb).collect(),
+                r.disks_version,
+            ))
+        })
+    }
+
+    fn lease<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            self.client(to)?
+                .lease(pb::LeaseRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    epoch,
+                    from_node: self.me.clone(),
+                })
+                .await
+                .map(|r| Duration::from_millis(r.into_inner().term_ms))
+                .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client(to)?
+                .revoke(pb::RevokeRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    from_node: self.me.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        length: u64,
+        (generation, epoch): (u64, u64),
+    ) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            self.client(to)?
+                .read(pb::PeerReadRequest {
+                    disk: disk.to_string(),
+                    offset,
+                    length,
+                    from_node: self.me.clone(),
+                    generation,
+                    epoch,
+                })
+                .await
+                .map(|r| r.into_inner().data)
+                .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client(to)?
+                .write(pb::PeerWriteRequest {
+                    disk: disk.to_string(),
+                    offset,
+                    data,
+                    from_node: self.me.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client(to)?
+                .flush(pb::PeerFlushRequest {
+                    disk: disk.to_string(),
+                    from_node: self.me.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn content_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        (generation, epoch): (u64, u64),
+        first: u64,
+        count: u32,
+    ) -> BoxFuture<'a, Result<MapChunk>> {
+        Box::pin(async move {
+            let r = self
+                .client(to)?
+                .content_map(pb::ContentMapRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    first_block: first,
+                    count,
+                    epoch,
+                })
+                .await
+                .map_err(|s| peer_error(to.node, disk, s))?
+                .into_inner();
+            metrics::counter!(crate::telemetry::OWNER_MAP_BYTES)
+                .increment(prost::Message::encoded_len(&r) as u64);
+            Ok(MapChunk {
+                generation: r.generation,
+                block_bytes: u64::from(r.block_size),
+                entries: r
+                    .entries
+                    .into_iter()
+                    .filter_map(|e| {
+                        if e.zero {
+                            return Some((e.index, BlockRef::Zero));
+                        }
+                        let fp: [u8; 32] = e.fingerprint[..].try_into().ok()?;
+                        Some((e.index, BlockRef::Data(Fingerprint(fp))))
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    fn fetch_blocks<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        (generation, epoch): (u64, u64),
+        indices: &'a [u64],
+        cached_only: bool,
+    ) -> BoxFuture<'a, Result<FetchedBlocks>> {
+        Box::pin(async move {
+            let mut stream = self
+                .client(to)?
+                .fetch_blocks(pb::FetchBlocksRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    indices: indices.to_vec(),
+                    from_node: self.me.clone(),
+                    epoch,
+                    cached_only,
+                })
+                .await
+                .map_err(|s| peer_error(to.node, disk, s))?
+                .into_inner();
+            let mut out = Vec::with_capacity(indices.len());
+            while let Some(msg) = stream.next().await {
+                let b = msg.map_err(|s| peer_error(to.node, disk, s))?;
+                out.push((b.index, (!b.missing).then_some(b.data)));
+                if out.len() > indices.len() {
+                    return Err(Error::Peer {
+                        node: to.node.to_string(),
+                        cause: "sent more blocks than asked for".into(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn subscribe_block_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<BlockMapStream>> {
+        Box::pin(async move {
+            let stream = self
+                .client(to)?
+                .subscribe_block_map(pb::BlockMapRequest {
+                    disk: disk.to_string(),
+                    generation,
+                    epoch,
+                    from_node: self.me.clone(),
+                })
+                .await
+                .map_err(|s| peer_error(to.node, disk, s))?
+                .into_inner();
+            let (node, disk) = (to.node.to_string(), disk.to_string());
+            let updates = stream.map(move |m| {
+                m.map(|u| Update {
+                    generation: u.generation,
+                    reset: u.reset,
+                    bits: u.bits,
+                    removed: u.removed,
+                })
+                .map_err(|s| peer_error(&node, &disk, s))
+            });
+            Ok(Box::pin(updates) as BlockMapStream)
+        })
+    }
+
+    fn forget(&self, node: &str) {
+        self.channels.remove(node);
+    }
+}

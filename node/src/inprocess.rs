@@ -1,0 +1,292 @@
+//! Several nodes in one process: an in-process cluster (membership and Peer service) for tests
+//! that drive a cluster step by step, with a [`crate::clock::ManualClock`].
+//!
+//! [`InProcessNet`] is the network: who is alive ([`InProcess`] membership) and, for every call
+//! between two members, whether the link delivers it, fails it (a cut), or holds it until the
+//! test opens the link again. A call is delivered by calling the other node's own handlers
+//! (`serve.rs`, `admin.rs`), the same the gRPC Peer service calls; errors cross the link as a
+//! member's errors cross the wire (kind and message, as [`Error::Remote`]).
+//!
+//! Architecture invariant: test support only; nothing in the node depends on it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::admin::DiskInfo;
+use crate::clock::Clock;
+use crate::cluster::membership::InProcess;
+use crate::cluster::peers::{BlockMapStream, FetchedBlocks, MapChunk, PeerService, To};
+use crate::error::{Error, Result};
+use crate::{Environment, Node};
+
+/// What a link from one member to another does with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Delivers it.
+    Open,
+    /// Fails it at once, as an unreachable member.
+    Cut,
+    /// Holds it until the link is opened (or cut) again.
+    Held,
+}
+
+/// The network of an in-process cluster.
+#[derive(Debug, Clone)]
+pub struct InProcessNet {
+    members: InProcess,
+    nodes: Arc<parking_lot::Mutex<HashMap<String, Weak<Node>>>>,
+    links: Arc<watch::Sender<HashMap<(String, String), Link>>>,
+}
+
+impl Default for InProcessNet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InProcessNet {
+    /// A network with nobody on it.
+    pub fn new() -> Self {
+        InProcessNet {
+            members: InProcess::new(),
+            nodes: Arc::new(parking_lot::Mutex::new(HashMap::new())),
+            links: Arc::new(watch::Sender::new(HashMap::new())),
+        }
+    }
+
+    /// The environment of member `id` (its incarnation `boot`): `clock`, `seed`, this
+    /// network's membership and Peer service. Attach the node with [`InProcessNet::attach`]
+    /// once it is open.
+    pub fn environment(
+        &self,
+        id: &str,
+        boot: u64,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+    ) -> Environment {
+        // A name only: nothing listens there. Distinct per member, for messages.
+        let n = self.nodes.lock().len() as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1 + n));
+        Environment {
+            clock,
+            seed,
+            membership: self.members.join(id, addr, boot),
+            peers: Arc::new(InProcessPeers {
+                me: id.to_string(),
+                net: self.clone(),
+            }),
+        }
+    }
+
+    /// Calls to member `id` reach `node` from now on.
+    pub fn attach(&self, id: &str, node: &Arc<Node>) {
+        self.nodes
+            .lock()
+            .insert(id.to_string(), Arc::downgrade(node));
+    }
+
+    /// Member `id` is dead to everyone (it leaves the live set; calls to it fail).
+    pub fn kill(&self, id: &str) {
+        self.members.remove(id);
+        self.nodes.lock().remove(id);
+    }
+
+    /// Sets what the link from `from` to `to` does with calls (one direction).
+    pub fn set_link(&self, from: &str, to: &str, link: Link) {
+        self.links.send_modify(|l| {
+            l.insert((from.to_string(), to.to_string()), link);
+        });
+    }
+
+    /// Waits until the link lets a call through; the node it reaches, or why not.
+    async fn deliver(&self, from: &str, to: &str) -> Result<Arc<Node>> {
+        let key = (from.to_string(), to.to_string());
+        let mut rx = self.links.subscribe();
+        loop {
+            let link = rx
+                .borrow_and_update()
+                .get(&key)
+                .copied()
+                .unwrap_or(Link::Open);
+            match link {
+                Link::Open => break,
+                Link::Cut => {
+                    return Err(Error::Peer {
+                        node: to.to_string(),
+                        cause: format!("link {from} -> {to} is cut"),
+                    });
+                }
+                Link::Held => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+        self.nodes
+            .lock()
+            .get(to)
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| Error::Peer {
+                node: to.to_string(),
+                cause: "no such member in this process".into(),
+            })
+    }
+}
+
+/// A member's errors as they reach the caller over the wire: kind and message kept.
+fn crossed<T>(node: &str, r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        Error::Remote { .. } => e,
+        e => Error::Remote {
+            node: node.to_string(),
+            kind: e.kind(),
+            message: e.to_string(),
+        },
+    })
+}
+
+/// The Peer service of an in-process cluster, as member `me` calls it.
+#[derive(Debug)]
+struct InProcessPeers {
+    me: String,
+    net: InProcessNet,
+}
+
+impl PeerService for InProcessPeers {
+    fn owned_disks<'a>(&'a self, to: To<'a>) -> BoxFuture<'a, Result<(Vec<DiskInfo>, u64)>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            Ok((n.local_disks(), n.cluster().disks_version()))
+        })
+    }
+
+    fn lease<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<Duration>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            crossed(to.node, n.grant_lease(disk, generation, epoch, &self.me))
+        })
+    }
+
+    fn revoke<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            crossed(to.node, n.revoke_held(disk, generation, &self.me))
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        length: u64,
+        generation_epoch: (u64, u64),
+    ) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            let r = n
+                .read_local(disk, offset, length, &self.me, generation_epoch)
+                .await;
+            crossed(to.node, r)
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            crossed(to.node, n.write_local(disk, offset, data).await)
+        })
+    }
+
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            crossed(to.node, n.flush_local(disk).await)
+        })
+    }
+
+    fn content_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation_epoch: (u64, u64),
+        first: u64,
+        count: u32,
+    ) -> BoxFuture<'a, Result<MapChunk>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            let entries = n
+                .content_map_chunk(disk, generation_epoch, first, count)
+                .await;
+            Ok(MapChunk {
+                generation: generation_epoch.0,
+                block_bytes: u64::from(n.config().block_bytes),
+                entries: crossed(to.node, entries)?,
+            })
+        })
+    }
+
+    fn fetch_blocks<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation_epoch: (u64, u64),
+        indices: &'a [u64],
+        cached_only: bool,
+    ) -> BoxFuture<'a, Result<FetchedBlocks>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            let got = n
+                .blocks_for_peer(disk, generation_epoch, indices, cached_only)
+                .await;
+            let got = crossed(to.node, got)?;
+            let bytes: u64 = got
+                .iter()
+                .map(|(_, b)| b.as_ref().map_or(0, |b| b.len() as u64))
+                .sum();
+            n.cluster().stats.peer_served_bytes.add(bytes);
+            Ok(got)
+        })
+    }
+
+    fn subscribe_block_map<'a>(
+        &'a self,
+        to: To<'a>,
+        disk: &'a str,
+        generation: u64,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<BlockMapStream>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            let rx = crossed(to.node, n.block_map_stream(disk, generation, epoch))?;
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)) as BlockMapStream)
+        })
+    }
+
+    fn forget(&self, _node: &str) {}
+}

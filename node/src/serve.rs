@@ -1,0 +1,327 @@
+//! What this node answers other members (the Peer service's rules): content maps and blocks
+//! of the disks it owns or shadows, its block maps, reads, writes and flushes of the disks it
+//! owns on their behalf, lease grants (as an owner) and revocations (as a holder).
+//!
+//! Architecture invariant: nothing here forwards a request again (a request cannot loop
+//! between members), and nothing here is answered for a generation or epoch other than the
+//! one asked for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::disk::DiskState;
+use crate::error::{Error, Result};
+use crate::{Node, Route, cluster, disk};
+
+impl Node {
+    /// Checks that a request about `d` names its current generation and epoch (0: any).
+    pub(crate) fn check_generation(d: &disk::Disk, generation: u64, epoch: u64) -> Result<()> {
+        if (generation != 0 && d.generation() != generation) || (epoch != 0 && d.epoch != epoch) {
+            return Err(Error::StaleGeneration {
+                disk: d.id.to_string(),
+                asked: generation,
+                current: d.generation(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Entries of the content map of a sealed or detected disk this node owns, in [first,
+    /// first + count) (at most 4096), for `Peer.ContentMap`. Blocks not read yet are read
+    /// (through the cache) and fingerprinted first, so that the answer covers the whole range:
+    /// a member learns every fingerprint before it fetches a byte. A block that cannot be read
+    /// is left out (the member then asks the owner for its bytes).
+    pub async fn content_map_chunk(
+        &self,
+        disk: &str,
+        (generation, epoch): (u64, u64),
+        first: u64,
+        count: u32,
+    ) -> Result<Vec<(u64, disk::BlockRef)>> {
+        let d = self.registry.get(disk)?;
+        let map = d
+            .serving_map()
+            .ok_or_else(|| Error::Invalid(format!("disk {disk:?} is not immutable")))?;
+        // Checked after the map was taken: a generation that ended before cannot slip by.
+        Self::check_generation(&d, generation.max(1), epoch)?;
+        let bs = u64::from(self.config.block_bytes);
+        let blocks = d.size.div_ceil(bs);
+        let end = first
+            .saturating_add(u64::from(count.min(4096)))
+            .min(blocks)
+            .min(
+                first
+                    .saturating_add(cluster::fetch::MAP_CHUNK_BYTES / bs)
+                    .max(first.saturating_add(1)),
+            );
+        let unknown: Vec<u64> = (first..end).filter(|&i| map.get(i).is_none()).collect();
+        for part in unknown.chunks(cluster::fetch::MAX_BLOCKS_PER_REQUEST) {
+            // The same budget as blocks gathered for members: many members asking at once
+            // cannot pin more than it.
+            let _room = self
+                .peer_serving
+                .acquire_many(part.len() as u32)
+                .await
+                .map_err(|_| Error::State("the node is shutting down".into()))?;
+            for r in self.reads.blocks(&d, &map, part, Route::Any).await {
+                if let Err(e) = r {
+                    tracing::warn!(disk, error = %e, "a block could not be fingerprinted for a member's content map");
+                }
+            }
+        }
+        // Checked again: entries of a generation that ended meanwhile must not reach a member.
+        Self::check_generation(&d, generation.max(1), epoch)?;
+        Ok((first..end)
+            .filter_map(|i| map.get(i).map(|r| (i, r)))
+            .collect())
+    }
+
+    /// Blocks of a sealed disk, for another member (`Peer.FetchBlocks`): this node's own disk,
+    /// or the shadow of another member's, read through this node's cache; reads it causes go
+    /// to owners only. `None` for a block it could not provide. At most 64 blocks.
+    pub async fn blocks_for_peer(
+        &self,
+        disk: &str,
+        (generation, epoch): (u64, u64),
+        indices: &[u64],
+        cached_only: bool,
+    ) -> Result<Vec<(u64, Option<Bytes>)>> {
+        if indices.len() > cluster::fetch::MAX_BLOCKS_PER_REQUEST {
+            return Err(Error::Invalid(format!(
+                "{} blocks asked for; at most {} per request",
+                indices.len(),
+                cluster::fetch::MAX_BLOCKS_PER_REQUEST
+            )));
+        }
+        let d = match self.registry.get(disk) {
+            Ok(d) if d.serving_map().is_some() => {
+                Self::check_generation(&d, generation.max(1), epoch)?;
+                d
+            }
+            Ok(_) => return Err(Error::Invalid(format!("disk {disk:?} is not immutable"))),
+            Err(Error::UnknownDisk(_)) => {
+                let sh = self
+                    .cluster
+                    .shadow(disk)
+                    .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?;
+                let stale = sh.disk.generation() != generation
+                    || sh.lease.as_ref().is_some_and(|l| l.epoch != epoch);
+                // Serving a detected disk to a member from this cache needs a lease too.
+                if stale || !self.cluster.lease_ok(&sh).await {
+                    // Not serving that generation from the cache here: the asker reads it
+                    // from the owner.
+                    return Ok(indices.iter().map(|&i| (i, None)).collect());
+                }
+                sh.disk.clone()
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(map) = d.serving_map() else {
+            return Ok(indices.iter().map(|&i| (i, None)).collect());
+        };
+        let _room = self
+            .peer_serving
+            .acquire_many(indices.len() as u32)
+            .await
+            .map_err(|_| Error::State("the node is shutting down".into()))?;
+        let bs = u64::from(self.config.block_bytes);
+        let inside = |i: u64| i.checked_mul(bs).is_some_and(|at| at < d.size);
+        if cached_only {
+            // Asked as a holder from this node's block map: the cache or nothing.
+            let mut out = Vec::with_capacity(indices.len());
+            for &i in indices {
+                let got = if inside(i) {
+                    self.reads.cached_block(&d, i).await
+                } else {
+                    None
+                };
+                if got.is_none() {
+                    d.held.remove(i);
+                }
+                out.push((i, got));
+            }
+            return Ok(out);
+        }
+        let mut wanted: Vec<u64> = indices.iter().copied().filter(|&i| inside(i)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        // Read as the block's home: whatever this node lacks comes from the owner only, so a
+        // request never travels more than two hops.
+        let got = self.reads.blocks(&d, &map, &wanted, Route::OwnerOnly).await;
+        // Checked again after the read, as `read_local` does: bytes of a generation that ended
+        // meanwhile (a write applied) must not reach a member, verified or not.
+        let current = match self.registry.get(disk) {
+            Ok(own) => {
+                Arc::ptr_eq(&own, &d)
+                    && Self::check_generation(&d, generation.max(1), epoch).is_ok()
+            }
+            Err(_) => self.cluster.shadow(disk).is_some_and(|sh| {
+                Arc::ptr_eq(&sh.disk, &d) && sh.lease.as_ref().is_none_or(|l| !l.revoked())
+            }),
+        };
+        if !current {
+            return Ok(indices.iter().map(|&i| (i, None)).collect());
+        }
+        Ok(indices
+            .iter()
+            .map(|&i| {
+                let b = wanted
+                    .binary_search(&i)
+                    .ok()
+                    .and_then(|k| got.get(k))
+                    .and_then(|r| r.as_ref().ok().cloned());
+                (i, b)
+            })
+            .collect())
+    }
+
+    /// This node's block map of an immutable disk at (generation, epoch), streamed to another
+    /// member (`Peer.SubscribeBlockMap`) until that generation is over here.
+    pub fn block_map_stream(
+        &self,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<cluster::blockmap::Update>> {
+        match self.registry.get(disk) {
+            Ok(d) => {
+                if d.serving_map().is_none() {
+                    return Err(Error::Invalid(format!("disk {disk:?} is not immutable")));
+                }
+                Self::check_generation(&d, generation.max(1), epoch)?;
+                let alive = d.clone();
+                Ok(cluster::blockmap::serve(d, generation, move || {
+                    alive.serving_map().is_some() && alive.generation() == generation
+                }))
+            }
+            Err(Error::UnknownDisk(_)) => {
+                let sh = self
+                    .cluster
+                    .shadow(disk)
+                    .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))?;
+                if sh.disk.generation() != generation || sh.maps.epoch != epoch {
+                    return Err(Error::StaleGeneration {
+                        disk: disk.to_string(),
+                        asked: generation,
+                        current: sh.disk.generation(),
+                    });
+                }
+                let cluster = self.cluster.clone();
+                let alive = sh.clone();
+                Ok(cluster::blockmap::serve(
+                    sh.disk.clone(),
+                    generation,
+                    move || {
+                        cluster
+                            .shadow(alive.disk.id.as_str())
+                            .is_some_and(|s| Arc::ptr_eq(&s, &alive))
+                            && alive.lease.as_ref().is_none_or(|l| !l.revoked())
+                    },
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a disk this node owns for member `from` (the Peer service: never forwarded
+    /// again). With a `generation` (not 0), only at that generation and `epoch`. Only reads by
+    /// live members count towards detection.
+    pub async fn read_local(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        from: &str,
+        (generation, epoch): (u64, u64),
+    ) -> Result<Bytes> {
+        let d = self.registry.get(disk)?;
+        Self::check_generation(&d, generation, epoch)?;
+        if self.cluster.live_member(from) {
+            self.note_read(&d, from);
+        }
+        let b = self.reads.read(&d, offset, len, Route::Any).await?;
+        // Checked again after the read: bytes of a generation that ended meanwhile must not
+        // reach a shadow of it.
+        Self::check_generation(&d, generation, epoch)?;
+        Ok(b)
+    }
+
+    /// Writes a disk this node owns (for the Peer service).
+    pub async fn write_local(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+        let d = self.registry.get(disk)?;
+        self.write_owned(&d, offset, data).await
+    }
+
+    /// Flushes a disk this node owns (for the Peer service).
+    pub async fn flush_local(&self, disk: &str) -> Result<()> {
+        let d = self.registry.get(disk)?;
+        crate::write::flush(&d).await
+    }
+
+    /// Grants (or renews) `from` a lease on (disk, generation, epoch), for `Peer.Lease`.
+    pub fn grant_lease(
+        &self,
+        disk: &str,
+        generation: u64,
+        epoch: u64,
+        from: &str,
+    ) -> Result<Duration> {
+        let d = self.registry.get(disk)?;
+        let term = Duration::from_millis(self.config.lease.term_ms);
+        let margin = Duration::from_millis(self.config.lease.drift_margin_ms);
+        if !self.cluster.live_member(from) || from == self.config.node_id {
+            return Err(Error::NoLease {
+                disk: disk.to_string(),
+                why: format!("{from:?} is not a live member of the cluster"),
+            });
+        }
+        let mut leases = d.owner.leases.lock();
+        // Under the lease lock: a revocation that starts after this sees the grant. No grant
+        // while a detection is still deciding (it may step back).
+        if d.state() != DiskState::Detected
+            || d.owner.detecting.load(std::sync::atomic::Ordering::SeqCst)
+            || d.generation() != generation
+            || (epoch != 0 && d.epoch != epoch)
+        {
+            return Err(Error::NoLease {
+                disk: disk.to_string(),
+                why: format!(
+                    "it is {} at generation {} (asked {generation})",
+                    d.mode().as_str(),
+                    d.generation()
+                ),
+            });
+        }
+        let now = self.clock.now();
+        let renewal = leases
+            .insert(Arc::from(from), now + term + margin)
+            .is_some_and(|e| e > now);
+        drop(leases);
+        if renewal {
+            self.cluster.stats.renewals.inc();
+        } else {
+            self.cluster.stats.grants.inc();
+            tracing::debug!(disk, holder = from, generation, "lease granted");
+        }
+        Ok(term)
+    }
+
+    /// The owner revoked (disk, generation) here (`Peer.Revoke`): returns once this node no
+    /// longer serves it from its cache.
+    pub fn revoke_held(&self, disk: &str, generation: u64, from: &str) -> Result<()> {
+        match self.cluster.remote(disk) {
+            Some(r) if r.owner == from => {
+                self.cluster.revoke_local(disk, generation);
+                Ok(())
+            }
+            // A disk this node no longer knows holds no lease here: nothing to stop.
+            None if self.registry.get(disk).is_err() => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{from:?} does not own disk {:?}: revocation refused",
+                disk.chars().take(160).collect::<String>()
+            ))),
+        }
+    }
+}

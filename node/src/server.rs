@@ -1,0 +1,217 @@
+//! The running node: its listeners (gRPC on the Unix socket and TCP, NBD, the Peer service),
+//! its background loops (detection, lease renewal, gauges) and a clean shutdown.
+//!
+//! Architecture invariant: the only place that binds sockets or spawns the node's loops.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cluster::membership::{Gossip, GossipConfig, Membership, Static};
+use crate::{Config, Node, frontend, nbd, telemetry};
+
+/// A node serving its frontends.
+#[derive(Debug)]
+pub struct RunningNode {
+    node: Arc<Node>,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Opens the node and starts its frontends: gRPC on the Unix socket, and on TCP if configured.
+pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
+    let env = environment(&config).await?;
+    start_in(config, env).await
+}
+
+/// The production [`crate::Environment`] for `config`: `CLOCK_BOOTTIME`, a seed from the
+/// system's entropy, gossip when `peer_listen` is set (a cluster of one otherwise), and the
+/// gRPC Peer client (over mutual TLS when `[cluster.tls]` is set).
+pub async fn environment(config: &Config) -> anyhow::Result<crate::Environment> {
+    let c = &config.cluster;
+    let tls = c
+        .tls
+        .as_ref()
+        .map(frontend::tls::PeerTls::load)
+        .transpose()?;
+    let membership: Arc<dyn Membership> = match c.peer_listen {
+        Some(listen) => Arc::new(
+            Gossip::join(GossipConfig {
+                node_id: config.node_id.clone(),
+                cluster_id: c.cluster_id.clone(),
+                listen,
+                advertise: c.advertise.unwrap_or(listen),
+                advertise_rpc: c.advertise_rpc.or(c.advertise).unwrap_or(listen),
+                seeds: c.seeds.clone(),
+                gossip_interval: Duration::from_millis(c.gossip_interval_ms),
+                phi_threshold: c.phi_threshold,
+            })
+            .await
+            .context("cannot join the cluster")?,
+        ),
+        None => Arc::new(Static::single(
+            &config.node_id,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        )),
+    };
+    let peers = Arc::new(frontend::peer_client::TonicPeers::new(
+        &config.node_id,
+        Duration::from_millis(c.rpc_timeout_ms),
+        tls.map(|t| t.client),
+    ));
+    Ok(crate::Environment {
+        clock: crate::clock::system(),
+        seed: rand::random(),
+        membership,
+        peers,
+    })
+}
+
+/// [`start`] with the sources of nondeterminism of `env`.
+pub async fn start_in(config: Config, env: crate::Environment) -> anyhow::Result<RunningNode> {
+    let node = Node::open_in(config, env).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    let unix = frontend::grpc::bind_unix(&node.config.listen_unix)?;
+    servers.push(tokio::spawn(frontend::grpc::serve_unix(
+        node.clone(),
+        unix,
+        stopped.clone(),
+    )));
+    if let Some(addr) = node.config.listen_tcp {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on listen_tcp {addr}"))?;
+        servers.push(tokio::spawn(frontend::grpc::serve_tcp(
+            node.clone(),
+            tcp,
+            stopped.clone(),
+        )));
+    }
+    if let Some(path) = &node.config.nbd_unix {
+        let l = frontend::grpc::bind_unix(path)?;
+        servers.push(tokio::spawn(nbd::serve_unix(
+            node.clone(),
+            l,
+            stopped.clone(),
+        )));
+    }
+    if let Some(addr) = node.config.nbd_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on nbd_listen {addr}"))?;
+        servers.push(tokio::spawn(nbd::serve_tcp(
+            node.clone(),
+            l,
+            stopped.clone(),
+        )));
+    }
+    if let Some(addr) = node.config.cluster.peer_listen {
+        let peer = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on peer_listen {addr}"))?;
+        let tls = node
+            .config
+            .cluster
+            .tls
+            .as_ref()
+            .map(frontend::tls::PeerTls::load)
+            .transpose()?;
+        servers.push(tokio::spawn(frontend::grpc::serve_peer(
+            node.clone(),
+            peer,
+            tls,
+            stopped.clone(),
+        )));
+    }
+    // Other members' disks, shadows, leases and block maps are kept current whatever carries
+    // the calls (a node alone has nobody to ask and pays a look at an empty list a second).
+    {
+        let n = node.clone();
+        node.cluster
+            .spawn_refresher(stopped.clone(), move |id| n.registry.get(id).is_ok());
+    }
+    // Detection looks at every owned mutable disk four times a second.
+    if node.config.detection.enabled {
+        let node = node.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            // On the node's clock: detection decides when leases can be granted.
+            loop {
+                tokio::select! {
+                    () = node.clock.sleep(Duration::from_millis(250)) => node.detect_all().await,
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
+    }
+    // Gauges (bytes and entries per tier) are refreshed from the cache once a second.
+    {
+        let node = node.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        node.cache.usage();
+                        metrics::gauge!(telemetry::BLOCK_MAP_BYTES)
+                            .set(node.cluster.block_map_bytes() as f64);
+                    }
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
+    }
+    tracing::info!(
+        node_id = %node.config.node_id,
+        socket = %node.config.listen_unix.display(),
+        tcp = ?node.config.listen_tcp,
+        block_size = node.config.block_bytes,
+        disks = node.registry.list().len(),
+        "shadowcache node serving"
+    );
+    Ok(RunningNode {
+        node,
+        stop,
+        servers,
+    })
+}
+
+impl RunningNode {
+    /// The node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The Unix socket the gRPC services listen on.
+    pub fn unix_socket(&self) -> &Path {
+        &self.node.config.listen_unix
+    }
+
+    /// Stops the frontends (in-flight requests finish), then leaves the cache warm.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        // In-flight requests get a grace period; a client that keeps a connection busy longer
+        // does not keep the cache from being saved.
+        let grace = Duration::from_secs(10);
+        for s in self.servers {
+            match tokio::time::timeout(grace, s).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "frontend stopped with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "frontend task failed"),
+                Err(_) => tracing::warn!("frontend still busy after {grace:?}; closing anyway"),
+            }
+        }
+        self.node.cluster.shutdown().await;
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.close())
+            .await
+            .context("shutdown task")?;
+        let _ = std::fs::remove_file(&self.node.config.listen_unix);
+        tracing::info!("shadowcache node stopped; cache left warm");
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Three nodes in one process over the in-process membership and Peer service, on one manual
+//! clock that only the test moves: detection, leases, revocation and a cut-off holder, driven
+//! step by step with no real waiting for leases to run out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shadowcache_node::clock::{Clock, ManualClock};
+use shadowcache_node::config::DiskSpec;
+use shadowcache_node::inprocess::{InProcessNet, Link};
+use shadowcache_node::{Config, DiskMode, RunningNode, start_in};
+
+const BS: u64 = 16 << 10;
+const BLOCKS: u64 = 64;
+const TERM_MS: u64 = 2_000;
+const MARGIN_MS: u64 = 200;
+
+/// Block `i` of version `v`: its index and version repeated, so a read shows both.
+fn block(i: u64, v: u64) -> Vec<u8> {
+    let mut rec = [0u8; 16];
+    rec[..8].copy_from_slice(&i.to_le_bytes());
+    rec[8..].copy_from_slice(&v.to_le_bytes());
+    rec.iter().copied().cycle().take(BS as usize).collect()
+}
+
+fn version_of(i: u64, b: &[u8]) -> u64 {
+    let v = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+    assert_eq!(b, &block(i, v)[..], "block {i} is not one whole version");
+    v
+}
+
+struct Cluster {
+    net: InProcessNet,
+    clock: Arc<ManualClock>,
+    nodes: Vec<RunningNode>,
+}
+
+impl Cluster {
+    fn node(&self, id: &str) -> &Arc<shadowcache_node::Node> {
+        let n = ["a", "b", "c"].iter().position(|x| *x == id).expect("id");
+        self.nodes[n].node()
+    }
+
+    /// Moves the clock by `ms`, then lets the nodes' tasks run on it.
+    async fn step(&self, ms: u64) {
+        self.clock.advance(Duration::from_millis(ms));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    fn mode_at(&self, at: &str) -> Option<(DiskMode, u64)> {
+        self.node(at)
+            .stat("vdi")
+            .ok()
+            .map(|d| (d.mode, d.generation))
+    }
+
+    /// Reads at b and c (counted by the owner) and moves the clock until the owner detects
+    /// the disk past generation `after`, and b and c see it.
+    async fn detect(&self, after: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for m in ["b", "c"] {
+                let n = self.node(m);
+                n.read("vdi", 0, 4096).await.expect("read");
+            }
+            self.step(150).await;
+            if let Some((DiskMode::Detected, g)) = self.mode_at("a")
+                && g > after
+                && ["b", "c"]
+                    .iter()
+                    .all(|m| self.mode_at(m) == Some((DiskMode::Detected, g)))
+            {
+                return g;
+            }
+            assert!(Instant::now() < deadline, "vdi not detected past {after}");
+        }
+    }
+}
+
+async fn cluster(dir: &std::path::Path) -> Cluster {
+    let net = InProcessNet::new();
+    let clock = ManualClock::new(Duration::from_secs(1_000));
+    let image = dir.join("vdi.raw");
+    let mut data = Vec::new();
+    for i in 0..BLOCKS {
+        data.extend(block(i, 1));
+    }
+    std::fs::write(&image, &data).expect("image");
+    let mut nodes = Vec::new();
+    for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let mut c = Config::for_data_dir(&dir.join(id));
+        c.node_id = id.into();
+        c.block_bytes = BS as u32;
+        c.ram_bytes = 16 << 20;
+        c.ssd_bytes = 0;
+        c.nbd_unix = None;
+        c.detection.enabled = true;
+        c.detection.min_readers = 2;
+        c.detection.min_reads = 4;
+        c.detection.quiet_period_ms = 400;
+        c.detection.window_ms = 10_000;
+        c.lease.term_ms = TERM_MS;
+        c.lease.drift_margin_ms = MARGIN_MS;
+        if id == "a" {
+            c.disks.push(DiskSpec {
+                id: "vdi".into(),
+                origin: image.clone(),
+                mode: DiskMode::Mutable,
+            });
+        }
+        let env = net.environment(id, 1, clock.clone(), 7 + n as u64);
+        let running = start_in(c, env).await.expect("start");
+        net.attach(id, running.node());
+        nodes.push(running);
+    }
+    let c = Cluster { net, clock, nodes };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !["b", "c"].iter().all(|m| c.mode_at(m).is_some()) {
+        assert!(Instant::now() < deadline, "b and c never saw a's disk");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detection_leases_and_revocation_run_in_one_process_on_a_manual_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
+
+    // Reads by two members, then a quiet period on the manual clock: detected.
+    let g1 = c.detect(0).await;
+    assert!(g1 >= 2);
+
+    // b and c read the whole disk under leases, from their caches after the first pass.
+    for n in [b, cc] {
+        for _ in 0..2 {
+            let got = n.read("vdi", 0, BS * BLOCKS).await.expect("read");
+            for i in 0..BLOCKS {
+                let at = (i * BS) as usize;
+                assert_eq!(version_of(i, &got[at..at + BS as usize]), 1);
+            }
+        }
+    }
+    let holders = a.stat("vdi").expect("stat").lease_holders;
+    assert_eq!(holders, vec!["b".to_string(), "c".to_string()]);
+    let before = b.status().counters;
+    b.read("vdi", 0, BS * BLOCKS).await.expect("read");
+    let after = b.status().counters;
+    assert_eq!(
+        (after.owner_read_bytes, after.peer_read_bytes),
+        (before.owner_read_bytes, before.peer_read_bytes),
+        "b's third pass left its cache"
+    );
+
+    // A write at the owner: both holders acknowledge the revocation, then it lands; no member
+    // serves the old block after.
+    a.write("vdi", 3 * BS, Bytes::from(block(3, 2)))
+        .await
+        .expect("write");
+    for n in [a, b, cc] {
+        let got = n
+            .read("vdi", 3 * BS, BS)
+            .await
+            .expect("read after the write");
+        assert_eq!(version_of(3, &got), 2, "a member served the replaced block");
+    }
+    assert_eq!(c.mode_at("a").map(|m| m.0), Some(DiskMode::Mutable));
+
+    // Detected again; c holds a lease, then the owner cannot reach c.
+    let g2 = c.detect(g1).await;
+    cc.read("vdi", 5 * BS, BS)
+        .await
+        .expect("c reads under a lease");
+    b.read("vdi", 5 * BS, BS)
+        .await
+        .expect("b reads under a lease");
+    assert!(
+        a.stat("vdi")
+            .expect("stat")
+            .lease_holders
+            .contains(&"c".to_string())
+    );
+    c.net.set_link("a", "c", Link::Cut);
+    let started = c.clock.now();
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write("vdi", 5 * BS, Bytes::from(block(5, 3))).await })
+    };
+    // The write waits for c's lease to run out on the owner's count: a term and a margin.
+    let mut waited_ms = 0;
+    while !writer.is_finished() {
+        // Until the write lands c may serve version 1; never anything else.
+        let got = cc.read("vdi", 5 * BS, BS).await.expect("c reads");
+        assert_eq!(version_of(5, &got), 1, "c saw a write not yet acknowledged");
+        c.step(100).await;
+        waited_ms += 100;
+        assert!(waited_ms <= 10 * TERM_MS, "the write never landed");
+    }
+    writer.await.expect("task").expect("write");
+    let waited = c.clock.now() - started;
+    assert!(
+        waited >= Duration::from_millis(TERM_MS / 2),
+        "the write landed after {waited:?} of a {TERM_MS} ms lease held by a member it could not reach"
+    );
+    // Once acknowledged, c (cut off, its lease over by its own count) reads the new block.
+    for n in [a, b, cc] {
+        let got = n
+            .read("vdi", 5 * BS, BS)
+            .await
+            .expect("read after the write");
+        assert_eq!(version_of(5, &got), 3, "a member served the replaced block");
+    }
+    assert!(g2 > g1);
+    for n in c.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
