@@ -2,6 +2,9 @@
 //!
 //! Every key is documented in `deploy/node.example.toml` and README.md. Unknown keys and bad
 //! values stop the start with a message that names the key.
+//!
+//! Architecture invariant: a configuration that loads is valid; nothing downstream validates it
+//! again or panics on a value.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -305,33 +308,7 @@ pub struct TlsConfig {
     pub server_name: String,
 }
 
-/// `[detection]`: when the owner of a mutable disk finds it read-only and read by several
-/// members, and makes it immutable under leases.
-#[derive(Debug, Clone)]
-pub struct DetectionConfig {
-    /// Detection runs at all (default true).
-    pub enabled: bool,
-    /// The sliding window over which reads and readers are counted.
-    pub window_ms: u64,
-    /// Distinct members (the owner counts) that read the disk in the window (default 2).
-    pub min_readers: u32,
-    /// Reads in the window (default 64).
-    pub min_reads: u64,
-    /// Time without any write (default 10 s).
-    pub quiet_period_ms: u64,
-}
-
-impl Default for DetectionConfig {
-    fn default() -> Self {
-        DetectionConfig {
-            enabled: true,
-            window_ms: 30_000,
-            min_readers: 2,
-            min_reads: 64,
-            quiet_period_ms: 10_000,
-        }
-    }
-}
+pub use crate::detect::DetectionConfig;
 
 /// `[lease]`: the terms on which members serve a detected disk from their caches.
 #[derive(Debug, Clone)]

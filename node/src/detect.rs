@@ -21,7 +21,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::config::DetectionConfig;
+/// `[detection]`: when the owner of a mutable disk finds it read-only and read by several
+/// members, and makes it immutable under leases.
+#[derive(Debug, Clone)]
+pub struct DetectionConfig {
+    /// Detection runs at all (default true).
+    pub enabled: bool,
+    /// The sliding window over which reads and readers are counted.
+    pub window_ms: u64,
+    /// Distinct members (the owner counts) that read the disk in the window (default 2).
+    pub min_readers: u32,
+    /// Reads in the window (default 64).
+    pub min_reads: u64,
+    /// Time without any write (default 10 s).
+    pub quiet_period_ms: u64,
+}
+
+impl Default for DetectionConfig {
+    fn default() -> Self {
+        DetectionConfig {
+            enabled: true,
+            window_ms: 30_000,
+            min_readers: 2,
+            min_reads: 64,
+            quiet_period_ms: 10_000,
+        }
+    }
+}
 
 /// Buckets per window: the window slides in steps of a eighth of its length.
 const BUCKETS: u32 = 8;

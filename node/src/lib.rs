@@ -25,6 +25,9 @@
 //! [`start`] builds a [`Node`] from a [`Config`] and serves it; [`RunningNode::shutdown`] stops
 //! the servers, writes the RAM multi-touch entries to the SSD tier and syncs it, so that a node
 //! restarted on the same data directory is warm.
+//!
+//! Architecture invariant: routing only (owned, shadow, forwarded); the rules live in `read.rs`,
+//! `write.rs`, `mode.rs` and `serve.rs`.
 
 pub mod admin;
 pub mod cache;

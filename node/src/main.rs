@@ -1,5 +1,7 @@
 //! `shadowcache-node`: parse flags, load the config, start the node, wait for SIGTERM or SIGINT,
 //! shut down leaving the cache warm.
+//!
+//! Architecture invariant: thin: flags, runtime and signals; no node logic.
 
 use std::process::ExitCode;
 

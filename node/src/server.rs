@@ -119,7 +119,7 @@ pub async fn start_in(config: Config, env: crate::Environment) -> anyhow::Result
             .as_ref()
             .map(frontend::tls::PeerTls::load)
             .transpose()?;
-        servers.push(tokio::spawn(frontend::grpc::serve_peer(
+        servers.push(tokio::spawn(frontend::peer::serve_peer(
             node.clone(),
             peer,
             tls,

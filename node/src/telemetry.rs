@@ -5,6 +5,8 @@
 //! `Status` reads, and a `metrics` handle registered once at construction, so the hot path never
 //! looks a metric up by name. Handles made before a recorder is installed are no-ops, which is
 //! what the in-process benchmarks want.
+//!
+//! Architecture invariant: every metric name is defined here and nowhere else.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

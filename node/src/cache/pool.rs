@@ -34,6 +34,9 @@
 //! recycled slab, and a table of node numbers; 22 bytes a key measured with the table's load
 //! factor. A false match (two fingerprints sharing 32 bits) only sends a block to multi-touch a
 //! read early.
+//!
+//! Architecture invariant: everything happens under one lock in the call that causes it, with no
+//! I/O and no allocation on a hit; an evicted entry goes to a closure that never blocks.
 
 use hashbrown::HashTable;
 

@@ -1,5 +1,7 @@
 //! A cached block as the demotion queue and the SSD writer hold it (shared between threads).
 //! The RAM pools keep theirs inline ([`super::pool::Cached`]).
+//!
+//! Architecture invariant: bytes and dedup references only; no policy here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

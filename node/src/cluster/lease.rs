@@ -5,6 +5,8 @@
 //! drift margin late. Times are on the boot clock (see [`crate::clock`]). A revocation marks the
 //! lease revoked for good: a grant that arrives after it (the two can cross on the network) is
 //! ignored, so a revoked generation is never served again from this node's cache.
+//!
+//! Architecture invariant: no I/O; time comes in as arguments.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -13,6 +13,9 @@
 //! passes its threshold: measured on loopback, about 5 gossip intervals after it stopped at
 //! phi 8 (2.6 s with the default 500 ms; `node/tests/cluster.rs` prints it). Nothing else is
 //! promised: two nodes may briefly disagree.
+//!
+//! Architecture invariant: gossip carries small facts only; disk lists and block maps travel over
+//! the Peer service.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,6 +4,9 @@
 //! This file translates between protobuf messages and [`Node`] calls, maps [`Error`] to
 //! `tonic::Code` in one place ([`status`]), and records per-RPC metrics. It holds no cache or
 //! disk logic.
+//!
+//! Architecture invariant: protocol translation only: no cache, disk or cluster logic; errors
+//! become statuses only through `status.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -424,7 +427,7 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
     while !*stopped.borrow() {
         if stopped.changed().await.is_err() {
             return;
@@ -443,35 +446,6 @@ pub async fn serve_unix(
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
         .context("grpc server on the unix socket")
-}
-
-/// Serves the Peer service on the node's `peer_listen` address until `stopped` turns true.
-pub async fn serve_peer(
-    node: Arc<Node>,
-    listener: TcpListener,
-    tls: Option<super::tls::PeerTls>,
-    stopped: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let max = pb::MAX_MESSAGE_BYTES;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(tls.server.clone())
-            .context("peer tls configuration")?;
-    }
-    builder
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
-        .max_concurrent_streams(Some(1024))
-        .add_service(
-            pb::peer_server::PeerServer::new(super::peer::PeerFrontend::new(node))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
-        .await
-        .context("peer grpc server")
 }
 
 /// Serves gRPC on a bound TCP listener until `stopped` turns true.

@@ -1,12 +1,18 @@
 //! The Peer service: what other members ask of this node about the disks it owns. Protocol
 //! translation only; the rules live in [`crate::Node`]'s `*_local` methods, which never
 //! forward again (so a request cannot loop between members).
+//!
+//! Architecture invariant: protocol translation only; nothing here forwards a request to another
+//! member.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use shadowcache_proto as pb;
 use tonic::{Request, Response, Status};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
 
 use super::grpc::{info_to_pb, observe, status};
 use crate::Node;
@@ -243,4 +249,33 @@ impl pb::peer_server::Peer for PeerFrontend {
         res.map(|()| Response::new(pb::FlushResponse {}))
             .map_err(|e| status(&e))
     }
+}
+
+/// Serves the Peer service on the node's `peer_listen` address until `stopped` turns true.
+pub async fn serve_peer(
+    node: Arc<Node>,
+    listener: TcpListener,
+    tls: Option<super::tls::PeerTls>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let max = pb::MAX_MESSAGE_BYTES;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.server.clone())
+            .context("peer tls configuration")?;
+    }
+    builder
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .max_concurrent_streams(Some(1024))
+        .add_service(
+            pb::peer_server::PeerServer::new(PeerFrontend::new(node))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, super::grpc::until_stopped(stopped))
+        .await
+        .context("peer grpc server")
 }

@@ -1,6 +1,9 @@
 //! The gRPC client of other members' Peer services: [`PeerService`] over tonic, one lazily
 //! connected channel per member, explicit message limits and HTTP/2 windows, and mutual TLS
 //! when configured. Deadlines are the caller's (`cluster::peers::Peers`).
+//!
+//! Architecture invariant: transport only: no retries, no deadlines (the caller's), no decision
+//! about what an answer means.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -5,6 +5,8 @@
 //! Gossip (UDP) is not covered: a stranger can appear in the member list, but it cannot call
 //! the Peer service, and members never take a disk list, a block, a lease or a revocation from
 //! it, because every call to it fails the handshake.
+//!
+//! Architecture invariant: PEM files are read once at start, and nothing here logs key material.
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 

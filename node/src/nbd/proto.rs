@@ -1,5 +1,7 @@
 //! NBD wire format: the constants of the protocol (NetworkBlockDevice/nbd `doc/proto.md`) and
 //! pure encoders and decoders, so that the parsing can be tested and fuzzed without sockets.
+//!
+//! Architecture invariant: no I/O; a decoder returns an error on malformed input, never panics.
 
 use bytes::{BufMut, Bytes, BytesMut};
 

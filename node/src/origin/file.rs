@@ -1,5 +1,8 @@
 //! A raw image file or a block device as an origin, read and written with pread/pwrite on
 //! tokio's blocking pool.
+//!
+//! Architecture invariant: no file I/O on a runtime thread; a short read is an error, never a
+//! short buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek};
