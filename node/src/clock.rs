@@ -5,7 +5,7 @@
 //! while the owner, which did not sleep, has already let it lapse and applied a write. Lease
 //! times are therefore read from `CLOCK_BOOTTIME` on Linux, behind [`Clock`]. (The time
 //! arithmetic of detection and leases takes `now` as an argument and is unit-tested with
-//! plain durations: `detect.rs`, `cluster/lease.rs`.)
+//! plain durations: `cluster/detect.rs`, `cluster/lease.rs`.)
 //!
 //! Waits that decide lease and revocation timing (a write's post-restart fence, waiting out an
 //! unreachable holder, renewing, the deadline of a lease request) sleep on the same clock, so

@@ -308,7 +308,7 @@ pub struct TlsConfig {
     pub server_name: String,
 }
 
-pub use crate::detect::DetectionConfig;
+pub use crate::cluster::detect::DetectionConfig;
 
 /// `[lease]`: the terms on which members serve a detected disk from their caches.
 #[derive(Debug, Clone)]

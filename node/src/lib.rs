@@ -34,7 +34,6 @@ pub mod cache;
 pub mod clock;
 pub mod cluster;
 pub mod config;
-pub mod detect;
 pub mod disk;
 pub mod error;
 pub mod frontend;

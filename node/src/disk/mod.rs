@@ -123,7 +123,7 @@ pub struct Disk {
     /// registered again (an owner restart, an image replaced) and their caches of it must go.
     pub epoch: u64,
     /// Detection and leases (used at the owner only).
-    pub owner: crate::detect::OwnerState,
+    pub owner: crate::cluster::detect::OwnerState,
     /// The blocks of it this node holds (its block map, for other members).
     pub held: crate::cluster::blockmap::HeldBlocks,
     /// For the shadow of a disk another member owns: how its fingerprints and blocks are
@@ -184,7 +184,7 @@ impl Disk {
             origin,
             instance,
             epoch: epoch.max(1),
-            owner: crate::detect::OwnerState::new(now),
+            owner: crate::cluster::detect::OwnerState::new(now),
             held: Default::default(),
             remote: None,
             state: AtomicU8::new(MUTABLE),

@@ -1,0 +1,154 @@
+//! The directory of other members' disks: fetched over `Peer.OwnedDisks` when a member's
+//! advertised registry version (or boot) changes, dropped when it leaves; conflicts resolved
+//! the same way on every node (local first, then the lower owner id).
+//!
+//! Architecture invariant: a disk id known locally always wins over a remote one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{Cluster, Member, RemoteDisk};
+
+impl Cluster {
+    /// The member that owns `disk`, if another member does.
+    pub fn remote(&self, disk: &str) -> Option<RemoteDisk> {
+        self.remote.get(disk).map(|r| r.clone())
+    }
+
+    /// Every disk other members own, by id.
+    pub fn remote_disks(&self) -> Vec<RemoteDisk> {
+        let mut v: Vec<RemoteDisk> = self.remote.iter().map(|r| r.value().clone()).collect();
+        v.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        v
+    }
+
+    /// The version of this node's disk registry, as advertised.
+    pub fn disks_version(&self) -> u64 {
+        self.disks_version.load(Ordering::SeqCst)
+    }
+
+    /// Tells the other members that this node's disks changed.
+    pub async fn disks_changed(&self) {
+        let v = self.disks_version.fetch_add(1, Ordering::SeqCst) + 1;
+        self.membership.set_disks_version(v).await;
+    }
+
+    /// Keeps the view of other members' disks current until `stopped` turns true: on every
+    /// membership change and every `poll` besides.
+    pub fn spawn_refresher(
+        self: &Arc<Self>,
+        mut stopped: watch::Receiver<bool>,
+        local: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) {
+        let this = self.clone();
+        let mut members = self.members.clone();
+        let mut stop_renewing = stopped.clone();
+        let renewer = self.clone();
+        tokio::spawn(async move {
+            // Renewals are lease timing: they wait on the node's clock.
+            loop {
+                renewer.renew_leases().await;
+                tokio::select! {
+                    () = renewer.clock.sleep(renewer.lease_term / 6) => {},
+                    _ = stop_renewing.changed() => break,
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                this.refresh(&local).await;
+                tokio::select! {
+                    r = members.changed() => if r.is_err() { break },
+                    _ = tick.tick() => {},
+                    _ = stopped.changed() => break,
+                }
+            }
+        });
+    }
+
+    /// One refresh: drop the disks of members that left, fetch the lists that changed.
+    async fn refresh(self: &Arc<Self>, local: &(impl Fn(&str) -> bool + Send + Sync)) {
+        let live: HashMap<String, Member> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.id != self.me)
+            .map(|m| (m.id.clone(), m))
+            .collect();
+        // Members that are gone: everything they contributed goes.
+        let gone: Vec<String> = self
+            .fetched
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|id| !live.contains_key(id))
+            .collect();
+        for id in &gone {
+            self.fetched.remove(id);
+            self.peers.forget(id);
+            let before = self.remote.len();
+            self.remote.retain(|_, r| &r.owner != id);
+            tracing::info!(member = %id, disks = before - self.remote.len(), "member left; its disks are no longer served here");
+        }
+        if !gone.is_empty() {
+            // A disk id two members own is kept from the lower id; when that one leaves, the
+            // other's list must be read again for its disk to show.
+            self.fetched.clear();
+            // Their shadows go now, before the lists of the others are fetched.
+            self.sync_shadows();
+        }
+        for m in live.values() {
+            if self
+                .fetched
+                .get(&m.id)
+                .is_some_and(|v| v.0 == m.boot && v.1 >= m.disks_version)
+            {
+                continue;
+            }
+            match self.peers.owned_disks(&m.id, m.peer_addr).await {
+                Ok((disks, disks_version)) => {
+                    if self.fetched.get(&m.id).is_some_and(|v| v.0 != m.boot) {
+                        tracing::info!(member = %m.id, "member restarted; its disks are read anew");
+                    }
+                    // Entries are replaced in place and the member's vanished disks removed
+                    // after: a concurrent read never sees a disk of this member missing.
+                    let ids: std::collections::HashSet<String> =
+                        disks.iter().map(|d| d.id.clone()).collect();
+                    self.remote
+                        .retain(|id, r| r.owner != m.id || ids.contains(id));
+                    for d in disks {
+                        if local(&d.id) {
+                            tracing::warn!(disk = %d.id, owner = %m.id, "a disk of this id is local here; the remote one is ignored");
+                            continue;
+                        }
+                        let keep_existing = self
+                            .remote
+                            .get(&d.id)
+                            .is_some_and(|r| r.owner < m.id && self.live_member(&r.owner));
+                        if keep_existing {
+                            tracing::warn!(disk = %d.id, owner = %m.id, "two members own a disk of this id; the lower node id wins");
+                            continue;
+                        }
+                        self.remote.insert(
+                            d.id.clone(),
+                            RemoteDisk {
+                                owner: m.id.clone(),
+                                addr: m.peer_addr,
+                                info: d,
+                            },
+                        );
+                    }
+                    self.fetched.insert(m.id.clone(), (m.boot, disks_version));
+                }
+                Err(e) => {
+                    tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");
+                }
+            }
+        }
+        self.sync_shadows();
+        self.sync_subscriptions(&live);
+    }
+}
