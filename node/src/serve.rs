@@ -10,10 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 
 use crate::disk::DiskState;
 use crate::error::{Error, Result};
 use crate::{Node, Route, cluster, disk};
+
+/// Parts of a content map chunk (64 blocks each) read and fingerprinted at once.
+const MAP_FILL_PARTS: usize = 4;
 
 impl Node {
     /// Checks that a request about `d` names its current generation and epoch (0: any).
@@ -57,25 +61,44 @@ impl Node {
                     .max(first.saturating_add(1)),
             );
         let unknown: Vec<u64> = (first..end).filter(|&i| map.get(i).is_none()).collect();
+        // A few parts at once: the origin reads of one overlap the hashing of another.
+        let mut parts = Vec::new();
         for part in unknown.chunks(cluster::fetch::MAX_BLOCKS_PER_REQUEST) {
-            // The same budget as blocks gathered for members: many members asking at once
-            // cannot pin more than it.
-            let _room = self
-                .peer_serving
-                .acquire_many(part.len() as u32)
-                .await
-                .map_err(|_| Error::State("the node is shutting down".into()))?;
-            for r in self.reads.blocks(&d, &map, part, Route::Any).await {
-                if let Err(e) = r {
-                    tracing::warn!(disk, error = %e, "a block could not be fingerprinted for a member's content map");
-                }
-            }
+            parts.push(self.fingerprint_part(disk, &d, &map, part.to_vec()));
         }
+        let done: Vec<Result<()>> = futures::stream::iter(parts)
+            .buffer_unordered(MAP_FILL_PARTS)
+            .collect()
+            .await;
+        done.into_iter().collect::<Result<()>>()?;
         // Checked again: entries of a generation that ended meanwhile must not reach a member.
         Self::check_generation(&d, generation.max(1), epoch)?;
         Ok((first..end)
             .filter_map(|i| map.get(i).map(|r| (i, r)))
             .collect())
+    }
+
+    /// Reads (through the cache) and fingerprints blocks `part` of `d` for a member's content
+    /// map, within the budget of blocks gathered for members.
+    async fn fingerprint_part(
+        &self,
+        disk: &str,
+        d: &Arc<disk::Disk>,
+        map: &Arc<disk::ContentMap>,
+        part: Vec<u64>,
+    ) -> Result<()> {
+        // Many members asking at once cannot pin more than the budget.
+        let _room = self
+            .peer_serving
+            .acquire_many(part.len() as u32)
+            .await
+            .map_err(|_| Error::State("the node is shutting down".into()))?;
+        for r in self.reads.blocks(d, map, &part, Route::Any).await {
+            if let Err(e) = r {
+                tracing::warn!(disk, error = %e, "a block could not be fingerprinted for a member's content map");
+            }
+        }
+        Ok(())
     }
 
     /// Blocks of a sealed disk, for another member (`Peer.FetchBlocks`): this node's own disk,

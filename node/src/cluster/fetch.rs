@@ -205,10 +205,14 @@ impl Remote {
                 r?;
             }
         }
-        // Read-ahead: a reader in the second half of a chunk will want the next one soon.
-        if let (Some(&last_chunk), Some(&last)) = (wanted.last(), indices.last()) {
+        // Read-ahead, for a reader moving through the disk (it holds the chunk before this
+        // one): the next chunk is asked now, so the owner fingerprints it while this one is
+        // read. A random reader asks for nothing ahead: each chunk costs the owner a read.
+        if let Some(&last_chunk) = wanted.last() {
             let next = last_chunk + 1;
-            if last % per >= per / 2
+            let first_chunk = wanted[0];
+            let sequential = first_chunk > 0 && map.has_chunk(first_chunk - 1);
+            if sequential
                 && next * per < self.total_blocks()
                 && !map.has_chunk(next)
                 && !self.chunk_flights.contains_key(&next)
