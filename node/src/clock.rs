@@ -8,8 +8,11 @@
 //! plain durations: `cluster/detect.rs`, `cluster/lease.rs`.)
 //!
 //! Waits that decide lease and revocation timing (a write's post-restart fence, waiting out an
-//! unreachable holder, renewing, the deadline of a lease request) sleep on the same clock, so
-//! a test with a [`ManualClock`] moves time, and every such wait, step by step.
+//! unreachable holder, renewing, the deadline of a lease request) sleep through the same
+//! [`Clock`], so a test with a [`ManualClock`] moves time, and every such wait, step by step.
+//! (`BootClock::sleep` is tokio's, which stops during suspend: every such wait therefore
+//! checks [`Clock::now`] again when it wakes, and a long sleep only ever delays, never
+//! shortens, what it guards.)
 //!
 //! Architecture invariant: nothing that decides a lease reads time anywhere else.
 

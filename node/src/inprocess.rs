@@ -77,7 +77,7 @@ impl InProcessNet {
         Environment {
             clock,
             seed,
-            membership: self.members.join(id, addr, boot),
+            membership: Some(self.members.join(id, addr, boot)),
             peers: Arc::new(InProcessPeers {
                 me: id.to_string(),
                 net: self.clone(),

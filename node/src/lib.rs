@@ -74,8 +74,9 @@ pub struct Environment {
     pub clock: Arc<dyn clock::Clock>,
     /// Seed of the node's random generator.
     pub seed: u64,
-    /// Who is in the cluster and alive.
-    pub membership: Arc<dyn cluster::Membership>,
+    /// Who is in the cluster and alive; `None`: from the config (gossip when `peer_listen` is
+    /// set, a cluster of one otherwise), joined once the node holds its data directory.
+    pub membership: Option<Arc<dyn cluster::Membership>>,
     /// Calls to other members.
     pub peers: Arc<dyn cluster::PeerService>,
 }
@@ -103,7 +104,7 @@ pub struct Node {
 impl Node {
     /// Opens the data directory and the cache, and registers the configured and saved disks.
     pub async fn open(config: Config) -> anyhow::Result<Arc<Node>> {
-        let env = server::environment(&config).await?;
+        let env = server::environment(&config)?;
         Self::open_in(config, env).await
     }
 
@@ -150,7 +151,15 @@ impl Node {
             .context("cannot load saved disks")?;
         let reads = ReadPath::new(cache.clone());
         let clock = env.clock.clone();
-        let cluster = cluster::Cluster::start(&config, clock.clone(), env.membership, env.peers);
+        // Joined only now: a node that cannot hold its data directory, or is still opening its
+        // cache, must not look like a live member to the others.
+        let membership = match env.membership {
+            Some(m) => m,
+            None => cluster::membership::from_config(&config)
+                .await
+                .context("cannot join the cluster")?,
+        };
+        let cluster = cluster::Cluster::start(&config, clock.clone(), membership, env.peers);
         let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);
         Ok(Arc::new_cyclic(|me| Node {
             config,

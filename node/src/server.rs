@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cluster::membership::{Gossip, GossipConfig, Membership, Static};
 use crate::{Config, Node, frontend, nbd, telemetry};
 
 /// A node serving its frontends.
@@ -22,55 +21,55 @@ pub struct RunningNode {
 
 /// Opens the node and starts its frontends: gRPC on the Unix socket, and on TCP if configured.
 pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
-    let env = environment(&config).await?;
-    start_in(config, env).await
+    // The PEM files are read once: the same identity for the client and the server side.
+    let tls = load_tls(&config)?;
+    let env = environment_with(&config, tls.as_ref());
+    serve(config, env, tls).await
 }
 
-/// The production [`crate::Environment`] for `config`: `CLOCK_BOOTTIME`, a seed from the
-/// system's entropy, gossip when `peer_listen` is set (a cluster of one otherwise), and the
-/// gRPC Peer client (over mutual TLS when `[cluster.tls]` is set).
-pub async fn environment(config: &Config) -> anyhow::Result<crate::Environment> {
-    let c = &config.cluster;
-    let tls = c
+fn load_tls(config: &Config) -> anyhow::Result<Option<frontend::tls::PeerTls>> {
+    config
+        .cluster
         .tls
         .as_ref()
         .map(frontend::tls::PeerTls::load)
-        .transpose()?;
-    let membership: Arc<dyn Membership> = match c.peer_listen {
-        Some(listen) => Arc::new(
-            Gossip::join(GossipConfig {
-                node_id: config.node_id.clone(),
-                cluster_id: c.cluster_id.clone(),
-                listen,
-                advertise: c.advertise.unwrap_or(listen),
-                advertise_rpc: c.advertise_rpc.or(c.advertise).unwrap_or(listen),
-                seeds: c.seeds.clone(),
-                gossip_interval: Duration::from_millis(c.gossip_interval_ms),
-                phi_threshold: c.phi_threshold,
-            })
-            .await
-            .context("cannot join the cluster")?,
-        ),
-        None => Arc::new(Static::single(
-            &config.node_id,
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        )),
-    };
+        .transpose()
+}
+
+/// The production [`crate::Environment`] for `config`: `CLOCK_BOOTTIME`, a seed from the
+/// system's entropy, gossip when `peer_listen` is set (a cluster of one otherwise; joined once
+/// the node holds its data directory), and the gRPC Peer client (over mutual TLS when
+/// `[cluster.tls]` is set).
+pub fn environment(config: &Config) -> anyhow::Result<crate::Environment> {
+    let tls = load_tls(config)?;
+    Ok(environment_with(config, tls.as_ref()))
+}
+
+fn environment_with(config: &Config, tls: Option<&frontend::tls::PeerTls>) -> crate::Environment {
     let peers = Arc::new(frontend::peer_client::TonicPeers::new(
         &config.node_id,
-        Duration::from_millis(c.rpc_timeout_ms),
-        tls.map(|t| t.client),
+        Duration::from_millis(config.cluster.rpc_timeout_ms),
+        tls.map(|t| t.client.clone()),
     ));
-    Ok(crate::Environment {
+    crate::Environment {
         clock: crate::clock::system(),
         seed: rand::random(),
-        membership,
+        membership: None,
         peers,
-    })
+    }
 }
 
 /// [`start`] with the sources of nondeterminism of `env`.
 pub async fn start_in(config: Config, env: crate::Environment) -> anyhow::Result<RunningNode> {
+    let tls = load_tls(&config)?;
+    serve(config, env, tls).await
+}
+
+async fn serve(
+    config: Config,
+    env: crate::Environment,
+    tls: Option<frontend::tls::PeerTls>,
+) -> anyhow::Result<RunningNode> {
     let node = Node::open_in(config, env).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -112,13 +111,6 @@ pub async fn start_in(config: Config, env: crate::Environment) -> anyhow::Result
         let peer = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on peer_listen {addr}"))?;
-        let tls = node
-            .config
-            .cluster
-            .tls
-            .as_ref()
-            .map(frontend::tls::PeerTls::load)
-            .transpose()?;
         servers.push(tokio::spawn(frontend::peer::serve_peer(
             node.clone(),
             peer,

@@ -102,3 +102,24 @@ fn a_data_dir_that_cannot_be_created_is_named() {
     assert_ne!(code, 0);
     assert!(err.contains("/proc/no-such-dir/x"), "{err}");
 }
+
+#[test]
+fn a_second_node_on_a_data_dir_in_use_is_refused_before_it_joins_the_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = shadowcache_testkit::free_peer_port();
+    let listen = format!("--peer-listen=127.0.0.1:{port}");
+    let first = shadowcache_testkit::NodeProcess::start(
+        &dir.path().join("d"),
+        &["--node-id=first".into(), listen.clone()],
+    );
+    // Same data directory and the same gossip port: the data directory is what it is told
+    // about, not the port (it never got as far as joining).
+    let d = first.data_dir.display().to_string();
+    let (code, err) = start(&["--data-dir", &d, "--node-id=second", &listen]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is in use by another shadowcache-node"),
+        "{err}"
+    );
+    drop(first);
+}

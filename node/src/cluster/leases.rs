@@ -59,17 +59,18 @@ impl Cluster {
             lease.generation,
             lease.epoch,
         );
-        match crate::clock::timeout(&*self.clock, self.rpc_timeout, asked).await {
-            Ok(Ok(term)) => {
+        // `Peers` puts the deadline on the request.
+        match asked.await {
+            Ok(term) => {
                 let term = term.min(self.lease_term * 10);
                 lease.granted(sent, term, self.drift_margin) && lease.valid(self.clock.now())
             }
-            Ok(Err(e)) => {
-                tracing::debug!(disk = %lease.disk, owner = %lease.owner, error = %e, "lease refused");
+            Err(e) if e.kind() == crate::error::ErrorKind::Peer => {
+                tracing::warn!(disk = %lease.disk, owner = %lease.owner, error = %e, "lease request failed: the owner did not answer");
                 false
             }
-            Err(_) => {
-                tracing::warn!(disk = %lease.disk, owner = %lease.owner, "lease request timed out");
+            Err(e) => {
+                tracing::debug!(disk = %lease.disk, owner = %lease.owner, error = %e, "lease refused");
                 false
             }
         }

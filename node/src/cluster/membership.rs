@@ -339,3 +339,30 @@ impl Membership for Gossip {
         })
     }
 }
+
+/// The membership `config` asks for: gossip when `cluster.peer_listen` is set, this node alone
+/// otherwise.
+pub async fn from_config(
+    config: &crate::config::Config,
+) -> Result<Arc<dyn Membership>, MembershipError> {
+    let c = &config.cluster;
+    Ok(match c.peer_listen {
+        Some(listen) => Arc::new(
+            Gossip::join(GossipConfig {
+                node_id: config.node_id.clone(),
+                cluster_id: c.cluster_id.clone(),
+                listen,
+                advertise: c.advertise.unwrap_or(listen),
+                advertise_rpc: c.advertise_rpc.or(c.advertise).unwrap_or(listen),
+                seeds: c.seeds.clone(),
+                gossip_interval: Duration::from_millis(c.gossip_interval_ms),
+                phi_threshold: c.phi_threshold,
+            })
+            .await?,
+        ),
+        None => Arc::new(Static::single(
+            &config.node_id,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )),
+    })
+}
