@@ -310,24 +310,7 @@ pub struct TlsConfig {
 
 pub use crate::cluster::detect::DetectionConfig;
 
-/// `[lease]`: the terms on which members serve a detected disk from their caches.
-#[derive(Debug, Clone)]
-pub struct LeaseConfig {
-    /// How long a lease lasts (default 10 s); renewed at a third of it.
-    pub term_ms: u64,
-    /// Clock drift allowed between members (default 500 ms): a holder gives a lease up this
-    /// much early, the owner counts it this much late.
-    pub drift_margin_ms: u64,
-}
-
-impl Default for LeaseConfig {
-    fn default() -> Self {
-        LeaseConfig {
-            term_ms: 10_000,
-            drift_margin_ms: 500,
-        }
-    }
-}
+pub use crate::cluster::lease::LeaseConfig;
 
 /// A disk to register at start.
 #[derive(Debug, Clone, PartialEq)]
