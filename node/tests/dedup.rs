@@ -35,6 +35,18 @@ async fn wire(m: &Member, metrics_port: u16) -> (u64, u64, u64) {
     )
 }
 
+/// Block bytes member `m` sent to other members.
+async fn served(m: &Member) -> u64 {
+    client(m)
+        .await
+        .status()
+        .await
+        .expect("status")
+        .leases
+        .expect("leases")
+        .peer_served_bytes
+}
+
 async fn read_whole(m: &Member, disk: &str, size: u64) -> Vec<u8> {
     let c = client(m).await;
     let d = c.disk(disk);
@@ -99,14 +111,7 @@ async fn a_second_disk_of_identical_content_is_served_from_the_members_cache() {
     );
     assert!(map_x > 0, "b never asked a for x's content map");
 
-    let served_before = client(&a)
-        .await
-        .status()
-        .await
-        .expect("status")
-        .leases
-        .expect("leases")
-        .peer_served_bytes;
+    let served_before = served(&a).await;
     let got = read_whole(&b, "y", size).await;
     assert!(got == data, "y read wrong bytes at b");
     let (owner_y, peer_y, map_y) = wire(&b, b_metrics).await;
@@ -121,14 +126,7 @@ async fn a_second_disk_of_identical_content_is_served_from_the_members_cache() {
         map > 0 && map * 100 <= size,
         "y's content map cost {map} bytes, over 1% of the disk"
     );
-    let served_after = client(&a)
-        .await
-        .status()
-        .await
-        .expect("status")
-        .leases
-        .expect("leases")
-        .peer_served_bytes;
+    let served_after = served(&a).await;
     assert_eq!(
         served_after, served_before,
         "the owner sent block bytes for y"

@@ -34,7 +34,7 @@ use tokio::sync::{OnceCell, watch};
 use super::blockmap::RemoteMaps;
 use super::{Member, Peers};
 use crate::cache::Fingerprint;
-use crate::disk::{BlockRef, ContentMap};
+use crate::disk::ContentMap;
 use crate::error::{Error, Result};
 use crate::origin::{Origin, OriginError, OriginFuture};
 use crate::telemetry;
@@ -172,16 +172,6 @@ impl Remote {
     /// The disk's epoch at its owner.
     pub fn epoch(&self) -> u64 {
         self.epoch
-    }
-
-    /// The owner's node id.
-    pub fn owner(&self) -> &str {
-        &self.owner
-    }
-
-    /// Other members' block maps of this disk.
-    pub fn maps(&self) -> &Arc<RemoteMaps> {
-        &self.maps
     }
 
     fn total_blocks(&self) -> u64 {
@@ -562,15 +552,6 @@ impl Origin for Remote {
 
     fn identity(&self) -> Option<String> {
         None
-    }
-}
-
-/// What the owner's map says of a block, for [`Want::expected`]: `None` for a zero block
-/// (never fetched) is the caller's business; this only unwraps data.
-pub fn expected(r: Option<BlockRef>) -> Option<Fingerprint> {
-    match r {
-        Some(BlockRef::Data(fp)) => Some(fp),
-        _ => None,
     }
 }
 
