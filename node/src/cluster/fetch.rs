@@ -14,7 +14,8 @@
 //!    sources allow (`Peer.FetchBlocks` takes up to [`MAX_BLOCKS_PER_REQUEST`] indices): first
 //!    from members whose block map shows them (the less loaded of two picked at random, then
 //!    the next, at most [`HOLDER_ROUNDS`] rounds), then from each block's *home* (rendezvous
-//!    hashing over the live members but the owner), which reads it from the owner once for
+//!    hashing of its fingerprint over the live members but the owner: one content has one
+//!    home, whatever disk holds it), which reads it from the owner once for
 //!    everyone, and last from the owner. With [`Route::OwnerOnly`] (this node serving another
 //!    member as a home) only the owner is asked, so a request never travels more than two hops.
 //!
