@@ -220,6 +220,24 @@ impl ReadPath {
         let first = offset / bs;
         let last = (offset + len - 1) / bs;
         let head = (offset - first * bs) as usize;
+        // The common small read: one block whose fingerprint is known. No batch to build, no
+        // map to fill; a hit allocates nothing here.
+        if first == last
+            && let Some(known) = map.get(first)
+        {
+            let block = match self.lookup_known(disk, first, Some(known)).await {
+                Found::Block(b) => b,
+                Found::Missing(fp) => {
+                    let mut one = self.fill(disk, &map, &[(0, first, fp)], route).await;
+                    let b = one.pop().unwrap_or_else(|| {
+                        Err(Error::State("block neither read nor failed".into()))
+                    })?;
+                    disk.held.insert(first);
+                    b
+                }
+            };
+            return Ok(vec![block.slice(head..head + len as usize)]);
+        }
         let indices: Vec<u64> = (first..=last).collect();
         let blocks = self.blocks(disk, &map, &indices, route).await;
         let mut out = Vec::with_capacity(blocks.len());
@@ -282,7 +300,12 @@ impl ReadPath {
 
     /// The map and the cache, nothing else.
     async fn lookup(&self, disk: &Disk, map: &ContentMap, index: u64) -> Found {
-        match map.get(index) {
+        self.lookup_known(disk, index, map.get(index)).await
+    }
+
+    /// The cache for block `index`, whose map entry is `known`.
+    async fn lookup_known(&self, disk: &Disk, index: u64, known: Option<BlockRef>) -> Found {
+        match known {
             Some(BlockRef::Zero) => {
                 self.stats.zero_block_hits.inc();
                 Found::Block(self.cache.zero(self.block_len(disk, index)))

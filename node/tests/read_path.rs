@@ -321,3 +321,67 @@ async fn a_cancelled_seal_still_completes() {
     node.read("d", 0, 4096).await.expect("read");
     assert!(node.cache().stats().hits_ram_single.get() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_members_ask_of_an_owner_is_checked_before_anything_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(40 * 1024), 0);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    let mutable = TestOrigin::new(pattern(8192), 0);
+    node.registry()
+        .register_origin("m", mutable, DiskMode::Mutable)
+        .await
+        .expect("register");
+    let g = node.stat("d").expect("stat").generation;
+    // A range past the end, even at the last index there is, answers nothing and reads
+    // nothing; a chunk inside answers every block, fingerprinted once.
+    for first in [10, 11, u64::MAX] {
+        let got = node
+            .content_map_chunk("d", (g, 0), first, 4096)
+            .await
+            .expect("content map");
+        assert!(got.is_empty(), "{first}: {got:?}");
+    }
+    assert_eq!(origin.reads.load(Ordering::SeqCst), 0);
+    let got = node
+        .content_map_chunk("d", (g, 0), 0, u32::MAX)
+        .await
+        .expect("content map");
+    assert_eq!(
+        got.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert_eq!(origin.read_bytes.load(Ordering::SeqCst), 40 * 1024);
+    assert!(matches!(
+        node.content_map_chunk("d", (g + 1, 0), 0, 1).await,
+        Err(Error::StaleGeneration { .. })
+    ));
+    assert!(matches!(
+        node.content_map_chunk("nope", (g, 0), 0, 1).await,
+        Err(Error::UnknownDisk(_))
+    ));
+    assert!(matches!(
+        node.content_map_chunk("m", (1, 0), 0, 1).await,
+        Err(Error::Invalid(_))
+    ));
+    // Blocks: at most 64 a request; indices past the end come back missing.
+    let many: Vec<u64> = (0..65).collect();
+    assert!(matches!(
+        node.blocks_for_peer("d", (g, 0), &many, false).await,
+        Err(Error::Invalid(_))
+    ));
+    let got = node
+        .blocks_for_peer("d", (g, 0), &[3, 10, u64::MAX], false)
+        .await
+        .expect("blocks");
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        got[0].1.as_deref(),
+        Some(&pattern(40 * 1024)[3 * 4096..4 * 4096])
+    );
+    assert!(got[1].1.is_none() && got[2].1.is_none(), "{got:?}");
+}

@@ -367,6 +367,51 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_copy_holds_whole_chunks_and_forgets_the_least_recent_beyond_its_bound() {
+        // Chunks of 4 entries, room for 8 entries: two chunks.
+        let m = ContentMap::owner_copy(4, 8);
+        assert_eq!(m.chunk_blocks(), Some(4));
+        m.insert_chunk(
+            0,
+            vec![Some(fp(1)), None, Some(BlockRef::Zero), Some(fp(4))],
+        );
+        assert!(m.has_chunk(0) && !m.has_chunk(1));
+        assert_eq!(m.get(0), Some(fp(1)));
+        assert_eq!(
+            m.get(1),
+            None,
+            "an entry the owner did not give stays unknown"
+        );
+        assert_eq!(m.get(2), Some(BlockRef::Zero));
+        assert_eq!(m.get(5), None, "a chunk not fetched is unknown");
+        // An entry changed in place (bytes from the owner that disagree with its map).
+        m.insert(1, fp(9));
+        assert_eq!(m.get(1), Some(fp(9)));
+        assert_eq!(m.len(), 4);
+        // moka keeps its recency order in buffers; each step is applied before the next.
+        let settle = || {
+            if let Some(c) = &m.chunks {
+                c.cache.run_pending_tasks();
+            }
+        };
+        m.insert_chunk(1, vec![Some(fp(5)); 4]);
+        settle();
+        assert_eq!(m.get(0), Some(fp(1)), "chunk 0 read last");
+        settle();
+        m.insert_chunk(2, vec![Some(fp(6)); 4]);
+        settle();
+        assert!(m.has_chunk(0) && m.has_chunk(2));
+        assert!(
+            !m.has_chunk(1),
+            "the least recently used chunk stayed beyond the bound"
+        );
+        // A map of this node's own disk has no chunks.
+        let own = ContentMap::in_memory();
+        own.insert_chunk(0, vec![Some(fp(1))]);
+        assert_eq!((own.chunk_blocks(), own.get(0)), (None, None));
+    }
+
+    #[test]
     fn a_saved_map_is_reloaded_for_the_same_origin_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("d.map");
