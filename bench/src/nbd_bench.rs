@@ -267,8 +267,6 @@ fn node(dir: &Path, image: &Path, name: &str, args: &[String]) -> anyhow::Result
 pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
     let fio_bin = need("fio", "fio")?;
     let qemu_nbd = need("qemu-nbd", "qemu-utils")?;
-    let nbdkit = need("nbdkit", "nbdkit")?;
-    let nbdcopy = need("nbdcopy", "libnbd-bin")?;
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("image.raw");
     {
@@ -304,6 +302,8 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
         return Ok(json!({"benchmark": "nbd", "image_bytes": size, "cold_member": cold}));
     }
+    let nbdkit = need("nbdkit", "nbdkit")?;
+    let nbdcopy = need("nbdcopy", "libnbd-bin")?;
     let fs = dir.path().join("file.sock");
     let k = spawn(
         Command::new(&nbdkit)

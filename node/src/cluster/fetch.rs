@@ -50,6 +50,9 @@ pub const MAP_CHUNK_BYTES: u64 = 64 << 20;
 pub const OWNER_MAP_MAX_BLOCKS: u64 = 1 << 20;
 /// Block indices in one `Peer.FetchBlocks` request (the Peer service's own limit).
 pub const MAX_BLOCKS_PER_REQUEST: usize = 64;
+/// Chunks of the owner's map asked ahead of a sequential reader: enough that the owner
+/// fingerprints the next chunk while the reader is still one chunk away from it.
+pub const MAP_READ_AHEAD_CHUNKS: u64 = 2;
 /// Rounds of asking holders found in block maps before homes and the owner.
 pub const HOLDER_ROUNDS: usize = 2;
 
@@ -197,17 +200,18 @@ impl Remote {
             }
         }
         // Read-ahead, for a reader moving through the disk (it holds the chunk before this
-        // one): the next chunk is asked now, so the owner fingerprints it while this one is
-        // read. A random reader asks for nothing ahead: each chunk costs the owner a read.
+        // one): the next chunks are asked now, so the owner fingerprints them while this one
+        // is read. A random reader asks for nothing ahead: each chunk costs the owner a read.
         if let Some(&last_chunk) = wanted.last() {
-            let next = last_chunk + 1;
             let first_chunk = wanted[0];
             let sequential = first_chunk > 0 && map.has_chunk(first_chunk - 1);
-            if sequential
-                && next * per < self.total_blocks()
-                && !map.has_chunk(next)
-                && !self.chunk_flights.contains_key(&next)
-            {
+            for next in (last_chunk + 1..).take(MAP_READ_AHEAD_CHUNKS as usize) {
+                if !sequential || next * per >= self.total_blocks() {
+                    break;
+                }
+                if map.has_chunk(next) || self.chunk_flights.contains_key(&next) {
+                    continue;
+                }
                 let (this, map) = (self.clone(), map.clone());
                 tokio::spawn(async move {
                     let _ = this.chunk(&map, next).await;

@@ -269,6 +269,7 @@ pub async fn serve_peer(
     builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(super::peer_client::MAX_FRAME_BYTES))
         .max_concurrent_streams(Some(1024))
         .add_service(
             pb::peer_server::PeerServer::new(PeerFrontend::new(node))

@@ -1,11 +1,16 @@
-//! The gRPC client of other members' Peer services: [`PeerService`] over tonic, one lazily
-//! connected channel per member, explicit message limits and HTTP/2 windows, and mutual TLS
-//! when configured. Deadlines are the caller's (`cluster::peers::Peers`).
+//! The gRPC client of other members' Peer services: [`PeerService`] over tonic, explicit
+//! message limits, HTTP/2 windows and frame sizes, and mutual TLS when configured. Each member
+//! gets [`BULK_CONNECTIONS`] lazily connected channels: control calls (leases, revocations,
+//! writes, block maps) use the first; block bytes (reads, fetches, content maps) take turns
+//! over all of them, so one HTTP/2 connection's single task does not cap a member's transfer
+//! rate on a many-core host. Deadlines are the caller's (`cluster::peers::Peers`).
 //!
 //! Architecture invariant: transport only: no retries, no deadlines (the caller's), no decision
 //! about what an answer means.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,12 +34,21 @@ fn peer_error(node: &str, disk: &str, s: tonic::Status) -> Error {
     super::status::from_status(node, disk, &s)
 }
 
+/// HTTP/2 connections to each member; block bytes are spread over them.
+pub const BULK_CONNECTIONS: usize = 4;
+/// Largest HTTP/2 frame this node accepts (the protocol's default is 16 KiB, less than one
+/// default block with its message header, which split every block into two frames).
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
+type Client = pb::peer_client::PeerClient<Channel>;
+
 /// Channels to the other members.
 #[derive(Debug)]
 pub struct TonicPeers {
     me: String,
     connect_timeout: Duration,
-    channels: DashMap<String, (SocketAddr, pb::peer_client::PeerClient<Channel>)>,
+    channels: DashMap<String, (SocketAddr, Arc<[Client]>)>,
+    turn: AtomicUsize,
     tls: Option<ClientTlsConfig>,
 }
 
@@ -45,12 +59,24 @@ impl TonicPeers {
             me: me.to_string(),
             connect_timeout,
             channels: DashMap::new(),
+            turn: AtomicUsize::new(0),
             tls,
         }
     }
 
-    /// The client for `node` at `addr` (a new channel if the address changed).
-    fn client(&self, to: To<'_>) -> Result<pb::peer_client::PeerClient<Channel>> {
+    /// The control client for `node` at `addr`.
+    fn client(&self, to: To<'_>) -> Result<Client> {
+        Ok(self.clients(to)?[0].clone())
+    }
+
+    /// A client for block bytes: the member's connections in turn.
+    fn bulk(&self, to: To<'_>) -> Result<Client> {
+        let all = self.clients(to)?;
+        Ok(all[self.turn.fetch_add(1, Ordering::Relaxed) % all.len()].clone())
+    }
+
+    /// The clients for `node` at `addr` (new channels if the address changed).
+    fn clients(&self, to: To<'_>) -> Result<Arc<[Client]>> {
         if let Some(c) = self.channels.get(to.node)
             && c.0 == to.addr
         {
@@ -73,17 +99,22 @@ impl TonicPeers {
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
+            .max_frame_size(MAX_FRAME_BYTES)
             // A peer that vanishes without a FIN (a cut link) is noticed by keepalive, not
             // by the next call's deadline alone.
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(self.connect_timeout.min(Duration::from_secs(10)))
             .keep_alive_while_idle(true);
-        let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
+        let clients: Arc<[Client]> = (0..BULK_CONNECTIONS)
+            .map(|_| {
+                pb::peer_client::PeerClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+            })
+            .collect();
         self.channels
-            .insert(to.node.to_string(), (to.addr, client.clone()));
-        Ok(client)
+            .insert(to.node.to_string(), (to.addr, clients.clone()));
+        Ok(clients)
     }
 }
 
@@ -152,7 +183,7 @@ impl PeerService for TonicPeers {
         (generation, epoch): (u64, u64),
     ) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
-            self.client(to)?
+            self.bulk(to)?
                 .read(pb::PeerReadRequest {
                     disk: disk.to_string(),
                     offset,
@@ -211,7 +242,7 @@ impl PeerService for TonicPeers {
     ) -> BoxFuture<'a, Result<MapChunk>> {
         Box::pin(async move {
             let r = self
-                .client(to)?
+                .bulk(to)?
                 .content_map(pb::ContentMapRequest {
                     disk: disk.to_string(),
                     generation,
@@ -252,7 +283,7 @@ impl PeerService for TonicPeers {
     ) -> BoxFuture<'a, Result<FetchedBlocks>> {
         Box::pin(async move {
             let mut stream = self
-                .client(to)?
+                .bulk(to)?
                 .fetch_blocks(pb::FetchBlocksRequest {
                     disk: disk.to_string(),
                     generation,
