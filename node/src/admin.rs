@@ -128,6 +128,8 @@ pub struct LeaseCounters {
     pub block_map_bytes: u64,
     /// Bytes of block maps received.
     pub block_map_traffic_bytes: u64,
+    /// Revocations refused: meant for another process with this node's id.
+    pub foreign_revocations: u64,
 }
 
 impl Node {
@@ -271,6 +273,7 @@ impl Node {
                     peer_served_bytes: l.peer_served_bytes.get(),
                     block_map_bytes: self.cluster.block_map_bytes(),
                     block_map_traffic_bytes: l.block_map_traffic.get(),
+                    foreign_revocations: l.foreign_revocations.get(),
                 }
             },
         }

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::admin::DiskInfo;
 use crate::clock::Clock;
 use crate::cluster::membership::InProcess;
-use crate::cluster::peers::{BlockMapStream, FetchedBlocks, MapChunk, PeerService, To};
+use crate::cluster::peers::{BlockMapStream, FetchedBlocks, Hello, MapChunk, PeerService, To};
 use crate::error::{Error, Result};
 use crate::{Environment, Node};
 
@@ -172,12 +172,15 @@ impl PeerService for InProcessPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        generation_epoch: (u64, u64),
+        boot: u64,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.grant_lease(disk, generation, epoch, &self.me))
+            crossed(
+                to.node,
+                n.grant_lease(disk, generation_epoch, (&self.me, boot)),
+            )
         })
     }
 
@@ -186,10 +189,18 @@ impl PeerService for InProcessPeers {
         to: To<'a>,
         disk: &'a str,
         generation: u64,
+        boot: u64,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.revoke_held(disk, generation, &self.me))
+            crossed(to.node, n.revoke_held(disk, generation, &self.me, boot))
+        })
+    }
+
+    fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>> {
+        Box::pin(async move {
+            let n = self.net.deliver(&self.me, to.node).await?;
+            Ok(n.hello(&self.me, boot))
         })
     }
 

@@ -37,6 +37,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod frontend;
+pub mod ids;
 pub mod inprocess;
 pub mod mode;
 pub mod nbd;
@@ -155,9 +156,13 @@ impl Node {
         // cache, must not look like a live member to the others.
         let membership = match env.membership {
             Some(m) => m,
-            None => cluster::membership::from_config(&config)
-                .await
-                .context("cannot join the cluster")?,
+            None => cluster::membership::from_config(&config, &*env.peers, &*env.clock, {
+                use rand::{Rng, SeedableRng};
+                // Its own stream: the registry's epochs come from the same seed.
+                rand::rngs::StdRng::seed_from_u64(env.seed ^ 0xb007_1d5e_ed00_0001).random()
+            })
+            .await
+            .context("cannot join the cluster")?,
         };
         let cluster = cluster::Cluster::start(&config, clock.clone(), membership, env.peers);
         let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);

@@ -14,6 +14,7 @@ use futures::StreamExt;
 
 use crate::disk::DiskState;
 use crate::error::{Error, Result};
+use crate::ids::Incarnation;
 use crate::{Node, Route, cluster, disk};
 
 /// Parts of a content map chunk (64 blocks each) read and fingerprinted at once.
@@ -283,21 +284,32 @@ impl Node {
         crate::write::flush(&d).await
     }
 
-    /// Grants (or renews) `from` a lease on (disk, generation, epoch), for `Peer.Lease`.
+    /// Grants (or renews) incarnation `from_boot` of member `from` a lease on (disk,
+    /// generation, epoch), for `Peer.Lease`. Only the incarnation of that id this node sees
+    /// live gets one: a lease names one process, and only that process's acknowledgement of a
+    /// revocation ends it.
     pub fn grant_lease(
         &self,
         disk: &str,
-        generation: u64,
-        epoch: u64,
-        from: &str,
+        (generation, epoch): (u64, u64),
+        (from, from_boot): (&str, u64),
     ) -> Result<Duration> {
         let d = self.registry.get(disk)?;
         let term = Duration::from_millis(self.config.lease.term_ms);
         let margin = Duration::from_millis(self.config.lease.drift_margin_ms);
-        if !self.cluster.live_member(from) || from == self.config.node_id {
+        if from == self.config.node_id {
             return Err(Error::NoLease {
                 disk: disk.to_string(),
-                why: format!("{from:?} is not a live member of the cluster"),
+                why: format!("{from:?} is this node's own id"),
+            });
+        }
+        if !self.cluster.live_incarnation(from, from_boot) {
+            return Err(Error::NoLease {
+                disk: disk.to_string(),
+                why: format!(
+                    "{} is not the live member of that id in the cluster",
+                    Incarnation::new(from, from_boot)
+                ),
             });
         }
         let mut leases = d.owner.leases.lock();
@@ -319,7 +331,7 @@ impl Node {
         }
         let now = self.clock.now();
         let renewal = leases
-            .insert(Arc::from(from), now + term + margin)
+            .insert(Incarnation::new(from, from_boot), now + term + margin)
             .is_some_and(|e| e > now);
         drop(leases);
         if renewal {
@@ -331,9 +343,21 @@ impl Node {
         Ok(term)
     }
 
-    /// The owner revoked (disk, generation) here (`Peer.Revoke`): returns once this node no
-    /// longer serves it from its cache.
-    pub fn revoke_held(&self, disk: &str, generation: u64, from: &str) -> Result<()> {
+    /// The owner revoked (disk, generation) here (`Peer.Revoke`) from incarnation `to_boot`
+    /// of this node's id: returns once this node no longer serves it from its cache. A
+    /// revocation meant for another process with this id is refused, so the owner cannot
+    /// count it as that process's acknowledgement.
+    pub fn revoke_held(&self, disk: &str, generation: u64, from: &str, to_boot: u64) -> Result<()> {
+        let me = self.cluster.me();
+        if to_boot != me.boot {
+            self.cluster.stats.foreign_revocations.inc();
+            return Err(Error::Invalid(format!(
+                "revocation of disk {:?} from {from:?} is for {}, but this process is {}: not acknowledged",
+                disk.chars().take(160).collect::<String>(),
+                Incarnation::new(&me.id, to_boot),
+                Incarnation::new(&me.id, me.boot),
+            )));
+        }
         match self.cluster.remote(disk) {
             Some(r) if r.owner == from => {
                 self.cluster.revoke_local(disk, generation);
@@ -345,6 +369,23 @@ impl Node {
                 "{from:?} does not own disk {:?}: revocation refused",
                 disk.chars().take(160).collect::<String>()
             ))),
+        }
+    }
+
+    /// Who this node is, and the live incarnation of `from`'s id it knows other than
+    /// `from_boot` (`Peer.Hello`): a starting node asks its seeds this before it joins.
+    pub fn hello(&self, from: &str, from_boot: u64) -> cluster::peers::Hello {
+        let me = self.cluster.me();
+        let same_id = self
+            .cluster
+            .members()
+            .into_iter()
+            .find(|m| m.id == from && m.boot != from_boot)
+            .map(|m| (m.peer_addr, m.boot));
+        cluster::peers::Hello {
+            node: me.id.clone(),
+            boot: me.boot,
+            same_id,
         }
     }
 }

@@ -94,6 +94,11 @@ pub const PEER_SERVED_BYTES: &str = "shadowcache_peer_served_bytes_total";
 /// Reads of a detected disk another member owns that went to the owner because this node
 /// held no valid lease.
 pub const LEASELESS_READS: &str = "shadowcache_leaseless_reads_total";
+/// Counter: revocations refused because they were meant for another process with this node's
+/// id.
+pub const FOREIGN_REVOCATIONS: &str = "shadowcache_foreign_revocations_total";
+/// Counter: times this node saw another live process gossiping with its node id.
+pub const DUPLICATE_NODE_ID: &str = "shadowcache_duplicate_node_id_total";
 
 /// Bytes of other members' block maps received (snapshots and changes).
 pub const BLOCK_MAP_TRAFFIC_BYTES: &str = "shadowcache_block_map_traffic_bytes_total";
@@ -180,6 +185,8 @@ pub struct LeaseStats {
     pub peer_served_bytes: Count,
     /// Reads forwarded to an owner for want of a lease.
     pub leaseless_reads: Count,
+    /// Revocations refused: meant for another process with this node's id.
+    pub foreign_revocations: Count,
     /// Revocation wait histogram.
     pub revocation_wait: metrics::Histogram,
     /// Bytes of block map snapshots and changes received.
@@ -201,6 +208,7 @@ impl LeaseStats {
             undetections: Count::new(DETECTION_TRANSITIONS, &[("to", "mutable")]),
             peer_served_bytes: Count::new(PEER_SERVED_BYTES, &[]),
             leaseless_reads: Count::new(LEASELESS_READS, &[]),
+            foreign_revocations: Count::new(FOREIGN_REVOCATIONS, &[]),
             revocation_wait: metrics::histogram!(REVOCATION_WAIT_SECONDS),
             block_map_traffic: Count::new(BLOCK_MAP_TRAFFIC_BYTES, &[]),
         }

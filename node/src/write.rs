@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::disk::{Disk, DiskState, WriteGuard};
 use crate::error::{Error, Result};
+use crate::ids::Incarnation;
 use crate::{Node, disk, read, telemetry};
 
 /// Writes `data` at `offset` of `disk` under its write `guard`.
@@ -136,7 +137,7 @@ impl Node {
         reason: &'static str,
     ) -> Result<()> {
         let _one = d.owner.revoking.lock().await;
-        let holders: Vec<(Arc<str>, Duration)> = {
+        let holders: Vec<(Incarnation, Duration)> = {
             let mut leases = d.owner.leases.lock();
             if !d.begin_revoking() {
                 if d.state() == DiskState::Revoking {
@@ -159,7 +160,7 @@ impl Node {
             tracing::warn!(disk = %d.id, error = %e, "could not save the new generation; a restart will wait a lease term before writes");
         }
         self.cluster.disks_changed().await;
-        let live: Vec<(Arc<str>, Duration)> =
+        let live: Vec<(Incarnation, Duration)> =
             holders.into_iter().filter(|(_, e)| *e > started).collect();
         let outcomes = futures::future::join_all(
             live.iter()

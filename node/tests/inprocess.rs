@@ -78,6 +78,31 @@ impl Cluster {
     }
 }
 
+/// The configuration of member `id` of the test cluster (the owner `a` registers the image).
+fn config(dir: &std::path::Path, id: &str, image: &std::path::Path) -> Config {
+    let mut c = Config::for_data_dir(&dir.join(id));
+    c.node_id = id.trim_end_matches(char::is_numeric).into();
+    c.block_bytes = BS as u32;
+    c.ram_bytes = 16 << 20;
+    c.ssd_bytes = 0;
+    c.nbd_unix = None;
+    c.detection.enabled = true;
+    c.detection.min_readers = 2;
+    c.detection.min_reads = 4;
+    c.detection.quiet_period_ms = 400;
+    c.detection.window_ms = 10_000;
+    c.lease.term_ms = TERM_MS;
+    c.lease.drift_margin_ms = MARGIN_MS;
+    if id == "a" {
+        c.disks.push(DiskSpec {
+            id: "vdi".into(),
+            origin: image.to_path_buf(),
+            mode: DiskMode::Mutable,
+        });
+    }
+    c
+}
+
 async fn cluster(dir: &std::path::Path) -> Cluster {
     let net = InProcessNet::new();
     let clock = ManualClock::new(Duration::from_secs(1_000));
@@ -89,26 +114,7 @@ async fn cluster(dir: &std::path::Path) -> Cluster {
     std::fs::write(&image, &data).expect("image");
     let mut nodes = Vec::new();
     for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
-        let mut c = Config::for_data_dir(&dir.join(id));
-        c.node_id = id.into();
-        c.block_bytes = BS as u32;
-        c.ram_bytes = 16 << 20;
-        c.ssd_bytes = 0;
-        c.nbd_unix = None;
-        c.detection.enabled = true;
-        c.detection.min_readers = 2;
-        c.detection.min_reads = 4;
-        c.detection.quiet_period_ms = 400;
-        c.detection.window_ms = 10_000;
-        c.lease.term_ms = TERM_MS;
-        c.lease.drift_margin_ms = MARGIN_MS;
-        if id == "a" {
-            c.disks.push(DiskSpec {
-                id: "vdi".into(),
-                origin: image.clone(),
-                mode: DiskMode::Mutable,
-            });
-        }
+        let c = config(dir, id, &image);
         let env = net.environment(id, 1, clock.clone(), 7 + n as u64);
         let running = start_in(c, env).await.expect("start");
         net.attach(id, running.node());
@@ -216,6 +222,73 @@ async fn detection_leases_and_revocation_run_in_one_process_on_a_manual_clock() 
     }
     assert!(g2 > g1);
     for n in c.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+/// Issue 16, item 1: a second process started with a member's node id (a cloned host) takes
+/// that id's place in membership and answers its calls. The owner's revocation for the first
+/// process's lease reaches the second, which must not acknowledge it: the owner waits the
+/// lease out, and the first process never serves the replaced block after the write is
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_members_id_cannot_acknowledge_its_revocation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path()).await;
+    let a = c.node("a").clone();
+    let b1 = c.node("b").clone();
+    let g1 = c.detect(0).await;
+    let got = b1.read("vdi", 3 * BS, BS).await.expect("b reads");
+    assert_eq!(version_of(3, &got), 1);
+    assert!(
+        b1.stat("vdi").expect("stat").lease_valid,
+        "b holds no lease"
+    );
+
+    // B2: node id "b", another boot, in its own data directory. It replaces B1 in the live set
+    // and receives every call addressed to "b".
+    let image = dir.path().join("vdi.raw");
+    let env = c.net.environment("b", 2, c.clock.clone(), 99);
+    let b2 = start_in(config(dir.path(), "b2", &image), env)
+        .await
+        .expect("b2 starts");
+    c.net.attach("b", b2.node());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b2.node().stat("vdi").is_err() {
+        assert!(Instant::now() < deadline, "b2 never saw a's disk");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = c.clock.now();
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write("vdi", 3 * BS, Bytes::from(block(3, 2))).await })
+    };
+    let mut waited_ms = 0;
+    while !writer.is_finished() {
+        let got = b1.read("vdi", 3 * BS, BS).await.expect("b1 reads");
+        let v = version_of(3, &got);
+        assert!(v == 1 || v == 2, "b1 served version {v} of block 3");
+        c.step(100).await;
+        waited_ms += 100;
+        assert!(waited_ms <= 10 * TERM_MS, "the write never landed");
+    }
+    writer.await.expect("task").expect("write");
+    let waited = c.clock.now() - started;
+    assert!(
+        waited >= Duration::from_millis(TERM_MS / 2),
+        "the write landed after {waited:?}: another process's acknowledgement ended b1's {TERM_MS} ms lease"
+    );
+    for n in [&a, &b1, b2.node()] {
+        let got = n.read("vdi", 3 * BS, BS).await.expect("read after");
+        assert_eq!(version_of(3, &got), 2, "a member served the replaced block");
+    }
+    // The owner waited b1's lease out: b1 is no live incarnation any more, and b2's word does
+    // not count for it.
+    assert!(a.status().leases.expiries >= 1, "no lease was waited out");
+    assert!(g1 >= 2);
+    b2.shutdown().await.expect("shutdown b2");
+    for n in c.nodes.drain(..) {
         n.shutdown().await.expect("shutdown");
     }
 }

@@ -302,6 +302,7 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
             generation: info.generation,
             epoch: info.epoch,
             from_node: "mallory".into(),
+            from_boot: 1,
         })
         .await
         .expect_err("a lease for a non-member");
@@ -314,15 +315,41 @@ async fn a_disk_read_by_two_members_is_detected_and_then_served_by_peers() {
         shadowcache_proto::peer_client::PeerClient::connect(format!("http://{}", b.addr))
             .await
             .expect("peer client");
+    let b_boot = peer_b
+        .hello(shadowcache_proto::HelloRequest {
+            from_node: "mallory".into(),
+            from_boot: 1,
+        })
+        .await
+        .expect("hello")
+        .into_inner();
+    assert_eq!(b_boot.node, "b");
     let refused = peer_b
         .revoke(shadowcache_proto::RevokeRequest {
             disk: "vdi".into(),
             generation: u64::MAX,
             from_node: "mallory".into(),
+            to_boot: b_boot.boot,
         })
         .await
         .expect_err("a revocation by a non-owner");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // The owner's name, but meant for another process with b's id: not b's to acknowledge.
+    let refused = peer_b
+        .revoke(shadowcache_proto::RevokeRequest {
+            disk: "vdi".into(),
+            generation: info.generation,
+            from_node: "a".into(),
+            to_boot: b_boot.boot + 1,
+        })
+        .await
+        .expect_err("a revocation for another incarnation");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("incarnation"),
+        "{}",
+        refused.message()
+    );
     let s = status(&a).await;
     assert_eq!(mode_at(&s, "vdi"), Some(DiskMode::Detected));
     assert_eq!(s.leases.expect("leases").detections, 1);

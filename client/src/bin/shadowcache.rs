@@ -247,6 +247,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "peer_served_bytes": l.peer_served_bytes,
             "block_map_bytes": l.block_map_bytes,
             "block_map_traffic_bytes": l.block_map_traffic_bytes,
+            "foreign_revocations": l.foreign_revocations,
         },
     })
 }

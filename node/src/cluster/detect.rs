@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::ids::Incarnation;
+
 /// `[detection]`: when the owner of a mutable disk finds it read-only and read by several
 /// members, and makes it immutable under leases.
 #[derive(Debug, Clone)]
@@ -96,8 +98,9 @@ pub struct OwnerState {
     pinned: AtomicBool,
     /// A detection transition is running (one at a time).
     pub(crate) detecting: AtomicBool,
-    /// Holder -> expiry on the owner's clock (grant time + term + drift margin).
-    pub(crate) leases: parking_lot::Mutex<HashMap<Arc<str>, Duration>>,
+    /// Holder (one process: id and boot) -> expiry on the owner's clock (grant time + term +
+    /// drift margin).
+    pub(crate) leases: parking_lot::Mutex<HashMap<Incarnation, Duration>>,
     /// One revocation at a time; writes that find the disk revoking wait on it.
     pub(crate) revoking: tokio::sync::Mutex<()>,
     /// Writes wait until this time (nanoseconds on the boot clock): set after a restart of an
@@ -224,9 +227,10 @@ impl OwnerState {
             .lock()
             .iter()
             .filter(|(_, e)| **e > now)
-            .map(|(h, _)| h.to_string())
+            .map(|(h, _)| h.id.to_string())
             .collect();
         v.sort();
+        v.dedup();
         v
     }
 }
@@ -289,8 +293,8 @@ mod tests {
     #[test]
     fn holders_are_those_whose_lease_still_runs() {
         let o = OwnerState::new(s(0.0));
-        o.leases.lock().insert(Arc::from("x"), s(10.0));
-        o.leases.lock().insert(Arc::from("y"), s(5.0));
+        o.leases.lock().insert(Incarnation::new("x", 1), s(10.0));
+        o.leases.lock().insert(Incarnation::new("y", 1), s(5.0));
         assert_eq!(o.holders(s(4.0)), vec!["x".to_string(), "y".to_string()]);
         assert_eq!(o.holders(s(6.0)), vec!["x".to_string()]);
         o.fence(s(3.0));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Cluster, HolderLease, REFUSAL_HOLD, Shadow};
+use crate::ids::Incarnation;
 
 impl Cluster {
     /// Whether this node may serve `shadow` from its cache now: always for a sealed disk; for
@@ -56,8 +57,8 @@ impl Cluster {
             &lease.owner,
             lease.addr,
             &lease.disk,
-            lease.generation,
-            lease.epoch,
+            (lease.generation, lease.epoch),
+            self.membership.me().boot,
         );
         // `Peers` puts the deadline on the request.
         match asked.await {
@@ -77,10 +78,12 @@ impl Cluster {
     }
 
     /// Revokes `holder`'s lease on (disk, generation), which runs until `expiry` on this
-    /// node's clock: true when the holder acknowledged, false when the lease ran out first.
+    /// node's clock: true when that process acknowledged, false when the lease ran out first.
+    /// Only the holder's own incarnation is asked: while gossip shows another process under
+    /// its id, the lease is waited out.
     pub async fn revoke_holder(
         &self,
-        holder: &str,
+        holder: &Incarnation,
         disk: &str,
         generation: u64,
         expiry: Duration,
@@ -94,10 +97,12 @@ impl Cluster {
             let addr = self
                 .members()
                 .into_iter()
-                .find(|m| m.id == holder)
+                .find(|m| *m.id == *holder.id && m.boot == holder.boot)
                 .map(|m| m.peer_addr);
             if let Some(addr) = addr {
-                let call = self.peers.revoke(holder, addr, disk, generation);
+                let call = self
+                    .peers
+                    .revoke(&holder.id, addr, disk, generation, holder.boot);
                 if let Ok(Ok(())) =
                     crate::clock::timeout(&*self.clock, left.min(self.rpc_timeout), call).await
                 {

@@ -26,6 +26,9 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
+use super::peers::{PeerService, To};
+use crate::clock::Clock;
+
 /// Who is in the cluster and alive. See the module doc for the guarantees.
 pub trait Membership: Send + Sync + std::fmt::Debug {
     /// This node.
@@ -59,6 +62,8 @@ pub struct Member {
 pub struct GossipConfig {
     /// This node's id.
     pub node_id: String,
+    /// This process's incarnation ([`crate::ids::boot_id`]): the gossip generation.
+    pub boot: u64,
     /// Cluster name: gossip from another cluster is ignored.
     pub cluster_id: String,
     /// UDP gossip and Peer gRPC (TCP) address: the same host and port.
@@ -77,10 +82,27 @@ pub struct GossipConfig {
 
 /// Why joining failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start gossip on {listen}: {cause}")]
-pub struct MembershipError {
-    listen: SocketAddr,
-    cause: String,
+pub enum MembershipError {
+    /// Gossip could not start.
+    #[error("cannot start gossip on {listen}: {cause}")]
+    Gossip {
+        /// The gossip address.
+        listen: SocketAddr,
+        /// Why.
+        cause: String,
+    },
+    /// Another live process already has this node id.
+    #[error(
+        "node id {id:?} is already used by a live process at {addr} ({other}); this process does not join. Give every host its own node_id (--node-id), or stop the other process first"
+    )]
+    DuplicateId {
+        /// The node id.
+        id: String,
+        /// Where the other process answers.
+        addr: SocketAddr,
+        /// The other process.
+        other: crate::ids::Incarnation,
+    },
 }
 
 /// The live members of a cluster joined by gossip, kept current.
@@ -229,10 +251,7 @@ fn parse_member(id: &ChitchatId, state: &chitchat::NodeState) -> Option<Member> 
 impl Gossip {
     /// Joins (or founds) a cluster by gossip.
     pub async fn join(cfg: GossipConfig) -> Result<Gossip, MembershipError> {
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let generation = cfg.boot;
         let chitchat_id = ChitchatId::new(cfg.node_id.clone(), generation, cfg.advertise);
         let failure = FailureDetectorConfig {
             phi_threshold: cfg.phi_threshold,
@@ -259,7 +278,7 @@ impl Gossip {
         ];
         let handle = spawn_chitchat(config, initial, &UdpTransport)
             .await
-            .map_err(|e| MembershipError {
+            .map_err(|e| MembershipError::Gossip {
                 listen: cfg.listen,
                 cause: format!("{e:#}"),
             })?;
@@ -271,6 +290,8 @@ impl Gossip {
         };
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(vec![me.clone()]);
+        let myself = me.clone();
+        let mut warned = None;
         tokio::spawn(async move {
             loop {
                 let members: Vec<Member> = {
@@ -279,6 +300,23 @@ impl Gossip {
                         .iter()
                         .filter_map(|(id, s)| parse_member(id, s))
                         .collect();
+                    // Another live process with this node's id got past the check at its
+                    // start (no seed answered it): loudly, once per such process. Leases name
+                    // incarnations, so it cannot acknowledge a revocation for this one.
+                    if let Some(other) = v
+                        .iter()
+                        .find(|m| m.id == myself.id && m.boot != myself.boot)
+                        && warned != Some(other.boot)
+                    {
+                        warned = Some(other.boot);
+                        metrics::counter!(crate::telemetry::DUPLICATE_NODE_ID).increment(1);
+                        tracing::error!(
+                            node_id = %myself.id,
+                            other = %crate::ids::Incarnation::new(&other.id, other.boot),
+                            other_addr = %other.peer_addr,
+                            "another live process gossips with this node's id; members route this id to the newest one: give every host its own node_id"
+                        );
+                    }
                     // Two incarnations of one id (a restart the failure detector has not
                     // seen yet): the newest wins.
                     v.sort_by(|a, b| a.id.cmp(&b.id).then(b.boot.cmp(&a.boot)));
@@ -340,16 +378,80 @@ impl Membership for Gossip {
     }
 }
 
-/// The membership `config` asks for: gossip when `cluster.peer_listen` is set, this node alone
-/// otherwise.
+/// Refuses to join when a seed is, or knows, another live process with this node's id: each
+/// seed is asked who it is and which incarnation of the id it sees live, and that incarnation
+/// is asked itself (a crashed one does not answer, and a restart goes on). Seeds that do not
+/// answer are skipped: gossip tries them again, and the running node reports a duplicate it
+/// sees later.
+pub async fn refuse_duplicate(
+    peers: &dyn PeerService,
+    clock: &dyn Clock,
+    node_id: &str,
+    boot: u64,
+    seeds: &[SocketAddr],
+    deadline: Duration,
+) -> Result<(), MembershipError> {
+    let hello = |addr: SocketAddr| {
+        crate::clock::timeout(clock, deadline, peers.hello(To { node: "", addr }, boot))
+    };
+    let answers =
+        futures::future::join_all(seeds.iter().map(|&s| async move { (s, hello(s).await) })).await;
+    for (seed, answer) in answers {
+        let Ok(Ok(h)) = answer else {
+            continue;
+        };
+        if h.node == node_id && h.boot != boot {
+            return Err(MembershipError::DuplicateId {
+                id: node_id.to_string(),
+                addr: seed,
+                other: crate::ids::Incarnation::new(&h.node, h.boot),
+            });
+        }
+        if let Some((addr, other)) = h.same_id
+            && let Ok(Ok(h)) = hello(addr).await
+            && h.node == node_id
+            && h.boot == other
+        {
+            return Err(MembershipError::DuplicateId {
+                id: node_id.to_string(),
+                addr,
+                other: crate::ids::Incarnation::new(&h.node, h.boot),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The membership `config` asks for: gossip when `cluster.peer_listen` is set (after
+/// [`refuse_duplicate`] asked the seeds over `peers`), this node alone otherwise. `random`
+/// goes into the boot id.
 pub async fn from_config(
     config: &crate::config::Config,
+    peers: &dyn PeerService,
+    clock: &dyn Clock,
+    random: u64,
 ) -> Result<Arc<dyn Membership>, MembershipError> {
     let c = &config.cluster;
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let boot = crate::ids::boot_id(unix_ms, random);
+    if c.peer_listen.is_some() {
+        refuse_duplicate(
+            peers,
+            clock,
+            &config.node_id,
+            boot,
+            &c.seeds,
+            Duration::from_millis(c.rpc_timeout_ms.min(3000)),
+        )
+        .await?;
+    }
     Ok(match c.peer_listen {
         Some(listen) => Arc::new(
             Gossip::join(GossipConfig {
                 node_id: config.node_id.clone(),
+                boot,
                 cluster_id: c.cluster_id.clone(),
                 listen,
                 advertise: c.advertise.unwrap_or(listen),

@@ -161,6 +161,19 @@ impl Cluster {
         self.members.borrow().iter().any(|m| m.id == id)
     }
 
+    /// Whether incarnation `boot` of `id` is the live member of that id now.
+    pub fn live_incarnation(&self, id: &str, boot: u64) -> bool {
+        self.members
+            .borrow()
+            .iter()
+            .any(|m| m.id == id && m.boot == boot)
+    }
+
+    /// This process: its node id and boot.
+    pub fn me(&self) -> &Member {
+        self.membership.me()
+    }
+
     /// The live members, this node included, by id.
     pub fn members(&self) -> Vec<Member> {
         self.members.borrow().clone()

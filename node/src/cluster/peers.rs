@@ -44,6 +44,18 @@ pub struct MapChunk {
     pub entries: Vec<(u64, BlockRef)>,
 }
 
+/// Who answered a [`PeerService::hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The answering node's id.
+    pub node: String,
+    /// Its incarnation.
+    pub boot: u64,
+    /// A live incarnation of the asker's id the member knows (other than the asker's): its
+    /// Peer address and incarnation.
+    pub same_id: Option<(SocketAddr, u64)>,
+}
+
 /// Where a call goes: a member and its Peer address.
 #[derive(Debug, Clone, Copy)]
 pub struct To<'a> {
@@ -58,21 +70,27 @@ pub struct To<'a> {
 pub trait PeerService: Send + Sync + std::fmt::Debug {
     /// The disks `to` owns, and the registry version it advertises.
     fn owned_disks<'a>(&'a self, to: To<'a>) -> BoxFuture<'a, Result<(Vec<DiskInfo>, u64)>>;
-    /// A lease (or its renewal) on (disk, generation, epoch): the term granted.
+    /// A lease (or its renewal) on (disk, generation, epoch) for this node's incarnation
+    /// `boot`: the term granted.
     fn lease<'a>(
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        generation_epoch: (u64, u64),
+        boot: u64,
     ) -> BoxFuture<'a, Result<Duration>>;
-    /// Tells a holder to stop serving (disk, generation); Ok once it has.
+    /// Tells incarnation `boot` of a holder to stop serving (disk, generation); Ok once it has.
+    /// Another incarnation with the holder's id refuses.
     fn revoke<'a>(
         &'a self,
         to: To<'a>,
         disk: &'a str,
         generation: u64,
+        boot: u64,
     ) -> BoxFuture<'a, Result<()>>;
+    /// Who answers at `to`, and the live incarnation of this node's id it knows, other than
+    /// `boot` (this process).
+    fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>>;
     /// Reads at the owner; with a `generation` (not 0), only at that generation and `epoch`.
     fn read<'a>(
         &'a self,
@@ -227,41 +245,52 @@ impl Peers {
             .await
     }
 
-    /// Asks `node` (the owner) for a lease on (disk, generation, epoch): the term granted.
+    /// Asks `node` (the owner) for a lease on (disk, generation, epoch) for this node's
+    /// incarnation `boot`: the term granted.
     pub async fn lease(
         &self,
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation: u64,
-        epoch: u64,
+        generation_epoch: (u64, u64),
+        boot: u64,
     ) -> Result<Duration> {
         let to = To { node, addr };
         self.deadline(
             node,
             disk,
             self.timeout,
-            self.service.lease(to, disk, generation, epoch),
+            self.service.lease(to, disk, generation_epoch, boot),
         )
         .await
     }
 
-    /// Tells lease holder `node` to stop serving (disk, generation); Ok once it has.
+    /// Tells incarnation `boot` of lease holder `node` to stop serving (disk, generation); Ok
+    /// once it has.
     pub async fn revoke(
         &self,
         node: &str,
         addr: SocketAddr,
         disk: &str,
         generation: u64,
+        boot: u64,
     ) -> Result<()> {
         let to = To { node, addr };
         self.deadline(
             node,
             disk,
             self.timeout,
-            self.service.revoke(to, disk, generation),
+            self.service.revoke(to, disk, generation, boot),
         )
         .await
+    }
+
+    /// Who answers at `addr`, and the live incarnation of this node's id it knows other than
+    /// `boot`.
+    pub async fn hello(&self, addr: SocketAddr, boot: u64) -> Result<Hello> {
+        let to = To { node: "", addr };
+        self.deadline("", "", self.timeout, self.service.hello(to, boot))
+            .await
     }
 
     /// Reads through the owner; with a `generation` (not 0) the owner refuses unless the disk

@@ -138,6 +138,7 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             .map(|m| pb::MemberInfo {
                 id: m.id,
                 peer_addr: m.peer_addr.to_string(),
+                boot: m.boot,
             })
             .collect(),
         leases: Some(pb::LeaseCounters {
@@ -150,6 +151,7 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             peer_served_bytes: s.leases.peer_served_bytes,
             block_map_bytes: s.leases.block_map_bytes,
             block_map_traffic_bytes: s.leases.block_map_traffic_bytes,
+            foreign_revocations: s.leases.foreign_revocations,
         }),
         policy: Some(policy_to_pb(&s.policy)),
     }

@@ -214,9 +214,11 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self
-            .node
-            .grant_lease(&r.disk, r.generation, r.epoch, &r.from_node);
+        let res = self.node.grant_lease(
+            &r.disk,
+            (r.generation, r.epoch),
+            (&r.from_node, r.from_boot),
+        );
         observe("peer_lease", t, 0, &res);
         res.map(|term| {
             Response::new(pb::LeaseResponse {
@@ -232,10 +234,29 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self.node.revoke_held(&r.disk, r.generation, &r.from_node);
+        let res = self
+            .node
+            .revoke_held(&r.disk, r.generation, &r.from_node, r.to_boot);
         observe("peer_revoke", t, 0, &res);
         res.map(|()| Response::new(pb::RevokeResponse {}))
             .map_err(|e| status(&e))
+    }
+
+    async fn hello(
+        &self,
+        request: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
+        let r = request.into_inner();
+        let h = self.node.hello(&r.from_node, r.from_boot);
+        let (same_id_addr, same_id_boot) = h
+            .same_id
+            .map_or((String::new(), 0), |(a, b)| (a.to_string(), b));
+        Ok(Response::new(pb::HelloResponse {
+            node: h.node,
+            boot: h.boot,
+            same_id_addr,
+            same_id_boot,
+        }))
     }
 
     async fn flush(

@@ -24,7 +24,7 @@ use super::grpc::info_from_pb;
 use crate::admin::DiskInfo;
 use crate::cache::Fingerprint;
 use crate::cluster::blockmap::Update;
-use crate::cluster::peers::{BlockMapStream, FetchedBlocks, MapChunk, PeerService, To};
+use crate::cluster::peers::{BlockMapStream, FetchedBlocks, Hello, MapChunk, PeerService, To};
 use crate::disk::BlockRef;
 use crate::error::{Error, Result};
 
@@ -82,6 +82,14 @@ impl TonicPeers {
         {
             return Ok(c.1.clone());
         }
+        let clients = self.connect(to)?;
+        self.channels
+            .insert(to.node.to_string(), (to.addr, clients.clone()));
+        Ok(clients)
+    }
+
+    /// New lazily connected channels to `to`.
+    fn connect(&self, to: To<'_>) -> Result<Arc<[Client]>> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint =
             Endpoint::from_shared(format!("{scheme}://{}", to.addr)).map_err(|e| Error::Peer {
@@ -105,16 +113,13 @@ impl TonicPeers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(self.connect_timeout.min(Duration::from_secs(10)))
             .keep_alive_while_idle(true);
-        let clients: Arc<[Client]> = (0..BULK_CONNECTIONS)
+        Ok((0..BULK_CONNECTIONS)
             .map(|_| {
                 pb::peer_client::PeerClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
             })
-            .collect();
-        self.channels
-            .insert(to.node.to_string(), (to.addr, clients.clone()));
-        Ok(clients)
+            .collect())
     }
 }
 
@@ -138,8 +143,8 @@ impl PeerService for TonicPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        (generation, epoch): (u64, u64),
+        boot: u64,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
             self.client(to)?
@@ -148,6 +153,7 @@ impl PeerService for TonicPeers {
                     generation,
                     epoch,
                     from_node: self.me.clone(),
+                    from_boot: boot,
                 })
                 .await
                 .map(|r| Duration::from_millis(r.into_inner().term_ms))
@@ -160,6 +166,7 @@ impl PeerService for TonicPeers {
         to: To<'a>,
         disk: &'a str,
         generation: u64,
+        boot: u64,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.client(to)?
@@ -167,10 +174,40 @@ impl PeerService for TonicPeers {
                     disk: disk.to_string(),
                     generation,
                     from_node: self.me.clone(),
+                    to_boot: boot,
                 })
                 .await
                 .map(|_| ())
                 .map_err(|s| peer_error(to.node, disk, s))
+        })
+    }
+
+    fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>> {
+        Box::pin(async move {
+            // Asked of seeds before this node joins: a channel of its own, not kept.
+            let r = self.connect(to)?[0]
+                .clone()
+                .hello(pb::HelloRequest {
+                    from_node: self.me.clone(),
+                    from_boot: boot,
+                })
+                .await
+                .map_err(|s| peer_error(&to.addr.to_string(), "", s))?
+                .into_inner();
+            let same_id = if r.same_id_addr.is_empty() {
+                None
+            } else {
+                let addr = r.same_id_addr.parse().map_err(|_| Error::Peer {
+                    node: r.node.clone(),
+                    cause: format!("bad address {:?} in its Hello", r.same_id_addr),
+                })?;
+                Some((addr, r.same_id_boot))
+            };
+            Ok(Hello {
+                node: r.node,
+                boot: r.boot,
+                same_id,
+            })
         })
     }
 
