@@ -24,17 +24,29 @@ use crate::{Node, disk, read, telemetry};
 
 /// Writes `data` at `offset` of `disk` under its write `guard`.
 ///
-/// The write runs in a task of its own that holds the guard until the origin has the bytes: a
-/// caller that goes away (a cancelled RPC) cannot let a seal slip in before a write that is
-/// still landing.
+/// The write takes its place in the disk's write order now, and runs in a task of its own that
+/// holds the guard until the origin has the bytes: a caller that goes away (a cancelled RPC, a
+/// client that timed out) cannot let a seal slip in before a write that is still landing, and
+/// a later write of the same range (that client's retry) waits for this one to finish, so it
+/// can never be overwritten by it.
 async fn land(disk: &Arc<Disk>, guard: WriteGuard, offset: u64, data: Bytes) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
+    let mut place = disk.writes.arrive(offset, data.len() as u64);
     let d = disk.clone();
     let landed = tokio::spawn(async move {
         let _held = guard;
-        d.origin.write_at(offset, data).await
+        place.ready().await;
+        #[cfg(feature = "failpoints")]
+        if let Some(ms) = fail::eval("origin-write-stall", |arg| {
+            arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(1000)
+        }) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        let r = d.origin.write_at(offset, data).await;
+        drop(place);
+        r
     })
     .await
     .map_err(|e| Error::State(format!("write task: {e}")))?;

@@ -7,8 +7,17 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Settings, client, config_flag, member, member_on, until};
-use shadowcache_testkit::{binary, free_peer_port};
+use common::{Settings, client, config_flag, member, member_on, member_with_env, until};
+use shadowcache_testkit::{binary, free_peer_port, write_file};
+
+/// Fails loudly when the node binary cannot honour fail points.
+fn needs_failpoints() {
+    #[cfg(not(feature = "failpoints"))]
+    panic!(
+        "this test needs the node built with fail points: run ./scripts/test.sh, or \
+         cargo test -p shadowcache-node --features failpoints"
+    );
+}
 
 /// Item 1: a second live process with a member's node id (a cloned host) does not join; the
 /// operator reads why. A restart after a crash, whose old incarnation gossip still lists as
@@ -84,4 +93,54 @@ async fn a_second_live_process_with_a_members_id_is_refused_at_start() {
     })
     .await;
     drop(b);
+}
+
+/// Item 2: a client gives up on a write whose origin stalls, writes the same range again and
+/// is acknowledged; the stalled write must not land over the acknowledged one afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_on_never_lands_over_a_later_acknowledged_one() {
+    needs_failpoints();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("rw.raw");
+    write_file(&image, &vec![0u8; 1 << 20]);
+    let stall_ms = 3_000;
+    let a = member_with_env(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=rw={},mutable", image.display())],
+        &[(
+            "FAILPOINTS",
+            &format!("origin-write-stall=1*return({stall_ms})"),
+        )],
+    );
+    let c = client(&a).await;
+    let d = c.disk("rw");
+    let started = Instant::now();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        d.write_at(4096, vec![1u8; 8192]),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the stalled write returned: {gave_up:?}");
+    // The retry overlaps the stalled write; it is acknowledged once the first has finished.
+    d.write_at(0, vec![2u8; 16384]).await.expect("the retry");
+    let acked = started.elapsed();
+    // Whatever the stalled write still does, it has done it well before this.
+    let settle = Duration::from_millis(stall_ms + 1_000).saturating_sub(started.elapsed());
+    tokio::time::sleep(settle).await;
+    let got = d.read_at(0, 16384).await.expect("read");
+    assert!(
+        got.iter().all(|&b| b == 2),
+        "the write given up on landed over the retry acknowledged after {acked:?}"
+    );
+    let file = std::fs::read(&image).expect("image");
+    assert!(
+        file[..16384].iter().all(|&b| b == 2),
+        "the origin file holds the stalled write"
+    );
+    assert!(
+        acked >= Duration::from_millis(stall_ms / 2),
+        "the retry was acknowledged after {acked:?}, before the stalled write finished"
+    );
 }

@@ -24,6 +24,7 @@
 //! in-flight counter and a `Notify`.
 
 pub mod content_map;
+pub mod order;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -126,6 +127,8 @@ pub struct Disk {
     pub owner: crate::cluster::detect::OwnerState,
     /// The blocks of it this node holds (its block map, for other members).
     pub held: crate::cluster::blockmap::HeldBlocks,
+    /// Writes in flight, in arrival order: overlapping ones reach the origin in that order.
+    pub writes: order::WriteOrder,
     /// For the shadow of a disk another member owns: how its fingerprints and blocks are
     /// fetched. `None` for a disk this node owns.
     pub remote: Option<Arc<crate::cluster::fetch::Remote>>,
@@ -186,6 +189,7 @@ impl Disk {
             epoch: epoch.max(1),
             owner: crate::cluster::detect::OwnerState::new(now),
             held: Default::default(),
+            writes: Default::default(),
             remote: None,
             state: AtomicU8::new(MUTABLE),
             generation: AtomicU64::new(1),
