@@ -115,6 +115,9 @@ pub const NBD_BYTES: &str = "shadowcache_nbd_bytes_total";
 pub const NBD_SECONDS: &str = "shadowcache_nbd_duration_seconds";
 /// NBD connections that reached transmission.
 pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
+/// Counter by reason: NBD connections closed by the node (`connection_cap`,
+/// `negotiation_timeout`, `stalled_reader`).
+pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
 
 /// Payload bytes moved by gRPC requests, by `rpc`.
 pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";

@@ -144,3 +144,244 @@ async fn a_write_given_up_on_never_lands_over_a_later_acknowledged_one() {
         "the retry was acknowledged after {acked:?}, before the stalled write finished"
     );
 }
+
+fn tool(tool: &str, package: &str) -> std::path::PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{tool} is not installed: this test needs it. Run ./scripts/test.sh, which installs \
+             {package} (apt-get install {package}), or install it by hand."
+        )
+    })
+}
+
+fn nbd_uri(m: &common::Member, disk: &str) -> String {
+    format!(
+        "nbd+unix:///{disk}?socket={}",
+        m.process.data_dir.join("nbd.sock").display()
+    )
+}
+
+/// A raw NBD client that negotiates with NBD_OPT_EXPORT_NAME and then only sends.
+fn raw_nbd(sock: &std::path::Path, export: &str) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    s.write_all(&3u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::new();
+    opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes()); // IHAVEOPT
+    opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
+    s.write_all(&opt).expect("option");
+    let mut info = [0u8; 10];
+    s.read_exact(&mut info).expect("export size and flags");
+    s
+}
+
+fn read_request(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(28);
+    r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    r.extend_from_slice(&0u16.to_be_bytes()); // flags
+    r.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb << 10
+}
+
+/// Item 8: 16 connections send 100 reads of 16 MiB each of a mutable disk (every reply a
+/// fresh buffer) and never read a reply: the node's memory stays within its NBD budget plus a
+/// fixed margin, and a client that reads is served again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_replies_cannot_grow_the_node() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("rw.raw");
+    let size: u64 = 64 << 20;
+    write_file(&image, &vec![7u8; size as usize]);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=rw={},mutable", image.display())],
+    );
+    let sock = a.process.data_dir.join("nbd.sock");
+    let pid = a.process.pid().expect("pid");
+    let before = rss_bytes(pid);
+    let mut silent = Vec::new();
+    for c in 0..16u64 {
+        let mut s = raw_nbd(&sock, "rw");
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut reqs = Vec::new();
+        for i in 0..100u64 {
+            reqs.extend(read_request(c * 1000 + i, (i % 4) * (16 << 20), 16 << 20));
+        }
+        // The node stops reading requests once the budget is taken: send what it takes.
+        let mut sent = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sent < reqs.len() && Instant::now() < deadline {
+            match s.write(&reqs[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+        silent.push(s);
+    }
+    // Let the node do all it will.
+    let mut peak = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_bytes(pid));
+    }
+    let budget = u64::from(shadowcache_node::nbd::NODE_BUDGET);
+    let margin = 160u64 << 20;
+    assert!(
+        peak <= before + budget + margin,
+        "RSS went from {} MiB to {} MiB with 16 clients that never read (budget {} MiB)",
+        before >> 20,
+        peak >> 20,
+        budget >> 20
+    );
+    drop(silent);
+    // Once they are gone, their budget is back: a client that reads is served.
+    let nbdinfo = tool("nbdinfo", "libnbd-bin");
+    let uri = nbd_uri(&a, "rw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(&nbdinfo)
+            .arg("--size")
+            .arg(&uri)
+            .output()
+            .expect("nbdinfo");
+        if out.status.success() {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                size.to_string()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "nbdinfo never got an answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = client(&a).await;
+    let got = c.disk("rw").read_at(size - 4096, 4096).await.expect("read");
+    assert!(got.iter().all(|&b| b == 7));
+}
+
+/// Item 9: clients that never finish negotiation are closed in time, while a well-behaved
+/// client still connects and reads with 300 of them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
+    use std::io::Read;
+    let nbdinfo = tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("base.raw");
+    write_file(&image, &vec![1u8; 1 << 20]);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=base={},sealed", image.display())],
+    );
+    let sock = a.process.data_dir.join("nbd.sock");
+    let opened = Instant::now();
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    let out = Command::new(&nbdinfo)
+        .arg("--size")
+        .arg(nbd_uri(&a, "base"))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        out.status.success(),
+        "a good client was locked out by 300 silent ones: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    // Every silent client is closed once the negotiation timeout has passed.
+    let limit = shadowcache_node::nbd::NEGOTIATION_TIMEOUT + Duration::from_secs(5);
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // the greeting
+                Err(e) => panic!(
+                    "a silent client was still open after {:?}: {e}",
+                    opened.elapsed()
+                ),
+            }
+        }
+    }
+    let took = opened.elapsed();
+    assert!(
+        took <= limit,
+        "the silent clients were closed only after {took:?}"
+    );
+    assert!(
+        took >= shadowcache_node::nbd::NEGOTIATION_TIMEOUT - Duration::from_secs(1),
+        "closed after {took:?}: sooner than a slow client is allowed"
+    );
+}
+
+/// Item 10: the node serves every request up to the maximum block size it advertises: a
+/// 17 MiB read and write (above the node's 16 MiB per-call limit) through qemu-io.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_up_to_the_advertised_maximum_are_served() {
+    let qemu_io = tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("rw.raw");
+    write_file(&image, &vec![0x5au8; 20 << 20]);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=rw={},mutable", image.display())],
+    );
+    let uri = nbd_uri(&a, "rw");
+    let run = |args: &[&str]| {
+        let out = Command::new(&qemu_io)
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(&uri)
+            .output()
+            .expect("qemu-io");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !text.contains("failed"),
+            "qemu-io {args:?}: {text}"
+        );
+    };
+    run(&["-r", "-c", "read -P 0x5a 0 17M"]);
+    run(&["-c", "write -P 0x33 1M 17M"]);
+    run(&["-r", "-c", "read -P 0x33 1M 17M", "-c", "read -P 0x5a 0 1M"]);
+    let file = std::fs::read(&image).expect("image");
+    assert!(file[1 << 20..18 << 20].iter().all(|&b| b == 0x33));
+}

@@ -26,6 +26,41 @@ use proto::*;
 
 /// Requests served at once on one connection (above every client's queue depth).
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Bytes of requests (write payloads, read replies) one connection may hold at once: a client
+/// that does not read its replies stops being served once it owes this much.
+pub const CONNECTION_BUDGET: u32 = 64 << 20;
+/// Bytes of requests all NBD connections of the node may hold at once.
+pub const NODE_BUDGET: u32 = 512 << 20;
+/// A client that takes none of its replies for this long is disconnected (its budget freed).
+pub const STALLED_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A client must finish negotiation within this time.
+pub const NEGOTIATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections one listener serves at once, at most (fewer when the descriptor limit is low:
+/// [`FD_RESERVE`] descriptors stay for the node's own files and sockets).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Descriptors kept out of reach of NBD clients.
+pub const FD_RESERVE: usize = 256;
+
+/// The bytes budget of all NBD connections of this process.
+fn node_budget() -> &'static Arc<Semaphore> {
+    static B: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    B.get_or_init(|| Arc::new(Semaphore::new(NODE_BUDGET as usize)))
+}
+
+/// Connections a listener takes: [`MAX_CONNECTIONS`], or fewer under a low descriptor limit.
+pub fn connection_cap() -> usize {
+    // The soft RLIMIT_NOFILE, from /proc (no unsafe call); unlimited when it cannot be read.
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(usize::MAX);
+    MAX_CONNECTIONS.min(soft.saturating_sub(FD_RESERVE)).max(1)
+}
 /// Largest read served in the reading task when it is the only request in flight.
 const INLINE_READ: u32 = 128 << 10;
 
@@ -97,7 +132,20 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut session = Session::default();
-    let Some(export) = negotiate(&node, &mut rd, &mut wr, &mut session).await? else {
+    let negotiated = tokio::time::timeout(
+        NEGOTIATION_TIMEOUT,
+        negotiate(&node, &mut rd, &mut wr, &mut session),
+    )
+    .await;
+    let Ok(negotiated) = negotiated else {
+        metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "negotiation_timeout")
+            .increment(1);
+        return Err(protocol(format!(
+            "negotiation not finished within {} s",
+            NEGOTIATION_TIMEOUT.as_secs()
+        )));
+    };
+    let Some(export) = negotiated? else {
         return Ok(());
     };
     metrics::counter!(crate::telemetry::NBD_CONNECTIONS).increment(1);
@@ -323,7 +371,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    let (tx, rx) = mpsc::channel::<(Reply, Budget)>(MAX_IN_FLIGHT);
+    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET as usize));
     let writer = tokio::spawn(write_replies(wr, rx));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let export = Arc::new(export);
@@ -344,18 +393,31 @@ where
         let Some(req) = Request::decode(&hdr) else {
             break Err(protocol("bad request magic"));
         };
+        if tx.is_closed() {
+            // The writer gave up on this client (it took no replies): so does the reader.
+            break Ok(());
+        }
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break Ok(());
+        };
+        // The bytes this request will hold (its payload, or its reply's data) are taken from
+        // the connection's budget, then the node's, before anything is read or served: a
+        // client that does not read its replies stops here, holding what it already has.
+        let cost = match req.cmd {
+            CMD_READ | CMD_WRITE => req.len.min(MAX_REQUEST),
+            _ => 0,
+        };
+        let held = match take_budget(&budget, cost).await {
+            Some(b) => b,
+            None => break Ok(()),
         };
         // The payload of a write is part of the framing: read it before anything else.
         let payload = if req.cmd == CMD_WRITE {
             if req.len > MAX_REQUEST {
                 let _ = tx
-                    .send(error_reply(
-                        structured,
-                        req.cookie,
-                        EOVERFLOW,
-                        "write too large",
+                    .send((
+                        error_reply(structured, req.cookie, EOVERFLOW, "write too large"),
+                        held,
                     ))
                     .await;
                 break Err(protocol(format!("write of {} bytes", req.len)));
@@ -380,7 +442,7 @@ where
             && slots.available_permits() == MAX_IN_FLIGHT - 1
         {
             let r = handle(&node, &export, req, payload, structured, meta, &zeros).await;
-            let _ = tx.send(r).await;
+            let _ = tx.send((r, held)).await;
             drop(permit);
             continue;
         }
@@ -390,7 +452,7 @@ where
         let zeros = zeros.clone();
         tokio::spawn(async move {
             let r = handle(&node, &export, req, payload, structured, meta, &zeros).await;
-            let _ = tx.send(r).await;
+            let _ = tx.send((r, held)).await;
             drop(permit);
         });
     };
@@ -401,19 +463,43 @@ where
     result
 }
 
+/// Budget held by one request until its reply is written: (connection's, node's).
+type Budget = (
+    Option<tokio::sync::OwnedSemaphorePermit>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+/// Takes `cost` bytes from the connection's `budget`, then from the node's; `None` when the
+/// node is shutting down.
+async fn take_budget(budget: &Arc<Semaphore>, cost: u32) -> Option<Budget> {
+    if cost == 0 {
+        return Some((None, None));
+    }
+    let mine = budget.clone().acquire_many_owned(cost).await.ok()?;
+    let node = node_budget().clone().acquire_many_owned(cost).await.ok()?;
+    Some((Some(mine), Some(node)))
+}
+
 /// Sends replies as they come: every piece of every reply that is ready goes out in vectored
-/// writes straight from the cached blocks' buffers (no copy into a write buffer).
+/// writes straight from the cached blocks' buffers (no copy into a write buffer). A request's
+/// budget is given back once its reply is written. A client that takes nothing for
+/// [`STALLED_REPLY_TIMEOUT`] is disconnected.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<(Reply, Budget)>,
 ) -> std::io::Result<()> {
     use bytes::Buf;
     let mut pending: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
-    while let Some(reply) = rx.recv().await {
+    let mut held: Vec<Budget> = Vec::new();
+    while let Some((reply, budget)) = rx.recv().await {
         pending.extend(reply);
+        held.push(budget);
         while pending.len() < 512 {
             match rx.try_recv() {
-                Ok(reply) => pending.extend(reply),
+                Ok((reply, budget)) => {
+                    pending.extend(reply);
+                    held.push(budget);
+                }
                 Err(_) => break,
             }
         }
@@ -423,7 +509,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 .take(64)
                 .map(|b| std::io::IoSlice::new(b))
                 .collect();
-            let mut n = w.write_vectored(&io).await?;
+            let Ok(wrote) =
+                tokio::time::timeout(STALLED_REPLY_TIMEOUT, w.write_vectored(&io)).await
+            else {
+                metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "stalled_reader")
+                    .increment(1);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client took no reply bytes for 30 s",
+                ));
+            };
+            let mut n = wrote?;
             drop(io);
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
@@ -442,6 +538,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         w.flush().await?;
+        held.clear();
     }
     w.shutdown().await
 }
@@ -549,10 +646,7 @@ async fn serve_request(
             if !in_range {
                 return fail(EINVAL, "read past the end");
             }
-            match node
-                .read_pieces(&export.name, req.offset, u64::from(req.len))
-                .await
-            {
+            match read_all(node, &export.name, req.offset, u64::from(req.len)).await {
                 Ok(pieces) if structured => {
                     let len: usize = pieces.iter().map(Bytes::len).sum();
                     if len == 0 {
@@ -589,7 +683,7 @@ async fn serve_request(
                 return fail(ENOSPC, "write past the end");
             }
             let r = if req.cmd == CMD_WRITE {
-                node.write(&export.name, req.offset, payload).await
+                write_all(node, &export.name, req.offset, payload).await
             } else {
                 write_zeroes(node, &export.name, req.offset, u64::from(req.len), zeros).await
             };
@@ -636,6 +730,38 @@ async fn serve_request(
     }
 }
 
+/// Reads [offset, offset + len) as the node's reads allow ([`crate::read::MAX_IO_BYTES`] each):
+/// the server serves every request up to the [`MAX_REQUEST`] it advertises.
+async fn read_all(node: &Node, disk: &str, offset: u64, len: u64) -> crate::Result<Vec<Bytes>> {
+    if len <= crate::read::MAX_IO_BYTES {
+        return node.read_pieces(disk, offset, len).await;
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(crate::read::MAX_IO_BYTES);
+        out.extend(node.read_pieces(disk, offset + at, n).await?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Writes `data` at `offset` as the node's writes allow ([`crate::read::MAX_IO_BYTES`] each).
+async fn write_all(node: &Node, disk: &str, offset: u64, data: Bytes) -> crate::Result<()> {
+    let max = crate::read::MAX_IO_BYTES as usize;
+    if data.len() <= max {
+        return node.write(disk, offset, data).await;
+    }
+    let mut at = 0;
+    while at < data.len() {
+        let n = (data.len() - at).min(max);
+        node.write(disk, offset + at as u64, data.slice(at..at + n))
+            .await?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Writes `len` zero bytes at `offset`, a MiB at a time.
 async fn write_zeroes(
     node: &Node,
@@ -654,13 +780,43 @@ async fn write_zeroes(
     Ok(())
 }
 
-/// Serves one accepted client in a task of its own.
-fn spawn_client<S>(node: &Arc<Node>, stream: S, peer: String)
+/// Connections of one listener: at most [`connection_cap`] at once.
+#[derive(Debug, Clone)]
+struct Slots {
+    open: Arc<Semaphore>,
+    cap: usize,
+    last_warned: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Slots {
+    fn new() -> Self {
+        let cap = connection_cap();
+        Slots {
+            open: Arc::new(Semaphore::new(cap)),
+            cap,
+            last_warned: Arc::default(),
+        }
+    }
+}
+
+/// Serves one accepted client in a task of its own, if the listener has room for it; else
+/// closes it at once (with a warning at most every 10 s, and a metric).
+fn spawn_client<S>(node: &Arc<Node>, slots: &Slots, stream: S, peer: String)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(slot) = slots.open.clone().try_acquire_owned() else {
+        metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "connection_cap").increment(1);
+        let mut last = slots.last_warned.lock();
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(cap = slots.cap, %peer, "nbd connection refused: the listener serves {} connections already (the cap keeps {FD_RESERVE} descriptors for the node itself)", slots.cap);
+        }
+        return;
+    };
     let node = node.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(e) = serve(node, stream).await {
             tracing::debug!(error = %e, %peer, "nbd connection ended");
         }
@@ -680,10 +836,11 @@ pub async fn serve_unix(
     listener: tokio::net::UnixListener,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let slots = Slots::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => spawn_client(&node, s, "unix".into()),
+                Ok((s, _)) => spawn_client(&node, &slots, s, "unix".into()),
                 Err(e) => accept_failed(e).await,
             },
             _ = stopped.changed() => return Ok(()),
@@ -697,12 +854,13 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let slots = Slots::new();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    spawn_client(&node, s, peer.to_string());
+                    spawn_client(&node, &slots, s, peer.to_string());
                 }
                 Err(e) => accept_failed(e).await,
             },
