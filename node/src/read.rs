@@ -446,10 +446,18 @@ impl ReadPath {
     ) {
         // A flight that finished just before ours began may have filled a block already. This
         // read's miss is counted already: a late hit is not a second lookup.
+        // A block whose fingerprint was unknown at this read's lookup may be in the map now
+        // (that flight admitted it and left before ours began): look again, or the origin is
+        // read twice for it.
         let mut todo = Vec::with_capacity(blocks.len());
-        for (k, (_, fp)) in blocks.iter().enumerate() {
-            match fp.and_then(|fp| self.cache.get_ram_uncounted(&fp)) {
-                Some((b, _)) => done(k, Ok(b)),
+        for (k, &(index, fp)) in blocks.iter().enumerate() {
+            let hit = match fp.map(BlockRef::Data).or_else(|| map.get(index)) {
+                Some(BlockRef::Zero) => Some(self.cache.zero(self.block_len(disk, index))),
+                Some(BlockRef::Data(fp)) => self.cache.get_ram_uncounted(&fp).map(|(b, _)| b),
+                None => None,
+            };
+            match hit {
+                Some(b) => done(k, Ok(b)),
                 None => todo.push(k),
             }
         }
@@ -566,6 +574,8 @@ impl ReadPath {
             return self.cache.zero(bytes.len());
         }
         let fp = verified.unwrap_or_else(|| Fingerprint::of(&bytes));
+        // The cache first: a reader that finds the map entry then finds the bytes.
+        self.cache.admit(fp, bytes.clone());
         match map.get(index) {
             Some(BlockRef::Data(known)) if known == fp => {}
             known => {
@@ -575,7 +585,6 @@ impl ReadPath {
                 map.insert(index, BlockRef::Data(fp));
             }
         }
-        self.cache.admit(fp, bytes.clone());
         bytes
     }
 
