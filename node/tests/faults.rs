@@ -4,17 +4,8 @@
 
 mod common;
 
-use common::{client, counters, has_disk, member, member_with_env, until};
+use common::{client, counters, has_disk, member, member_with_env, needs_failpoints, until};
 use shadowcache_testkit::random_image;
-
-/// Fails loudly when the node binary cannot honour fail points.
-fn needs_failpoints() {
-    #[cfg(not(feature = "failpoints"))]
-    panic!(
-        "this fault test needs the node built with fail points: run ./scripts/test.sh, or \
-         cargo test -p shadowcache-node --features failpoints"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_never_gets_its_bytes_to_a_reader() {

@@ -7,17 +7,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Settings, client, config_flag, member, member_on, member_with_env, until};
+use common::{
+    Settings, client, config_flag, member, member_on, member_with_env, needs_failpoints, tool,
+    until,
+};
 use shadowcache_testkit::{binary, free_peer_port, write_file};
-
-/// Fails loudly when the node binary cannot honour fail points.
-fn needs_failpoints() {
-    #[cfg(not(feature = "failpoints"))]
-    panic!(
-        "this test needs the node built with fail points: run ./scripts/test.sh, or \
-         cargo test -p shadowcache-node --features failpoints"
-    );
-}
 
 /// Item 1: a second live process with a member's node id (a cloned host) does not join; the
 /// operator reads why. A restart after a crash, whose old incarnation gossip still lists as
@@ -143,20 +137,6 @@ async fn a_write_given_up_on_never_lands_over_a_later_acknowledged_one() {
         acked >= Duration::from_millis(stall_ms / 2),
         "the retry was acknowledged after {acked:?}, before the stalled write finished"
     );
-}
-
-fn tool(tool: &str, package: &str) -> std::path::PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(tool))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "{tool} is not installed: this test needs it. Run ./scripts/test.sh, which installs \
-             {package} (apt-get install {package}), or install it by hand."
-        )
-    })
 }
 
 fn nbd_uri(m: &common::Member, disk: &str) -> String {

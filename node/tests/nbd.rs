@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::tool;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,21 +15,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use shadowcache_testkit::{NodeProcess, random_image, write_file};
-
-/// The path of `tool`, or a loud failure naming the package to install.
-fn tool(tool: &str, package: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(tool))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "{tool} is not installed: this test needs it. Run ./scripts/test.sh, which installs \
-             {package} (apt-get install {package}), or install it by hand."
-        )
-    })
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");

@@ -182,3 +182,27 @@ pub async fn vdi_cluster(
     }
     (a, b, c)
 }
+
+/// The path of external tool `tool`; panics, naming its package, when it is not installed.
+pub fn tool(tool: &str, package: &str) -> std::path::PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{tool} is not installed: this test needs it. Run ./scripts/test.sh, which installs \
+             {package} (apt-get install {package}), or install it by hand."
+        )
+    })
+}
+
+/// Fails loudly when the node binary cannot honour fail points.
+pub fn needs_failpoints() {
+    #[cfg(not(feature = "failpoints"))]
+    panic!(
+        "this test needs the node built with fail points: run ./scripts/test.sh, or \
+         cargo test -p shadowcache-node --features failpoints"
+    );
+}
