@@ -165,6 +165,13 @@ struct FileLease {
     drift_margin_ms: Option<u64>,
 }
 
+/// `[admin]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    origin_roots: Option<Vec<PathBuf>>,
+}
+
 /// `[[disk]]` in the config file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +202,8 @@ struct FileConfig {
     detection: FileDetection,
     #[serde(default)]
     lease: FileLease,
+    #[serde(default)]
+    admin: FileAdmin,
     #[serde(default)]
     disk: Vec<FileDisk>,
 }
@@ -372,6 +381,9 @@ pub struct Config {
     pub detection: DetectionConfig,
     /// Leases on detected disks.
     pub lease: LeaseConfig,
+    /// `admin.origin_roots`: directories file origins must lie in (empty: anywhere the node's
+    /// user can open; the Admin socket is then root-equivalent for that user).
+    pub origin_roots: Vec<PathBuf>,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -566,6 +578,7 @@ impl Config {
                     drift_margin_ms: file.lease.drift_margin_ms.unwrap_or(d.drift_margin_ms),
                 }
             },
+            origin_roots: file.admin.origin_roots.unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)

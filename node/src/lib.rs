@@ -140,6 +140,12 @@ impl Node {
             env.clock.clone(),
             env.seed,
         );
+        registry
+            .set_origin_guard(disk::OriginGuard {
+                roots: config.origin_roots.clone(),
+                own_files: vec![config.ssd_path.clone(), config.ssd_index_path.clone()],
+            })
+            .context("admin.origin_roots")?;
         for d in &config.disks {
             registry
                 .register(&d.id, &d.origin, d.mode)

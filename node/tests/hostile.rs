@@ -365,3 +365,90 @@ async fn requests_up_to_the_advertised_maximum_are_served() {
     let file = std::fs::read(&image).expect("image");
     assert!(file[1 << 20..18 << 20].iter().all(|&b| b == 0x33));
 }
+
+/// Item 7: a socket path that names a regular file stops the start and leaves the file alone;
+/// the node's own files are refused as origins under any name (a hard link to `disks.toml`, the
+/// SSD slot file configured outside the data directory); with `admin.origin_roots`, a path outside them is refused
+/// before it is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_and_sockets_never_touch_what_is_not_theirs() {
+    use shadowcache_client::DiskMode;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A typo puts the NBD socket on a precious file.
+    let precious = dir.path().join("precious.img");
+    write_file(&precious, b"do not delete");
+    let out = Command::new(binary("shadowcache-node"))
+        .arg("--data-dir")
+        .arg(dir.path().join("x"))
+        .arg("--node-id=x")
+        .arg("--nbd-unix")
+        .arg(&precious)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started on a regular file");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read(&precious).expect("still there"),
+        b"do not delete"
+    );
+
+    let images = dir.path().join("images");
+    write_file(&images.join("ok.raw"), &[1u8; 65536]);
+    let config = dir.path().join("node.toml");
+    write_file(
+        &config,
+        format!(
+            "[admin]\norigin_roots = [\"{}\"]\n[cache]\nssd = \"8MiB\"\nssd_path = \"{}\"\n",
+            images.display(),
+            images.join("cache.slots").display()
+        )
+        .as_bytes(),
+    );
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--config={}", config.display())],
+    );
+    let c = client(&a).await;
+    // Inside the roots: fine.
+    c.register_disk(
+        "ok",
+        &images.join("ok.raw").display().to_string(),
+        DiskMode::Sealed,
+    )
+    .await
+    .expect("an origin inside the roots");
+    // Outside the roots: refused, with the roots named.
+    let e = c
+        .register_disk("shadow", "/etc/passwd", DiskMode::Sealed)
+        .await
+        .expect_err("an origin outside the roots");
+    assert!(e.to_string().contains("origin_roots"), "{e}");
+    // The node's own files, under another name inside the roots.
+    std::fs::hard_link(
+        a.process.data_dir.join("disks.toml"),
+        images.join("link.raw"),
+    )
+    .expect("hard link");
+    let e = c
+        .register_disk(
+            "state",
+            &images.join("link.raw").display().to_string(),
+            DiskMode::Sealed,
+        )
+        .await
+        .expect_err("a hard link to disks.toml");
+    assert!(e.to_string().contains("own file"), "{e}");
+    // The SSD slot file, configured outside the data directory (inside the roots here).
+    let e = c
+        .register_disk(
+            "slots",
+            &images.join("cache.slots").display().to_string(),
+            DiskMode::Sealed,
+        )
+        .await
+        .expect_err("the SSD slot file");
+    assert!(e.to_string().contains("own file"), "{e}");
+}

@@ -464,6 +464,68 @@ pub struct Registry {
     clock: Arc<dyn Clock>,
     /// Epochs: a new random one for every registration.
     rng: parking_lot::Mutex<rand::rngs::StdRng>,
+    /// Where file origins may come from, and the node's own files outside the data directory.
+    guard: parking_lot::RwLock<OriginGuard>,
+}
+
+/// What a file origin may not be: outside the allowed roots, or a file the node owns.
+#[derive(Debug, Default, Clone)]
+pub struct OriginGuard {
+    /// Directories origins must lie in (canonical); empty: anywhere.
+    pub roots: Vec<PathBuf>,
+    /// The node's files outside its data directory (the SSD tier's slot and index files).
+    pub own_files: Vec<PathBuf>,
+}
+
+impl OriginGuard {
+    /// Refuses `path` (opened as `id`: device and inode) when it lies outside the roots, or is
+    /// one of the node's own files, under any name (a hard link or a symlink included).
+    fn check(&self, path: &Path, id: Option<(u64, u64)>, data_dir: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if !self.roots.is_empty() && !self.roots.iter().any(|r| canonical.starts_with(r)) {
+            return Err(Error::Invalid(format!(
+                "origin {} is outside admin.origin_roots ({})",
+                path.display(),
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let Some(id) = id else {
+            return Ok(());
+        };
+        let same = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .is_some_and(|m| (m.dev(), m.ino()) == id)
+        };
+        let mut mine: Vec<PathBuf> = self.own_files.clone();
+        // The data directory, three levels down (maps/, the cache's files): every file in it.
+        let mut dirs = vec![(data_dir.to_path_buf(), 0)];
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                match e.file_type() {
+                    Ok(t) if t.is_dir() && depth < 3 => dirs.push((e.path(), depth + 1)),
+                    Ok(t) if t.is_file() => mine.push(e.path()),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(p) = mine.iter().find(|p| same(p)) {
+            return Err(Error::Invalid(format!(
+                "origin {} is the node's own file {}",
+                path.display(),
+                p.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Registry {
@@ -488,7 +550,20 @@ impl Registry {
             data_dir: data_dir.to_path_buf(),
             save_lock: tokio::sync::Mutex::new(()),
             lease_fence,
+            guard: parking_lot::RwLock::new(OriginGuard::default()),
         }
+    }
+
+    /// Sets where file origins may come from and which files outside the data directory are
+    /// the node's own. Roots are made canonical; a root that does not exist is an error.
+    pub fn set_origin_guard(&self, mut guard: OriginGuard) -> Result<()> {
+        for r in &mut guard.roots {
+            *r = r
+                .canonicalize()
+                .map_err(|e| Error::Invalid(format!("admin.origin_roots: {}: {e}", r.display())))?;
+        }
+        *self.guard.write() = guard;
+        Ok(())
     }
 
     fn state_path(&self) -> PathBuf {
@@ -541,6 +616,7 @@ impl Registry {
         }
         let path = origin.to_path_buf();
         let data_dir = self.data_dir.clone();
+        let guard = self.guard.read().clone();
         let file = tokio::task::spawn_blocking(move || {
             // The node's own files (slot file, index, maps) are never a disk.
             if let (Ok(o), Ok(d)) = (path.canonicalize(), data_dir.canonicalize())
@@ -552,7 +628,11 @@ impl Registry {
                     data_dir.display()
                 )));
             }
-            FileOrigin::open(&path, writable).map_err(Error::from)
+            // Roots first: a path outside them is not even opened.
+            guard.check(&path, None, &data_dir)?;
+            let file = FileOrigin::open(&path, writable).map_err(Error::from)?;
+            guard.check(&path, file.file_id(), &data_dir)?;
+            Ok(file)
         })
         .await
         .map_err(|e| Error::State(e.to_string()))??;

@@ -412,13 +412,22 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    // symlink_metadata: a link at the path is not followed, and is not a socket.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
             anyhow::bail!(
-                "listen_unix {}: another process is serving on this socket",
+                "{} exists and is not a socket: refusing to replace it (a typo in the socket path?)",
                 path.display()
             );
         }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{}: another process is serving on this socket",
+                path.display()
+            );
+        }
+        // A socket nobody serves: left by a node that stopped without removing it.
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
