@@ -287,7 +287,14 @@ impl Node {
     pub fn allocation(&self, disk: &str, offset: u64, len: u64, one: bool) -> Vec<(u32, u32)> {
         let map = match self.registry.get(disk) {
             Ok(d) => d.serving_map(),
-            Err(_) => self.cluster.shadow(disk).and_then(|s| s.disk.serving_map()),
+            // A detected disk's shadow speaks for the owner's map only under a valid lease:
+            // without one the owner may have written where the map says hole, so every
+            // block is reported as data (always a true answer).
+            Err(_) => self
+                .cluster
+                .shadow(disk)
+                .filter(|s| s.lease.as_ref().is_none_or(|l| l.valid(self.clock.now())))
+                .and_then(|s| s.disk.serving_map()),
         };
         let Some(map) = map else {
             return vec![(len as u32, 0)];

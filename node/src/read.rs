@@ -97,14 +97,16 @@ enum Found {
 }
 
 /// What a single flight is for: the content (its fingerprint known), or one block of one
-/// generation of one disk object while its fingerprint is unknown (a shadow replaced by a
-/// newer one, or a new generation of a disk, never joins a load of the old one).
+/// content map (one generation) of one disk object while its fingerprint is unknown (a shadow
+/// replaced by a newer one, or a new generation of a disk, never joins a load of the old one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum FlightKey {
     Content(Fingerprint),
     Block {
         instance: u64,
-        generation: u64,
+        /// The content map being served (its address): one per generation, and alive while
+        /// any flight that uses it is.
+        map: usize,
         index: u64,
     },
 }
@@ -340,7 +342,9 @@ impl ReadPath {
         missing: &[(usize, u64, Option<Fingerprint>)],
         route: Route,
     ) -> Vec<Result<Bytes>> {
-        let generation = disk.generation();
+        // The map this read serves, not the disk's generation now: a read that took the map
+        // of a generation a write has just ended must not join a load of the next one.
+        let map_id = std::ptr::from_ref(map) as usize;
         let mut seats = Vec::with_capacity(missing.len());
         let mut lead = Vec::new();
         for (n, &(_, index, fp)) in missing.iter().enumerate() {
@@ -351,7 +355,7 @@ impl ReadPath {
                 (Some(fp), Some(_)) => FlightKey::Content(fp),
                 _ => FlightKey::Block {
                     instance: disk.instance,
-                    generation,
+                    map: map_id,
                     index,
                 },
             };

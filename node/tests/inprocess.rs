@@ -292,3 +292,44 @@ async fn a_second_process_with_a_members_id_cannot_acknowledge_its_revocation() 
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Issue 16, item 3: NBD BLOCK_STATUS at a member answers from the owner's map only while the
+/// member holds a lease; once the lease is over (the owner unreachable), a hole the map knew of
+/// is reported as data, since the owner may have written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_at_a_member_needs_its_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path()).await;
+    let (a, b) = (c.node("a").clone(), c.node("b").clone());
+    // Block 7 all zeroes, while the disk is mutable.
+    a.write("vdi", 7 * BS, Bytes::from(vec![0u8; BS as usize]))
+        .await
+        .expect("zero block 7");
+    c.detect(0).await;
+    b.read("vdi", 0, BS * BLOCKS).await.expect("b reads it all");
+    assert!(b.stat("vdi").expect("stat").lease_valid, "b holds no lease");
+    let hole = shadowcache_node::nbd::proto::STATE_HOLE | shadowcache_node::nbd::proto::STATE_ZERO;
+    assert_eq!(
+        b.allocation("vdi", 7 * BS, BS, false),
+        vec![(BS as u32, hole)],
+        "under a lease, the owner's hole"
+    );
+    // The owner becomes unreachable; b's lease runs out on its own count.
+    c.net.set_link("b", "a", Link::Cut);
+    c.net.set_link("a", "b", Link::Cut);
+    for _ in 0..(TERM_MS / 100 + 5) {
+        c.step(100).await;
+    }
+    assert!(
+        !b.stat("vdi").expect("stat").lease_valid,
+        "b's lease did not run out"
+    );
+    assert_eq!(
+        b.allocation("vdi", 7 * BS, BS, false),
+        vec![(BS as u32, 0)],
+        "without a lease, a hole the owner may have written is reported"
+    );
+    for n in c.nodes.drain(..) {
+        n.shutdown().await.expect("shutdown");
+    }
+}

@@ -594,6 +594,53 @@ async fn nbd_exports_are_origins_a_qcow2_through_qemu_nbd_and_a_writable_nbdkit_
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
 }
 
+/// Issue 16, item 3: an NBD origin whose server went away after acknowledging writes, and
+/// came back empty before a flush: the flush must fail (the writes were not made durable), not
+/// succeed on the new connection; the flush after it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_a_lost_nbd_connection_reports_the_unflushed_writes() {
+    let nbdkit = tool("nbdkit", "nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ksock = dir.path().join("nbdkit.sock");
+    let start = || {
+        // A killed server leaves its socket file behind.
+        let _ = std::fs::remove_file(&ksock);
+        let s = Server(
+            Command::new(&nbdkit)
+                .args(["-f", "-U"])
+                .arg(&ksock)
+                .args(["memory", "4M"])
+                .spawn()
+                .expect("nbdkit"),
+        );
+        wait_socket(&ksock);
+        s
+    };
+    let kit = start();
+    let node = NodeProcess::start(
+        &dir.path().join("node"),
+        &[format!(
+            "--disk=mem=nbd+unix:///?socket={},mutable",
+            ksock.display()
+        )],
+    );
+    let c = shadowcache_client::Client::connect_unix(&node.socket)
+        .await
+        .expect("connect");
+    let d = c.disk("mem");
+    d.write_at(0, vec![1u8; 4096]).await.expect("write");
+    d.flush().await.expect("a flush that covers the write");
+    d.write_at(4096, vec![2u8; 4096]).await.expect("write");
+    drop(kit);
+    let _kit = start();
+    let err = d
+        .flush()
+        .await
+        .expect_err("a flush after the writes were lost");
+    assert!(err.to_string().contains("may not be durable"), "{err}");
+    d.flush().await.expect("the next flush");
+}
+
 #[test]
 fn the_kernel_client_reads_an_export_identical_when_the_nbd_module_is_there() {
     if !Path::new("/dev/nbd0").exists() {

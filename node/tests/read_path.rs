@@ -18,6 +18,8 @@ struct TestOrigin {
     read_bytes: AtomicU64,
     delay_ms: u64,
     fail: AtomicBool,
+    /// Flushes fail while set.
+    flush_fails: AtomicBool,
     /// Writes that reached the origin, in order.
     written: parking_lot::Mutex<Vec<(u64, Vec<u8>)>>,
     write_delay_ms: AtomicU64,
@@ -31,6 +33,7 @@ impl TestOrigin {
             read_bytes: AtomicU64::new(0),
             delay_ms,
             fail: AtomicBool::new(false),
+            flush_fails: AtomicBool::new(false),
             written: parking_lot::Mutex::new(Vec::new()),
             write_delay_ms: AtomicU64::new(0),
         })
@@ -74,7 +77,17 @@ impl Origin for TestOrigin {
     }
 
     fn flush(&self) -> OriginFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async {
+            if self.flush_fails.load(Ordering::SeqCst) {
+                return Err(OriginError::Io {
+                    origin: "test-origin".into(),
+                    op: "flush",
+                    offset: 0,
+                    cause: "Input/output error (os error 5)".into(),
+                });
+            }
+            Ok(())
+        })
     }
 
     fn identity(&self) -> Option<String> {
@@ -384,4 +397,33 @@ async fn what_members_ask_of_an_owner_is_checked_before_anything_is_read() {
         Some(&pattern(40 * 1024)[3 * 4096..4 * 4096])
     );
     assert!(got[1].1.is_none() && got[2].1.is_none(), "{got:?}");
+}
+
+/// Issue 16, item 3: a seal whose flush fails does not seal (the disk stays mutable and takes
+/// writes); the next seal, with the flush working, does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seal_whose_flush_fails_leaves_the_disk_mutable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let origin = TestOrigin::new(pattern(64 * 1024), 0);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Mutable)
+        .await
+        .expect("register");
+    node.write("d", 0, Bytes::from(vec![9u8; 4096]))
+        .await
+        .expect("write");
+    origin.flush_fails.store(true, Ordering::SeqCst);
+    let e = node
+        .set_mode("d", DiskMode::Sealed)
+        .await
+        .expect_err("a seal whose flush failed");
+    assert!(e.to_string().contains("flush failed"), "{e}");
+    assert_eq!(node.stat("d").expect("stat").mode, DiskMode::Mutable);
+    node.write("d", 4096, Bytes::from(vec![8u8; 4096]))
+        .await
+        .expect("still takes writes");
+    origin.flush_fails.store(false, Ordering::SeqCst);
+    node.set_mode("d", DiskMode::Sealed).await.expect("seal");
+    assert_eq!(node.stat("d").expect("stat").mode, DiskMode::Sealed);
 }

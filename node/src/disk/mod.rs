@@ -383,10 +383,16 @@ impl Disk {
             }
             Err(_) => loop {
                 let notified = self.sealed.notified();
-                if self.state.load(Ordering::SeqCst) == SEALED {
-                    return Ok(());
+                match self.state.load(Ordering::SeqCst) {
+                    SEALED => return Ok(()),
+                    MUTABLE => {
+                        return Err(Error::State(format!(
+                            "the seal of disk {:?} running at the same time failed; it is still mutable",
+                            self.id.as_str()
+                        )));
+                    }
+                    _ => notified.await,
                 }
-                notified.await;
             },
         }
         loop {
@@ -396,9 +402,17 @@ impl Disk {
             }
             drained.await;
         }
-        // Acknowledged writes must be durable before the disk claims to be immutable.
+        // Acknowledged writes must be durable before the disk claims to be immutable: a seal
+        // whose flush failed leaves the disk mutable (and says so), so that the failure is not
+        // hidden behind the success a sealed disk's flushes report.
         if let Err(e) = self.origin.flush().await {
-            tracing::warn!(disk = %self.id, error = %e, "flush before seal failed; sealing anyway (writes are refused from now on)");
+            tracing::warn!(disk = %self.id, error = %e, "flush before seal failed; the disk stays mutable");
+            self.state.store(MUTABLE, Ordering::SeqCst);
+            self.sealed.notify_waiters();
+            return Err(Error::State(format!(
+                "disk {:?} not sealed: its origin's flush failed: {e}",
+                self.id.as_str()
+            )));
         }
         let map = tokio::task::spawn_blocking(map)
             .await

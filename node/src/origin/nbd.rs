@@ -100,6 +100,9 @@ struct Conn {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     waiters: Waiters,
     dead: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes acknowledged on this connection, and how many of them a flush has covered.
+    acked: AtomicU64,
+    flushed: AtomicU64,
 }
 
 /// A disk origin served by an NBD server.
@@ -108,9 +111,15 @@ pub struct NbdOrigin {
     describe: String,
     size: u64,
     read_only: bool,
+    /// The server takes NBD_CMD_FLUSH (it advertised SEND_FLUSH); without it the client must
+    /// not send one, and the server's writes are as durable as they will get when acknowledged.
+    send_flush: bool,
     max_request: u32,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     cookies: AtomicU64,
+    /// A connection was lost with writes no flush had covered: the next flush must fail, since
+    /// a flush on the new connection does not cover them.
+    lost_unflushed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for NbdOrigin {
@@ -286,6 +295,8 @@ async fn connect_now(uri: &NbdUri) -> Result<(Arc<Conn>, Negotiated), String> {
             writer: tokio::sync::Mutex::new(wr),
             waiters,
             dead,
+            acked: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
         }),
         neg,
     ))
@@ -311,18 +322,25 @@ impl NbdOrigin {
             describe: uri.to_string(),
             size: neg.size,
             read_only,
+            send_flush: neg.flags & TF_SEND_FLUSH != 0,
             max_request: neg.max_request,
             conn: tokio::sync::Mutex::new(Some(conn)),
             cookies: AtomicU64::new(1),
+            lost_unflushed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     async fn conn(&self) -> Result<Arc<Conn>, String> {
         let mut c = self.conn.lock().await;
-        if let Some(conn) = c.as_ref()
-            && !conn.dead.load(Ordering::SeqCst)
-        {
-            return Ok(conn.clone());
+        if let Some(conn) = c.as_ref() {
+            if !conn.dead.load(Ordering::SeqCst) {
+                return Ok(conn.clone());
+            }
+            let acked = conn.acked.load(Ordering::SeqCst);
+            if acked > conn.flushed.swap(acked, Ordering::SeqCst) {
+                // Counted once: the next flush reports them.
+                self.lost_unflushed.store(true, Ordering::SeqCst);
+            }
         }
         let (conn, neg) = connect(&self.uri).await?;
         if neg.size != self.size {
@@ -345,6 +363,8 @@ impl NbdOrigin {
         payload: Option<Bytes>,
     ) -> Result<Bytes, String> {
         let conn = self.conn().await?;
+        // What a flush sent now covers: the writes acknowledged before it.
+        let covers = conn.acked.load(Ordering::SeqCst);
         let cookie = self.cookies.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let read_len = if cmd == CMD_READ { len } else { 0 };
@@ -375,7 +395,21 @@ impl NbdOrigin {
             return Err(format!("send: {e}"));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-            Ok(r) => r.map_err(|_| "connection lost".to_string())?,
+            Ok(r) => {
+                let got = r.map_err(|_| "connection lost".to_string())?;
+                if got.is_ok() {
+                    match cmd {
+                        CMD_WRITE => {
+                            conn.acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        CMD_FLUSH => {
+                            conn.flushed.fetch_max(covers, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+                got
+            }
             Err(_) => {
                 // The reply may still come; it must not be matched to anything else. The
                 // connection is given up.
@@ -465,6 +499,21 @@ impl Origin for NbdOrigin {
     fn flush(&self) -> OriginFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only {
+                return Ok(());
+            }
+            // Make sure a lost connection is noticed (and its unflushed writes counted) before
+            // this flush is answered.
+            let _ = self.conn().await;
+            if self.lost_unflushed.swap(false, Ordering::SeqCst) {
+                return Err(self.io_error(
+                    "flush",
+                    0,
+                    "the connection was lost with acknowledged writes no flush had covered; they may not be durable".into(),
+                ));
+            }
+            if !self.send_flush {
+                // The server does not take flushes (no SEND_FLUSH): sending one breaks the
+                // protocol. Its writes are as durable as they get once acknowledged.
                 return Ok(());
             }
             self.call(CMD_FLUSH, 0, 0, 0, None)
