@@ -294,7 +294,10 @@ impl PeerService for InProcessPeers {
     ) -> BoxFuture<'a, Result<BlockMapStream>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            let rx = crossed(to.node, n.block_map_stream(disk, generation, epoch))?;
+            let rx = crossed(
+                to.node,
+                n.block_map_stream(disk, generation, epoch, &self.me),
+            )?;
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)) as BlockMapStream)
         })
     }

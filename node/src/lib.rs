@@ -96,6 +96,8 @@ pub struct Node {
     /// Blocks being gathered for other members (`FetchBlocks`), in blocks: bounds the memory
     /// that many members asking at once can pin (256 MiB of blocks at most).
     peer_serving: tokio::sync::Semaphore,
+    /// Block map streams served to members.
+    subscriptions: Arc<serve::Subscriptions>,
     started: Instant,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
     /// directory would tear each other's SSD tier and content maps.
@@ -179,6 +181,7 @@ impl Node {
             reads,
             cluster,
             peer_serving: tokio::sync::Semaphore::new(serving_blocks),
+            subscriptions: Arc::default(),
             clock,
             me: me.clone(),
             started: Instant::now(),

@@ -201,14 +201,18 @@ impl Node {
             .collect())
     }
 
-    /// This node's block map of an immutable disk at (generation, epoch), streamed to another
-    /// member (`Peer.SubscribeBlockMap`) until that generation is over here.
+    /// This node's block map of an immutable disk at (generation, epoch), streamed to member
+    /// `from` (`Peer.SubscribeBlockMap`) until that generation is over here. One stream per
+    /// (member, disk): a new one ends the old; at most [`MAX_SUBSCRIPTIONS_PER_MEMBER`] per
+    /// member.
     pub fn block_map_stream(
         &self,
         disk: &str,
         generation: u64,
         epoch: u64,
+        from: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<cluster::blockmap::Update>> {
+        let sub = self.subscriptions.open(from, disk)?;
         match self.registry.get(disk) {
             Ok(d) => {
                 if d.serving_map().is_none() {
@@ -217,7 +221,7 @@ impl Node {
                 Self::check_generation(&d, generation.max(1), epoch)?;
                 let alive = d.clone();
                 Ok(cluster::blockmap::serve(d, generation, move || {
-                    alive.serving_map().is_some() && alive.generation() == generation
+                    sub.open() && alive.serving_map().is_some() && alive.generation() == generation
                 }))
             }
             Err(Error::UnknownDisk(_)) => {
@@ -238,9 +242,10 @@ impl Node {
                     sh.disk.clone(),
                     generation,
                     move || {
-                        cluster
-                            .shadow(alive.disk.id.as_str())
-                            .is_some_and(|s| Arc::ptr_eq(&s, &alive))
+                        sub.open()
+                            && cluster
+                                .shadow(alive.disk.id.as_str())
+                                .is_some_and(|s| Arc::ptr_eq(&s, &alive))
                             && alive.lease.as_ref().is_none_or(|l| !l.revoked())
                     },
                 ))
@@ -387,5 +392,107 @@ impl Node {
             boot: me.boot,
             same_id,
         }
+    }
+}
+
+/// Block map subscriptions a member may hold here at once.
+pub const MAX_SUBSCRIPTIONS_PER_MEMBER: usize = 1024;
+
+/// The block map streams this node serves, one per (member, disk).
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    open: dashmap::DashMap<(String, String), Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// One subscription's place: [`Subscription::open`] until a newer one for the same member and
+/// disk replaces it; dropping it (the stream ended) frees the place.
+#[derive(Debug)]
+pub struct Subscription {
+    subs: Arc<Subscriptions>,
+    key: (String, String),
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Subscriptions {
+    /// A place for `from`'s stream of `disk`; the one it had ends.
+    pub fn open(self: &Arc<Self>, from: &str, disk: &str) -> Result<Subscription> {
+        use std::sync::atomic::Ordering;
+        let key = (from.to_string(), disk.to_string());
+        if !self.open.contains_key(&key) {
+            let held = self.open.iter().filter(|e| e.key().0 == from).count();
+            if held >= MAX_SUBSCRIPTIONS_PER_MEMBER {
+                return Err(Error::Invalid(format!(
+                    "member {from:?} holds {held} block map subscriptions here, at most {MAX_SUBSCRIPTIONS_PER_MEMBER}"
+                )));
+            }
+        }
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if let Some(old) = self.open.insert(key.clone(), flag.clone()) {
+            old.store(false, Ordering::SeqCst);
+        }
+        Ok(Subscription {
+            subs: self.clone(),
+            key,
+            flag,
+        })
+    }
+
+    /// Streams being served.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+}
+
+impl Subscription {
+    /// Whether no newer stream replaced this one.
+    pub fn open(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.subs
+            .open
+            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flag));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_holds_one_stream_per_disk_and_a_bounded_number_in_all() {
+        let subs = Arc::new(Subscriptions::default());
+        let first = subs.open("m", "d").expect("first");
+        assert!(first.open());
+        let second = subs.open("m", "d").expect("second");
+        assert!(
+            !first.open(),
+            "a newer stream of the same disk ends the older"
+        );
+        assert!(second.open());
+        drop(first);
+        assert_eq!(
+            subs.len(),
+            1,
+            "dropping the ended stream must not free the newer one's place"
+        );
+        let mut held = vec![second];
+        for i in 1..MAX_SUBSCRIPTIONS_PER_MEMBER {
+            held.push(subs.open("m", &format!("d{i}")).expect("within the bound"));
+        }
+        let e = subs.open("m", "one-too-many").expect_err("over the bound");
+        assert!(e.to_string().contains("at most"), "{e}");
+        // Another member is not held back, and a place freed is a place again.
+        subs.open("other", "d").expect("another member");
+        held.pop();
+        subs.open("m", "one-too-many").expect("a freed place");
     }
 }

@@ -384,6 +384,11 @@ impl pb::admin_server::Admin for GrpcFrontend {
 /// The services on one listener. Admin (which opens host paths as origins) is served only
 /// where `with_admin` says: the Unix socket, whose file mode limits who may connect. TCP has no
 /// authentication yet, so it carries Block only.
+/// HTTP/2 streams a client connection may have open at once.
+pub const CLIENT_STREAMS: u32 = 256;
+/// Requests of one client connection handled at once (the rest wait their turn).
+pub const CLIENT_REQUESTS: usize = 32;
+
 fn router(node: Arc<Node>, with_admin: bool) -> tonic::transport::server::Router {
     let fe = GrpcFrontend::new(node);
     let max = pb::MAX_MESSAGE_BYTES;
@@ -395,7 +400,11 @@ fn router(node: Arc<Node>, with_admin: bool) -> tonic::transport::server::Router
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .max_concurrent_streams(Some(1024))
+        // Bounded per connection: streams open, and requests handled at once (a request is
+        // read only once it is handled, so at most this many messages of up to 16 MiB are held
+        // per connection; HTTP/2 flow control holds the rest back at the client).
+        .max_concurrent_streams(Some(CLIENT_STREAMS))
+        .concurrency_limit_per_connection(CLIENT_REQUESTS)
         .add_service(
             pb::block_server::BlockServer::new(fe)
                 .max_decoding_message_size(max)

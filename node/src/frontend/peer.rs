@@ -191,7 +191,9 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<Self::SubscribeBlockMapStream>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self.node.block_map_stream(&r.disk, r.generation, r.epoch);
+        let res = self
+            .node
+            .block_map_stream(&r.disk, r.generation, r.epoch, &r.from_node);
         observe("peer_subscribe_block_map", t, 0, &res);
         res.map(|rx| {
             use futures::StreamExt;
@@ -272,6 +274,11 @@ impl pb::peer_server::Peer for PeerFrontend {
     }
 }
 
+/// HTTP/2 streams a member's connection may have open at once.
+pub const PEER_STREAMS: u32 = 1024;
+/// Requests of one member connection handled at once (the rest wait their turn).
+pub const PEER_REQUESTS: usize = 64;
+
 /// Serves the Peer service on the node's `peer_listen` address until `stopped` turns true.
 pub async fn serve_peer(
     node: Arc<Node>,
@@ -291,7 +298,10 @@ pub async fn serve_peer(
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some(super::peer_client::MAX_FRAME_BYTES))
-        .max_concurrent_streams(Some(1024))
+        // Block map subscriptions are long streams (one per shadowed disk): many streams, but
+        // few requests handled at once per connection, which bounds the request bytes held.
+        .max_concurrent_streams(Some(PEER_STREAMS))
+        .concurrency_limit_per_connection(PEER_REQUESTS)
         .add_service(
             pb::peer_server::PeerServer::new(PeerFrontend::new(node))
                 .max_decoding_message_size(max)
