@@ -118,6 +118,9 @@ pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 /// Counter by reason: NBD connections closed by the node (`connection_cap`,
 /// `negotiation_timeout`, `stalled_reader`).
 pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
+/// Counter by rpc: gRPC requests refused on TCP without TLS (writes, Admin, reads of mutable
+/// disks).
+pub const UNTRUSTED_REFUSED: &str = "shadowcache_untrusted_refused_total";
 
 /// Payload bytes moved by gRPC requests, by `rpc`.
 pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";

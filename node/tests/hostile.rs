@@ -452,3 +452,64 @@ async fn origins_and_sockets_never_touch_what_is_not_theirs() {
         .expect_err("the SSD slot file");
     assert!(e.to_string().contains("own file"), "{e}");
 }
+
+/// Item 5: gRPC on TCP without TLS serves reads of immutable disks only; a write, a read of a
+/// mutable disk and every Admin call are refused with a message that says why, and the origin
+/// is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_without_tls_serves_reads_of_immutable_disks_only() {
+    use shadowcache_client::Client;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ro = dir.path().join("ro.raw");
+    let rw = dir.path().join("rw.raw");
+    write_file(&ro, &vec![3u8; 65536]);
+    write_file(&rw, &vec![4u8; 65536]);
+    let port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            format!("--disk=ro={},sealed", ro.display()),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    let tcp = Client::connect_tcp(&format!("127.0.0.1:{port}"))
+        .await
+        .expect("tcp");
+    let got = tcp
+        .disk("ro")
+        .read_at(0, 4096)
+        .await
+        .expect("a read of a sealed disk");
+    assert!(got.iter().all(|&b| b == 3));
+    let denied = |r: Result<(), shadowcache_client::ClientError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e}");
+        assert!(e.to_string().contains("Unix socket"), "{what}: {e}");
+    };
+    denied(
+        tcp.disk("rw").write_at(0, vec![9u8; 4096]).await,
+        "a write over TCP",
+    );
+    denied(
+        tcp.disk("rw").read_at(0, 4096).await.map(|_| ()),
+        "a read of a mutable disk over TCP",
+    );
+    denied(tcp.disk("rw").flush().await, "a flush over TCP");
+    denied(tcp.list_disks().await.map(|_| ()), "Admin list over TCP");
+    denied(
+        tcp.register_disk("x", "/etc/passwd", shadowcache_client::DiskMode::Sealed)
+            .await
+            .map(|_| ()),
+        "Admin register over TCP",
+    );
+    assert!(std::fs::read(&rw).expect("rw").iter().all(|&b| b == 4));
+    // The Unix socket serves all of it.
+    let unix = client(&a).await;
+    unix.disk("rw")
+        .write_at(0, vec![9u8; 4096])
+        .await
+        .expect("a write on the socket");
+}

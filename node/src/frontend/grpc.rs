@@ -215,12 +215,41 @@ fn code_label(c: Code) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct GrpcFrontend {
     node: Arc<Node>,
+    /// Who may connect is decided elsewhere (the Unix socket's file mode): everything is
+    /// served. Otherwise (TCP without TLS) only reads and stats of immutable disks are.
+    trusted: bool,
 }
 
+/// Why TCP without TLS refuses a request.
+const UNTRUSTED: &str = "gRPC over TCP without TLS serves reads of sealed and detected disks only; writes, reads of mutable disks and the Admin service are on the node's Unix socket";
+
 impl GrpcFrontend {
-    /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        GrpcFrontend { node }
+    /// Serves `node`; `trusted`: everything, else reads of immutable disks only.
+    pub fn new(node: Arc<Node>, trusted: bool) -> Self {
+        GrpcFrontend { node, trusted }
+    }
+
+    fn trusted_only(&self, what: &str) -> Result<(), Status> {
+        if self.trusted {
+            return Ok(());
+        }
+        metrics::counter!(crate::telemetry::UNTRUSTED_REFUSED, "rpc" => what.to_string())
+            .increment(1);
+        Err(Status::permission_denied(format!("{what}: {UNTRUSTED}")))
+    }
+
+    /// An untrusted reader may read a disk only while it is immutable here.
+    fn immutable_only(&self, disk: &str) -> Result<(), Status> {
+        if self.trusted {
+            return Ok(());
+        }
+        match self.node.stat(disk) {
+            Ok(d) if matches!(d.mode, crate::DiskMode::Sealed | crate::DiskMode::Detected) => {
+                Ok(())
+            }
+            Ok(_) => self.trusted_only("read of a mutable disk"),
+            Err(e) => Err(status(&e)),
+        }
     }
 }
 
@@ -232,6 +261,7 @@ impl pb::block_server::Block for GrpcFrontend {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
+        self.immutable_only(&r.disk)?;
         let res = self.node.read(&r.disk, r.offset, r.length).await;
         observe("read", t, r.length, &res);
         res.map(|data| Response::new(pb::ReadResponse { data }))
@@ -242,6 +272,7 @@ impl pb::block_server::Block for GrpcFrontend {
         &self,
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.trusted_only("write")?;
         let t = Instant::now();
         let r = request.into_inner();
         let len = r.data.len() as u64;
@@ -255,6 +286,7 @@ impl pb::block_server::Block for GrpcFrontend {
         &self,
         request: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
+        self.trusted_only("flush")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = self.node.flush(&r.disk).await;
@@ -285,6 +317,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         _request: Request<pb::ListDisksRequest>,
     ) -> Result<Response<pb::ListDisksResponse>, Status> {
+        self.trusted_only("admin list_disks")?;
         let t = Instant::now();
         let disks = self.node.disks();
         observe::<()>("list_disks", t, 0, &Ok(()));
@@ -297,6 +330,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::RegisterDiskRequest>,
     ) -> Result<Response<pb::RegisterDiskResponse>, Status> {
+        self.trusted_only("admin register_disk")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -324,6 +358,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::SetDiskModeRequest>,
     ) -> Result<Response<pb::SetDiskModeResponse>, Status> {
+        self.trusted_only("admin set_disk_mode")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -344,6 +379,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::SetDetectionRequest>,
     ) -> Result<Response<pb::SetDetectionResponse>, Status> {
+        self.trusted_only("admin set_detection")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -374,6 +410,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.trusted_only("admin status")?;
         let t = Instant::now();
         let s = self.node.status();
         observe::<()>("status", t, 0, &Ok(()));
@@ -389,14 +426,14 @@ pub const CLIENT_STREAMS: u32 = 256;
 /// Requests of one client connection handled at once (the rest wait their turn).
 pub const CLIENT_REQUESTS: usize = 32;
 
-fn router(node: Arc<Node>, with_admin: bool) -> tonic::transport::server::Router {
-    let fe = GrpcFrontend::new(node);
+fn router(node: Arc<Node>, trusted: bool) -> tonic::transport::server::Router {
+    let fe = GrpcFrontend::new(node, trusted);
     let max = pb::MAX_MESSAGE_BYTES;
-    let admin = with_admin.then(|| {
-        pb::admin_server::AdminServer::new(fe.clone())
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max)
-    });
+    // Served on TCP too, where every call is refused with the reason (not UNIMPLEMENTED with
+    // no message).
+    let admin = pb::admin_server::AdminServer::new(fe.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
@@ -410,7 +447,7 @@ fn router(node: Arc<Node>, with_admin: bool) -> tonic::transport::server::Router
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_optional_service(admin)
+        .add_service(admin)
 }
 
 /// Binds the Unix socket: creates its directory, replaces a stale socket file (refusing if a
@@ -474,7 +511,12 @@ pub async fn serve_tcp(
     listener: TcpListener,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let listener_addr = listener.local_addr().ok();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::warn!(
+        addr = ?listener_addr,
+        "gRPC on TCP without TLS: only reads of sealed and detected disks are served there"
+    );
     router(node, false)
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
