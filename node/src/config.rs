@@ -133,6 +133,7 @@ struct FileCluster {
     rpc_timeout_ms: Option<u64>,
     cache_remote: Option<bool>,
     peer_fetch: Option<bool>,
+    secret_file: Option<PathBuf>,
     tls: Option<FileTls>,
 }
 
@@ -302,6 +303,9 @@ pub struct ClusterConfig {
     /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
     /// CA may call it, and members only talk to such holders.
     pub tls: Option<TlsConfig>,
+    /// `cluster.secret_file`: a file of at least 16 secret bytes every member shares; every
+    /// gossip datagram is sealed with a MAC under a key derived from it.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// `[cluster.tls]`: PEM files for mutual TLS between members.
@@ -554,6 +558,7 @@ impl Config {
                 rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
                 cache_remote: file.cluster.cache_remote.unwrap_or(true),
                 peer_fetch: file.cluster.peer_fetch.unwrap_or(true),
+                secret_file: file.cluster.secret_file,
                 tls: file.cluster.tls.map(|t| TlsConfig {
                     ca: t.ca,
                     cert: t.cert,

@@ -513,3 +513,73 @@ async fn tcp_without_tls_serves_reads_of_immutable_disks_only() {
         .await
         .expect("a write on the socket");
 }
+
+/// Item 4: with `cluster.secret_file`, members join each other and nothing else does: a node
+/// without the key, or with another key, is never a member, and its datagrams are counted as
+/// rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_without_the_cluster_key_never_reaches_membership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |name: &str, secret: Option<&[u8]>| {
+        let mut text =
+            "[cluster]\nphi_threshold = 14.0\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n"
+                .to_string();
+        if let Some(secret) = secret {
+            let path = dir.path().join(format!("{name}.secret"));
+            write_file(&path, secret);
+            text.push_str(&format!("secret_file = \"{}\"\n", path.display()));
+        }
+        let path = dir.path().join(format!("{name}.toml"));
+        write_file(&path, text.as_bytes());
+        format!("--config={}", path.display())
+    };
+    let key = b"the cluster's shared secret, 42 bytes long";
+    let metrics_port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            config("a", Some(key)),
+            format!("--metrics=127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let b = member(dir.path(), "b", Some(&a.addr), &[config("b", Some(key))]);
+    until(&a, "b to join with the key", |s| s.members.len() == 2).await;
+    let open = member(dir.path(), "open", Some(&a.addr), &[config("open", None)]);
+    let other = member(
+        dir.path(),
+        "other",
+        Some(&a.addr),
+        &[config(
+            "other",
+            Some(b"a different secret, also long enough"),
+        )],
+    );
+    // Several gossip rounds of both trying.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for m in [&a, &b] {
+        let s = client(m).await.status().await.expect("status");
+        let ids: Vec<&str> = s.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"], "membership with outsiders knocking");
+    }
+    for m in [&open, &other] {
+        let s = client(m).await.status().await.expect("status");
+        assert_eq!(
+            s.members.len(),
+            1,
+            "an outsider sees the cluster: {:?}",
+            s.members
+        );
+    }
+    let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
+    let rejected: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("shadowcache_gossip_rejected_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        rejected > 0.0,
+        "no gossip datagram was counted as rejected:\n{body}"
+    );
+}

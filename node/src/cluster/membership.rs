@@ -78,6 +78,8 @@ pub struct GossipConfig {
     pub gossip_interval: Duration,
     /// Phi above which a silent member is declared dead.
     pub phi_threshold: f64,
+    /// The cluster key: every datagram sealed and checked under it. `None`: open gossip.
+    pub key: Option<super::gossip_auth::ClusterKey>,
 }
 
 /// Why joining failed.
@@ -276,12 +278,21 @@ impl Gossip {
             (KEY_PEER_ADDR.to_string(), cfg.advertise_rpc.to_string()),
             (KEY_DISKS_VERSION.to_string(), "0".to_string()),
         ];
-        let handle = spawn_chitchat(config, initial, &UdpTransport)
-            .await
-            .map_err(|e| MembershipError::Gossip {
-                listen: cfg.listen,
-                cause: format!("{e:#}"),
-            })?;
+        let spawned = match &cfg.key {
+            Some(key) => {
+                spawn_chitchat(
+                    config,
+                    initial,
+                    &super::gossip_auth::AuthTransport::new(key.clone()),
+                )
+                .await
+            }
+            None => spawn_chitchat(config, initial, &UdpTransport).await,
+        };
+        let handle = spawned.map_err(|e| MembershipError::Gossip {
+            listen: cfg.listen,
+            cause: format!("{e:#}"),
+        })?;
         let me = Member {
             id: cfg.node_id.clone(),
             peer_addr: cfg.advertise_rpc,
@@ -436,6 +447,21 @@ pub async fn from_config(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let boot = crate::ids::boot_id(unix_ms, random);
+    let key =
+        match &c.secret_file {
+            Some(path) => Some(super::gossip_auth::ClusterKey::from_file(path).map_err(
+                |cause| MembershipError::Gossip {
+                    listen: c.peer_listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    cause: format!("cluster.secret_file: {cause}"),
+                },
+            )?),
+            None => None,
+        };
+    if c.peer_listen.is_some() && key.is_none() && c.tls.is_none() {
+        tracing::warn!(
+            "the cluster is open: neither cluster.secret_file nor [cluster.tls] is set, so anyone who can reach peer_listen can join, claim a member's id and call the Peer service; see docs/security.md"
+        );
+    }
     if c.peer_listen.is_some() {
         refuse_duplicate(
             peers,
@@ -459,6 +485,7 @@ pub async fn from_config(
                 seeds: c.seeds.clone(),
                 gossip_interval: Duration::from_millis(c.gossip_interval_ms),
                 phi_threshold: c.phi_threshold,
+                key,
             })
             .await?,
         ),

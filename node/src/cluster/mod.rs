@@ -28,6 +28,7 @@ pub mod blockmap;
 pub mod detect;
 mod directory;
 pub mod fetch;
+pub mod gossip_auth;
 pub mod lease;
 mod leases;
 pub mod membership;
