@@ -38,6 +38,23 @@ pub enum ClientError {
     /// The node answered with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
+    /// A TLS file could not be read.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// PEM files for TLS to a node's TCP listener: the cluster's CA, a certificate it signed (the
+/// node requires one) with its key, and the name the node's certificate carries.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The cluster's CA certificate.
+    pub ca: PathBuf,
+    /// This client's certificate, signed by that CA.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The name in the node's certificate (`cluster.tls.server_name`).
+    pub server_name: String,
 }
 
 // Not `#[from]`: that would make the status the error's source, and every report would print
@@ -66,6 +83,7 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } => tonic::Code::Unavailable,
             ClientError::Status(s) => s.code(),
+            ClientError::Tls(_) => tonic::Code::InvalidArgument,
         }
     }
 }
@@ -118,18 +136,47 @@ impl Client {
         Ok(Self::from_channel(channel))
     }
 
-    /// Connects to a node's TCP address (`host:port` or `http://host:port`).
+    /// Connects to a node's TCP address (`host:port` or `http://host:port`). Without TLS a
+    /// node serves reads of sealed and detected disks only there.
     pub async fn connect_tcp(addr: &str) -> Result<Client> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
+        Self::connect_tcp_with(addr, None).await
+    }
+
+    /// Connects to a node's TCP address over mutual TLS (a node with `[cluster.tls]` requires
+    /// it, and then serves everything there).
+    pub async fn connect_tcp_tls(addr: &str, tls: &TlsFiles) -> Result<Client> {
+        Self::connect_tcp_with(addr, Some(tls)).await
+    }
+
+    async fn connect_tcp_with(addr: &str, tls: Option<&TlsFiles>) -> Result<Client> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let uri = match addr.split_once("://") {
+            Some((_, rest)) => format!("{scheme}://{rest}"),
+            None => format!("{scheme}://{addr}"),
         };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|source| ClientError::Connect {
-                target: addr.to_string(),
-                source,
-            })?
+        let mut endpoint = Endpoint::from_shared(uri).map_err(|source| ClientError::Connect {
+            target: addr.to_string(),
+            source,
+        })?;
+        if let Some(t) = tls {
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|e| ClientError::Tls(format!("{}: {e}", p.display())))
+            };
+            let config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(&t.ca)?))
+                .identity(tonic::transport::Identity::from_pem(
+                    read(&t.cert)?,
+                    read(&t.key)?,
+                ))
+                .domain_name(t.server_name.clone());
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|source| ClientError::Connect {
+                    target: addr.to_string(),
+                    source,
+                })?;
+        }
+        let channel = endpoint
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .tcp_nodelay(true)

@@ -86,6 +86,7 @@ async fn serve(
         servers.push(tokio::spawn(frontend::grpc::serve_tcp(
             node.clone(),
             tcp,
+            tls.clone(),
             stopped.clone(),
         )));
     }

@@ -583,3 +583,82 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
         "no gossip datagram was counted as rejected:\n{body}"
     );
 }
+
+/// Item 5, with TLS: a node with `[cluster.tls]` takes gRPC on TCP only from clients holding a
+/// certificate from the cluster's CA, and serves them everything (writes, Admin); a client
+/// without one, or with one from another CA, gets no answer at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
+    use shadowcache_client::{Client, TlsFiles};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let rogue = shadowcache_testkit::TestPki::new(&dir.path().join("rogue"));
+    let (cert, key) = pki.member("a", "shadowcache");
+    let config = dir.path().join("a-tls.toml");
+    write_file(
+        &config,
+        format!(
+            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+        .as_bytes(),
+    );
+    let rw = dir.path().join("rw.raw");
+    write_file(&rw, &vec![4u8; 65536]);
+    let port = shadowcache_testkit::free_port();
+    let _a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--config={}", config.display()),
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let files = |p: &shadowcache_testkit::TestPki, name: &str| {
+        let (cert, key) = p.member(name, "shadowcache");
+        TlsFiles {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        }
+    };
+    let ok = Client::connect_tcp_tls(&addr, &files(&pki, "operator"))
+        .await
+        .expect("a client with the cluster's certificate");
+    ok.disk("rw")
+        .write_at(0, vec![9u8; 4096])
+        .await
+        .expect("a write over TLS");
+    assert!(ok.list_disks().await.expect("Admin over TLS").len() == 1);
+    assert!(
+        std::fs::read(&rw).expect("rw")[..4096]
+            .iter()
+            .all(|&b| b == 9)
+    );
+    // No certificate, or one from another CA: nothing is served.
+    let plain = Client::connect_tcp(&addr).await;
+    if let Ok(c) = plain {
+        c.disk("rw")
+            .read_at(0, 4096)
+            .await
+            .expect_err("a plain client over a TLS listener");
+    }
+    let stranger = Client::connect_tcp_tls(&addr, &files(&rogue, "mallory")).await;
+    if let Ok(c) = stranger {
+        c.disk("rw")
+            .write_at(0, vec![1u8; 4096])
+            .await
+            .expect_err("a certificate from another CA");
+    }
+    assert!(
+        std::fs::read(&rw).expect("rw")[..4096]
+            .iter()
+            .all(|&b| b == 9)
+    );
+}

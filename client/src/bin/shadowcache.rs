@@ -23,6 +23,23 @@ struct Cli {
     /// Use the node's TCP address instead of its socket.
     #[arg(long, global = true, value_name = "ADDR")]
     tcp: Option<String>,
+    /// With --tcp: mutual TLS, trusting this CA certificate (PEM; the cluster's CA).
+    #[arg(long, global = true, value_name = "FILE", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// With --ca: this client's certificate (PEM), signed by the CA.
+    #[arg(long, global = true, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// With --ca: this client's key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// With --ca: the name in the node's certificate.
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        default_value = "shadowcache"
+    )]
+    server_name: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -356,9 +373,19 @@ fn print_status(s: &StatusResponse) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = match &cli.tcp {
-        Some(addr) => Client::connect_tcp(addr).await?,
-        None => Client::connect_unix(&cli.socket).await?,
+    let client = match (&cli.tcp, &cli.ca, &cli.cert, &cli.key) {
+        (Some(addr), Some(ca), Some(cert), Some(key)) => {
+            let tls = shadowcache_client::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: cli.server_name.clone(),
+            };
+            Client::connect_tcp_tls(addr, &tls).await?
+        }
+        (Some(addr), ..) => Client::connect_tcp(addr).await?,
+        (None, Some(_), ..) => anyhow::bail!("--ca, --cert and --key go with --tcp"),
+        (None, ..) => Client::connect_unix(&cli.socket).await?,
     };
     match cli.command {
         Command::Disks => {

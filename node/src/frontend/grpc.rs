@@ -427,6 +427,17 @@ pub const CLIENT_STREAMS: u32 = 256;
 pub const CLIENT_REQUESTS: usize = 32;
 
 fn router(node: Arc<Node>, trusted: bool) -> tonic::transport::server::Router {
+    match router_with(node, trusted, None) {
+        Ok(r) => r,
+        Err(e) => unreachable!("no TLS, no TLS error: {e}"),
+    }
+}
+
+fn router_with(
+    node: Arc<Node>,
+    trusted: bool,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<tonic::transport::server::Router> {
     let fe = GrpcFrontend::new(node, trusted);
     let max = pb::MAX_MESSAGE_BYTES;
     // Served on TCP too, where every call is refused with the reason (not UNIMPLEMENTED with
@@ -434,7 +445,11 @@ fn router(node: Arc<Node>, trusted: bool) -> tonic::transport::server::Router {
     let admin = pb::admin_server::AdminServer::new(fe.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("tcp tls configuration")?;
+    }
+    Ok(builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         // Bounded per connection: streams open, and requests handled at once (a request is
@@ -447,7 +462,7 @@ fn router(node: Arc<Node>, trusted: bool) -> tonic::transport::server::Router {
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(admin)
+        .add_service(admin))
 }
 
 /// Binds the Unix socket: creates its directory, replaces a stale socket file (refusing if a
@@ -505,14 +520,24 @@ pub async fn serve_unix(
         .context("grpc server on the unix socket")
 }
 
-/// Serves gRPC on a bound TCP listener until `stopped` turns true.
+/// Serves gRPC on a bound TCP listener until `stopped` turns true. With `tls` (the cluster's,
+/// `[cluster.tls]`), only clients with a certificate the cluster's CA signed get in, and they
+/// are served everything; without, reads of immutable disks only.
 pub async fn serve_tcp(
     node: Arc<Node>,
     listener: TcpListener,
+    tls: Option<super::tls::PeerTls>,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listener_addr = listener.local_addr().ok();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    if let Some(tls) = tls {
+        tracing::info!(addr = ?listener_addr, "gRPC on TCP over mutual TLS (clients need a certificate from the cluster's CA)");
+        return router_with(node, true, Some(tls.server))?
+            .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
+            .await
+            .context("grpc server on tcp (tls)");
+    }
     tracing::warn!(
         addr = ?listener_addr,
         "gRPC on TCP without TLS: only reads of sealed and detected disks are served there"
