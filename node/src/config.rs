@@ -166,6 +166,15 @@ struct FileLease {
     drift_margin_ms: Option<u64>,
 }
 
+/// `[nbd_tls]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNbdTls {
+    cert: PathBuf,
+    key: PathBuf,
+    require: Option<bool>,
+}
+
 /// `[admin]` in the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +214,7 @@ struct FileConfig {
     lease: FileLease,
     #[serde(default)]
     admin: FileAdmin,
+    nbd_tls: Option<FileNbdTls>,
     #[serde(default)]
     disk: Vec<FileDisk>,
 }
@@ -388,6 +398,20 @@ pub struct Config {
     /// `admin.origin_roots`: directories file origins must lie in (empty: anywhere the node's
     /// user can open; the Admin socket is then root-equivalent for that user).
     pub origin_roots: Vec<PathBuf>,
+    /// `[nbd_tls]`: NBD_OPT_STARTTLS with this certificate; `None`: no TLS on NBD.
+    pub nbd_tls: Option<NbdTlsConfig>,
+}
+
+/// `[nbd_tls]`: X.509 for the NBD listeners (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdTlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Only STARTTLS and ABORT before TLS (the spec's FORCEDTLS) on the TCP listener; the Unix
+    /// socket offers TLS without requiring it. Default true.
+    pub require: bool,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -584,6 +608,11 @@ impl Config {
                 }
             },
             origin_roots: file.admin.origin_roots.unwrap_or_default(),
+            nbd_tls: file.nbd_tls.map(|t| NbdTlsConfig {
+                cert: t.cert,
+                key: t.key,
+                require: t.require.unwrap_or(true),
+            }),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -70,6 +70,10 @@ async fn serve(
     env: crate::Environment,
     tls: Option<frontend::tls::PeerTls>,
 ) -> anyhow::Result<RunningNode> {
+    let nbd_tls = match &config.nbd_tls {
+        Some(t) => Some(nbd::NbdTls::load(t)?),
+        None => None,
+    };
     let node = Node::open_in(config, env).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
@@ -95,6 +99,7 @@ async fn serve(
         servers.push(tokio::spawn(nbd::serve_unix(
             node.clone(),
             l,
+            nbd_tls.as_ref().map(nbd::NbdTls::offered),
             stopped.clone(),
         )));
     }
@@ -102,9 +107,13 @@ async fn serve(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on nbd_listen {addr}"))?;
+        if nbd_tls.is_none() {
+            tracing::warn!(%addr, "NBD on TCP without TLS: anyone who reaches it reads and writes the disks; set [nbd_tls]");
+        }
         servers.push(tokio::spawn(nbd::serve_tcp(
             node.clone(),
             l,
+            nbd_tls.clone(),
             stopped.clone(),
         )));
     }

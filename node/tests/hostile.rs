@@ -662,3 +662,101 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
             .all(|&b| b == 9)
     );
 }
+
+/// Item 6: NBD over TCP with `[nbd_tls]` (FORCEDTLS): qemu-io and nbdinfo connect through
+/// NBD_OPT_STARTTLS and read the disk; a client that does not start TLS is refused with the
+/// spec's TLS-required error and reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_over_tls_serves_tls_clients_and_refuses_the_others() {
+    let qemu_io = tool("qemu-io", "qemu-utils");
+    let nbdinfo = tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let (cert, key) = pki.member("a", "localhost");
+    // What qemu and libnbd read: a directory with the CA as ca-cert.pem.
+    let client_dir = dir.path().join("client-pki");
+    std::fs::create_dir_all(&client_dir).expect("dir");
+    std::fs::copy(&pki.ca, client_dir.join("ca-cert.pem")).expect("ca");
+    let config = dir.path().join("a.toml");
+    write_file(
+        &config,
+        format!(
+            "[nbd_tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+        .as_bytes(),
+    );
+    let image = dir.path().join("base.raw");
+    write_file(&image, &vec![0x42u8; 1 << 20]);
+    let port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--config={}", config.display()),
+            format!("--nbd-listen=127.0.0.1:{port}"),
+            format!("--disk=base={},sealed", image.display()),
+        ],
+    );
+    let out = Command::new(&qemu_io)
+        .args(["-r", "--object"])
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            client_dir.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=base,tls-creds=tls0"
+        ))
+        .args(["-c", "read -P 0x42 0 1M"])
+        .output()
+        .expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io over TLS: {text}"
+    );
+    let out = Command::new(&nbdinfo)
+        .arg("--size")
+        .arg(format!(
+            "nbds://localhost:{port}/base?tls-certificates={}",
+            client_dir.display()
+        ))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    // Without TLS: refused, with the reason.
+    let out = Command::new(&nbdinfo)
+        .arg("--size")
+        .arg(format!("nbd://localhost:{port}/base"))
+        .output()
+        .expect("nbdinfo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a plain client was served over a TLS-only listener"
+    );
+    assert!(err.to_lowercase().contains("tls"), "{err}");
+    // The local Unix socket offers TLS without requiring it.
+    let out = Command::new(&nbdinfo)
+        .arg("--size")
+        .arg(nbd_uri(&a, "base"))
+        .output()
+        .expect("nbdinfo");
+    assert!(
+        out.status.success(),
+        "the Unix socket required TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

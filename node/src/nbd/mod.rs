@@ -92,6 +92,77 @@ struct Export {
 struct Session {
     structured: bool,
     meta: bool,
+    /// The greeting and the client's flags were exchanged (they are not again after STARTTLS).
+    greeted: bool,
+    no_zeroes: bool,
+    /// Inside TLS now.
+    tls: bool,
+}
+
+/// TLS on the NBD listeners: NBD_OPT_STARTTLS with the node's certificate.
+#[derive(Clone)]
+pub struct NbdTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Only STARTTLS and ABORT before TLS (FORCEDTLS).
+    pub require: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls")
+            .field("require", &self.require)
+            .finish()
+    }
+}
+
+impl NbdTls {
+    /// Reads the certificate chain and key `cfg` names.
+    pub fn load(cfg: &crate::config::NbdTlsConfig) -> anyhow::Result<NbdTls> {
+        use anyhow::Context;
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+            .with_context(|| format!("nbd_tls.cert: {}", cfg.cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("nbd_tls.cert: {}", cfg.cert.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "nbd_tls.cert: {} holds no certificate",
+            cfg.cert.display()
+        );
+        let key = PrivateKeyDer::from_pem_file(&cfg.key)
+            .with_context(|| format!("nbd_tls.key: {}", cfg.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("nbd_tls: protocol versions")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("nbd_tls: the certificate and key do not make a server identity")?;
+        Ok(NbdTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            require: cfg.require,
+        })
+    }
+
+    /// The same certificate, offered but not required (the local Unix socket: its file mode
+    /// says who may connect, and local hypervisors need no TLS).
+    pub fn offered(&self) -> NbdTls {
+        NbdTls {
+            acceptor: self.acceptor.clone(),
+            require: false,
+        }
+    }
+}
+
+/// How a negotiation phase ended.
+enum Negotiated {
+    /// The client moved to transmission on this export.
+    Export(Export),
+    /// The client ended it (ABORT).
+    Abort,
+    /// STARTTLS was acknowledged: go on inside TLS.
+    StartTls,
 }
 
 fn export_flags(mode: DiskMode, structured: bool) -> u16 {
@@ -125,28 +196,59 @@ fn lookup(node: &Node, name: &str, structured: bool) -> Option<Export> {
     })
 }
 
-/// Serves one client until it disconnects or breaks the protocol.
-pub async fn serve<S>(node: Arc<Node>, stream: S) -> Result<(), NbdError>
+fn negotiation_timed_out() -> NbdError {
+    metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "negotiation_timeout")
+        .increment(1);
+    protocol(format!(
+        "negotiation not finished within {} s",
+        NEGOTIATION_TIMEOUT.as_secs()
+    ))
+}
+
+/// Serves one client until it disconnects or breaks the protocol; with `tls`, the client may
+/// (or, if it is required, must) move into TLS with NBD_OPT_STARTTLS first.
+pub async fn serve<S>(node: Arc<Node>, stream: S, tls: Option<NbdTls>) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = tokio::time::Instant::now() + NEGOTIATION_TIMEOUT;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut session = Session::default();
-    let negotiated = tokio::time::timeout(
-        NEGOTIATION_TIMEOUT,
-        negotiate(&node, &mut rd, &mut wr, &mut session),
+    let negotiated = tokio::time::timeout_at(
+        deadline,
+        negotiate(&node, &mut rd, &mut wr, &mut session, tls.as_ref()),
     )
-    .await;
-    let Ok(negotiated) = negotiated else {
-        metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "negotiation_timeout")
-            .increment(1);
-        return Err(protocol(format!(
-            "negotiation not finished within {} s",
-            NEGOTIATION_TIMEOUT.as_secs()
-        )));
-    };
-    let Some(export) = negotiated? else {
-        return Ok(());
+    .await
+    .map_err(|_| negotiation_timed_out())??;
+    let export = match negotiated {
+        Negotiated::Export(e) => e,
+        Negotiated::Abort => return Ok(()),
+        Negotiated::StartTls => {
+            let Some(tls) = tls else {
+                return Err(protocol("STARTTLS without TLS configured"));
+            };
+            let stream = rd.unsplit(wr);
+            let secured = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream))
+                .await
+                .map_err(|_| negotiation_timed_out())?
+                .map_err(|e| protocol(format!("TLS handshake: {e}")))?;
+            session.tls = true;
+            let (mut rd, mut wr) = tokio::io::split(secured);
+            let negotiated = tokio::time::timeout_at(
+                deadline,
+                negotiate(&node, &mut rd, &mut wr, &mut session, Some(&tls)),
+            )
+            .await
+            .map_err(|_| negotiation_timed_out())??;
+            return match negotiated {
+                Negotiated::Export(export) => {
+                    metrics::counter!(crate::telemetry::NBD_CONNECTIONS).increment(1);
+                    transmission(node, rd, wr, export, session).await
+                }
+                Negotiated::Abort => Ok(()),
+                Negotiated::StartTls => Err(protocol("STARTTLS inside TLS")),
+            };
+        }
     };
     metrics::counter!(crate::telemetry::NBD_CONNECTIONS).increment(1);
     transmission(node, rd, wr, export, session).await
@@ -166,27 +268,34 @@ async fn reply(
     Ok(())
 }
 
-/// The handshake and options; `Some(export)` once the client moved to transmission.
+/// The handshake and options, until the client moves to transmission, aborts, or asks for TLS
+/// (then it goes on inside TLS, without a second greeting).
 async fn negotiate<R, W>(
     node: &Node,
     rd: &mut R,
     wr: &mut W,
     session: &mut Session,
-) -> Result<Option<Export>, NbdError>
+    tls: Option<&NbdTls>,
+) -> Result<Negotiated, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut hello = BytesMut::with_capacity(18);
-    hello.put_u64(NBD_MAGIC);
-    hello.put_u64(IHAVEOPT);
-    hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    wr.write_all(&hello).await?;
-    let client = read_u32(rd).await?;
-    if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(protocol(format!("unknown client flags {client:#x}")));
+    if !session.greeted {
+        let mut hello = BytesMut::with_capacity(18);
+        hello.put_u64(NBD_MAGIC);
+        hello.put_u64(IHAVEOPT);
+        hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        wr.write_all(&hello).await?;
+        let client = read_u32(rd).await?;
+        if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+            return Err(protocol(format!("unknown client flags {client:#x}")));
+        }
+        session.no_zeroes = client & CLIENT_NO_ZEROES != 0;
+        session.greeted = true;
     }
-    let no_zeroes = client & CLIENT_NO_ZEROES != 0;
+    let no_zeroes = session.no_zeroes;
+    let tls_required = tls.is_some_and(|t| t.require) && !session.tls;
     loop {
         let magic = rd.read_u64().await?;
         if magic != IHAVEOPT {
@@ -201,7 +310,46 @@ where
         }
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                // No error reply exists for this option: the spec says to close.
+                return Err(protocol(
+                    "this server requires TLS (NBD_OPT_STARTTLS) first",
+                ));
+            }
+            reply(
+                wr,
+                option,
+                REP_ERR_TLS_REQD,
+                b"this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            continue;
+        }
         match option {
+            OPT_STARTTLS => {
+                if !data.is_empty() {
+                    reply(wr, option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+                    continue;
+                }
+                if tls.is_none() {
+                    reply(
+                        wr,
+                        option,
+                        REP_ERR_UNSUP,
+                        b"TLS is not configured on this node",
+                    )
+                    .await?;
+                    continue;
+                }
+                if session.tls {
+                    reply(wr, option, REP_ERR_INVALID, b"TLS is on already").await?;
+                    continue;
+                }
+                reply(wr, option, REP_ACK, &[]).await?;
+                wr.flush().await?;
+                return Ok(Negotiated::StartTls);
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8(data).map_err(|_| protocol("export name"))?;
                 let Some(e) = lookup(node, &name, session.structured) else {
@@ -215,11 +363,11 @@ where
                     b.put_bytes(0, 124);
                 }
                 wr.write_all(&b).await?;
-                return Ok(Some(e));
+                return Ok(Negotiated::Export(e));
             }
             OPT_ABORT => {
                 reply(wr, option, REP_ACK, &[]).await?;
-                return Ok(None);
+                return Ok(Negotiated::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -266,7 +414,7 @@ where
                 }
                 reply(wr, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
-                    return Ok(Some(e));
+                    return Ok(Negotiated::Export(e));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -786,15 +934,17 @@ struct Slots {
     open: Arc<Semaphore>,
     cap: usize,
     last_warned: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+    tls: Option<NbdTls>,
 }
 
 impl Slots {
-    fn new() -> Self {
+    fn new(tls: Option<NbdTls>) -> Self {
         let cap = connection_cap();
         Slots {
             open: Arc::new(Semaphore::new(cap)),
             cap,
             last_warned: Arc::default(),
+            tls,
         }
     }
 }
@@ -815,9 +965,10 @@ where
         return;
     };
     let node = node.clone();
+    let tls = slots.tls.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        if let Err(e) = serve(node, stream).await {
+        if let Err(e) = serve(node, stream, tls).await {
             tracing::debug!(error = %e, %peer, "nbd connection ended");
         }
     });
@@ -834,9 +985,10 @@ async fn accept_failed(e: std::io::Error) {
 pub async fn serve_unix(
     node: Arc<Node>,
     listener: tokio::net::UnixListener,
+    tls: Option<NbdTls>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let slots = Slots::new();
+    let slots = Slots::new(tls);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -852,9 +1004,10 @@ pub async fn serve_unix(
 pub async fn serve_tcp(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
+    tls: Option<NbdTls>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let slots = Slots::new();
+    let slots = Slots::new(tls);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -947,7 +1100,7 @@ mod fuzz {
         f.rt.block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let node = f.node.clone();
-            let served = tokio::spawn(async move { serve(node, server).await });
+            let served = tokio::spawn(async move { serve(node, server, None).await });
             let drain = tokio::spawn(async move {
                 let mut bytes = Vec::new();
                 let mut buf = [0u8; 1 << 16];

@@ -35,6 +35,8 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 /// Describe an export.
 pub const OPT_INFO: u32 = 6;
+/// NBD_OPT_STARTTLS.
+pub const OPT_STARTTLS: u32 = 5;
 /// Describe and select an export.
 pub const OPT_GO: u32 = 7;
 /// Structured replies.
@@ -57,6 +59,8 @@ const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 /// Malformed option.
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+/// NBD_REP_ERR_TLS_REQD: the server requires TLS first.
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 /// Unknown export.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 /// Server shutting down.
