@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::watch;
 
 use crate::cache::fingerprint::is_zero;
 use crate::cache::{ContentCache, Fingerprint, Tier};
@@ -111,22 +111,23 @@ enum FlightKey {
     },
 }
 
-type Flight = Arc<OnceCell<Result<Bytes>>>;
+/// A load in flight, as its waiters see it: `Some` once loaded or failed; closed without a value
+/// when the read that led it went away. The leader holds the sending side from the moment the
+/// flight is in the map, so a joiner can never start a second load while the first is running.
+type Flight = watch::Receiver<Option<Result<Bytes>>>;
 
-/// A place in a flight; leaving it removes the flight once it is done, or once nobody else
-/// waits on it (an entry left behind would live on, keyed by a disk that may never come back).
+/// A place in a flight; leaving it removes the flight once it is done, or once its leader is
+/// gone (an entry left behind would live on, keyed by a disk that may never come back).
 struct Seat<'a> {
     flights: &'a DashMap<FlightKey, Flight>,
     key: FlightKey,
-    cell: Flight,
+    flight: Flight,
 }
 
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
-        // The map's reference and this seat's make two.
-        self.flights.remove_if(&self.key, |_, c| {
-            Arc::ptr_eq(c, &self.cell)
-                && (self.cell.initialized() || Arc::strong_count(&self.cell) <= 2)
+        self.flights.remove_if(&self.key, |_, f| {
+            f.same_channel(&self.flight) && (f.borrow().is_some() || f.has_changed().is_err())
         });
     }
 }
@@ -359,81 +360,77 @@ impl ReadPath {
                     index,
                 },
             };
-            let cell = match self.flights.entry(key) {
+            let flight = match self.flights.entry(key) {
                 dashmap::Entry::Occupied(e) => {
                     self.stats.single_flight_joins.inc();
                     e.get().clone()
                 }
                 dashmap::Entry::Vacant(v) => {
-                    lead.push(n);
-                    v.insert(Arc::new(OnceCell::new())).clone()
+                    let (tx, rx) = watch::channel(None);
+                    lead.push((n, tx));
+                    v.insert(rx).clone()
                 }
             };
             seats.push(Seat {
                 flights: &self.flights,
                 key,
-                cell,
+                flight,
             });
         }
-        let led: Vec<(u64, Option<Fingerprint>)> =
-            lead.iter().map(|&n| (missing[n].1, missing[n].2)).collect();
-        let mut receivers: Vec<Option<oneshot::Receiver<Result<Bytes>>>> =
-            (0..missing.len()).map(|_| None).collect();
-        let mut senders = Vec::with_capacity(lead.len());
-        for &n in &lead {
-            let (tx, rx) = oneshot::channel();
-            senders.push(parking_lot::Mutex::new(Some(tx)));
-            receivers[n] = Some(rx);
-        }
+        let led: Vec<(u64, Option<Fingerprint>)> = lead
+            .iter()
+            .map(|(n, _)| (missing[*n].1, missing[*n].2))
+            .collect();
+        let led_here: Vec<bool> = {
+            let mut v = vec![false; missing.len()];
+            for (n, _) in &lead {
+                v[*n] = true;
+            }
+            v
+        };
         // The batch hands each block over as it comes; the senders go with it, so a block it
-        // never handed over fails its waiters instead of leaving them waiting.
+        // never handed over fails its waiters (the channel closes) instead of leaving them
+        // waiting.
+        let senders: Vec<watch::Sender<Option<Result<Bytes>>>> =
+            lead.into_iter().map(|(_, tx)| tx).collect();
         let batch = async move {
             let deliver = |k: usize, r: Result<Bytes>| {
-                if let Some(tx) = senders.get(k).and_then(|s| s.lock().take()) {
-                    let _ = tx.send(r);
+                if let Some(tx) = senders.get(k) {
+                    tx.send_replace(Some(r));
                 }
             };
             self.load(disk, map, &led, route, &deliver).await;
         };
-        let waits = seats
-            .iter()
-            .zip(receivers)
-            .enumerate()
-            .map(|(n, (seat, rx))| {
-                let (index, fp) = (missing[n].1, missing[n].2);
-                async move {
-                    match rx {
-                        Some(rx) => seat
-                            .cell
-                            .get_or_init(|| async move {
-                                rx.await.unwrap_or_else(|_| {
-                                    Err(Error::State("a block load ended without it".into()))
-                                })
-                            })
-                            .await
-                            .clone(),
-                        None => {
-                            // The read that led this flight went away: load it here.
-                            let alone = || async move {
-                                let got = parking_lot::Mutex::new(None);
-                                self.load(disk, map, &[(index, fp)], route, &|_, r| {
-                                    *got.lock() = Some(r);
-                                })
-                                .await;
-                                got.into_inner().unwrap_or_else(|| {
-                                    Err(Error::State("a block load ended without it".into()))
-                                })
-                            };
-                            match seat.cell.get_or_init(alone).await {
-                                Ok(b) => Ok(b.clone()),
-                                // The flight joined may have been another disk's, another
-                                // generation's or a home's: its failure is not this read's.
-                                Err(_) => alone().await,
-                            }
-                        }
+        let waits = seats.iter().enumerate().map(|(n, seat)| {
+            let (index, fp) = (missing[n].1, missing[n].2);
+            let mine = led_here[n];
+            async move {
+                let mut flight = seat.flight.clone();
+                let got = flight
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|v| v.clone());
+                match got {
+                    Some(r) if mine => r,
+                    Some(Ok(b)) => Ok(b),
+                    // A joined flight that failed may have been another disk's, another
+                    // generation's or a home's: its failure is not this read's. One whose
+                    // leader went away left nothing. Either way: load it here.
+                    _ if !mine => {
+                        let got = parking_lot::Mutex::new(None);
+                        self.load(disk, map, &[(index, fp)], route, &|_, r| {
+                            *got.lock() = Some(r);
+                        })
+                        .await;
+                        got.into_inner().unwrap_or_else(|| {
+                            Err(Error::State("a block load ended without it".into()))
+                        })
                     }
+                    _ => Err(Error::State("a block load ended without it".into())),
                 }
-            });
+            }
+        });
         let ((), out) = futures::join!(batch, futures::future::join_all(waits));
         out
     }
