@@ -46,10 +46,17 @@ pub fn environment(config: &Config) -> anyhow::Result<crate::Environment> {
 }
 
 fn environment_with(config: &Config, tls: Option<&frontend::tls::PeerTls>) -> crate::Environment {
+    // A bad secret file stops the start when membership is joined, with the file named.
+    let key = config
+        .cluster
+        .secret_file
+        .as_deref()
+        .and_then(|p| crate::cluster::gossip_auth::ClusterKey::from_file(p).ok());
     let peers = Arc::new(frontend::peer_client::TonicPeers::new(
         &config.node_id,
         Duration::from_millis(config.cluster.rpc_timeout_ms),
         tls.map(|t| t.client.clone()),
+        key.as_ref(),
     ));
     crate::Environment {
         clock: crate::clock::system(),

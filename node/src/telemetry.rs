@@ -118,6 +118,8 @@ pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 /// Counter by reason: NBD connections closed by the node (`connection_cap`,
 /// `negotiation_timeout`, `stalled_reader`).
 pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
+/// Counter by reason: Peer calls refused for want of a valid cluster key signature.
+pub const PEER_CALLS_REFUSED: &str = "shadowcache_peer_calls_refused_total";
 /// Counter by reason: gossip datagrams dropped (`bad_tag`, `stale`, `replay`, `malformed`).
 pub const GOSSIP_REJECTED: &str = "shadowcache_gossip_rejected_total";
 /// Counter by rpc: gRPC requests refused on TCP without TLS (writes, Admin, reads of mutable

@@ -514,9 +514,9 @@ async fn tcp_without_tls_serves_reads_of_immutable_disks_only() {
         .expect("a write on the socket");
 }
 
-/// Item 4: with `cluster.secret_file`, members join each other and nothing else does: a node
-/// without the key, or with another key, is never a member, and its datagrams are counted as
-/// rejected.
+/// Items 4 and 5: with `cluster.secret_file`, members join each other and nothing else does: a
+/// node without the key, or with another key, is never a member, and its datagrams are counted
+/// as rejected; members' Peer calls are signed under the key, and an unsigned call is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_without_the_cluster_key_never_reaches_membership() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -535,6 +535,8 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
     };
     let key = b"the cluster's shared secret, 42 bytes long";
     let metrics_port = shadowcache_testkit::free_port();
+    let base = dir.path().join("base.raw");
+    write_file(&base, &vec![5u8; 1 << 20]);
     let a = member(
         dir.path(),
         "a",
@@ -542,6 +544,7 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
         &[
             config("a", Some(key)),
             format!("--metrics=127.0.0.1:{metrics_port}"),
+            format!("--disk=base={},sealed", base.display()),
         ],
     );
     let b = member(dir.path(), "b", Some(&a.addr), &[config("b", Some(key))]);
@@ -572,6 +575,27 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
             s.members
         );
     }
+    // Members' Peer calls are signed under the key: b reads a's disk through a.
+    until(&b, "a's disk at b", |s| {
+        s.disks.iter().any(|d| d.id == "base" && d.owner == "a")
+    })
+    .await;
+    let got = client(&b)
+        .await
+        .disk("base")
+        .read_at(0, 1 << 20)
+        .await
+        .expect("b reads a's disk");
+    assert!(got.iter().all(|&x| x == 5));
+    // A Peer call without the key's signature is refused before any handler runs.
+    let mut raw = shadowcache_proto::peer_client::PeerClient::connect(format!("http://{}", a.addr))
+        .await
+        .expect("connect");
+    let refused = raw
+        .owned_disks(shadowcache_proto::OwnedDisksRequest {})
+        .await
+        .expect_err("an unsigned Peer call");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
     let rejected: f64 = body
         .lines()

@@ -51,7 +51,7 @@ impl ClusterKey {
             ));
         }
         Ok(ClusterKey(blake3::derive_key(
-            "shadowcache 2026 gossip datagram key",
+            "shadowcache 2026 cluster key",
             trimmed,
         )))
     }
@@ -62,12 +62,15 @@ impl ClusterKey {
         Self::from_secret(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    fn tag(&self, data: &[u8]) -> [u8; TAG] {
-        *blake3::keyed_hash(&self.0, data).as_bytes()
+    /// A key for one use (`context`), derived from the cluster key: gossip datagrams and Peer
+    /// calls are sealed under different keys.
+    pub fn sub_key(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, &self.0)
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch, as sealed datagrams carry them.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -100,15 +103,20 @@ impl Rejected {
 /// Seals and opens datagrams under one key, remembering the nonces of the window.
 #[derive(Debug)]
 pub struct Sealer {
-    key: ClusterKey,
+    key: [u8; 32],
     seen: moka::sync::Cache<[u8; 16], ()>,
 }
 
 impl Sealer {
-    /// A sealer under `key`.
+    /// A sealer of gossip datagrams under `key`.
     pub fn new(key: ClusterKey) -> Sealer {
+        Self::with_context(&key, "shadowcache 2026 gossip datagram key")
+    }
+
+    /// A sealer under `key`'s sub key for `context`.
+    pub fn with_context(key: &ClusterKey, context: &str) -> Sealer {
         Sealer {
-            key,
+            key: key.sub_key(context),
             seen: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
                 .time_to_live(REPLAY_WINDOW * 2)
@@ -123,7 +131,7 @@ impl Sealer {
         out.extend_from_slice(&sent_ms.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(payload);
-        let tag = self.key.tag(&out);
+        let tag = *blake3::keyed_hash(&self.key, &out).as_bytes();
         out.extend_from_slice(&tag);
         out
     }
@@ -135,7 +143,7 @@ impl Sealer {
             return Err(Rejected::Malformed);
         }
         let (body, tag) = datagram.split_at(datagram.len() - TAG);
-        if self.key.tag(body) != tag {
+        if blake3::keyed_hash(&self.key, body).as_bytes() != tag {
             return Err(Rejected::BadTag);
         }
         let sent = u64::from_be_bytes(body[4..12].try_into().map_err(|_| Rejected::Malformed)?);

@@ -6,6 +6,7 @@
 
 pub mod grpc;
 pub mod peer;
+pub mod peer_auth;
 pub mod peer_client;
 pub mod status;
 pub mod tls;

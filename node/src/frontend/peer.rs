@@ -287,6 +287,13 @@ pub async fn serve_peer(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let max = pb::MAX_MESSAGE_BYTES;
+    let key = match &node.config().cluster.secret_file {
+        Some(p) => Some(
+            crate::cluster::gossip_auth::ClusterKey::from_file(p)
+                .map_err(|e| anyhow::anyhow!("cluster.secret_file: {e}"))?,
+        ),
+        None => None,
+    };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
@@ -302,11 +309,12 @@ pub async fn serve_peer(
         // few requests handled at once per connection, which bounds the request bytes held.
         .max_concurrent_streams(Some(PEER_STREAMS))
         .concurrency_limit_per_connection(PEER_REQUESTS)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::peer_server::PeerServer::new(PeerFrontend::new(node))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+            super::peer_auth::CheckCalls::new(key.as_ref()),
+        ))
         .serve_with_incoming_shutdown(incoming, super::grpc::until_stopped(stopped))
         .await
         .context("peer grpc server")

@@ -40,7 +40,9 @@ pub const BULK_CONNECTIONS: usize = 4;
 /// default block with its message header, which split every block into two frames).
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
-type Client = pb::peer_client::PeerClient<Channel>;
+type Client = pb::peer_client::PeerClient<
+    tonic::service::interceptor::InterceptedService<Channel, super::peer_auth::SignCalls>,
+>;
 
 /// Channels to the other members.
 #[derive(Debug)]
@@ -50,17 +52,25 @@ pub struct TonicPeers {
     channels: DashMap<String, (SocketAddr, Arc<[Client]>)>,
     turn: AtomicUsize,
     tls: Option<ClientTlsConfig>,
+    sign: super::peer_auth::SignCalls,
 }
 
 impl TonicPeers {
-    /// Clients on behalf of node `me`; with `tls`, every call is made over mutual TLS.
-    pub fn new(me: &str, connect_timeout: Duration, tls: Option<ClientTlsConfig>) -> Self {
+    /// Clients on behalf of node `me`; with `tls`, every call is made over mutual TLS; with
+    /// `key`, every call is signed under the cluster key.
+    pub fn new(
+        me: &str,
+        connect_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+        key: Option<&crate::cluster::gossip_auth::ClusterKey>,
+    ) -> Self {
         TonicPeers {
             me: me.to_string(),
             connect_timeout,
             channels: DashMap::new(),
             turn: AtomicUsize::new(0),
             tls,
+            sign: super::peer_auth::SignCalls::new(key),
         }
     }
 
@@ -115,9 +125,12 @@ impl TonicPeers {
             .keep_alive_while_idle(true);
         Ok((0..BULK_CONNECTIONS)
             .map(|_| {
-                pb::peer_client::PeerClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+                pb::peer_client::PeerClient::with_interceptor(
+                    endpoint.connect_lazy(),
+                    self.sign.clone(),
+                )
+                .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
             })
             .collect())
     }
