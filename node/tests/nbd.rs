@@ -641,6 +641,67 @@ async fn a_flush_after_a_lost_nbd_connection_reports_the_unflushed_writes() {
     d.flush().await.expect("the next flush");
 }
 
+/// Issue 16, item 3: one NBD export under two names is one origin: the same socket through a
+/// symlink, and the same TCP server as `localhost` and as `127.0.0.1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nbd_export_named_two_ways_is_one_origin() {
+    let nbdkit = tool("nbdkit", "nbdkit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("kit.sock");
+    let _unix = Server(
+        Command::new(&nbdkit)
+            .args(["-f", "-U"])
+            .arg(&sock)
+            .args(["memory", "1M"])
+            .spawn()
+            .expect("nbdkit"),
+    );
+    let port = shadowcache_testkit::free_port();
+    let _tcp = Server(
+        Command::new(&nbdkit)
+            .args(["-f", "-i", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["memory", "1M"])
+            .spawn()
+            .expect("nbdkit"),
+    );
+    wait_socket(&sock);
+    shadowcache_testkit::wait_for("nbdkit on tcp", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let link = dir.path().join("alias.sock");
+    std::os::unix::fs::symlink(&sock, &link).expect("symlink");
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let c = shadowcache_client::Client::connect_unix(&node.socket)
+        .await
+        .expect("connect");
+    let m = shadowcache_client::DiskMode::Mutable;
+    c.register_disk("one", &format!("nbd+unix:///?socket={}", sock.display()), m)
+        .await
+        .expect("the export");
+    let err = c
+        .register_disk("two", &format!("nbd+unix:///?socket={}", link.display()), m)
+        .await
+        .expect_err("the same export through a symlink");
+    assert!(
+        err.to_string()
+            .contains("already the origin of disk \"one\""),
+        "{err}"
+    );
+    c.register_disk("three", &format!("nbd://127.0.0.1:{port}"), m)
+        .await
+        .expect("the tcp export");
+    let err = c
+        .register_disk("four", &format!("nbd://localhost:{port}"), m)
+        .await
+        .expect_err("the same export as localhost");
+    assert!(
+        err.to_string()
+            .contains("already the origin of disk \"three\""),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_kernel_client_reads_an_export_identical_when_the_nbd_module_is_there() {
     if !Path::new("/dev/nbd0").exists() {

@@ -24,6 +24,7 @@
 //! in-flight counter and a `Notify`.
 
 pub mod content_map;
+pub mod identity;
 pub mod order;
 
 use std::path::{Path, PathBuf};
@@ -465,7 +466,8 @@ pub struct Registry {
     origins: DashMap<DiskId, PathBuf>,
     /// (device, inode) of every file origin: one origin under two ids would let a sealed alias
     /// serve bytes that writes through the other id replaced.
-    origin_files: DashMap<(u64, u64), DiskId>,
+    /// What each registered origin is beneath its name: one origin backs one disk at most.
+    origin_ids: parking_lot::Mutex<Vec<(identity::Identity, DiskId)>>,
     /// Saved disks that could not be registered again at start (an origin not mounted yet):
     /// kept in `disks.toml` so that their seal is not forgotten.
     unrestored: parking_lot::Mutex<Vec<SavedDisk>>,
@@ -558,7 +560,7 @@ impl Registry {
             rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
             disks: DashMap::new(),
             origins: DashMap::new(),
-            origin_files: DashMap::new(),
+            origin_ids: parking_lot::Mutex::new(Vec::new()),
             unrestored: parking_lot::Mutex::new(Vec::new()),
             block_bytes,
             data_dir: data_dir.to_path_buf(),
@@ -622,8 +624,27 @@ impl Registry {
             .to_str()
             .filter(|s| crate::origin::nbd::is_nbd_uri(s))
         {
+            let parsed_uri = crate::origin::nbd::NbdUri::parse(uri).map_err(|cause| {
+                Error::Origin(crate::origin::OriginError::Open {
+                    origin: uri.to_string(),
+                    cause,
+                })
+            })?;
+            let ident = tokio::task::spawn_blocking(move || identity::of_nbd(&parsed_uri))
+                .await
+                .map_err(|e| Error::State(e.to_string()))?;
+            // Opened first: what the export itself refuses (a read-only export for a mutable
+            // disk) is said before that it is taken.
             let o = crate::origin::NbdOrigin::open(uri, writable).await?;
-            let disk = self.register_origin(id, Arc::new(o), mode).await?;
+            self.claim(origin, ident.clone(), &parsed)?;
+            let registered = self.register_origin(id, Arc::new(o), mode).await;
+            let disk = match registered {
+                Ok(d) => d,
+                Err(e) => {
+                    self.release(&ident);
+                    return Err(e);
+                }
+            };
             self.origins.insert(disk.id.clone(), origin.to_path_buf());
             self.restore_unrestored(&disk).await?;
             return Ok(disk);
@@ -646,25 +667,14 @@ impl Registry {
             guard.check(&path, None, &data_dir)?;
             let file = FileOrigin::open(&path, writable).map_err(Error::from)?;
             guard.check(&path, file.file_id(), &data_dir)?;
-            Ok(file)
+            let ident = identity::of_path(&path)
+                .map_err(|e| Error::Invalid(format!("origin {}: {e}", path.display())))?;
+            Ok((file, ident))
         })
         .await
         .map_err(|e| Error::State(e.to_string()))??;
-        let file_id = file.file_id();
-        if let Some(fid) = file_id {
-            match self.origin_files.entry(fid) {
-                dashmap::Entry::Occupied(e) => {
-                    return Err(Error::Invalid(format!(
-                        "origin {} is already the origin of disk {:?}",
-                        origin.display(),
-                        e.get().as_str()
-                    )));
-                }
-                dashmap::Entry::Vacant(v) => {
-                    v.insert(parsed.clone());
-                }
-            }
-        }
+        let (file, ident) = file;
+        self.claim(origin, ident.clone(), &parsed)?;
         match self.register_origin(id, Arc::new(file), mode).await {
             Ok(disk) => {
                 self.origins.insert(disk.id.clone(), origin.to_path_buf());
@@ -672,12 +682,30 @@ impl Registry {
                 Ok(disk)
             }
             Err(e) => {
-                if let Some(fid) = file_id {
-                    self.origin_files.remove(&fid);
-                }
+                self.release(&ident);
                 Err(e)
             }
         }
+    }
+
+    /// Takes `ident` for disk `id`, unless a registered origin is (part of) the same storage:
+    /// the same file under another name, a partition of a registered disk or the disk of a
+    /// registered partition, a loop device over a registered file, one NBD export named twice.
+    fn claim(&self, origin: &Path, ident: identity::Identity, id: &DiskId) -> Result<()> {
+        let mut all = self.origin_ids.lock();
+        if let Some((_, other)) = all.iter().find(|(i, _)| i.overlaps(&ident)) {
+            return Err(Error::Invalid(format!(
+                "origin {} names storage that is already the origin of disk {:?} (the same file, device or NBD export, or part of it)",
+                origin.display(),
+                other.as_str()
+            )));
+        }
+        all.push((ident, id.clone()));
+        Ok(())
+    }
+
+    fn release(&self, ident: &identity::Identity) {
+        self.origin_ids.lock().retain(|(i, _)| i != ident);
     }
 
     /// Registers a disk over any origin (tests use counting and failing ones). Not saved.
