@@ -105,7 +105,24 @@ fn workloads() -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 fn fio(fio: &Path, uri: &str, size: u64, args: &[&str], seconds: u64) -> anyhow::Result<Value> {
-    let out = run(Command::new(fio)
+    fio_in(fio, uri, size, args, seconds, None)
+}
+
+/// [`fio`] with `HOME` set to `home`: libnbd takes TLS certificates from `$HOME/.pki/libnbd`
+/// (fio does not let a URI name a certificate directory).
+fn fio_in(
+    fio: &Path,
+    uri: &str,
+    size: u64,
+    args: &[&str],
+    seconds: u64,
+    home: Option<&Path>,
+) -> anyhow::Result<Value> {
+    let mut cmd = Command::new(fio);
+    if let Some(h) = home {
+        cmd.env("HOME", h);
+    }
+    let out = run(cmd
         .arg("--name=b")
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
@@ -131,6 +148,108 @@ fn fio(fio: &Path, uri: &str, size: u64, args: &[&str], seconds: u64) -> anyhow:
         "p50_us": pct("50.000000"),
         "p99_us": pct("99.000000"),
     }))
+}
+
+/// NBD over TLS on TCP, side by side: `nbdkit --tls=require` serving the image file, and a node
+/// with `[nbd_tls]` serving it from RAM (warmed over its Unix socket, where TLS is offered but
+/// not required). Both with the same certificate, both read by fio through `nbds://` URIs.
+fn tls_rows(
+    dir: &Path,
+    image: &Path,
+    size: u64,
+    fio_bin: &Path,
+    nbdkit: &Path,
+    nbdcopy: &Path,
+    seconds: u64,
+) -> anyhow::Result<Value> {
+    let pki = shadowcache_testkit::TestPki::new(&dir.join("tls"));
+    let (cert, key) = pki.member("server", "localhost");
+    let certs = dir.join("tls-certs");
+    std::fs::create_dir_all(&certs)?;
+    std::fs::copy(&pki.ca, certs.join("ca-cert.pem"))?;
+    std::fs::copy(&cert, certs.join("server-cert.pem"))?;
+    std::fs::copy(&key, certs.join("server-key.pem"))?;
+    let kit_port = shadowcache_testkit::free_port();
+    let _kit = spawn(
+        Command::new(nbdkit)
+            .args(["-f", "-r", "--tls=require"])
+            .arg(format!("--tls-certificates={}", certs.display()))
+            .args(["-i", "127.0.0.1", "-p"])
+            .arg(kit_port.to_string())
+            .arg("file")
+            .arg(image),
+    )?;
+    let node_port = shadowcache_testkit::free_port();
+    let config = dir.join("tls-node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nbd_tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )?;
+    let data = dir.join("tls-node");
+    let _node = NodeProcess::start(
+        &data,
+        &[
+            "--node-id=tls".into(),
+            format!("--config={}", config.display()),
+            format!("--nbd-listen=127.0.0.1:{node_port}"),
+            format!("--ram-cache={}", size * 3),
+            "--ssd-cache=0".into(),
+            format!("--disk=img={},sealed", image.display()),
+        ],
+    );
+    wait_for("the TLS listeners", Duration::from_secs(30), || {
+        [kit_port, node_port]
+            .iter()
+            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            .then_some(())
+    });
+    let plain = format!("nbd+unix:///img?socket={}", data.join("nbd.sock").display());
+    for _ in 0..2 {
+        run(Command::new(nbdcopy).arg(&plain).arg("null:"))?;
+    }
+    let home = dir.join("tls-home");
+    std::fs::create_dir_all(home.join(".pki/libnbd"))?;
+    std::fs::copy(&pki.ca, home.join(".pki/libnbd/ca-cert.pem"))?;
+    let servers = [
+        ("nbdkit file (TLS)", format!("nbds://localhost:{kit_port}/")),
+        (
+            "shadowcache RAM hits (TLS)",
+            format!("nbds://localhost:{node_port}/img"),
+        ),
+    ];
+    let mut rows = Vec::new();
+    println!();
+    println!("NBD over TLS on TCP (both with the same certificate)");
+    for (w, args) in workloads()
+        .into_iter()
+        .filter(|(w, _)| *w == "4k rand QD32 1c" || *w == "1M seq QD8 1c")
+    {
+        let mut row = serde_json::Map::new();
+        for (name, uri) in &servers {
+            eprintln!("{w}: {name} ...");
+            fio_in(fio_bin, uri, size, &args, (seconds / 3).max(1), Some(&home))?;
+            row.insert(
+                name.to_string(),
+                fio_in(fio_bin, uri, size, &args, seconds, Some(&home))?,
+            );
+        }
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        let (kit, ours) = (&row[servers[0].0], &row[servers[1].0]);
+        println!(
+            "  {w:<16} nbdkit {:>9.0} IOPS {:>8.1} MB/s   shadowcache {:>9.0} IOPS {:>8.1} MB/s   ratio {:.2}x IOPS",
+            f(kit, "iops"),
+            f(kit, "mb_s"),
+            f(ours, "iops"),
+            f(ours, "mb_s"),
+            f(ours, "iops") / f(kit, "iops").max(1e-9)
+        );
+        rows.push(json!({"workload": w, "servers": row}));
+    }
+    Ok(Value::Array(rows))
 }
 
 /// One pass of 1 MiB sequential reads over the whole export at QD 8 (not time-based): for a
@@ -381,6 +500,15 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         table.push((w, row));
     }
     print_table(&table, &servers);
+    let tls = tls_rows(
+        dir.path(),
+        &image,
+        size,
+        &fio_bin,
+        &nbdkit,
+        &nbdcopy,
+        opts.seconds,
+    )?;
     let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
     let results: Vec<Value> = table
         .iter()
@@ -391,6 +519,7 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         "image_bytes": size,
         "seconds": opts.seconds,
         "results": results,
+        "tls": tls,
         "cold_member": cold,
     }))
 }
