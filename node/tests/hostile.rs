@@ -13,6 +13,25 @@ use common::{
 };
 use shadowcache_testkit::{binary, free_peer_port, write_file};
 
+/// Node `a` in `dir` with one disk `id` (mode `mode`) over a new image holding `data`: the node
+/// and the image's path.
+fn one_disk_node(
+    dir: &std::path::Path,
+    id: &str,
+    mode: &str,
+    data: &[u8],
+) -> (common::Member, std::path::PathBuf) {
+    let image = dir.join(format!("{id}.raw"));
+    write_file(&image, data);
+    let a = member(
+        dir,
+        "a",
+        None,
+        &[format!("--disk={id}={},{mode}", image.display())],
+    );
+    (a, image)
+}
+
 /// Item 1: a second live process with a member's node id (a cloned host) does not join; the
 /// operator reads why. A restart after a crash, whose old incarnation gossip still lists as
 /// alive, is not refused.
@@ -275,14 +294,7 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
     use std::io::Read;
     let nbdinfo = tool("nbdinfo", "libnbd-bin");
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("base.raw");
-    write_file(&image, &vec![1u8; 1 << 20]);
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[format!("--disk=base={},sealed", image.display())],
-    );
+    let (a, _) = one_disk_node(dir.path(), "base", "sealed", &vec![1u8; 1 << 20]);
     let sock = a.process.data_dir.join("nbd.sock");
     let opened = Instant::now();
     let mut silent: Vec<std::os::unix::net::UnixStream> = (0..300)
@@ -333,14 +345,7 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
 async fn requests_up_to_the_advertised_maximum_are_served() {
     let qemu_io = tool("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("rw.raw");
-    write_file(&image, &vec![0x5au8; 20 << 20]);
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[format!("--disk=rw={},mutable", image.display())],
-    );
+    let (a, image) = one_disk_node(dir.path(), "rw", "mutable", &vec![0x5au8; 20 << 20]);
     let uri = nbd_uri(&a, "rw");
     let run = |args: &[&str]| {
         let out = Command::new(&qemu_io)
