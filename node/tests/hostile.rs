@@ -158,6 +158,21 @@ async fn a_write_given_up_on_never_lands_over_a_later_acknowledged_one() {
     );
 }
 
+/// Runs `cmd` (qemu-io), asserting that it succeeded and no command of it failed (qemu-io
+/// exits 0 after a failed `-c` command).
+fn qemu_io_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.output().expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{what}: {text}"
+    );
+}
+
 fn nbd_uri(m: &common::Member, disk: &str) -> String {
     format!(
         "nbd+unix:///{disk}?socket={}",
@@ -348,21 +363,13 @@ async fn requests_up_to_the_advertised_maximum_are_served() {
     let (a, image) = one_disk_node(dir.path(), "rw", "mutable", &vec![0x5au8; 20 << 20]);
     let uri = nbd_uri(&a, "rw");
     let run = |args: &[&str]| {
-        let out = Command::new(&qemu_io)
-            .args(["-f", "raw"])
-            .args(args)
-            .arg(&uri)
-            .output()
-            .expect("qemu-io");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "qemu-io {args:?}: {text}"
-        );
+        qemu_io_ok(
+            Command::new(&qemu_io)
+                .args(["-f", "raw"])
+                .args(args)
+                .arg(&uri),
+            &format!("qemu-io {args:?}"),
+        )
     };
     run(&["-r", "-c", "read -P 0x5a 0 17M"]);
     run(&["-c", "write -P 0x33 1M 17M"]);
@@ -729,7 +736,8 @@ async fn nbd_over_tls_serves_tls_clients_and_refuses_the_others() {
             format!("--disk=base={},sealed", image.display()),
         ],
     );
-    let out = Command::new(&qemu_io)
+    qemu_io_ok(
+        Command::new(&qemu_io)
         .args(["-r", "--object"])
         .arg(format!(
             "tls-creds-x509,id=tls0,dir={},endpoint=client",
@@ -739,17 +747,8 @@ async fn nbd_over_tls_serves_tls_clients_and_refuses_the_others() {
         .arg(format!(
             "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=base,tls-creds=tls0"
         ))
-        .args(["-c", "read -P 0x42 0 1M"])
-        .output()
-        .expect("qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io over TLS: {text}"
+        .args(["-c", "read -P 0x42 0 1M"]),
+        "qemu-io over TLS",
     );
     let out = Command::new(&nbdinfo)
         .arg("--size")

@@ -48,6 +48,36 @@ impl Cluster {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    /// Writes version `new` of block `i` at the owner while `reader` reads it after every
+    /// clock step: until the write is acknowledged the reader may serve `old` or `new` (once the
+    /// owner applied it), never anything else. Returns how long the write took on the clock.
+    async fn write_while_read(
+        &self,
+        reader: &Arc<shadowcache_node::Node>,
+        i: u64,
+        (old, new): (u64, u64),
+    ) -> Duration {
+        let started = self.clock.now();
+        let writer = {
+            let a = self.node("a").clone();
+            tokio::spawn(async move { a.write("vdi", i * BS, Bytes::from(block(i, new))).await })
+        };
+        let mut waited_ms = 0;
+        while !writer.is_finished() {
+            let got = reader
+                .read("vdi", i * BS, BS)
+                .await
+                .expect("a reader reads");
+            let v = version_of(i, &got);
+            assert!(v == old || v == new, "served version {v} of block {i}");
+            self.step(100).await;
+            waited_ms += 100;
+            assert!(waited_ms <= 10 * TERM_MS, "the write never landed");
+        }
+        writer.await.expect("task").expect("write");
+        self.clock.now() - started
+    }
+
     fn mode_at(&self, at: &str) -> Option<(DiskMode, u64)> {
         self.node(at)
             .stat("vdi")
@@ -189,25 +219,8 @@ async fn detection_leases_and_revocation_run_in_one_process_on_a_manual_clock() 
             .contains(&"c".to_string())
     );
     c.net.set_link("a", "c", Link::Cut);
-    let started = c.clock.now();
-    let writer = {
-        let a = a.clone();
-        tokio::spawn(async move { a.write("vdi", 5 * BS, Bytes::from(block(5, 3))).await })
-    };
     // The write waits for c's lease to run out on the owner's count: a term and a margin.
-    let mut waited_ms = 0;
-    while !writer.is_finished() {
-        // Until the write is acknowledged c may serve version 1, or version 3 once the owner
-        // applied it (a read through the owner); never anything else.
-        let got = cc.read("vdi", 5 * BS, BS).await.expect("c reads");
-        let v = version_of(5, &got);
-        assert!(v == 1 || v == 3, "c served version {v} of block 5");
-        c.step(100).await;
-        waited_ms += 100;
-        assert!(waited_ms <= 10 * TERM_MS, "the write never landed");
-    }
-    writer.await.expect("task").expect("write");
-    let waited = c.clock.now() - started;
+    let waited = c.write_while_read(cc, 5, (1, 3)).await;
     assert!(
         waited >= Duration::from_millis(TERM_MS / 2),
         "the write landed after {waited:?} of a {TERM_MS} ms lease held by a member it could not reach"
@@ -259,22 +272,7 @@ async fn a_second_process_with_a_members_id_cannot_acknowledge_its_revocation() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let started = c.clock.now();
-    let writer = {
-        let a = a.clone();
-        tokio::spawn(async move { a.write("vdi", 3 * BS, Bytes::from(block(3, 2))).await })
-    };
-    let mut waited_ms = 0;
-    while !writer.is_finished() {
-        let got = b1.read("vdi", 3 * BS, BS).await.expect("b1 reads");
-        let v = version_of(3, &got);
-        assert!(v == 1 || v == 2, "b1 served version {v} of block 3");
-        c.step(100).await;
-        waited_ms += 100;
-        assert!(waited_ms <= 10 * TERM_MS, "the write never landed");
-    }
-    writer.await.expect("task").expect("write");
-    let waited = c.clock.now() - started;
+    let waited = c.write_while_read(&b1, 3, (1, 2)).await;
     assert!(
         waited >= Duration::from_millis(TERM_MS / 2),
         "the write landed after {waited:?}: another process's acknowledgement ended b1's {TERM_MS} ms lease"

@@ -190,6 +190,7 @@ impl Transport for AuthTransport {
             public,
             inner,
             inner_addr: None,
+            relay_addr: relay.local_addr().ok(),
             relay,
             buf: vec![0u8; MAX_DATAGRAM],
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
@@ -205,6 +206,7 @@ struct AuthSocket {
     inner: chitchat::transport::UdpSocket,
     inner_addr: Option<SocketAddr>,
     relay: tokio::net::UdpSocket,
+    relay_addr: Option<SocketAddr>,
     buf: Vec<u8>,
     send_buf: Vec<u8>,
 }
@@ -267,7 +269,7 @@ impl Socket for AuthSocket {
             // Loopback delivers at once; a payload chitchat cannot parse is dropped there, so
             // the wait is bounded.
             match tokio::time::timeout(Duration::from_millis(200), self.inner.recv()).await {
-                Ok(Ok((relayed_from, msg))) if relayed_from == self.relay.local_addr()? => {
+                Ok(Ok((relayed_from, msg))) if Some(relayed_from) == self.relay_addr => {
                     return Ok((from, msg));
                 }
                 Ok(Ok((other, _))) => {

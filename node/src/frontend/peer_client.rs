@@ -92,14 +92,14 @@ impl TonicPeers {
         {
             return Ok(c.1.clone());
         }
-        let clients = self.connect(to)?;
+        let clients = self.connect(to, BULK_CONNECTIONS)?;
         self.channels
             .insert(to.node.to_string(), (to.addr, clients.clone()));
         Ok(clients)
     }
 
-    /// New lazily connected channels to `to`.
-    fn connect(&self, to: To<'_>) -> Result<Arc<[Client]>> {
+    /// `n` new lazily connected channels to `to`.
+    fn connect(&self, to: To<'_>, n: usize) -> Result<Arc<[Client]>> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint =
             Endpoint::from_shared(format!("{scheme}://{}", to.addr)).map_err(|e| Error::Peer {
@@ -123,7 +123,7 @@ impl TonicPeers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(self.connect_timeout.min(Duration::from_secs(10)))
             .keep_alive_while_idle(true);
-        Ok((0..BULK_CONNECTIONS)
+        Ok((0..n)
             .map(|_| {
                 pb::peer_client::PeerClient::with_interceptor(
                     endpoint.connect_lazy(),
@@ -198,7 +198,7 @@ impl PeerService for TonicPeers {
     fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>> {
         Box::pin(async move {
             // Asked of seeds before this node joins: a channel of its own, not kept.
-            let r = self.connect(to)?[0]
+            let r = self.connect(to, 1)?[0]
                 .clone()
                 .hello(pb::HelloRequest {
                     from_node: self.me.clone(),
