@@ -311,7 +311,8 @@ pub struct ClusterConfig {
     /// the owner: each node caching alone, the CBRC-like baseline.
     pub peer_fetch: bool,
     /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
-    /// CA may call it, and members only talk to such holders.
+    /// CA may call it, and members only talk to such holders. Without `secret_file`, gossip is
+    /// signed with the same key and certificate.
     pub tls: Option<TlsConfig>,
     /// `cluster.secret_file`: a file of at least 16 secret bytes every member shares; every
     /// gossip datagram is sealed with a MAC under a key derived from it.

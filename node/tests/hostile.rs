@@ -620,6 +620,89 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
     );
 }
 
+/// Item 4, with TLS and no secret file: every gossip datagram is signed with the member's TLS
+/// key and carries its certificate; a node whose certificate another CA signed, and a node
+/// without TLS, never reach membership, and the members count their datagrams as rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_with_tls_only_comes_from_holders_of_the_clusters_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let rogue = shadowcache_testkit::TestPki::new(&dir.path().join("rogue"));
+    let config = |name: &str, pki: Option<&shadowcache_testkit::TestPki>| {
+        let mut text =
+            "[cluster]\nphi_threshold = 14.0\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n"
+                .to_string();
+        if let Some(pki) = pki {
+            let (cert, key) = pki.member(name, "shadowcache");
+            text.push_str(&format!(
+                "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                pki.ca.display().to_string(),
+                cert.display().to_string(),
+                key.display().to_string()
+            ));
+        }
+        let path = dir.path().join(format!("{name}.toml"));
+        write_file(&path, text.as_bytes());
+        format!("--config={}", path.display())
+    };
+    let metrics_port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            config("a", Some(&pki)),
+            format!("--metrics=127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let b = member(dir.path(), "b", Some(&a.addr), &[config("b", Some(&pki))]);
+    until(&a, "b to join with the cluster's certificate", |s| {
+        s.members.len() == 2
+    })
+    .await;
+    let stranger = member(
+        dir.path(),
+        "mallory",
+        Some(&a.addr),
+        &[config("mallory", Some(&rogue))],
+    );
+    let open = member(dir.path(), "open", Some(&a.addr), &[config("open", None)]);
+    // Several gossip rounds of both trying.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for m in [&a, &b] {
+        let s = client(m).await.status().await.expect("status");
+        let ids: Vec<&str> = s.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"], "membership with outsiders knocking");
+    }
+    for m in [&stranger, &open] {
+        let s = client(m).await.status().await.expect("status");
+        assert_eq!(
+            s.members.len(),
+            1,
+            "an outsider sees the cluster: {:?}",
+            s.members
+        );
+    }
+    let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
+    let rejected = |reason: &str| -> f64 {
+        body.lines()
+            .filter(|l| {
+                l.starts_with("shadowcache_gossip_rejected_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        rejected("untrusted_certificate") > 0.0,
+        "the stranger's datagrams were not counted as untrusted:\n{body}"
+    );
+    assert!(
+        rejected("malformed") > 0.0,
+        "the open node's datagrams were not counted:\n{body}"
+    );
+}
+
 /// Item 5, with TLS: a node with `[cluster.tls]` takes gRPC on TCP only from clients holding a
 /// certificate from the cluster's CA, and serves them everything (writes, Admin); a client
 /// without one, or with one from another CA, gets no answer at all.

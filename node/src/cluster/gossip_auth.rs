@@ -1,9 +1,21 @@
-//! Authenticated gossip: chitchat's UDP datagrams, each sealed with a MAC under the cluster key.
+//! Authenticated gossip: chitchat's UDP datagrams, each sealed so that only members send them.
 //!
-//! A datagram on the wire is `SCG1 | sent_ms (u64) | nonce (16 bytes) | chitchat message |
-//! tag (32 bytes)`, the tag a keyed BLAKE3 hash of everything before it under a key derived from
-//! `cluster.secret_file`. A datagram is dropped (and counted in
-//! `shadowcache_gossip_rejected_total{reason}`) when its tag is wrong, when it was sent more than
+//! Two seals, one per way a cluster is secured:
+//!
+//! - With `cluster.secret_file` (the cluster key), a datagram on the wire is `SCG1 | sent_ms
+//!   (u64) | nonce (16 bytes) | chitchat message | tag (32 bytes)`, the tag a keyed BLAKE3 hash
+//!   of everything before it under a key derived from the secret ([`Sealer`]).
+//! - With `[cluster.tls]` and no secret file, the member signs each datagram with its TLS
+//!   private key and carries its certificate chain: `SCT1 | sent_ms | nonce | scheme (u16) |
+//!   chain length (u16) | chain | chitchat message | signature | signature length (u16)`
+//!   ([`CertSealer`]). The receiver checks the chain against the cluster's CA exactly as the
+//!   Peer service checks a client certificate (a chain it checked is trusted for
+//!   [`CHAIN_TRUST`]), then the signature over everything before it. Nothing secret is shared:
+//!   the CA certificate is public, so no key could be derived from it; what a stranger lacks is
+//!   a private key whose certificate the CA signed.
+//!
+//! A datagram is dropped (and counted in `shadowcache_gossip_rejected_total{reason}`) when its
+//! tag or signature is wrong, when its certificate is not the CA's, when it was sent more than
 //! [`REPLAY_WINDOW`] away from now, or when its nonce was seen within the window (a replay).
 //! Members' clocks must therefore agree within that window (NTP does).
 //!
@@ -11,16 +23,19 @@
 //! is handed to a chitchat socket on a private loopback port and read back from there, with the
 //! sender's real address put back.
 //!
-//! Architecture invariant: nothing reaches chitchat that did not pass the tag, the window and the
-//! replay check.
+//! Architecture invariant: nothing reaches chitchat that did not pass the tag or signature, the
+//! window and the replay check.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use chitchat::ChitchatMessage;
 use chitchat::Serializable;
 use chitchat::transport::{Socket, Transport};
+use rustls::SignatureScheme;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const MAGIC: &[u8; 4] = b"SCG1";
 const HEADER: usize = 4 + 8 + 16;
@@ -81,8 +96,10 @@ pub fn now_ms() -> u64 {
 pub enum Rejected {
     /// Too short, or not ours.
     Malformed,
-    /// The tag does not match: no key, or another key.
+    /// The tag or signature does not match: no key, or another key.
     BadTag,
+    /// Signed under a certificate the cluster's CA did not sign.
+    Untrusted,
     /// Sent too long before (or after) now.
     Stale,
     /// Seen already.
@@ -94,6 +111,7 @@ impl Rejected {
         match self {
             Rejected::Malformed => "malformed",
             Rejected::BadTag => "bad_tag",
+            Rejected::Untrusted => "untrusted_certificate",
             Rejected::Stale => "stale",
             Rejected::Replay => "replay",
         }
@@ -160,16 +178,275 @@ impl Sealer {
     }
 }
 
-/// chitchat's transport with every datagram sealed under the cluster key.
+/// How a member proves its gossip is a member's.
+#[derive(Debug, Clone)]
+pub enum GossipAuth {
+    /// A MAC under the cluster key (`cluster.secret_file`).
+    Key(ClusterKey),
+    /// A signature under the member's TLS key, checked against the cluster's CA
+    /// (`[cluster.tls]` without a secret file).
+    Tls(Arc<TlsIdentity>),
+}
+
+/// Schemes a gossip signature may use: those of TLS 1.3 (the same key signs its handshakes).
+const SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::ED25519,
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ECDSA_NISTP521_SHA512,
+    SignatureScheme::RSA_PSS_SHA256,
+    SignatureScheme::RSA_PSS_SHA384,
+    SignatureScheme::RSA_PSS_SHA512,
+];
+
+/// How long a certificate chain, once checked against the CA, is trusted without a new check
+/// (so that one that expires stops being accepted within this time).
+pub const CHAIN_TRUST: Duration = Duration::from_secs(60);
+
+/// This member's TLS identity, as gossip uses it: its key to sign, its chain to show, and the
+/// cluster's CA to check others' chains.
+pub struct TlsIdentity {
+    signing: Arc<dyn rustls::sign::SigningKey>,
+    /// The chain as carried: `(length u16, DER)` per certificate, this member's first.
+    chain: Vec<u8>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity(..)")
+    }
+}
+
+impl TlsIdentity {
+    /// Reads the PEM files of `[cluster.tls]`; this member's own chain must pass the CA.
+    pub fn load(cfg: &crate::config::TlsConfig) -> Result<TlsIdentity, String> {
+        use rustls_pki_types::pem::PemObject;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("cluster.tls.cert: {}: {e}", cfg.cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "cluster.tls.cert: {} holds no certificate",
+                cfg.cert.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&cfg.key)
+            .map_err(|e| format!("cluster.tls.key: {}: {e}", cfg.key.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.ca)
+            .and_then(|i| i.collect::<Result<_, _>>())
+            .map_err(|e| format!("cluster.tls.ca: {}: {e}", cfg.ca.display()))?;
+        for ca in cas {
+            roots
+                .add(ca)
+                .map_err(|e| format!("cluster.tls.ca: {}: {e}", cfg.ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let algorithms = provider.signature_verification_algorithms;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("cluster.tls.ca: {}: {e}", cfg.ca.display()))?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| format!("cluster.tls.key: {}: {e}", cfg.key.display()))?;
+        if signing.choose_scheme(SCHEMES).is_none() {
+            return Err(format!(
+                "cluster.tls.key: {}: a {:?} key cannot sign with a TLS 1.3 scheme",
+                cfg.key.display(),
+                signing.algorithm()
+            ));
+        }
+        let mut chain = Vec::new();
+        for c in &certs {
+            let len = u16::try_from(c.len()).map_err(|_| {
+                format!(
+                    "cluster.tls.cert: {}: a certificate of {} bytes",
+                    cfg.cert.display(),
+                    c.len()
+                )
+            })?;
+            chain.extend_from_slice(&len.to_be_bytes());
+            chain.extend_from_slice(c);
+        }
+        let id = TlsIdentity {
+            signing,
+            chain,
+            verifier,
+            algorithms,
+        };
+        id.check_chain(&id.chain).map_err(|_| {
+            format!(
+                "cluster.tls.cert: {} is not signed by the cluster's CA ({})",
+                cfg.cert.display(),
+                cfg.ca.display()
+            )
+        })?;
+        Ok(id)
+    }
+
+    /// The end-entity certificate of a carried `chain` if the CA signed it.
+    fn check_chain<'a>(&self, chain: &'a [u8]) -> Result<CertificateDer<'a>, Rejected> {
+        let mut certs = Vec::new();
+        let mut rest = chain;
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_at_checked(2).ok_or(Rejected::Malformed)?;
+            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            let (der, tail) = tail.split_at_checked(len).ok_or(Rejected::Malformed)?;
+            certs.push(CertificateDer::from(der));
+            rest = tail;
+        }
+        let (end, intermediates) = certs.split_first().ok_or(Rejected::Malformed)?;
+        self.verifier
+            .verify_client_cert(end, intermediates, rustls_pki_types::UnixTime::now())
+            .map_err(|_| Rejected::Untrusted)?;
+        Ok(end.clone())
+    }
+}
+
+/// Seals and opens datagrams with this member's TLS key and certificate, remembering the
+/// chains it checked and the nonces of the window.
+#[derive(Debug)]
+pub struct CertSealer {
+    id: Arc<TlsIdentity>,
+    signer: Box<dyn rustls::sign::Signer>,
+    trusted: moka::sync::Cache<[u8; 32], ()>,
+    seen: moka::sync::Cache<[u8; 16], ()>,
+}
+
+const CERT_MAGIC: &[u8; 4] = b"SCT1";
+
+impl CertSealer {
+    /// A sealer with `id`.
+    pub fn new(id: Arc<TlsIdentity>) -> Result<CertSealer, String> {
+        let signer = id
+            .signing
+            .choose_scheme(SCHEMES)
+            .ok_or("the TLS key cannot sign with a TLS 1.3 scheme")?;
+        Ok(CertSealer {
+            id,
+            signer,
+            trusted: moka::sync::Cache::builder()
+                .max_capacity(4096)
+                .time_to_live(CHAIN_TRUST)
+                .build(),
+            seen: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(REPLAY_WINDOW * 2)
+                .build(),
+        })
+    }
+
+    /// `payload` signed, sent at `sent_ms` with `nonce`.
+    pub fn seal(&self, payload: &[u8], sent_ms: u64, nonce: [u8; 16]) -> Result<Vec<u8>, String> {
+        let chain = &self.id.chain;
+        let chain_len = u16::try_from(chain.len()).map_err(|_| "certificate chain too long")?;
+        let mut out = Vec::with_capacity(HEADER + 4 + chain.len() + payload.len() + 600);
+        out.extend_from_slice(CERT_MAGIC);
+        out.extend_from_slice(&sent_ms.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&u16::from(self.signer.scheme()).to_be_bytes());
+        out.extend_from_slice(&chain_len.to_be_bytes());
+        out.extend_from_slice(chain);
+        out.extend_from_slice(payload);
+        let sig = self.signer.sign(&out).map_err(|e| e.to_string())?;
+        let sig_len = u16::try_from(sig.len()).map_err(|_| "signature too long")?;
+        out.extend_from_slice(&sig);
+        out.extend_from_slice(&sig_len.to_be_bytes());
+        Ok(out)
+    }
+
+    /// The payload of `datagram` if a member signed it, fresh at `now_ms` and not seen before.
+    pub fn open<'a>(&self, datagram: &'a [u8], now_ms: u64) -> Result<&'a [u8], Rejected> {
+        let head = HEADER + 4;
+        if datagram.len() < head + 2 || &datagram[..4] != CERT_MAGIC {
+            return Err(Rejected::Malformed);
+        }
+        let (rest, sig_len) = datagram.split_at(datagram.len() - 2);
+        let sig_len = usize::from(u16::from_be_bytes([sig_len[0], sig_len[1]]));
+        let body_len = rest.len().checked_sub(sig_len).ok_or(Rejected::Malformed)?;
+        let (body, sig) = rest.split_at(body_len);
+        if body.len() < head {
+            return Err(Rejected::Malformed);
+        }
+        let sent = u64::from_be_bytes(body[4..12].try_into().map_err(|_| Rejected::Malformed)?);
+        if sent.abs_diff(now_ms) > REPLAY_WINDOW.as_millis() as u64 {
+            return Err(Rejected::Stale);
+        }
+        let scheme = SignatureScheme::from(u16::from_be_bytes([body[HEADER], body[HEADER + 1]]));
+        let chain_len = usize::from(u16::from_be_bytes([body[HEADER + 2], body[HEADER + 3]]));
+        let chain = body
+            .get(head..head + chain_len)
+            .ok_or(Rejected::Malformed)?;
+        let chain_hash = *blake3::hash(chain).as_bytes();
+        let end = if self.trusted.contains_key(&chain_hash) {
+            let (len, der) = chain.split_at_checked(2).ok_or(Rejected::Malformed)?;
+            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            CertificateDer::from(der.get(..len).ok_or(Rejected::Malformed)?)
+        } else {
+            let end = self.id.check_chain(chain)?;
+            self.trusted.insert(chain_hash, ());
+            end
+        };
+        if !SCHEMES.contains(&scheme) {
+            return Err(Rejected::BadTag);
+        }
+        let alg = self
+            .id
+            .algorithms
+            .mapping
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .and_then(|(_, algs)| algs.first())
+            .ok_or(Rejected::BadTag)?;
+        webpki::EndEntityCert::try_from(&end)
+            .map_err(|_| Rejected::Untrusted)?
+            .verify_signature(*alg, body, sig)
+            .map_err(|_| Rejected::BadTag)?;
+        let nonce: [u8; 16] = body[12..HEADER]
+            .try_into()
+            .map_err(|_| Rejected::Malformed)?;
+        if !self.seen.entry(nonce).or_insert(()).is_fresh() {
+            return Err(Rejected::Replay);
+        }
+        Ok(&body[head + chain_len..])
+    }
+}
+
+/// One of the two seals.
+#[derive(Debug)]
+enum Seal {
+    Key(Sealer),
+    Cert(CertSealer),
+}
+
+impl Seal {
+    fn seal(&self, payload: &[u8], sent_ms: u64, nonce: [u8; 16]) -> Result<Vec<u8>, String> {
+        match self {
+            Seal::Key(s) => Ok(s.seal(payload, sent_ms, nonce)),
+            Seal::Cert(s) => s.seal(payload, sent_ms, nonce),
+        }
+    }
+
+    fn open<'a>(&self, datagram: &'a [u8], now_ms: u64) -> Result<&'a [u8], Rejected> {
+        match self {
+            Seal::Key(s) => s.open(datagram, now_ms),
+            Seal::Cert(s) => s.open(datagram, now_ms),
+        }
+    }
+}
+
+/// chitchat's transport with every datagram sealed.
 #[derive(Debug, Clone)]
 pub struct AuthTransport {
-    key: ClusterKey,
+    auth: GossipAuth,
 }
 
 impl AuthTransport {
-    /// A transport under `key`.
-    pub fn new(key: ClusterKey) -> AuthTransport {
-        AuthTransport { key }
+    /// A transport sealing with `auth`.
+    pub fn new(auth: GossipAuth) -> AuthTransport {
+        AuthTransport { auth }
     }
 }
 
@@ -186,7 +463,14 @@ impl Transport for AuthTransport {
             .await
             .context("gossip relay socket")?;
         let mut s = AuthSocket {
-            sealer: Sealer::new(self.key.clone()),
+            sealer: match &self.auth {
+                GossipAuth::Key(key) => Seal::Key(Sealer::new(key.clone())),
+                GossipAuth::Tls(id) => {
+                    Seal::Cert(CertSealer::new(id.clone()).map_err(|e| {
+                        anyhow::anyhow!("cluster.tls: gossip cannot be signed: {e}")
+                    })?)
+                }
+            },
             public,
             inner,
             inner_addr: None,
@@ -201,7 +485,7 @@ impl Transport for AuthTransport {
 }
 
 struct AuthSocket {
-    sealer: Sealer,
+    sealer: Seal,
     public: tokio::net::UdpSocket,
     inner: chitchat::transport::UdpSocket,
     inner_addr: Option<SocketAddr>,
@@ -238,7 +522,13 @@ impl Socket for AuthSocket {
         self.send_buf.clear();
         msg.serialize(&mut self.send_buf);
         let nonce: [u8; 16] = rand::random();
-        let sealed = self.sealer.seal(&self.send_buf, now_ms(), nonce);
+        let sealed = match self.sealer.seal(&self.send_buf, now_ms(), nonce) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, %to, "gossip message could not be sealed; dropped");
+                return Ok(());
+            }
+        };
         if sealed.len() > MAX_DATAGRAM {
             tracing::warn!(bytes = sealed.len(), %to, "gossip message too large to seal; dropped");
             return Ok(());
@@ -318,5 +608,100 @@ mod tests {
         );
         assert_eq!(b.open(b"short", now), Err(Rejected::Malformed));
         assert!(ClusterKey::from_secret(b"short").is_err());
+    }
+
+    /// The identity of member `name` of `pki`, checked against `pki`'s CA.
+    fn identity(pki: &shadowcache_testkit::TestPki, name: &str) -> Arc<TlsIdentity> {
+        let (cert, key) = pki.member(name, "shadowcache");
+        let cfg = crate::config::TlsConfig {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        };
+        Arc::new(TlsIdentity::load(&cfg).expect("identity"))
+    }
+
+    #[test]
+    fn only_datagrams_signed_under_the_clusters_ca_open_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+        let rogue = shadowcache_testkit::TestPki::new(&dir.path().join("rogue"));
+        let a = CertSealer::new(identity(&pki, "a")).expect("a");
+        let b = CertSealer::new(identity(&pki, "b")).expect("b");
+        let now = 1_000_000_000;
+        let d = a.seal(b"hello", now, [7; 16]).expect("seal");
+        assert_eq!(b.open(&d, now + 5).expect("opens"), b"hello");
+        assert_eq!(b.open(&d, now + 6), Err(Rejected::Replay), "a replay");
+        // The chain is trusted now: a second datagram takes the cached path and still checks
+        // its signature.
+        let mut flipped = a.seal(b"hello", now, [9; 16]).expect("seal");
+        let payload_at = flipped.len()
+            - 2
+            - usize::from(u16::from_be_bytes([
+                flipped[flipped.len() - 2],
+                flipped[flipped.len() - 1],
+            ]))
+            - 5;
+        flipped[payload_at] ^= 1;
+        assert_eq!(
+            b.open(&flipped, now),
+            Err(Rejected::BadTag),
+            "a changed byte"
+        );
+        let window = REPLAY_WINDOW.as_millis() as u64;
+        assert_eq!(
+            b.open(
+                &a.seal(b"old", now - window - 1, [10; 16]).expect("seal"),
+                now
+            ),
+            Err(Rejected::Stale)
+        );
+        // A member of another CA (with its own CA's files it loads fine) is not trusted.
+        let stranger = CertSealer::new(identity(&rogue, "m")).expect("m");
+        assert_eq!(
+            b.open(
+                &stranger.seal(b"let me in", now, [11; 16]).expect("seal"),
+                now
+            ),
+            Err(Rejected::Untrusted)
+        );
+        // A stranger's signature with a member's chain pasted in fails the signature.
+        let ours = a.seal(b"x", now, [12; 16]).expect("seal");
+        let theirs = stranger.seal(b"x", now, [12; 16]).expect("seal");
+        let chain_of = |d: &[u8]| {
+            let len = usize::from(u16::from_be_bytes([d[HEADER + 2], d[HEADER + 3]]));
+            (HEADER + 4, HEADER + 4 + len)
+        };
+        let (s0, s1) = chain_of(&ours);
+        let (t0, t1) = chain_of(&theirs);
+        let mut forged = theirs[..HEADER + 2].to_vec();
+        forged.extend_from_slice(&u16::try_from(s1 - s0).expect("len").to_be_bytes());
+        forged.extend_from_slice(&ours[s0..s1]);
+        forged.extend_from_slice(&theirs[t1..]);
+        assert_ne!(t0, 0);
+        assert_eq!(b.open(&forged, now), Err(Rejected::BadTag));
+        // A key datagram is not a certificate datagram, and garbage is malformed.
+        assert_eq!(
+            b.open(
+                &sealer(b"a secret of thirty-two bytes....").seal(b"x", now, [13; 16]),
+                now
+            ),
+            Err(Rejected::Malformed)
+        );
+        assert_eq!(
+            b.open(b"SCT1 and then nothing", now),
+            Err(Rejected::Malformed)
+        );
+        // A certificate the CA did not sign does not load as this member's identity.
+        let (cert, key) = rogue.member("z", "shadowcache");
+        let err = TlsIdentity::load(&crate::config::TlsConfig {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        })
+        .expect_err("a certificate of another CA");
+        assert!(err.contains("not signed by the cluster's CA"), "{err}");
     }
 }

@@ -78,8 +78,9 @@ pub struct GossipConfig {
     pub gossip_interval: Duration,
     /// Phi above which a silent member is declared dead.
     pub phi_threshold: f64,
-    /// The cluster key: every datagram sealed and checked under it. `None`: open gossip.
-    pub key: Option<super::gossip_auth::ClusterKey>,
+    /// How every datagram is sealed and checked: under the cluster key, or signed with the
+    /// member's TLS key. `None`: open gossip.
+    pub auth: Option<super::gossip_auth::GossipAuth>,
 }
 
 /// Why joining failed.
@@ -278,12 +279,12 @@ impl Gossip {
             (KEY_PEER_ADDR.to_string(), cfg.advertise_rpc.to_string()),
             (KEY_DISKS_VERSION.to_string(), "0".to_string()),
         ];
-        let spawned = match &cfg.key {
-            Some(key) => {
+        let spawned = match &cfg.auth {
+            Some(auth) => {
                 spawn_chitchat(
                     config,
                     initial,
-                    &super::gossip_auth::AuthTransport::new(key.clone()),
+                    &super::gossip_auth::AuthTransport::new(auth.clone()),
                 )
                 .await
             }
@@ -447,17 +448,23 @@ pub async fn from_config(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let boot = crate::ids::boot_id(unix_ms, random);
-    let key =
-        match &c.secret_file {
-            Some(path) => Some(super::gossip_auth::ClusterKey::from_file(path).map_err(
-                |cause| MembershipError::Gossip {
-                    listen: c.peer_listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-                    cause: format!("cluster.secret_file: {cause}"),
-                },
-            )?),
-            None => None,
-        };
-    if c.peer_listen.is_some() && key.is_none() && c.tls.is_none() {
+    use super::gossip_auth::{ClusterKey, GossipAuth, TlsIdentity};
+    let failed = |cause: String| MembershipError::Gossip {
+        listen: c.peer_listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        cause,
+    };
+    // The key when there is one (a MAC is cheaper than a signature); else the TLS identity.
+    let auth = match (&c.secret_file, &c.tls) {
+        (Some(path), _) => Some(GossipAuth::Key(
+            ClusterKey::from_file(path)
+                .map_err(|cause| failed(format!("cluster.secret_file: {cause}")))?,
+        )),
+        (None, Some(tls)) if c.peer_listen.is_some() => Some(GossipAuth::Tls(Arc::new(
+            TlsIdentity::load(tls).map_err(failed)?,
+        ))),
+        (None, _) => None,
+    };
+    if c.peer_listen.is_some() && auth.is_none() {
         tracing::warn!(
             "the cluster is open: neither cluster.secret_file nor [cluster.tls] is set, so anyone who can reach peer_listen can join, claim a member's id and call the Peer service; see docs/security.md"
         );
@@ -485,7 +492,7 @@ pub async fn from_config(
                 seeds: c.seeds.clone(),
                 gossip_interval: Duration::from_millis(c.gossip_interval_ms),
                 phi_threshold: c.phi_threshold,
-                key,
+                auth,
             })
             .await?,
         ),

@@ -86,9 +86,10 @@ impl Interceptor for CheckCalls {
             Err(crate::cluster::gossip_auth::Rejected::BadTag) => Err(refuse("wrong key")),
             Err(crate::cluster::gossip_auth::Rejected::Stale) => Err(refuse("stale signature")),
             Err(crate::cluster::gossip_auth::Rejected::Replay) => Err(refuse("replayed signature")),
-            Err(crate::cluster::gossip_auth::Rejected::Malformed) => {
-                Err(refuse("malformed signature"))
-            }
+            Err(
+                crate::cluster::gossip_auth::Rejected::Malformed
+                | crate::cluster::gossip_auth::Rejected::Untrusted,
+            ) => Err(refuse("malformed signature")),
         }
     }
 }

@@ -2,9 +2,8 @@
 //! cluster's CA signed, and a member only talks to servers that present such a certificate
 //! for the cluster's `server_name`.
 //!
-//! Gossip (UDP) is not covered: a stranger can appear in the member list, but it cannot call
-//! the Peer service, and members never take a disk list, a block, a lease or a revocation from
-//! it, because every call to it fails the handshake.
+//! Gossip (UDP) is signed with the same key and certificate when no `cluster.secret_file` is set
+//! ([`crate::cluster::gossip_auth::CertSealer`]), so a stranger does not reach the member list.
 //!
 //! Architecture invariant: PEM files are read once at start, and nothing here logs key material.
 
