@@ -84,6 +84,17 @@ pub enum Error {
     /// The node's own state (data directory) could not be written.
     #[error("node state: {0}")]
     State(String),
+    /// A forwarded write that reached the owner after the time its sender waits for it: it
+    /// was not applied (the sender has told its client it failed).
+    #[error(
+        "write of disk {disk:?} reached its owner {late_ms} ms after its deadline and was not applied"
+    )]
+    Late {
+        /// The disk.
+        disk: String,
+        /// How late it was.
+        late_ms: u64,
+    },
     /// An error another member answered, kept as it was sent: its kind and message.
     #[error("{message}")]
     Remote {
@@ -125,6 +136,8 @@ pub enum ErrorKind {
     NoLease,
     /// [`Error::State`].
     State,
+    /// [`Error::Late`].
+    Late,
 }
 
 /// The protocol's status codes for errors (gRPC's names and meanings).
@@ -150,7 +163,7 @@ pub enum Code {
 
 impl ErrorKind {
     /// Every kind, for the round-trip tests of the maps.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::UnknownDisk,
         ErrorKind::InvalidDiskId,
         ErrorKind::DiskExists,
@@ -164,6 +177,7 @@ impl ErrorKind {
         ErrorKind::Peer,
         ErrorKind::NoLease,
         ErrorKind::State,
+        ErrorKind::Late,
     ];
 
     /// The kind's name on the wire (lowercase, stable).
@@ -182,6 +196,7 @@ impl ErrorKind {
             ErrorKind::Peer => "peer",
             ErrorKind::NoLease => "no_lease",
             ErrorKind::State => "state",
+            ErrorKind::Late => "late",
         }
     }
 
@@ -200,7 +215,7 @@ impl ErrorKind {
             ErrorKind::DiskExists => Code::AlreadyExists,
             ErrorKind::OutOfRange => Code::OutOfRange,
             ErrorKind::Sealed | ErrorKind::Unseal | ErrorKind::NoLease => Code::FailedPrecondition,
-            ErrorKind::Origin | ErrorKind::Peer => Code::Unavailable,
+            ErrorKind::Origin | ErrorKind::Peer | ErrorKind::Late => Code::Unavailable,
             ErrorKind::State => Code::Internal,
             ErrorKind::StaleGeneration => Code::Aborted,
         }
@@ -224,6 +239,7 @@ impl Error {
             Error::Peer { .. } => ErrorKind::Peer,
             Error::NoLease { .. } => ErrorKind::NoLease,
             Error::State(_) => ErrorKind::State,
+            Error::Late { .. } => ErrorKind::Late,
             Error::Remote { kind, .. } => *kind,
         }
     }

@@ -75,12 +75,13 @@ impl InProcessNet {
         let n = self.nodes.lock().len() as u16;
         let addr = SocketAddr::from(([127, 0, 0, 1], 1 + n));
         Environment {
-            clock,
+            clock: clock.clone(),
             seed,
             membership: Some(self.members.join(id, addr, boot)),
             peers: Arc::new(InProcessPeers {
                 me: id.to_string(),
                 net: self.clone(),
+                clock: clock.clone(),
             }),
         }
     }
@@ -158,6 +159,7 @@ fn crossed<T>(node: &str, r: Result<T>) -> Result<T> {
 struct InProcessPeers {
     me: String,
     net: InProcessNet,
+    clock: Arc<dyn Clock>,
 }
 
 impl PeerService for InProcessPeers {
@@ -227,10 +229,27 @@ impl PeerService for InProcessPeers {
         disk: &'a str,
         offset: u64,
         data: Bytes,
+        within: Duration,
     ) -> BoxFuture<'a, Result<()>> {
+        // A write once sent is on its way whether or not its sender still waits (as on a real
+        // network): it goes in a task of its own, which a caller that gives up does not stop.
+        let (net, me, node, disk) = (
+            self.net.clone(),
+            self.me.clone(),
+            to.node.to_string(),
+            disk.to_string(),
+        );
+        let clock = self.clock.clone();
+        let sent = clock.now();
+        let call = tokio::spawn(async move {
+            let n = net.deliver(&me, &node).await?;
+            // A call held on its link spent that time on the way.
+            let left = within.saturating_sub(clock.now().saturating_sub(sent));
+            crossed(&node, n.write_local(&disk, offset, data, Some(left)).await)
+        });
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.write_local(disk, offset, data).await)
+            call.await
+                .map_err(|e| Error::State(format!("in-process write: {e}")))?
         })
     }
 

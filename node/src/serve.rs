@@ -277,10 +277,18 @@ impl Node {
         Ok(b)
     }
 
-    /// Writes a disk this node owns (for the Peer service).
-    pub async fn write_local(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
+    /// Writes a disk this node owns (for the Peer service); with `within`, only if the write
+    /// takes its place in the disk's write order within that long from now.
+    pub async fn write_local(
+        &self,
+        disk: &str,
+        offset: u64,
+        data: Bytes,
+        within: Option<std::time::Duration>,
+    ) -> Result<()> {
         let d = self.registry.get(disk)?;
-        self.write_owned(&d, offset, data).await
+        let by = within.map(|w| self.clock.now() + w);
+        self.write_owned(&d, offset, data, by).await
     }
 
     /// Flushes a disk this node owns (for the Peer service).

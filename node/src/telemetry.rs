@@ -72,6 +72,8 @@ pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
 pub const MEMBERS_ALIVE: &str = "shadowcache_members_alive";
 /// Requests forwarded to a disk's owner, by `rpc`.
 pub const FORWARDED: &str = "shadowcache_forwarded_requests_total";
+/// Forwarded writes refused because they reached this owner after their sender's deadline.
+pub const LATE_WRITES: &str = "shadowcache_late_writes_total";
 /// gRPC requests, by `rpc`.
 pub const RPC_REQUESTS: &str = "shadowcache_rpc_requests_total";
 /// gRPC requests that ended in an error, by `rpc` and `code`.
@@ -343,6 +345,10 @@ fn describe() {
     );
     describe_gauge!(MEMBERS_ALIVE, "Live cluster members, this node included");
     describe_counter!(FORWARDED, "Requests forwarded to a disk's owner, by rpc");
+    describe_counter!(
+        LATE_WRITES,
+        "Forwarded writes refused (never applied) because they reached the owner after their sender's deadline"
+    );
     describe_counter!(RPC_REQUESTS, "gRPC requests by rpc");
     describe_counter!(RPC_ERRORS, "gRPC requests that failed, by rpc and code");
     describe_counter!(RPC_BYTES, Unit::Bytes, "Payload bytes by rpc");

@@ -70,7 +70,7 @@ impl Node {
     /// Writes `data` at `offset` of disk `disk`; a disk owned elsewhere is written at its owner.
     pub async fn write(&self, disk: &str, offset: u64, data: Bytes) -> Result<()> {
         match self.registry.get(disk) {
-            Ok(d) => self.write_owned(&d, offset, data).await,
+            Ok(d) => self.write_owned(&d, offset, data, None).await,
             Err(Error::UnknownDisk(_)) => {
                 let r = self.remote(disk)?;
                 read::check_span(disk, r.info.size_bytes, offset, data.len() as u64)?;
@@ -98,12 +98,16 @@ impl Node {
     }
 
     /// A write of a disk this node owns: waits out a post-restart fence, ends a detection
-    /// (revoking every lease) when it finds one, then writes.
+    /// (revoking every lease) when it finds one, then writes. With `by` (a point on the node's
+    /// clock: a forwarded write's deadline), a write that would take its place in the disk's
+    /// write order later is refused and never applied: its sender has given up on it, and a
+    /// retry may already be acknowledged.
     pub(crate) async fn write_owned(
         &self,
         d: &Arc<disk::Disk>,
         offset: u64,
         data: Bytes,
+        by: Option<Duration>,
     ) -> Result<()> {
         read::check_range(d, offset, data.len() as u64)?;
         if data.is_empty() {
@@ -122,7 +126,18 @@ impl Node {
             }
             d.owner.record_write(self.clock.now());
             match d.begin_write()? {
-                Some(guard) => return land(d, guard, offset, data).await,
+                Some(guard) => {
+                    let now = self.clock.now();
+                    if let Some(by) = by.filter(|by| now >= *by) {
+                        metrics::counter!(telemetry::LATE_WRITES).increment(1);
+                        tracing::warn!(disk = %d.id, late_ms = (now - by).as_millis() as u64, "a forwarded write arrived after its sender gave up on it; not applied");
+                        return Err(Error::Late {
+                            disk: d.id.to_string(),
+                            late_ms: (now - by).as_millis() as u64,
+                        });
+                    }
+                    return land(d, guard, offset, data).await;
+                }
                 // Detected, or its leases being revoked: end that first, then write.
                 None => self.end_detection(d, "write").await?,
             }

@@ -303,7 +303,7 @@ async fn clients_that_never_read_their_replies_cannot_grow_the_node() {
 }
 
 /// Item 9: clients that never finish negotiation are closed in time, while a well-behaved
-/// client still connects and reads with 300 of them open.
+/// client still connects and reads with 500 of them open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
     use std::io::Read;
@@ -312,7 +312,7 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
     let (a, _) = one_disk_node(dir.path(), "base", "sealed", &vec![1u8; 1 << 20]);
     let sock = a.process.data_dir.join("nbd.sock");
     let opened = Instant::now();
-    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..300)
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..500)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
         .collect();
     let out = Command::new(&nbdinfo)
@@ -322,7 +322,7 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
         .expect("nbdinfo");
     assert!(
         out.status.success(),
-        "a good client was locked out by 300 silent ones: {}",
+        "a good client was locked out by 500 silent ones: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
@@ -352,6 +352,93 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
         took >= shadowcache_node::nbd::NEGOTIATION_TIMEOUT - Duration::from_secs(1),
         "closed after {took:?}: sooner than a slow client is allowed"
     );
+}
+
+/// Item 9, the cap: a listener serves at most its connection cap at once (fewer than 1,024 when
+/// the descriptor limit is low, keeping 256 descriptors for the node itself); a client past it
+/// is closed at once, logged and counted, and the node's own files still open: its gRPC socket
+/// answers, and once the silent clients are closed a new client is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("base.raw");
+    write_file(&image, &vec![1u8; 1 << 20]);
+    let metrics_port = shadowcache_testkit::free_port();
+    let limit = 400usize;
+    let a = member_with_env(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--disk=base={},sealed", image.display()),
+            format!("--metrics=127.0.0.1:{metrics_port}"),
+        ],
+        &[(shadowcache_testkit::NOFILE_LIMIT, &limit.to_string())],
+    );
+    let cap = limit - shadowcache_node::nbd::FD_RESERVE;
+    let sock = a.process.data_dir.join("nbd.sock");
+    let opened = Instant::now();
+    let mut greeted = Vec::new();
+    let mut closed = 0;
+    for _ in 0..cap + 40 {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut magic = [0u8; 8];
+        match s.read(&mut magic) {
+            Ok(8) if &magic == b"NBDMAGIC" => greeted.push(s),
+            Ok(0) => closed += 1,
+            other => panic!("neither a greeting nor a close: {other:?}"),
+        }
+    }
+    assert!(
+        opened.elapsed() < shadowcache_node::nbd::NEGOTIATION_TIMEOUT,
+        "too slow to open the clients: {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(greeted.len(), cap, "clients served at once under the cap");
+    assert_eq!(closed, 40, "clients past the cap closed at once");
+    // The node's own descriptors are untouched: its gRPC socket answers and reads the disk.
+    let got = client(&a)
+        .await
+        .disk("base")
+        .read_at(0, 4096)
+        .await
+        .expect("gRPC with the NBD listener full");
+    assert!(got.iter().all(|&b| b == 1));
+    let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
+    let refused: f64 = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("shadowcache_nbd_refused_connections_total")
+                && l.contains("reason=\"connection_cap\"")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 40.0, "the refusals counted:\n{body}");
+    let log = a.process.log_text();
+    assert!(
+        log.contains("nbd connection refused: the listener serves"),
+        "no log line for the cap:\n{log}"
+    );
+    // Once the silent clients are closed (negotiation timeout), a client is served again.
+    drop(greeted);
+    let again = Instant::now() + shadowcache_node::nbd::NEGOTIATION_TIMEOUT * 2;
+    loop {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut magic = [0u8; 8];
+        if matches!(s.read(&mut magic), Ok(8)) && &magic == b"NBDMAGIC" {
+            break;
+        }
+        assert!(
+            Instant::now() < again,
+            "the listener never took a client again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Item 10: the node serves every request up to the maximum block size it advertises: a

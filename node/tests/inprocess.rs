@@ -331,3 +331,66 @@ async fn block_status_at_a_member_needs_its_lease() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Issue 16 item 2, the forwarded case: a write that b forwarded, held on the way to the owner
+/// until b gave up on it, must never land over the retry that c had acknowledged meanwhile.
+/// The owner refuses it: it arrived after the deadline b sent with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_held_until_its_sender_gave_up_never_lands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path()).await;
+    let (a, b, cc) = (
+        c.node("a").clone(),
+        c.node("b").clone(),
+        c.node("c").clone(),
+    );
+    c.net.set_link("b", "a", Link::Held);
+    let first = {
+        let b = b.clone();
+        tokio::spawn(async move { b.write("vdi", 3 * BS, Bytes::from(block(3, 2))).await })
+    };
+    // b waits twice the time the owner has to take the write; move the clock past it.
+    let mut waited_ms = 0;
+    while !first.is_finished() {
+        c.step(500).await;
+        waited_ms += 500;
+        assert!(waited_ms <= 120_000, "b never gave up on its write");
+    }
+    let err = first
+        .await
+        .expect("task")
+        .expect_err("a write held on its way until b gave up");
+    assert!(err.to_string().contains("not acknowledged"), "{err}");
+    // The client retries through c: acknowledged.
+    cc.write("vdi", 3 * BS, Bytes::from(block(3, 3)))
+        .await
+        .expect("the retry through c");
+    // Now the first write reaches the owner, late.
+    c.net.set_link("b", "a", Link::Open);
+    let settled = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settled {
+        let got = a.read("vdi", 3 * BS, BS).await.expect("read at a");
+        assert_eq!(
+            version_of(3, &got),
+            3,
+            "the write b gave up on landed over the acknowledged retry"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let origin = std::fs::read(dir.path().join("vdi.raw")).expect("origin");
+    assert_eq!(
+        version_of(3, &origin[(3 * BS) as usize..(4 * BS) as usize]),
+        3
+    );
+    // A forwarded write that is not late still lands.
+    b.write("vdi", 4 * BS, Bytes::from(block(4, 5)))
+        .await
+        .expect("a timely forwarded write");
+    assert_eq!(
+        version_of(4, &a.read("vdi", 4 * BS, BS).await.expect("read")),
+        5
+    );
+    for n in c.nodes.drain(..) {
+        n.shutdown().await.expect("shutdown");
+    }
+}

@@ -114,6 +114,10 @@ pub fn free_peer_port() -> u16 {
     panic!("no port free for both TCP and UDP on 127.0.0.1");
 }
 
+/// Pseudo environment variable of [`NodeProcess::start_with_env`]: run the node under this
+/// descriptor limit (soft and hard), through util-linux `prlimit`.
+pub const NOFILE_LIMIT: &str = "TESTKIT_NOFILE_LIMIT";
+
 /// A running `shadowcache-node` process with its own data directory.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -133,7 +137,9 @@ impl NodeProcess {
         Self::start_with_env(data_dir, args, &[])
     }
 
-    /// [`NodeProcess::start`] with extra environment variables (fault injection).
+    /// [`NodeProcess::start`] with extra environment variables (fault injection). The pseudo
+    /// variable [`NOFILE_LIMIT`] is not passed on: the node runs under `prlimit` with that
+    /// descriptor limit instead.
     pub fn start_with_env(data_dir: &Path, args: &[String], env: &[(&str, &str)]) -> NodeProcess {
         let mut n = NodeProcess {
             child: None,
@@ -157,7 +163,21 @@ impl NodeProcess {
             .append(true)
             .open(&self.log)
             .expect("node log");
-        let mut cmd = Command::new(binary("shadowcache-node"));
+        let nofile = self
+            .env
+            .iter()
+            .find(|(k, _)| k == NOFILE_LIMIT)
+            .map(|(_, v)| v.clone());
+        let mut cmd = match &nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(binary("shadowcache-node"));
+                c
+            }
+            None => Command::new(binary("shadowcache-node")),
+        };
         cmd.arg("--data-dir").arg(&self.data_dir);
         if !self.args.iter().any(|a| a.starts_with("--node-id")) {
             cmd.arg("--node-id").arg("test-node");
@@ -165,7 +185,12 @@ impl NodeProcess {
         let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(k, _)| k != NOFILE_LIMIT)
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -6,7 +6,9 @@
 //! [`DELTA_INTERVAL`]. A subscriber keeps one bitmap per member and disk ([`RemoteMaps`]); a
 //! miss asks a member whose map shows the block, the less loaded of two picked at random, before
 //! the block's home and the owner. A map of another generation or epoch, or of a member that
-//! left, is dropped. A bit can outlive its block in the holder's cache (evictions are not
+//! left, is dropped. Maps name a member incarnation (id and boot): a member that restarts, or
+//! another process with its id, starts from an empty map, and a holder is asked only while
+//! membership shows the incarnation whose map it was. A bit can outlive its block in the holder's cache (evictions are not
 //! tracked); such a holder answers "missing", clears the bit, and the asker moves on.
 //!
 //! Architecture invariant: block maps only say where to *ask*; every block from a member is
@@ -184,14 +186,22 @@ pub trait AsHeld: Send + Sync {
     fn held(&self) -> &HeldBlocks;
 }
 
-/// The block maps of one disk (at one generation and epoch) of every other member.
+/// One member incarnation's map.
+#[derive(Debug, Default)]
+struct MemberMap {
+    boot: u64,
+    bits: RoaringBitmap,
+}
+
+/// The block maps of one disk (at one generation and epoch) of every other member, by member
+/// id, each of one incarnation (boot) of that member.
 #[derive(Debug)]
 pub struct RemoteMaps {
     /// The generation these maps are for.
     pub generation: u64,
     /// The epoch.
     pub epoch: u64,
-    maps: DashMap<String, RoaringBitmap>,
+    maps: DashMap<String, MemberMap>,
     bytes: AtomicU64,
 }
 
@@ -206,15 +216,15 @@ impl RemoteMaps {
         }
     }
 
-    /// Members whose map shows block `index`.
-    pub fn holders(&self, index: u64) -> Vec<String> {
+    /// Member incarnations (id, boot) whose map shows block `index`.
+    pub fn holders(&self, index: u64) -> Vec<(String, u64)> {
         let Ok(i) = u32::try_from(index) else {
             return Vec::new();
         };
         self.maps
             .iter()
-            .filter(|m| m.value().contains(i))
-            .map(|m| m.key().clone())
+            .filter(|m| m.value().bits.contains(i))
+            .map(|m| (m.key().clone(), m.value().boot))
             .collect()
     }
 
@@ -223,15 +233,16 @@ impl RemoteMaps {
         let mut v: Vec<(String, u64)> = self
             .maps
             .iter()
-            .map(|m| (m.key().clone(), m.value().len()))
+            .map(|m| (m.key().clone(), m.value().bits.len()))
             .collect();
         v.sort();
         v
     }
 
-    /// Applies one update from `member`; an update that does not decode drops its map. Returns
+    /// Applies one update from incarnation `boot` of `member`; an update that does not decode
+    /// drops its map, and one of another incarnation than the map's starts a new map. Returns
     /// the bytes it carried.
-    pub fn apply(&self, member: &str, u: &Update) -> Result<u64, String> {
+    pub fn apply(&self, member: &str, boot: u64, u: &Update) -> Result<u64, String> {
         if u.generation != self.generation {
             return Err(format!(
                 "map of generation {} for generation {}",
@@ -242,48 +253,59 @@ impl RemoteMaps {
             RoaringBitmap::new()
         } else {
             RoaringBitmap::deserialize_from(&u.bits[..]).map_err(|e| {
-                self.forget(member);
+                self.forget(member, boot);
                 format!("undecodable block map: {e}")
             })?
         };
         let mut fresh = false;
         let mut m = self.maps.entry(member.to_string()).or_insert_with(|| {
             fresh = true;
-            RoaringBitmap::new()
+            MemberMap {
+                boot,
+                bits: RoaringBitmap::new(),
+            }
         });
-        let before = if fresh { 0 } else { m.serialized_size() as u64 };
-        if u.reset {
-            *m = bits;
+        let before = if fresh {
+            0
         } else {
-            *m |= bits;
+            m.bits.serialized_size() as u64
+        };
+        if u.reset || m.boot != boot {
+            // Another incarnation's map says nothing of what this one holds.
+            m.boot = boot;
+            m.bits = bits;
+        } else {
+            m.bits |= bits;
         }
         for r in &u.removed {
-            m.remove(*r);
+            m.bits.remove(*r);
         }
-        let after = m.serialized_size() as u64;
+        let after = m.bits.serialized_size() as u64;
         drop(m);
         self.bytes.fetch_add(after, Ordering::Relaxed);
         self.bytes.fetch_sub(before, Ordering::Relaxed);
         Ok(u.bits.len() as u64 + 4 * u.removed.len() as u64 + 16)
     }
 
-    /// Notes that `member` does not hold block `index` after all.
-    pub fn not_held(&self, member: &str, index: u64) {
-        if let (Ok(i), Some(mut m)) = (u32::try_from(index), self.maps.get_mut(member)) {
-            let before = m.serialized_size() as u64;
-            if m.remove(i) {
-                let after = m.serialized_size() as u64;
+    /// Notes that incarnation `boot` of `member` does not hold block `index` after all.
+    pub fn not_held(&self, member: &str, boot: u64, index: u64) {
+        if let (Ok(i), Some(mut m)) = (u32::try_from(index), self.maps.get_mut(member))
+            && m.boot == boot
+        {
+            let before = m.bits.serialized_size() as u64;
+            if m.bits.remove(i) {
+                let after = m.bits.serialized_size() as u64;
                 self.bytes.fetch_add(after, Ordering::Relaxed);
                 self.bytes.fetch_sub(before, Ordering::Relaxed);
             }
         }
     }
 
-    /// Drops `member`'s map.
-    pub fn forget(&self, member: &str) {
-        if let Some((_, m)) = self.maps.remove(member) {
+    /// Drops the map of incarnation `boot` of `member` (a newer incarnation's stays).
+    pub fn forget(&self, member: &str, boot: u64) {
+        if let Some((_, m)) = self.maps.remove_if(member, |_, m| m.boot == boot) {
             self.bytes
-                .fetch_sub(m.serialized_size() as u64, Ordering::Relaxed);
+                .fetch_sub(m.bits.serialized_size() as u64, Ordering::Relaxed);
         }
     }
 
@@ -316,8 +338,8 @@ mod tests {
         let remote = RemoteMaps::new(7, 1);
         let first = rx.recv().await.expect("snapshot");
         assert!(first.reset);
-        remote.apply("m", &first).expect("apply");
-        assert_eq!(remote.holders(5), vec!["m".to_string()]);
+        remote.apply("m", 1, &first).expect("apply");
+        assert_eq!(remote.holders(5), vec![("m".to_string(), 1)]);
         assert!(remote.holders(6).is_empty());
         d.0.insert(6);
         d.0.remove(1);
@@ -325,7 +347,7 @@ mod tests {
         while seen < 2 {
             let u = rx.recv().await.expect("delta");
             assert!(!u.reset);
-            remote.apply("m", &u).expect("apply");
+            remote.apply("m", 1, &u).expect("apply");
             seen = usize::from(!remote.holders(6).is_empty())
                 + usize::from(remote.holders(1).is_empty());
         }
@@ -334,15 +356,36 @@ mod tests {
         // Another generation's update is refused; a garbled one drops the map.
         let mut stale = first.clone();
         stale.generation = 6;
-        assert!(remote.apply("m", &stale).is_err());
+        assert!(remote.apply("m", 1, &stale).is_err());
         let garbled = Update {
             generation: 7,
             reset: true,
             bits: Bytes::from_static(b"not a bitmap"),
             removed: vec![],
         };
-        assert!(remote.apply("m", &garbled).is_err());
+        assert!(remote.apply("m", 1, &garbled).is_err());
         assert!(remote.holders(5).is_empty());
+        assert_eq!(remote.bytes(), 0);
+        // A map names an incarnation: the next one's first update replaces it, even one that
+        // is not a reset, and the older incarnation cannot change or drop the newer map.
+        let mut first = first.clone();
+        first.bits = serialize(&[1u32, 5, 9].into_iter().collect());
+        remote.apply("m", 1, &first).expect("apply");
+        let delta = Update {
+            generation: 7,
+            reset: false,
+            bits: serialize(&[2u32].into_iter().collect()),
+            removed: vec![],
+        };
+        remote.apply("m", 2, &delta).expect("apply");
+        assert_eq!(remote.holders(2), vec![("m".to_string(), 2)]);
+        assert!(remote.holders(5).is_empty(), "the old incarnation's blocks");
+        remote.not_held("m", 1, 2);
+        remote.forget("m", 1);
+        assert_eq!(remote.holders(2), vec![("m".to_string(), 2)]);
+        remote.not_held("m", 2, 2);
+        assert!(remote.holders(2).is_empty());
+        remote.forget("m", 2);
         assert_eq!(remote.bytes(), 0);
         alive.store(false, Ordering::SeqCst);
         while rx.recv().await.is_some() {}
@@ -361,7 +404,7 @@ mod tests {
         assert!(msgs.iter().all(|m| m.bits.len() <= MAX_BITS_BYTES));
         let r = RemoteMaps::new(1, 1);
         for m in &msgs {
-            r.apply("x", m).expect("apply");
+            r.apply("x", 1, m).expect("apply");
         }
         assert_eq!(r.coverage(), vec![("x".to_string(), 20_000_000)]);
     }

@@ -273,8 +273,14 @@ impl Remote {
             .maps
             .holders(index)
             .into_iter()
-            .filter(|h| *h != self.me && *h != self.owner)
-            .filter_map(|h| members.iter().find(|m| m.id == h).cloned())
+            .filter(|(h, _)| *h != self.me && *h != self.owner)
+            // Only the incarnation whose map it is: a restarted member holds nothing yet.
+            .filter_map(|(h, boot)| {
+                members
+                    .iter()
+                    .find(|m| m.id == h && m.boot == boot)
+                    .cloned()
+            })
             .map(|m| (self.peers.load(&m.id), m))
             .collect();
         if hs.len() >= 2 {
@@ -452,7 +458,7 @@ impl Remote {
                 .and_then(|(_, b)| b.clone());
             let Some(bytes) = bytes else {
                 if cached_only {
-                    self.maps.not_held(&m.id, w.index);
+                    self.maps.not_held(&m.id, m.boot, w.index);
                 }
                 metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => "missing")
                     .increment(1);

@@ -100,13 +100,15 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         length: u64,
         generation_epoch: (u64, u64),
     ) -> BoxFuture<'a, Result<Bytes>>;
-    /// Writes at the owner.
+    /// Writes at the owner, which refuses the write ([`crate::error::Error::Late`]) unless it
+    /// takes its place in the disk's write order `within` this long of the call.
     fn write<'a>(
         &'a self,
         to: To<'a>,
         disk: &'a str,
         offset: u64,
         data: Bytes,
+        within: Duration,
     ) -> BoxFuture<'a, Result<()>>;
     /// Flushes at the owner.
     fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>>;
@@ -341,7 +343,10 @@ impl Peers {
         match crate::clock::timeout(
             &*self.clock,
             self.write_timeout,
-            self.service.write(to, disk, offset, data),
+            // Half the wait for the owner to start it: the other half covers clocks that differ
+            // and the trip back, so the owner never applies a write this node gave up on.
+            self.service
+                .write(to, disk, offset, data, self.write_timeout / 2),
         )
         .await
         {

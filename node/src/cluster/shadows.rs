@@ -140,7 +140,7 @@ impl Cluster {
                     .is_some_and(|s| Arc::ptr_eq(&s.maps, &sub.maps));
             if !keep {
                 sub.task.abort();
-                sub.maps.forget(member);
+                sub.maps.forget(member, sub.boot);
             }
             keep
         });
@@ -159,10 +159,12 @@ impl Cluster {
                     continue;
                 }
                 let this = self.clone();
-                let (maps, member, addr) = (sh.maps.clone(), m.id.clone(), m.peer_addr);
+                let (maps, member, addr, boot) =
+                    (sh.maps.clone(), m.id.clone(), m.peer_addr, m.boot);
                 let disk = sh.disk.id.to_string();
                 let task = tokio::spawn(async move {
-                    this.follow_block_map(&disk, &member, addr, &maps).await;
+                    this.follow_block_map(&disk, (&member, boot), addr, &maps)
+                        .await;
                 });
                 self.subs.insert(
                     key,
@@ -176,12 +178,12 @@ impl Cluster {
         }
     }
 
-    /// Keeps `maps` current with `member`'s block map until aborted; reconnects after errors
-    /// (the member may not serve the disk yet).
+    /// Keeps `maps` current with the block map of incarnation `boot` of `member` until
+    /// aborted; reconnects after errors (the member may not serve the disk yet).
     async fn follow_block_map(
         &self,
         disk: &str,
-        member: &str,
+        (member, boot): (&str, u64),
         addr: SocketAddr,
         maps: &blockmap::RemoteMaps,
     ) {
@@ -194,7 +196,7 @@ impl Cluster {
             {
                 Ok(mut stream) => {
                     while let Some(Ok(u)) = stream.next().await {
-                        match maps.apply(member, &u) {
+                        match maps.apply(member, boot, &u) {
                             Ok(bytes) => self.stats.block_map_traffic.add(bytes),
                             Err(e) => {
                                 tracing::warn!(disk, member, error = %e, "bad block map update; map dropped");
@@ -205,7 +207,7 @@ impl Cluster {
                 }
                 Err(e) => tracing::debug!(disk, member, error = %e, "block map not available yet"),
             }
-            maps.forget(member);
+            maps.forget(member, boot);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }

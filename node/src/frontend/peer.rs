@@ -6,7 +6,7 @@
 //! member.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shadowcache_proto as pb;
 use tonic::{Request, Response, Status};
@@ -175,7 +175,18 @@ impl pb::peer_server::Peer for PeerFrontend {
         let t = Instant::now();
         let r = request.into_inner();
         let len = r.data.len() as u64;
-        let res = self.node.write_local(&r.disk, r.offset, r.data).await;
+        // The deadline is read against this host's clock once, here: below it is a point on
+        // the node's own clock.
+        let within = (r.deadline_unix_ms != 0).then(|| {
+            Duration::from_millis(
+                r.deadline_unix_ms
+                    .saturating_sub(crate::cluster::gossip_auth::now_ms()),
+            )
+        });
+        let res = self
+            .node
+            .write_local(&r.disk, r.offset, r.data, within)
+            .await;
         observe("peer_write", t, len, &res);
         res.map(|()| Response::new(pb::WriteResponse {}))
             .map_err(|e| status(&e))

@@ -254,14 +254,19 @@ impl PeerService for TonicPeers {
         disk: &'a str,
         offset: u64,
         data: Bytes,
+        within: Duration,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
+            let deadline_unix_ms = crate::cluster::gossip_auth::now_ms()
+                .saturating_add(within.as_millis() as u64)
+                .max(1);
             self.client(to)?
                 .write(pb::PeerWriteRequest {
                     disk: disk.to_string(),
                     offset,
                     data,
                     from_node: self.me.clone(),
+                    deadline_unix_ms,
                 })
                 .await
                 .map(|_| ())

@@ -107,6 +107,10 @@ mod tests {
                 why: "not detected".into(),
             },
             ErrorKind::State => Error::State("disk full".into()),
+            ErrorKind::Late => Error::Late {
+                disk: "d".into(),
+                late_ms: 3,
+            },
         }
     }
 
