@@ -17,10 +17,36 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::clock::Clock;
 use crate::disk::{Disk, DiskState, WriteGuard};
 use crate::error::{Error, Result};
 use crate::ids::Incarnation;
 use crate::{Node, disk, read, telemetry};
+
+/// The point on the node's clock after which a forwarded write is no longer sent to the origin:
+/// its sender stops waiting for it later (twice as long after sending it), and tells its client
+/// it failed.
+struct Deadline {
+    clock: Arc<dyn Clock>,
+    by: Duration,
+}
+
+impl Deadline {
+    /// Refuses the write if the deadline has passed.
+    fn check(&self, disk: &Disk) -> Result<()> {
+        let now = self.clock.now();
+        if now < self.by {
+            return Ok(());
+        }
+        let late_ms = (now - self.by).as_millis() as u64;
+        metrics::counter!(telemetry::LATE_WRITES).increment(1);
+        tracing::warn!(disk = %disk.id, late_ms, "a forwarded write reached the origin's turn after its deadline; not applied");
+        Err(Error::Late {
+            disk: disk.id.to_string(),
+            late_ms,
+        })
+    }
+}
 
 /// Writes `data` at `offset` of `disk` under its write `guard`.
 ///
@@ -28,16 +54,27 @@ use crate::{Node, disk, read, telemetry};
 /// holds the guard until the origin has the bytes: a caller that goes away (a cancelled RPC, a
 /// client that timed out) cannot let a seal slip in before a write that is still landing, and
 /// a later write of the same range (that client's retry) waits for this one to finish, so it
-/// can never be overwritten by it.
-async fn land(disk: &Arc<Disk>, guard: WriteGuard, offset: u64, data: Bytes) -> Result<()> {
+/// can never be overwritten by it. With a `deadline`, the write is dropped rather than sent to
+/// the origin if its turn comes after it.
+async fn land(
+    disk: &Arc<Disk>,
+    guard: WriteGuard,
+    offset: u64,
+    data: Bytes,
+    deadline: Option<Deadline>,
+) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
     let mut place = disk.writes.arrive(offset, data.len() as u64);
     let d = disk.clone();
-    let landed = tokio::spawn(async move {
+    tokio::spawn(async move {
         let _held = guard;
         place.ready().await;
+        if let Some(deadline) = &deadline {
+            // Waited behind an earlier write of the range: its sender may be gone by now.
+            deadline.check(&d)?;
+        }
         #[cfg(feature = "failpoints")]
         if let Some(ms) = fail::eval("origin-write-stall", |arg| {
             arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(1000)
@@ -46,14 +83,13 @@ async fn land(disk: &Arc<Disk>, guard: WriteGuard, offset: u64, data: Bytes) -> 
         }
         let r = d.origin.write_at(offset, data).await;
         drop(place);
-        r
+        r.map_err(|e| {
+            tracing::warn!(disk = %d.id, error = %e, "origin write failed");
+            Error::from(e)
+        })
     })
     .await
-    .map_err(|e| Error::State(format!("write task: {e}")))?;
-    landed.map_err(|e| {
-        tracing::warn!(disk = %disk.id, error = %e, "origin write failed");
-        e.into()
-    })
+    .map_err(|e| Error::State(format!("write task: {e}")))?
 }
 
 /// Makes every acknowledged write of `disk` durable. A sealed disk was flushed when sealed.
@@ -99,9 +135,10 @@ impl Node {
 
     /// A write of a disk this node owns: waits out a post-restart fence, ends a detection
     /// (revoking every lease) when it finds one, then writes. With `by` (a point on the node's
-    /// clock: a forwarded write's deadline), a write that would take its place in the disk's
-    /// write order later is refused and never applied: its sender has given up on it, and a
-    /// retry may already be acknowledged.
+    /// clock: a forwarded write's deadline), a write whose turn at the origin comes later is
+    /// refused and never sent there: its sender gives up on it soon after, and a retry may be
+    /// acknowledged then. (A write sent to the origin in time may still complete after; a retry
+    /// of its range waits for it in the write order.)
     pub(crate) async fn write_owned(
         &self,
         d: &Arc<disk::Disk>,
@@ -117,7 +154,15 @@ impl Node {
                 _ => Ok(()),
             };
         }
+        let deadline = by.map(|by| Deadline {
+            clock: self.clock.clone(),
+            by,
+        });
         loop {
+            if let Some(deadline) = &deadline {
+                // Before the waits and the end of a detection: a late write costs nothing.
+                deadline.check(d)?;
+            }
             let fenced = d.owner.fenced_for(self.clock.now());
             if !fenced.is_zero() {
                 tracing::info!(disk = %d.id, wait_ms = fenced.as_millis() as u64, "write waits until leases granted before the restart are over");
@@ -127,16 +172,10 @@ impl Node {
             d.owner.record_write(self.clock.now());
             match d.begin_write()? {
                 Some(guard) => {
-                    let now = self.clock.now();
-                    if let Some(by) = by.filter(|by| now >= *by) {
-                        metrics::counter!(telemetry::LATE_WRITES).increment(1);
-                        tracing::warn!(disk = %d.id, late_ms = (now - by).as_millis() as u64, "a forwarded write arrived after its sender gave up on it; not applied");
-                        return Err(Error::Late {
-                            disk: d.id.to_string(),
-                            late_ms: (now - by).as_millis() as u64,
-                        });
+                    if let Some(deadline) = &deadline {
+                        deadline.check(d)?;
                     }
-                    return land(d, guard, offset, data).await;
+                    return land(d, guard, offset, data, deadline).await;
                 }
                 // Detected, or its leases being revoked: end that first, then write.
                 None => self.end_detection(d, "write").await?,

@@ -240,9 +240,17 @@ impl RemoteMaps {
     }
 
     /// Applies one update from incarnation `boot` of `member`; an update that does not decode
-    /// drops its map, and one of another incarnation than the map's starts a new map. Returns
-    /// the bytes it carried.
+    /// drops its map, one of a newer incarnation than the map's starts a new map, and one of
+    /// an older incarnation is refused. Returns the bytes it carried.
     pub fn apply(&self, member: &str, boot: u64, u: &Update) -> Result<u64, String> {
+        if let Some(m) = self.maps.get(member)
+            && m.boot > boot
+        {
+            return Err(format!(
+                "map of incarnation {boot} of {member:?}, which is at {} now",
+                m.boot
+            ));
+        }
         if u.generation != self.generation {
             return Err(format!(
                 "map of generation {} for generation {}",
@@ -270,7 +278,7 @@ impl RemoteMaps {
         } else {
             m.bits.serialized_size() as u64
         };
-        if u.reset || m.boot != boot {
+        if u.reset || m.boot < boot {
             // Another incarnation's map says nothing of what this one holds.
             m.boot = boot;
             m.bits = bits;
@@ -367,7 +375,7 @@ mod tests {
         assert!(remote.holders(5).is_empty());
         assert_eq!(remote.bytes(), 0);
         // A map names an incarnation: the next one's first update replaces it, even one that
-        // is not a reset, and the older incarnation cannot change or drop the newer map.
+        // is not a reset, and the older incarnation can neither change nor drop the newer map.
         let mut first = first.clone();
         first.bits = serialize(&[1u32, 5, 9].into_iter().collect());
         remote.apply("m", 1, &first).expect("apply");
@@ -380,6 +388,9 @@ mod tests {
         remote.apply("m", 2, &delta).expect("apply");
         assert_eq!(remote.holders(2), vec![("m".to_string(), 2)]);
         assert!(remote.holders(5).is_empty(), "the old incarnation's blocks");
+        assert!(remote.apply("m", 1, &first).is_err(), "the old incarnation");
+        assert_eq!(remote.holders(2), vec![("m".to_string(), 2)]);
+        assert!(remote.holders(5).is_empty(), "the old incarnation's update");
         remote.not_held("m", 1, 2);
         remote.forget("m", 1);
         assert_eq!(remote.holders(2), vec![("m".to_string(), 2)]);

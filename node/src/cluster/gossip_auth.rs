@@ -100,6 +100,8 @@ pub enum Rejected {
     BadTag,
     /// Signed under a certificate the cluster's CA did not sign.
     Untrusted,
+    /// A chain not checked yet, past the number of chains checked a second.
+    Throttled,
     /// Sent too long before (or after) now.
     Stale,
     /// Seen already.
@@ -112,6 +114,7 @@ impl Rejected {
             Rejected::Malformed => "malformed",
             Rejected::BadTag => "bad_tag",
             Rejected::Untrusted => "untrusted_certificate",
+            Rejected::Throttled => "throttled",
             Rejected::Stale => "stale",
             Rejected::Replay => "replay",
         }
@@ -193,7 +196,6 @@ const SCHEMES: &[SignatureScheme] = &[
     SignatureScheme::ED25519,
     SignatureScheme::ECDSA_NISTP256_SHA256,
     SignatureScheme::ECDSA_NISTP384_SHA384,
-    SignatureScheme::ECDSA_NISTP521_SHA512,
     SignatureScheme::RSA_PSS_SHA256,
     SignatureScheme::RSA_PSS_SHA384,
     SignatureScheme::RSA_PSS_SHA512,
@@ -202,6 +204,15 @@ const SCHEMES: &[SignatureScheme] = &[
 /// How long a certificate chain, once checked against the CA, is trusted without a new check
 /// (so that one that expires stops being accepted within this time).
 pub const CHAIN_TRUST: Duration = Duration::from_secs(60);
+/// Most certificates a datagram's chain may carry (the member's and its intermediates): path
+/// building costs signature checks, so a stranger's chain of many look-alike intermediates is
+/// refused before any is checked.
+pub const MAX_CHAIN_CERTS: usize = 4;
+/// Most bytes of a carried chain.
+pub const MAX_CHAIN_BYTES: usize = 16 << 10;
+/// Chains not seen before checked a second, at most (members' chains are checked once a
+/// minute each; a stranger sending new chains cannot take the gossip task's time).
+pub const NEW_CHAINS_PER_SECOND: u32 = 32;
 
 /// This member's TLS identity, as gossip uses it: its key to sign, its chain to show, and the
 /// cluster's CA to check others' chains.
@@ -288,9 +299,15 @@ impl TlsIdentity {
 
     /// The end-entity certificate of a carried `chain` if the CA signed it.
     fn check_chain<'a>(&self, chain: &'a [u8]) -> Result<CertificateDer<'a>, Rejected> {
+        if chain.len() > MAX_CHAIN_BYTES {
+            return Err(Rejected::Malformed);
+        }
         let mut certs = Vec::new();
         let mut rest = chain;
         while !rest.is_empty() {
+            if certs.len() == MAX_CHAIN_CERTS {
+                return Err(Rejected::Malformed);
+            }
             let (len, tail) = rest.split_at_checked(2).ok_or(Rejected::Malformed)?;
             let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
             let (der, tail) = tail.split_at_checked(len).ok_or(Rejected::Malformed)?;
@@ -313,6 +330,8 @@ pub struct CertSealer {
     signer: Box<dyn rustls::sign::Signer>,
     trusted: moka::sync::Cache<[u8; 32], ()>,
     seen: moka::sync::Cache<[u8; 16], ()>,
+    /// The second of the last new chain checked and how many were checked in it.
+    new_chains: parking_lot::Mutex<(u64, u32)>,
 }
 
 const CERT_MAGIC: &[u8; 4] = b"SCT1";
@@ -335,7 +354,19 @@ impl CertSealer {
                 .max_capacity(1 << 20)
                 .time_to_live(REPLAY_WINDOW * 2)
                 .build(),
+            new_chains: parking_lot::Mutex::new((0, 0)),
         })
+    }
+
+    /// Whether one more chain not seen before may be checked in the second of `now_ms`.
+    fn may_check_new_chain(&self, now_ms: u64) -> bool {
+        let mut n = self.new_chains.lock();
+        let second = now_ms / 1000;
+        if n.0 != second {
+            *n = (second, 0);
+        }
+        n.1 += 1;
+        n.1 <= NEW_CHAINS_PER_SECOND
     }
 
     /// `payload` signed, sent at `sent_ms` with `nonce`.
@@ -376,6 +407,9 @@ impl CertSealer {
         }
         let scheme = SignatureScheme::from(u16::from_be_bytes([body[HEADER], body[HEADER + 1]]));
         let chain_len = usize::from(u16::from_be_bytes([body[HEADER + 2], body[HEADER + 3]]));
+        if chain_len > MAX_CHAIN_BYTES {
+            return Err(Rejected::Malformed);
+        }
         let chain = body
             .get(head..head + chain_len)
             .ok_or(Rejected::Malformed)?;
@@ -385,6 +419,9 @@ impl CertSealer {
             let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
             CertificateDer::from(der.get(..len).ok_or(Rejected::Malformed)?)
         } else {
+            if !self.may_check_new_chain(now_ms) {
+                return Err(Rejected::Throttled);
+            }
             let end = self.id.check_chain(chain)?;
             self.trusted.insert(chain_hash, ());
             end
@@ -692,6 +729,32 @@ mod tests {
         assert_eq!(
             b.open(b"SCT1 and then nothing", now),
             Err(Rejected::Malformed)
+        );
+        // A chain of more certificates than a member has is refused unchecked, and new chains
+        // are checked at most so many a second.
+        let mut long = ours[..HEADER + 2].to_vec();
+        let chain: Vec<u8> = ours[s0..s1].repeat(MAX_CHAIN_CERTS + 1);
+        long.extend_from_slice(&u16::try_from(chain.len()).expect("len").to_be_bytes());
+        long.extend_from_slice(&chain);
+        long.extend_from_slice(&ours[s1..]);
+        assert_eq!(b.open(&long, now), Err(Rejected::Malformed));
+        let fresh = CertSealer::new(identity(&pki, "c")).expect("c");
+        let later = now + 5_000;
+        for _ in 0..NEW_CHAINS_PER_SECOND {
+            assert!(fresh.may_check_new_chain(later));
+        }
+        assert_eq!(
+            fresh.open(&a.seal(b"x", later, [14; 16]).expect("seal"), later),
+            Err(Rejected::Throttled)
+        );
+        assert_eq!(
+            fresh
+                .open(
+                    &a.seal(b"x", later + 1000, [15; 16]).expect("seal"),
+                    later + 1000
+                )
+                .expect("the next second"),
+            b"x"
         );
         // A certificate the CA did not sign does not load as this member's identity.
         let (cert, key) = rogue.member("z", "shadowcache");

@@ -88,7 +88,8 @@ impl Interceptor for CheckCalls {
             Err(crate::cluster::gossip_auth::Rejected::Replay) => Err(refuse("replayed signature")),
             Err(
                 crate::cluster::gossip_auth::Rejected::Malformed
-                | crate::cluster::gossip_auth::Rejected::Untrusted,
+                | crate::cluster::gossip_auth::Rejected::Untrusted
+                | crate::cluster::gossip_auth::Rejected::Throttled,
             ) => Err(refuse("malformed signature")),
         }
     }
