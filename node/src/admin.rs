@@ -12,38 +12,7 @@ use crate::disk::DiskMode;
 use crate::error::{Error, Result};
 use crate::{Node, cache, cluster, disk};
 
-/// What a client sees of a disk.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DiskInfo {
-    /// Disk id.
-    pub id: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Mode.
-    pub mode: DiskMode,
-    /// Generation.
-    pub generation: u64,
-    /// Origin as registered.
-    pub origin: String,
-    /// Owner node id.
-    pub owner: String,
-    /// Random per registration at the owner.
-    pub epoch: u64,
-    /// Detection pinned off (owner only).
-    pub pinned: bool,
-    /// Members that read it in the detection window (owner only).
-    pub readers: Vec<String>,
-    /// Members holding a lease on it (owner only).
-    pub lease_holders: Vec<String>,
-    /// Blocks whose content this node knows (its coverage of an immutable disk).
-    pub known_blocks: u64,
-    /// Blocks of the disk.
-    pub total_blocks: u64,
-    /// This node holds a valid lease on it (a detected disk another member owns).
-    pub lease_valid: bool,
-    /// Blocks other members hold, from their block maps: (member, blocks).
-    pub coverage: Vec<(String, u64)>,
-}
+pub use crate::disk::DiskInfo;
 
 /// Counters since start, for `Status`.
 #[derive(Debug, Clone, Default, PartialEq)]

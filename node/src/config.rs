@@ -283,69 +283,12 @@ pub struct Flags {
     pub seeds: Vec<SocketAddr>,
 }
 
-/// Cluster settings; `peer_listen` unset means a cluster of one.
-#[derive(Debug, Clone)]
-pub struct ClusterConfig {
-    /// Gossip (UDP) and Peer gRPC (TCP) address.
-    pub peer_listen: Option<SocketAddr>,
-    /// Address advertised to other members.
-    pub advertise: Option<SocketAddr>,
-    /// Peer gRPC address advertised to other members when it differs from `advertise` (a
-    /// proxy in front of this node, as the partition tests use).
-    pub advertise_rpc: Option<SocketAddr>,
-    /// Members to join through.
-    pub seeds: Vec<SocketAddr>,
-    /// Cluster name; gossip from other clusters is ignored.
-    pub cluster_id: String,
-    /// Gossip round interval.
-    pub gossip_interval_ms: u64,
-    /// Failure detector threshold: at 8, a silent member is declared dead about 5 gossip
-    /// intervals after it stopped (measured on loopback).
-    pub phi_threshold: f64,
-    /// Deadline of every node-to-node call.
-    pub rpc_timeout_ms: u64,
-    /// Cache sealed disks other members own (default true). False forwards every read of them
-    /// to the owner: the "no cache" baseline of the cluster benchmark.
-    pub cache_remote: bool,
-    /// Fetch missed blocks from their home member (default true). False reads every miss from
-    /// the owner: each node caching alone, the CBRC-like baseline.
-    pub peer_fetch: bool,
-    /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
-    /// CA may call it, and members only talk to such holders. Without `secret_file`, gossip is
-    /// signed with the same key and certificate.
-    pub tls: Option<TlsConfig>,
-    /// `cluster.secret_file`: a file of at least 16 secret bytes every member shares; every
-    /// gossip datagram is sealed with a MAC under a key derived from it.
-    pub secret_file: Option<PathBuf>,
-}
-
-/// `[cluster.tls]`: PEM files for mutual TLS between members.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsConfig {
-    /// The cluster CA's certificate: every member's certificate must be signed by it.
-    pub ca: PathBuf,
-    /// This member's certificate (signed by the CA; its names must include `server_name`).
-    pub cert: PathBuf,
-    /// This member's private key.
-    pub key: PathBuf,
-    /// The name every member's certificate carries (default "shadowcache").
-    pub server_name: String,
-}
-
 pub use crate::cluster::detect::DetectionConfig;
+pub use crate::cluster::{ClusterConfig, TlsConfig};
+pub use crate::disk::DiskSpec;
+pub use crate::nbd::NbdTlsConfig;
 
 pub use crate::cluster::lease::LeaseConfig;
-
-/// A disk to register at start.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DiskSpec {
-    /// Disk id.
-    pub id: String,
-    /// Origin path (raw image or block device).
-    pub origin: PathBuf,
-    /// Mode.
-    pub mode: DiskMode,
-}
 
 /// The node's validated configuration.
 #[derive(Debug, Clone)]
@@ -401,18 +344,6 @@ pub struct Config {
     pub origin_roots: Vec<PathBuf>,
     /// `[nbd_tls]`: NBD_OPT_STARTTLS with this certificate; `None`: no TLS on NBD.
     pub nbd_tls: Option<NbdTlsConfig>,
-}
-
-/// `[nbd_tls]`: X.509 for the NBD listeners (NBD_OPT_STARTTLS).
-#[derive(Debug, Clone, PartialEq)]
-pub struct NbdTlsConfig {
-    /// The server's certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
-    /// Only STARTTLS and ABORT before TLS (the spec's FORCEDTLS) on the TCP listener; the Unix
-    /// socket offers TLS without requiring it. Default true.
-    pub require: bool,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -781,7 +712,10 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (n, d) in self.disks.iter().enumerate() {
             if let Err(e) = crate::disk::DiskId::parse(&d.id) {
-                return Err(invalid(format!("disk[{n}].id"), e.to_string()));
+                return Err(invalid(
+                    format!("disk[{n}].id"),
+                    crate::error::Error::from(e).to_string(),
+                ));
             }
             if !seen.insert(d.id.as_str()) {
                 return Err(invalid(

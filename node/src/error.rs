@@ -107,6 +107,12 @@ pub enum Error {
     },
 }
 
+impl From<crate::ids::InvalidDiskId> for Error {
+    fn from(e: crate::ids::InvalidDiskId) -> Self {
+        Error::InvalidDiskId(e.0)
+    }
+}
+
 /// Which [`Error`] variant an error is, as carried between members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {

@@ -1,4 +1,5 @@
-//! Leaf identifiers shared by the cluster modules.
+//! Leaf identifiers shared by every module: disk ids, member incarnations, and the generation
+//! and epoch that name one version of a disk between members.
 //!
 //! A node id names a host's role in the cluster (by default its host name), and can outlive any
 //! one process: a restart, or by accident a cloned host, brings another process with the same
@@ -11,6 +12,88 @@
 
 use std::fmt;
 use std::sync::Arc;
+
+/// A disk's id: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with '.'.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DiskId(Arc<str>);
+
+/// A string that is not a disk id (it becomes [`crate::error::Error::InvalidDiskId`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid disk id {0:?}")]
+pub struct InvalidDiskId(pub String);
+
+impl DiskId {
+    /// Checks and wraps an id.
+    pub fn parse(s: &str) -> Result<Self, InvalidDiskId> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && !s.starts_with('.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if ok {
+            Ok(DiskId(s.into()))
+        } else {
+            Err(InvalidDiskId(s.chars().take(160).collect()))
+        }
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for DiskId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DiskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A generation of a disk: its owner starts a new one at every write that ends a detection, so
+/// content maps, leases and cached blocks of one generation are never served for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Generation(pub u64);
+
+/// An epoch of a disk: random per registration at its owner, so a disk registered again (or an
+/// owner's registry restored from elsewhere) never matches what members knew of the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Epoch(pub u64);
+
+/// One version of a disk as members name it to its owner: (generation, epoch). A request for
+/// another version than the owner's is refused, never answered from the wrong one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Version {
+    /// The generation.
+    pub generation: Generation,
+    /// The epoch.
+    pub epoch: Epoch,
+}
+
+impl Version {
+    /// Generation `generation` of epoch `epoch`.
+    pub fn new(generation: u64, epoch: u64) -> Self {
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "generation {} of epoch {}",
+            self.generation.0, self.epoch.0
+        )
+    }
+}
 
 /// One process of a node id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -24,6 +24,7 @@ use crate::clock::Clock;
 use crate::cluster::membership::InProcess;
 use crate::cluster::peers::{BlockMapStream, FetchedBlocks, Hello, MapChunk, PeerService, To};
 use crate::error::{Error, Result};
+use crate::ids::Version;
 use crate::{Environment, Node};
 
 /// What a link from one member to another does with a call.
@@ -174,15 +175,12 @@ impl PeerService for InProcessPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         boot: u64,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(
-                to.node,
-                n.grant_lease(disk, generation_epoch, (&self.me, boot)),
-            )
+            crossed(to.node, n.grant_lease(disk, version, (&self.me, boot)))
         })
     }
 
@@ -212,13 +210,11 @@ impl PeerService for InProcessPeers {
         disk: &'a str,
         offset: u64,
         length: u64,
-        generation_epoch: (u64, u64),
+        version: Version,
     ) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            let r = n
-                .read_local(disk, offset, length, &self.me, generation_epoch)
-                .await;
+            let r = n.read_local(disk, offset, length, &self.me, version).await;
             crossed(to.node, r)
         })
     }
@@ -264,17 +260,15 @@ impl PeerService for InProcessPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         first: u64,
         count: u32,
     ) -> BoxFuture<'a, Result<MapChunk>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            let entries = n
-                .content_map_chunk(disk, generation_epoch, first, count)
-                .await;
+            let entries = n.content_map_chunk(disk, version, first, count).await;
             Ok(MapChunk {
-                generation: generation_epoch.0,
+                generation: version.generation.0,
                 block_bytes: u64::from(n.config().block_bytes),
                 entries: crossed(to.node, entries)?,
             })
@@ -285,15 +279,13 @@ impl PeerService for InProcessPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         indices: &'a [u64],
         cached_only: bool,
     ) -> BoxFuture<'a, Result<FetchedBlocks>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            let got = n
-                .blocks_for_peer(disk, generation_epoch, indices, cached_only)
-                .await;
+            let got = n.blocks_for_peer(disk, version, indices, cached_only).await;
             let got = crossed(to.node, got)?;
             let bytes: u64 = got
                 .iter()

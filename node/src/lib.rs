@@ -164,15 +164,31 @@ impl Node {
         // cache, must not look like a live member to the others.
         let membership = match env.membership {
             Some(m) => m,
-            None => cluster::membership::from_config(&config, &*env.peers, &*env.clock, {
-                use rand::{Rng, SeedableRng};
-                // Its own stream: the registry's epochs come from the same seed.
-                rand::rngs::StdRng::seed_from_u64(env.seed ^ 0xb007_1d5e_ed00_0001).random()
-            })
+            None => cluster::membership::from_config(
+                &config.node_id,
+                &config.cluster,
+                &*env.peers,
+                &*env.clock,
+                {
+                    use rand::{Rng, SeedableRng};
+                    // Its own stream: the registry's epochs come from the same seed.
+                    rand::rngs::StdRng::seed_from_u64(env.seed ^ 0xb007_1d5e_ed00_0001).random()
+                },
+            )
             .await
             .context("cannot join the cluster")?,
         };
-        let cluster = cluster::Cluster::start(&config, clock.clone(), membership, env.peers);
+        let cluster = cluster::Cluster::start(
+            (
+                &config.node_id,
+                &config.cluster,
+                &config.lease,
+                config.block_bytes,
+            ),
+            clock.clone(),
+            membership,
+            env.peers,
+        );
         let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);
         Ok(Arc::new_cyclic(|me| Node {
             config,

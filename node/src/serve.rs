@@ -14,7 +14,7 @@ use futures::StreamExt;
 
 use crate::disk::DiskState;
 use crate::error::{Error, Result};
-use crate::ids::Incarnation;
+use crate::ids::{Epoch, Generation, Incarnation, Version};
 use crate::{Node, Route, cluster, disk};
 
 /// Parts of a content map chunk (64 blocks each) read and fingerprinted at once.
@@ -41,7 +41,10 @@ impl Node {
     pub async fn content_map_chunk(
         &self,
         disk: &str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         first: u64,
         count: u32,
     ) -> Result<Vec<(u64, disk::BlockRef)>> {
@@ -108,7 +111,10 @@ impl Node {
     pub async fn blocks_for_peer(
         &self,
         disk: &str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         indices: &[u64],
         cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
@@ -263,7 +269,10 @@ impl Node {
         offset: u64,
         len: u64,
         from: &str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
     ) -> Result<Bytes> {
         let d = self.registry.get(disk)?;
         Self::check_generation(&d, generation, epoch)?;
@@ -304,7 +313,10 @@ impl Node {
     pub fn grant_lease(
         &self,
         disk: &str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         (from, from_boot): (&str, u64),
     ) -> Result<Duration> {
         let d = self.registry.get(disk)?;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use shadowcache_node::ids::Version;
 use shadowcache_node::origin::{Origin, OriginError, OriginFuture};
 use shadowcache_node::{Config, DiskMode, Error, Node};
 
@@ -354,14 +355,14 @@ async fn what_members_ask_of_an_owner_is_checked_before_anything_is_read() {
     // nothing; a chunk inside answers every block, fingerprinted once.
     for first in [10, 11, u64::MAX] {
         let got = node
-            .content_map_chunk("d", (g, 0), first, 4096)
+            .content_map_chunk("d", Version::new(g, 0), first, 4096)
             .await
             .expect("content map");
         assert!(got.is_empty(), "{first}: {got:?}");
     }
     assert_eq!(origin.reads.load(Ordering::SeqCst), 0);
     let got = node
-        .content_map_chunk("d", (g, 0), 0, u32::MAX)
+        .content_map_chunk("d", Version::new(g, 0), 0, u32::MAX)
         .await
         .expect("content map");
     assert_eq!(
@@ -370,25 +371,28 @@ async fn what_members_ask_of_an_owner_is_checked_before_anything_is_read() {
     );
     assert_eq!(origin.read_bytes.load(Ordering::SeqCst), 40 * 1024);
     assert!(matches!(
-        node.content_map_chunk("d", (g + 1, 0), 0, 1).await,
+        node.content_map_chunk("d", Version::new(g + 1, 0), 0, 1)
+            .await,
         Err(Error::StaleGeneration { .. })
     ));
     assert!(matches!(
-        node.content_map_chunk("nope", (g, 0), 0, 1).await,
+        node.content_map_chunk("nope", Version::new(g, 0), 0, 1)
+            .await,
         Err(Error::UnknownDisk(_))
     ));
     assert!(matches!(
-        node.content_map_chunk("m", (1, 0), 0, 1).await,
+        node.content_map_chunk("m", Version::new(1, 0), 0, 1).await,
         Err(Error::Invalid(_))
     ));
     // Blocks: at most 64 a request; indices past the end come back missing.
     let many: Vec<u64> = (0..65).collect();
     assert!(matches!(
-        node.blocks_for_peer("d", (g, 0), &many, false).await,
+        node.blocks_for_peer("d", Version::new(g, 0), &many, false)
+            .await,
         Err(Error::Invalid(_))
     ));
     let got = node
-        .blocks_for_peer("d", (g, 0), &[3, 10, u64::MAX], false)
+        .blocks_for_peer("d", Version::new(g, 0), &[3, 10, u64::MAX], false)
         .await
         .expect("blocks");
     assert_eq!(got.len(), 3);

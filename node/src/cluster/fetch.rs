@@ -250,7 +250,7 @@ impl Remote {
                 &self.owner,
                 self.addr,
                 &self.disk,
-                (self.generation, self.epoch),
+                crate::ids::Version::new(self.generation, self.epoch),
                 first,
                 count as u32,
                 self.block_bytes,
@@ -405,7 +405,7 @@ impl Remote {
                         &m.id,
                         m.peer_addr,
                         &self.disk,
-                        (self.generation, self.epoch),
+                        crate::ids::Version::new(self.generation, self.epoch),
                         &indices,
                         cached_only,
                     )

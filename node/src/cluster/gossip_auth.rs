@@ -232,7 +232,7 @@ impl std::fmt::Debug for TlsIdentity {
 
 impl TlsIdentity {
     /// Reads the PEM files of `[cluster.tls]`; this member's own chain must pass the CA.
-    pub fn load(cfg: &crate::config::TlsConfig) -> Result<TlsIdentity, String> {
+    pub fn load(cfg: &super::TlsConfig) -> Result<TlsIdentity, String> {
         use rustls_pki_types::pem::PemObject;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
             .and_then(|i| i.collect::<Result<_, _>>())
@@ -650,7 +650,7 @@ mod tests {
     /// The identity of member `name` of `pki`, checked against `pki`'s CA.
     fn identity(pki: &shadowcache_testkit::TestPki, name: &str) -> Arc<TlsIdentity> {
         let (cert, key) = pki.member(name, "shadowcache");
-        let cfg = crate::config::TlsConfig {
+        let cfg = crate::cluster::TlsConfig {
             ca: pki.ca.clone(),
             cert,
             key,
@@ -758,7 +758,7 @@ mod tests {
         );
         // A certificate the CA did not sign does not load as this member's identity.
         let (cert, key) = rogue.member("z", "shadowcache");
-        let err = TlsIdentity::load(&crate::config::TlsConfig {
+        let err = TlsIdentity::load(&crate::cluster::TlsConfig {
             ca: pki.ca.clone(),
             cert,
             key,

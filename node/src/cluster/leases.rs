@@ -57,7 +57,7 @@ impl Cluster {
             &lease.owner,
             lease.addr,
             &lease.disk,
-            (lease.generation, lease.epoch),
+            crate::ids::Version::new(lease.generation, lease.epoch),
             self.membership.me().boot,
         );
         // `Peers` puts the deadline on the request.

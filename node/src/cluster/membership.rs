@@ -434,16 +434,16 @@ pub async fn refuse_duplicate(
     Ok(())
 }
 
-/// The membership `config` asks for: gossip when `cluster.peer_listen` is set (after
-/// [`refuse_duplicate`] asked the seeds over `peers`), this node alone otherwise. `random`
-/// goes into the boot id.
+/// The membership of node `node_id` that `c` asks for: gossip when `peer_listen` is set
+/// (after [`refuse_duplicate`] asked the seeds over `peers`), this node alone otherwise.
+/// `random` goes into the boot id.
 pub async fn from_config(
-    config: &crate::config::Config,
+    node_id: &str,
+    c: &super::ClusterConfig,
     peers: &dyn PeerService,
     clock: &dyn Clock,
     random: u64,
 ) -> Result<Arc<dyn Membership>, MembershipError> {
-    let c = &config.cluster;
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -473,7 +473,7 @@ pub async fn from_config(
         refuse_duplicate(
             peers,
             clock,
-            &config.node_id,
+            node_id,
             boot,
             &c.seeds,
             Duration::from_millis(c.rpc_timeout_ms.min(3000)),
@@ -483,7 +483,7 @@ pub async fn from_config(
     Ok(match c.peer_listen {
         Some(listen) => Arc::new(
             Gossip::join(GossipConfig {
-                node_id: config.node_id.clone(),
+                node_id: node_id.to_string(),
                 boot,
                 cluster_id: c.cluster_id.clone(),
                 listen,
@@ -497,7 +497,7 @@ pub async fn from_config(
             .await?,
         ),
         None => Arc::new(Static::single(
-            &config.node_id,
+            node_id,
             SocketAddr::from(([127, 0, 0, 1], 0)),
         )),
     })

@@ -47,11 +47,59 @@ pub use lease::HolderLease;
 pub use membership::{GossipConfig, Member, Membership};
 pub use peers::{PeerService, Peers};
 
-use crate::admin::DiskInfo;
 use crate::clock::Clock;
-use crate::config::Config;
 use crate::disk::Disk;
+use crate::disk::DiskInfo;
 use crate::telemetry::LeaseStats;
+
+/// Cluster settings; `peer_listen` unset means a cluster of one.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Gossip (UDP) and Peer gRPC (TCP) address.
+    pub peer_listen: Option<SocketAddr>,
+    /// Address advertised to other members.
+    pub advertise: Option<SocketAddr>,
+    /// Peer gRPC address advertised to other members when it differs from `advertise` (a
+    /// proxy in front of this node, as the partition tests use).
+    pub advertise_rpc: Option<SocketAddr>,
+    /// Members to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Cluster name; gossip from other clusters is ignored.
+    pub cluster_id: String,
+    /// Gossip round interval.
+    pub gossip_interval_ms: u64,
+    /// Failure detector threshold: at 8, a silent member is declared dead about 5 gossip
+    /// intervals after it stopped (measured on loopback).
+    pub phi_threshold: f64,
+    /// Deadline of every node-to-node call.
+    pub rpc_timeout_ms: u64,
+    /// Cache sealed disks other members own (default true). False forwards every read of them
+    /// to the owner: the "no cache" baseline of the cluster benchmark.
+    pub cache_remote: bool,
+    /// Fetch missed blocks from their home member (default true). False reads every miss from
+    /// the owner: each node caching alone, the CBRC-like baseline.
+    pub peer_fetch: bool,
+    /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
+    /// CA may call it, and members only talk to such holders. Without `secret_file`, gossip is
+    /// signed with the same key and certificate.
+    pub tls: Option<TlsConfig>,
+    /// `cluster.secret_file`: a file of at least 16 secret bytes every member shares; every
+    /// gossip datagram is sealed with a MAC under a key derived from it.
+    pub secret_file: Option<std::path::PathBuf>,
+}
+
+/// `[cluster.tls]`: PEM files for mutual TLS between members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// The cluster CA's certificate: every member's certificate must be signed by it.
+    pub ca: std::path::PathBuf,
+    /// This member's certificate (signed by the CA; its names must include `server_name`).
+    pub cert: std::path::PathBuf,
+    /// This member's private key.
+    pub key: std::path::PathBuf,
+    /// The name every member's certificate carries (default "shadowcache").
+    pub server_name: String,
+}
 
 /// How long a refused (or failed) lease request is believed before another is sent.
 const REFUSAL_HOLD: Duration = Duration::from_millis(200);
@@ -120,25 +168,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// This node's view of the cluster `membership` keeps, calling members over `service`.
+    /// The view of the cluster `membership` keeps for node `me` (with `c`, its leases as
+    /// `lease` says, blocks of `block_bytes`), calling members over `service`.
     pub fn start(
-        config: &Config,
+        (me, c, lease, block_bytes): (&str, &ClusterConfig, &lease::LeaseConfig, u32),
         clock: Arc<dyn Clock>,
         membership: Arc<dyn Membership>,
         service: Arc<dyn PeerService>,
     ) -> Arc<Cluster> {
-        let c = &config.cluster;
         Arc::new(Cluster {
-            me: config.node_id.clone(),
+            me: me.to_string(),
             members: membership.watch(),
             membership,
             peers: Arc::new(Peers::new(
                 service,
                 clock.clone(),
                 Duration::from_millis(c.rpc_timeout_ms),
-                Duration::from_millis(
-                    c.rpc_timeout_ms + config.lease.term_ms + config.lease.drift_margin_ms,
-                ) * 2,
+                Duration::from_millis(c.rpc_timeout_ms + lease.term_ms + lease.drift_margin_ms) * 2,
             )),
             remote: DashMap::new(),
             shadows: DashMap::new(),
@@ -148,11 +194,11 @@ impl Cluster {
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,
-            block_bytes: u64::from(config.block_bytes),
+            block_bytes: u64::from(block_bytes),
             clock,
             rpc_timeout: Duration::from_millis(c.rpc_timeout_ms),
-            lease_term: Duration::from_millis(config.lease.term_ms),
-            drift_margin: Duration::from_millis(config.lease.drift_margin_ms),
+            lease_term: Duration::from_millis(lease.term_ms),
+            drift_margin: Duration::from_millis(lease.drift_margin_ms),
             stats: LeaseStats::new(),
         })
     }

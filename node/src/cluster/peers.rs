@@ -22,10 +22,11 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use super::blockmap::Update;
-use crate::admin::DiskInfo;
 use crate::clock::Clock;
 use crate::disk::BlockRef;
+use crate::disk::DiskInfo;
 use crate::error::{Error, Result};
+use crate::ids::{Epoch, Generation, Version};
 
 /// Blocks a member sent: (index, bytes), `None` where it had none.
 pub type FetchedBlocks = Vec<(u64, Option<Bytes>)>;
@@ -76,7 +77,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         boot: u64,
     ) -> BoxFuture<'a, Result<Duration>>;
     /// Tells incarnation `boot` of a holder to stop serving (disk, generation); Ok once it has.
@@ -98,7 +99,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         disk: &'a str,
         offset: u64,
         length: u64,
-        generation_epoch: (u64, u64),
+        version: Version,
     ) -> BoxFuture<'a, Result<Bytes>>;
     /// Writes at the owner, which refuses the write ([`crate::error::Error::Late`]) unless it
     /// takes its place in the disk's write order `within` this long of the call.
@@ -117,7 +118,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         first: u64,
         count: u32,
     ) -> BoxFuture<'a, Result<MapChunk>>;
@@ -126,7 +127,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation_epoch: (u64, u64),
+        version: Version,
         indices: &'a [u64],
         cached_only: bool,
     ) -> BoxFuture<'a, Result<FetchedBlocks>>;
@@ -254,7 +255,7 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation_epoch: (u64, u64),
+        version: Version,
         boot: u64,
     ) -> Result<Duration> {
         let to = To { node, addr };
@@ -262,7 +263,7 @@ impl Peers {
             node,
             disk,
             self.timeout,
-            self.service.lease(to, disk, generation_epoch, boot),
+            self.service.lease(to, disk, version, boot),
         )
         .await
     }
@@ -315,7 +316,7 @@ impl Peers {
                 disk,
                 self.timeout,
                 self.service
-                    .read(to, disk, offset, length, (generation, epoch)),
+                    .read(to, disk, offset, length, Version::new(generation, epoch)),
             )
             .await?;
         if data.len() as u64 != length {
@@ -369,7 +370,10 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         first: u64,
         count: u32,
         block_bytes: u64,
@@ -381,7 +385,7 @@ impl Peers {
                 disk,
                 self.timeout,
                 self.service
-                    .content_map(to, disk, (generation, epoch), first, count),
+                    .content_map(to, disk, Version::new(generation, epoch), first, count),
             )
             .await?;
         if r.block_bytes != block_bytes || r.generation != generation {
@@ -403,7 +407,7 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation_epoch: (u64, u64),
+        version: Version,
         indices: &[u64],
         cached_only: bool,
     ) -> Result<Vec<(u64, Option<Bytes>)>> {
@@ -417,7 +421,7 @@ impl Peers {
                 disk,
                 self.timeout,
                 self.service
-                    .fetch_blocks(to, disk, generation_epoch, indices, cached_only),
+                    .fetch_blocks(to, disk, version, indices, cached_only),
             )
             .await?;
         if got.len() > indices.len() {

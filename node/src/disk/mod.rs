@@ -41,42 +41,51 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::origin::{FileOrigin, Origin};
 
-/// A disk's id: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with '.'.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DiskId(Arc<str>);
-
-impl DiskId {
-    /// Checks and wraps an id.
-    pub fn parse(s: &str) -> Result<Self> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && !s.starts_with('.')
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-        if ok {
-            Ok(DiskId(s.into()))
-        } else {
-            Err(Error::InvalidDiskId(s.chars().take(160).collect()))
-        }
-    }
-
-    /// The id as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+/// A disk to register at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    /// Disk id.
+    pub id: String,
+    /// Origin path (raw image or block device).
+    pub origin: PathBuf,
+    /// Mode.
+    pub mode: DiskMode,
 }
 
-impl std::borrow::Borrow<str> for DiskId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
+/// What a client sees of a disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskInfo {
+    /// Disk id.
+    pub id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Mode.
+    pub mode: DiskMode,
+    /// Generation.
+    pub generation: u64,
+    /// Origin as registered.
+    pub origin: String,
+    /// Owner node id.
+    pub owner: String,
+    /// Random per registration at the owner.
+    pub epoch: u64,
+    /// Detection pinned off (owner only).
+    pub pinned: bool,
+    /// Members that read it in the detection window (owner only).
+    pub readers: Vec<String>,
+    /// Members holding a lease on it (owner only).
+    pub lease_holders: Vec<String>,
+    /// Blocks whose content this node knows (its coverage of an immutable disk).
+    pub known_blocks: u64,
+    /// Blocks of the disk.
+    pub total_blocks: u64,
+    /// This node holds a valid lease on it (a detected disk another member owns).
+    pub lease_valid: bool,
+    /// Blocks other members hold, from their block maps: (member, blocks).
+    pub coverage: Vec<(String, u64)>,
 }
 
-impl std::fmt::Display for DiskId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::ids::DiskId;
 
 /// How a disk is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -894,7 +903,10 @@ mod tests {
         }
         for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(129)] {
             assert!(
-                matches!(DiskId::parse(bad), Err(Error::InvalidDiskId(_))),
+                matches!(
+                    DiskId::parse(bad).map_err(Error::from),
+                    Err(Error::InvalidDiskId(_))
+                ),
                 "{bad}"
             );
         }

@@ -53,7 +53,12 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self
             .node
-            .content_map_chunk(&r.disk, (r.generation, r.epoch), r.first_block, r.count)
+            .content_map_chunk(
+                &r.disk,
+                crate::ids::Version::new(r.generation, r.epoch),
+                r.first_block,
+                r.count,
+            )
             .await;
         let bytes = res.as_ref().map_or(0, |e| e.len() as u64 * 41);
         observe("peer_content_map", t, bytes, &res);
@@ -87,7 +92,12 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self
             .node
-            .blocks_for_peer(&r.disk, (r.generation, r.epoch), &r.indices, r.cached_only)
+            .blocks_for_peer(
+                &r.disk,
+                crate::ids::Version::new(r.generation, r.epoch),
+                &r.indices,
+                r.cached_only,
+            )
             .await;
         let bytes = res.as_ref().map_or(0, |b| {
             b.iter()
@@ -157,7 +167,7 @@ impl pb::peer_server::Peer for PeerFrontend {
                 r.offset,
                 r.length,
                 &r.from_node,
-                (r.generation, r.epoch),
+                crate::ids::Version::new(r.generation, r.epoch),
             )
             .await;
         observe("peer_read", t, r.length, &res);
@@ -229,7 +239,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self.node.grant_lease(
             &r.disk,
-            (r.generation, r.epoch),
+            crate::ids::Version::new(r.generation, r.epoch),
             (&r.from_node, r.from_boot),
         );
         observe("peer_lease", t, 0, &res);

@@ -27,6 +27,7 @@ use crate::cluster::blockmap::Update;
 use crate::cluster::peers::{BlockMapStream, FetchedBlocks, Hello, MapChunk, PeerService, To};
 use crate::disk::BlockRef;
 use crate::error::{Error, Result};
+use crate::ids::{Epoch, Generation, Version};
 
 /// Why a call to a member failed, as a node error: the member's own answer keeps its kind and
 /// message; anything else means the member could not serve it (UNAVAILABLE).
@@ -156,7 +157,10 @@ impl PeerService for TonicPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         boot: u64,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
@@ -230,7 +234,10 @@ impl PeerService for TonicPeers {
         disk: &'a str,
         offset: u64,
         length: u64,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
     ) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             self.bulk(to)?
@@ -291,7 +298,10 @@ impl PeerService for TonicPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         first: u64,
         count: u32,
     ) -> BoxFuture<'a, Result<MapChunk>> {
@@ -332,7 +342,10 @@ impl PeerService for TonicPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        (generation, epoch): (u64, u64),
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         indices: &'a [u64],
         cached_only: bool,
     ) -> BoxFuture<'a, Result<FetchedBlocks>> {

@@ -9,7 +9,7 @@
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::TlsConfig;
+use crate::cluster::TlsConfig;
 
 /// The TLS settings of both ends of the Peer service.
 #[derive(Debug, Clone)]

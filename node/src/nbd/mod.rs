@@ -99,6 +99,18 @@ struct Session {
     tls: bool,
 }
 
+/// `[nbd_tls]`: X.509 for the NBD listeners (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdTlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key: std::path::PathBuf,
+    /// Only STARTTLS and ABORT before TLS (the spec's FORCEDTLS) on the TCP listener; the Unix
+    /// socket offers TLS without requiring it. Default true.
+    pub require: bool,
+}
+
 /// TLS on the NBD listeners: NBD_OPT_STARTTLS with the node's certificate.
 #[derive(Clone)]
 pub struct NbdTls {
@@ -117,7 +129,7 @@ impl std::fmt::Debug for NbdTls {
 
 impl NbdTls {
     /// Reads the certificate chain and key `cfg` names.
-    pub fn load(cfg: &crate::config::NbdTlsConfig) -> anyhow::Result<NbdTls> {
+    pub fn load(cfg: &NbdTlsConfig) -> anyhow::Result<NbdTls> {
         use anyhow::Context;
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
