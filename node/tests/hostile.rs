@@ -441,6 +441,47 @@ async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node
     }
 }
 
+/// Item 11: both gRPC listeners bound the streams one HTTP/2 connection may open, and say so
+/// in their SETTINGS: 256 on the client listener (the Unix socket), 1,024 on the Peer
+/// listener (block map subscriptions are long streams). A client that opens more waits for a
+/// stream to end; it cannot make the node hold more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_listeners_bound_the_streams_of_a_connection() {
+    async fn max_streams<T>(io: T) -> usize
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = h2::client::handshake(io).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut send = send.ready().await.expect("ready");
+        // The server's SETTINGS arrive after the handshake: wait for them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = send.current_max_send_streams();
+            if n < 1 << 20 {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no SETTINGS with a stream limit");
+            send = send.ready().await.expect("ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = member(dir.path(), "a", None, &[]);
+    let unix = tokio::net::UnixStream::connect(&a.process.socket)
+        .await
+        .expect("unix");
+    assert_eq!(
+        max_streams(unix).await,
+        shadowcache_node::frontend::grpc::CLIENT_STREAMS as usize
+    );
+    let tcp = tokio::net::TcpStream::connect(&a.addr).await.expect("tcp");
+    assert_eq!(
+        max_streams(tcp).await,
+        shadowcache_node::frontend::peer::PEER_STREAMS as usize
+    );
+}
+
 /// Item 10: the node serves every request up to the maximum block size it advertises: a
 /// 17 MiB read and write (above the node's 16 MiB per-call limit) through qemu-io.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
