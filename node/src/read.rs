@@ -270,7 +270,8 @@ impl ReadPath {
             tracing::debug!(disk = %disk.id, error = %e, "owner's content map unavailable; blocks are read from the owner");
         }
         let found =
-            futures::future::join_all(indices.iter().map(|&i| self.lookup(disk, map, i))).await;
+            futures::future::join_all(indices.iter().map(|&i| self.lookup(disk, map, i, route)))
+                .await;
         let mut out: Vec<Option<Result<Bytes>>> = Vec::with_capacity(indices.len());
         let mut missing: Vec<(usize, u64, Option<Fingerprint>)> = Vec::new();
         for (k, (f, &i)) in found.into_iter().zip(indices).enumerate() {
@@ -285,7 +286,7 @@ impl ReadPath {
         if !missing.is_empty() {
             let loaded = self.fill(disk, map, &missing, route).await;
             for ((k, i, _), r) in missing.iter().zip(loaded) {
-                if r.is_ok() {
+                if r.is_ok() && route != Route::Member {
                     // Also when another disk's flight brought the content: this disk holds it.
                     disk.held.insert(*i);
                 }
@@ -302,7 +303,18 @@ impl ReadPath {
     }
 
     /// The map and the cache, nothing else.
-    async fn lookup(&self, disk: &Disk, map: &ContentMap, index: u64) -> Found {
+    async fn lookup(&self, disk: &Disk, map: &ContentMap, index: u64, route: Route) -> Found {
+        if route == Route::Member {
+            // Not this node's clients: no touch, no hit or miss counted.
+            return match map.get(index) {
+                Some(BlockRef::Zero) => Found::Block(self.cache.zero(self.block_len(disk, index))),
+                Some(BlockRef::Data(fp)) => match self.cache.peek(&fp) {
+                    Some(b) => Found::Block(b),
+                    None => Found::Missing(Some(fp)),
+                },
+                None => Found::Missing(None),
+            };
+        }
         self.lookup_known(disk, index, map.get(index)).await
     }
 
@@ -454,6 +466,7 @@ impl ReadPath {
         for (k, &(index, fp)) in blocks.iter().enumerate() {
             let hit = match fp.map(BlockRef::Data).or_else(|| map.get(index)) {
                 Some(BlockRef::Zero) => Some(self.cache.zero(self.block_len(disk, index))),
+                Some(BlockRef::Data(fp)) if route == Route::Member => self.cache.peek(&fp),
                 Some(BlockRef::Data(fp)) => self.cache.get_ram_uncounted(&fp).map(|(b, _)| b),
                 None => None,
             };
@@ -470,7 +483,10 @@ impl ReadPath {
                 self.load_remote(disk, remote, map, blocks, &todo, route, done)
                     .await
             }
-            None => self.load_origin(disk, map, blocks, &todo, done).await,
+            None => {
+                self.load_origin(disk, map, blocks, &todo, route, done)
+                    .await
+            }
         }
     }
 
@@ -518,12 +534,14 @@ impl ReadPath {
     }
 
     /// Blocks of this node's own disk from its origin: each run of adjacent blocks in one read.
+    /// For a member ([`Route::Member`]) they are not admitted.
     async fn load_origin(
         &self,
         disk: &Disk,
         map: &ContentMap,
         blocks: &[(u64, Option<Fingerprint>)],
         todo: &[usize],
+        route: Route,
         done: &(dyn Fn(usize, Result<Bytes>) + Send + Sync),
     ) {
         let mut runs: Vec<&[usize]> = Vec::new();
@@ -547,7 +565,12 @@ impl ReadPath {
                         let i = blocks[k].0;
                         let from = ((i - first) * self.block_bytes) as usize;
                         let block = bytes.slice(from..from + self.block_len(disk, i));
-                        done(k, Ok(self.admit(disk, map, i, block, None)));
+                        let block = if route == Route::Member {
+                            self.note(map, i, block)
+                        } else {
+                            self.admit(disk, map, i, block, None)
+                        };
+                        done(k, Ok(block));
                     }
                 }
                 Err(e) => {
@@ -586,6 +609,21 @@ impl ReadPath {
                 map.insert(index, BlockRef::Data(fp));
             }
         }
+        bytes
+    }
+
+    /// A block read from this node's origin for a member: into the map if the map does not
+    /// know it yet (hashed only then), not into the cache. The member verifies every block
+    /// against the map, so one whose origin changed under a sealed disk fails there.
+    fn note(&self, map: &ContentMap, index: u64, bytes: Bytes) -> Bytes {
+        if map.get(index).is_some() {
+            return bytes;
+        }
+        if is_zero(&bytes) {
+            map.insert(index, BlockRef::Zero);
+            return self.cache.zero(bytes.len());
+        }
+        map.insert(index, BlockRef::Data(Fingerprint::of(&bytes)));
         bytes
     }
 

@@ -177,9 +177,15 @@ impl Node {
         let mut wanted: Vec<u64> = indices.iter().copied().filter(|&i| inside(i)).collect();
         wanted.sort_unstable();
         wanted.dedup();
-        // Read as the block's home: whatever this node lacks comes from the owner only, so a
-        // request never travels more than two hops.
-        let got = self.reads.blocks(&d, &map, &wanted, Route::OwnerOnly).await;
+        // This node's own disk: past its cache (see `Route::Member`). A shadow: read as the
+        // block's home, whatever this node lacks from the owner only, so a request never
+        // travels more than two hops.
+        let route = if d.remote.is_none() {
+            Route::Member
+        } else {
+            Route::OwnerOnly
+        };
+        let got = self.reads.blocks(&d, &map, &wanted, route).await;
         // Checked again after the read, as `read_local` does: bytes of a generation that ended
         // meanwhile (a write applied) must not reach a member, verified or not.
         let current = match self.registry.get(disk) {

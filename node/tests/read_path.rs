@@ -431,3 +431,63 @@ async fn a_seal_whose_flush_fails_leaves_the_disk_mutable() {
     node.set_mode("d", DiskMode::Sealed).await.expect("seal");
     assert_eq!(node.stat("d").expect("stat").mode, DiskMode::Sealed);
 }
+
+/// What members fetch through an owner from its own disk does not fill the owner's cache, nor
+/// touch what its own clients cached there: the member caches its copy, and the owner's RAM
+/// (and SSD tier) stays its clients'. Blocks its clients cached are still served from RAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
+    use shadowcache_node::cache::Tier;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let data = pattern(64 * 1024);
+    let origin = TestOrigin::new(data.clone(), 0);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    let g = node.stat("d").expect("stat").generation;
+    let entries = |tier: Tier| {
+        node.cache()
+            .usage()
+            .into_iter()
+            .find(|u| u.tier == tier)
+            .map_or(0, |u| u.entries)
+    };
+    // The owner's own client reads block 0: cached, single-touch.
+    node.read("d", 0, 4096).await.expect("client read");
+    assert_eq!(entries(Tier::RamSingle), 1);
+    let hits_before = node.cache().stats().hits_ram_single.get();
+    let reads_before = origin.reads.load(Ordering::SeqCst);
+    // A member fetches blocks 0..8: right bytes, block 0 from RAM, the rest from the origin.
+    let got = node
+        .blocks_for_peer("d", Version::new(g, 0), &(0..8).collect::<Vec<_>>(), false)
+        .await
+        .expect("fetch");
+    for (i, b) in &got {
+        let b = b.as_ref().expect("block");
+        let at = (*i * 4096) as usize;
+        assert_eq!(&b[..], &data[at..at + 4096], "block {i}");
+    }
+    assert_eq!(
+        origin.reads.load(Ordering::SeqCst) - reads_before,
+        1,
+        "blocks 1..8 in one origin read, block 0 from RAM"
+    );
+    // Nothing admitted, nothing promoted, no hit counted for the owner's clients.
+    assert_eq!(entries(Tier::RamSingle), 1, "member blocks admitted");
+    assert_eq!(entries(Tier::RamMulti), 0, "the client's block promoted");
+    assert_eq!(node.cache().stats().hits_ram_single.get(), hits_before);
+    // The map learned the fingerprints: a member's later fetch of the same blocks reads the
+    // origin again rather than the cache, and still gets the right bytes.
+    let again = node
+        .blocks_for_peer("d", Version::new(g, 0), &[5], false)
+        .await
+        .expect("fetch");
+    assert_eq!(
+        again[0].1.as_deref(),
+        Some(&data[5 * 4096..6 * 4096]),
+        "block 5 again"
+    );
+    assert_eq!(entries(Tier::RamSingle) + entries(Tier::RamMulti), 1);
+}

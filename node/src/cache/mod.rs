@@ -359,6 +359,18 @@ impl ContentCache {
         hit
     }
 
+    /// The bytes of `fp` if RAM (or the demotion queue) holds them, without touching the entry
+    /// or counting a hit: a read that is not this node's clients' (a member fetching through
+    /// the owner) says nothing of what this node's clients use.
+    #[inline]
+    pub fn peek(&self, fp: &Fingerprint) -> Option<Bytes> {
+        let inner = &*self.inner;
+        if let Some(v) = inner.pools.lock().peek(fp) {
+            return Some(v.bytes.clone());
+        }
+        inner.pending.get(fp).map(|v| v.bytes.clone())
+    }
+
     /// [`Self::get_ram`] without counting the hit, for a second look within one request
     /// whose miss is already counted (a single flight that found the block filled).
     #[inline]

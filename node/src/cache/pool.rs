@@ -322,6 +322,13 @@ impl Pools {
         Some((v, seg))
     }
 
+    /// The entry of `fp`, without touching it.
+    #[inline]
+    pub fn peek(&self, fp: &Fingerprint) -> Option<&Cached> {
+        let i = self.find(fp)?;
+        self.slots[i as usize].value.as_ref()
+    }
+
     /// Which pool holds `fp`, without touching it.
     pub fn segment_of(&self, fp: &Fingerprint) -> Option<Segment> {
         self.find(fp).map(|i| self.slots[i as usize].seg)
