@@ -699,22 +699,7 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
             Some(b"a different secret, also long enough"),
         )],
     );
-    // Several gossip rounds of both trying.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for m in [&a, &b] {
-        let s = client(m).await.status().await.expect("status");
-        let ids: Vec<&str> = s.members.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, vec!["a", "b"], "membership with outsiders knocking");
-    }
-    for m in [&open, &other] {
-        let s = client(m).await.status().await.expect("status");
-        assert_eq!(
-            s.members.len(),
-            1,
-            "an outsider sees the cluster: {:?}",
-            s.members
-        );
-    }
+    outsiders_stay_out(&[&a, &b], &[&open, &other]).await;
     // Members' Peer calls are signed under the key: b reads a's disk through a.
     until(&b, "a's disk at b", |s| {
         s.disks.iter().any(|d| d.id == "base" && d.owner == "a")
@@ -737,15 +722,40 @@ async fn gossip_without_the_cluster_key_never_reaches_membership() {
         .expect_err("an unsigned Peer call");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
-    let rejected: f64 = body
-        .lines()
-        .filter(|l| l.starts_with("shadowcache_gossip_rejected_total"))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum();
+    let rejected = gossip_rejected(&body, None);
     assert!(
         rejected > 0.0,
         "no gossip datagram was counted as rejected:\n{body}"
     );
+}
+
+/// After several gossip rounds of `outsiders` knocking: the `members` list exactly each other
+/// (ids "a" and "b"), and each outsider sees only itself.
+async fn outsiders_stay_out(members: &[&common::Member], outsiders: &[&common::Member]) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for m in members {
+        let s = client(m).await.status().await.expect("status");
+        let ids: Vec<&str> = s.members.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"], "membership with outsiders knocking");
+    }
+    for m in outsiders {
+        let s = client(m).await.status().await.expect("status");
+        assert_eq!(
+            s.members.len(),
+            1,
+            "an outsider sees the cluster: {:?}",
+            s.members
+        );
+    }
+}
+
+/// Gossip datagrams a node's metrics `body` counts as rejected (for `reason`, or all).
+fn gossip_rejected(body: &str, reason: Option<&str>) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with("shadowcache_gossip_rejected_total"))
+        .filter(|l| reason.is_none_or(|r| l.contains(&format!("reason=\"{r}\""))))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Item 4, with TLS and no secret file: every gossip datagram is signed with the member's TLS
@@ -795,32 +805,9 @@ async fn gossip_with_tls_only_comes_from_holders_of_the_clusters_certificates() 
         &[config("mallory", Some(&rogue))],
     );
     let open = member(dir.path(), "open", Some(&a.addr), &[config("open", None)]);
-    // Several gossip rounds of both trying.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for m in [&a, &b] {
-        let s = client(m).await.status().await.expect("status");
-        let ids: Vec<&str> = s.members.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, vec!["a", "b"], "membership with outsiders knocking");
-    }
-    for m in [&stranger, &open] {
-        let s = client(m).await.status().await.expect("status");
-        assert_eq!(
-            s.members.len(),
-            1,
-            "an outsider sees the cluster: {:?}",
-            s.members
-        );
-    }
+    outsiders_stay_out(&[&a, &b], &[&stranger, &open]).await;
     let body = shadowcache_testkit::http_get(metrics_port, "/metrics").expect("metrics");
-    let rejected = |reason: &str| -> f64 {
-        body.lines()
-            .filter(|l| {
-                l.starts_with("shadowcache_gossip_rejected_total")
-                    && l.contains(&format!("reason=\"{reason}\""))
-            })
-            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum()
-    };
+    let rejected = |reason: &str| gossip_rejected(&body, Some(reason));
     assert!(
         rejected("untrusted_certificate") > 0.0,
         "the stranger's datagrams were not counted as untrusted:\n{body}"
