@@ -108,6 +108,9 @@ enum FlightKey {
         /// any flight that uses it is.
         map: usize,
         index: u64,
+        /// A load for a member ([`Route::Member`]) admits nothing: a client read must not join
+        /// it (its block would never be cached), nor a member's read a client's.
+        member: bool,
     },
 }
 
@@ -370,6 +373,7 @@ impl ReadPath {
                     instance: disk.instance,
                     map: map_id,
                     index,
+                    member: route == Route::Member,
                 },
             };
             let flight = match self.flights.entry(key) {

@@ -82,8 +82,9 @@ impl Node {
             .collect())
     }
 
-    /// Reads (through the cache) and fingerprints blocks `part` of `d` for a member's content
-    /// map, within the budget of blocks gathered for members.
+    /// Reads (past the cache: blocks it holds are not touched, those it reads not admitted)
+    /// and fingerprints blocks `part` of `d` for a member's content map, within the budget of
+    /// blocks gathered for members.
     async fn fingerprint_part(
         &self,
         disk: &str,
@@ -97,7 +98,9 @@ impl Node {
             .acquire_many(part.len() as u32)
             .await
             .map_err(|_| Error::State("the node is shutting down".into()))?;
-        for r in self.reads.blocks(d, map, &part, Route::Any).await {
+        // Past this node's cache (see `Route::Member`): the member fetches these blocks next
+        // and caches them itself.
+        for r in self.reads.blocks(d, map, &part, Route::Member).await {
             if let Err(e) = r {
                 tracing::warn!(disk, error = %e, "a block could not be fingerprinted for a member's content map");
             }

@@ -458,6 +458,14 @@ async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
     node.read("d", 0, 4096).await.expect("client read");
     assert_eq!(entries(Tier::RamSingle), 1);
     let hits_before = node.cache().stats().hits_ram_single.get();
+    // A member asks for the content map first, as it does before it fetches: the owner reads
+    // and fingerprints the blocks, and admits none of them.
+    let map = node
+        .content_map_chunk("d", Version::new(g, 0), 0, 16)
+        .await
+        .expect("content map");
+    assert_eq!(map.len(), 16);
+    assert_eq!(entries(Tier::RamSingle), 1, "map blocks admitted");
     let reads_before = origin.reads.load(Ordering::SeqCst);
     // A member fetches blocks 0..8: right bytes, block 0 from RAM, the rest from the origin.
     let got = node
@@ -490,4 +498,47 @@ async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
         "block 5 again"
     );
     assert_eq!(entries(Tier::RamSingle) + entries(Tier::RamMulti), 1);
+}
+
+/// A client read of the owner's own disk never joins a member's load of the same block (that
+/// load admits nothing, so the client's block would never be cached), and is cached as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_read_does_not_join_a_members_load_and_is_cached() {
+    use shadowcache_node::cache::Tier;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = node(dir.path(), 4096).await;
+    let data = pattern(16 * 1024);
+    let origin = TestOrigin::new(data.clone(), 200);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    let g = node.stat("d").expect("stat").generation;
+    let member = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.blocks_for_peer("d", Version::new(g, 0), &[0, 1], false)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let got = node.read("d", 0, 8192).await.expect("client read");
+    assert_eq!(&got[..], &data[..8192]);
+    let fetched = member.await.expect("task").expect("member fetch");
+    assert!(fetched.iter().all(|(_, b)| b.is_some()));
+    let cached: u64 = node
+        .cache()
+        .usage()
+        .into_iter()
+        .filter(|u| u.tier != Tier::Ssd)
+        .map(|u| u.entries)
+        .sum();
+    assert_eq!(cached, 2, "the client's blocks are cached");
+    let reads = origin.reads.load(Ordering::SeqCst);
+    node.read("d", 0, 8192).await.expect("client read again");
+    assert_eq!(
+        origin.reads.load(Ordering::SeqCst),
+        reads,
+        "served from the cache"
+    );
 }
