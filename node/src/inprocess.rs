@@ -300,15 +300,11 @@ impl PeerService for InProcessPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        version: Version,
     ) -> BoxFuture<'a, Result<BlockMapStream>> {
         Box::pin(async move {
             let n = self.net.deliver(&self.me, to.node).await?;
-            let rx = crossed(
-                to.node,
-                n.block_map_stream(disk, generation, epoch, &self.me),
-            )?;
+            let rx = crossed(to.node, n.block_map_stream(disk, version, &self.me))?;
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)) as BlockMapStream)
         })
     }

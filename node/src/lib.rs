@@ -287,7 +287,14 @@ impl Node {
         metrics::counter!(telemetry::FORWARDED, "rpc" => "read").increment(1);
         self.cluster
             .peers
-            .read(&r.owner, r.addr, disk, offset, len, 0, 0)
+            // Any version: a forwarded read is of whatever the owner holds now.
+            .read(
+                &r.owner,
+                r.addr,
+                disk,
+                (offset, len),
+                ids::Version::default(),
+            )
             .await
     }
 

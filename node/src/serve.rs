@@ -223,8 +223,10 @@ impl Node {
     pub fn block_map_stream(
         &self,
         disk: &str,
-        generation: u64,
-        epoch: u64,
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
         from: &str,
     ) -> Result<tokio::sync::mpsc::Receiver<cluster::blockmap::Update>> {
         let sub = self.subscriptions.open(from, disk)?;

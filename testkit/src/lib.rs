@@ -170,6 +170,13 @@ impl NodeProcess {
             .map(|(_, v)| v.clone());
         let mut cmd = match &nofile {
             Some(n) => {
+                assert!(
+                    Command::new("prlimit")
+                        .arg("--version")
+                        .output()
+                        .is_ok_and(|o| o.status.success()),
+                    "this test runs the node under `prlimit`, which is not installed: apt-get install util-linux"
+                );
                 let mut c = Command::new("prlimit");
                 c.arg(format!("--nofile={n}:{n}"))
                     .arg("--")

@@ -534,10 +534,8 @@ impl Origin for Remote {
                     &self.owner,
                     self.addr,
                     &self.disk,
-                    offset,
-                    len as u64,
-                    self.generation,
-                    self.epoch,
+                    (offset, len as u64),
+                    crate::ids::Version::new(self.generation, self.epoch),
                 )
                 .await
                 .map_err(|e| self.error("read", offset, e.to_string()))?;

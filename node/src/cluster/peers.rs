@@ -136,8 +136,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        version: Version,
     ) -> BoxFuture<'a, Result<BlockMapStream>>;
     /// Forgets what is kept for `node` (it left the cluster).
     fn forget(&self, node: &str);
@@ -227,16 +226,14 @@ impl Peers {
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        generation: u64,
-        epoch: u64,
+        version: Version,
     ) -> Result<BlockMapStream> {
         let to = To { node, addr };
         self.deadline(
             node,
             disk,
             self.timeout,
-            self.service
-                .subscribe_block_map(to, disk, generation, epoch),
+            self.service.subscribe_block_map(to, disk, version),
         )
         .await
     }
@@ -296,18 +293,15 @@ impl Peers {
             .await
     }
 
-    /// Reads through the owner; with a `generation` (not 0) the owner refuses unless the disk
-    /// is at that generation and `epoch`.
-    #[allow(clippy::too_many_arguments)]
+    /// Reads through the owner; with a generation (not 0) in `version` the owner refuses
+    /// unless the disk is at that version.
     pub async fn read(
         &self,
         node: &str,
         addr: SocketAddr,
         disk: &str,
-        offset: u64,
-        length: u64,
-        generation: u64,
-        epoch: u64,
+        (offset, length): (u64, u64),
+        version: Version,
     ) -> Result<Bytes> {
         let to = To { node, addr };
         let data = self
@@ -315,8 +309,7 @@ impl Peers {
                 node,
                 disk,
                 self.timeout,
-                self.service
-                    .read(to, disk, offset, length, Version::new(generation, epoch)),
+                self.service.read(to, disk, offset, length, version),
             )
             .await?;
         if data.len() as u64 != length {

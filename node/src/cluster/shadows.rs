@@ -191,7 +191,12 @@ impl Cluster {
         loop {
             match self
                 .peers
-                .subscribe_block_map(member, addr, disk, maps.generation, maps.epoch)
+                .subscribe_block_map(
+                    member,
+                    addr,
+                    disk,
+                    crate::ids::Version::new(maps.generation, maps.epoch),
+                )
                 .await
             {
                 Ok(mut stream) => {

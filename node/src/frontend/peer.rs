@@ -212,9 +212,11 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<Self::SubscribeBlockMapStream>, Status> {
         let t = Instant::now();
         let r = request.into_inner();
-        let res = self
-            .node
-            .block_map_stream(&r.disk, r.generation, r.epoch, &r.from_node);
+        let res = self.node.block_map_stream(
+            &r.disk,
+            crate::ids::Version::new(r.generation, r.epoch),
+            &r.from_node,
+        );
         observe("peer_subscribe_block_map", t, 0, &res);
         res.map(|rx| {
             use futures::StreamExt;

@@ -382,8 +382,10 @@ impl PeerService for TonicPeers {
         &'a self,
         to: To<'a>,
         disk: &'a str,
-        generation: u64,
-        epoch: u64,
+        Version {
+            generation: Generation(generation),
+            epoch: Epoch(epoch),
+        }: Version,
     ) -> BoxFuture<'a, Result<BlockMapStream>> {
         Box::pin(async move {
             let stream = self
