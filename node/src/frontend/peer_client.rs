@@ -359,14 +359,19 @@ impl PeerService for TonicPeers {
                     from_node: self.me.clone(),
                     epoch,
                     cached_only,
+                    packed: true,
                 })
                 .await
                 .map_err(|s| peer_error(to.node, disk, s))?
                 .into_inner();
             let mut out = Vec::with_capacity(indices.len());
             while let Some(msg) = stream.next().await {
-                let b = msg.map_err(|s| peer_error(to.node, disk, s))?;
-                out.push((b.index, (!b.missing).then_some(b.data)));
+                let mut b = msg.map_err(|s| peer_error(to.node, disk, s))?;
+                let more = std::mem::take(&mut b.more);
+                for b in std::iter::once(b).chain(more) {
+                    // A block packed inside a packed block is not an answer: dropped.
+                    out.push((b.index, (!b.missing).then_some(b.data)));
+                }
                 if out.len() > indices.len() {
                     return Err(Error::Peer {
                         node: to.node.to_string(),
