@@ -88,6 +88,24 @@ fn join_error(origin: &str, e: tokio::task::JoinError) -> OriginError {
     }
 }
 
+/// `len` bytes of `file` at `offset`, read into memory that is not zeroed first (the read
+/// fills it); `UnexpectedEof` if the file ends before.
+fn read_exact_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The spare capacity may exceed `len`: what was read past it is not asked for.
+    buf.truncate(len);
+    Ok(buf)
+}
+
 impl Origin for FileOrigin {
     fn describe(&self) -> &str {
         &self.describe
@@ -100,12 +118,9 @@ impl Origin for FileOrigin {
     fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
         let file = self.file.clone();
         Box::pin(async move {
-            let res = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
-            })
-            .await
-            .map_err(|e| join_error(&self.describe, e))?;
+            let res = tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len))
+                .await
+                .map_err(|e| join_error(&self.describe, e))?;
             match res {
                 Ok(buf) => Ok(Bytes::from(buf)),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(OriginError::Short {
@@ -164,5 +179,36 @@ impl Origin for FileOrigin {
             m.mtime(),
             m.mtime_nsec()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_return_exactly_the_bytes_asked_for_and_short_ones_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let o = FileOrigin::open(&path, false).expect("open");
+        for (offset, len) in [
+            (0u64, 0usize),
+            (0, 1),
+            (7, 4096),
+            (1000, 200_000),
+            (299_999, 1),
+        ] {
+            let got = o.read_at(offset, len).await.expect("read");
+            assert_eq!(&got[..], &data[offset as usize..offset as usize + len]);
+        }
+        // Past the end: a short read is an error naming the range, not fewer bytes.
+        match o.read_at(299_000, 4096).await {
+            Err(OriginError::Short { offset, len, .. }) => {
+                assert_eq!((offset, len), (299_000, 4096))
+            }
+            other => panic!("expected a short read, got {other:?}"),
+        }
     }
 }
