@@ -224,14 +224,11 @@ async fn in_a_boot_storm_each_block_leaves_the_owner_about_once() {
 
 /// A config file for member `name` with mutual TLS from `pki` (phi 14, detection off).
 fn tls_config(dir: &std::path::Path, pki: &shadowcache_testkit::TestPki, name: &str) -> String {
-    let (cert, key) = pki.member(name, "shadowcache");
     let path = dir.join(format!("{name}-tls.toml"));
     let text = format!(
-        "[cluster]\nphi_threshold = 14\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n\n\
-         [cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[detection]\nenabled = false\n",
-        pki.ca.display().to_string(),
-        cert.display().to_string(),
-        key.display().to_string()
+        "[cluster]\nphi_threshold = 14\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n\n{}\n\
+         [detection]\nenabled = false\n",
+        pki.cluster_tls_section(name)
     );
     shadowcache_testkit::write_file(&path, text.as_bytes());
     format!("--config={}", path.display())

@@ -771,13 +771,7 @@ async fn gossip_with_tls_only_comes_from_holders_of_the_clusters_certificates() 
             "[cluster]\nphi_threshold = 14.0\ngossip_interval_ms = 250\nrpc_timeout_ms = 2000\n"
                 .to_string();
         if let Some(pki) = pki {
-            let (cert, key) = pki.member(name, "shadowcache");
-            text.push_str(&format!(
-                "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-                pki.ca.display().to_string(),
-                cert.display().to_string(),
-                key.display().to_string()
-            ));
+            text.push_str(&pki.cluster_tls_section(name));
         }
         let path = dir.path().join(format!("{name}.toml"));
         write_file(&path, text.as_bytes());
@@ -827,18 +821,8 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
     let rogue = shadowcache_testkit::TestPki::new(&dir.path().join("rogue"));
-    let (cert, key) = pki.member("a", "shadowcache");
     let config = dir.path().join("a-tls.toml");
-    write_file(
-        &config,
-        format!(
-            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            pki.ca.display().to_string(),
-            cert.display().to_string(),
-            key.display().to_string()
-        )
-        .as_bytes(),
-    );
+    write_file(&config, pki.cluster_tls_section("a").as_bytes());
     let rw = dir.path().join("rw.raw");
     write_file(&rw, &vec![4u8; 65536]);
     let port = shadowcache_testkit::free_port();

@@ -402,6 +402,18 @@ impl TestPki {
         }
     }
 
+    /// A `[cluster.tls]` section of a node config for member `name` (a new certificate and key
+    /// for the default server name), ending in a newline.
+    pub fn cluster_tls_section(&self, name: &str) -> String {
+        let (cert, key) = self.member(name, "shadowcache");
+        format!(
+            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            self.ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    }
+
     /// A certificate and key for member `name`, valid for `server_name`: (cert, key) files.
     pub fn member(&self, name: &str, server_name: &str) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().expect("member key");
