@@ -432,6 +432,34 @@ async fn a_seal_whose_flush_fails_leaves_the_disk_mutable() {
     assert_eq!(node.stat("d").expect("stat").mode, DiskMode::Sealed);
 }
 
+/// A node (4 KiB blocks) owning sealed disk "d" over `data` (reads delayed `delay_ms`): the
+/// node, the origin and the disk's generation.
+async fn sealed_owner(
+    dir: &std::path::Path,
+    data: &[u8],
+    delay_ms: u64,
+) -> (Arc<Node>, Arc<TestOrigin>, u64) {
+    let node = node(dir, 4096).await;
+    let origin = TestOrigin::new(data.to_vec(), delay_ms);
+    node.registry()
+        .register_origin("d", origin.clone(), DiskMode::Sealed)
+        .await
+        .expect("register");
+    let g = node.stat("d").expect("stat").generation;
+    (node, origin, g)
+}
+
+/// Entries in RAM: in `tier`, or in both RAM pools.
+fn ram_entries(node: &Node, tier: Option<shadowcache_node::cache::Tier>) -> u64 {
+    use shadowcache_node::cache::Tier;
+    node.cache()
+        .usage()
+        .into_iter()
+        .filter(|u| tier.map_or(u.tier != Tier::Ssd, |t| u.tier == t))
+        .map(|u| u.entries)
+        .sum()
+}
+
 /// What members fetch through an owner from its own disk does not fill the owner's cache, nor
 /// touch what its own clients cached there: the member caches its copy, and the owner's RAM
 /// (and SSD tier) stays its clients'. Blocks its clients cached are still served from RAM.
@@ -439,21 +467,9 @@ async fn a_seal_whose_flush_fails_leaves_the_disk_mutable() {
 async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
     use shadowcache_node::cache::Tier;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = node(dir.path(), 4096).await;
     let data = pattern(64 * 1024);
-    let origin = TestOrigin::new(data.clone(), 0);
-    node.registry()
-        .register_origin("d", origin.clone(), DiskMode::Sealed)
-        .await
-        .expect("register");
-    let g = node.stat("d").expect("stat").generation;
-    let entries = |tier: Tier| {
-        node.cache()
-            .usage()
-            .into_iter()
-            .find(|u| u.tier == tier)
-            .map_or(0, |u| u.entries)
-    };
+    let (node, origin, g) = sealed_owner(dir.path(), &data, 0).await;
+    let entries = |tier: Tier| ram_entries(&node, Some(tier));
     // The owner's own client reads block 0: cached, single-touch.
     node.read("d", 0, 4096).await.expect("client read");
     assert_eq!(entries(Tier::RamSingle), 1);
@@ -504,16 +520,9 @@ async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
 /// load admits nothing, so the client's block would never be cached), and is cached as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_read_does_not_join_a_members_load_and_is_cached() {
-    use shadowcache_node::cache::Tier;
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = node(dir.path(), 4096).await;
     let data = pattern(16 * 1024);
-    let origin = TestOrigin::new(data.clone(), 200);
-    node.registry()
-        .register_origin("d", origin.clone(), DiskMode::Sealed)
-        .await
-        .expect("register");
-    let g = node.stat("d").expect("stat").generation;
+    let (node, origin, g) = sealed_owner(dir.path(), &data, 200).await;
     let member = {
         let node = node.clone();
         tokio::spawn(async move {
@@ -526,14 +535,11 @@ async fn a_client_read_does_not_join_a_members_load_and_is_cached() {
     assert_eq!(&got[..], &data[..8192]);
     let fetched = member.await.expect("task").expect("member fetch");
     assert!(fetched.iter().all(|(_, b)| b.is_some()));
-    let cached: u64 = node
-        .cache()
-        .usage()
-        .into_iter()
-        .filter(|u| u.tier != Tier::Ssd)
-        .map(|u| u.entries)
-        .sum();
-    assert_eq!(cached, 2, "the client's blocks are cached");
+    assert_eq!(
+        ram_entries(&node, None),
+        2,
+        "the client's blocks are cached"
+    );
     let reads = origin.reads.load(Ordering::SeqCst);
     node.read("d", 0, 8192).await.expect("client read again");
     assert_eq!(

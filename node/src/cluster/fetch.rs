@@ -64,8 +64,9 @@ pub enum Route {
     /// The owner only: this node serves another member (as a home), which already tried the
     /// others.
     OwnerOnly,
-    /// A read of this node's own disk for another member's fetch: cached blocks are served
-    /// without being touched, missed ones read from the origin and not admitted. The member
+    /// A read of this node's own disk for another member (its content map, or the blocks it
+    /// fetches): cached blocks are served without being touched, missed ones read from the
+    /// origin and not admitted. The member
     /// caches its own copy; this node's cache (and its SSD tier) stays its own clients', rather
     /// than filling with, and demoting, every block members read through it.
     Member,
