@@ -94,17 +94,42 @@ impl InProcessNet {
             .insert(id.to_string(), Arc::downgrade(node));
     }
 
+    /// From now on, membership changes spread only in [`InProcessNet::gossip_round`]s.
+    pub fn gossip_in_rounds(&self) {
+        self.members.gossip_in_rounds();
+    }
+
+    /// One round of gossip: every member's view catches up with what reaches it.
+    pub fn gossip_round(&self) {
+        self.members.gossip_round();
+    }
+
+    /// Calls to member `id` fail from now on; membership is left as it is (a killed process
+    /// that has not been noticed yet).
+    pub fn detach(&self, id: &str) {
+        self.nodes.lock().remove(id);
+    }
+
     /// Member `id` is dead to everyone (it leaves the live set; calls to it fail).
     pub fn kill(&self, id: &str) {
         self.members.remove(id);
         self.nodes.lock().remove(id);
     }
 
-    /// Sets what the link from `from` to `to` does with calls (one direction).
+    /// Sets what the link from `from` to `to` does with calls (one direction). Gossip takes
+    /// the same links: a link that is not open carries none (see [`InProcess`]).
     pub fn set_link(&self, from: &str, to: &str, link: Link) {
         self.links.send_modify(|l| {
             l.insert((from.to_string(), to.to_string()), link);
         });
+        let blocked = self
+            .links
+            .borrow()
+            .iter()
+            .filter(|(_, l)| **l != Link::Open)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.members.set_gossip(blocked);
     }
 
     /// Waits until the link lets a call through; the node it reaches, or why not.

@@ -164,16 +164,89 @@ impl Membership for Static {
 }
 
 /// Members of one process that see each other: the test decides who is alive
-/// ([`InProcess::remove`]), and every member sees the change at once.
+/// ([`InProcess::remove`]) and which way gossip flows ([`InProcess::set_gossip`]). A member
+/// sees a change of another member (a join, a new incarnation, a new disks version) once gossip
+/// can reach it from that member over open links, directly or through a third member; until
+/// then it keeps what it saw last. A member that is gone leaves every view at once (as a
+/// failure detector would decide, only sooner).
 #[derive(Debug, Clone, Default)]
 pub struct InProcess {
-    live: Arc<watch::Sender<Vec<Member>>>,
+    inner: Arc<parking_lot::Mutex<Views>>,
+}
+
+#[derive(Debug, Default)]
+struct Views {
+    /// Every live member, as it advertises itself.
+    truth: Vec<Member>,
+    /// What each member process (id, boot) sees.
+    views: Vec<(String, u64, watch::Sender<Vec<Member>>)>,
+    /// (from, to): gossip from `from` does not reach `to` directly.
+    blocked: std::collections::HashSet<(String, String)>,
+    /// Changes spread only in rounds the test runs ([`InProcess::gossip_round`]).
+    in_rounds: bool,
+}
+
+impl Views {
+    /// Whether gossip from `from` reaches `to`, over unblocked links between live ids.
+    fn reaches(&self, from: &str, to: &str) -> bool {
+        if from == to {
+            return true;
+        }
+        let mut seen = vec![from.to_string()];
+        let mut next = vec![from.to_string()];
+        while let Some(at) = next.pop() {
+            for m in &self.truth {
+                if !seen.contains(&m.id) && !self.blocked.contains(&(at.clone(), m.id.clone())) {
+                    if m.id == to {
+                        return true;
+                    }
+                    seen.push(m.id.clone());
+                    next.push(m.id.clone());
+                }
+            }
+            // An observer that is no live member any more (an old incarnation) is reached
+            // like any other id.
+            if !self.blocked.contains(&(at.clone(), to.to_string())) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Brings every view up to date with what gossip can carry to it, unless changes wait
+    /// for the test's gossip rounds.
+    fn changed(&self) {
+        if !self.in_rounds {
+            self.spread();
+        }
+    }
+
+    /// Brings every view up to date with what gossip can carry to it.
+    fn spread(&self) {
+        for (id, _, view) in &self.views {
+            view.send_if_modified(|v| {
+                let mut next: Vec<Member> = Vec::with_capacity(self.truth.len());
+                for m in &self.truth {
+                    if self.reaches(&m.id, id) {
+                        next.push(m.clone());
+                    } else if let Some(old) = v.iter().find(|o| o.id == m.id) {
+                        next.push(old.clone());
+                    }
+                }
+                next.sort_by(|a, b| a.id.cmp(&b.id));
+                let changed = *v != next;
+                *v = next;
+                changed
+            });
+        }
+    }
 }
 
 /// One member of an [`InProcess`] cluster.
 #[derive(Debug)]
 pub struct InProcessMember {
     me: Member,
+    view: watch::Receiver<Vec<Member>>,
     cluster: InProcess,
 }
 
@@ -192,20 +265,52 @@ impl InProcess {
             disks_version: 0,
             boot,
         };
-        self.live.send_modify(|v| {
-            v.retain(|m| m.id != id);
-            v.push(me.clone());
-            v.sort_by(|a, b| a.id.cmp(&b.id));
-        });
+        let mut g = self.inner.lock();
+        g.truth.retain(|m| m.id != id);
+        g.truth.push(me.clone());
+        g.truth.sort_by(|a, b| a.id.cmp(&b.id));
+        let (tx, view) = watch::channel(Vec::new());
+        g.views.push((id.to_string(), boot, tx));
+        g.changed();
         Arc::new(InProcessMember {
             me,
+            view,
             cluster: self.clone(),
         })
     }
 
     /// `id` is dead to everyone.
     pub fn remove(&self, id: &str) {
-        self.live.send_modify(|v| v.retain(|m| m.id != id));
+        let mut g = self.inner.lock();
+        g.truth.retain(|m| m.id != id);
+        for (_, _, view) in &g.views {
+            view.send_if_modified(|v| {
+                let before = v.len();
+                v.retain(|m| m.id != id);
+                v.len() != before
+            });
+        }
+        g.changed();
+    }
+
+    /// From now on, changes reach other members only in the rounds of gossip the test runs
+    /// with [`InProcess::gossip_round`] (a removal still reaches everyone at once): for a
+    /// simulation that delays gossip as a network does.
+    pub fn gossip_in_rounds(&self) {
+        self.inner.lock().in_rounds = true;
+    }
+
+    /// One round of gossip: every view catches up with what reaches it.
+    pub fn gossip_round(&self) {
+        self.inner.lock().spread();
+    }
+
+    /// Which way gossip flows: `blocked` holds the (from, to) pairs of members whose gossip
+    /// does not reach the other directly. Views catch up with whatever now reaches them.
+    pub fn set_gossip(&self, blocked: std::collections::HashSet<(String, String)>) {
+        let mut g = self.inner.lock();
+        g.blocked = blocked;
+        g.changed();
     }
 }
 
@@ -215,26 +320,35 @@ impl Membership for InProcessMember {
     }
 
     fn watch(&self) -> watch::Receiver<Vec<Member>> {
-        self.cluster.live.subscribe()
+        self.view.clone()
     }
 
     fn set_disks_version(&self, version: u64) -> BoxFuture<'_, ()> {
-        self.cluster.live.send_modify(|v| {
-            for m in v
-                .iter_mut()
-                .filter(|m| m.id == self.me.id && m.boot == self.me.boot)
-            {
-                m.disks_version = version;
-            }
-        });
+        let mut g = self.cluster.inner.lock();
+        for m in g
+            .truth
+            .iter_mut()
+            .filter(|m| m.id == self.me.id && m.boot == self.me.boot)
+        {
+            m.disks_version = version;
+        }
+        g.changed();
         Box::pin(async {})
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         let (id, boot) = (self.me.id.clone(), self.me.boot);
-        self.cluster
-            .live
-            .send_modify(|v| v.retain(|m| !(m.id == id && m.boot == boot)));
+        let mut g = self.cluster.inner.lock();
+        g.truth.retain(|m| !(m.id == id && m.boot == boot));
+        g.views.retain(|(i, b, _)| !(*i == id && *b == boot));
+        for (_, _, view) in &g.views {
+            view.send_if_modified(|v| {
+                let before = v.len();
+                v.retain(|m| !(m.id == id && m.boot == boot));
+                v.len() != before
+            });
+        }
+        g.changed();
         Box::pin(async {})
     }
 }
