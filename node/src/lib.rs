@@ -44,6 +44,24 @@ pub mod nbd;
 pub mod origin;
 pub mod read;
 pub mod serve;
+#[cfg(feature = "failpoints")]
+pub mod sim;
+
+/// Whether a test build switched off the protocol guard `name` (fail point `name` set to
+/// anything): the simulation's proof that its checker catches the removal of each guard
+/// (`docs/reliability.md` lists them). Always false without the `failpoints` feature.
+#[inline]
+pub(crate) fn guard_removed(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::eval(name, |_| ()).is_some()
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
+}
 pub mod server;
 pub mod telemetry;
 pub mod write;
@@ -99,6 +117,8 @@ pub struct Node {
     /// Block map streams served to members.
     subscriptions: Arc<serve::Subscriptions>,
     started: Instant,
+    /// Set by [`Node::halt`]: writes no longer reach the origins.
+    halted: Arc<std::sync::atomic::AtomicBool>,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
     /// directory would tear each other's SSD tier and content maps.
     _lock: std::fs::File,
@@ -201,8 +221,17 @@ impl Node {
             clock,
             me: me.clone(),
             started: Instant::now(),
+            halted: Arc::default(),
             _lock: lock,
         }))
+    }
+
+    /// Stops this node's writes from reaching its origins from now on (they fail): what a
+    /// killed process leaves undone. For a simulation, which runs many nodes in one process
+    /// and cannot kill one node's tasks; a node restarted there starts after its predecessor
+    /// halted, as a real one starts after its predecessor died.
+    pub fn halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The configuration.

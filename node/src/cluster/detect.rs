@@ -213,6 +213,9 @@ impl OwnerState {
 
     /// How long writes must still wait at `now`.
     pub fn fenced_for(&self, now: Duration) -> Duration {
+        if crate::guard_removed("guard-restart-fence") {
+            return Duration::ZERO;
+        }
         Duration::from_nanos(
             self.fence_until
                 .load(Ordering::SeqCst)

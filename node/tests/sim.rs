@@ -1,0 +1,107 @@
+//! The seeded simulation (`shadowcache_node::sim`): three nodes in one process on a simulated
+//! clock and network, faults and operations drawn from each seed, every history checked.
+//!
+//! `SIM_SEEDS` (default 256) seeds from `SIM_FIRST_SEED` (default 1) run here; a failure names
+//! its seed, which `SIM_FIRST_SEED=N SIM_SEEDS=1` runs again. Needs the `failpoints` feature
+//! (`scripts/test.sh` turns it on); without it the test fails and says so.
+
+mod common;
+
+#[cfg(feature = "failpoints")]
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn seeded_histories_keep_the_promise_under_partitions_drift_and_restarts() {
+    common::needs_failpoints();
+    #[cfg(feature = "failpoints")]
+    {
+        use shadowcache_node::sim;
+        let first = env_u64("SIM_FIRST_SEED", 1);
+        let seeds = env_u64("SIM_SEEDS", 256);
+        let cfg = sim::SimConfig::default();
+        let (mut reads, mut writes, mut generations) = (0, 0, 0);
+        for seed in first..first + seeds {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out =
+                sim::run(seed, &cfg, dir.path()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            assert!(out.violations.is_empty(), "{}", out.report());
+            reads += out.reads_ok;
+            writes += out.writes_acked;
+            generations += out.generations;
+        }
+        eprintln!(
+            "{seeds} seeds from {first}: {reads} reads and {writes} acknowledged writes checked, {generations} generations"
+        );
+        // The runs did what they are for: reads served, writes acknowledged, the disk detected
+        // (a generation past the first) in most of them.
+        assert!(
+            reads as u64 >= seeds * 10,
+            "only {reads} reads returned data"
+        );
+        assert!(
+            writes as u64 >= seeds * 2,
+            "only {writes} writes acknowledged"
+        );
+        assert!(
+            generations >= seeds * 2,
+            "the disk was hardly ever detected: {generations} generations"
+        );
+    }
+}
+
+/// Each guard of the lease protocol, switched off through its fail point: the simulation must
+/// catch every removal. Prints the seeds run until the first violation for each.
+#[test]
+fn the_simulation_catches_the_removal_of_each_guard() {
+    common::needs_failpoints();
+    #[cfg(feature = "failpoints")]
+    {
+        use shadowcache_node::sim;
+        let budget = env_u64("SIM_GUARD_SEEDS", 400);
+        let only = std::env::var("SIM_GUARD").ok();
+        // SIM_GUARD_ALL=1: every seed of the budget, to measure how often each removal shows.
+        let all = std::env::var("SIM_GUARD_ALL").is_ok();
+        let cfg = sim::SimConfig::default();
+        let mut missed = Vec::new();
+        for guard in sim::GUARDS {
+            if only.as_deref().is_some_and(|o| o != *guard) {
+                continue;
+            }
+            fail::cfg(*guard, "return").expect("fail point");
+            let mut caught = None;
+            let mut catches = 0;
+            for seed in 1..=budget {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let out =
+                    sim::run(seed, &cfg, dir.path()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                if !out.violations.is_empty() {
+                    catches += 1;
+                    if caught.is_none() {
+                        eprintln!("{guard}: caught by seed {seed}\n{}", out.report());
+                        caught = Some(seed);
+                    }
+                    if !all {
+                        break;
+                    }
+                }
+            }
+            if all {
+                eprintln!("{guard}: {catches} of {budget} seeds caught it");
+            }
+            fail::remove(*guard);
+            match caught {
+                Some(seed) => eprintln!("{guard}: first caught after {seed} seeds"),
+                None => missed.push(*guard),
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "removals not caught in {budget} seeds: {missed:?}"
+        );
+    }
+}
