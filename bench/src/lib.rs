@@ -11,6 +11,8 @@
 //! - `policy_bench.rs`: `policy`, a trace replayed page by page through the node's RAM pools
 //!   beside `policy_ref.rs` (plain LRU and ARC, the ARC paper's rules), with sweeps plotted by
 //!   `plot.rs` and a RAM + SSD replay by tier.
+//! - `faults.rs`: `faults`, the seeded simulation of the cluster for a budget of seeds, with
+//!   every guard in place and with each removed (built with the `faults` feature).
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
 //! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.
@@ -20,6 +22,8 @@ pub mod alloc;
 pub mod cache_bench;
 pub mod cluster_bench;
 pub mod demo;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod nbd_bench;
 pub mod plot;
 pub mod policy_bench;

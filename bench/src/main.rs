@@ -121,6 +121,26 @@ enum Command {
         #[arg(long)]
         second_chances: Option<bool>,
     },
+    /// The seeded simulation of a cluster (three nodes in one process, faults drawn from each
+    /// seed, every history checked), then each guard of the lease protocol removed in turn.
+    /// Needs a build with `--features faults`.
+    Faults {
+        /// Seeds with every guard in place.
+        #[arg(long, default_value_t = 1000)]
+        seeds: u64,
+        /// The first seed (a failing seed replays with --first-seed N --seeds 1).
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        /// Seeds run with each guard removed.
+        #[arg(long, default_value_t = 400)]
+        guard_seeds: u64,
+        /// Threads (default: one a core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Write the report here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
     /// --trace, hit and dedup ratios of a trace replayed through one node.
     Cache {
@@ -145,8 +165,90 @@ enum Command {
     },
 }
 
+/// `faults`: outside any runtime (each seed runs on a runtime of its own).
+#[cfg(feature = "faults")]
+fn faults(
+    seeds: u64,
+    first_seed: u64,
+    guard_seeds: u64,
+    jobs: Option<usize>,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let report = shadowcache_bench::faults::run(&shadowcache_bench::faults::Options {
+        seeds,
+        first_seed,
+        guard_seeds,
+        jobs,
+    })?;
+    println!(
+        "{} seeds in {:.0} s: {} reads and {} acknowledged writes checked, {} violations, {} errors",
+        report.seeds,
+        report.seconds,
+        report.reads_checked,
+        report.writes_acked,
+        report.violations.len(),
+        report.errors.len()
+    );
+    for g in &report.guards {
+        println!(
+            "{:32} caught by {:4} of {} seeds; first {:?}; replayed {}/3{}",
+            g.guard,
+            g.caught,
+            g.seeds,
+            g.first_caught,
+            g.replayed,
+            if g.must_catch {
+                ""
+            } else {
+                " (defence in depth)"
+            }
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
+    let missed: Vec<&str> = report
+        .guards
+        .iter()
+        .filter(|g| g.must_catch && g.caught == 0)
+        .map(|g| g.guard.as_str())
+        .collect();
+    anyhow::ensure!(
+        report.violations.is_empty() && report.errors.is_empty() && missed.is_empty(),
+        "violations {}, errors {}, guard removals not caught: {missed:?}",
+        report.violations.len(),
+        report.errors.len()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "faults"))]
+fn faults(
+    _seeds: u64,
+    _first_seed: u64,
+    _guard_seeds: u64,
+    _jobs: Option<usize>,
+    _json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this shadowcache-bench was built without the simulation; run it as\n  cargo run --release -p shadowcache-bench --features faults -- faults ..."
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Faults {
+        seeds,
+        first_seed,
+        guard_seeds,
+        jobs,
+        json,
+    } = cli.command
+    {
+        return faults(seeds, first_seed, guard_seeds, jobs, json);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -264,6 +366,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            // Run before the runtime was built.
+            Command::Faults { .. } => Ok(()),
             Command::Cache {
                 json,
                 trace,
