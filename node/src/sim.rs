@@ -120,9 +120,15 @@ pub struct Op {
     pub end: Option<u64>,
     /// The simulated time it was sent at (ms since the start).
     pub at_ms: u64,
-    /// The versions read (one a block), or the error.
+    /// The versions read (one a block; [`MIXED`] for a block that was not one whole version),
+    /// or the error.
     pub result: Option<std::result::Result<Vec<u64>, String>>,
+    /// The bytes of each block read that was not one whole version.
+    pub mixed: Vec<(u64, Bytes)>,
 }
+
+/// The version recorded for a block read that was not one whole version of it.
+pub const MIXED: u64 = u64::MAX;
 
 /// What an [`Op`] was.
 #[derive(Debug, Clone)]
@@ -413,6 +419,7 @@ impl Sim {
             end: None,
             at_ms,
             result: None,
+            mixed: Vec::new(),
         });
         h.ops.len() - 1
     }
@@ -427,12 +434,16 @@ impl Sim {
         let (history, bs) = (self.history.clone(), self.cfg.block_bytes);
         self.tasks.push(tokio::spawn(async move {
             let r = node.read(DISK, first * bs, count * bs).await;
+            let mut mixed = Vec::new();
             let r = r.map_err(|e| e.to_string()).map(|b| {
                 (0..count)
                     .map(|k| {
                         let at = (k * bs) as usize;
-                        // u64::MAX: not one whole version of the block (torn or foreign).
-                        version_of(first + k, &b[at..at + bs as usize]).unwrap_or(u64::MAX)
+                        let bytes = b.slice(at..at + bs as usize);
+                        version_of(first + k, &bytes).unwrap_or_else(|| {
+                            mixed.push((first + k, bytes));
+                            MIXED
+                        })
                     })
                     .collect()
             });
@@ -441,6 +452,7 @@ impl Sim {
             let end = h.seq;
             h.ops[n].end = Some(end);
             h.ops[n].result = Some(r);
+            h.ops[n].mixed = mixed;
         }));
     }
 
@@ -843,8 +855,9 @@ async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, St
 }
 
 /// Checks a history: every read that began after a write of its block was acknowledged returns
-/// that write's version or a later one; every read returns, whole, the image's version (1) or
-/// one a write sent before the read ended produced.
+/// that write's version or a later one; every read returns the image's version (1) or one a
+/// write sent before the read ended produced, whole, unless a write of the block ran while it
+/// did: then, as on a disk, each byte may come from any version it could return.
 pub fn check(history: &[Op]) -> Vec<Violation> {
     // Per block: (version, start, end if acknowledged) of every write.
     let mut writes: BTreeMap<u64, Vec<(u64, u64, Option<u64>)>> = BTreeMap::new();
@@ -860,6 +873,12 @@ pub fn check(history: &[Op]) -> Vec<Violation> {
                 .push((version, op.start, acked));
         }
     }
+    let block_bytes = history
+        .iter()
+        .flat_map(|o| o.mixed.iter())
+        .map(|(_, b)| b.len() as u64)
+        .next()
+        .unwrap_or(0);
     let mut out = Vec::new();
     for (n, op) in history.iter().enumerate() {
         let (OpKind::Read { first, .. }, Some(Ok(versions)), Some(end)) =
@@ -870,20 +889,46 @@ pub fn check(history: &[Op]) -> Vec<Violation> {
         for (k, &v) in versions.iter().enumerate() {
             let b = first + k as u64;
             let ws = writes.get(&b).map(Vec::as_slice).unwrap_or(&[]);
-            if v == u64::MAX {
-                out.push(Violation {
-                    what: format!("block {b} read torn or foreign bytes"),
-                    block: b,
-                    op: n,
-                });
-                continue;
-            }
             let must = ws
                 .iter()
                 .filter(|(_, _, acked)| acked.is_some_and(|a| a < op.start))
                 .map(|(v, _, _)| *v)
                 .max()
                 .unwrap_or(1);
+            if v == MIXED {
+                // A write of the block that ran while the read did (one that failed may land
+                // at any time after it was sent).
+                let overlapped = ws
+                    .iter()
+                    .any(|(_, s, acked)| *s < end && acked.is_none_or(|a| a > op.start));
+                let possible: Vec<Vec<u8>> = std::iter::once(1)
+                    .chain(ws.iter().filter(|(_, s, _)| *s < end).map(|(w, _, _)| *w))
+                    .filter(|w| *w >= must)
+                    .map(|w| block(b, w, block_bytes))
+                    .collect();
+                let bytes = op.mixed.iter().find(|(i, _)| *i == b).map(|(_, x)| x);
+                let explained = overlapped
+                    && bytes.is_some_and(|x| {
+                        x.iter()
+                            .enumerate()
+                            .all(|(i, c)| possible.iter().any(|p| p.get(i) == Some(c)))
+                    });
+                if !explained {
+                    out.push(Violation {
+                        what: format!(
+                            "block {b} read torn or foreign bytes{}",
+                            if overlapped {
+                                " (bytes no version it could return has)"
+                            } else {
+                                " (no write of it ran meanwhile)"
+                            }
+                        ),
+                        block: b,
+                        op: n,
+                    });
+                }
+                continue;
+            }
             if v < must {
                 out.push(Violation {
                     what: format!(
@@ -916,6 +961,7 @@ mod tests {
             end: Some(end),
             at_ms: 0,
             result: Some(Ok(result)),
+            mixed: Vec::new(),
         }
     }
 
@@ -962,8 +1008,20 @@ mod tests {
         // Version 3 was never sent before the read ended.
         let foreign = vec![read(0, vec![3], 1, 2), write(0, 3, 4, 5)];
         assert!(check(&foreign)[0].what.contains("no write had sent"));
-        let torn = vec![read(1, vec![u64::MAX], 1, 2)];
-        assert!(check(&torn)[0].what.contains("torn"));
+        let mut torn = read(1, vec![MIXED], 4, 6);
+        let mut half = block(1, 1, 64);
+        half[32..].copy_from_slice(&block(1, 2, 64)[32..]);
+        torn.mixed = vec![(1, Bytes::from(half.clone()))];
+        // No write of block 1 ran meanwhile: a torn block is a violation.
+        assert!(check(std::slice::from_ref(&torn))[0].what.contains("torn"));
+        // Version 2 written while the read ran: old and new bytes mixed, as on a disk.
+        assert!(check(&[write(1, 2, 5, 7), torn.clone()]).is_empty());
+        // ... but not once version 2 was acknowledged before the read began.
+        assert!(!check(&[write(1, 2, 1, 3), torn.clone()]).is_empty());
+        // ... nor bytes no version has.
+        half[40] ^= 0xff;
+        torn.mixed = vec![(1, Bytes::from(half))];
+        assert!(!check(&[write(1, 2, 5, 7), torn]).is_empty());
         // A failed write's version may be read (it may have landed), but requires nothing.
         let mut failed = write(0, 2, 1, 3);
         failed.result = Some(Err("unavailable".into()));
