@@ -44,6 +44,8 @@ pub struct InProcessNet {
     members: InProcess,
     nodes: Arc<parking_lot::Mutex<HashMap<String, Weak<Node>>>>,
     links: Arc<watch::Sender<HashMap<(String, String), Link>>>,
+    /// Incarnations given an address so far.
+    names: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Default for InProcessNet {
@@ -59,6 +61,7 @@ impl InProcessNet {
             members: InProcess::new(),
             nodes: Arc::new(parking_lot::Mutex::new(HashMap::new())),
             links: Arc::new(watch::Sender::new(HashMap::new())),
+            names: Arc::default(),
         }
     }
 
@@ -72,8 +75,8 @@ impl InProcessNet {
         clock: Arc<dyn Clock>,
         seed: u64,
     ) -> Environment {
-        // A name only: nothing listens there. Distinct per member, for messages.
-        let n = self.nodes.lock().len() as u16;
+        // A name only: nothing listens there. Distinct per incarnation, for messages.
+        let n = self.names.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let addr = SocketAddr::from(([127, 0, 0, 1], 1 + n));
         Environment {
             clock: clock.clone(),

@@ -48,7 +48,7 @@ pub mod serve;
 pub mod sim;
 
 /// Whether a test build switched off the protocol guard `name` (fail point `name` set to
-/// anything): the simulation's proof that its checker catches the removal of each guard
+/// `return`): the simulation's proof that its checker catches the removal of each guard
 /// (`docs/reliability.md` lists them). Always false without the `failpoints` feature.
 #[inline]
 pub(crate) fn guard_removed(name: &str) -> bool {

@@ -405,7 +405,15 @@ impl Node {
         }
         match self.cluster.remote(disk) {
             Some(r) if r.owner == from => {
-                if !crate::guard_removed("guard-holder-stops-before-ack") {
+                if crate::guard_removed("guard-holder-stops-before-ack") {
+                    // Acknowledged first, stopped a moment later.
+                    let (cluster, clock, disk) =
+                        (self.cluster.clone(), self.clock.clone(), disk.to_string());
+                    tokio::spawn(async move {
+                        clock.sleep(Duration::from_millis(200)).await;
+                        cluster.revoke_local(&disk, generation);
+                    });
+                } else {
                     self.cluster.revoke_local(disk, generation);
                 }
                 Ok(())

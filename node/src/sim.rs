@@ -26,8 +26,8 @@
 //! What is not deterministic yet, so that a seed replays the same faults and operations but
 //! not always the same interleaving of the nodes' tasks: the file origin's reads run on tokio's
 //! blocking pool (real threads), `tokio::select!` picks its first branch at random, and hash
-//! maps iterate in a per-process order. [`Outcome::replayed`] in the test reports how often a
-//! failing seed fails again.
+//! maps iterate in a per-process order. `shadowcache-bench faults` replays the first failing
+//! seed of each guard's removal and reports how often it fails again.
 //!
 //! Architecture invariant: test support only (built with the `failpoints` feature); nothing in
 //! the node depends on it.
@@ -269,6 +269,14 @@ struct History {
     ops: Vec<Op>,
 }
 
+/// Numbers the start of operation `n`: called in its task right before it calls the node, so
+/// that nothing that ends before can look concurrent with it.
+fn started(history: &Shared, n: usize) {
+    let mut h = history.lock();
+    h.seq += 1;
+    h.ops[n].start = h.seq;
+}
+
 type Shared = Arc<parking_lot::Mutex<History>>;
 
 /// A running process of the simulation.
@@ -408,14 +416,13 @@ impl Sim {
         self.read(p, first, count);
     }
 
+    /// Records operation `kind`; its start is numbered by [`started`] when its task runs.
     fn begin(&self, kind: OpKind) -> usize {
         let at_ms = self.now_ms();
         let mut h = self.history.lock();
-        h.seq += 1;
-        let start = h.seq;
         h.ops.push(Op {
             kind,
-            start,
+            start: 0,
             end: None,
             at_ms,
             result: None,
@@ -433,10 +440,14 @@ impl Sim {
         });
         let (history, bs) = (self.history.clone(), self.cfg.block_bytes);
         self.tasks.push(tokio::spawn(async move {
+            started(&history, n);
             let r = node.read(DISK, first * bs, count * bs).await;
             let mut mixed = Vec::new();
-            let r = r.map_err(|e| e.to_string()).map(|b| {
-                (0..count)
+            let r = r.map_err(|e| e.to_string()).and_then(|b| {
+                if b.len() as u64 != count * bs {
+                    return Err(format!("{} bytes read, {} asked", b.len(), count * bs));
+                }
+                Ok((0..count)
                     .map(|k| {
                         let at = (k * bs) as usize;
                         let bytes = b.slice(at..at + bs as usize);
@@ -445,7 +456,7 @@ impl Sim {
                             MIXED
                         })
                     })
-                    .collect()
+                    .collect())
             });
             let mut h = history.lock();
             h.seq += 1;
@@ -471,6 +482,7 @@ impl Sim {
         });
         let (history, bs) = (self.history.clone(), self.cfg.block_bytes);
         self.tasks.push(tokio::spawn(async move {
+            started(&history, n);
             let r = node
                 .write(DISK, i * bs, Bytes::from(block(i, v, bs)))
                 .await
@@ -854,23 +866,25 @@ async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, St
     })
 }
 
+/// A write as the checker sees it: version, start, end (if it ended), acknowledged.
+type WriteSpan = (u64, u64, Option<u64>, bool);
+
 /// Checks a history: every read that began after a write of its block was acknowledged returns
 /// that write's version or a later one; every read returns the image's version (1) or one a
 /// write sent before the read ended produced, whole, unless a write of the block ran while it
 /// did: then, as on a disk, each byte may come from any version it could return.
 pub fn check(history: &[Op]) -> Vec<Violation> {
-    // Per block: (version, start, end if acknowledged) of every write.
-    let mut writes: BTreeMap<u64, Vec<(u64, u64, Option<u64>)>> = BTreeMap::new();
+    // Per block, every write: (version, start, end, acknowledged). A write that failed may
+    // have landed while it ran (its bytes reached the origin before the error), never after:
+    // a forwarded write past its deadline is dropped, not sent.
+    let mut writes: BTreeMap<u64, Vec<WriteSpan>> = BTreeMap::new();
     for op in history {
         if let OpKind::Write { block, version, .. } = op.kind {
-            let acked = match op.result {
-                Some(Ok(_)) => op.end,
-                _ => None,
-            };
+            let acked = matches!(op.result, Some(Ok(_)));
             writes
                 .entry(block)
                 .or_default()
-                .push((version, op.start, acked));
+                .push((version, op.start, op.end, acked));
         }
     }
     let block_bytes = history
@@ -891,18 +905,17 @@ pub fn check(history: &[Op]) -> Vec<Violation> {
             let ws = writes.get(&b).map(Vec::as_slice).unwrap_or(&[]);
             let must = ws
                 .iter()
-                .filter(|(_, _, acked)| acked.is_some_and(|a| a < op.start))
-                .map(|(v, _, _)| *v)
+                .filter(|(_, _, e, acked)| *acked && e.is_some_and(|e| e < op.start))
+                .map(|(v, ..)| *v)
                 .max()
                 .unwrap_or(1);
             if v == MIXED {
-                // A write of the block that ran while the read did (one that failed may land
-                // at any time after it was sent).
+                // A write of the block that ran while the read did.
                 let overlapped = ws
                     .iter()
-                    .any(|(_, s, acked)| *s < end && acked.is_none_or(|a| a > op.start));
+                    .any(|(_, s, e, _)| *s < end && e.is_none_or(|e| e > op.start));
                 let possible: Vec<Vec<u8>> = std::iter::once(1)
-                    .chain(ws.iter().filter(|(_, s, _)| *s < end).map(|(w, _, _)| *w))
+                    .chain(ws.iter().filter(|(_, s, ..)| *s < end).map(|(w, ..)| *w))
                     .filter(|w| *w >= must)
                     .map(|w| block(b, w, block_bytes))
                     .collect();
@@ -938,7 +951,7 @@ pub fn check(history: &[Op]) -> Vec<Violation> {
                     op: n,
                 });
             }
-            if v != 1 && !ws.iter().any(|(w, s, _)| *w == v && *s < end) {
+            if v != 1 && !ws.iter().any(|(w, s, ..)| *w == v && *s < end) {
                 out.push(Violation {
                     what: format!("block {b} read version {v}, which no write had sent"),
                     block: b,
@@ -1018,6 +1031,10 @@ mod tests {
         assert!(check(&[write(1, 2, 5, 7), torn.clone()]).is_empty());
         // ... but not once version 2 was acknowledged before the read began.
         assert!(!check(&[write(1, 2, 1, 3), torn.clone()]).is_empty());
+        // ... nor after a failed write of version 2 ended before the read began.
+        let mut failed2 = write(1, 2, 1, 3);
+        failed2.result = Some(Err("late".into()));
+        assert!(!check(&[failed2, torn.clone()]).is_empty());
         // ... nor bytes no version has.
         half[40] ^= 0xff;
         torn.mixed = vec![(1, Bytes::from(half))];

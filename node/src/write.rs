@@ -88,6 +88,10 @@ async fn land(
         }
         let r = d.origin.write_at(offset, data).await;
         drop(place);
+        if halted.load(std::sync::atomic::Ordering::SeqCst) {
+            // Killed while the bytes were on their way: a dead process acknowledges nothing.
+            return Err(Error::State("the node halted".into()));
+        }
         r.map_err(|e| {
             tracing::warn!(disk = %d.id, error = %e, "origin write failed");
             Error::from(e)

@@ -7,6 +7,30 @@
 
 mod common;
 
+/// The fail points are one process's: the two tests here take turns (plain `cargo test` runs
+/// tests of a binary side by side).
+#[cfg(feature = "failpoints")]
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A guard removed until dropped, even when the test fails with it removed.
+#[cfg(feature = "failpoints")]
+struct Removed(&'static str);
+
+#[cfg(feature = "failpoints")]
+impl Removed {
+    fn new(guard: &'static str) -> Self {
+        fail::cfg(guard, "return").expect("fail point");
+        Removed(guard)
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Drop for Removed {
+    fn drop(&mut self) {
+        fail::remove(self.0);
+    }
+}
+
 #[cfg(feature = "failpoints")]
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -21,6 +45,9 @@ fn seeded_histories_keep_the_promise_under_partitions_drift_and_restarts() {
     #[cfg(feature = "failpoints")]
     {
         use shadowcache_node::sim;
+        let _one = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let first = env_u64("SIM_FIRST_SEED", 1);
         let seeds = env_u64("SIM_SEEDS", 256);
         let cfg = sim::SimConfig::default();
@@ -62,6 +89,9 @@ fn the_simulation_catches_the_removal_of_each_guard() {
     #[cfg(feature = "failpoints")]
     {
         use shadowcache_node::sim;
+        let _one = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let budget = env_u64("SIM_GUARD_SEEDS", 400);
         let only = std::env::var("SIM_GUARD").ok();
         // SIM_GUARD_ALL=1: every seed of the budget, to measure how often each removal shows.
@@ -72,7 +102,7 @@ fn the_simulation_catches_the_removal_of_each_guard() {
             if only.as_deref().is_some_and(|o| o != *guard) {
                 continue;
             }
-            fail::cfg(*guard, "return").expect("fail point");
+            let removed = Removed::new(guard);
             let mut caught = None;
             let mut catches = 0;
             for seed in 1..=budget {
@@ -93,7 +123,7 @@ fn the_simulation_catches_the_removal_of_each_guard() {
             if all {
                 eprintln!("{guard}: {catches} of {budget} seeds caught it");
             }
-            fail::remove(*guard);
+            drop(removed);
             match caught {
                 Some(seed) => eprintln!("{guard}: first caught after {seed} seeds"),
                 None => missed.push(*guard),

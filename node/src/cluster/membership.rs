@@ -223,7 +223,14 @@ impl Views {
 
     /// Brings every view up to date with what gossip can carry to it.
     fn spread(&self) {
-        for (id, _, view) in &self.views {
+        for (id, boot, _) in &self.views {
+            self.spread_to(id, *boot);
+        }
+    }
+
+    /// Brings the view of process (`id`, `boot`) up to date with what gossip can carry to it.
+    fn spread_to(&self, id: &str, boot: u64) {
+        for (_, _, view) in self.views.iter().filter(|(i, b, _)| i == id && *b == boot) {
             view.send_if_modified(|v| {
                 let mut next: Vec<Member> = Vec::with_capacity(self.truth.len());
                 for m in &self.truth {
@@ -269,8 +276,11 @@ impl InProcess {
         g.truth.retain(|m| m.id != id);
         g.truth.push(me.clone());
         g.truth.sort_by(|a, b| a.id.cmp(&b.id));
+        // A new process learns the live set from its seeds before it joins: its own view starts
+        // with what reaches it now, rounds or not.
         let (tx, view) = watch::channel(Vec::new());
         g.views.push((id.to_string(), boot, tx));
+        g.spread_to(id, boot);
         g.changed();
         Arc::new(InProcessMember {
             me,
