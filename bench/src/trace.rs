@@ -75,6 +75,7 @@ pub fn parse_vscsi(b: &[u8]) -> anyhow::Result<Vec<Request>> {
         }
         let offset = u64_at(16)
             .checked_mul(LIS_SECTOR)
+            .filter(|o| o.checked_add(len).is_some())
             .with_context(|| format!("record {n}: sector out of range"))?;
         out.push(Request { offset, len });
     }
@@ -102,10 +103,14 @@ pub fn parse_lis(r: impl BufRead) -> anyhow::Result<Vec<Request>> {
         if count == 0 {
             continue;
         }
-        out.push(Request {
-            offset: start * LIS_SECTOR,
-            len: count * LIS_SECTOR,
-        });
+        // Ranges whose end does not fit in 64 bits are no disk's.
+        let range = start
+            .checked_mul(LIS_SECTOR)
+            .zip(count.checked_mul(LIS_SECTOR));
+        let Some((offset, len)) = range.filter(|(o, l)| o.checked_add(*l).is_some()) else {
+            bail!("line {}: sectors {start}+{count} out of range", n + 1);
+        };
+        out.push(Request { offset, len });
     }
     Ok(out)
 }
@@ -113,6 +118,25 @@ pub fn parse_lis(r: impl BufRead) -> anyhow::Result<Vec<Request>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_past_64_bits_are_errors_not_panics() {
+        for t in [
+            "18446744073709551615 1\n",
+            "1 18446744073709551615\n",
+            "36028797018963967 1\n",
+        ] {
+            let e = parse_lis(t.as_bytes()).expect_err(t);
+            assert!(e.to_string().contains("out of range"), "{t}: {e}");
+        }
+        let mut rec = [0u8; VSCSI_RECORD];
+        rec[4..8].copy_from_slice(&4096u32.to_le_bytes());
+        rec[12..14].copy_from_slice(&0x28u16.to_le_bytes());
+        rec[14..16].copy_from_slice(&0x0100u16.to_le_bytes());
+        rec[16..24].copy_from_slice(&(u64::MAX / 512).to_le_bytes());
+        let e = parse_vscsi(&rec).expect_err("end past 2^64");
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
 
     #[test]
     fn lis_lines_become_byte_ranges() {
