@@ -35,3 +35,11 @@ else
   echo "cargo-nextest not found; using cargo test" >&2
   cargo test --workspace "${features[@]}" --no-fail-fast
 fi
+
+# Every fuzz target for a bounded time on its committed corpus (scripts/fuzz.sh; FUZZ_SECONDS,
+# default 20 s a target; FUZZ_SECONDS=0 skips them and says so).
+if [ "${FUZZ_SECONDS:-20}" = 0 ]; then
+  echo "WARNING: FUZZ_SECONDS=0: fuzz targets not run" >&2
+else
+  ./scripts/fuzz.sh
+fi
