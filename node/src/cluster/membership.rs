@@ -626,3 +626,60 @@ pub async fn from_config(
         )),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[Member]) -> Vec<(String, u64, u64)> {
+        v.iter()
+            .map(|m| (m.id.clone(), m.boot, m.disks_version))
+            .collect()
+    }
+
+    #[test]
+    fn in_process_gossip_reaches_a_member_only_over_open_links() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let c = InProcess::new();
+        let a = c.join("a", addr, 1);
+        let b = c.join("b", addr, 1);
+        let cc = c.join("c", addr, 1);
+        assert_eq!(ids(&b.watch().borrow()).len(), 3);
+        let blocked = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(f, t)| (f.to_string(), t.to_string()))
+                .collect()
+        };
+        // a's gossip does not reach b directly, but c relays it.
+        c.set_gossip(blocked(&[("a", "b")]));
+        drop(a.set_disks_version(5));
+        assert_eq!(
+            ids(&b.watch().borrow())[0],
+            ("a".into(), 1, 5),
+            "relayed by c"
+        );
+        // b hears nobody: a restarts, c sees the new incarnation, b keeps the old one.
+        c.set_gossip(blocked(&[("a", "b"), ("c", "b")]));
+        let a2 = c.join("a", addr, 2);
+        assert_eq!(ids(&b.watch().borrow())[0], ("a".into(), 1, 5));
+        assert_eq!(ids(&cc.watch().borrow())[0], ("a".into(), 2, 0));
+        c.set_gossip(Default::default());
+        assert_eq!(
+            ids(&b.watch().borrow())[0].1,
+            2,
+            "b caught up once a path opened"
+        );
+        // In rounds: nothing spreads until a round runs; a joining process sees the set at once.
+        c.gossip_in_rounds();
+        drop(a2.set_disks_version(9));
+        assert_eq!(ids(&b.watch().borrow())[0].2, 0);
+        let d = c.join("d", addr, 1);
+        assert_eq!(ids(&d.watch().borrow()).len(), 4);
+        c.gossip_round();
+        assert_eq!(ids(&b.watch().borrow())[0].2, 9);
+        // A member that is gone leaves every view at once, rounds or not.
+        c.remove("c");
+        assert!(ids(&b.watch().borrow()).iter().all(|m| m.0 != "c"));
+    }
+}
