@@ -5,7 +5,6 @@
 //! production build never has): `cargo run --release -p shadowcache-bench --features faults
 //! -- faults --seeds 100000 --json faults.json`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -67,6 +66,16 @@ pub struct GuardReport {
     pub example: Option<String>,
 }
 
+/// What the seeds with every guard in place added up to.
+#[derive(Debug, Default)]
+struct Totals {
+    reads: u64,
+    writes: u64,
+    generations: u64,
+    violations: Vec<String>,
+    errors: Vec<String>,
+}
+
 /// Runs seeds `first..first + n` on `jobs` threads; `f` sees every outcome.
 fn run_seeds(
     first: u64,
@@ -97,41 +106,34 @@ fn run_seeds(
 /// Runs the simulation; prints progress to stderr.
 pub fn run(o: &Options) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let totals = Arc::new(parking_lot::Mutex::new((
-        0u64,
-        0u64,
-        0u64,
-        Vec::new(),
-        Vec::new(),
-    )));
+    let totals = parking_lot::Mutex::new(Totals::default());
     let done = AtomicU64::new(0);
     run_seeds(o.first_seed, o.seeds, o.jobs, &|seed, r| {
         let mut t = totals.lock();
         match r {
             Ok(out) => {
-                t.0 += out.reads_ok as u64;
-                t.1 += out.writes_acked as u64;
-                t.2 += out.generations;
+                t.reads += out.reads_ok as u64;
+                t.writes += out.writes_acked as u64;
+                t.generations += out.generations;
                 if !out.violations.is_empty() {
                     eprintln!("VIOLATION\n{}", out.report());
-                    t.3.push(out.report());
+                    t.violations.push(out.report());
                 }
             }
-            Err(e) => t.4.push(format!("seed {seed}: {e}")),
+            Err(e) => t.errors.push(format!("seed {seed}: {e}")),
         }
         let n = done.fetch_add(1, Ordering::SeqCst) + 1;
         if n.is_multiple_of(1000) || n == o.seeds {
             eprintln!(
                 "{n}/{} seeds, {} violations, {:.0} s",
                 o.seeds,
-                t.3.len(),
+                t.violations.len(),
                 started.elapsed().as_secs_f64()
             );
         }
     });
     let seconds = started.elapsed().as_secs_f64();
-    let (reads_checked, writes_acked, generations, violations, errors) =
-        std::mem::take(&mut *totals.lock());
+    let t = totals.into_inner();
     let mut guards = Vec::new();
     let removals = sim::GUARDS
         .iter()
@@ -181,11 +183,11 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
         seeds: o.seeds,
         first_seed: o.first_seed,
         seconds,
-        reads_checked,
-        writes_acked,
-        generations,
-        violations,
-        errors,
+        reads_checked: t.reads,
+        writes_acked: t.writes,
+        generations: t.generations,
+        violations: t.violations,
+        errors: t.errors,
         guards,
     })
 }

@@ -27,6 +27,40 @@ use crate::error::{Error, Result};
 use crate::ids::Version;
 use crate::{Environment, Node};
 
+/// The configuration of member `node_id` of an in-process test cluster, its data in
+/// `data_dir`: 16 MiB of RAM, no SSD tier, no NBD socket, detection that a few reads by two
+/// members and a 400 ms quiet period trigger, leases of `term_ms` with a `margin_ms` drift
+/// margin; `owns` registers a mutable disk (id, image) there.
+pub fn member_config(
+    data_dir: &std::path::Path,
+    node_id: &str,
+    block_bytes: u32,
+    (term_ms, margin_ms): (u64, u64),
+    owns: Option<(&str, &std::path::Path)>,
+) -> crate::Config {
+    let mut c = crate::Config::for_data_dir(data_dir);
+    c.node_id = node_id.into();
+    c.block_bytes = block_bytes;
+    c.ram_bytes = 16 << 20;
+    c.ssd_bytes = 0;
+    c.nbd_unix = None;
+    c.detection.enabled = true;
+    c.detection.min_readers = 2;
+    c.detection.min_reads = 4;
+    c.detection.quiet_period_ms = 400;
+    c.detection.window_ms = 10_000;
+    c.lease.term_ms = term_ms;
+    c.lease.drift_margin_ms = margin_ms;
+    if let Some((id, image)) = owns {
+        c.disks.push(crate::config::DiskSpec {
+            id: id.into(),
+            origin: image.to_path_buf(),
+            mode: crate::DiskMode::Mutable,
+        });
+    }
+    c
+}
+
 /// What a link from one member to another does with a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {

@@ -44,9 +44,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::clock::{Clock, ManualClock};
-use crate::config::{Config, DiskSpec};
-use crate::disk::DiskMode;
-use crate::inprocess::{InProcessNet, Link};
+use crate::config::Config;
+use crate::inprocess::{InProcessNet, Link, member_config};
 use crate::server::{RunningNode, start_in};
 
 /// The protocol's guards, each removable in a test build through the fail point of its name,
@@ -320,26 +319,10 @@ struct Sim {
 
 impl Sim {
     fn config(&self, id: &str, dir: &Path) -> Config {
-        let mut c = Config::for_data_dir(dir);
-        c.node_id = id.into();
-        c.block_bytes = self.cfg.block_bytes as u32;
+        let owns = (id == "a").then_some((DISK, self.image.as_path()));
+        let lease = (self.cfg.term_ms, self.cfg.margin_ms);
+        let mut c = member_config(dir, id, self.cfg.block_bytes as u32, lease, owns);
         c.ram_bytes = 1 << 20;
-        c.ssd_bytes = 0;
-        c.nbd_unix = None;
-        c.detection.enabled = true;
-        c.detection.min_readers = 2;
-        c.detection.min_reads = 4;
-        c.detection.quiet_period_ms = 400;
-        c.detection.window_ms = 10_000;
-        c.lease.term_ms = self.cfg.term_ms;
-        c.lease.drift_margin_ms = self.cfg.margin_ms;
-        if id == "a" {
-            c.disks.push(DiskSpec {
-                id: DISK.into(),
-                origin: self.image.clone(),
-                mode: DiskMode::Mutable,
-            });
-        }
         c
     }
 

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shadowcache_node::clock::{Clock, ManualClock};
-use shadowcache_node::config::DiskSpec;
-use shadowcache_node::inprocess::{InProcessNet, Link};
+use shadowcache_node::inprocess::{InProcessNet, Link, member_config};
 use shadowcache_node::{Config, DiskMode, RunningNode, start_in};
 
 const BS: u64 = 16 << 10;
@@ -108,29 +107,18 @@ impl Cluster {
     }
 }
 
-/// The configuration of member `id` of the test cluster (the owner `a` registers the image).
+/// The configuration of member `id` of the test cluster (the owner `a` registers the image;
+/// `b2` is a second process with id `b`, in a directory of its own).
 fn config(dir: &std::path::Path, id: &str, image: &std::path::Path) -> Config {
-    let mut c = Config::for_data_dir(&dir.join(id));
-    c.node_id = id.trim_end_matches(char::is_numeric).into();
-    c.block_bytes = BS as u32;
-    c.ram_bytes = 16 << 20;
-    c.ssd_bytes = 0;
-    c.nbd_unix = None;
-    c.detection.enabled = true;
-    c.detection.min_readers = 2;
-    c.detection.min_reads = 4;
-    c.detection.quiet_period_ms = 400;
-    c.detection.window_ms = 10_000;
-    c.lease.term_ms = TERM_MS;
-    c.lease.drift_margin_ms = MARGIN_MS;
-    if id == "a" {
-        c.disks.push(DiskSpec {
-            id: "vdi".into(),
-            origin: image.to_path_buf(),
-            mode: DiskMode::Mutable,
-        });
-    }
-    c
+    let owns = (id == "a").then_some(("vdi", image));
+    let node_id = id.trim_end_matches(char::is_numeric);
+    member_config(
+        &dir.join(id),
+        node_id,
+        BS as u32,
+        (TERM_MS, MARGIN_MS),
+        owns,
+    )
 }
 
 async fn cluster(dir: &std::path::Path) -> Cluster {

@@ -12,6 +12,14 @@ mod common;
 #[cfg(feature = "failpoints")]
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// This test's turn on the fail points (a test that failed before does not block the other).
+#[cfg(feature = "failpoints")]
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A guard removed until dropped, even when the test fails with it removed.
 #[cfg(feature = "failpoints")]
 struct Removed(&'static str);
@@ -45,9 +53,7 @@ fn seeded_histories_keep_the_promise_under_partitions_drift_and_restarts() {
     #[cfg(feature = "failpoints")]
     {
         use shadowcache_node::sim;
-        let _one = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = one_at_a_time();
         let first = env_u64("SIM_FIRST_SEED", 1);
         let seeds = env_u64("SIM_SEEDS", 256);
         let cfg = sim::SimConfig::default();
@@ -89,9 +95,7 @@ fn the_simulation_catches_the_removal_of_each_guard() {
     #[cfg(feature = "failpoints")]
     {
         use shadowcache_node::sim;
-        let _one = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = one_at_a_time();
         let budget = env_u64("SIM_GUARD_SEEDS", 400);
         let only = std::env::var("SIM_GUARD").ok();
         // SIM_GUARD_ALL=1: every seed of the budget, to measure how often each removal shows.

@@ -188,29 +188,35 @@ struct Views {
 
 impl Views {
     /// Whether gossip from `from` reaches `to`, over unblocked links between live ids.
+    /// (`to` need not be live: an old incarnation still hears gossip like any other id.)
     fn reaches(&self, from: &str, to: &str) -> bool {
-        if from == to {
-            return true;
-        }
-        let mut seen = vec![from.to_string()];
-        let mut next = vec![from.to_string()];
+        let open = |a: &str, b: &str| !self.blocked.contains(&(a.to_string(), b.to_string()));
+        let mut seen = vec![from];
+        let mut next = vec![from];
         while let Some(at) = next.pop() {
-            for m in &self.truth {
-                if !seen.contains(&m.id) && !self.blocked.contains(&(at.clone(), m.id.clone())) {
-                    if m.id == to {
-                        return true;
-                    }
-                    seen.push(m.id.clone());
-                    next.push(m.id.clone());
-                }
-            }
-            // An observer that is no live member any more (an old incarnation) is reached
-            // like any other id.
-            if !self.blocked.contains(&(at.clone(), to.to_string())) {
+            if at == to || open(at, to) {
                 return true;
+            }
+            for m in &self.truth {
+                if !seen.contains(&m.id.as_str()) && open(at, &m.id) {
+                    seen.push(&m.id);
+                    next.push(&m.id);
+                }
             }
         }
         false
+    }
+
+    /// Takes the members `gone` picks out of the live set and out of every view at once.
+    fn forget(&mut self, gone: impl Fn(&Member) -> bool) {
+        self.truth.retain(|m| !gone(m));
+        for (_, _, view) in &self.views {
+            view.send_if_modified(|v| {
+                let before = v.len();
+                v.retain(|m| !gone(m));
+                v.len() != before
+            });
+        }
     }
 
     /// Brings every view up to date with what gossip can carry to it, unless changes wait
@@ -292,14 +298,7 @@ impl InProcess {
     /// `id` is dead to everyone.
     pub fn remove(&self, id: &str) {
         let mut g = self.inner.lock();
-        g.truth.retain(|m| m.id != id);
-        for (_, _, view) in &g.views {
-            view.send_if_modified(|v| {
-                let before = v.len();
-                v.retain(|m| m.id != id);
-                v.len() != before
-            });
-        }
+        g.forget(|m| m.id == id);
         g.changed();
     }
 
@@ -349,15 +348,8 @@ impl Membership for InProcessMember {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         let (id, boot) = (self.me.id.clone(), self.me.boot);
         let mut g = self.cluster.inner.lock();
-        g.truth.retain(|m| !(m.id == id && m.boot == boot));
         g.views.retain(|(i, b, _)| !(*i == id && *b == boot));
-        for (_, _, view) in &g.views {
-            view.send_if_modified(|v| {
-                let before = v.len();
-                v.retain(|m| !(m.id == id && m.boot == boot));
-                v.len() != before
-            });
-        }
+        g.forget(|m| m.id == id && m.boot == boot);
         g.changed();
         Box::pin(async {})
     }
