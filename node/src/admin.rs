@@ -190,7 +190,11 @@ impl Node {
             return Err(Error::DiskExists(id.to_string()));
         }
         let d = self.registry.register(id, origin, mode).await?;
-        self.registry.save().await?;
+        if let Err(e) = self.registry.save().await {
+            tracing::warn!(disk = id, error = %e, "registration not saved; taken back");
+            self.registry.unregister_unsaved(id);
+            return Err(e);
+        }
         self.cluster.disks_changed().await;
         Ok(self.info(&d))
     }

@@ -150,11 +150,30 @@ impl Node {
             );
         }
         let cache_config = config.cache_config();
-        let (cache, _recovery) =
-            tokio::task::spawn_blocking(move || ContentCache::open(cache_config))
-                .await
-                .context("cache open task")?
-                .context("cannot open the content cache")?;
+        let opened = tokio::task::spawn_blocking(move || ContentCache::open(cache_config))
+            .await
+            .context("cache open task")?;
+        let (cache, _recovery) = match opened {
+            // A full filesystem is a condition of the moment, not a mistake in the config:
+            // serve without the SSD tier (RAM and origins) rather than not at all.
+            Err(crate::cache::CacheError::Ssd(crate::cache::SsdError::Io { path, error }))
+                if matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %error,
+                    "the ssd tier's filesystem is full; serving without the ssd tier until the \
+                     next start (free space, then restart the node)"
+                );
+                let mut without = config.cache_config();
+                without.ssd = None;
+                tokio::task::spawn_blocking(move || ContentCache::open(without))
+                    .await
+                    .context("cache open task")?
+                    .context("cannot open the content cache")?
+            }
+            other => other.context("cannot open the content cache")?,
+        };
         let registry = Registry::new(
             &config.data_dir,
             config.block_bytes,

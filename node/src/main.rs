@@ -8,12 +8,19 @@ use std::process::ExitCode;
 use clap::Parser;
 use shadowcache_node::{Config, Flags, telemetry};
 
+/// Says `msg` on stderr; a stderr that cannot be written (a log file on a full disk) is not a
+/// reason to panic.
+fn say(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "shadowcache-node: {msg}");
+}
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     let config = match Config::from_flags(&flags) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("shadowcache-node: {e}");
+            say(format_args!("{e}"));
             return ExitCode::from(2);
         }
     };
@@ -25,7 +32,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("shadowcache-node: cannot start the runtime: {e}");
+            say(format_args!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -33,7 +40,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("shadowcache-node: {e:#}");
+            say(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }

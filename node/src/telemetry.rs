@@ -27,6 +27,8 @@ pub const DEMOTIONS: &str = "shadowcache_cache_demotions_total";
 pub const EVICTIONS: &str = "shadowcache_cache_evictions_total";
 /// SSD slots whose bytes did not hash to their fingerprint.
 pub const SSD_VERIFY_FAILURES: &str = "shadowcache_ssd_verify_failures_total";
+/// SSD writes that failed (a full or failing device); the entry was dropped, not cached.
+pub const SSD_WRITE_FAILURES: &str = "shadowcache_ssd_write_failures_total";
 /// The RAM single-touch pool's target, as a share of the RAM budget (it adapts to ghost hits).
 pub const SINGLE_TOUCH_TARGET: &str = "shadowcache_cache_single_touch_target_ratio";
 /// Keys each ghost remembers, by `ghost` = single | multi.
@@ -248,9 +250,13 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A log that cannot be written (stderr to a file on a full disk) loses lines; it must not
+    // stop the node: tracing-subscriber would report the failure with `eprintln!`, which
+    // panics when stderr cannot be written either.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     // A second init (tests that start several nodes in one process) is not an error.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -282,6 +288,10 @@ pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), String> {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CACHE_HITS, "Block lookups answered by a cache tier");
+    describe_counter!(
+        SSD_WRITE_FAILURES,
+        "SSD writes that failed (full or failing device); entries dropped"
+    );
     describe_counter!(CACHE_MISSES, "Block lookups no tier could answer");
     describe_counter!(ZERO_BLOCK_HITS, "Lookups answered by the shared zero block");
     describe_counter!(PROMOTIONS, "Single-touch entries promoted to multi-touch");

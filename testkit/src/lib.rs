@@ -118,6 +118,10 @@ pub fn free_peer_port() -> u16 {
 /// descriptor limit (soft and hard), through util-linux `prlimit`.
 pub const NOFILE_LIMIT: &str = "TESTKIT_NOFILE_LIMIT";
 
+/// Pseudo environment variable of [`NodeProcess::start_with_env`]: run the node in this
+/// network namespace (`ip netns exec`, which needs root; the namespace must exist).
+pub const NETNS: &str = "TESTKIT_NETNS";
+
 /// A running `shadowcache-node` process with its own data directory.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -168,8 +172,20 @@ impl NodeProcess {
             .iter()
             .find(|(k, _)| k == NOFILE_LIMIT)
             .map(|(_, v)| v.clone());
-        let mut cmd = match &nofile {
-            Some(n) => {
+        let netns = self
+            .env
+            .iter()
+            .find(|(k, _)| k == NETNS)
+            .map(|(_, v)| v.clone());
+        let mut cmd = match (&nofile, &netns) {
+            (Some(_), Some(_)) => panic!("{NOFILE_LIMIT} and {NETNS} cannot be combined"),
+            (None, Some(ns)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(binary("shadowcache-node"));
+                c
+            }
+            (Some(n), None) => {
                 assert!(
                     Command::new("prlimit")
                         .arg("--version")
@@ -183,7 +199,7 @@ impl NodeProcess {
                     .arg(binary("shadowcache-node"));
                 c
             }
-            None => Command::new(binary("shadowcache-node")),
+            (None, None) => Command::new(binary("shadowcache-node")),
         };
         cmd.arg("--data-dir").arg(&self.data_dir);
         if !self.args.iter().any(|a| a.starts_with("--node-id")) {
@@ -195,7 +211,7 @@ impl NodeProcess {
             .envs(
                 self.env
                     .iter()
-                    .filter(|(k, _)| k != NOFILE_LIMIT)
+                    .filter(|(k, _)| k != NOFILE_LIMIT && k != NETNS)
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             )
             .stdout(Stdio::null())
@@ -266,6 +282,13 @@ impl NodeProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts the node again on the same data directory and arguments, after it was killed
+    /// or exited (a process still running is killed first).
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     /// Stops cleanly and starts again on the same data directory and arguments.

@@ -149,6 +149,8 @@ pub struct CacheStats {
     pub evictions_ssd: Count,
     /// SSD slots that failed verification.
     pub ssd_verify_failures: Count,
+    /// SSD writes that failed (a full or failing device); the entry was dropped.
+    pub ssd_write_failures: Count,
     /// Admissions of keys the single-touch ghost remembered.
     pub ghost_hits_single: Count,
     /// Admissions of keys the multi-touch ghost remembered.
@@ -172,6 +174,7 @@ impl CacheStats {
             evictions_ram_multi: Count::new(EVICTIONS, &[("pool", "ram_multi")]),
             evictions_ssd: Count::new(EVICTIONS, &[("pool", "ssd")]),
             ssd_verify_failures: Count::new(SSD_VERIFY_FAILURES, &[]),
+            ssd_write_failures: Count::new(SSD_WRITE_FAILURES, &[]),
             ghost_hits_single: Count::new(GHOST_HITS, &[("ghost", "single")]),
             ghost_hits_multi: Count::new(GHOST_HITS, &[("ghost", "multi")]),
             logical_bytes: AtomicU64::new(0),
@@ -716,7 +719,12 @@ impl Writer {
                 }
             }
             if let Err(e) = self.ssd.write(r, fp, &v.bytes, refs) {
-                tracing::warn!(error = %e, "ssd write failed; entry dropped");
+                self.stats.ssd_write_failures.inc();
+                // A full device fails every write: say so at the 1st, 2nd, 4th, 8th... failure.
+                let n = self.stats.ssd_write_failures.get();
+                if n.is_power_of_two() {
+                    tracing::warn!(error = %e, failures = n, "ssd write failed; entry dropped");
+                }
                 self.stats.evictions_ram_multi.inc();
                 self.stats.sub_logical(v.logical_bytes());
                 self.pending.remove_if(&fp, |_, p| Arc::ptr_eq(p, &v));

@@ -53,12 +53,12 @@ pub struct SsdConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SsdError {
     /// The files could not be created, opened or sized.
-    #[error("ssd tier {path}: {source}")]
+    #[error("ssd tier {path}: {error}")]
     Io {
         /// The file involved.
         path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (in the message, not a separate cause: printed once).
+        error: io::Error,
     },
     /// The capacity holds no slot, or more than the index can address.
     #[error(
@@ -286,9 +286,9 @@ impl std::fmt::Debug for SsdTier {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SsdError + '_ {
-    move |source| SsdError::Io {
+    move |error| SsdError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -717,6 +717,18 @@ impl Registry {
         self.origin_ids.lock().retain(|(i, _)| i != ident);
     }
 
+    /// Takes back a registration that could not be saved (a full data directory): the disk,
+    /// its origin path and its claim on the origin's storage go, so that the client's error
+    /// is the whole truth and a retry can succeed once there is room.
+    pub fn unregister_unsaved(&self, id: &str) {
+        let Ok(id) = DiskId::parse(id) else {
+            return;
+        };
+        self.disks.remove(&id);
+        self.origins.remove(&id);
+        self.origin_ids.lock().retain(|(_, d)| d != &id);
+    }
+
     /// Registers a disk over any origin (tests use counting and failing ones). Not saved.
     pub async fn register_origin(
         &self,

@@ -233,7 +233,7 @@ async fn read_replies(
             break format!("reply to an unknown cookie {cookie}");
         };
         if error != 0 {
-            let _ = tx.send(Err(format!("server error {error}")));
+            let _ = tx.send(Err(format!("server error {error} ({})", nbd_errno(error))));
             continue;
         }
         let mut data = BytesMut::zeroed(read_len as usize);
@@ -526,6 +526,21 @@ impl Origin for NbdOrigin {
     fn identity(&self) -> Option<String> {
         // Nothing tells us whether the export changed while we were away: no saved map.
         None
+    }
+}
+
+/// The name of an NBD error code (the protocol's values, which are Linux errno values).
+fn nbd_errno(code: u32) -> &'static str {
+    match code {
+        1 => "EPERM: not permitted",
+        5 => "EIO: input/output error",
+        12 => "ENOMEM: out of memory",
+        22 => "EINVAL: invalid argument",
+        28 => "ENOSPC: no space left on device",
+        75 => "EOVERFLOW: request too large",
+        95 => "ENOTSUP: not supported",
+        108 => "ESHUTDOWN: server is shutting down",
+        _ => "an error code the NBD protocol does not define",
     }
 }
 
