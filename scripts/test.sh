@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Tools from apt that the NBD tests drive (node/tests/nbd.rs): each command and its package.
 need_apt=()
+# The fault campaign (bench/tests/campaign.rs) drives ip (namespaces), kill and mount as root.
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
-            fio:fio nbdkit:nbdkit; do
+            fio:fio nbdkit:nbdkit ip:iproute2 kill:procps; do
   cmd=${pair%%:*} pkg=${pair##*:}
   if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! " ${need_apt[*]} " =~ " $pkg " ]]; then
     need_apt+=("$pkg")

@@ -13,6 +13,8 @@
 //!   `plot.rs` and a RAM + SSD replay by tier.
 //! - `faults.rs`: `faults`, the seeded simulation of the cluster for a budget of seeds, with
 //!   every guard in place and with each removed (built with the `faults` feature).
+//! - `campaign/`: the real-process fault campaign of `faults` (node processes killed,
+//!   stopped, cut off, their SSD files corrupted, their disks filled, their origins failing).
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
 //! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.
@@ -20,6 +22,7 @@
 
 pub mod alloc;
 pub mod cache_bench;
+pub mod campaign;
 pub mod cluster_bench;
 pub mod demo;
 #[cfg(feature = "faults")]

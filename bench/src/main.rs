@@ -20,6 +20,40 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct FaultArgs {
+    /// Seeds with every guard in place (0: no simulation).
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    /// The first seed (a failing seed replays with --first-seed N --seeds 1).
+    #[arg(long, default_value_t = 1)]
+    first_seed: u64,
+    /// Seeds run with each guard removed.
+    #[arg(long, default_value_t = 400)]
+    guard_seeds: u64,
+    /// Threads for the simulation (default: one a core).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Campaign scenarios to run, comma-separated: `all`, `none`, or names (`--campaign help`
+    /// lists them).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    campaign: Vec<String>,
+    /// Seconds each timed phase of a campaign scenario lasts.
+    #[arg(long, default_value_t = 3.0)]
+    phase_seconds: f64,
+    /// Run the campaign's nodes with this guard of the lease protocol removed (its fail point,
+    /// in a node built with `--features shadowcache-node/failpoints`): the scenarios' checkers
+    /// must then fail.
+    #[arg(long)]
+    remove_guard: Option<String>,
+    /// Keep the campaign's node directories (logs, data) here instead of a temporary one.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot desktops from one replica through a local node, printing hit ratios (the main job).
@@ -121,26 +155,12 @@ enum Command {
         #[arg(long)]
         second_chances: Option<bool>,
     },
-    /// The seeded simulation of a cluster (three nodes in one process, faults drawn from each
-    /// seed, every history checked), then each guard of the lease protocol removed in turn.
-    /// Needs a build with `--features faults`.
-    Faults {
-        /// Seeds with every guard in place.
-        #[arg(long, default_value_t = 1000)]
-        seeds: u64,
-        /// The first seed (a failing seed replays with --first-seed N --seeds 1).
-        #[arg(long, default_value_t = 1)]
-        first_seed: u64,
-        /// Seeds run with each guard removed.
-        #[arg(long, default_value_t = 400)]
-        guard_seeds: u64,
-        /// Threads (default: one a core).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Write the report here as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    /// Under faults: the seeded simulation of a cluster (three nodes in one process, faults
+    /// drawn from each seed, every history checked; each guard of the lease protocol removed
+    /// in turn; needs a build with `--features faults`), then the real-process campaign (node
+    /// processes killed, stopped, cut off, their SSD files corrupted, their disks filled, their
+    /// origins failing). One report.
+    Faults(FaultArgs),
     /// Cache costs per block size (RAM hit, SSD hit, miss; in process and over gRPC), or with
     /// --trace, hit and dedup ratios of a trace replayed through one node.
     Cache {
@@ -167,22 +187,21 @@ enum Command {
 
 /// `faults`: outside any runtime (each seed runs on a runtime of its own).
 #[cfg(feature = "faults")]
-fn faults(
-    seeds: u64,
-    first_seed: u64,
-    guard_seeds: u64,
-    jobs: Option<usize>,
-    json: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+fn simulation(a: &FaultArgs) -> anyhow::Result<Option<serde_json::Value>> {
+    if a.seeds == 0 {
+        return Ok(None);
+    }
+    let jobs = a
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let report = shadowcache_bench::faults::run(&shadowcache_bench::faults::Options {
-        seeds,
-        first_seed,
-        guard_seeds,
+        seeds: a.seeds,
+        first_seed: a.first_seed,
+        guard_seeds: a.guard_seeds,
         jobs,
     })?;
     println!(
-        "{} seeds in {:.0} s: {} reads and {} acknowledged writes checked, {} violations, {} errors",
+        "simulation: {} seeds in {:.0} s: {} reads and {} acknowledged writes checked, {} violations, {} errors",
         report.seeds,
         report.seconds,
         report.reads_checked,
@@ -205,49 +224,125 @@ fn faults(
             }
         );
     }
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("report written to {}", path.display());
-    }
     let missed: Vec<&str> = report
         .guards
         .iter()
         .filter(|g| g.must_catch && g.caught == 0)
         .map(|g| g.guard.as_str())
         .collect();
+    if !(report.violations.is_empty() && report.errors.is_empty() && missed.is_empty()) {
+        eprintln!(
+            "simulation FAILED: violations {}, errors {}, guard removals not caught: {missed:?}",
+            report.violations.len(),
+            report.errors.len()
+        );
+    }
+    let mut v = serde_json::to_value(&report)?;
+    v["passed"] =
+        (report.violations.is_empty() && report.errors.is_empty() && missed.is_empty()).into();
+    Ok(Some(v))
+}
+
+#[cfg(not(feature = "faults"))]
+fn simulation(a: &FaultArgs) -> anyhow::Result<Option<serde_json::Value>> {
     anyhow::ensure!(
-        report.violations.is_empty() && report.errors.is_empty() && missed.is_empty(),
-        "violations {}, errors {}, guard removals not caught: {missed:?}",
-        report.violations.len(),
-        report.errors.len()
+        a.seeds == 0,
+        "this shadowcache-bench was built without the simulation; run it as\n  cargo run --release -p shadowcache-bench --features faults -- faults ...\nor pass --seeds 0 for the campaign alone"
+    );
+    Ok(None)
+}
+
+fn faults(a: FaultArgs) -> anyhow::Result<()> {
+    use shadowcache_bench::campaign;
+    let names: Vec<&str> = campaign::scenarios().iter().map(|s| s.name).collect();
+    if a.campaign.iter().any(|c| c == "help") {
+        for s in campaign::scenarios() {
+            println!("{:24} {}", s.name, s.guarantee);
+        }
+        return Ok(());
+    }
+    let only: Vec<String> = if a.campaign.iter().any(|c| c == "none") {
+        Vec::new()
+    } else if a.campaign.iter().any(|c| c == "all") {
+        names.iter().map(|n| n.to_string()).collect()
+    } else {
+        a.campaign.clone()
+    };
+    for n in &only {
+        anyhow::ensure!(
+            names.contains(&n.as_str()),
+            "--campaign: no scenario {n:?}; the scenarios are: {}",
+            names.join(", ")
+        );
+    }
+    let sim = simulation(&a)?;
+    let mut outcomes = Vec::new();
+    if !only.is_empty() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        outcomes = rt.block_on(campaign::run(&campaign::Options {
+            only,
+            phase_seconds: a.phase_seconds,
+            work_dir: a.work_dir.clone(),
+            node_env: a
+                .remove_guard
+                .iter()
+                .map(|g| ("FAILPOINTS".to_string(), format!("{g}=return")))
+                .collect(),
+        }))?;
+        println!();
+        println!("{:24} {:>8} {:>8}  figures", "scenario", "result", "secs");
+        for o in &outcomes {
+            println!(
+                "{:24} {:>8} {:>8.1}  {}",
+                o.name,
+                match (&o.skipped, o.passed) {
+                    (Some(_), _) => "skipped",
+                    (None, true) => "passed",
+                    (None, false) => "FAILED",
+                },
+                o.seconds,
+                serde_json::Value::Object(o.figures.clone())
+            );
+            if let Some(why) = &o.skipped {
+                println!("{:24} skipped: {why}", "");
+            }
+            for v in &o.violations {
+                println!("{:24} violation: {v}", "");
+            }
+        }
+    }
+    let sim_passed = sim.as_ref().is_none_or(|s| s["passed"] == true);
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.passed)
+        .map(|o| o.name.as_str())
+        .collect();
+    if let Some(path) = &a.json {
+        let report = serde_json::json!({
+            "simulation": sim,
+            "campaign": outcomes,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
+    anyhow::ensure!(
+        sim_passed && failed.is_empty(),
+        "the simulation {}; campaign scenarios not passed (failed or skipped): {failed:?}",
+        match (&sim, sim_passed) {
+            (None, _) => "did not run",
+            (Some(_), true) => "passed",
+            (Some(_), false) => "FAILED",
+        }
     );
     Ok(())
 }
 
-#[cfg(not(feature = "faults"))]
-fn faults(
-    _seeds: u64,
-    _first_seed: u64,
-    _guard_seeds: u64,
-    _jobs: Option<usize>,
-    _json: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "this shadowcache-bench was built without the simulation; run it as\n  cargo run --release -p shadowcache-bench --features faults -- faults ..."
-    )
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Faults {
-        seeds,
-        first_seed,
-        guard_seeds,
-        jobs,
-        json,
-    } = cli.command
-    {
-        return faults(seeds, first_seed, guard_seeds, jobs, json);
+    if let Command::Faults(a) = cli.command {
+        return faults(a);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
