@@ -719,7 +719,9 @@ impl Registry {
 
     /// Takes back a registration that could not be saved (a full data directory): the disk,
     /// its origin path and its claim on the origin's storage go, so that the client's error
-    /// is the whole truth and a retry can succeed once there is room.
+    /// is the whole truth and a retry can succeed once there is room. What `disks.toml` held
+    /// of the disk stays (see `restore_unrestored`). A save that failed after its rename (only
+    /// the directory's sync failed) leaves the disk in the file: it comes back at the next start.
     pub fn unregister_unsaved(&self, id: &str) {
         let Ok(id) = DiskId::parse(id) else {
             return;
@@ -813,11 +815,11 @@ impl Registry {
     /// registered now keeps what was saved of it: its seal, generation, pin, and the wait for
     /// leases granted before the restart.
     async fn restore_unrestored(&self, disk: &Arc<Disk>) -> Result<()> {
+        // The entry stays: `save` writes the registered disk in its place, and a registration
+        // taken back ([`Registry::unregister_unsaved`]) must not lose what was saved of it.
         let saved = {
-            let mut u = self.unrestored.lock();
-            u.iter()
-                .position(|d| d.id == disk.id.as_str())
-                .map(|i| u.remove(i))
+            let u = self.unrestored.lock();
+            u.iter().find(|d| d.id == disk.id.as_str()).cloned()
         };
         if let Some(saved) = saved {
             self.apply_saved(disk, &saved).await?;
