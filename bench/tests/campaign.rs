@@ -36,7 +36,10 @@ fn caught_without(name: &str, guard: &str) {
         return;
     }
     assert!(
-        !o.passed && o.violations.iter().any(|v| v.contains("old bytes")),
+        !o.passed
+            && o.violations.iter().any(|v| {
+                v.contains("began after the write was acknowledged returned the old bytes")
+            }),
         "scenario {name} passed with {guard} removed: is the node built with fail points \
          (cargo test --features shadowcache-node/failpoints, as scripts/test.sh runs it)? \
          violations {:?}, figures {}",
@@ -75,6 +78,7 @@ fn every_scenario_has_a_test() {
             "storm-kill-reader",
             "storm-stop-home",
             "storm-kill-owner",
+            "storm-stop-owner",
             "ssd-corruption",
             "ssd-restart",
             "full-disk",
@@ -99,6 +103,11 @@ fn storm_stop_home() {
 #[test]
 fn storm_kill_owner() {
     scenario("storm-kill-owner");
+}
+
+#[test]
+fn storm_stop_owner() {
+    scenario("storm-stop-owner");
 }
 
 #[test]

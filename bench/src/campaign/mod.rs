@@ -172,6 +172,11 @@ pub async fn run(o: &Options) -> anyhow::Result<Vec<Outcome>> {
             phase: Duration::from_secs_f64(o.phase_seconds.max(0.5)),
             env: o.node_env.clone(),
         };
+        // A work directory used before must not lend this run its disks, maps or SSD files.
+        if ctx.dir.exists() {
+            std::fs::remove_dir_all(&ctx.dir)
+                .with_context(|| format!("clearing {}", ctx.dir.display()))?;
+        }
         std::fs::create_dir_all(&ctx.dir)?;
         let started = Instant::now();
         let run = s.run;
@@ -362,9 +367,10 @@ impl Host {
             .with_context(|| format!("connecting to {}", self.id))
     }
 
-    /// Its status.
+    /// Its status (within 10 s).
     pub async fn status(&self) -> anyhow::Result<StatusResponse> {
-        Ok(self.client().await?.status().await?)
+        let c = self.client().await?;
+        within(Duration::from_secs(10), "status", c.status()).await
     }
 
     /// Sends `signal` (STOP, CONT, KILL...) to the process.
@@ -377,6 +383,20 @@ impl Host {
             .success();
         anyhow::ensure!(ok, "kill -{signal} {pid} failed");
         Ok(())
+    }
+}
+
+/// The client has no deadline of its own: every call a scenario awaits goes through this, so
+/// that a node that never answers fails the scenario instead of hanging it.
+pub async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    f: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow::anyhow!("{what}: {e}")),
+        Err(_) => Err(anyhow::anyhow!("{what}: no answer in {limit:?}")),
     }
 }
 
@@ -443,6 +463,15 @@ pub struct Readers {
     tasks: Vec<tokio::task::JoinHandle<Vec<ReadOp>>>,
 }
 
+impl Drop for Readers {
+    fn drop(&mut self) {
+        // Readers of a scenario that failed stop with it.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// Where and what readers read.
 #[derive(Clone)]
 pub struct ReadPlan {
@@ -483,9 +512,13 @@ impl Readers {
                 while !stop.load(Ordering::Relaxed) && ops.len() < plan.max_reads {
                     let off = rng.random_range(0..pieces) * plan.read_bytes;
                     let start = t0.elapsed();
-                    let got = disk.read_at(off, plan.read_bytes).await;
+                    let got = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        disk.read_at(off, plan.read_bytes),
+                    )
+                    .await;
                     let read = match got {
-                        Ok(b) => {
+                        Ok(Ok(b)) => {
                             let want = &plan.image[off as usize..(off + plan.read_bytes) as usize];
                             if b[..] == *want {
                                 Read::Ok
@@ -493,15 +526,20 @@ impl Readers {
                                 Read::Wrong
                             }
                         }
-                        Err(e) => Read::Failed(failure(&e)),
+                        Ok(Err(e)) => Read::Failed(failure(&e)),
+                        Err(_) => Read::Failed("no answer in 30 s".into()),
                     };
+                    let failed = matches!(read, Read::Failed(_));
                     ops.push(ReadOp {
                         host: idx,
                         start,
                         end: t0.elapsed(),
                         read,
                     });
-                    if !plan.pause.is_zero() {
+                    if failed {
+                        // A node that fails at once must not be spun on.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    } else if !plan.pause.is_zero() {
                         tokio::time::sleep(plan.pause).await;
                     }
                 }
@@ -512,9 +550,9 @@ impl Readers {
     }
 
     /// Waits for every reader (set `stop` first).
-    pub async fn finish(self) -> anyhow::Result<Vec<ReadOp>> {
+    pub async fn finish(mut self) -> anyhow::Result<Vec<ReadOp>> {
         let mut all = Vec::new();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             all.extend(t.await.context("reader task")?);
         }
         Ok(all)

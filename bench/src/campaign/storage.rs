@@ -74,10 +74,11 @@ async fn read_all(c: &Client, disk: &str, image: &[u8]) -> (u64, Vec<String>) {
     let mut failed = Vec::new();
     for at in (0..image.len()).step_by(1 << 20) {
         let n = (1usize << 20).min(image.len() - at);
-        match d.read_at(at as u64, n as u64).await {
-            Ok(b) if b[..] == image[at..at + n] => {}
-            Ok(_) => wrong += 1,
-            Err(e) => failed.push(failure(&e)),
+        match tokio::time::timeout(Duration::from_secs(30), d.read_at(at as u64, n as u64)).await {
+            Ok(Ok(b)) if b[..] == image[at..at + n] => {}
+            Ok(Ok(_)) => wrong += 1,
+            Ok(Err(e)) => failed.push(failure(&e)),
+            Err(_) => failed.push(format!("read at {at}: no answer in 30 s")),
         }
     }
     (wrong, failed)
@@ -90,7 +91,12 @@ async fn warm(c: &Client, disk: &str, image: &[u8]) -> anyhow::Result<()> {
     for at in (0..image.len()).step_by(256 << 10) {
         let n = (256usize << 10).min(image.len() - at);
         for _ in 0..2 {
-            let b = d.read_at(at as u64, n as u64).await?;
+            let b = super::within(
+                Duration::from_secs(30),
+                "warm-up read",
+                d.read_at(at as u64, n as u64),
+            )
+            .await?;
             anyhow::ensure!(b[..] == image[at..at + n], "warm-up read at {at} differs");
         }
     }
@@ -117,7 +123,8 @@ async fn ssd_corruption(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
         "only {resident} blocks reached the SSD tier"
     );
     let slots = node.process.data_dir.join("cache.slots");
-    let used = (resident * 16 * 1024 * 2).min(std::fs::metadata(&slots)?.len());
+    // Slots are taken from the start of the file: the resident blocks fill the first ones.
+    let used = (resident * 16 * 1024).min(std::fs::metadata(&slots)?.len());
     // Readers hit the SSD tier while the corrupter overwrites 16 bytes every 5 ms.
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -171,11 +178,12 @@ async fn ssd_corruption(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     k.check(cnt.ssd_verify_failures > 0, || {
         format!("{injected} injections and none detected")
     });
-    k.check(cnt.ssd_verify_failures <= slots_hit.len() as u64, || {
+    // A slot damaged, detected, stored again and damaged again counts twice; a write across
+    // two slots damages both: the injections bound the detections, not the slots.
+    k.check(cnt.ssd_verify_failures <= 2 * injected, || {
         format!(
-            "{} detections for {} damaged slots",
-            cnt.ssd_verify_failures,
-            slots_hit.len()
+            "{} detections for {injected} injections",
+            cnt.ssd_verify_failures
         )
     });
     Ok(())
@@ -198,16 +206,21 @@ async fn ssd_restart(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
         }
         let restarted = t.elapsed();
         let c = node.client().await?;
+        // What the tier holds as it opens: the resident blocks, and after a clean stop also
+        // what RAM held (written down at shutdown).
+        let (reopened, _) = ssd_tier(&c.status().await?);
         let (wrong, failed) = read_all(&c, DISK, &image).await;
         let s = c.status().await?;
         let (_, hits) = ssd_tier(&s);
-        // A clean stop also writes what RAM held down to the SSD tier: more hits than
-        // SSD-resident blocks before, counted as all of them.
+        // Hits of blocks that were SSD-resident before the stop: every hit, less at most the
+        // blocks added at shutdown. Not capped: a lost block shows.
+        let added = reopened.saturating_sub(resident);
         let share = if resident == 0 {
             0.0
         } else {
-            (hits as f64 / resident as f64).min(1.0)
+            hits.saturating_sub(added) as f64 / resident as f64
         };
+        k.figure(&format!("{how}_ssd_entries_at_reopen"), reopened);
         k.figure(&format!("{how}_ssd_resident_before"), resident);
         k.figure(&format!("{how}_ssd_hits_after"), hits);
         k.figure(
@@ -316,6 +329,16 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
         Err(e) => failure(e),
     };
     k.figure("write_when_full", msg.clone());
+    // Nothing of the failed write is served: the range still reads as it was (a hole).
+    let kept = super::within(
+        Duration::from_secs(30),
+        "read back",
+        c.disk("rw").read_at(1 << 20, payload.len() as u64),
+    )
+    .await?;
+    k.check(kept.iter().all(|b| *b == 0), || {
+        "the range of the failed write does not read as before".into()
+    });
     k.check(
         r.is_err() && (msg.contains("space") || msg.contains("os error 28")),
         || format!("a write to a full filesystem: {msg}"),
@@ -332,7 +355,7 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     };
     k.figure("register_when_full", reg_msg.clone());
     k.check(
-        reg.is_ok() || reg_msg.contains("space") || reg_msg.contains("os error 28"),
+        reg.is_err() && (reg_msg.contains("space") || reg_msg.contains("os error 28")),
         || format!("registering a disk on a full filesystem: {reg_msg}"),
     );
     // A registration that could not be saved is taken back whole: not half there.
@@ -364,12 +387,11 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     }
     let (w, f) = read_all(&c, DISK, &image).await;
     let w2 = u64::from(warm(&c, DISK, &image).await.is_err());
-    let f2: Vec<String> = Vec::new();
     let (resident, _) = ssd_tier(&c.status().await?);
     k.figure("recovered_ms", ms(t.elapsed()));
     k.figure("ssd_resident_after_room", resident);
-    k.check(w + w2 == 0 && f.is_empty() && f2.is_empty(), || {
-        format!("reads after room: {} wrong, {f:?} {f2:?}", w + w2)
+    k.check(w + w2 == 0 && f.is_empty(), || {
+        format!("reads after room: {} wrong, {f:?}", w + w2)
     });
     k.check(resident > 0, || {
         "the SSD tier stored nothing once there was room".into()
@@ -415,8 +437,8 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
         .find(|t| t.name == "ssd")
         .map_or(0, |t| t.capacity_bytes);
     k.figure("fresh_node_on_full_disk_ssd_capacity", fresh_ssd);
-    k.check(fw == 0 && ff.is_empty(), || {
-        format!("a node started on a full disk: {fw} wrong, {ff:?}")
+    k.check(fw == 0 && ff.is_empty() && fresh_ssd == 0, || {
+        format!("a node started on a full disk: {fw} wrong, {ff:?}, SSD tier of {fresh_ssd} bytes")
     });
     drop(fc);
     drop(fresh);

