@@ -70,6 +70,18 @@ pub enum Link {
     Cut,
     /// Holds it until the link is opened (or cut) again.
     Held,
+    /// Delivers it, and loses the reply: the callee acted, the caller gets an error.
+    LoseReply,
+    /// Delivers it twice, one after the other (a retry of a call that had arrived); the
+    /// caller gets the second reply.
+    Twice,
+}
+
+impl Link {
+    /// Whether the link carries anything (calls and gossip get through).
+    fn carries(self) -> bool {
+        !matches!(self, Link::Cut | Link::Held)
+    }
 }
 
 /// The network of an in-process cluster.
@@ -121,6 +133,7 @@ impl InProcessNet {
                 net: self.clone(),
                 clock: clock.clone(),
             }),
+            origin_wrap: None,
         }
     }
 
@@ -163,24 +176,25 @@ impl InProcessNet {
             .links
             .borrow()
             .iter()
-            .filter(|(_, l)| **l != Link::Open)
+            .filter(|(_, l)| !l.carries())
             .map(|(k, _)| k.clone())
             .collect();
         self.members.set_gossip(blocked);
     }
 
-    /// Waits until the link lets a call through; the node it reaches, or why not.
-    async fn deliver(&self, from: &str, to: &str) -> Result<Arc<Node>> {
+    /// Waits until the link lets a call through; the node it reaches and what the link does
+    /// with the call, or why it does not get through.
+    async fn deliver(&self, from: &str, to: &str) -> Result<(Arc<Node>, Link)> {
         let key = (from.to_string(), to.to_string());
         let mut rx = self.links.subscribe();
-        loop {
+        let how = loop {
             let link = rx
                 .borrow_and_update()
                 .get(&key)
                 .copied()
                 .unwrap_or(Link::Open);
             match link {
-                Link::Open => break,
+                Link::Open | Link::LoseReply | Link::Twice => break link,
                 Link::Cut => {
                     return Err(Error::Peer {
                         node: to.to_string(),
@@ -193,15 +207,41 @@ impl InProcessNet {
                     }
                 }
             }
-        }
-        self.nodes
+        };
+        let node = self
+            .nodes
             .lock()
             .get(to)
             .and_then(Weak::upgrade)
             .ok_or_else(|| Error::Peer {
                 node: to.to_string(),
                 cause: "no such member in this process".into(),
-            })
+            })?;
+        Ok((node, how))
+    }
+
+    /// Delivers a call from `from` to `to` and runs it there (`f`) as the link says: once;
+    /// twice, the second reply counting; or once with the reply lost.
+    async fn exchange<T, F, Fut>(&self, from: &str, to: &str, f: F) -> Result<T>
+    where
+        F: Fn(Arc<Node>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let (node, how) = self.deliver(from, to).await?;
+        match how {
+            Link::Twice => {
+                let _ = f(node.clone()).await;
+                f(node).await
+            }
+            Link::LoseReply => {
+                let _ = f(node).await;
+                Err(Error::Peer {
+                    node: to.to_string(),
+                    cause: format!("the reply from {to} to {from} was lost"),
+                })
+            }
+            _ => f(node).await,
+        }
     }
 }
 
@@ -228,8 +268,11 @@ struct InProcessPeers {
 impl PeerService for InProcessPeers {
     fn owned_disks<'a>(&'a self, to: To<'a>) -> BoxFuture<'a, Result<(Vec<DiskInfo>, u64)>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            Ok((n.local_disks(), n.cluster().disks_version()))
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    Ok((n.local_disks(), n.cluster().disks_version()))
+                })
+                .await
         })
     }
 
@@ -241,8 +284,11 @@ impl PeerService for InProcessPeers {
         boot: u64,
     ) -> BoxFuture<'a, Result<Duration>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.grant_lease(disk, version, (&self.me, boot)))
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    crossed(to.node, n.grant_lease(disk, version, (&self.me, boot)))
+                })
+                .await
         })
     }
 
@@ -254,15 +300,23 @@ impl PeerService for InProcessPeers {
         boot: u64,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.revoke_held(disk, generation, &self.me, boot))
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    crossed(to.node, n.revoke_held(disk, generation, &self.me, boot))
+                })
+                .await
         })
     }
 
     fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            Ok(n.hello(&self.me, boot))
+            self.net
+                .exchange(
+                    &self.me,
+                    to.node,
+                    |n| async move { Ok(n.hello(&self.me, boot)) },
+                )
+                .await
         })
     }
 
@@ -275,9 +329,12 @@ impl PeerService for InProcessPeers {
         version: Version,
     ) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            let r = n.read_local(disk, offset, length, &self.me, version).await;
-            crossed(to.node, r)
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    let r = n.read_local(disk, offset, length, &self.me, version).await;
+                    crossed(to.node, r)
+                })
+                .await
         })
     }
 
@@ -300,10 +357,15 @@ impl PeerService for InProcessPeers {
         let clock = self.clock.clone();
         let sent = clock.now();
         let call = tokio::spawn(async move {
-            let n = net.deliver(&me, &node).await?;
-            // A call held on its link spent that time on the way.
-            let left = within.saturating_sub(clock.now().saturating_sub(sent));
-            crossed(&node, n.write_local(&disk, offset, data, Some(left)).await)
+            net.exchange(&me, &node, |n| {
+                let (disk, data, node, clock) = (&disk, data.clone(), &node, &clock);
+                async move {
+                    // A call held on its link spent that time on the way.
+                    let left = within.saturating_sub(clock.now().saturating_sub(sent));
+                    crossed(node, n.write_local(disk, offset, data, Some(left)).await)
+                }
+            })
+            .await
         });
         Box::pin(async move {
             call.await
@@ -313,8 +375,11 @@ impl PeerService for InProcessPeers {
 
     fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            crossed(to.node, n.flush_local(disk).await)
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    crossed(to.node, n.flush_local(disk).await)
+                })
+                .await
         })
     }
 
@@ -327,13 +392,16 @@ impl PeerService for InProcessPeers {
         count: u32,
     ) -> BoxFuture<'a, Result<MapChunk>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            let entries = n.content_map_chunk(disk, version, first, count).await;
-            Ok(MapChunk {
-                generation: version.generation.0,
-                block_bytes: u64::from(n.config().block_bytes),
-                entries: crossed(to.node, entries)?,
-            })
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    let entries = n.content_map_chunk(disk, version, first, count).await;
+                    Ok(MapChunk {
+                        generation: version.generation.0,
+                        block_bytes: u64::from(n.config().block_bytes),
+                        entries: crossed(to.node, entries)?,
+                    })
+                })
+                .await
         })
     }
 
@@ -346,15 +414,18 @@ impl PeerService for InProcessPeers {
         cached_only: bool,
     ) -> BoxFuture<'a, Result<FetchedBlocks>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            let got = n.blocks_for_peer(disk, version, indices, cached_only).await;
-            let got = crossed(to.node, got)?;
-            let bytes: u64 = got
-                .iter()
-                .map(|(_, b)| b.as_ref().map_or(0, |b| b.len() as u64))
-                .sum();
-            n.cluster().stats.peer_served_bytes.add(bytes);
-            Ok(got)
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    let got = n.blocks_for_peer(disk, version, indices, cached_only).await;
+                    let got = crossed(to.node, got)?;
+                    let bytes: u64 = got
+                        .iter()
+                        .map(|(_, b)| b.as_ref().map_or(0, |b| b.len() as u64))
+                        .sum();
+                    n.cluster().stats.peer_served_bytes.add(bytes);
+                    Ok(got)
+                })
+                .await
         })
     }
 
@@ -365,9 +436,15 @@ impl PeerService for InProcessPeers {
         version: Version,
     ) -> BoxFuture<'a, Result<BlockMapStream>> {
         Box::pin(async move {
-            let n = self.net.deliver(&self.me, to.node).await?;
-            let rx = crossed(to.node, n.block_map_stream(disk, version, &self.me))?;
-            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)) as BlockMapStream)
+            self.net
+                .exchange(&self.me, to.node, |n| async move {
+                    let rx = crossed(to.node, n.block_map_stream(disk, version, &self.me))?;
+                    Ok(
+                        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok))
+                            as BlockMapStream,
+                    )
+                })
+                .await
         })
     }
 

@@ -98,6 +98,8 @@ pub struct Environment {
     pub membership: Option<Arc<dyn cluster::Membership>>,
     /// Calls to other members.
     pub peers: Arc<dyn cluster::PeerService>,
+    /// What to put in front of every origin (`None` in production).
+    pub origin_wrap: Option<origin::OriginWrap>,
 }
 
 /// One node: its disks, its cache and its read path. Frontends call these methods.
@@ -181,6 +183,9 @@ impl Node {
             env.clock.clone(),
             env.seed,
         );
+        if let Some(w) = env.origin_wrap.clone() {
+            registry.set_origin_wrap(w);
+        }
         registry
             .set_origin_guard(disk::OriginGuard {
                 roots: config.origin_roots.clone(),

@@ -63,6 +63,7 @@ fn environment_with(config: &Config, tls: Option<&frontend::tls::PeerTls>) -> cr
         seed: rand::random(),
         membership: None,
         peers,
+        origin_wrap: None,
     }
 }
 

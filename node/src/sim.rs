@@ -13,10 +13,11 @@
 //!
 //! Each seed draws: the nodes' clock drifts (within the configured margin), then a sequence of
 //! steps: reads at any process (old incarnations included), versioned writes at the owner or
-//! forwarded by a member, clock moves, links cut, held (a call waits: delay and reordering) or
-//! healed in one direction, a member or the owner restarted on its data directory (a new
-//! incarnation), and a second process started under a member's id while the first one keeps
-//! running. Then every link heals, time moves until every operation has ended, and every
+//! forwarded by a member, clock moves, links cut, held (a call waits: delay and reordering),
+//! losing replies (the callee acted, the caller gets an error), delivering calls twice (a
+//! retry) or healed in one direction, the owner's origin failing every call or slow, a member
+//! or the owner restarted on its data directory (a new incarnation), and a second process
+//! started under a member's id while the first one keeps running. Then every link heals, time moves until every operation has ended, and every
 //! process reads every block once more.
 //!
 //! The checker ([`check`]) holds the history to DESIGN.md's promise: a read that began after a
@@ -315,6 +316,8 @@ struct Sim {
     dead: Vec<Proc>,
     /// The node last cut off from the others: half of the random reads go to it.
     isolated: Option<&'static str>,
+    /// What the owner's origin does now.
+    origin: Arc<OriginFaults>,
 }
 
 impl Sim {
@@ -335,7 +338,14 @@ impl Sim {
             origin: self.start,
             ppm: self.drift[id],
         });
-        let env = self.net.environment(id, boot, clock, seed);
+        let mut env = self.net.environment(id, boot, clock, seed);
+        let faults = self.origin.clone();
+        env.origin_wrap = Some(crate::origin::OriginWrap(Arc::new(move |_, inner| {
+            Arc::new(FaultyOrigin {
+                inner,
+                faults: faults.clone(),
+            })
+        })));
         let running = start_in(self.config(id, &dir), env)
             .await
             .map_err(|e| format!("{e:#}"))?;
@@ -552,6 +562,7 @@ impl Sim {
     }
 
     fn heal(&self) {
+        self.origin.set(OriginMode::Well);
         for from in IDS {
             for to in IDS {
                 if from != to {
@@ -600,6 +611,92 @@ fn copy_saved(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the owner's origin does, as the simulation sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OriginMode {
+    Well,
+    /// Every read, write and flush fails (EIO).
+    Failing,
+    /// Every call takes this many milliseconds (of tokio's time) more.
+    Slow(u64),
+}
+
+#[derive(Debug)]
+struct OriginFaults(parking_lot::Mutex<OriginMode>);
+
+impl Default for OriginFaults {
+    fn default() -> Self {
+        OriginFaults(parking_lot::Mutex::new(OriginMode::Well))
+    }
+}
+
+impl OriginFaults {
+    fn set(&self, m: OriginMode) {
+        *self.0.lock() = m;
+    }
+}
+
+/// An origin that fails or is slow when the simulation says so.
+#[derive(Debug)]
+struct FaultyOrigin {
+    inner: Arc<dyn crate::origin::Origin>,
+    faults: Arc<OriginFaults>,
+}
+
+impl FaultyOrigin {
+    async fn gate(&self, op: &'static str, offset: u64) -> Result<(), crate::origin::OriginError> {
+        let mode = *self.faults.0.lock();
+        match mode {
+            OriginMode::Well => Ok(()),
+            OriginMode::Failing => Err(crate::origin::OriginError::Io {
+                origin: self.inner.describe().to_string(),
+                op,
+                offset,
+                cause: "simulated EIO".into(),
+            }),
+            OriginMode::Slow(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl crate::origin::Origin for FaultyOrigin {
+    fn describe(&self) -> &str {
+        self.inner.describe()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> crate::origin::OriginFuture<'_, Bytes> {
+        Box::pin(async move {
+            self.gate("read", offset).await?;
+            self.inner.read_at(offset, len).await
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> crate::origin::OriginFuture<'_, ()> {
+        Box::pin(async move {
+            self.gate("write", offset).await?;
+            self.inner.write_at(offset, data).await
+        })
+    }
+
+    fn flush(&self) -> crate::origin::OriginFuture<'_, ()> {
+        Box::pin(async move {
+            self.gate("flush", 0).await?;
+            self.inner.flush().await
+        })
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.inner.identity()
+    }
 }
 
 /// Runs seed `seed` of `cfg` in `dir` (a fresh directory) and checks its history.
@@ -654,6 +751,7 @@ async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, St
         rng: StdRng::seed_from_u64(rng.random()),
         dead: Vec::new(),
         isolated: None,
+        origin: Arc::default(),
         cfg,
     };
     for id in IDS {
@@ -691,18 +789,31 @@ async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, St
                     sim.write(p, i);
                 }
             }
-            50..78 => {
+            50..76 => {
                 let ms = rng.random_range(1..=sim.cfg.term_ms / 4);
                 sim.advance(ms, true).await;
+            }
+            76..78 => {
+                // The owner's origin fails every call, or is slow, or is well again.
+                let mode = match rng.random_range(0..3) {
+                    0 => OriginMode::Failing,
+                    1 => OriginMode::Slow(rng.random_range(1..=sim.cfg.term_ms / 4)),
+                    _ => OriginMode::Well,
+                };
+                sim.faults
+                    .push(format!("t={} origin {mode:?}", sim.now_ms()));
+                sim.origin.set(mode);
             }
             78..90 => {
                 let from = IDS[rng.random_range(0..3)];
                 let to = IDS[(IDS.iter().position(|x| *x == from).unwrap_or(0)
                     + rng.random_range(1..3))
                     % 3];
-                let link = match rng.random_range(0..3) {
+                let link = match rng.random_range(0..5) {
                     0 => Link::Cut,
                     1 => Link::Held,
+                    2 => Link::LoseReply,
+                    3 => Link::Twice,
                     _ => Link::Open,
                 };
                 sim.faults

@@ -477,6 +477,8 @@ pub struct Registry {
     /// serve bytes that writes through the other id replaced.
     /// What each registered origin is beneath its name: one origin backs one disk at most.
     origin_ids: parking_lot::Mutex<Vec<(identity::Identity, DiskId)>>,
+    /// Put in front of every origin registered (tests).
+    wrap: parking_lot::RwLock<Option<crate::origin::OriginWrap>>,
     /// Saved disks that could not be registered again at start (an origin not mounted yet):
     /// kept in `disks.toml` so that their seal is not forgotten.
     unrestored: parking_lot::Mutex<Vec<SavedDisk>>,
@@ -570,6 +572,7 @@ impl Registry {
             disks: DashMap::new(),
             origins: DashMap::new(),
             origin_ids: parking_lot::Mutex::new(Vec::new()),
+            wrap: parking_lot::RwLock::new(None),
             unrestored: parking_lot::Mutex::new(Vec::new()),
             block_bytes,
             data_dir: data_dir.to_path_buf(),
@@ -589,6 +592,18 @@ impl Registry {
         }
         *self.guard.write() = guard;
         Ok(())
+    }
+
+    /// Puts `w` in front of every origin registered from now on.
+    pub fn set_origin_wrap(&self, w: crate::origin::OriginWrap) {
+        *self.wrap.write() = Some(w);
+    }
+
+    fn wrapped(&self, id: &str, o: Arc<dyn Origin>) -> Arc<dyn Origin> {
+        match &*self.wrap.read() {
+            Some(w) => (w.0)(id, o),
+            None => o,
+        }
     }
 
     fn state_path(&self) -> PathBuf {
@@ -646,7 +661,9 @@ impl Registry {
             // disk) is said before that it is taken.
             let o = crate::origin::NbdOrigin::open(uri, writable).await?;
             self.claim(origin, ident.clone(), &parsed)?;
-            let registered = self.register_origin(id, Arc::new(o), mode).await;
+            let registered = self
+                .register_origin(id, self.wrapped(id, Arc::new(o)), mode)
+                .await;
             let disk = match registered {
                 Ok(d) => d,
                 Err(e) => {
@@ -684,7 +701,10 @@ impl Registry {
         .map_err(|e| Error::State(e.to_string()))??;
         let (file, ident) = file;
         self.claim(origin, ident.clone(), &parsed)?;
-        match self.register_origin(id, Arc::new(file), mode).await {
+        match self
+            .register_origin(id, self.wrapped(id, Arc::new(file)), mode)
+            .await
+        {
             Ok(disk) => {
                 self.origins.insert(disk.id.clone(), origin.to_path_buf());
                 self.restore_unrestored(&disk).await?;

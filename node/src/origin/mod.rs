@@ -13,6 +13,7 @@ pub mod nbd;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -57,6 +58,20 @@ pub enum OriginError {
         /// Bytes asked for.
         len: u64,
     },
+}
+
+/// Puts something in front of every origin a disk is registered with, given the disk's id
+/// (tests and the simulation: an origin that fails or is slow on demand).
+#[derive(Clone)]
+pub struct OriginWrap(pub Arc<WrapFn>);
+
+/// What an [`OriginWrap`] calls: the disk's id and its origin in, the origin to use out.
+pub type WrapFn = dyn Fn(&str, Arc<dyn Origin>) -> Arc<dyn Origin> + Send + Sync;
+
+impl std::fmt::Debug for OriginWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OriginWrap")
+    }
 }
 
 /// The authoritative bytes of one disk.
