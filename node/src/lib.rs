@@ -283,11 +283,23 @@ impl Node {
         &self.cluster
     }
 
-    /// The owner of `disk` if another member owns it, or an error if nobody does.
+    /// The owner of `disk` if another member owns it, or an error if nobody does: the owner
+    /// is unavailable when it left the cluster lately, the disk unknown otherwise.
     pub(crate) fn remote(&self, disk: &str) -> Result<cluster::RemoteDisk> {
-        self.cluster
-            .remote(disk)
-            .ok_or_else(|| Error::UnknownDisk(disk.chars().take(160).collect()))
+        self.cluster.remote(disk).ok_or_else(|| {
+            let id: String = disk.chars().take(160).collect();
+            match self.cluster.departed(disk) {
+                Some((owner, ago)) => Error::Peer {
+                    node: owner,
+                    cause: format!(
+                        "it left the cluster {} s ago (stopped, cut off or dead); disk {id:?} is \
+                         served again once it is back",
+                        ago.as_secs()
+                    ),
+                },
+                None => Error::UnknownDisk(id),
+            }
+        })
     }
 
     /// Reads `len` bytes at `offset` of disk `disk`, wherever it is owned.

@@ -140,7 +140,18 @@ async fn every_disk_is_usable_from_every_member_and_a_killed_member_takes_its_di
         detect < Duration::from_secs(20),
         "detection took {detect:?}"
     );
-    assert_eq!(code(cc.disk("base").read_at(0, 1).await), Code::NotFound);
+    // Its disks are unavailable, and the error says that their owner left.
+    match cc.disk("base").read_at(0, 1).await {
+        Err(ClientError::Status(s)) => {
+            assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+            assert!(
+                s.message().contains("owner a") && s.message().contains("left the cluster"),
+                "{}",
+                s.message()
+            );
+        }
+        other => panic!("a read of a dead member's disk: {other:?}"),
+    }
     // What b owns is still served at c.
     assert_eq!(
         cc.disk("bdisk")

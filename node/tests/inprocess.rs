@@ -382,3 +382,41 @@ async fn a_forwarded_write_held_until_its_sender_gave_up_never_lands() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_whose_owner_left_is_unavailable_and_says_why_not_unknown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let b = c.node("b").clone();
+    b.read("vdi", 0, BS).await.expect("read while a is there");
+    // a leaves the cluster (dead to everyone); b drops its disks.
+    c.net.kill("a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match b.read("vdi", 0, BS).await {
+            Err(e)
+                if e.kind() == shadowcache_node::error::ErrorKind::Peer
+                    && e.to_string().contains("left the cluster") =>
+            {
+                break e;
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "b never said that the owner left: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("owner a") && msg.contains("\"vdi\""), "{msg}");
+    assert_eq!(
+        err.code(),
+        shadowcache_node::error::Code::Unavailable,
+        "{msg}"
+    );
+    // A disk nobody ever owned is still unknown.
+    let unknown = b.read("nope", 0, BS).await.expect_err("unknown disk");
+    assert_eq!(unknown.code(), shadowcache_node::error::Code::NotFound);
+}

@@ -19,6 +19,14 @@ impl Cluster {
         self.remote.get(disk).map(|r| r.clone())
     }
 
+    /// The owner of `disk` and how long ago it left, if the disk is not served because its
+    /// owner left the cluster (within the last hour).
+    pub fn departed(&self, disk: &str) -> Option<(String, Duration)> {
+        self.departed
+            .get(disk)
+            .map(|(owner, at)| (owner, at.elapsed()))
+    }
+
     /// Every disk other members own, by id.
     pub fn remote_disks(&self) -> Vec<RemoteDisk> {
         let mut v: Vec<RemoteDisk> = self.remote.iter().map(|r| r.value().clone()).collect();
@@ -90,7 +98,14 @@ impl Cluster {
             self.fetched.remove(id);
             self.peers.forget(id);
             let before = self.remote.len();
-            self.remote.retain(|_, r| &r.owner != id);
+            let now = std::time::Instant::now();
+            self.remote.retain(|disk, r| {
+                if &r.owner == id {
+                    self.departed.insert(disk.clone(), (id.clone(), now));
+                    return false;
+                }
+                true
+            });
             tracing::info!(member = %id, disks = before - self.remote.len(), "member left; its disks are no longer served here");
         }
         if !gone.is_empty() {
@@ -132,6 +147,7 @@ impl Cluster {
                             tracing::warn!(disk = %d.id, owner = %m.id, "two members own a disk of this id; the lower node id wins");
                             continue;
                         }
+                        self.departed.invalidate(&d.id);
                         self.remote.insert(
                             d.id.clone(),
                             RemoteDisk {

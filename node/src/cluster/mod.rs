@@ -150,6 +150,9 @@ pub struct Cluster {
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
     fetched: DashMap<String, (u64, u64)>,
+    /// Disks whose owner left the cluster (dead, stopped or cut off): its id and when, for an
+    /// error that says so instead of "unknown disk". Bounded, and forgotten after an hour.
+    departed: moka::sync::Cache<String, (String, std::time::Instant)>,
     /// Per disk: the epoch and highest generation revoked here; no shadow of them is made
     /// again (a disk registered anew, with another epoch, is not held back).
     revoked: DashMap<String, (u64, u64)>,
@@ -189,6 +192,10 @@ impl Cluster {
             remote: DashMap::new(),
             shadows: DashMap::new(),
             fetched: DashMap::new(),
+            departed: moka::sync::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
             revoked: DashMap::new(),
             subs: DashMap::new(),
             disks_version: AtomicU64::new(0),
