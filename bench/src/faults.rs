@@ -22,6 +22,9 @@ pub struct Options {
     pub guard_seeds: u64,
     /// Threads.
     pub jobs: usize,
+    /// Seeds run twice to see whether a seed replays exactly (the same faults, operations and
+    /// results, in the same order).
+    pub replays: u64,
 }
 
 /// The report.
@@ -45,6 +48,64 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Each guard removed in turn.
     pub guards: Vec<GuardReport>,
+    /// Seeds run twice, compared.
+    pub replay: ReplayReport,
+}
+
+/// Seeds run twice: how many gave the same history both times.
+#[derive(Debug, Serialize)]
+pub struct ReplayReport {
+    /// Seeds run twice.
+    pub seeds: u64,
+    /// Of them, the same faults, operations and results both times (each operation sent at
+    /// the same simulated time, returning the same versions or error).
+    pub same_results: u64,
+    /// Of them, also the same order in which operations ended (event numbers): the whole
+    /// history identical.
+    pub identical: u64,
+    /// The lowest seed whose results differed.
+    pub first_different: Option<u64>,
+}
+
+/// Digests of what a run recorded: its faults and each operation's kind, time and result;
+/// and that with the order operations ended in.
+fn digests(o: &sim::Outcome) -> ([u8; 32], [u8; 32]) {
+    let results: Vec<String> = o
+        .history
+        .iter()
+        .map(|op| format!("{:?} {} {:?} {:?}", op.kind, op.at_ms, op.result, op.mixed))
+        .collect();
+    (
+        *blake3::hash(format!("{:?}|{results:?}", o.faults).as_bytes()).as_bytes(),
+        *blake3::hash(format!("{:?}|{:?}", o.faults, o.history).as_bytes()).as_bytes(),
+    )
+}
+
+type Digests = std::collections::HashMap<u64, ([u8; 32], [u8; 32])>;
+
+/// Runs seeds `1..=n` twice and compares their digests.
+fn replay(n: u64, jobs: usize) -> ReplayReport {
+    let runs: [parking_lot::Mutex<Digests>; 2] = Default::default();
+    for r in &runs {
+        run_seeds(1, n, jobs, &|seed, out| {
+            if let Ok(o) = out {
+                r.lock().insert(seed, digests(&o));
+            }
+        });
+    }
+    let [a, b] = runs.map(|m| m.into_inner());
+    let same = |s: &u64, exact: bool| match (a.get(s), b.get(s)) {
+        (Some(x), Some(y)) if exact => x.1 == y.1,
+        (Some(x), Some(y)) => x.0 == y.0,
+        _ => false,
+    };
+    let first_different = (1..=n).find(|s| !same(s, false));
+    ReplayReport {
+        seeds: n,
+        same_results: (1..=n).filter(|s| same(s, false)).count() as u64,
+        identical: (1..=n).filter(|s| same(s, true)).count() as u64,
+        first_different,
+    }
 }
 
 /// One guard removed.
@@ -179,7 +240,14 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
             example: first.map(|f| f.1),
         });
     }
+    let replay = replay(o.replays, o.jobs);
+    eprintln!(
+        "replay: {} of {} seeds gave the same results twice, {} the same history to the order \
+         operations ended in (first that differed in results: {:?})",
+        replay.same_results, replay.seeds, replay.identical, replay.first_different
+    );
     Ok(Report {
+        replay,
         seeds: o.seeds,
         first_seed: o.first_seed,
         seconds,

@@ -31,6 +31,9 @@ struct FaultArgs {
     /// Seeds run with each guard removed.
     #[arg(long, default_value_t = 400)]
     guard_seeds: u64,
+    /// Seeds run twice, to count how many replay exactly.
+    #[arg(long, default_value_t = 100)]
+    replays: u64,
     /// Threads for the simulation (default: one a core).
     #[arg(long)]
     jobs: Option<usize>,
@@ -199,6 +202,7 @@ fn simulation(a: &FaultArgs) -> anyhow::Result<Option<serde_json::Value>> {
         first_seed: a.first_seed,
         guard_seeds: a.guard_seeds,
         jobs,
+        replays: a.replays,
     })?;
     println!(
         "simulation: {} seeds in {:.0} s: {} reads and {} acknowledged writes checked, {} violations, {} errors",
@@ -224,6 +228,10 @@ fn simulation(a: &FaultArgs) -> anyhow::Result<Option<serde_json::Value>> {
             }
         );
     }
+    println!(
+        "replay: {} of {} seeds gave the same results twice; {} the whole history",
+        report.replay.same_results, report.replay.seeds, report.replay.identical
+    );
     let missed: Vec<&str> = report
         .guards
         .iter()
