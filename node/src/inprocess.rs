@@ -230,8 +230,11 @@ impl InProcessNet {
         let (node, how) = self.deliver(from, to).await?;
         match how {
             Link::Twice => {
-                let _ = f(node.clone()).await;
-                f(node).await
+                let _ = f(node).await;
+                // The duplicate crosses the link again: a link held (or cut) meanwhile holds
+                // (or drops) it, so that it can arrive late, after other calls.
+                let (again, _) = self.deliver(from, to).await?;
+                f(again).await
             }
             Link::LoseReply => {
                 let _ = f(node).await;

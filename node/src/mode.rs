@@ -89,7 +89,8 @@ impl Node {
     pub async fn set_detection(&self, disk: &str, action: DetectionAction) -> Result<DiskInfo> {
         let d = match self.registry.get(disk) {
             Ok(d) => d,
-            Err(Error::UnknownDisk(_)) if self.cluster.remote(disk).is_some() => {
+            Err(Error::UnknownDisk(_)) => {
+                // Owned elsewhere (or by a member that left: that error says so).
                 let owner = self.remote(disk)?.owner;
                 return Err(Error::Invalid(format!(
                     "disk {disk:?} is owned by member {owner}: change its detection there"
@@ -125,7 +126,8 @@ impl Node {
     pub async fn set_mode(&self, disk: &str, mode: DiskMode) -> Result<DiskInfo> {
         let d = match self.registry.get(disk) {
             Ok(d) => d,
-            Err(Error::UnknownDisk(_)) if self.cluster.remote(disk).is_some() => {
+            Err(Error::UnknownDisk(_)) => {
+                // Owned elsewhere (or by a member that left: that error says so).
                 let owner = self.remote(disk)?.owner;
                 return Err(Error::Invalid(format!(
                     "disk {disk:?} is owned by member {owner}: change its mode there"

@@ -338,12 +338,13 @@ impl Sim {
             origin: self.start,
             ppm: self.drift[id],
         });
-        let mut env = self.net.environment(id, boot, clock, seed);
+        let mut env = self.net.environment(id, boot, clock.clone(), seed);
         let faults = self.origin.clone();
         env.origin_wrap = Some(crate::origin::OriginWrap(Arc::new(move |_, inner| {
             Arc::new(FaultyOrigin {
                 inner,
                 faults: faults.clone(),
+                clock: clock.clone(),
             })
         })));
         let running = start_in(self.config(id, &dir), env)
@@ -643,6 +644,9 @@ impl OriginFaults {
 struct FaultyOrigin {
     inner: Arc<dyn crate::origin::Origin>,
     faults: Arc<OriginFaults>,
+    /// The node's clock: a slow call takes its time on the simulation's clock, which moves
+    /// the leases, not on tokio's.
+    clock: Arc<dyn Clock>,
 }
 
 impl FaultyOrigin {
@@ -657,7 +661,7 @@ impl FaultyOrigin {
                 cause: "simulated EIO".into(),
             }),
             OriginMode::Slow(ms) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                self.clock.sleep(Duration::from_millis(ms)).await;
                 Ok(())
             }
         }

@@ -20,10 +20,12 @@ impl Cluster {
     }
 
     /// The owner of `disk` and how long ago it left, if the disk is not served because its
-    /// owner left the cluster (within the last hour).
+    /// owner left the cluster (within the last hour) and is not back (back without the disk,
+    /// the disk is unknown).
     pub fn departed(&self, disk: &str) -> Option<(String, Duration)> {
         self.departed
             .get(disk)
+            .filter(|(owner, _)| !self.live_member(owner))
             .map(|(owner, at)| (owner, at.elapsed()))
     }
 
@@ -87,13 +89,18 @@ impl Cluster {
             .filter(|m| m.id != self.me)
             .map(|m| (m.id.clone(), m))
             .collect();
-        // Members that are gone: everything they contributed goes.
-        let gone: Vec<String> = self
+        // Members that are gone: everything they contributed goes. Owners of disks in `remote`
+        // count too: one whose list was not fetched again (a refetch that failed after
+        // `fetched` was cleared) must not leave its disks behind.
+        let mut gone: Vec<String> = self
             .fetched
             .iter()
             .map(|e| e.key().clone())
+            .chain(self.remote.iter().map(|r| r.value().owner.clone()))
             .filter(|id| !live.contains_key(id))
             .collect();
+        gone.sort();
+        gone.dedup();
         for id in &gone {
             self.fetched.remove(id);
             self.peers.forget(id);
