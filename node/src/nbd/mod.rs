@@ -190,18 +190,33 @@ fn export_flags(mode: DiskMode, structured: bool) -> u16 {
     f
 }
 
-/// The export `name` names: a disk id, or "" for the node's only disk.
-fn lookup(node: &Node, name: &str, structured: bool) -> Option<Export> {
+/// The export `name` names: a disk id, or "" for the node's only disk; or why there is none
+/// (an unknown export, or a disk whose owner cannot be reached: the node's own words).
+fn lookup(node: &Node, name: &str, structured: bool) -> Result<Export, String> {
     let info = if name.is_empty() {
-        let disks = node.disks();
+        let mut disks = node.disks();
         if disks.len() != 1 {
-            return None;
+            return Err("this node has several disks: name one as the export".into());
         }
-        disks.into_iter().next()?
+        disks.remove(0)
     } else {
-        node.stat(name).ok()?
+        match node.stat(name) {
+            Ok(i) => i,
+            Err(crate::Error::UnknownDisk(_)) => {
+                return Err(format!(
+                    "unknown export {:?}",
+                    name.chars().take(128).collect::<String>()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "export {:?}: {e}",
+                    name.chars().take(128).collect::<String>()
+                ));
+            }
+        }
     };
-    Some(Export {
+    Ok(Export {
         flags: export_flags(info.mode, structured),
         name: info.id,
         size: info.size_bytes,
@@ -364,9 +379,10 @@ where
             }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8(data).map_err(|_| protocol("export name"))?;
-                let Some(e) = lookup(node, &name, session.structured) else {
+                let e = match lookup(node, &name, session.structured) {
+                    Ok(e) => e,
                     // This option has no error reply: the spec says to close.
-                    return Err(protocol(format!("unknown export {name:?}")));
+                    Err(why) => return Err(protocol(why)),
                 };
                 let mut b = BytesMut::with_capacity(134);
                 b.put_u64(e.size);
@@ -399,17 +415,12 @@ where
                     reply(wr, option, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
                     continue;
                 };
-                let Some(e) = lookup(node, &name, session.structured) else {
-                    let msg = if name.is_empty() {
-                        "this node has several disks: name one as the export".to_string()
-                    } else {
-                        format!(
-                            "unknown export {:?}",
-                            name.chars().take(128).collect::<String>()
-                        )
-                    };
-                    reply(wr, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
-                    continue;
+                let e = match lookup(node, &name, session.structured) {
+                    Ok(e) => e,
+                    Err(why) => {
+                        reply(wr, option, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+                        continue;
+                    }
                 };
                 let mut b = BytesMut::with_capacity(12);
                 b.put_u16(INFO_EXPORT);
@@ -459,8 +470,8 @@ where
                     .await?;
                     continue;
                 };
-                if set && lookup(node, &name, true).is_none() {
-                    reply(wr, option, REP_ERR_UNKNOWN, b"unknown export").await?;
+                if set && let Err(why) = lookup(node, &name, true) {
+                    reply(wr, option, REP_ERR_UNKNOWN, why.as_bytes()).await?;
                     continue;
                 }
                 let matches =
