@@ -107,10 +107,10 @@ impl Checks {
     }
 }
 
-type Run = for<'a> fn(
-    &'a Ctx,
-    &'a mut Checks,
-) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+/// What a scenario's run function returns.
+pub type Fut<'a> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+type Run = for<'a> fn(&'a Ctx, &'a mut Checks) -> Fut<'a>;
 
 /// A scenario: its name, the guarantee it checks, and how to run it.
 pub struct Scenario {
@@ -557,6 +557,31 @@ impl Readers {
         }
         Ok(all)
     }
+}
+
+/// Reads `[from, to)` of `disk` in pieces of `piece` bytes, each given 30 s and checked
+/// against `image`: (right pieces, wrong pieces, failures).
+pub async fn read_span(
+    c: &Client,
+    disk: &str,
+    image: &[u8],
+    (from, to): (u64, u64),
+    piece: u64,
+) -> (u64, u64, Vec<String>) {
+    let d = c.disk(disk);
+    let (mut right, mut wrong, mut failed) = (0, 0, Vec::new());
+    let mut at = from;
+    while at < to {
+        let n = piece.min(to - at);
+        match tokio::time::timeout(Duration::from_secs(30), d.read_at(at, n)).await {
+            Ok(Ok(b)) if b[..] == image[at as usize..(at + n) as usize] => right += 1,
+            Ok(Ok(_)) => wrong += 1,
+            Ok(Err(e)) => failed.push(failure(&e)),
+            Err(_) => failed.push(format!("read at {at}: no answer in 30 s")),
+        }
+        at += n;
+    }
+    (right, wrong, failed)
 }
 
 /// A client error as "Code: message".

@@ -5,16 +5,13 @@
 //! other.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use shadowcache_client::Client;
 
-use super::{Checks, Ctx, Host, Scenario, Settings, failure, ms};
-
-type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+use super::{Checks, Ctx, Fut, Host, Scenario, Settings, failure, ms};
 
 fn nbd<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
     Box::pin(nbd_origin(c, k))
@@ -97,20 +94,7 @@ async fn read_range(
     from: u64,
     to: u64,
 ) -> (u64, u64, Vec<String>) {
-    let d = c.disk(disk);
-    let (mut right, mut wrong, mut failed) = (0, 0, Vec::new());
-    let mut at = from;
-    while at < to {
-        let n = (64 << 10).min(to - at);
-        match tokio::time::timeout(Duration::from_secs(30), d.read_at(at, n)).await {
-            Ok(Ok(b)) if b[..] == image[at as usize..(at + n) as usize] => right += 1,
-            Ok(Ok(_)) => wrong += 1,
-            Ok(Err(e)) => failed.push(failure(&e)),
-            Err(_) => failed.push(format!("read at {at}: no answer in 30 s")),
-        }
-        at += n;
-    }
-    (right, wrong, failed)
+    super::read_span(c, disk, image, (from, to), 64 << 10).await
 }
 
 async fn nbd_origin(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {

@@ -7,7 +7,6 @@
 //! Needs root (`ip netns`).
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,9 +14,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use shadowcache_client::{DiskMode, StatusResponse};
 
-use super::{Checks, Ctx, Host, Scenario, Settings, failure, ms, sh};
-
-type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+use super::{Checks, Ctx, Fut, Host, Scenario, Settings, failure, ms, sh};
 
 fn holder<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
     Box::pin(partition_holder(c, k))
@@ -294,6 +291,110 @@ fn lease_end(polls: &[(Duration, bool)], from: Duration) -> Option<Duration> {
         .map(|(t, _)| *t)
 }
 
+/// Waits until all three nodes see each other and `a`'s disk, then until the disk is
+/// detected with `b` and `c` holding leases.
+async fn formed_and_detected(a: &Host, b: &Host, c: &Host) -> anyhow::Result<()> {
+    for h in [a, b, c] {
+        super::until(
+            h,
+            "three members and the disk",
+            Duration::from_secs(30),
+            |s| super::formed(s, 3, "vdi", "a"),
+        )
+        .await?;
+    }
+    detect(a, b, c).await
+}
+
+/// Block `block` of `vdi` read at `b` every 10 ms and `b`'s lease polled, from `t0` on.
+struct BlockWatch {
+    bc: shadowcache_client::Client,
+    block: u64,
+    new: Vec<u8>,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<Vec<Watched>>,
+    polls: tokio::task::JoinHandle<Vec<(Duration, bool)>>,
+}
+
+impl BlockWatch {
+    /// Checks that `b` reads the image's bytes of `block`, then starts watching; `seed`
+    /// draws the new bytes a write will bring.
+    async fn start(b: &Host, image: &[u8], block: u64, seed: u64) -> anyhow::Result<Self> {
+        let old = image[(block * BS) as usize..((block + 1) * BS) as usize].to_vec();
+        let mut new = vec![0u8; BS as usize];
+        rand::rngs::StdRng::seed_from_u64(seed).fill(&mut new[..]);
+        let bc = b.client().await?;
+        anyhow::ensure!(
+            bc.disk("vdi").read_at(block * BS, BS).await?[..] == old[..],
+            "b's first read"
+        );
+        let t0 = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = watch(bc.disk("vdi"), block, &old, &new, t0, stop.clone());
+        let polls = lease_poller(b.client().await?, t0, stop.clone());
+        Ok(BlockWatch {
+            bc,
+            block,
+            new,
+            t0,
+            stop,
+            reader,
+            polls,
+        })
+    }
+
+    /// Waits (30 s at most) until `b` reads the new bytes.
+    async fn until_new(&self, after: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.bc.disk("vdi").read_at(self.block * BS, BS).await;
+            if got.as_ref().is_ok_and(|b| b[..] == self.new[..]) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "b did not read the new bytes in 30 s {after}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops watching: every read, and every poll of the lease.
+    async fn finish(self) -> anyhow::Result<(Vec<Watched>, Vec<(Duration, bool)>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok((self.reader.await?, self.polls.await?))
+    }
+}
+
+/// Holds the reads at `b` to the promise: none that began after the write was acknowledged
+/// (at `acked`) returned the old bytes, and none returned bytes of no version. Returns when
+/// the last read that returned the old bytes began.
+fn check_reads(k: &mut Checks, ops: &[Watched], acked: Duration) -> Option<Duration> {
+    let stale: Vec<Duration> = ops
+        .iter()
+        .filter(|(s, _, w)| *s > acked && w == "old")
+        .map(|(s, _, _)| *s)
+        .collect();
+    let foreign = ops.iter().filter(|(_, _, w)| w == "foreign").count();
+    k.figure("b_reads", ops.len() as u64);
+    k.check(stale.is_empty(), || {
+        format!(
+            "{} reads at b that began after the write was acknowledged returned the old bytes \
+             (first at {:?}, ack at {acked:?})",
+            stale.len(),
+            stale[0]
+        )
+    });
+    k.check(foreign == 0, || {
+        format!("{foreign} reads returned bytes of no version")
+    });
+    ops.iter()
+        .filter(|(_, _, w)| w == "old")
+        .map(|(s, _, _)| *s)
+        .max()
+}
+
 fn disk_at<'a>(s: &'a StatusResponse, id: &str) -> Option<&'a shadowcache_client::DiskInfo> {
     s.disks.iter().find(|d| d.id == id)
 }
@@ -337,46 +438,26 @@ async fn partition_holder(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     );
     let b = start(1, "b", Some(&a.addr), &[]);
     let c = start(2, "c", Some(&a.addr), &[]);
-    for h in [&a, &b, &c] {
-        super::until(
-            h,
-            "three members and the disk",
-            Duration::from_secs(30),
-            |s| super::formed(s, 3, "vdi", "a"),
-        )
-        .await?;
-    }
     let t = Instant::now();
-    detect(&a, &b, &c).await?;
+    formed_and_detected(&a, &b, &c).await?;
     k.figure("detected_after_ms", ms(t.elapsed()));
     // b holds block 5 and reads it every 10 ms from now on.
-    let block = 5u64;
-    let old = image[(block * BS) as usize..((block + 1) * BS) as usize].to_vec();
-    let mut new = vec![0u8; BS as usize];
-    rand::rngs::StdRng::seed_from_u64(52).fill(&mut new[..]);
-    let bc = b.client().await?;
-    anyhow::ensure!(
-        bc.disk("vdi").read_at(block * BS, BS).await?[..] == old[..],
-        "b's first read"
-    );
-    let t0 = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = watch(bc.disk("vdi"), block, &old, &new, t0, stop.clone());
-    let polls = lease_poller(b.client().await?, t0, stop.clone());
+    let w = BlockWatch::start(&b, &image, 5, 52).await?;
+    let (block, t0) = (w.block, w.t0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Cut b off, then write the block at the owner.
     net.link(1, false)?;
     let cut = t0.elapsed();
     let ac = a.client().await?;
-    let w = super::within(
+    let wrote = super::within(
         Duration::from_secs(30),
         "the write at the owner",
-        ac.disk("vdi").write_at(block * BS, new.clone()),
+        ac.disk("vdi").write_at(block * BS, w.new.clone()),
     )
     .await;
     let acked = t0.elapsed();
-    k.check(w.is_ok(), || {
-        format!("the write at the owner failed: {:?}", w.err())
+    k.check(wrote.is_ok(), || {
+        format!("the write at the owner failed: {:?}", wrote.err())
     });
     let waited = acked - cut;
     k.figure("lease_term_ms", settings.lease_ms);
@@ -386,44 +467,21 @@ async fn partition_holder(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(settings.lease_ms) + ctx.phase / 2).await;
     net.link(1, true)?;
     let healed = t0.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = bc.disk("vdi").read_at(block * BS, BS).await;
-        if got.as_ref().is_ok_and(|b| b[..] == new[..]) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "b did not read the new bytes in 30 s after the heal"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.until_new("after the heal").await?;
     k.figure("b_reads_new_bytes_after_heal_ms", ms(t0.elapsed() - healed));
-    stop.store(true, Ordering::Relaxed);
-    let ops = reader.await?;
-    let polls = polls.await?;
+    let (ops, polls) = w.finish().await?;
     let b_lease_end = lease_end(&polls, cut);
     k.figure(
         "b_lease_ended_after_cut_ms",
         b_lease_end.map_or(-1.0, |e| ms(e.saturating_sub(cut))),
     );
-    let stale: Vec<_> = ops
-        .iter()
-        .filter(|(s, _, w)| *s > acked && w == "old")
-        .collect();
-    let foreign = ops.iter().filter(|(_, _, w)| w == "foreign").count();
-    let last_old = ops
-        .iter()
-        .filter(|(_, _, w)| w == "old")
-        .map(|(s, _, _)| *s)
-        .max();
+    let last_old = check_reads(k, &ops, acked);
     let served_after_cut = last_old.map_or(Duration::ZERO, |l| l.saturating_sub(cut));
     let errors: Vec<&String> = ops
         .iter()
         .filter(|(s, _, w)| *s > cut && *s < healed && w != "old" && w != "new")
         .map(|(_, _, w)| w)
         .collect();
-    k.figure("b_reads", ops.len() as u64);
     k.figure("b_served_old_bytes_after_cut_ms", ms(served_after_cut));
     k.figure("b_errors_while_cut", errors.len() as u64);
     let mut distinct: Vec<&String> = errors.clone();
@@ -434,12 +492,6 @@ async fn partition_holder(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
         "b_error_examples",
         distinct.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
     );
-    k.check(stale.is_empty(), || {
-        format!("{} reads at b that began after the write was acknowledged returned the old bytes (first at {:?}, ack at {acked:?})", stale.len(), stale[0].0)
-    });
-    k.check(foreign == 0, || {
-        format!("{foreign} reads returned bytes of no version")
-    });
     let term = Duration::from_millis(settings.lease_ms);
     k.check(served_after_cut <= term, || {
         format!(
@@ -507,91 +559,40 @@ async fn owner_restart_detected(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()>
     );
     let b = Host::local(ctx, "b", settings, Some(&a.addr), &[]);
     let c = Host::local(ctx, "c", settings, Some(&a.addr), &[]);
-    for h in [&a, &b, &c] {
-        super::until(
-            h,
-            "three members and the disk",
-            Duration::from_secs(30),
-            |s| super::formed(s, 3, "vdi", "a"),
-        )
-        .await?;
-    }
-    detect(&a, &b, &c).await?;
-    let block = 9u64;
-    let old = image[(block * BS) as usize..((block + 1) * BS) as usize].to_vec();
-    let mut new = vec![0u8; BS as usize];
-    rand::rngs::StdRng::seed_from_u64(62).fill(&mut new[..]);
-    let bc = b.client().await?;
-    anyhow::ensure!(
-        bc.disk("vdi").read_at(block * BS, BS).await?[..] == old[..],
-        "b's first read"
-    );
-    let t0 = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = watch(bc.disk("vdi"), block, &old, &new, t0, stop.clone());
-    let polls = lease_poller(b.client().await?, t0, stop.clone());
+    formed_and_detected(&a, &b, &c).await?;
+    let w = BlockWatch::start(&b, &image, 9, 62).await?;
+    let (block, t0) = (w.block, w.t0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // SIGKILL, then the same data directory again; the write comes as soon as it answers.
     let killed = t0.elapsed();
     a.process.start_again();
     let up = t0.elapsed();
     let ac = a.client().await?;
-    let w = super::within(
+    let wrote = super::within(
         Duration::from_secs(30),
         "the write after the restart",
-        ac.disk("vdi").write_at(block * BS, new.clone()),
+        ac.disk("vdi").write_at(block * BS, w.new.clone()),
     )
     .await;
     let acked = t0.elapsed();
-    k.check(w.is_ok(), || {
-        format!("the write after the restart failed: {:?}", w.err())
+    k.check(wrote.is_ok(), || {
+        format!("the write after the restart failed: {:?}", wrote.err())
     });
     k.figure("restart_ms", ms(up - killed));
     k.figure("write_held_after_restart_ms", ms(acked - up));
     k.figure("write_acked_after_kill_ms", ms(acked - killed));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = bc.disk("vdi").read_at(block * BS, BS).await;
-        if got.as_ref().is_ok_and(|b| b[..] == new[..]) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "b did not read the new bytes in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.until_new("after the acknowledgement").await?;
     k.figure("b_reads_new_bytes_after_ack_ms", ms(t0.elapsed() - acked));
-    stop.store(true, Ordering::Relaxed);
-    let ops = reader.await?;
-    let polls = polls.await?;
+    let (ops, polls) = w.finish().await?;
     let held_at_up = polls
         .iter()
         .find(|(t, _)| *t >= up)
         .is_some_and(|(_, v)| *v);
-    let stale = ops
-        .iter()
-        .filter(|(s, _, w)| *s > acked && w == "old")
-        .count();
-    let foreign = ops.iter().filter(|(_, _, w)| w == "foreign").count();
-    let last_old = ops
-        .iter()
-        .filter(|(_, _, w)| w == "old")
-        .map(|(s, _, _)| *s)
-        .max();
-    k.figure("b_reads", ops.len() as u64);
+    let last_old = check_reads(k, &ops, acked);
     k.figure(
         "b_served_old_bytes_after_kill_ms",
         ms(last_old.map_or(Duration::ZERO, |l| l.saturating_sub(killed))),
     );
-    k.check(stale == 0, || {
-        format!(
-            "{stale} reads at b that began after the write was acknowledged returned the old bytes"
-        )
-    });
-    k.check(foreign == 0, || {
-        format!("{foreign} reads returned bytes of no version")
-    });
     // Not vacuous: b still held the old process's lease when the new one came up, and
     // served the old bytes after that; the fence kept the write back until it stopped.
     k.check(held_at_up, || {

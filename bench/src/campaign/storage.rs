@@ -9,7 +9,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,9 +17,7 @@ use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use shadowcache_client::{Client, DiskMode};
 
-use super::{Checks, Ctx, Host, ReadPlan, Readers, Scenario, Settings, failure, ms, tally};
-
-type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+use super::{Checks, Ctx, Fut, Host, ReadPlan, Readers, Scenario, Settings, failure, ms, tally};
 
 fn corruption<'a>(c: &'a Ctx, k: &'a mut Checks) -> Fut<'a> {
     Box::pin(ssd_corruption(c, k))
@@ -69,18 +66,8 @@ fn node_flags(image: &Path) -> Vec<String> {
 
 /// Reads the whole disk in 1 MiB pieces; returns (wrong pieces, failures).
 async fn read_all(c: &Client, disk: &str, image: &[u8]) -> (u64, Vec<String>) {
-    let d = c.disk(disk);
-    let mut wrong = 0;
-    let mut failed = Vec::new();
-    for at in (0..image.len()).step_by(1 << 20) {
-        let n = (1usize << 20).min(image.len() - at);
-        match tokio::time::timeout(Duration::from_secs(30), d.read_at(at as u64, n as u64)).await {
-            Ok(Ok(b)) if b[..] == image[at..at + n] => {}
-            Ok(Ok(_)) => wrong += 1,
-            Ok(Err(e)) => failed.push(failure(&e)),
-            Err(_) => failed.push(format!("read at {at}: no answer in 30 s")),
-        }
-    }
+    let (_, wrong, failed) =
+        super::read_span(c, disk, image, (0, image.len() as u64), 1 << 20).await;
     (wrong, failed)
 }
 

@@ -7,16 +7,13 @@
 //!   the failure-detection bound, then continued;
 //! - `storm-kill-owner`: the owner is killed, then started again on its data directory.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    Checks, Ctx, Host, ReadPlan, Readers, Scenario, Settings, formed, messages, ms, tally,
+    Checks, Ctx, Fut, Host, ReadPlan, Readers, Scenario, Settings, formed, messages, ms, tally,
 };
-
-type Fut<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Victim {
