@@ -165,9 +165,9 @@ async fn nbd_origin(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     });
     k.check(
         r_fail == 0
-            && f_fail
-                .iter()
-                .all(|m| m.starts_with("Unavailable:") && m.contains("origin")),
+            && f_fail.iter().all(|m| {
+                m.starts_with("Unavailable:") && m.contains("origin") && m.contains("EIO")
+            }),
         || {
             format!(
                 "reads of a failing origin: {r_fail} served, errors {:?}",
