@@ -27,6 +27,11 @@ fi
 # when they are missing.
 [ -d ../shared/traces ] || echo "WARNING: ../shared/traces is missing; trace tests will fail" >&2
 
+# The simulation replays a seed exactly only when it can seed tokio's own random choices
+# (which of a watch channel's waiters wakes first, select! branches): `--cfg tokio_unstable`
+# gives it `Builder::rng_seed`. Test builds only; release builds do not set it.
+export RUSTFLAGS="${RUSTFLAGS:-} --cfg tokio_unstable"
+
 # The fault tests (node/tests/faults.rs) need the node built with fail points.
 features=(--features shadowcache-node/failpoints)
 if cargo nextest --version >/dev/null 2>&1; then

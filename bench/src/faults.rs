@@ -65,6 +65,11 @@ pub struct ReplayReport {
     pub identical: u64,
     /// The lowest seed whose results differed.
     pub first_different: Option<u64>,
+    /// Whether this build can replay exactly (the node built with `--cfg tokio_unstable`,
+    /// which lets the simulation seed tokio's random choices).
+    pub exact_build: bool,
+    /// Where the two runs of the lowest seed that was not identical parted (run again).
+    pub first_difference: Option<String>,
 }
 
 /// Digests of what a run recorded: its faults and each operation's kind, time and result;
@@ -100,11 +105,24 @@ fn replay(n: u64, jobs: usize) -> ReplayReport {
         _ => false,
     };
     let first_different = (1..=n).find(|s| !same(s, false));
+    // Where the first seed that was not identical parts from itself (if it does again).
+    let first_difference = (1..=n).find(|s| !same(s, true)).and_then(|seed| {
+        let run = || {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            sim::run(seed, &sim::SimConfig::default(), dir.path())
+        };
+        match (run(), run()) {
+            (Ok(x), Ok(y)) => sim::first_difference(&x, &y).map(|d| format!("seed {seed}: {d}")),
+            (Err(e), _) | (_, Err(e)) => Some(format!("seed {seed}: {e}")),
+        }
+    });
     ReplayReport {
         seeds: n,
         same_results: (1..=n).filter(|s| same(s, false)).count() as u64,
         identical: (1..=n).filter(|s| same(s, true)).count() as u64,
         first_different,
+        exact_build: sim::exact_replay(),
+        first_difference,
     }
 }
 
@@ -121,7 +139,8 @@ pub struct GuardReport {
     pub caught: u64,
     /// The lowest such seed (the seeds run until the first failure, counting from 1).
     pub first_caught: Option<u64>,
-    /// That seed run three more times: how often it failed again.
+    /// That seed run four more times: of the last three, how many broke the promise again with
+    /// the very same history as the first.
     pub replayed: u32,
     /// The first seed's report.
     pub example: Option<String>,
@@ -213,12 +232,20 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
         let mut caught = caught.into_inner();
         caught.sort_by_key(|c| c.0);
         let first = caught.first().cloned();
+        // The first catch run again three times: each must break the promise again with the
+        // very same history (the first of the four runs is the reference).
         let mut replayed = 0;
         if let Some((seed, _)) = &first {
-            for _ in 0..3 {
+            let run = || -> anyhow::Result<sim::Outcome> {
                 let dir = tempfile::tempdir()?;
-                let again = sim::run(*seed, &sim::SimConfig::default(), dir.path());
-                if again.is_ok_and(|a| !a.violations.is_empty()) {
+                sim::run(*seed, &sim::SimConfig::default(), dir.path()).map_err(anyhow::Error::msg)
+            };
+            let reference = run()?;
+            for _ in 0..3 {
+                let again = run()?;
+                if !again.violations.is_empty()
+                    && sim::first_difference(&reference, &again).is_none()
+                {
                     replayed += 1;
                 }
             }
@@ -246,6 +273,15 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
          operations ended in (first that differed in results: {:?})",
         replay.same_results, replay.seeds, replay.identical, replay.first_different
     );
+    if let Some(d) = &replay.first_difference {
+        eprintln!("replay: {}", d.chars().take(400).collect::<String>());
+    }
+    if !replay.exact_build {
+        eprintln!(
+            "WARNING: built without --cfg tokio_unstable: waiters may wake in another order, so \
+             seeds do not replay exactly (RUSTFLAGS=\"--cfg tokio_unstable\")"
+        );
+    }
     Ok(Report {
         replay,
         seeds: o.seeds,

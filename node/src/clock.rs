@@ -44,7 +44,10 @@ pub async fn timeout<T>(
     fut: impl Future<Output = T>,
 ) -> Result<T, Elapsed> {
     let sleep = clock.sleep(d);
+    // Biased (the future first, then the deadline) rather than a random first branch: a seed
+    // of the simulation replays the same choices.
     tokio::select! {
+        biased;
         v = fut => Ok(v),
         () = sleep => Err(Elapsed),
     }

@@ -9,7 +9,7 @@
 //!
 //! Architecture invariant: test support only; nothing in the node depends on it.
 
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -105,8 +105,8 @@ impl InProcessNet {
     pub fn new() -> Self {
         InProcessNet {
             members: InProcess::new(),
-            nodes: Arc::new(parking_lot::Mutex::new(HashMap::new())),
-            links: Arc::new(watch::Sender::new(HashMap::new())),
+            nodes: Arc::new(parking_lot::Mutex::new(HashMap::default())),
+            links: Arc::new(watch::Sender::new(HashMap::default())),
             names: Arc::default(),
         }
     }
@@ -227,6 +227,12 @@ impl InProcessNet {
         F: Fn(Arc<Node>) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
+        tracing::trace!(
+            from,
+            to,
+            call = std::any::type_name::<T>(),
+            "in-process call"
+        );
         let (node, how) = self.deliver(from, to).await?;
         match how {
             Link::Twice => {

@@ -30,6 +30,7 @@
 //! `write.rs`, `mode.rs` and `serve.rs`.
 
 pub mod admin;
+pub mod blocking;
 pub mod cache;
 pub mod clock;
 pub mod cluster;
@@ -37,6 +38,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod frontend;
+pub mod hashing;
 pub mod ids;
 pub mod inprocess;
 pub mod mode;
@@ -152,7 +154,7 @@ impl Node {
             );
         }
         let cache_config = config.cache_config();
-        let opened = tokio::task::spawn_blocking(move || ContentCache::open(cache_config))
+        let opened = crate::blocking::run(move || ContentCache::open(cache_config))
             .await
             .context("cache open task")?;
         let (cache, _recovery) = match opened {
@@ -169,7 +171,7 @@ impl Node {
                 );
                 let mut without = config.cache_config();
                 without.ssd = None;
-                tokio::task::spawn_blocking(move || ContentCache::open(without))
+                crate::blocking::run(move || ContentCache::open(without))
                     .await
                     .context("cache open task")?
                     .context("cannot open the content cache")?

@@ -29,8 +29,8 @@
 
 use std::sync::Arc;
 
+use crate::hashing::DashMap;
 use bytes::{Bytes, BytesMut};
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::cache::fingerprint::is_zero;
@@ -190,7 +190,7 @@ impl ReadPath {
         ReadPath {
             block_bytes: u64::from(cache.config().block_bytes),
             cache,
-            flights: DashMap::new(),
+            flights: DashMap::default(),
             stats: ReadStats::new(),
         }
     }

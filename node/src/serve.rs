@@ -451,7 +451,7 @@ pub const MAX_SUBSCRIPTIONS_PER_MEMBER: usize = 1024;
 /// The block map streams this node serves, one per (member, disk).
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    open: dashmap::DashMap<(String, String), Arc<std::sync::atomic::AtomicBool>>,
+    open: crate::hashing::DashMap<(String, String), Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One subscription's place: [`Subscription::open`] until a newer one for the same member and

@@ -150,9 +150,11 @@ async fn serve(
         tokio::spawn(async move {
             // On the node's clock: detection decides when leases can be granted.
             loop {
+                // Biased, the stop first: no random choice (a simulation's seed replays).
                 tokio::select! {
-                    () = node.clock.sleep(Duration::from_millis(250)) => node.detect_all().await,
+                    biased;
                     _ = stopped.changed() => break,
+                    () = node.clock.sleep(Duration::from_millis(250)) => node.detect_all().await,
                 }
             }
         });
@@ -165,12 +167,13 @@ async fn serve(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
+                    biased;
+                    _ = stopped.changed() => break,
                     _ = tick.tick() => {
                         node.cache.usage();
                         metrics::gauge!(telemetry::BLOCK_MAP_BYTES)
                             .set(node.cluster.block_map_bytes() as f64);
                     }
-                    _ = stopped.changed() => break,
                 }
             }
         });
@@ -217,7 +220,7 @@ impl RunningNode {
         }
         self.node.cluster.shutdown().await;
         let node = self.node.clone();
-        tokio::task::spawn_blocking(move || node.close())
+        crate::blocking::run(move || node.close())
             .await
             .context("shutdown task")?;
         let _ = std::fs::remove_file(&self.node.config.listen_unix);

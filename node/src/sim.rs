@@ -24,11 +24,15 @@
 //! write of its block was acknowledged returns that write's version or a later one; every read
 //! returns a version some write produced, whole (no torn or foreign bytes).
 //!
-//! What is not deterministic yet, so that a seed replays the same faults and operations but
-//! not always the same interleaving of the nodes' tasks: the file origin's reads run on tokio's
-//! blocking pool (real threads), `tokio::select!` picks its first branch at random, and hash
-//! maps iterate in a per-process order. `shadowcache-bench faults` replays the first failing
-//! seed of each guard's removal and reports how often it fails again.
+//! Replay: a seed runs the same way every time, down to the order the nodes' tasks run in,
+//! in a build with `--cfg tokio_unstable` ([`exact_replay`]; `scripts/test.sh` sets it). What
+//! it takes: one current-thread runtime on paused time; tokio's own random choices (which of a
+//! watch channel's waiters wakes first, `select!` branches) seeded from the seed through
+//! `Builder::rng_seed`, which only that cfg offers; blocking work run inline
+//! ([`crate::blocking`]) rather than on real threads, the origin's reads and writes split in
+//! two with a yield between so that they still overlap; the node's selects biased; and its
+//! hash maps keyed the same in every run ([`crate::hashing`]). Without the cfg a seed replays
+//! the same faults and operations, but waiters may wake in another order.
 //!
 //! Architecture invariant: test support only (built with the `failpoints` feature); nothing in
 //! the node depends on it.
@@ -70,6 +74,12 @@ pub const GUARDS: &[&str] = &[
 /// disk under the same id, the case the epoch check keeps apart. (`docs/reliability.md` says
 /// more; the faults report runs them anyway.)
 pub const DEFENCE_IN_DEPTH: &[&str] = &["guard-generation-check"];
+
+/// Whether this build replays a seed exactly (built with `--cfg tokio_unstable`, which lets
+/// the simulation seed tokio's random choices).
+pub fn exact_replay() -> bool {
+    cfg!(tokio_unstable)
+}
 
 /// The disk every simulation reads and writes.
 pub const DISK: &str = "vdi";
@@ -217,6 +227,39 @@ impl Outcome {
         }
         s
     }
+}
+
+/// Where two runs of one seed parted (`None`: the same faults and the very same history, down
+/// to the order operations ended in): the replay check of `node/tests/sim.rs` and
+/// `shadowcache-bench faults --replays`.
+pub fn first_difference(a: &Outcome, b: &Outcome) -> Option<String> {
+    if let Some(i) =
+        (0..a.faults.len().max(b.faults.len())).find(|i| a.faults.get(*i) != b.faults.get(*i))
+    {
+        return Some(format!(
+            "fault {i}: {:?} then {:?}",
+            a.faults.get(i),
+            b.faults.get(i)
+        ));
+    }
+    // The bytes of a torn block by their hash: a history's difference fits on a line.
+    let show = |o: Option<&Op>| {
+        o.map(|o| {
+            let mixed: Vec<_> = o
+                .mixed
+                .iter()
+                .map(|(b, bytes)| (b, blake3::hash(bytes).to_hex()[..16].to_string()))
+                .collect();
+            format!(
+                "{:?} [{}..{:?}] t={}ms -> {:?} {mixed:?}",
+                o.kind, o.start, o.end, o.at_ms, o.result
+            )
+        })
+    };
+    (0..a.history.len().max(b.history.len()))
+        .map(|i| (i, show(a.history.get(i)), show(b.history.get(i))))
+        .find(|(_, x, y)| x != y)
+        .map(|(i, x, y)| format!("operation {i}: {x:?} then {y:?}"))
 }
 
 /// Block `i` of version `v`: its index and version repeated, so a read shows both.
@@ -435,7 +478,9 @@ impl Sim {
         let (history, bs) = (self.history.clone(), self.cfg.block_bytes);
         self.tasks.push(tokio::spawn(async move {
             started(&history, n);
+            tracing::trace!(op = n, "read starts");
             let r = node.read(DISK, first * bs, count * bs).await;
+            tracing::trace!(op = n, ok = r.is_ok(), "read ends");
             let mut mixed = Vec::new();
             let r = r.map_err(|e| e.to_string()).and_then(|b| {
                 if b.len() as u64 != count * bs {
@@ -668,6 +713,12 @@ impl FaultyOrigin {
     }
 }
 
+/// Where a read or write of `len` bytes is split in two (0: not split): half way, on a
+/// 512-byte boundary.
+fn split(len: usize) -> usize {
+    (len / 2) & !511
+}
+
 impl crate::origin::Origin for FaultyOrigin {
     fn describe(&self) -> &str {
         self.inner.describe()
@@ -680,14 +731,35 @@ impl crate::origin::Origin for FaultyOrigin {
     fn read_at(&self, offset: u64, len: usize) -> crate::origin::OriginFuture<'_, Bytes> {
         Box::pin(async move {
             self.gate("read", offset).await?;
-            self.inner.read_at(offset, len).await
+            // In two halves with a yield between, as a read on a real thread overlaps a write
+            // on another: a write that lands between them tears the read, unless the node
+            // keeps them apart.
+            let half = split(len);
+            if half == 0 {
+                return self.inner.read_at(offset, len).await;
+            }
+            let first = self.inner.read_at(offset, half).await?;
+            tokio::task::yield_now().await;
+            let second = self.inner.read_at(offset + half as u64, len - half).await?;
+            let mut whole = Vec::with_capacity(len);
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&second);
+            Ok(Bytes::from(whole))
         })
     }
 
     fn write_at(&self, offset: u64, data: Bytes) -> crate::origin::OriginFuture<'_, ()> {
         Box::pin(async move {
             self.gate("write", offset).await?;
-            self.inner.write_at(offset, data).await
+            let half = split(data.len());
+            if half == 0 {
+                return self.inner.write_at(offset, data).await;
+            }
+            self.inner.write_at(offset, data.slice(..half)).await?;
+            tokio::task::yield_now().await;
+            self.inner
+                .write_at(offset + half as u64, data.slice(half..))
+                .await
         })
     }
 
@@ -705,12 +777,25 @@ impl crate::origin::Origin for FaultyOrigin {
 
 /// Runs seed `seed` of `cfg` in `dir` (a fresh directory) and checks its history.
 pub fn run(seed: u64, cfg: &SimConfig, dir: &Path) -> Result<Outcome, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(simulate(seed, cfg.clone(), dir.to_path_buf()))
+    // File reads and writes complete where the seed decides (see `FaultyOrigin`), not when a
+    // real thread of the blocking pool gets to them.
+    let _inline = crate::blocking::Inline::on_this_thread();
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all().start_paused(true);
+    // Which of a watch channel's waiters wakes first is tokio's random choice: seeded, it is
+    // the same in every run of the seed.
+    #[cfg(tokio_unstable)]
+    b.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let rt = b.build().map_err(|e| e.to_string())?;
+    let mut out = rt.block_on(simulate(seed, cfg.clone(), dir.to_path_buf()))?;
+    // Errors name the run's directory: written `<dir>`, a replay elsewhere reads the same.
+    let at = dir.display().to_string();
+    for op in &mut out.history {
+        if let Some(Err(e)) = &mut op.result {
+            *e = e.replace(&at, "<dir>");
+        }
+    }
+    Ok(out)
 }
 
 async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, String> {
@@ -778,6 +863,7 @@ async fn simulate(seed: u64, cfg: SimConfig, dir: PathBuf) -> Result<Outcome, St
     let blocks = sim.cfg.blocks;
     for _ in 0..sim.cfg.steps {
         let roll = rng.random_range(0..102u32);
+        tracing::trace!(roll, t = sim.now_ms(), "simulation step");
         match roll {
             // Reads: at any process, old incarnations included.
             0..40 => sim.random_read(),

@@ -28,7 +28,7 @@ pub struct FingerprintHashing {
 impl Default for FingerprintHashing {
     fn default() -> Self {
         FingerprintHashing {
-            key: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64),
+            key: crate::hashing::key(0x5eed_u64),
         }
     }
 }

@@ -420,7 +420,7 @@ impl ContentCache {
         {
             let tier = ssd.clone();
             let key = *fp;
-            let read = tokio::task::spawn_blocking(move || tier.read(&key, at)).await;
+            let read = crate::blocking::run(move || tier.read(&key, at)).await;
             match read {
                 Ok(ssd::SlotRead::Hit(bytes)) => {
                     ssd.release(fp, at);

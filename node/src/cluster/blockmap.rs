@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::hashing::DashMap;
 use bytes::Bytes;
-use dashmap::DashMap;
 use roaring::RoaringBitmap;
 
 /// How often changes of a map are sent to subscribers.
@@ -211,7 +211,7 @@ impl RemoteMaps {
         RemoteMaps {
             generation,
             epoch,
-            maps: DashMap::new(),
+            maps: DashMap::default(),
             bytes: AtomicU64::new(0),
         }
     }

@@ -16,7 +16,9 @@
 //! Architecture invariant: granting and the switch to revoking take the same mutex, so a lease
 //! is either among the holders a revocation waits for, or was never granted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::hashing::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -116,7 +118,7 @@ impl OwnerState {
             last_write: AtomicU64::new(now.as_nanos() as u64),
             pinned: AtomicBool::new(false),
             detecting: AtomicBool::new(false),
-            leases: parking_lot::Mutex::new(HashMap::new()),
+            leases: parking_lot::Mutex::new(HashMap::default()),
             revoking: tokio::sync::Mutex::new(()),
             fence_until: AtomicU64::new(0),
         }

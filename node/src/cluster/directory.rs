@@ -4,7 +4,7 @@
 //!
 //! Architecture invariant: a disk id known locally always wins over a remote one.
 
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -62,9 +62,11 @@ impl Cluster {
             // Renewals are lease timing: they wait on the node's clock.
             loop {
                 renewer.renew_leases().await;
+                // Biased, the stop first: no random choice (a simulation's seed replays).
                 tokio::select! {
-                    () = renewer.clock.sleep(renewer.lease_term / 6) => {},
+                    biased;
                     _ = stop_renewing.changed() => break,
+                    () = renewer.clock.sleep(renewer.lease_term / 6) => {},
                 }
             }
         });
@@ -73,9 +75,10 @@ impl Cluster {
             loop {
                 this.refresh(&local).await;
                 tokio::select! {
+                    biased;
+                    _ = stopped.changed() => break,
                     r = members.changed() => if r.is_err() { break },
                     _ = tick.tick() => {},
-                    _ = stopped.changed() => break,
                 }
             }
         });
@@ -137,7 +140,7 @@ impl Cluster {
                     }
                     // Entries are replaced in place and the member's vanished disks removed
                     // after: a concurrent read never sees a disk of this member missing.
-                    let ids: std::collections::HashSet<String> =
+                    let ids: crate::hashing::HashSet<String> =
                         disks.iter().map(|d| d.id.clone()).collect();
                     self.remote
                         .retain(|id, r| r.owner != m.id || ids.contains(id));

@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::hashing::DashMap;
 use bytes::Bytes;
-use dashmap::DashMap;
 use tokio::sync::{OnceCell, watch};
 
 use super::blockmap::RemoteMaps;
@@ -163,7 +163,7 @@ impl Remote {
             block_bytes,
             peer_fetch,
             maps,
-            chunk_flights: DashMap::new(),
+            chunk_flights: DashMap::default(),
         }
     }
 
@@ -419,7 +419,7 @@ impl Remote {
                 self.take(m, ks, answer, wants, cached_only, via, done)
             }))
             .await;
-        let answered: std::collections::HashSet<usize> = answered.into_iter().flatten().collect();
+        let answered: crate::hashing::HashSet<usize> = answered.into_iter().flatten().collect();
         pending
             .iter()
             .copied()

@@ -181,7 +181,7 @@ struct Views {
     /// What each member process (id, boot) sees.
     views: Vec<(String, u64, watch::Sender<Vec<Member>>)>,
     /// (from, to): gossip from `from` does not reach `to` directly.
-    blocked: std::collections::HashSet<(String, String)>,
+    blocked: crate::hashing::HashSet<(String, String)>,
     /// Changes spread only in rounds the test runs ([`InProcess::gossip_round`]).
     in_rounds: bool,
 }
@@ -316,7 +316,7 @@ impl InProcess {
 
     /// Which way gossip flows: `blocked` holds the (from, to) pairs of members whose gossip
     /// does not reach the other directly. Views catch up with whatever now reaches them.
-    pub fn set_gossip(&self, blocked: std::collections::HashSet<(String, String)>) {
+    pub fn set_gossip(&self, blocked: crate::hashing::HashSet<(String, String)>) {
         let mut g = self.inner.lock();
         g.blocked = blocked;
         g.changed();

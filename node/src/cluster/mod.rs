@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use dashmap::DashMap;
+use crate::hashing::DashMap;
 use tokio::sync::watch;
 
 pub use lease::HolderLease;
@@ -189,15 +189,15 @@ impl Cluster {
                 Duration::from_millis(c.rpc_timeout_ms),
                 Duration::from_millis(c.rpc_timeout_ms + lease.term_ms + lease.drift_margin_ms) * 2,
             )),
-            remote: DashMap::new(),
-            shadows: DashMap::new(),
-            fetched: DashMap::new(),
+            remote: DashMap::default(),
+            shadows: DashMap::default(),
+            fetched: DashMap::default(),
             departed: moka::sync::Cache::builder()
                 .max_capacity(65_536)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
-            revoked: DashMap::new(),
-            subs: DashMap::new(),
+            revoked: DashMap::default(),
+            subs: DashMap::default(),
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,

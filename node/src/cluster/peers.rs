@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::hashing::DashMap;
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
@@ -176,7 +176,7 @@ impl Peers {
             clock,
             timeout,
             write_timeout,
-            inflight: DashMap::new(),
+            inflight: DashMap::default(),
         }
     }
 

@@ -5,7 +5,7 @@
 //! Architecture invariant: a shadow of a revoked generation is never made again, and a shadow
 //! whose owner, address, epoch, generation, mode or size changed is dropped, never patched.
 
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

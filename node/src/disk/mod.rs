@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dashmap::DashMap;
+use crate::hashing::DashMap;
 use serde::{Deserialize, Serialize};
 
 pub use content_map::{BlockRef, ContentMap};
@@ -424,7 +424,7 @@ impl Disk {
                 self.id.as_str()
             )));
         }
-        let map = tokio::task::spawn_blocking(map)
+        let map = crate::blocking::run(map)
             .await
             .map_err(|e| Error::State(format!("content map task: {e}")))?;
         let _ = self.map.set(Arc::new(map));
@@ -569,8 +569,8 @@ impl Registry {
         Registry {
             clock,
             rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
-            disks: DashMap::new(),
-            origins: DashMap::new(),
+            disks: DashMap::default(),
+            origins: DashMap::default(),
             origin_ids: parking_lot::Mutex::new(Vec::new()),
             wrap: parking_lot::RwLock::new(None),
             unrestored: parking_lot::Mutex::new(Vec::new()),
@@ -654,7 +654,7 @@ impl Registry {
                     cause,
                 })
             })?;
-            let ident = tokio::task::spawn_blocking(move || identity::of_nbd(&parsed_uri))
+            let ident = crate::blocking::run(move || identity::of_nbd(&parsed_uri))
                 .await
                 .map_err(|e| Error::State(e.to_string()))?;
             // Opened first: what the export itself refuses (a read-only export for a mutable
@@ -678,7 +678,7 @@ impl Registry {
         let path = origin.to_path_buf();
         let data_dir = self.data_dir.clone();
         let guard = self.guard.read().clone();
-        let file = tokio::task::spawn_blocking(move || {
+        let file = crate::blocking::run(move || {
             // The node's own files (slot file, index, maps) are never a disk.
             if let (Ok(o), Ok(d)) = (path.canonicalize(), data_dir.canonicalize())
                 && o.starts_with(&d)
@@ -807,7 +807,11 @@ impl Registry {
     /// registered keeps its config origin; a saved seal always wins.
     pub async fn load_saved(&self) -> Result<()> {
         let path = self.state_path();
-        let text = match tokio::fs::read_to_string(&path).await {
+        let read = path.clone();
+        let text = match crate::blocking::run(move || std::fs::read_to_string(read))
+            .await
+            .map_err(|e| Error::State(format!("{}: {e}", path.display())))?
+        {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::State(format!("{}: {e}", path.display()))),
@@ -902,7 +906,7 @@ impl Registry {
             toml::to_string(&SavedState { disk }).map_err(|e| Error::State(e.to_string()))?;
         let path = self.state_path();
         let dir = self.data_dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        crate::blocking::run(move || -> std::io::Result<()> {
             use std::io::Write;
             let tmp = path.with_extension("toml.tmp");
             let mut f = std::fs::File::create(&tmp)?;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::hashing::DashMap;
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use shadowcache_proto as pb;
@@ -68,7 +68,7 @@ impl TonicPeers {
         TonicPeers {
             me: me.to_string(),
             connect_timeout,
-            channels: DashMap::new(),
+            channels: DashMap::default(),
             turn: AtomicUsize::new(0),
             tls,
             sign: super::peer_auth::SignCalls::new(key),

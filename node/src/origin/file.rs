@@ -118,7 +118,7 @@ impl Origin for FileOrigin {
     fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
         let file = self.file.clone();
         Box::pin(async move {
-            let res = tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len))
+            let res = crate::blocking::run(move || read_exact_at(&file, offset, len))
                 .await
                 .map_err(|e| join_error(&self.describe, e))?;
             match res {
@@ -143,7 +143,7 @@ impl Origin for FileOrigin {
                     io::Error::new(io::ErrorKind::PermissionDenied, "origin opened read-only"),
                 ));
             }
-            tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+            crate::blocking::run(move || file.write_all_at(&data, offset))
                 .await
                 .map_err(|e| join_error(&self.describe, e))?
                 .map_err(|e| self.io_error("write", offset, e))
@@ -156,7 +156,7 @@ impl Origin for FileOrigin {
             if !self.writable {
                 return Ok(());
             }
-            tokio::task::spawn_blocking(move || file.sync_data())
+            crate::blocking::run(move || file.sync_data())
                 .await
                 .map_err(|e| join_error(&self.describe, e))?
                 .map_err(|e| self.io_error("flush", 0, e))

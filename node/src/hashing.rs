@@ -1,0 +1,57 @@
+//! The node's hash maps and sets, and the hasher behind them.
+//!
+//! In production a map's hasher is keyed at random per process, as the standard library's
+//! (an attacker who picks keys cannot make a map slow). In a test build (`failpoints`), every
+//! map hashes with a fixed key, so that a map iterates in the same order in every run: the
+//! seeded simulation ([`crate::sim`]) sends revocations, refreshes members and subscriptions
+//! in map order, and a seed would otherwise not replay the same history.
+//!
+//! Architecture invariant: a map the node iterates is one of these types.
+
+/// The hasher of the node's maps: random keys in production, fixed keys in a test build.
+#[cfg(not(feature = "failpoints"))]
+pub type State = std::collections::hash_map::RandomState;
+
+/// The hasher of the node's maps: random keys in production, fixed keys in a test build.
+#[cfg(feature = "failpoints")]
+pub type State = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
+/// A standard hash map with the node's hasher (build it with `default()`).
+pub type HashMap<K, V> = std::collections::HashMap<K, V, State>;
+
+/// A standard hash set with the node's hasher (build it with `default()`).
+pub type HashSet<K> = std::collections::HashSet<K, State>;
+
+/// A concurrent map with the node's hasher (build it with `default()`).
+pub type DashMap<K, V> = dashmap::DashMap<K, V, State>;
+
+/// A 64-bit key for hashers of our own: random per process in production, fixed in a test
+/// build.
+pub fn key(salt: u64) -> u64 {
+    use std::hash::BuildHasher;
+    State::default().hash_one(salt)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn maps_build_with_default_and_hold_what_is_put_in() {
+        let mut m = super::HashMap::default();
+        m.insert("a", 1);
+        let d = super::DashMap::default();
+        d.insert("b", 2);
+        assert_eq!((m["a"], *d.get("b").expect("b")), (1, 2));
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_test_build_hashes_the_same_in_every_map() {
+        let fill = || {
+            let mut s = super::HashSet::default();
+            s.extend((0..64).map(|i| format!("member-{i}")));
+            s.into_iter().collect::<Vec<_>>()
+        };
+        assert_eq!(fill(), fill());
+        assert_eq!(super::key(7), super::key(7));
+    }
+}
