@@ -35,6 +35,8 @@ pub struct Counters {
     pub evictions: u64,
     /// SSD verification failures.
     pub ssd_verify_failures: u64,
+    /// Blocks the SSD tier could not store.
+    pub ssd_write_failures: u64,
     /// Bytes the cached entries stand for.
     pub logical_bytes: u64,
     /// Bytes stored by all tiers.
@@ -222,6 +224,7 @@ impl Node {
                     + c.evictions_ram_multi.get()
                     + c.evictions_ssd.get(),
                 ssd_verify_failures: c.ssd_verify_failures.get(),
+                ssd_write_failures: c.ssd_write_failures.get(),
                 logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
                 stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
                 single_flight_joins: r.single_flight_joins.get(),

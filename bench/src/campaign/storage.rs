@@ -304,6 +304,29 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     k.check(wrong == 0 && failed.is_empty(), || {
         format!("reads on a full disk: {wrong} wrong, {failed:?}")
     });
+    // Blocks read twice are multi-touch: RAM lets them go to the SSD tier, which cannot store
+    // them now. Still served right, and the blocks it could not store counted for the operator
+    // (the tier's writer works behind the reads: polled for a while).
+    let warmed = warm(&c, DISK, &image).await;
+    k.check(warmed.is_ok(), || {
+        format!("reads of multi-touch blocks on a full disk: {warmed:?}")
+    });
+    let mut unstored = 0;
+    for _ in 0..50 {
+        unstored = c
+            .status()
+            .await?
+            .counters
+            .map_or(0, |c| c.ssd_write_failures);
+        if unstored > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    k.figure("ssd_write_failures_when_full", unstored);
+    k.check(unstored > 0, || {
+        "the SSD tier's failed writes on a full disk were not counted".into()
+    });
     // A write that needs room fails, and says why.
     let payload: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
     let r = c.disk("rw").write_at(1 << 20, payload.clone()).await;

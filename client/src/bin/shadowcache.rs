@@ -244,6 +244,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "demotions": c.demotions,
             "evictions": c.evictions,
             "ssd_verify_failures": c.ssd_verify_failures,
+            "ssd_write_failures": c.ssd_write_failures,
             "logical_bytes": c.logical_bytes,
             "stored_bytes": c.stored_bytes,
             "single_flight_joins": c.single_flight_joins,
@@ -336,7 +337,7 @@ fn print_status(s: &StatusResponse) {
         c.stored_bytes
     );
     println!(
-        "origin reads {} ({} bytes)  owner reads {} ({} bytes)  peer reads {} ({} bytes)  promotions {}  demotions {}  evictions {}  ssd verify failures {}",
+        "origin reads {} ({} bytes)  owner reads {} ({} bytes)  peer reads {} ({} bytes)  promotions {}  demotions {}  evictions {}  ssd verify failures {}  ssd write failures {}",
         c.origin_reads,
         c.origin_read_bytes,
         c.owner_reads,
@@ -346,7 +347,8 @@ fn print_status(s: &StatusResponse) {
         c.promotions,
         c.demotions,
         c.evictions,
-        c.ssd_verify_failures
+        c.ssd_verify_failures,
+        c.ssd_write_failures
     );
     let l = s.leases.unwrap_or_default();
     println!(

@@ -121,6 +121,7 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             demotions: c.demotions,
             evictions: c.evictions,
             ssd_verify_failures: c.ssd_verify_failures,
+            ssd_write_failures: c.ssd_write_failures,
             logical_bytes: c.logical_bytes,
             stored_bytes: c.stored_bytes,
             single_flight_joins: c.single_flight_joins,
