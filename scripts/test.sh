@@ -29,17 +29,17 @@ fi
 
 # The simulation replays a seed exactly only when it can seed tokio's own random choices
 # (which of a watch channel's waiters wakes first, select! branches): `--cfg tokio_unstable`
-# gives it `Builder::rng_seed`. Test builds only; release builds do not set it.
-export RUSTFLAGS="${RUSTFLAGS:-} --cfg tokio_unstable"
+# gives it `Builder::rng_seed`. These test builds only; release and fuzz builds do not set it.
+test_rustflags="${RUSTFLAGS:-} --cfg tokio_unstable"
 
 # The fault tests (node/tests/faults.rs) need the node built with fail points.
 features=(--features shadowcache-node/failpoints)
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace "${features[@]}" --no-fail-fast --failure-output final
-  cargo test --workspace "${features[@]}" --doc
+  RUSTFLAGS="$test_rustflags" cargo nextest run --workspace "${features[@]}" --no-fail-fast --failure-output final
+  RUSTFLAGS="$test_rustflags" cargo test --workspace "${features[@]}" --doc
 else
   echo "cargo-nextest not found; using cargo test" >&2
-  cargo test --workspace "${features[@]}" --no-fail-fast
+  RUSTFLAGS="$test_rustflags" cargo test --workspace "${features[@]}" --no-fail-fast
 fi
 
 # Every fuzz target for a bounded time on its committed corpus (scripts/fuzz.sh; FUZZ_SECONDS,

@@ -6,7 +6,11 @@
 //! seeded simulation ([`crate::sim`]) sends revocations, refreshes members and subscriptions
 //! in map order, and a seed would otherwise not replay the same history.
 //!
-//! Architecture invariant: a map the node iterates is one of these types.
+//! Determinism in a test build also depends on the toolchain: `DefaultHasher`'s algorithm may
+//! change between Rust versions (a seed replays on the build that ran it).
+//!
+//! Architecture invariant: a map the node iterates is one of these types, a `DashMap` built
+//! with [`dash_map`].
 
 /// The hasher of the node's maps: random keys in production, fixed keys in a test build.
 #[cfg(not(feature = "failpoints"))]
@@ -25,6 +29,20 @@ pub type HashSet<K> = std::collections::HashSet<K, State>;
 /// A concurrent map with the node's hasher (build it with `default()`).
 pub type DashMap<K, V> = dashmap::DashMap<K, V, State>;
 
+/// An empty [`DashMap`]. In a test build its number of shards is fixed: a map iterates shard
+/// by shard, and the default number follows the machine's cores, so that a seed would not
+/// replay the same on a machine with another count.
+pub fn dash_map<K: Eq + std::hash::Hash, V>() -> DashMap<K, V> {
+    #[cfg(feature = "failpoints")]
+    {
+        dashmap::DashMap::with_hasher_and_shard_amount(State::default(), 16)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        DashMap::default()
+    }
+}
+
 /// A 64-bit key for hashers of our own: random per process in production, fixed in a test
 /// build.
 pub fn key(salt: u64) -> u64 {
@@ -38,7 +56,7 @@ mod tests {
     fn maps_build_with_default_and_hold_what_is_put_in() {
         let mut m = super::HashMap::default();
         m.insert("a", 1);
-        let d = super::DashMap::default();
+        let d = super::dash_map();
         d.insert("b", 2);
         assert_eq!((m["a"], *d.get("b").expect("b")), (1, 2));
     }

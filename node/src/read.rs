@@ -190,7 +190,7 @@ impl ReadPath {
         ReadPath {
             block_bytes: u64::from(cache.config().block_bytes),
             cache,
-            flights: DashMap::default(),
+            flights: crate::hashing::dash_map(),
             stats: ReadStats::new(),
         }
     }

@@ -211,7 +211,7 @@ impl RemoteMaps {
         RemoteMaps {
             generation,
             epoch,
-            maps: DashMap::default(),
+            maps: crate::hashing::dash_map(),
             bytes: AtomicU64::new(0),
         }
     }

@@ -163,7 +163,7 @@ impl Remote {
             block_bytes,
             peer_fetch,
             maps,
-            chunk_flights: DashMap::default(),
+            chunk_flights: crate::hashing::dash_map(),
         }
     }
 

@@ -189,15 +189,15 @@ impl Cluster {
                 Duration::from_millis(c.rpc_timeout_ms),
                 Duration::from_millis(c.rpc_timeout_ms + lease.term_ms + lease.drift_margin_ms) * 2,
             )),
-            remote: DashMap::default(),
-            shadows: DashMap::default(),
-            fetched: DashMap::default(),
+            remote: crate::hashing::dash_map(),
+            shadows: crate::hashing::dash_map(),
+            fetched: crate::hashing::dash_map(),
             departed: moka::sync::Cache::builder()
                 .max_capacity(65_536)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
-            revoked: DashMap::default(),
-            subs: DashMap::default(),
+            revoked: crate::hashing::dash_map(),
+            subs: crate::hashing::dash_map(),
             disks_version: AtomicU64::new(0),
             cache_remote: c.cache_remote,
             peer_fetch: c.peer_fetch,

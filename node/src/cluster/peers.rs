@@ -176,7 +176,7 @@ impl Peers {
             clock,
             timeout,
             write_timeout,
-            inflight: DashMap::default(),
+            inflight: crate::hashing::dash_map(),
         }
     }
 

@@ -122,7 +122,7 @@ impl ContentMap {
     /// An empty map kept in memory only.
     pub fn in_memory() -> Self {
         ContentMap {
-            entries: DashMap::default(),
+            entries: crate::hashing::dash_map(),
             log: None,
             chunks: None,
         }
@@ -133,7 +133,7 @@ impl ContentMap {
     pub fn owner_copy(blocks_per_chunk: u64, max_blocks: u64) -> Self {
         let blocks_per_chunk = blocks_per_chunk.max(1);
         ContentMap {
-            entries: DashMap::default(),
+            entries: crate::hashing::dash_map(),
             log: None,
             chunks: Some(Chunks {
                 blocks_per_chunk,
@@ -172,7 +172,7 @@ impl ContentMap {
     /// the same block size and the same origin identity. Never fails: a log that cannot be
     /// used is discarded with a warning, a log that cannot be written leaves the map in memory.
     pub fn open(path: &Path, block_bytes: u32, identity: Option<&str>) -> Self {
-        let map = DashMap::default();
+        let map = crate::hashing::dash_map();
         let Some(identity) = identity else {
             return ContentMap {
                 entries: map,

@@ -569,8 +569,8 @@ impl Registry {
         Registry {
             clock,
             rng: parking_lot::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
-            disks: DashMap::default(),
-            origins: DashMap::default(),
+            disks: crate::hashing::dash_map(),
+            origins: crate::hashing::dash_map(),
             origin_ids: parking_lot::Mutex::new(Vec::new()),
             wrap: parking_lot::RwLock::new(None),
             unrestored: parking_lot::Mutex::new(Vec::new()),

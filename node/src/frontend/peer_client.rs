@@ -68,7 +68,7 @@ impl TonicPeers {
         TonicPeers {
             me: me.to_string(),
             connect_timeout,
-            channels: DashMap::default(),
+            channels: crate::hashing::dash_map(),
             turn: AtomicUsize::new(0),
             tls,
             sign: super::peer_auth::SignCalls::new(key),
