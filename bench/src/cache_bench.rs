@@ -443,8 +443,10 @@ fn print_table(rows: &[Value]) {
 /// Options of the trace replay.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    /// The `.lis` trace.
+    /// The trace (any format of [`trace::Format`]; its reads are replayed).
     pub trace: PathBuf,
+    /// How to read it.
+    pub trace_opts: trace::Options,
     /// Block sizes.
     pub block_sizes: Vec<u32>,
     /// RAM sizes, bytes.
@@ -455,7 +457,7 @@ pub struct TraceOptions {
 /// (the trace has addresses, not data): hit ratio by block lookups and by bytes, origin bytes,
 /// dedup ratio.
 pub async fn replay(opts: TraceOptions) -> anyhow::Result<Value> {
-    let reqs = trace::read_lis(&opts.trace)?;
+    let reqs = trace::read_requests(&opts.trace, &opts.trace_opts)?;
     let end = reqs.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
     let requested: u64 = reqs.iter().map(|r| r.len).sum();
     eprintln!(

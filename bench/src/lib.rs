@@ -16,7 +16,9 @@
 //! - `campaign/`: the real-process fault campaign of `faults` (node processes killed,
 //!   stopped, cut off, their SSD files corrupted, their disks filled, their origins failing).
 //! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
-//! - `trace.rs`: block trace parsers; `synthetic.rs`: computed disk content for traces that
+//! - `trace/`: block trace readers, one module per format family (MSR, SYSTOR'17, Alibaba,
+//!   Tencent, SPC in `csv.rs`; `blkparse.rs`; `fio.rs`; `vscsi.rs`; `.lis` and LIRS in `lis.rs`),
+//!   streaming with bounded memory; `synthetic.rs`: computed disk content for traces that
 //!   carry addresses only.
 //! - `alloc.rs`: a counting allocator for memory-overhead figures.
 

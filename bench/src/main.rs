@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench, policy_bench};
+use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench, policy_bench, trace};
 use shadowcache_node::config::Size;
 
 #[global_allocator]
@@ -57,8 +57,46 @@ struct FaultArgs {
     json: Option<PathBuf>,
 }
 
+/// How a trace is read (every command that takes one).
+#[derive(Debug, Clone, clap::Args)]
+struct TraceReadArgs {
+    /// The trace's format (default: told from its content).
+    #[arg(long, value_enum)]
+    format: Option<trace::Format>,
+    /// Skip rows that cannot be read (counted and reported) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Sort records by time within this many rows (0: never; default: only SYSTOR'17
+    /// traces, within 65,536 rows).
+    #[arg(long)]
+    reorder_window: Option<usize>,
+}
+
+impl TraceReadArgs {
+    fn options(&self) -> trace::Options {
+        trace::Options {
+            format: self.format,
+            skip_bad: self.skip_bad,
+            reorder_window: self.reorder_window,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Reads block traces and prints what they hold (format, reads and writes, bytes, volumes,
+    /// time span, bad rows): MSR Cambridge, SYSTOR'17, Alibaba, Tencent CBS, SPC/UMass, blkparse,
+    /// fio iolog v2/v3, vscsiStats v1/v2, ARC `.lis`, LIRS; plain, zstd or gzip.
+    Trace {
+        /// Trace files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        read: TraceReadArgs,
+        /// Write the summaries here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Boot desktops from one replica through a local node, printing hit ratios (the main job).
     Demo {
         /// Desktops to boot.
@@ -108,9 +146,11 @@ enum Command {
     /// A trace replayed page by page through the node's RAM pools, beside plain LRU and ARC
     /// (the ARC paper's rules: single-page reads of 512 bytes), with hit ratios per capacity.
     Policy {
-        /// The trace: `.lis` (zstd allowed, as in shared/traces) or VMware `.vscsi` (reads).
+        /// The trace, in any format `trace` reads (its reads are replayed).
         #[arg(long, required_unless_present = "replot")]
         trace: Option<PathBuf>,
+        #[command(flatten)]
+        read: TraceReadArgs,
         /// Redraw the plot of a sweep saved with --json instead of replaying (with --plot).
         #[arg(long)]
         replot: Option<PathBuf>,
@@ -170,9 +210,11 @@ enum Command {
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Replay this `.lis` trace (zstd allowed) instead.
+        /// Replay this trace's reads instead (any format `trace` reads).
         #[arg(long)]
         trace: Option<PathBuf>,
+        #[command(flatten)]
+        read: TraceReadArgs,
         /// Block sizes.
         #[arg(long, value_delimiter = ',', default_value = "4KiB,16KiB,64KiB")]
         block_sizes: Vec<Size>,
@@ -407,8 +449,23 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Trace { files, read, json } => {
+                let opts = read.options();
+                let mut out = Vec::new();
+                for f in &files {
+                    let s = tokio::task::block_in_place(|| trace::summarize(f, &opts))?;
+                    println!("{s}");
+                    out.push(s);
+                }
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+                    eprintln!("summaries written to {}", path.display());
+                }
+                Ok(())
+            }
             Command::Policy {
                 trace,
+                read,
                 capacity,
                 page_size,
                 sweep,
@@ -446,6 +503,7 @@ fn main() -> anyhow::Result<()> {
                 let out = tokio::task::block_in_place(|| {
                     policy_bench::run(policy_bench::Options {
                         trace,
+                        trace_opts: read.options(),
                         capacities: capacity,
                         page_bytes: page_size,
                         sweep,
@@ -474,6 +532,7 @@ fn main() -> anyhow::Result<()> {
             Command::Cache {
                 json,
                 trace,
+                read,
                 block_sizes,
                 ram_sizes,
                 seconds,
@@ -484,6 +543,7 @@ fn main() -> anyhow::Result<()> {
                     Some(trace) => {
                         cache_bench::replay(cache_bench::TraceOptions {
                             trace,
+                            trace_opts: read.options(),
                             block_sizes,
                             ram_sizes: ram_sizes.iter().map(|s| s.0).collect(),
                         })

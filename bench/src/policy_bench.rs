@@ -45,8 +45,10 @@ pub const PUBLISHED: &[(&str, u64, f64, f64)] = &[
 /// What to replay.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The trace (`.lis`, `.lis.zst` or `.vscsi`).
+    /// The trace (any format of [`trace::Format`]; its reads are replayed).
     pub trace: PathBuf,
+    /// How to read it.
+    pub trace_opts: trace::Options,
     /// Capacities in pages.
     pub capacities: Vec<u64>,
     /// Bytes per page.
@@ -456,7 +458,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             opts.page_bytes
         );
     }
-    let reqs = trace::read_trace(&opts.trace)?;
+    let reqs = trace::read_requests(&opts.trace, &opts.trace_opts)?;
     let mut pages = Vec::new();
     policy_ref::for_each_page(&reqs, opts.page_bytes, |p| pages.push(p));
     drop(reqs);
@@ -860,6 +862,7 @@ mod tests {
     fn oltp(capacities: Vec<u64>) -> Options {
         Options {
             trace: shipped("OLTP.lis.zst"),
+            trace_opts: trace::Options::default(),
             capacities,
             page_bytes: 512,
             sweep: false,

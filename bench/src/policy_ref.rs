@@ -13,7 +13,7 @@
 //!
 //! A `.lis` line `start n _ _` is `n` reads of the 512-byte pages `start .. start+n-1`; every
 //! page is one access; the hit ratio is hits ÷ accesses. [`for_each_page`] expands the byte
-//! ranges of [`crate::trace::read_lis`] back into those pages. With these rules the LRU here
+//! ranges of [`crate::trace::read_trace`] back into those pages. With these rules the LRU here
 //! reproduces the paper's LRU column to the second decimal (see the tests).
 //!
 //! # ARC's target `p`
@@ -514,7 +514,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::trace::read_lis;
+    use crate::trace::read_trace as read_lis;
 
     fn trace(name: &str) -> PathBuf {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
