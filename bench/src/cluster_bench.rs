@@ -31,6 +31,9 @@ pub struct Options {
     pub working_set: u64,
     /// Bytes per read.
     pub read_bytes: u64,
+    /// The owner's origin as shared storage: its reads paced by the owner node's
+    /// `[origin_limit]` (none by default: an origin in the page cache).
+    pub origin_limit: shadowcache_node::origin::OriginLimit,
 }
 
 const PEER_RPCS: [&str; 3] = ["peer_read", "peer_fetch_blocks", "peer_content_map"];
@@ -84,6 +87,16 @@ async fn start_cluster(
         ];
         if n == 0 {
             args.push(format!("--disk=replica={},sealed", image.display()));
+            let l = &opts.origin_limit;
+            if let Some(rate) = l.read_bytes_per_s {
+                args.push(format!("--origin-read-rate={rate}"));
+            }
+            if let Some(iops) = l.read_iops {
+                args.push(format!("--origin-read-iops={iops}"));
+            }
+            if l.read_latency_ms > 0.0 {
+                args.push(format!("--origin-read-latency-ms={}", l.read_latency_ms));
+            }
             seed = format!("127.0.0.1:{peer}");
         } else {
             args.push(format!("--seed={seed}"));
@@ -239,6 +252,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
         "readers_per_node": opts.readers,
         "working_set_bytes": opts.working_set,
         "read_bytes": opts.read_bytes,
+        "origin_read_bytes_per_s": opts.origin_limit.read_bytes_per_s,
+        "origin_read_iops": opts.origin_limit.read_iops,
+        "origin_read_latency_ms": opts.origin_limit.read_latency_ms,
         "results": rows,
     }))
 }

@@ -57,6 +57,38 @@ struct FaultArgs {
     json: Option<PathBuf>,
 }
 
+/// The owner's origin as shared storage: its node paces its reads of it (`[origin_limit]`).
+#[derive(Debug, Clone, clap::Args)]
+struct OriginArgs {
+    /// Bytes a second the owner may read from its origin (e.g. 200MiB; default: no limit).
+    #[arg(long)]
+    origin_rate: Option<Size>,
+    /// Reads a second the owner may start at its origin.
+    #[arg(long)]
+    origin_iops: Option<u32>,
+    /// Milliseconds added to each of the owner's origin reads.
+    #[arg(long, default_value_t = 0.0)]
+    origin_latency_ms: f64,
+}
+
+impl OriginArgs {
+    fn limit(&self) -> anyhow::Result<shadowcache_node::origin::OriginLimit> {
+        let l = shadowcache_node::origin::OriginLimit {
+            read_bytes_per_s: self.origin_rate.map(|s| s.0),
+            read_iops: self.origin_iops,
+            read_latency_ms: self.origin_latency_ms,
+        };
+        l.validate().map_err(|(key, why)| {
+            anyhow::anyhow!(
+                "--{}: {why}",
+                key.replace("origin_limit.read_", "origin-")
+                    .replace('_', "-")
+            )
+        })?;
+        Ok(l)
+    }
+}
+
 /// How a trace is read (every command that takes one).
 #[derive(Debug, Clone, clap::Args)]
 struct TraceReadArgs {
@@ -123,6 +155,8 @@ enum Command {
         /// Bytes per read.
         #[arg(long, default_value = "64KiB")]
         read_size: Size,
+        #[command(flatten)]
+        origin: OriginArgs,
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -416,9 +450,11 @@ fn main() -> anyhow::Result<()> {
                 readers,
                 working_set,
                 read_size,
+                origin,
                 json,
             } => {
                 let out = cluster_bench::run(cluster_bench::Options {
+                    origin_limit: origin.limit()?,
                     nodes,
                     readers: readers.unwrap_or(nodes).max(1),
                     working_set: working_set.0,

@@ -182,6 +182,15 @@ struct FileAdmin {
     origin_roots: Option<Vec<PathBuf>>,
 }
 
+/// `[origin_limit]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOriginLimit {
+    read_rate: Option<Size>,
+    read_iops: Option<u32>,
+    read_latency_ms: Option<f64>,
+}
+
 /// `[[disk]]` in the config file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +223,8 @@ struct FileConfig {
     lease: FileLease,
     #[serde(default)]
     admin: FileAdmin,
+    #[serde(default)]
+    origin_limit: FileOriginLimit,
     nbd_tls: Option<FileNbdTls>,
     #[serde(default)]
     disk: Vec<FileDisk>,
@@ -281,6 +292,16 @@ pub struct Flags {
     /// Another member's peer address to join through; repeatable.
     #[arg(long = "seed", value_name = "ADDR")]
     pub seeds: Vec<SocketAddr>,
+    /// Limit this node's reads of its origins to this many bytes a second, all together
+    /// (`origin_limit.read_rate`).
+    #[arg(long, value_name = "SIZE")]
+    pub origin_read_rate: Option<Size>,
+    /// Limit this node's reads of its origins to this many a second (`origin_limit.read_iops`).
+    #[arg(long, value_name = "N")]
+    pub origin_read_iops: Option<u32>,
+    /// Add this many milliseconds to each read of an origin (`origin_limit.read_latency_ms`).
+    #[arg(long, value_name = "MS")]
+    pub origin_read_latency_ms: Option<f64>,
 }
 
 pub use crate::cluster::detect::DetectionConfig;
@@ -289,6 +310,7 @@ pub use crate::disk::DiskSpec;
 pub use crate::nbd::NbdTlsConfig;
 
 pub use crate::cluster::lease::LeaseConfig;
+pub use crate::origin::OriginLimit;
 
 /// The node's validated configuration.
 #[derive(Debug, Clone)]
@@ -344,6 +366,8 @@ pub struct Config {
     pub origin_roots: Vec<PathBuf>,
     /// `[nbd_tls]`: NBD_OPT_STARTTLS with this certificate; `None`: no TLS on NBD.
     pub nbd_tls: Option<NbdTlsConfig>,
+    /// `[origin_limit]`: what this node's reads of its origins may take (none by default).
+    pub origin_limit: OriginLimit,
 }
 
 /// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
@@ -540,6 +564,17 @@ impl Config {
                 }
             },
             origin_roots: file.admin.origin_roots.unwrap_or_default(),
+            origin_limit: OriginLimit {
+                read_bytes_per_s: flags
+                    .origin_read_rate
+                    .or(file.origin_limit.read_rate)
+                    .map(|s| s.0),
+                read_iops: flags.origin_read_iops.or(file.origin_limit.read_iops),
+                read_latency_ms: flags
+                    .origin_read_latency_ms
+                    .or(file.origin_limit.read_latency_ms)
+                    .unwrap_or(0.0),
+            },
             nbd_tls: file.nbd_tls.map(|t| NbdTlsConfig {
                 cert: t.cert,
                 key: t.key,
@@ -567,6 +602,9 @@ impl Config {
 
     /// Checks values that parse but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.origin_limit
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         let bs = self.block_bytes;
         if !bs.is_power_of_two() || !(4096..=1 << 20).contains(&bs) {
             return Err(invalid(
@@ -806,6 +844,37 @@ mod tests {
     }
 
     #[test]
+    fn the_origin_limit_comes_from_the_file_and_its_flags_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        let text =
+            "[origin_limit]\nread_rate = \"200MiB\"\nread_iops = 5000\nread_latency_ms = 2.5\n";
+        std::fs::write(&path, text).expect("write");
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let c = Config::from_flags(&flags).expect("valid");
+        assert_eq!(
+            c.origin_limit,
+            OriginLimit {
+                read_bytes_per_s: Some(200 << 20),
+                read_iops: Some(5000),
+                read_latency_ms: 2.5,
+            }
+        );
+        let c = Config::from_flags(&Flags {
+            origin_read_rate: Some(Size(1 << 20)),
+            origin_read_latency_ms: Some(0.0),
+            ..flags
+        })
+        .expect("valid");
+        assert_eq!(c.origin_limit.read_bytes_per_s, Some(1 << 20));
+        assert_eq!(c.origin_limit.read_iops, Some(5000));
+        assert_eq!(c.origin_limit.read_latency_ms, 0.0);
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let c = parse(
             r#"
@@ -828,6 +897,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.block_bytes, 16384);
         assert_eq!(c.ram_bytes, 1 << 30);
+        assert!(!c.origin_limit.is_active(), "no [origin_limit]: no limit");
         assert_eq!(c.ssd_bytes, 0);
         assert_eq!(c.listen_unix, PathBuf::from("/tmp/x/shadowcache.sock"));
         assert_eq!(c.disks[0].mode, DiskMode::Sealed);
@@ -872,6 +942,14 @@ mod tests {
             m.contains("cluster.tls.ca") && m.contains("/no/ca.pem"),
             "{m}"
         );
+        let m = message(parse("[origin_limit]\nread_rate = 0\n"));
+        assert!(m.contains("origin_limit.read_rate"), "{m}");
+        let m = message(parse("[origin_limit]\nread_iops = 0\n"));
+        assert!(m.contains("origin_limit.read_iops"), "{m}");
+        let m = message(parse("[origin_limit]\nread_latency_ms = -3.0\n"));
+        assert!(m.contains("origin_limit.read_latency_ms"), "{m}");
+        let m = message(parse("[origin_limit]\nread_rat = \"1MiB\"\n"));
+        assert!(m.contains("read_rat"), "{m}");
         let m = message(parse("[cluster.tls]\nca = \"x\"\n"));
         assert!(m.contains("cert"), "{m}");
         let m = message(parse("[lease]\nterm_ms = 1000\ndrift_margin_ms = 400\n"));

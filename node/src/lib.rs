@@ -185,8 +185,24 @@ impl Node {
             env.clock.clone(),
             env.seed,
         );
-        if let Some(w) = env.origin_wrap.clone() {
-            registry.set_origin_wrap(w);
+        // `[origin_limit]` paces every origin of this node together; an injected wrap (tests,
+        // the simulation) goes in front of it.
+        let limiter = config
+            .origin_limit
+            .is_active()
+            .then(|| origin::Limiter::new(config.origin_limit));
+        match (limiter, env.origin_wrap.clone()) {
+            (None, None) => {}
+            (None, Some(w)) => registry.set_origin_wrap(w),
+            (Some(l), outer) => registry.set_origin_wrap(origin::OriginWrap(Arc::new(
+                move |id: &str, o: Arc<dyn origin::Origin>| {
+                    let limited = l.wrap(o);
+                    match &outer {
+                        Some(w) => (w.0)(id, limited),
+                        None => limited,
+                    }
+                },
+            ))),
         }
         registry
             .set_origin_guard(disk::OriginGuard {

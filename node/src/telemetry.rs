@@ -68,6 +68,8 @@ pub const PEER_FETCHES: &str = "shadowcache_peer_fetches_total";
 pub const PEER_SERVED_BLOCKS: &str = "shadowcache_peer_served_blocks_total";
 /// Origin reads or writes that failed.
 pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
+/// Microseconds origin reads waited for `[origin_limit]` beyond the origin's own time.
+pub const ORIGIN_LIMIT_WAIT_US: &str = "shadowcache_origin_limit_wait_microseconds_total";
 /// Cold reads of a block that joined another reader's origin read.
 pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
 /// Live cluster members, this node included.
@@ -321,6 +323,10 @@ fn describe() {
     describe_counter!(ORIGIN_READS, "Reads sent to origins");
     describe_counter!(ORIGIN_READ_BYTES, Unit::Bytes, "Bytes read from origins");
     describe_counter!(ORIGIN_ERRORS, "Origin I/O errors");
+    describe_counter!(
+        ORIGIN_LIMIT_WAIT_US,
+        "Microseconds origin reads waited for the node's origin_limit"
+    );
     describe_counter!(
         PEER_READS,
         "Blocks fetched from members other than the owner"

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use shadowcache_client::{Client, ClientError};
-use shadowcache_testkit::{NodeProcess, free_port, http_get, random_image, wait_for, write_file};
+use shadowcache_testkit::{
+    NodeProcess, free_port, http_get, metric, random_image, wait_for, write_file,
+};
 use tonic::Code;
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -584,4 +586,79 @@ async fn metrics_are_served_in_prometheus_text() {
     assert!(p.single_touch_min > 0.0 && p.single_touch_min <= p.single_touch_target);
     assert!(p.single_touch_target <= p.single_touch_max && p.single_touch_max < 1.0);
     assert!(p.ghost_capacity > 0, "{p:?}");
+}
+
+/// `--origin-read-rate` paces a node's reads of its origin (a lower bound on time, which a
+/// slow machine cannot break), counts the wait, and leaves cache hits alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_read_limit_paces_cold_reads_and_not_hits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("base.raw");
+    let size = 4usize << 20;
+    let data = random_image(&img, size, 9);
+    let port = free_port();
+    let node = NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            args(&[
+                "--block-size",
+                "64KiB",
+                "--ram-cache",
+                "16MiB",
+                "--ssd-cache",
+                "0",
+                "--origin-read-rate",
+                "8MiB",
+                "--origin-read-latency-ms",
+                "1",
+            ]),
+            vec![
+                format!("--metrics=127.0.0.1:{port}"),
+                disk_arg("base", &img, "sealed"),
+            ],
+        ]
+        .concat(),
+    );
+    let client = connect(&node).await;
+    let disk = client.disk("base");
+    // 4 MiB at 8 MiB/s: at least half a second, however the reads are split.
+    let started = std::time::Instant::now();
+    let reads = (0..8u64).map(|i| {
+        let disk = disk.clone();
+        async move { disk.read_at(i * (512 << 10), 512 << 10).await }
+    });
+    let mut got = Vec::new();
+    for r in futures::future::join_all(reads).await {
+        got.extend_from_slice(&r.expect("cold read"));
+    }
+    let cold = started.elapsed();
+    assert!(got == data, "the limited origin served other bytes");
+    assert!(
+        cold >= std::time::Duration::from_millis(490),
+        "4 MiB came from an origin limited to 8 MiB/s in {cold:?}"
+    );
+    let body = http_get(port, "/metrics").expect("metrics");
+    let waited = metric(&body, "shadowcache_origin_limit_wait_microseconds_total").unwrap_or(0.0);
+    assert!(waited > 100_000.0, "waits counted: {waited} us\n{body}");
+    // Hits do not touch the origin, so the limit does not apply: the same 4 MiB again is
+    // served from RAM with no more origin reads.
+    let before = client
+        .status()
+        .await
+        .expect("status")
+        .counters
+        .expect("c")
+        .origin_reads;
+    assert_eq!(
+        disk.read_at(0, size as u64).await.expect("warm read")[..],
+        data[..]
+    );
+    let after = client
+        .status()
+        .await
+        .expect("status")
+        .counters
+        .expect("c")
+        .origin_reads;
+    assert_eq!(before, after, "a warm read went to the origin");
 }

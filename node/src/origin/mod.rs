@@ -2,13 +2,15 @@
 //!
 //! `Origin` is the one interface the read and write paths use; `file.rs` implements it for a raw
 //! image file or a block device, `nbd.rs` for an NBD export. (A disk another member owns is
-//! fetched by `cluster/fetch.rs`, which the read path calls itself.) Methods are async and
+//! fetched by `cluster/fetch.rs`, which the read path calls itself.) `limit.rs` paces a node's
+//! reads of its origins (`[origin_limit]`). Methods are async and
 //! return boxed futures so that an origin can be a file on a blocking pool or a network export.
 //!
 //! Architecture invariant: an origin returns exactly the bytes asked for or an error; a short
 //! read is an error, never a short buffer, so nothing partial can be cached.
 
 pub mod file;
+pub mod limit;
 pub mod nbd;
 
 use std::future::Future;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use file::FileOrigin;
+pub use limit::{Limiter, OriginLimit};
 pub use nbd::NbdOrigin;
 
 /// A boxed future returned by origin methods.
