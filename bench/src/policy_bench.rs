@@ -845,18 +845,7 @@ impl MokaSlru {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn shipped(name: &str) -> PathBuf {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/traces")
-            .join(name);
-        assert!(
-            p.exists(),
-            "{} is missing: the shared traces must sit beside the checkout",
-            p.display()
-        );
-        p
-    }
+    use crate::trace::shipped;
 
     /// Options to replay the shipped OLTP trace at `capacities`, nothing else.
     fn oltp(capacities: Vec<u64>) -> Options {

@@ -510,27 +510,13 @@ impl PagePolicy for Arc {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
     use std::time::Instant;
 
     use super::*;
-    use crate::trace::read_trace as read_lis;
-
-    fn trace(name: &str) -> PathBuf {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/traces")
-            .join(name);
-        if !p.exists() {
-            panic!(
-                "{} is missing: the shared traces must sit beside the checkout",
-                p.display()
-            );
-        }
-        p
-    }
+    use crate::trace::{read_trace, shipped};
 
     fn pages_of(name: &str) -> Vec<u64> {
-        let reqs = read_lis(&trace(name)).unwrap_or_else(|e| panic!("read {name}: {e:#}"));
+        let reqs = read_trace(&shipped(name)).unwrap_or_else(|e| panic!("read {name}: {e:#}"));
         let mut pages = Vec::new();
         for_each_page(&reqs, LIS_SECTOR, |p| pages.push(p));
         pages

@@ -10,7 +10,7 @@
 //! after an optional `F` (preflush). Other events are ignored. Lines that do not start with a
 //! device (the per-CPU and total summaries blkparse prints at the end) hold no event.
 
-use super::{Bad, LIS_SECTOR, LineParser, Op, Record, Row, Volumes, range, seconds_ns, uint};
+use super::{Bad, LIS_SECTOR, LineParser, Op, Row, Volumes, range, seconds_ns, timed_io, uint};
 
 /// blkparse text.
 pub(crate) struct Blkparse;
@@ -56,15 +56,11 @@ impl LineParser for Blkparse {
         }
         let count = uint("sectors", next("sectors")?)?;
         let volume = vols.id(dev)?;
-        Ok(match range(sector, count, LIS_SECTOR)? {
-            Some((offset, len)) => Row::Io(Record {
-                time_ns: Some(time),
-                volume,
-                op,
-                offset,
-                len,
-            }),
-            None => Row::Other,
-        })
+        Ok(timed_io(
+            time,
+            volume,
+            op,
+            range(sector, count, LIS_SECTOR)?,
+        ))
     }
 }

@@ -6,7 +6,7 @@
 //! Architecture invariant: no allocation per row (volume names are interned once).
 
 use super::{
-    Bad, LIS_SECTOR, LineParser, Op, Record, Row, Volumes, range, scaled_ns, seconds_ns, uint,
+    Bad, LIS_SECTOR, LineParser, Op, Row, Volumes, range, scaled_ns, seconds_ns, timed_io, uint,
 };
 
 /// The next field, or an error naming the missing one.
@@ -14,6 +14,20 @@ fn field<'a>(f: &mut std::str::Split<'a, char>, name: &'static str) -> Result<&'
     f.next()
         .map(str::trim)
         .ok_or_else(|| Bad::new(name, "missing (too few fields)"))
+}
+
+/// The operation a field names: `read` or `write` (either case), anything else a bad row.
+fn op_field(name: &'static str, v: &str, read: &str, write: &str) -> Result<Op, Bad> {
+    if v.eq_ignore_ascii_case(read) {
+        Ok(Op::Read)
+    } else if v.eq_ignore_ascii_case(write) {
+        Ok(Op::Write)
+    } else {
+        Err(Bad::new(
+            name,
+            format!("{v:?} is neither {read} nor {write}"),
+        ))
+    }
 }
 
 /// `None` for lines that hold no row: blank, a comment, or a header on line 1.
@@ -26,20 +40,6 @@ fn row_of(line: &str, line_no: u64) -> Option<std::str::Split<'_, char>> {
         return None;
     }
     Some(line.split(','))
-}
-
-/// One I/O, or `Other` for an empty one.
-fn io(time_ns: u64, volume: u32, op: Op, span: Option<(u64, u64)>) -> Row {
-    match span {
-        Some((offset, len)) => Row::Io(Record {
-            time_ns: Some(time_ns),
-            volume,
-            op,
-            offset,
-            len,
-        }),
-        None => Row::Other,
-    }
 }
 
 /// MSR Cambridge / SNIA: `Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime`;
@@ -62,11 +62,7 @@ impl LineParser for Msr {
         )?;
         let host = field(&mut f, "hostname")?;
         let disk = field(&mut f, "disknumber")?;
-        let op = match field(&mut f, "type")? {
-            t if t.eq_ignore_ascii_case("read") => Op::Read,
-            t if t.eq_ignore_ascii_case("write") => Op::Write,
-            t => return Err(Bad::new("type", format!("{t:?} is neither Read nor Write"))),
-        };
+        let op = op_field("type", field(&mut f, "type")?, "Read", "Write")?;
         let offset = uint("offset", field(&mut f, "offset")?)?;
         let size = uint("size", field(&mut f, "size")?)?;
         self.key.clear();
@@ -74,7 +70,7 @@ impl LineParser for Msr {
         self.key.push('_');
         self.key.push_str(disk);
         let volume = vols.id(&self.key)?;
-        Ok(io(time, volume, op, range(offset, size, 1)?))
+        Ok(timed_io(time, volume, op, range(offset, size, 1)?))
     }
 }
 
@@ -90,22 +86,15 @@ impl LineParser for Systor {
         let time = seconds_ns("timestamp", field(&mut f, "timestamp")?)?;
         field(&mut f, "response")?;
         let op = match field(&mut f, "iotype")? {
-            t if t.eq_ignore_ascii_case("r") => Some(Op::Read),
-            t if t.eq_ignore_ascii_case("w") => Some(Op::Write),
             "" => None,
-            t => {
-                return Err(Bad::new(
-                    "iotype",
-                    format!("{t:?} is neither R, W nor blank"),
-                ));
-            }
+            t => Some(op_field("iotype", t, "R", "W")?),
         };
         let volume = vols.id(field(&mut f, "lun")?)?;
         let offset = uint("offset", field(&mut f, "offset")?)?;
         let size = uint("size", field(&mut f, "size")?)?;
         let span = range(offset, size, 1)?;
         Ok(match op {
-            Some(op) => io(time, volume, op, span),
+            Some(op) => timed_io(time, volume, op, span),
             None => Row::Other,
         })
     }
@@ -121,11 +110,7 @@ impl LineParser for Alibaba {
         };
         let device = field(&mut f, "device_id")?;
         uint("device_id", device)?;
-        let op = match field(&mut f, "opcode")? {
-            t if t.eq_ignore_ascii_case("r") => Op::Read,
-            t if t.eq_ignore_ascii_case("w") => Op::Write,
-            t => return Err(Bad::new("opcode", format!("{t:?} is neither R nor W"))),
-        };
+        let op = op_field("opcode", field(&mut f, "opcode")?, "R", "W")?;
         let offset = uint("offset", field(&mut f, "offset")?)?;
         let length = uint("length", field(&mut f, "length")?)?;
         let time = scaled_ns(
@@ -134,7 +119,7 @@ impl LineParser for Alibaba {
             1_000,
         )?;
         let volume = vols.id(device)?;
-        Ok(io(time, volume, op, range(offset, length, 1)?))
+        Ok(timed_io(time, volume, op, range(offset, length, 1)?))
     }
 }
 
@@ -154,20 +139,11 @@ impl LineParser for Tencent {
         )?;
         let offset = uint("offset", field(&mut f, "offset")?)?;
         let size = uint("size", field(&mut f, "size")?)?;
-        let op = match field(&mut f, "iotype")? {
-            "0" => Op::Read,
-            "1" => Op::Write,
-            t => {
-                return Err(Bad::new(
-                    "iotype",
-                    format!("{t:?} is neither 0 (read) nor 1 (write)"),
-                ));
-            }
-        };
+        let op = op_field("iotype", field(&mut f, "iotype")?, "0", "1")?;
         let volume = field(&mut f, "volumeid")?;
         uint("volumeid", volume)?;
         let volume = vols.id(volume)?;
-        Ok(io(time, volume, op, range(offset, size, LIS_SECTOR)?))
+        Ok(timed_io(time, volume, op, range(offset, size, LIS_SECTOR)?))
     }
 }
 
@@ -184,16 +160,12 @@ impl LineParser for Spc {
         uint("asu", asu)?;
         let lba = uint("lba", field(&mut f, "lba")?)?;
         let size = uint("size", field(&mut f, "size")?)?;
-        let op = match field(&mut f, "opcode")? {
-            t if t.eq_ignore_ascii_case("r") => Op::Read,
-            t if t.eq_ignore_ascii_case("w") => Op::Write,
-            t => return Err(Bad::new("opcode", format!("{t:?} is neither r nor w"))),
-        };
+        let op = op_field("opcode", field(&mut f, "opcode")?, "r", "w")?;
         let time = seconds_ns("timestamp", field(&mut f, "timestamp")?)?;
         let volume = vols.id(asu)?;
         let offset = lba
             .checked_mul(LIS_SECTOR)
             .ok_or_else(|| Bad::new("lba", format!("{lba} out of range")))?;
-        Ok(io(time, volume, op, range(offset, size, 1)?))
+        Ok(timed_io(time, volume, op, range(offset, size, 1)?))
     }
 }

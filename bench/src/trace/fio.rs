@@ -6,7 +6,7 @@
 //! writes are I/Os; `trim`, `sync`, `datasync` and file actions are ignored. The volume is the
 //! file name.
 
-use super::{Bad, LineParser, Op, Record, Row, Volumes, range, scaled_ns, uint};
+use super::{Bad, LineParser, Op, Row, Volumes, range, scaled_ns, timed_io, uint};
 
 /// fio iolog, either version.
 #[derive(Default)]
@@ -80,15 +80,6 @@ impl LineParser for Fio {
         )?;
         let time = scaled_ns("timestamp", time_us.unwrap_or(self.waited_us), 1_000)?;
         let volume = vols.id(file)?;
-        Ok(match range(offset, length, 1)? {
-            Some((offset, len)) => Row::Io(Record {
-                time_ns: Some(time),
-                volume,
-                op,
-                offset,
-                len,
-            }),
-            None => Row::Other,
-        })
+        Ok(timed_io(time, volume, op, range(offset, length, 1)?))
     }
 }

@@ -208,6 +208,20 @@ pub(crate) enum Row {
     Nothing,
 }
 
+/// A timed I/O over `span` (`offset, len`), or `Other` for an empty one.
+pub(crate) fn timed_io(time_ns: u64, volume: u32, op: Op, span: Option<(u64, u64)>) -> Row {
+    match span {
+        Some((offset, len)) => Row::Io(Record {
+            time_ns: Some(time_ns),
+            volume,
+            op,
+            offset,
+            len,
+        }),
+        None => Row::Other,
+    }
+}
+
 /// Volume names, interned: a record carries the index.
 #[derive(Debug, Default)]
 pub(crate) struct Volumes {
@@ -785,6 +799,20 @@ pub fn read_requests(path: &Path, opts: &Options) -> anyhow::Result<Vec<Request>
 /// Reads a trace's reads, telling the format from the content.
 pub fn read_trace(path: &Path) -> anyhow::Result<Vec<Request>> {
     read_requests(path, &Options::default())
+}
+
+/// A trace of `../shared/traces` (tests); fails loudly when the shared traces are missing.
+#[cfg(test)]
+pub(crate) fn shipped(name: &str) -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/traces")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: the shared traces must sit beside the checkout",
+        p.display()
+    );
+    p
 }
 
 #[cfg(test)]

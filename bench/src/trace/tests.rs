@@ -9,18 +9,6 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn shipped(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/traces")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: the shared traces must sit beside the checkout",
-        p.display()
-    );
-    p
-}
-
 /// A record as a test writes it: (time ns, volume name, op, offset, len).
 type Want = (Option<u64>, &'static str, Op, u64, u64);
 
