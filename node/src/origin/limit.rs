@@ -96,20 +96,22 @@ impl Limiter {
 
     /// Books a read of `len` bytes sent at `now`; returns when it may complete.
     fn book(&self, now: Instant, len: u64) -> Instant {
+        // Validated limits give finite, non-negative durations; anything else adds nothing.
+        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or_default();
         let mut n = self.next.lock();
         let mut done = now;
         if let Some(rate) = self.limit.read_bytes_per_s {
             let start = n.bytes_done.map_or(now, |t| t.max(now));
-            let end = start + Duration::from_secs_f64(len as f64 / rate as f64);
+            let end = start + secs(len as f64 / rate as f64);
             n.bytes_done = Some(end);
             done = done.max(end);
         }
         if let Some(iops) = self.limit.read_iops {
             let start = n.slot.map_or(now, |t| t.max(now));
-            n.slot = Some(start + Duration::from_secs_f64(1.0 / f64::from(iops)));
+            n.slot = Some(start + secs(1.0 / f64::from(iops)));
             done = done.max(start);
         }
-        done + Duration::from_secs_f64(self.limit.read_latency_ms / 1000.0)
+        done + secs(self.limit.read_latency_ms / 1000.0)
     }
 
     /// `inner` behind this limiter.
