@@ -155,8 +155,16 @@ async fn run_mode(dir: &Path, image: &Path, opts: &Options, mode: &str) -> anyho
     let mut total = 0;
     let mut map_traffic = 0u64;
     let mut map_bytes = 0u64;
-    for (_, metrics) in &cluster.nodes {
+    let mut owner_origin = (0u64, 0u64);
+    for (i, (_, metrics)) in cluster.nodes.iter().enumerate() {
         let body = http_get(*metrics, "/metrics").context("metrics")?;
+        if i == 0 {
+            owner_origin = (
+                metric(&body, "shadowcache_origin_read_bytes_total").unwrap_or(0.0) as u64,
+                metric(&body, "shadowcache_origin_limit_wait_microseconds_total").unwrap_or(0.0)
+                    as u64,
+            );
+        }
         let b = served_bytes(&body);
         per_node.push(b);
         total += b;
@@ -174,6 +182,8 @@ async fn run_mode(dir: &Path, image: &Path, opts: &Options, mode: &str) -> anyho
         "owner_egress_over_working_set": (per_node[0] as f64 / ws * 1000.0).round() / 1000.0,
         "network_bytes": total,
         "network_over_working_set": (total as f64 / ws * 1000.0).round() / 1000.0,
+        "owner_origin_read_bytes": owner_origin.0,
+        "owner_origin_limit_wait_ms": owner_origin.1 / 1000,
         "block_map_traffic_bytes": map_traffic,
         "block_map_bytes_held": map_bytes,
         "reads": all.len(),
@@ -223,20 +233,21 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
     }
     println!();
     println!(
-        "{:<8} {:>22} {:>22} {:>10} {:>10} {:>8}",
-        "mode", "owner egress / set", "network / set", "p50 µs", "p99 µs", "secs"
+        "{:<8} {:>22} {:>22} {:>10} {:>10} {:>8} {:>16}",
+        "mode", "owner egress / set", "network / set", "p50 µs", "p99 µs", "secs", "origin wait ms"
     );
     let maps = |r: &Value| r["block_map_traffic_bytes"].as_u64().unwrap_or(0);
     for r in &rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "{:<8} {:>22.3} {:>22.3} {:>10.0} {:>10.0} {:>8.2}",
+            "{:<8} {:>22.3} {:>22.3} {:>10.0} {:>10.0} {:>8.2} {:>16}",
             r["mode"].as_str().unwrap_or(""),
             f("owner_egress_over_working_set"),
             f("network_over_working_set"),
             f("p50_us"),
             f("p99_us"),
-            f("seconds")
+            f("seconds"),
+            r["owner_origin_limit_wait_ms"].as_u64().unwrap_or(0)
         );
     }
     if let Some(peer) = rows.first() {
