@@ -106,7 +106,7 @@ pub enum Format {
 }
 
 impl Format {
-    /// Every format, in the order [`detect`] tries them.
+    /// Every format.
     pub const ALL: [Format; 10] = [
         Format::Fio,
         Format::Vscsi,
