@@ -48,7 +48,12 @@ impl LineParser for Blkparse {
             Some(b'R') => Op::Read,
             Some(b'W') => Op::Write,
             Some(b'D' | b'N' | b'E') => return Ok(Row::Other),
-            _ => return Err(Bad::new("rwbs", format!("{rwbs:?} names no operation"))),
+            _ => {
+                return Err(Bad::new(
+                    "rwbs",
+                    format!("{:?} names no operation", super::cut(rwbs)),
+                ));
+            }
         };
         let sector = uint("sector", next("sector")?)?;
         if next("+")? != "+" {

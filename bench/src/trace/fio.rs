@@ -68,7 +68,12 @@ impl LineParser for Fio {
                 self.waited_us = self.waited_us.saturating_add(us);
                 return Ok(Row::Other);
             }
-            _ => return Err(Bad::new("action", format!("{action:?} is no iolog action"))),
+            _ => {
+                return Err(Bad::new(
+                    "action",
+                    format!("{:?} is no iolog action", super::cut(action)),
+                ));
+            }
         };
         let offset = uint(
             "offset",

@@ -713,15 +713,24 @@ pub(crate) fn cut(line: &str) -> &str {
 /// Parses an unsigned decimal integer field.
 pub(crate) fn uint(field: &'static str, s: &str) -> Result<u64, Bad> {
     let s = s.trim();
-    s.parse::<u64>()
-        .map_err(|e| Bad::new(field, format!("{s:?} is not an unsigned integer ({e})")))
+    s.parse::<u64>().map_err(|e| {
+        Bad::new(
+            field,
+            format!("{:?} is not an unsigned integer ({e})", cut(s)),
+        )
+    })
 }
 
 /// Parses seconds with an optional decimal fraction (`1485970860.121622`) into nanoseconds,
 /// exactly (digits past the ninth are dropped).
 pub(crate) fn seconds_ns(field: &'static str, s: &str) -> Result<u64, Bad> {
     let s = s.trim();
-    let bad = |why: &str| Bad::new(field, format!("{s:?} is not a time in seconds ({why})"));
+    let bad = |why: &str| {
+        Bad::new(
+            field,
+            format!("{:?} is not a time in seconds ({why})", cut(s)),
+        )
+    };
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     if (int.is_empty() && frac.is_empty())
         || !int.bytes().all(|b| b.is_ascii_digit())

@@ -624,3 +624,30 @@ fn an_iolog_written_by_fio_reads_back_every_io() {
     let times: Vec<u64> = recs.iter().map(|x| x.0.expect("v3 is timed")).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
 }
+
+#[test]
+fn a_trace_naming_too_many_volumes_or_a_huge_field_gets_a_short_clear_error() {
+    let mut t = String::new();
+    for v in 0..=MAX_VOLUMES {
+        t.push_str(&format!("{v},R,0,4096,1\n"));
+    }
+    let (got, _) = read_bytes(t.into_bytes(), &Options::default());
+    let e = got.expect_err("too many volumes").to_string();
+    assert!(
+        e.contains(&format!("line {}:", MAX_VOLUMES + 1)) && e.contains("field `volume`"),
+        "{e}"
+    );
+    // A bad field of 60,000 bytes is named, not copied whole into the message.
+    let row = format!("0,R,{},4096,1\n", "9x".repeat(30_000));
+    let alibaba = Options {
+        format: Some(Format::Alibaba),
+        ..Options::default()
+    };
+    let (got, _) = read_bytes(row.into_bytes(), &alibaba);
+    let e = got.expect_err("bad offset").to_string();
+    assert!(
+        e.contains("field `offset`") && e.len() < 1024,
+        "{} bytes",
+        e.len()
+    );
+}
