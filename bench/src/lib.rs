@@ -15,7 +15,9 @@
 //!   every guard in place and with each removed (built with the `faults` feature).
 //! - `campaign/`: the real-process fault campaign of `faults` (node processes killed,
 //!   stopped, cut off, their SSD files corrupted, their disks filled, their origins failing).
-//! - `demo.rs`: the main job's embedded default, desktops booting from one replica.
+//! - `storm/`: `bootstorm` and `demo` (the main job): a VDI boot storm on a cluster of node
+//!   processes (the launcher, the workload cut from a real trace, the NBD replay engine,
+//!   reports and plots), in four modes side by side.
 //! - `trace/`: block trace readers, one module per format family (MSR, SYSTOR'17, Alibaba,
 //!   Tencent, SPC in `csv.rs`; `blkparse.rs`; `fio.rs`; `vscsi.rs`; `.lis` and LIRS in `lis.rs`),
 //!   streaming with bounded memory; `synthetic.rs`: computed disk content for traces that
@@ -26,12 +28,12 @@ pub mod alloc;
 pub mod cache_bench;
 pub mod campaign;
 pub mod cluster_bench;
-pub mod demo;
 #[cfg(feature = "faults")]
 pub mod faults;
 pub mod nbd_bench;
 pub mod plot;
 pub mod policy_bench;
 pub mod policy_ref;
+pub mod storm;
 pub mod synthetic;
 pub mod trace;

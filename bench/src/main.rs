@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use shadowcache_bench::{alloc, cache_bench, cluster_bench, demo, nbd_bench, policy_bench, trace};
+use shadowcache_bench::{alloc, cache_bench, cluster_bench, nbd_bench, policy_bench, storm, trace};
 use shadowcache_node::config::Size;
 
 #[global_allocator]
@@ -55,6 +55,256 @@ struct FaultArgs {
     /// Write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// Options of `bootstorm`.
+#[derive(Debug, Clone, clap::Args)]
+struct StormArgs {
+    /// Hosts (node processes); host 0 owns the replica and runs desktops too.
+    #[arg(long, default_value_t = 8)]
+    hosts: usize,
+    /// Desktops on each host.
+    #[arg(long, default_value_t = 16)]
+    desktops_per_host: usize,
+    /// The trace desktops replay (default: the first 20,000 requests of the ARC set's P2,
+    /// Windows NT workstation reads, embedded in this binary).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// The trace's format (default: detected from its content).
+    #[arg(long, value_enum)]
+    format: Option<trace::Format>,
+    /// One desktop per volume of the trace, at the trace's own times (instead of one boot
+    /// replayed by every desktop).
+    #[arg(long)]
+    per_volume: bool,
+    /// With --per-volume: I/Os per desktop at most.
+    #[arg(long, default_value_t = 5000)]
+    max_ios: usize,
+    /// With --per-volume: the trace's times run this many times faster.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Bytes one desktop reads while booting (the trace slice ends there; published: 420-600
+    /// MB, scaled down to fit a small machine).
+    #[arg(long, default_value = "16MiB")]
+    boot_size: Size,
+    /// Bytes written per byte read (published: about 1/20).
+    #[arg(long, default_value_t = 0.05)]
+    write_share: f64,
+    /// I/Os a second of one desktop in the open loop (published: about 190).
+    #[arg(long, default_value_t = 190.0)]
+    iops: f64,
+    /// Closed loop at this queue depth instead of the open loop.
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// How desktops reach their node.
+    #[arg(long, value_enum, default_value = "nbd")]
+    transport: storm::replay::Transport,
+    /// Desktops start at random times over this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    login_window: f64,
+    #[command(flatten)]
+    origin: OriginArgs,
+    /// Run each node in its own network namespace, joined to a bridge by a veth pair (root).
+    #[arg(long)]
+    netns: bool,
+    /// Limit each host's link to this many bytes a second, both ways (tc tbf; with --netns).
+    #[arg(long)]
+    link_rate: Option<Size>,
+    /// RAM cache of each host.
+    #[arg(long, default_value = "256MiB")]
+    ram_cache: Size,
+    /// SSD cache of each host (0: none).
+    #[arg(long, default_value = "0")]
+    ssd_cache: Size,
+    /// RAM cache of the owner (host 0), in front of the shared storage (default: --ram-cache).
+    #[arg(long)]
+    owner_ram_cache: Option<Size>,
+    /// Modes to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nocache,cbrc,detect,sealed"
+    )]
+    modes: Vec<storm::Mode>,
+    /// Skip the reference boot of one desktop alone on an idle cluster.
+    #[arg(long)]
+    no_alone: bool,
+    /// Each mode stops after this many seconds (desktops still booting are cut short).
+    #[arg(long, default_value_t = 600.0)]
+    time_limit: f64,
+    /// Seed of the desktops' orders, writes and start times.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the report and plots go.
+    #[arg(long, default_value = "shadowcache-report")]
+    out: PathBuf,
+    /// Keep the nodes' directories (logs, data) here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Run the hosts as nodes in this process, over the in-process membership and Peer
+    /// service, instead of node processes (for host counts processes cannot reach here;
+    /// desktops call the node instead of attaching over NBD).
+    #[arg(long)]
+    in_process: bool,
+}
+
+/// `bootstorm`'s defaults, for the demo to start from.
+#[derive(Debug, Parser)]
+struct StormDefaults {
+    #[command(flatten)]
+    storm: StormArgs,
+}
+
+/// The first 20,000 requests of P2 (bench/fixtures/traces/PROVENANCE.md).
+const P2_HEAD: &[u8] = include_bytes!("../fixtures/traces/P2-head.lis.zst");
+
+impl StormArgs {
+    fn options(&self, embedded: &std::path::Path) -> anyhow::Result<storm::Options> {
+        let mut origin_limit = self.origin.limit()?;
+        if self.origin.origin_rate.is_none() {
+            // Shared storage by default: 200 MiB/s at the owner.
+            origin_limit.read_bytes_per_s = Some(200 << 20);
+        }
+        anyhow::ensure!(
+            self.login_window >= 0.0 && self.login_window.is_finite(),
+            "--login-window must be a number of seconds"
+        );
+        anyhow::ensure!(
+            self.time_limit > 0.0 && self.time_limit.is_finite(),
+            "--time-limit must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.write_share),
+            "--write-share must be between 0 and 1"
+        );
+        Ok(storm::Options {
+            hosts: self.hosts,
+            desktops_per_host: self.desktops_per_host,
+            trace: self.trace.clone().unwrap_or_else(|| embedded.to_path_buf()),
+            format: self.format,
+            boot: !self.per_volume,
+            shape: storm::workload::BootShape {
+                read_bytes: self.boot_size.0,
+                write_share: self.write_share,
+                iops: self.iops,
+                seed: self.seed,
+            },
+            max_ios: self.max_ios,
+            speed: self.speed,
+            pace: match self.queue_depth {
+                Some(q) => storm::replay::Pace::Closed(q.max(1)),
+                None => storm::replay::Pace::Open,
+            },
+            transport: self.transport,
+            login_window: std::time::Duration::from_secs_f64(self.login_window),
+            origin_limit,
+            network: storm::launch::Network {
+                netns: self.netns,
+                link_rate: self.link_rate.map(|s| s.0),
+            },
+            ram_cache: self.ram_cache.0,
+            ssd_cache: self.ssd_cache.0,
+            owner_ram_cache: self.owner_ram_cache.map(|s| s.0),
+            modes: self.modes.clone(),
+            alone: !self.no_alone,
+            time_limit: std::time::Duration::from_secs_f64(self.time_limit),
+            work_dir: self.work_dir.clone(),
+            quiet: self.quiet,
+            in_process: self.in_process,
+        })
+    }
+}
+
+/// Runs a storm, tearing the cluster down on Ctrl-C or SIGTERM; prints and writes the report.
+async fn storm_main(args: StormArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let embedded = tmp.path().join("P2-head.lis.zst");
+    std::fs::write(&embedded, P2_HEAD)?;
+    let opts = args.options(&embedded)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let report = tokio::select! {
+        r = storm::run(opts) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: the cluster was torn down"),
+        _ = term.recv() => anyhow::bail!("terminated: the cluster was torn down"),
+    };
+    report.print();
+    let files = report.write(&args.out)?;
+    println!(
+        "report and plots in {}/ ({} files)",
+        args.out.display(),
+        files.len()
+    );
+    Ok(())
+}
+
+/// Runs the scale curve and writes `scale.json`, `scale.md` and `scale.{png,svg}`.
+async fn scale_main(
+    args: StormArgs,
+    mode: storm::Mode,
+    process_hosts: &[usize],
+    in_process_hosts: &[usize],
+) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let embedded = tmp.path().join("P2-head.lis.zst");
+    std::fs::write(&embedded, P2_HEAD)?;
+    let mut runs = Vec::new();
+    for (hosts, in_process) in process_hosts
+        .iter()
+        .map(|h| (*h, false))
+        .chain(in_process_hosts.iter().map(|h| (*h, true)))
+    {
+        let mut a = args.clone();
+        a.hosts = hosts;
+        a.in_process = in_process;
+        a.no_alone = true;
+        a.modes = vec![mode];
+        if let Some(w) = &args.work_dir {
+            a.work_dir = Some(w.join(format!(
+                "{hosts}{}",
+                if in_process { "-inproc" } else { "" }
+            )));
+        }
+        let opts = a.options(&embedded)?;
+        eprintln!(
+            "scale: {hosts} hosts ({}) ...",
+            if in_process {
+                "in one process"
+            } else {
+                "processes"
+            }
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let report = tokio::select! {
+            r = storm::run(opts) => r?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: the cluster was torn down"),
+            _ = term.recv() => anyhow::bail!("terminated: the cluster was torn down"),
+        };
+        runs.push((hosts, in_process, report));
+    }
+    let rows = storm::report::scale_rows(&runs);
+    let md = storm::report::scale_markdown(&rows, mode);
+    println!("{md}");
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("scale.md"), &md)?;
+    std::fs::write(
+        args.out.join("scale.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "schema": 1,
+            "benchmark": "scale",
+            "mode": mode,
+            "rows": rows,
+        }))?,
+    )?;
+    storm::report::scale_plot(&rows, &args.out)?;
+    println!(
+        "scale curve in {}/ (scale.md, scale.json, scale.png, scale.svg)",
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// The owner's origin as shared storage: its node paces its reads of it (`[origin_limit]`).
@@ -129,17 +379,36 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Boot desktops from one replica through a local node, printing hit ratios (the main job).
+    /// The main job: a boot storm on 3 local node processes in every mode (no cache, CBRC,
+    /// shadowcache detected and sealed); prints the summary and writes the report and plots.
     Demo {
-        /// Desktops to boot.
-        #[arg(long, default_value_t = 8)]
-        desktops: usize,
-        /// Replica size.
-        #[arg(long, default_value = "256MiB")]
-        replica: Size,
-        /// Desktops booting at once.
-        #[arg(long, default_value_t = 2)]
-        concurrent: usize,
+        /// Where the report and plots go.
+        #[arg(long, default_value = "shadowcache-report")]
+        out: PathBuf,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// A VDI boot storm on a cluster of node processes: desktops replay a boot from a real
+    /// trace over a shared replica, writing to their own delta disks, in four modes side by
+    /// side (no cache, per-host caches, shadowcache detected, shadowcache sealed); writes a
+    /// JSON report, a Markdown summary and plots.
+    Bootstorm(StormArgs),
+    /// The boot storm's scale curve: one mode at several host counts, as node processes and
+    /// (for counts processes cannot reach here) as nodes in one process; owner egress / working
+    /// set, p99 boot time and block-map bytes per host against the host count.
+    Scale {
+        /// Host counts run as node processes.
+        #[arg(long, value_delimiter = ',', default_value = "3,8,16")]
+        process_hosts: Vec<usize>,
+        /// Host counts run as nodes in this process.
+        #[arg(long, value_delimiter = ',', default_value = "64,256")]
+        in_process_hosts: Vec<usize>,
+        /// The mode.
+        #[arg(long, value_enum, default_value = "detect")]
+        mode: storm::Mode,
+        #[command(flatten)]
+        storm: StormArgs,
     },
     /// A boot storm on N node processes: owner egress with peer fetch, alone, and uncached.
     Cluster {
@@ -423,7 +692,25 @@ fn faults(a: FaultArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // `shadowcache-bench node ARGS`: the node daemon itself (what the launcher runs when no
+    // `shadowcache-node` binary sits beside this one).
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "node") {
+        return shadowcache_node::cli::main_from(
+            std::iter::once(std::ffi::OsString::from("shadowcache-node")).chain(args),
+        );
+    }
+    match bench_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Faults(a) = cli.command {
         return faults(a);
@@ -433,18 +720,25 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Demo {
-                desktops,
-                replica,
-                concurrent,
-            } => {
-                demo::run(demo::Options {
-                    desktops,
-                    replica_bytes: replica.0,
-                    concurrent: concurrent.max(1),
-                })
-                .await
+            Command::Demo { out, quiet } => {
+                let mut args = StormDefaults::parse_from(["demo"]).storm;
+                args.hosts = 3;
+                args.desktops_per_host = 4;
+                args.boot_size = Size(8 << 20);
+                args.iops = 400.0;
+                args.login_window = 3.0;
+                args.ram_cache = Size(128 << 20);
+                args.out = out;
+                args.quiet = quiet;
+                storm_main(args).await
             }
+            Command::Bootstorm(args) => storm_main(args).await,
+            Command::Scale {
+                process_hosts,
+                in_process_hosts,
+                mode,
+                storm,
+            } => scale_main(storm, mode, &process_hosts, &in_process_hosts).await,
             Command::Cluster {
                 nodes,
                 readers,

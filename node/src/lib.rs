@@ -32,6 +32,7 @@
 pub mod admin;
 pub mod blocking;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -379,6 +380,11 @@ impl Node {
                 ids::Version::default(),
             )
             .await
+    }
+
+    /// Ends the block map streams this node serves, and refuses new ones (shutdown).
+    pub(crate) fn close_subscriptions(&self) {
+        self.subscriptions.close_all();
     }
 
     /// Counts a read of an owned mutable disk by member `from` towards its detection.

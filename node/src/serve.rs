@@ -452,6 +452,8 @@ pub const MAX_SUBSCRIPTIONS_PER_MEMBER: usize = 1024;
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     open: crate::hashing::DashMap<(String, String), Arc<std::sync::atomic::AtomicBool>>,
+    /// Set by [`Subscriptions::close_all`].
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// One subscription's place: [`Subscription::open`] until a newer one for the same member and
@@ -476,6 +478,12 @@ impl Subscriptions {
                 )));
             }
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Peer {
+                node: "this node".into(),
+                cause: "shutting down: no block map streams".into(),
+            });
+        }
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(true));
         if let Some(old) = self.open.insert(key.clone(), flag.clone()) {
             old.store(false, Ordering::SeqCst);
@@ -490,6 +498,17 @@ impl Subscriptions {
     /// Streams being served.
     pub fn len(&self) -> usize {
         self.open.len()
+    }
+
+    /// Ends every stream being served (at its next tick) and every one opened later: the node
+    /// is shutting down, and a member's stream that never ends would keep the Peer server
+    /// from stopping (each member of a cluster stopped at once waiting on the others).
+    pub fn close_all(&self) {
+        use std::sync::atomic::Ordering;
+        self.closed.store(true, Ordering::SeqCst);
+        for e in self.open.iter() {
+            e.value().store(false, Ordering::SeqCst);
+        }
     }
 
     /// Whether none is.

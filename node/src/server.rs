@@ -207,6 +207,9 @@ impl RunningNode {
     /// Stops the frontends (in-flight requests finish), then leaves the cache warm.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        // Block map streams never end by themselves: end them, or every member of a cluster
+        // stopped at once waits out the grace period on the others' streams.
+        self.node.close_subscriptions();
         // In-flight requests get a grace period; a client that keeps a connection busy longer
         // does not keep the cache from being saved.
         let grace = Duration::from_secs(10);
