@@ -150,6 +150,11 @@ struct StormArgs {
     /// desktops call the node instead of attaching over NBD).
     #[arg(long)]
     in_process: bool,
+    /// Start with a cold owner: it has not read the replica before the storm, so members'
+    /// content-map requests make it fingerprint the replica during the storm (by default the
+    /// owner reads it once first, as an owner that served it before has).
+    #[arg(long)]
+    cold_owner: bool,
 }
 
 /// `bootstorm`'s defaults, for the demo to start from.
@@ -215,6 +220,7 @@ impl StormArgs {
             work_dir: self.work_dir.clone(),
             quiet: self.quiet,
             in_process: self.in_process,
+            warm_owner: !self.cold_owner,
         })
     }
 }

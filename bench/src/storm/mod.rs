@@ -146,6 +146,9 @@ pub struct Options {
     pub quiet: bool,
     /// Run the hosts as nodes in this process (the many-hosts mode) instead of processes.
     pub in_process: bool,
+    /// The owner reads the replica once before the storm (its content map built, as on an
+    /// owner that served it before).
+    pub warm_owner: bool,
 }
 
 /// One sample of the cluster while a mode runs.
@@ -389,6 +392,38 @@ impl Hosts {
         out
     }
 
+    /// The owner reads the whole replica once, as an owner that has served it before has: its
+    /// content map is built (and its cache holds what fits) before the storm.
+    async fn warm_owner(&self, size: u64) -> anyhow::Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let pieces: Vec<u64> = (0..size.div_ceil(PIECE)).map(|i| i * PIECE).collect();
+        for group in pieces.chunks(4) {
+            let reads = group.iter().map(|&off| {
+                let len = PIECE.min(size - off);
+                async move {
+                    match self {
+                        Hosts::Processes { clients, .. } => clients[0]
+                            .disk("replica")
+                            .read_at(off, len)
+                            .await
+                            .map(|_| ())
+                            .map_err(anyhow::Error::from),
+                        Hosts::InProcess { nodes, .. } => nodes[0]
+                            .node()
+                            .read("replica", off, len)
+                            .await
+                            .map(|_| ())
+                            .map_err(anyhow::Error::from),
+                    }
+                }
+            });
+            futures::future::try_join_all(reads)
+                .await
+                .context("the owner reading the replica before the storm")?;
+        }
+        Ok(())
+    }
+
     async fn shutdown(self) {
         match self {
             Hosts::Processes { clients, cluster } => {
@@ -517,6 +552,9 @@ async fn run_mode(
         }
         Hosts::Processes { clients, cluster }
     };
+    if opts.warm_owner {
+        hosts_run.warm_owner(work.replica_bytes).await?;
+    }
     let before = settle(&hosts_run, mode).await?;
     let total: u64 = work.desktops[..desktops]
         .iter()

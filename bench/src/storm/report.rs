@@ -70,6 +70,8 @@ pub struct Setup {
     pub ssd_cache_bytes: u64,
     /// The owner's RAM cache, bytes.
     pub owner_ram_cache_bytes: u64,
+    /// The owner read the replica once before the storm.
+    pub warm_owner: bool,
     /// The seed.
     pub seed: u64,
 }
@@ -172,6 +174,7 @@ impl Report {
                 ram_cache_bytes: opts.ram_cache,
                 ssd_cache_bytes: opts.ssd_cache,
                 owner_ram_cache_bytes: opts.owner_ram_cache.unwrap_or(opts.ram_cache),
+                warm_owner: opts.warm_owner,
                 seed: opts.shape.seed,
             },
             calibration: CalibrationReport {
@@ -204,7 +207,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "Workload: {}. Replica {:.0} MiB, unique working set {:.1} MiB. Pace: {}, over {}; login window {:.1} s. Owner origin: {}{}, owner RAM cache {} MiB, hosts' {} MiB. Network: {}.\n",
+            "Workload: {}. Replica {:.0} MiB, unique working set {:.1} MiB. Pace: {}, over {}; login window {:.1} s. Owner origin: {}{}, owner RAM cache {} MiB{}, hosts' {} MiB. Network: {}.\n",
             st.workload,
             st.replica_bytes as f64 / 1048576.0,
             self.working_set_bytes as f64 / 1048576.0,
@@ -222,6 +225,11 @@ impl Report {
             st.origin_iops
                 .map_or(String::new(), |i| format!(", {i} IOPS")),
             st.owner_ram_cache_bytes >> 20,
+            if st.warm_owner {
+                ", warm (it read the replica once before)"
+            } else {
+                ", cold"
+            },
             st.ram_cache_bytes >> 20,
             if st.netns {
                 format!(
