@@ -155,6 +155,10 @@ struct StormArgs {
     /// owner reads it once first, as an owner that served it before has).
     #[arg(long)]
     cold_owner: bool,
+    /// The owner is a node of its own, the shared storage, running no desktop (one more
+    /// process than --hosts); by default host 0 owns the replica and runs desktops too.
+    #[arg(long)]
+    dedicated_owner: bool,
 }
 
 /// `bootstorm`'s defaults, for the demo to start from.
@@ -221,6 +225,7 @@ impl StormArgs {
             quiet: self.quiet,
             in_process: self.in_process,
             warm_owner: !self.cold_owner,
+            dedicated_owner: self.dedicated_owner,
         })
     }
 }

@@ -15,7 +15,8 @@
 //! - `sealed`: shadowcache with the replica sealed by hand.
 //!
 //! Host 0 owns the replica (its origin paced as shared storage by `[origin_limit]`) and runs
-//! desktops too; every desktop's delta disk is a mutable disk owned by its own host.
+//! desktops too, or with `dedicated_owner` is a node of its own beside the `hosts` that run
+//! desktops; every desktop's delta disk is a mutable disk owned by its own host.
 
 pub mod launch;
 pub mod replay;
@@ -149,6 +150,9 @@ pub struct Options {
     /// The owner reads the replica once before the storm (its content map built, as on an
     /// owner that served it before).
     pub warm_owner: bool,
+    /// The owner is a node of its own that runs no desktop (the shared storage), besides the
+    /// `hosts` that do.
+    pub dedicated_owner: bool,
 }
 
 /// One sample of the cluster while a mode runs.
@@ -490,10 +494,12 @@ async fn run_mode(
     let dir = dir.join(label);
     std::fs::create_dir_all(&dir)?;
     let hosts = opts.hosts;
+    // With a dedicated owner, node 0 is the replica's storage and runs no desktop.
+    let skip = usize::from(opts.dedicated_owner);
     // Desktop i runs on host (first_host + i) % hosts.
-    let host_of = |i: usize| (first_host + i) % hosts;
+    let host_of = |i: usize| skip + (first_host + i) % hosts;
     let mut specs = Vec::new();
-    for h in 0..hosts {
+    for h in 0..hosts + skip {
         let ram = if h == 0 {
             opts.owner_ram_cache.unwrap_or(opts.ram_cache)
         } else {

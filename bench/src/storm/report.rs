@@ -72,6 +72,8 @@ pub struct Setup {
     pub owner_ram_cache_bytes: u64,
     /// The owner read the replica once before the storm.
     pub warm_owner: bool,
+    /// The owner is a node of its own that runs no desktop.
+    pub dedicated_owner: bool,
     /// The seed.
     pub seed: u64,
 }
@@ -175,6 +177,7 @@ impl Report {
                 ssd_cache_bytes: opts.ssd_cache,
                 owner_ram_cache_bytes: opts.owner_ram_cache.unwrap_or(opts.ram_cache),
                 warm_owner: opts.warm_owner,
+                dedicated_owner: opts.dedicated_owner,
                 seed: opts.shape.seed,
             },
             calibration: CalibrationReport {
@@ -202,8 +205,14 @@ impl Report {
         let st = &self.setup;
         let _ = writeln!(
             s,
-            "# Boot storm: {} hosts x {} desktops\n",
-            st.hosts, st.desktops_per_host
+            "# Boot storm: {} hosts x {} desktops{}\n",
+            st.hosts,
+            st.desktops_per_host,
+            if st.dedicated_owner {
+                ", and the owner on a node of its own"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             s,
@@ -219,8 +228,8 @@ impl Report {
             st.login_window_s,
             st.origin_rate_bytes_per_s
                 .map_or("no rate limit".into(), |r| format!(
-                    "{:.0} MB/s",
-                    r as f64 / 1e6
+                    "{:.0} MiB/s",
+                    r as f64 / 1048576.0
                 )),
             st.origin_iops
                 .map_or(String::new(), |i| format!(", {i} IOPS")),
@@ -235,8 +244,8 @@ impl Report {
                 format!(
                     "network namespaces{}",
                     st.link_rate_bytes_per_s.map_or(String::new(), |r| format!(
-                        ", links at {:.0} MB/s",
-                        r as f64 / 1e6
+                        ", links at {:.0} MiB/s",
+                        r as f64 / 1048576.0
                     ))
                 )
             } else {
