@@ -87,16 +87,7 @@ async fn start_cluster(
         ];
         if n == 0 {
             args.push(format!("--disk=replica={},sealed", image.display()));
-            let l = &opts.origin_limit;
-            if let Some(rate) = l.read_bytes_per_s {
-                args.push(format!("--origin-read-rate={rate}"));
-            }
-            if let Some(iops) = l.read_iops {
-                args.push(format!("--origin-read-iops={iops}"));
-            }
-            if l.read_latency_ms > 0.0 {
-                args.push(format!("--origin-read-latency-ms={}", l.read_latency_ms));
-            }
+            args.extend(crate::storm::launch::origin_limit_args(&opts.origin_limit));
             seed = format!("127.0.0.1:{peer}");
         } else {
             args.push(format!("--seed={seed}"));

@@ -319,3 +319,40 @@ fn an_interrupted_bench_removes_its_namespaces() {
         interrupted_mid_run(true);
     }
 }
+
+#[test]
+fn bad_options_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (arg, says) in [
+        ("--hosts=1", "--hosts must be at least 2"),
+        (
+            "--desktops-per-host=0",
+            "--desktops-per-host must be at least 1",
+        ),
+        ("--write-share=2", "--write-share must be between 0 and 1"),
+        ("--iops=0", "--iops must be a positive number"),
+        ("--time-limit=-1", "--time-limit must be a positive number"),
+        (
+            "--link-rate=1MiB",
+            "--link-rate limits each host's own link, so it needs --netns",
+        ),
+        ("--trace=/nonexistent/trace.csv", "/nonexistent/trace.csv"),
+    ] {
+        let out = bench()
+            .args(["bootstorm", "--boot-size=1MiB", "--quiet", arg])
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .arg("--out")
+            .arg(dir.path().join("report"))
+            .output()
+            .expect("run shadowcache-bench");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{arg} was accepted");
+        assert!(
+            err.contains(says),
+            "{arg}: the error does not say {says:?}:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{arg}: a panic:\n{err}");
+    }
+    assert!(nodes_under(dir.path()).is_empty());
+}

@@ -129,6 +129,21 @@ pub fn node_command() -> anyhow::Result<(PathBuf, Vec<String>)> {
     )
 }
 
+/// The node flags that set `[origin_limit]` to `l`.
+pub fn origin_limit_args(l: &shadowcache_node::origin::OriginLimit) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(rate) = l.read_bytes_per_s {
+        args.push(format!("--origin-read-rate={rate}"));
+    }
+    if let Some(iops) = l.read_iops {
+        args.push(format!("--origin-read-iops={iops}"));
+    }
+    if l.read_latency_ms > 0.0 {
+        args.push(format!("--origin-read-latency-ms={}", l.read_latency_ms));
+    }
+    args
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd
         .output()

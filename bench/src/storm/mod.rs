@@ -516,16 +516,7 @@ async fn run_mode(
                 "sealed"
             };
             args.push(format!("--disk=replica={},{m}", image.display()));
-            let l = &opts.origin_limit;
-            if let Some(rate) = l.read_bytes_per_s {
-                args.push(format!("--origin-read-rate={rate}"));
-            }
-            if let Some(iops) = l.read_iops {
-                args.push(format!("--origin-read-iops={iops}"));
-            }
-            if l.read_latency_ms > 0.0 {
-                args.push(format!("--origin-read-latency-ms={}", l.read_latency_ms));
-            }
+            args.extend(launch::origin_limit_args(&opts.origin_limit));
         }
         let deltas = dir.join(format!("h{h}-deltas"));
         std::fs::create_dir_all(&deltas)?;
@@ -930,3 +921,6 @@ pub async fn run(opts: Options) -> anyhow::Result<report::Report> {
         results,
     ))
 }
+
+#[cfg(test)]
+mod tests;

@@ -434,7 +434,12 @@ impl Workload {
                 rb as f64 / wb as f64
             },
             schedule_seconds: secs,
-            iops: if secs > 0.0 { ios / n / secs } else { 0.0 },
+            // I/Os spaced 1/iops apart span (count - 1) intervals.
+            iops: if secs > 0.0 {
+                (ios / n - 1.0) / secs
+            } else {
+                0.0
+            },
             scale: rb as f64 / n / 510e6,
         }
     }
