@@ -312,7 +312,7 @@ async fn scale_main(
     )?;
     storm::report::scale_plot(&rows, &args.out)?;
     println!(
-        "scale curve in {}/ (scale.md, scale.json, scale.png, scale.svg)",
+        "scale curve in {}/ (scale.md, scale.json, scale.{{png,svg}}, scale_egress.{{png,svg}})",
         args.out.display()
     );
     Ok(())

@@ -614,33 +614,47 @@ pub fn scale_markdown(rows: &[ScaleRow], mode: Mode) -> String {
     s
 }
 
-/// `scale.png` and `scale.svg`: block-map KiB received per host, owner egress / working set
-/// (x100) and p99 boot (s x10) against the host count.
+/// The scale curve's plots: `scale.{png,svg}`, block-map KiB received per host against the
+/// host count, and `scale_egress.{png,svg}`, owner egress / working set and p99 boot seconds.
 pub fn scale_plot(rows: &[ScaleRow], dir: &Path) -> anyhow::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     let pts = |f: &dyn Fn(&ScaleRow) -> f64| rows.iter().map(|r| (r.hosts as f64, f(r))).collect();
     line_chart(
-        "Scale: per-host cost against the host count",
+        "Block-map bytes received per host against the host count",
         "hosts (log scale)",
-        "see legend",
+        "KiB received per host",
         true,
         &[
             Series {
-                name: "block-map KiB received per host".into(),
+                name: "received".into(),
                 points: pts(&|r| r.block_map_received_per_host / 1024.0),
             },
             Series {
-                name: "owner egress / working set x100".into(),
-                points: pts(&|r| r.owner_egress_over_working_set * 100.0),
-            },
-            Series {
-                name: "p99 boot, s x10".into(),
-                points: pts(&|r| r.boot_p99_s * 10.0),
+                name: "held".into(),
+                points: pts(&|r| r.block_map_held_per_host / 1024.0),
             },
         ],
         &dir.join("scale.png"),
         &dir.join("scale.svg"),
+    )?;
+    line_chart(
+        "Owner egress and p99 boot against the host count",
+        "hosts (log scale)",
+        "ratio, seconds",
+        true,
+        &[
+            Series {
+                name: "owner egress / working set".into(),
+                points: pts(&|r| r.owner_egress_over_working_set),
+            },
+            Series {
+                name: "p99 boot, s".into(),
+                points: pts(&|r| r.boot_p99_s),
+            },
+        ],
+        &dir.join("scale_egress.png"),
+        &dir.join("scale_egress.svg"),
     )
 }
