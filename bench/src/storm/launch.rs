@@ -166,6 +166,21 @@ fn tag() -> String {
     format!("sc{:05}", std::process::id() % 100_000)
 }
 
+/// A 10.K.0.0/16 (K in 100..=199) that no route of this host uses yet, starting from one this
+/// process's id picks, so that two storms at once (two tests) do not share a subnet.
+fn free_subnet() -> u8 {
+    let routes = Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let start = std::process::id() % 100;
+    (0..100)
+        .map(|i| 100 + ((start + i) % 100) as u8)
+        .find(|k| !routes.contains(&format!("10.{k}.")))
+        .unwrap_or(100 + start as u8)
+}
+
 /// The name prefix of every namespace and link this process creates (for leak checks).
 pub fn name_prefix() -> String {
     tag()
@@ -221,7 +236,7 @@ impl Cluster {
             links: Vec::new(),
             reaper: Some(Self::reaper()?),
         };
-        let subnet = 100 + (std::process::id() % 100) as u8;
+        let subnet = if net.netns { free_subnet() } else { 0 };
         let addr_of = |i: usize| -> Ipv4Addr {
             Ipv4Addr::new(10, subnet, (i / 250) as u8, (i % 250 + 1) as u8)
         };
