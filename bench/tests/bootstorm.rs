@@ -356,3 +356,77 @@ fn bad_options_are_refused_with_a_reason() {
     }
     assert!(nodes_under(dir.path()).is_empty());
 }
+
+/// The other ways of running a storm: desktops on gRPC in a closed loop, the owner on a node
+/// of its own that runs no desktop, and a cold owner that hashes the replica during the storm.
+#[test]
+fn a_storm_over_grpc_against_a_dedicated_cold_owner_verifies_every_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work");
+    let out = dir.path().join("report");
+    let run = bench()
+        .args([
+            "bootstorm",
+            "--hosts=3",
+            "--desktops-per-host=2",
+            "--boot-size=2MiB",
+            "--transport=grpc",
+            "--queue-depth=2",
+            "--dedicated-owner",
+            "--cold-owner",
+            "--modes=sealed",
+            "--no-alone",
+            "--ram-cache=64MiB",
+            "--quiet",
+        ])
+        .arg("--work-dir")
+        .arg(&work)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run shadowcache-bench");
+    assert!(
+        run.status.success(),
+        "bootstorm failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+            .expect("JSON");
+    let setup = &report["setup"];
+    assert_eq!(setup["transport"], "grpc");
+    assert_eq!(setup["pace"], "closed, queue depth 2");
+    assert_eq!(setup["dedicated_owner"], true);
+    assert_eq!(setup["warm_owner"], false);
+    assert!(report["alone"].is_null(), "--no-alone");
+    let m = &report["modes"][0];
+    assert_eq!(m["mode"], "sealed");
+    assert_eq!(m["failed"], 0, "{}", m["first_error"]);
+    assert_eq!(m["wrong_reads"], 0);
+    assert!(m["reads"].as_u64() > Some(0));
+    assert_eq!(m["verified_reads"], m["reads"], "every read verified");
+    let hosts = m["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts.len(), 4, "3 desktop hosts and the owner");
+    assert!(
+        hosts[0]["served_bytes"].as_u64() > Some(0),
+        "members read the owner"
+    );
+    // The owner runs no desktop: no delta disk on it, two on each other host.
+    let deltas = |h: usize| {
+        std::fs::read_dir(work.join("sealed").join(format!("h{h}-deltas")))
+            .expect("deltas dir")
+            .count()
+    };
+    assert_eq!((deltas(0), deltas(1), deltas(2), deltas(3)), (0, 2, 2, 2));
+    // A cold owner reads the replica for its content map during the storm.
+    let ws = report["working_set_bytes"].as_u64().expect("working set");
+    assert!(
+        m["owner_origin_bytes"].as_u64() >= Some(ws),
+        "cold owner read {} of its origin, working set {ws}",
+        m["owner_origin_bytes"]
+    );
+    assert!(
+        nodes_under(dir.path()).is_empty(),
+        "no node outlives the run"
+    );
+}

@@ -314,8 +314,8 @@ impl Cluster {
                 )
             } else {
                 (
-                    SocketAddr::from(([127, 0, 0, 1], crate::storm::free_peer_port()?)),
-                    SocketAddr::from(([127, 0, 0, 1], crate::storm::free_port()?)),
+                    SocketAddr::from(([127, 0, 0, 1], shadowcache_testkit::free_peer_port())),
+                    SocketAddr::from(([127, 0, 0, 1], shadowcache_testkit::free_port())),
                     None,
                 )
             };

@@ -37,16 +37,6 @@ use launch::{Cluster, Network, NodeSpec};
 use replay::{Desktop, Live, Pace, Transport};
 use workload::Workload;
 
-/// A free TCP port on loopback.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(shadowcache_testkit::free_port())
-}
-
-/// A port free for both TCP and UDP on loopback (gossip and the Peer service share it).
-pub fn free_peer_port() -> anyhow::Result<u16> {
-    Ok(shadowcache_testkit::free_peer_port())
-}
-
 /// One way of running the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -635,8 +625,8 @@ async fn run_mode(
         });
     }
     hosts_run.shutdown().await;
-    let mut rl = replay_hist();
-    let mut wl = replay_hist();
+    let mut rl = replay::histogram();
+    let mut wl = replay::histogram();
     let mut boots: Vec<f64> = Vec::new();
     let mut r = ModeResult {
         mode,
@@ -817,10 +807,6 @@ impl Drop for AbortOnDrop {
             t.abort();
         }
     }
-}
-
-fn replay_hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1_000, 600_000_000_000, 3).expect("valid histogram bounds")
 }
 
 fn round3(x: f64) -> f64 {

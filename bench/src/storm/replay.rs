@@ -180,7 +180,8 @@ pub struct Desktop {
     pub node: Option<Arc<shadowcache_node::Node>>,
 }
 
-fn histogram() -> Histogram<u64> {
+/// A latency histogram in nanoseconds, 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 600_000_000_000, 3).expect("valid histogram bounds")
 }
 

@@ -311,12 +311,12 @@ impl Report {
             s,
             "| mode | owner egress / working set | owner origin MiB | completion s | boot p50 s | boot p99 s | read p99 ms | RAM % | SSD % | peer % | owner % | verified reads | wrong | failed |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         );
-        for r in self.alone.iter().chain(&self.modes) {
-            let name = if self.alone.as_ref().is_some_and(|a| std::ptr::eq(a, r)) {
-                "one desktop alone (detect)".to_string()
-            } else {
-                r.describe.to_string()
-            };
+        let rows = self
+            .alone
+            .iter()
+            .map(|r| ("one desktop alone (detect)", r))
+            .chain(self.modes.iter().map(|r| (r.describe, r)));
+        for (name, r) in rows {
             let _ = writeln!(
                 s,
                 "| {} | {:.3} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
@@ -429,13 +429,10 @@ impl Report {
             "percent of desktops booted",
             self.modes
                 .iter()
-                .chain(&self.alone)
-                .map(|r| Series {
-                    name: if r.desktops == 1 {
-                        "alone".into()
-                    } else {
-                        r.mode.name().into()
-                    },
+                .map(|r| (r.mode.name(), r))
+                .chain(self.alone.iter().map(|r| ("alone", r)))
+                .map(|(name, r)| Series {
+                    name: name.into(),
                     points: r
                         .boot_seconds
                         .iter()

@@ -290,18 +290,16 @@ impl Workload {
         for r in reader {
             let r = r?;
             requests += 1;
-            let n = vol_index.len();
-            let Some(&d) = vol_index.get(&r.volume).or_else(|| {
-                (n < desktops).then(|| {
+            // The first `desktops` volumes seen become desktops; later ones are left out.
+            let d = match vol_index.get(&r.volume) {
+                Some(&d) => d,
+                None if per.len() < desktops => {
+                    vol_index.insert(r.volume, per.len());
                     per.push(Vec::new());
-                    &n
-                })
-            }) else {
-                continue;
+                    per.len() - 1
+                }
+                None => continue,
             };
-            if d == n {
-                vol_index.insert(r.volume, d);
-            }
             if per[d].len() < max_ios {
                 per[d].push(r);
             }
