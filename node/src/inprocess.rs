@@ -336,11 +336,14 @@ impl PeerService for InProcessPeers {
         offset: u64,
         length: u64,
         version: Version,
-    ) -> BoxFuture<'a, Result<Bytes>> {
+    ) -> BoxFuture<'a, Result<(Bytes, u64)>> {
         Box::pin(async move {
             self.net
                 .exchange(&self.me, to.node, |n| async move {
-                    let r = n.read_local(disk, offset, length, &self.me, version).await;
+                    let r = n
+                        .read_local(disk, offset, length, &self.me, version)
+                        .await
+                        .map(|b| (b, n.cluster().disks_version()));
                     crossed(to.node, r)
                 })
                 .await

@@ -121,6 +121,9 @@ pub struct Node {
     peer_serving: tokio::sync::Semaphore,
     /// Block map streams served to members.
     subscriptions: Arc<serve::Subscriptions>,
+    /// Wakes detection before its next tick: a read brought a new reader of an owned mutable
+    /// disk, or its reads reached the threshold.
+    detect_soon: tokio::sync::Notify,
     started: Instant,
     /// Set by [`Node::halt`]: writes no longer reach the origins.
     halted: Arc<std::sync::atomic::AtomicBool>,
@@ -261,6 +264,7 @@ impl Node {
             cluster,
             peer_serving: tokio::sync::Semaphore::new(serving_blocks),
             subscriptions: Arc::default(),
+            detect_soon: tokio::sync::Notify::new(),
             clock,
             me: me.clone(),
             started: Instant::now(),
@@ -364,12 +368,15 @@ impl Node {
         }
     }
 
-    /// Reads a disk another member owns at the owner, caching nothing.
+    /// Reads a disk another member owns at the owner, caching nothing. The answer says when
+    /// the owner's disks changed (it detected this one, say): the directory is read again
+    /// then, without waiting for gossip to bring the news.
     async fn forward_read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         let r = self.remote(disk)?;
         read::check_span(disk, r.info.size_bytes, offset, len)?;
         metrics::counter!(telemetry::FORWARDED, "rpc" => "read").increment(1);
-        self.cluster
+        let (bytes, disks_version) = self
+            .cluster
             .peers
             // Any version: a forwarded read is of whatever the owner holds now.
             .read(
@@ -379,7 +386,9 @@ impl Node {
                 (offset, len),
                 ids::Version::default(),
             )
-            .await
+            .await?;
+        self.cluster.hint_disks_version(&r.owner, disks_version);
+        Ok(bytes)
     }
 
     /// Ends the block map streams this node serves, and refuses new ones (shutdown).
@@ -390,9 +399,12 @@ impl Node {
     /// Counts a read of an owned mutable disk by member `from` towards its detection.
     #[inline]
     pub(crate) fn note_read(&self, d: &disk::Disk, from: &str) {
-        if self.config.detection.enabled && d.state() == DiskState::Mutable {
-            d.owner
-                .record_read(from, self.clock.now(), &self.config.detection);
+        if self.config.detection.enabled
+            && d.state() == DiskState::Mutable
+            && d.owner
+                .record_read(from, self.clock.now(), &self.config.detection)
+        {
+            self.detect_soon.notify_one();
         }
     }
 

@@ -143,7 +143,9 @@ async fn serve(
         node.cluster
             .spawn_refresher(stopped.clone(), move |id| n.registry.get(id).is_ok());
     }
-    // Detection looks at every owned mutable disk four times a second.
+    // Detection looks at every owned mutable disk four times a second, and at once when a read
+    // may have made one qualify (a new reader, or enough reads): the members that read it stop
+    // forwarding (and caching nothing) that much sooner.
     if node.config.detection.enabled {
         let node = node.clone();
         let mut stopped = stopped.clone();
@@ -154,6 +156,7 @@ async fn serve(
                 tokio::select! {
                     biased;
                     _ = stopped.changed() => break,
+                    () = node.detect_soon.notified() => node.detect_all().await,
                     () = node.clock.sleep(Duration::from_millis(250)) => node.detect_all().await,
                 }
             }

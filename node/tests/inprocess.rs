@@ -227,6 +227,54 @@ async fn detection_leases_and_revocation_run_in_one_process_on_a_manual_clock() 
     }
 }
 
+/// Issue 18: the owner detects a disk on the read that makes it qualify, not at its next tick,
+/// and a member that forwards reads learns it from the owner's answer, not from gossip. Here
+/// the clock stands still once the quiet period is over (no tick of detection runs after the
+/// reads) and gossip is held (no member's advertised disk list changes): b still comes to
+/// serve the disk as detected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detection_happens_on_the_read_and_reaches_the_reader_with_its_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (a, b, cc) = (c.node("a"), c.node("b"), c.node("c"));
+    c.step(1_000).await;
+    c.net.gossip_in_rounds();
+    assert_eq!(c.mode_at("a").map(|m| m.0), Some(DiskMode::Mutable));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for n in [b, cc] {
+            let got = n.read("vdi", 2 * BS, BS).await.expect("read");
+            assert_eq!(version_of(2, &got), 1);
+        }
+        if c.mode_at("b").map(|m| m.0) == Some(DiskMode::Detected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never learned of the detection (a: {:?}, b: {:?})",
+            c.mode_at("a"),
+            c.mode_at("b")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.mode_at("a").map(|m| m.0), Some(DiskMode::Detected));
+    // b serves it from its cache under a lease from now on.
+    b.read("vdi", 0, BS * BLOCKS).await.expect("read");
+    let before = b.status().counters;
+    b.read("vdi", 0, BS * BLOCKS).await.expect("read");
+    let after = b.status().counters;
+    assert_eq!(after.owner_read_bytes, before.owner_read_bytes);
+    assert!(
+        a.stat("vdi")
+            .expect("stat")
+            .lease_holders
+            .contains(&"b".to_string())
+    );
+    for n in c.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
 /// Issue 16, item 1: a second process started with a member's node id (a cloned host) takes
 /// that id's place in membership and answers its calls. The owner's revocation for the first
 /// process's lease reaches the second, which must not acknowledge it: the owner waits the

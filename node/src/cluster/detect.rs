@@ -124,8 +124,11 @@ impl OwnerState {
         }
     }
 
-    /// Counts one read by member `node`.
-    pub fn record_read(&self, node: &str, now: Duration, cfg: &DetectionConfig) {
+    /// Counts one read by member `node`. True when this read may have made the disk qualify:
+    /// the first read of a reader in this step of the window, or the read that brought the
+    /// step's reads to `min_reads` (a look at the whole window is worth it then, not on every
+    /// read).
+    pub fn record_read(&self, node: &str, now: Duration, cfg: &DetectionConfig) -> bool {
         let span = Duration::from_millis(cfg.window_ms);
         let step = span / BUCKETS;
         let mut w = self.window.lock();
@@ -138,12 +141,15 @@ impl OwnerState {
                 readers: Vec::new(),
             });
         }
-        if let Some(b) = w.buckets.back_mut() {
-            b.reads += 1;
-            if !b.readers.iter().any(|r| &**r == node) {
-                b.readers.push(Arc::from(node));
-            }
+        let Some(b) = w.buckets.back_mut() else {
+            return false;
+        };
+        b.reads += 1;
+        let new_reader = !b.readers.iter().any(|r| &**r == node);
+        if new_reader {
+            b.readers.push(Arc::from(node));
         }
+        new_reader || b.reads == cfg.min_reads
     }
 
     /// Records a write: detection starts over.
@@ -277,6 +283,27 @@ mod tests {
         assert!(o.qualifies(s(4.1), &c).is_some(), "quiet again");
         o.set_pinned(true);
         assert_eq!(o.qualifies(s(4.2), &c), None, "pinned");
+    }
+
+    #[test]
+    fn a_read_asks_for_a_look_only_when_it_may_have_made_the_disk_qualify() {
+        let c = cfg();
+        let o = OwnerState::new(s(0.0));
+        // The first read of a reader in a step of the window: a look.
+        assert!(o.record_read("a", s(2.0), &c));
+        // More of the same reader: no look until the step's reads reach min_reads (10).
+        let looks: Vec<bool> = (0..9).map(|_| o.record_read("a", s(2.0), &c)).collect();
+        assert_eq!(
+            looks,
+            [false, false, false, false, false, false, false, false, true]
+        );
+        assert!(!o.record_read("a", s(2.1), &c));
+        // A second reader: a look, and the disk qualifies at that moment.
+        assert!(o.record_read("b", s(2.2), &c));
+        assert!(o.qualifies(s(2.2), &c).is_some());
+        // A new step of the window (8 s / 8): each reader's first read there is a look again.
+        assert!(o.record_read("a", s(3.3), &c));
+        assert!(!o.record_read("a", s(3.3), &c));
     }
 
     #[test]

@@ -13,6 +13,9 @@ use tokio::sync::watch;
 
 use super::{Cluster, Member, RemoteDisk};
 
+/// How long a member's answer can hold the directory to a disk list newer than the one read.
+const HINT_HOLD: Duration = Duration::from_secs(5);
+
 impl Cluster {
     /// The member that owns `disk`, if another member does.
     pub fn remote(&self, disk: &str) -> Option<RemoteDisk> {
@@ -39,6 +42,29 @@ impl Cluster {
     /// The version of this node's disk registry, as advertised.
     pub fn disks_version(&self) -> u64 {
         self.disks_version.load(Ordering::SeqCst)
+    }
+
+    /// Member `owner` answered with its disk registry at `version`: if that is newer than the
+    /// list this node holds, the list is read again now (a detection reaches the members that
+    /// read the disk in one round trip, not in a few gossip rounds).
+    pub fn hint_disks_version(&self, owner: &str, version: u64) {
+        if version == 0 || self.fetched.get(owner).is_some_and(|v| v.1 >= version) {
+            return;
+        }
+        let newer = match self.hinted.entry(owner.to_string()) {
+            dashmap::Entry::Occupied(mut e) if e.get().0 < version => {
+                e.insert((version, std::time::Instant::now()));
+                true
+            }
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert((version, std::time::Instant::now()));
+                true
+            }
+        };
+        if newer {
+            self.refresh_now.notify_one();
+        }
     }
 
     /// Tells the other members that this node's disks changed.
@@ -78,6 +104,7 @@ impl Cluster {
                     biased;
                     _ = stopped.changed() => break,
                     r = members.changed() => if r.is_err() { break },
+                    () = this.refresh_now.notified() => {},
                     _ = tick.tick() => {},
                 }
             }
@@ -125,11 +152,16 @@ impl Cluster {
             // Their shadows go now, before the lists of the others are fetched.
             self.sync_shadows();
         }
+        self.hinted.retain(|_, (_, at)| at.elapsed() < HINT_HOLD);
         for m in live.values() {
+            let advertised = self
+                .hinted
+                .get(&m.id)
+                .map_or(m.disks_version, |h| h.0.max(m.disks_version));
             if self
                 .fetched
                 .get(&m.id)
-                .is_some_and(|v| v.0 == m.boot && v.1 >= m.disks_version)
+                .is_some_and(|v| v.0 == m.boot && v.1 >= advertised)
             {
                 continue;
             }
@@ -168,6 +200,7 @@ impl Cluster {
                         );
                     }
                     self.fetched.insert(m.id.clone(), (m.boot, disks_version));
+                    self.hinted.remove_if(&m.id, |_, h| h.0 <= disks_version);
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");

@@ -539,6 +539,7 @@ impl Origin for Remote {
                     crate::ids::Version::new(self.generation, self.epoch),
                 )
                 .await
+                .map(|(b, _)| b)
                 .map_err(|e| self.error("read", offset, e.to_string()))?;
             if b.len() != len {
                 return Err(OriginError::Short {

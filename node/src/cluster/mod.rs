@@ -150,6 +150,12 @@ pub struct Cluster {
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
     fetched: DashMap<String, (u64, u64)>,
+    /// Per member: a disks_version newer than `fetched` that an answer of its carried, and
+    /// when; the directory reads its list again without waiting for gossip. Forgotten after
+    /// a few seconds (an answer of an incarnation that is gone cannot hold a refresh open).
+    hinted: DashMap<String, (u64, std::time::Instant)>,
+    /// Wakes the directory's refresher for a hint.
+    refresh_now: tokio::sync::Notify,
     /// Disks whose owner left the cluster (dead, stopped or cut off): its id and when, for an
     /// error that says so instead of "unknown disk". Bounded, and forgotten after an hour.
     departed: moka::sync::Cache<String, (String, std::time::Instant)>,
@@ -192,6 +198,8 @@ impl Cluster {
             remote: crate::hashing::dash_map(),
             shadows: crate::hashing::dash_map(),
             fetched: crate::hashing::dash_map(),
+            hinted: crate::hashing::dash_map(),
+            refresh_now: tokio::sync::Notify::new(),
             departed: moka::sync::Cache::builder()
                 .max_capacity(65_536)
                 .time_to_live(Duration::from_secs(3600))

@@ -93,6 +93,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
     /// `boot` (this process).
     fn hello<'a>(&'a self, to: To<'a>, boot: u64) -> BoxFuture<'a, Result<Hello>>;
     /// Reads at the owner; with a `generation` (not 0), only at that generation and `epoch`.
+    /// With the bytes, the owner's disk registry version when it answered.
     fn read<'a>(
         &'a self,
         to: To<'a>,
@@ -100,7 +101,7 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         offset: u64,
         length: u64,
         version: Version,
-    ) -> BoxFuture<'a, Result<Bytes>>;
+    ) -> BoxFuture<'a, Result<(Bytes, u64)>>;
     /// Writes at the owner, which refuses the write ([`crate::error::Error::Late`]) unless it
     /// takes its place in the disk's write order `within` this long of the call.
     fn write<'a>(
@@ -294,7 +295,8 @@ impl Peers {
     }
 
     /// Reads through the owner; with a generation (not 0) in `version` the owner refuses
-    /// unless the disk is at that version.
+    /// unless the disk is at that version. With the bytes, the owner's disk registry version
+    /// when it answered (0 if it did not say).
     pub async fn read(
         &self,
         node: &str,
@@ -302,9 +304,9 @@ impl Peers {
         disk: &str,
         (offset, length): (u64, u64),
         version: Version,
-    ) -> Result<Bytes> {
+    ) -> Result<(Bytes, u64)> {
         let to = To { node, addr };
-        let data = self
+        let (data, disks_version) = self
             .deadline(
                 node,
                 disk,
@@ -321,7 +323,7 @@ impl Peers {
                 ),
             });
         }
-        Ok(data)
+        Ok((data, disks_version))
     }
 
     /// Writes through the owner, with the longer deadline.

@@ -265,8 +265,13 @@ impl pb::block_server::Block for GrpcFrontend {
         self.immutable_only(&r.disk)?;
         let res = self.node.read(&r.disk, r.offset, r.length).await;
         observe("read", t, r.length, &res);
-        res.map(|data| Response::new(pb::ReadResponse { data }))
-            .map_err(|e| status(&e))
+        res.map(|data| {
+            Response::new(pb::ReadResponse {
+                data,
+                disks_version: 0,
+            })
+        })
+        .map_err(|e| status(&e))
     }
 
     async fn write(

@@ -177,8 +177,15 @@ impl pb::peer_server::Peer for PeerFrontend {
         if res.is_ok() {
             self.node.cluster().stats.peer_served_bytes.add(r.length);
         }
-        res.map(|data| Response::new(pb::ReadResponse { data }))
-            .map_err(|e| status(&e))
+        // The version after the read: a detection that came first is in it.
+        let disks_version = self.node.cluster().disks_version();
+        res.map(|data| {
+            Response::new(pb::ReadResponse {
+                data,
+                disks_version,
+            })
+        })
+        .map_err(|e| status(&e))
     }
 
     async fn write(

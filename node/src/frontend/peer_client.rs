@@ -238,7 +238,7 @@ impl PeerService for TonicPeers {
             generation: Generation(generation),
             epoch: Epoch(epoch),
         }: Version,
-    ) -> BoxFuture<'a, Result<Bytes>> {
+    ) -> BoxFuture<'a, Result<(Bytes, u64)>> {
         Box::pin(async move {
             self.bulk(to)?
                 .read(pb::PeerReadRequest {
@@ -250,7 +250,10 @@ impl PeerService for TonicPeers {
                     epoch,
                 })
                 .await
-                .map(|r| r.into_inner().data)
+                .map(|r| {
+                    let r = r.into_inner();
+                    (r.data, r.disks_version)
+                })
                 .map_err(|s| peer_error(to.node, disk, s))
         })
     }
