@@ -68,6 +68,9 @@ pub struct ReadStats {
     pub ram_bytes: Count,
     /// Block bytes served from the SSD tier.
     pub ssd_bytes: Count,
+    /// Blocks served from those read lately for members (see [`ReadPath`]'s staging) instead
+    /// of the origin.
+    pub staged_hits: Count,
 }
 
 impl ReadStats {
@@ -85,6 +88,7 @@ impl ReadStats {
             zero_block_hits: Count::new(ZERO_BLOCK_HITS, &[]),
             ram_bytes: Count::new(HIT_BYTES, &[("tier", "ram")]),
             ssd_bytes: Count::new(HIT_BYTES, &[("tier", "ssd")]),
+            staged_hits: Count::new(STAGED_HITS, &[]),
         }
     }
 }
@@ -135,12 +139,25 @@ impl Drop for Seat<'_> {
     }
 }
 
+/// Bytes of blocks read from an own origin for members, kept a little while (see
+/// [`ReadPath`]).
+pub const STAGED_BYTES: u64 = 32 << 20;
+/// How long a block read for members is kept.
+pub const STAGED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves reads of every disk of a node.
+///
+/// Blocks of its own disks that it reads from the origin for members (to fingerprint them
+/// for a content map, or for a `FetchBlocks`) do not enter its cache (see
+/// [`Route::Member`]), but are *staged*: kept by fingerprint for [`STAGED_FOR`], at most
+/// [`STAGED_BYTES`]. A member that asks for a window of the map fetches the blocks it needs
+/// from it moments later, and a storage-bound owner must not read them from its origin twice.
 #[derive(Debug)]
 pub struct ReadPath {
     cache: ContentCache,
     block_bytes: u64,
     flights: DashMap<FlightKey, Flight>,
+    staged: moka::sync::Cache<Fingerprint, Bytes>,
     stats: ReadStats,
 }
 
@@ -191,6 +208,11 @@ impl ReadPath {
             block_bytes: u64::from(cache.config().block_bytes),
             cache,
             flights: crate::hashing::dash_map(),
+            staged: moka::sync::Cache::builder()
+                .max_capacity(STAGED_BYTES)
+                .weigher(|_, b: &Bytes| b.len().max(1) as u32)
+                .time_to_live(STAGED_FOR)
+                .build(),
             stats: ReadStats::new(),
         }
     }
@@ -470,8 +492,19 @@ impl ReadPath {
         for (k, &(index, fp)) in blocks.iter().enumerate() {
             let hit = match fp.map(BlockRef::Data).or_else(|| map.get(index)) {
                 Some(BlockRef::Zero) => Some(self.cache.zero(self.block_len(disk, index))),
-                Some(BlockRef::Data(fp)) if route == Route::Member => self.cache.peek(&fp),
-                Some(BlockRef::Data(fp)) => self.cache.get_ram_uncounted(&fp).map(|(b, _)| b),
+                Some(BlockRef::Data(fp)) if route == Route::Member => {
+                    self.cache.peek(&fp).or_else(|| self.staged_block(&fp))
+                }
+                Some(BlockRef::Data(fp)) => {
+                    self.cache
+                        .get_ram_uncounted(&fp)
+                        .map(|(b, _)| b)
+                        .or_else(|| {
+                            // Keyed by its fingerprint: admitted as verified.
+                            self.staged_block(&fp)
+                                .map(|b| self.admit(disk, map, index, b, Some(fp)))
+                        })
+                }
                 None => None,
             };
             match hit {
@@ -617,18 +650,35 @@ impl ReadPath {
     }
 
     /// A block read from this node's origin for a member: into the map if the map does not
-    /// know it yet (hashed only then), not into the cache. The member verifies every block
-    /// against the map, so one whose origin changed under a sealed disk fails there.
+    /// know it yet (hashed only then), not into the cache but staged. The member verifies
+    /// every block against the map, so one whose origin changed under a sealed disk fails
+    /// there.
     fn note(&self, map: &ContentMap, index: u64, bytes: Bytes) -> Bytes {
-        if map.get(index).is_some() {
-            return bytes;
-        }
-        if is_zero(&bytes) {
-            map.insert(index, BlockRef::Zero);
-            return self.cache.zero(bytes.len());
-        }
-        map.insert(index, BlockRef::Data(Fingerprint::of(&bytes)));
+        let fp = match map.get(index) {
+            Some(BlockRef::Zero) => return bytes,
+            // Staged only under the fingerprint it was hashed to.
+            Some(BlockRef::Data(_)) => return bytes,
+            None if is_zero(&bytes) => {
+                map.insert(index, BlockRef::Zero);
+                return self.cache.zero(bytes.len());
+            }
+            None => Fingerprint::of(&bytes),
+        };
+        map.insert(index, BlockRef::Data(fp));
+        self.staged.insert(fp, bytes.clone());
         bytes
+    }
+
+    /// Forgets the blocks read for members lately (tests: what [`STAGED_FOR`] does in time).
+    pub fn drop_staged(&self) {
+        self.staged.invalidate_all();
+    }
+
+    /// A block read for members lately, by its fingerprint.
+    fn staged_block(&self, fp: &Fingerprint) -> Option<Bytes> {
+        let b = self.staged.get(fp)?;
+        self.stats.staged_hits.inc();
+        Some(b)
     }
 
     /// Block `index` of an immutable disk if this node's cache holds it now; never reads an

@@ -72,6 +72,9 @@ pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
 pub const ORIGIN_LIMIT_WAIT_US: &str = "shadowcache_origin_limit_wait_microseconds_total";
 /// Cold reads of a block that joined another reader's origin read.
 pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
+/// Blocks an owner served from those it had just read for members' content maps, instead of
+/// reading its origin again.
+pub const STAGED_HITS: &str = "shadowcache_staged_hits_total";
 /// Live cluster members, this node included.
 pub const MEMBERS_ALIVE: &str = "shadowcache_members_alive";
 /// Requests forwarded to a disk's owner, by `rpc`.
@@ -358,6 +361,10 @@ fn describe() {
     describe_counter!(
         SINGLE_FLIGHT_JOINS,
         "Cold reads that joined an in-flight origin read"
+    );
+    describe_counter!(
+        STAGED_HITS,
+        "Blocks served from those just read for members' content maps, not the origin again"
     );
     describe_gauge!(MEMBERS_ALIVE, "Live cluster members, this node included");
     describe_counter!(FORWARDED, "Requests forwarded to a disk's owner, by rpc");

@@ -468,3 +468,69 @@ async fn a_disk_whose_owner_left_is_unavailable_and_says_why_not_unknown() {
     let unknown = b.read("nope", 0, BS).await.expect_err("unknown disk");
     assert_eq!(unknown.code(), shadowcache_node::error::Code::NotFound);
 }
+
+/// Issue 18: a member that needs one block of a sealed disk makes the owner read a window of
+/// its map (64 blocks), not a chunk (1,024); the blocks the owner read for the window are
+/// the ones the member then fetches, and the owner does not read them from its origin twice.
+/// A member reading the whole disk makes the owner read each block once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
+    const BIG: u64 = 2048;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = InProcessNet::new();
+    let clock = ManualClock::new(Duration::from_secs(1_000));
+    let image = dir.path().join("big.raw");
+    let mut data = Vec::new();
+    for i in 0..BIG {
+        data.extend(block(i, 1));
+    }
+    std::fs::write(&image, &data).expect("image");
+    let mut nodes = Vec::new();
+    for (n, id) in ["a", "b"].into_iter().enumerate() {
+        let owns = (id == "a").then_some(("big", image.as_path()));
+        let mut c = member_config(
+            &dir.path().join(id),
+            id,
+            BS as u32,
+            (TERM_MS, MARGIN_MS),
+            owns,
+        );
+        c.ram_bytes = 64 << 20;
+        let env = net.environment(id, 1, clock.clone(), 40 + n as u64);
+        let running = start_in(c, env).await.expect("start");
+        net.attach(id, running.node());
+        nodes.push(running);
+    }
+    let (a, b) = (nodes[0].node().clone(), nodes[1].node().clone());
+    a.set_mode("big", DiskMode::Sealed).await.expect("seal");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.stat("big").ok().map(|d| d.mode) != Some(DiskMode::Sealed) {
+        assert!(Instant::now() < deadline, "b never saw big sealed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let origin = || a.status().counters.origin_read_bytes;
+    let before = origin();
+    let got = b.read("big", 1000 * BS, BS).await.expect("read");
+    assert_eq!(version_of(1000, &got), 1);
+    assert_eq!(
+        origin() - before,
+        64 * BS,
+        "one block at a member: the owner reads the window around it (blocks 960..1024), once"
+    );
+    // In 1 MiB reads, front to back: the reads after the first chunk ask ahead.
+    for first in (0..BIG).step_by(64) {
+        let got = b.read("big", first * BS, 64 * BS).await.expect("read");
+        for i in 0..64 {
+            let at = (i * BS) as usize;
+            assert_eq!(version_of(first + i, &got[at..at + BS as usize]), 1);
+        }
+    }
+    assert_eq!(
+        origin() - before,
+        BIG * BS,
+        "the whole disk at a member: the owner reads each block once"
+    );
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}

@@ -483,7 +483,8 @@ async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
     assert_eq!(map.len(), 16);
     assert_eq!(entries(Tier::RamSingle), 1, "map blocks admitted");
     let reads_before = origin.reads.load(Ordering::SeqCst);
-    // A member fetches blocks 0..8: right bytes, block 0 from RAM, the rest from the origin.
+    // A member fetches blocks 0..8: right bytes, block 0 from RAM, the rest from the blocks
+    // the map just read (staged, not cached): no origin read.
     let got = node
         .blocks_for_peer("d", Version::new(g, 0), &(0..8).collect::<Vec<_>>(), false)
         .await
@@ -495,8 +496,25 @@ async fn a_members_fetch_neither_fills_nor_touches_the_owners_cache() {
     }
     assert_eq!(
         origin.reads.load(Ordering::SeqCst) - reads_before,
+        0,
+        "blocks 1..8 read again from the origin right after the map read them"
+    );
+    // Past the staging: blocks 8..16, read for the map, staged, then dropped (as they are
+    // after a few seconds), are read from the origin in one read.
+    node.reads().drop_staged();
+    let got = node
+        .blocks_for_peer("d", Version::new(g, 0), &(8..16).collect::<Vec<_>>(), false)
+        .await
+        .expect("fetch");
+    assert_eq!(got.len(), 8);
+    for (i, b) in &got {
+        let at = (*i * 4096) as usize;
+        assert_eq!(b.as_deref(), Some(&data[at..at + 4096]), "block {i}");
+    }
+    assert_eq!(
+        origin.reads.load(Ordering::SeqCst) - reads_before,
         1,
-        "blocks 1..8 in one origin read, block 0 from RAM"
+        "blocks 8..16 in one origin read"
     );
     // Nothing admitted, nothing promoted, no hit counted for the owner's clients.
     assert_eq!(entries(Tier::RamSingle), 1, "member blocks admitted");

@@ -4,10 +4,11 @@
 //! A [`Remote`] stands for one (disk, generation, epoch) owned elsewhere. The read path asks it
 //! for two things, in this order:
 //!
-//! 1. [`Remote::fill_map`]: the owner's fingerprints of the blocks about to be read, fetched in
-//!    chunks of up to [`MAP_CHUNK_BLOCKS`] entries (one `Peer.ContentMap` request a chunk, one
-//!    request at a time per chunk) into the shadow's bounded copy of the owner's map, with the
-//!    next chunk asked ahead of a reader moving through the disk. With a fingerprint in hand
+//! 1. [`Remote::fill_map`]: the owner's fingerprints of the blocks about to be read, fetched a
+//!    window at a time (64 blocks; one `Peer.ContentMap` request a window, one request at a
+//!    time per window: the owner reads what it has not read of the range it is asked) into the
+//!    shadow's bounded copy of the owner's map, chunks of up to [`MAP_CHUNK_BLOCKS`] entries,
+//!    with the windows and chunks after asked ahead of a reader moving through the disk. With a fingerprint in hand
 //!    the read path finds a block cached under any disk or generation, and a zero block never
 //!    crosses the network.
 //! 2. [`Remote::fetch`]: the bytes of the blocks the cache lacks, in as few requests as the
@@ -92,7 +93,7 @@ pub struct Want {
     pub len: usize,
 }
 
-type ChunkFlight = Arc<OnceCell<Result<()>>>;
+type MapFlight = Arc<OnceCell<Result<()>>>;
 
 /// Receives each fetched block (its position in the wants) once, as soon as it is settled.
 pub type Done<'a> = dyn Fn(usize, Result<(Bytes, Source)>) + Send + Sync + 'a;
@@ -112,8 +113,8 @@ pub struct Remote {
     block_bytes: u64,
     peer_fetch: bool,
     maps: Arc<RemoteMaps>,
-    /// Chunks of the owner's map being fetched.
-    chunk_flights: DashMap<u64, ChunkFlight>,
+    /// Windows of the owner's map being fetched.
+    map_flights: DashMap<u64, MapFlight>,
     /// Mixed into the random choice between two holders.
     picks: AtomicU64,
     describe: String,
@@ -163,7 +164,7 @@ impl Remote {
             block_bytes,
             peer_fetch,
             maps,
-            chunk_flights: crate::hashing::dash_map(),
+            map_flights: crate::hashing::dash_map(),
         }
     }
 
@@ -189,67 +190,83 @@ impl Remote {
     }
 
     /// Makes `map` hold the owner's entries of every block in `indices` (sorted), fetching the
-    /// chunks it lacks, and asks for the chunk after the last one ahead of the reader.
+    /// windows of the owner's map it lacks (one request a window, one request at a time per
+    /// window), and asks ahead of a reader moving through the disk.
     pub async fn fill_map(self: &Arc<Self>, map: &Arc<ContentMap>, indices: &[u64]) -> Result<()> {
         let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
-        let mut wanted: Vec<u64> = indices.iter().map(|i| i / per).collect();
+        let wb = map.window_blocks().unwrap_or(per);
+        let mut wanted: Vec<u64> = indices.iter().map(|i| i / wb).collect();
         wanted.dedup();
         let missing: Vec<u64> = wanted
             .iter()
             .copied()
-            .filter(|c| !map.has_chunk(*c))
+            .filter(|&w| !map.has_window(w))
             .collect();
         if !missing.is_empty() {
-            let got = futures::future::join_all(missing.iter().map(|&c| self.chunk(map, c))).await;
+            let got = futures::future::join_all(missing.iter().map(|&w| self.window(map, w))).await;
             for r in got {
                 r?;
             }
         }
-        // Read-ahead, for a reader moving through the disk (it holds the chunk before this
-        // one): the next chunks are asked now, so the owner fingerprints them while this one
-        // is read. A random reader asks for nothing ahead: each chunk costs the owner a read.
-        if let Some(&last_chunk) = wanted.last() {
-            let first_chunk = wanted[0];
-            let sequential = first_chunk > 0 && map.has_chunk(first_chunk - 1);
-            for next in (last_chunk + 1..).take(MAP_READ_AHEAD_CHUNKS as usize) {
-                if !sequential || next * per >= self.total_blocks() {
+        // Read-ahead, for a reader moving through the disk: the windows after this read are
+        // asked now, so the owner fingerprints them while this one is read. A reader that held
+        // the whole chunk before this one gets the rest of this chunk and the next chunks; one
+        // that held the two windows before this read, the next window. Any other reader asks
+        // for nothing ahead: each window costs the owner a read of the blocks it has not read.
+        if let (Some(&first), Some(&last)) = (wanted.first(), wanted.last()) {
+            let per_chunk = (per / wb).max(1);
+            let windows = self.total_blocks().div_ceil(wb);
+            let chunk = first / per_chunk;
+            let ahead = if chunk > 0 && map.has_chunk(chunk - 1) {
+                last + 1..(last / per_chunk + 1 + MAP_READ_AHEAD_CHUNKS) * per_chunk
+            } else if first >= 2 && map.has_window(first - 1) && map.has_window(first - 2) {
+                last + 1..last + 2
+            } else {
+                0..0
+            };
+            for next in ahead {
+                if next >= windows {
                     break;
                 }
-                if map.has_chunk(next) || self.chunk_flights.contains_key(&next) {
+                if map.has_window(next) || self.map_flights.contains_key(&next) {
                     continue;
                 }
                 let (this, map) = (self.clone(), map.clone());
                 tokio::spawn(async move {
-                    let _ = this.chunk(&map, next).await;
+                    let _ = this.window(&map, next).await;
                 });
             }
         }
         Ok(())
     }
 
-    /// Chunk `chunk` of the owner's map into `map`, once however many readers want it.
-    async fn chunk(&self, map: &ContentMap, chunk: u64) -> Result<()> {
-        let cell = self.chunk_flights.entry(chunk).or_default().clone();
+    /// Window `window` of the owner's map into `map`, once however many readers want it.
+    async fn window(&self, map: &ContentMap, window: u64) -> Result<()> {
+        let cell = self.map_flights.entry(window).or_default().clone();
         let r = cell
-            .get_or_init(|| self.load_chunk(map, chunk))
+            .get_or_init(|| self.load_window(map, window))
             .await
             .clone();
         // Done (or failed: the next reader asks again): out of the flights.
-        self.chunk_flights
-            .remove_if(&chunk, |_, c| Arc::ptr_eq(c, &cell));
+        self.map_flights
+            .remove_if(&window, |_, c| Arc::ptr_eq(c, &cell));
         r
     }
 
-    async fn load_chunk(&self, map: &ContentMap, chunk: u64) -> Result<()> {
-        if map.has_chunk(chunk) {
+    async fn load_window(&self, map: &ContentMap, window: u64) -> Result<()> {
+        if map.has_window(window) {
             return Ok(());
         }
         let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
-        let first = chunk * per;
-        let count = per.min(self.total_blocks().saturating_sub(first));
+        let wb = map.window_blocks().unwrap_or(per);
+        let total = self.total_blocks();
+        let first = window * wb;
+        let count = wb.min(total.saturating_sub(first));
         if count == 0 {
             return Ok(());
         }
+        let chunk = first / per;
+        let chunk_first = chunk * per;
         let entries = self
             .peers
             .content_map(
@@ -268,7 +285,12 @@ impl Remote {
                 *slot = Some(r);
             }
         }
-        map.insert_chunk(chunk, v);
+        map.insert_window_entries(
+            chunk,
+            per.min(total - chunk_first) as usize,
+            (first - chunk_first) as usize,
+            &v,
+        );
         Ok(())
     }
 
