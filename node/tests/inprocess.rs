@@ -469,10 +469,10 @@ async fn a_disk_whose_owner_left_is_unavailable_and_says_why_not_unknown() {
     assert_eq!(unknown.code(), shadowcache_node::error::Code::NotFound);
 }
 
-/// Issue 18: a member that needs one block of a sealed disk makes the owner read a window of
-/// its map (64 blocks), not a chunk (1,024); the blocks the owner read for the window are
-/// the ones the member then fetches, and the owner does not read them from its origin twice.
-/// A member reading the whole disk makes the owner read each block once.
+/// Issue 18: a member that needs one block of a sealed disk makes the owner read that block
+/// for its map, not the chunk of the map around it (1,024 blocks); the block the owner read
+/// for the map is the one the member then fetches, and the owner does not read it from its
+/// origin twice. A member reading the whole disk makes the owner read each block once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
     const BIG: u64 = 2048;
@@ -514,9 +514,12 @@ async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
     assert_eq!(version_of(1000, &got), 1);
     assert_eq!(
         origin() - before,
-        64 * BS,
-        "one block at a member: the owner reads the window around it (blocks 960..1024), once"
+        BS,
+        "one block at a member: the owner reads it, once"
     );
+    let got = b.read("big", 1200 * BS, 3 * BS).await.expect("read");
+    assert_eq!(version_of(1202, &got[2 * BS as usize..]), 1);
+    assert_eq!(origin() - before, 4 * BS, "three more blocks, read once");
     // In 1 MiB reads, front to back: the reads after the first chunk ask ahead.
     for first in (0..BIG).step_by(64) {
         let got = b.read("big", first * BS, 64 * BS).await.expect("read");

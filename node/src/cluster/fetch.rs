@@ -4,11 +4,12 @@
 //! A [`Remote`] stands for one (disk, generation, epoch) owned elsewhere. The read path asks it
 //! for two things, in this order:
 //!
-//! 1. [`Remote::fill_map`]: the owner's fingerprints of the blocks about to be read, fetched a
-//!    window at a time (64 blocks; one `Peer.ContentMap` request a window, one request at a
-//!    time per window: the owner reads what it has not read of the range it is asked) into the
-//!    shadow's bounded copy of the owner's map, chunks of up to [`MAP_CHUNK_BLOCKS`] entries,
-//!    with the windows and chunks after asked ahead of a reader moving through the disk. With a fingerprint in hand
+//! 1. [`Remote::fill_map`]: the owner's fingerprints of the blocks about to be read, fetched
+//!    for those blocks only (one `Peer.ContentMap` request a contiguous range; the owner reads
+//!    the blocks of the range it has not read, so asking more than is read would cost it
+//!    reads) into the shadow's bounded copy of the owner's map, chunks of up to
+//!    [`MAP_CHUNK_BLOCKS`] entries, with the next entries and chunks asked ahead of a reader
+//!    moving through the disk. With a fingerprint in hand
 //!    the read path finds a block cached under any disk or generation, and a zero block never
 //!    crosses the network.
 //! 2. [`Remote::fetch`]: the bytes of the blocks the cache lacks, in as few requests as the
@@ -54,6 +55,9 @@ pub const MAX_BLOCKS_PER_REQUEST: usize = 64;
 /// Chunks of the owner's map asked ahead of a sequential reader: enough that the owner
 /// fingerprints the next chunk while the reader is still one chunk away from it.
 pub const MAP_READ_AHEAD_CHUNKS: u64 = 2;
+/// Entries asked ahead of a reader that holds this many entries before its read, in its first
+/// chunk (and needed before it, to count as moving through the disk).
+pub const MAP_WINDOW_BLOCKS: u64 = 64;
 /// Rounds of asking holders found in block maps before homes and the owner.
 pub const HOLDER_ROUNDS: usize = 2;
 
@@ -113,8 +117,8 @@ pub struct Remote {
     block_bytes: u64,
     peer_fetch: bool,
     maps: Arc<RemoteMaps>,
-    /// Windows of the owner's map being fetched.
-    map_flights: DashMap<u64, MapFlight>,
+    /// Ranges (first block, count) of the owner's map being fetched.
+    map_flights: DashMap<(u64, u64), MapFlight>,
     /// Mixed into the random choice between two holders.
     picks: AtomicU64,
     describe: String,
@@ -189,84 +193,103 @@ impl Remote {
         self.size.div_ceil(self.block_bytes)
     }
 
-    /// Makes `map` hold the owner's entries of every block in `indices` (sorted), fetching the
-    /// windows of the owner's map it lacks (one request a window, one request at a time per
-    /// window), and asks ahead of a reader moving through the disk.
+    /// Makes `map` hold the owner's entries of every block in `indices` (sorted), fetching
+    /// those it lacks in contiguous ranges (one request a range, one request at a time per
+    /// range), and asks ahead of a reader moving through the disk.
     pub async fn fill_map(self: &Arc<Self>, map: &Arc<ContentMap>, indices: &[u64]) -> Result<()> {
         let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
-        let wb = map.window_blocks().unwrap_or(per);
-        let mut wanted: Vec<u64> = indices.iter().map(|i| i / wb).collect();
-        wanted.dedup();
-        let missing: Vec<u64> = wanted
-            .iter()
-            .copied()
-            .filter(|&w| !map.has_window(w))
-            .collect();
-        if !missing.is_empty() {
-            let got = futures::future::join_all(missing.iter().map(|&w| self.window(map, w))).await;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &i in indices {
+            if map.has_block(i) {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((first, count)) if *first + *count == i && i % per != 0 => *count += 1,
+                _ => ranges.push((i, 1)),
+            }
+        }
+        if !ranges.is_empty() {
+            let got = futures::future::join_all(
+                ranges
+                    .iter()
+                    .map(|&(first, count)| self.map_range(map, first, count)),
+            )
+            .await;
             for r in got {
                 r?;
             }
         }
-        // Read-ahead, for a reader moving through the disk: the windows after this read are
-        // asked now, so the owner fingerprints them while this one is read. A reader that held
-        // the whole chunk before this one gets the rest of this chunk and the next chunks; one
-        // that held the two windows before this read, the next window. Any other reader asks
-        // for nothing ahead: each window costs the owner a read of the blocks it has not read.
-        if let (Some(&first), Some(&last)) = (wanted.first(), wanted.last()) {
-            let per_chunk = (per / wb).max(1);
-            let windows = self.total_blocks().div_ceil(wb);
-            let chunk = first / per_chunk;
-            let ahead = if chunk > 0 && map.has_chunk(chunk - 1) {
-                last + 1..(last / per_chunk + 1 + MAP_READ_AHEAD_CHUNKS) * per_chunk
-            } else if first >= 2 && map.has_window(first - 1) && map.has_window(first - 2) {
-                last + 1..last + 2
-            } else {
-                0..0
-            };
-            for next in ahead {
-                if next >= windows {
-                    break;
+        // Read-ahead, for a reader moving through the disk: what comes after this read is
+        // asked now, so the owner fingerprints it while this read is served. A reader that
+        // holds the whole chunk before this one gets the rest of this chunk and the next
+        // chunks; one that holds the window of blocks before this read, the next window. Any
+        // other reader asks for nothing ahead: each entry costs the owner a read of a block
+        // it has not read.
+        if let (Some(&first), Some(&last)) = (indices.first(), indices.last()) {
+            let total = self.total_blocks();
+            let chunk = first / per;
+            let mut ahead: Vec<(u64, u64)> = Vec::new();
+            if chunk > 0 && map.has_chunk(chunk - 1) {
+                let chunk_end = ((last / per + 1) * per).min(total);
+                if last + 1 < chunk_end && !map.has_block(last + 1) {
+                    ahead.push((last + 1, chunk_end - last - 1));
                 }
-                if map.has_window(next) || self.map_flights.contains_key(&next) {
+                for c in last / per + 1..last / per + 1 + MAP_READ_AHEAD_CHUNKS {
+                    if c * per < total && !map.has_chunk(c) {
+                        ahead.push((c * per, per.min(total - c * per)));
+                    }
+                }
+            } else if first >= MAP_WINDOW_BLOCKS
+                && (first - MAP_WINDOW_BLOCKS..first).all(|i| map.has_block(i))
+                && last + 1 < total
+                && !map.has_block(last + 1)
+            {
+                let end = (last + 1 + MAP_WINDOW_BLOCKS)
+                    .min(total)
+                    .min((last + 1) / per * per + per);
+                ahead.push((last + 1, end - last - 1));
+            }
+            for (first, count) in ahead {
+                if self.map_flights.contains_key(&(first, count)) {
                     continue;
                 }
                 let (this, map) = (self.clone(), map.clone());
                 tokio::spawn(async move {
-                    let _ = this.window(&map, next).await;
+                    let _ = this.map_range(&map, first, count).await;
                 });
             }
         }
         Ok(())
     }
 
-    /// Window `window` of the owner's map into `map`, once however many readers want it.
-    async fn window(&self, map: &ContentMap, window: u64) -> Result<()> {
-        let cell = self.map_flights.entry(window).or_default().clone();
+    /// Entries [first, first + count) (inside one chunk) of the owner's map into `map`, once
+    /// however many readers want the same range at once.
+    async fn map_range(&self, map: &ContentMap, first: u64, count: u64) -> Result<()> {
+        let key = (first, count);
+        let cell = self.map_flights.entry(key).or_default().clone();
         let r = cell
-            .get_or_init(|| self.load_window(map, window))
+            .get_or_init(|| self.load_range(map, first, count))
             .await
             .clone();
         // Done (or failed: the next reader asks again): out of the flights.
         self.map_flights
-            .remove_if(&window, |_, c| Arc::ptr_eq(c, &cell));
+            .remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
         r
     }
 
-    async fn load_window(&self, map: &ContentMap, window: u64) -> Result<()> {
-        if map.has_window(window) {
+    async fn load_range(&self, map: &ContentMap, first: u64, count: u64) -> Result<()> {
+        if (first..first + count).all(|i| map.has_block(i)) {
             return Ok(());
         }
         let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
-        let wb = map.window_blocks().unwrap_or(per);
         let total = self.total_blocks();
-        let first = window * wb;
-        let count = wb.min(total.saturating_sub(first));
+        let count = count.min(total.saturating_sub(first));
         if count == 0 {
             return Ok(());
         }
         let chunk = first / per;
         let chunk_first = chunk * per;
+        let count = count.min(chunk_first + per - first);
         let entries = self
             .peers
             .content_map(
@@ -285,7 +308,7 @@ impl Remote {
                 *slot = Some(r);
             }
         }
-        map.insert_window_entries(
+        map.insert_entries(
             chunk,
             per.min(total - chunk_first) as usize,
             (first - chunk_first) as usize,

@@ -15,9 +15,10 @@
 //! A member's copy of an owner's map ([`ContentMap::owner_copy`]) is not persisted and is
 //! bounded: it holds chunks of the owner's map in a moka cache weighted by blocks, and forgets
 //! the least recently used chunks beyond its limit (a forgotten chunk costs more `ContentMap`
-//! requests, never a wrong byte). A chunk is fetched a *window* at a time (a few dozen blocks,
-//! [`ContentMap::window_blocks`]): the owner reads every block of a range it is asked for that
-//! it has not read yet, so a reader that needs one block must not make it read a chunk.
+//! requests, never a wrong byte). A chunk is filled by ranges, as readers need them: the owner
+//! reads every block of a range it is asked for that it has not read yet, so a reader that
+//! needs a few blocks must not make it read a chunk. Each block of a chunk has a bit: fetched
+//! or not (an entry fetched can still be `None`: a block the owner could not read).
 //!
 //! Architecture invariant: appends never block the read path; they go through a bounded queue
 //! to one writer thread, and are dropped (costing a later origin read) when it is full.
@@ -64,23 +65,23 @@ pub struct ContentMap {
 #[derive(Debug)]
 struct Chunks {
     blocks_per_chunk: u64,
-    /// Blocks per window (divides `blocks_per_chunk`; at most 64 windows a chunk).
-    window_blocks: u64,
     cache: moka::sync::Cache<u64, Arc<ChunkCopy>>,
 }
 
-/// One chunk of an owner's map as far as it was fetched: a bit per window fetched, and the
+/// One chunk of an owner's map as far as it was fetched: a bit per block fetched, and the
 /// entries (`None` for a block not fetched, or that the owner could not read).
 #[derive(Debug)]
 struct ChunkCopy {
-    windows: std::sync::atomic::AtomicU64,
+    fetched: Box<[std::sync::atomic::AtomicU64]>,
     entries: parking_lot::RwLock<Box<[Option<BlockRef>]>>,
 }
 
 impl ChunkCopy {
     fn new(blocks: usize) -> Self {
         ChunkCopy {
-            windows: std::sync::atomic::AtomicU64::new(0),
+            fetched: (0..blocks.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             entries: parking_lot::RwLock::new(vec![None; blocks].into_boxed_slice()),
         }
     }
@@ -88,19 +89,24 @@ impl ChunkCopy {
     fn len(&self) -> usize {
         self.entries.read().len()
     }
-}
 
-/// Blocks per window of a chunk of `blocks_per_chunk` blocks: 64 when that divides the chunk
-/// (one `FetchBlocks` worth), the whole chunk otherwise.
-pub fn window_blocks(blocks_per_chunk: u64) -> u64 {
-    const WINDOW: u64 = 64;
-    if blocks_per_chunk > WINDOW
-        && blocks_per_chunk.is_multiple_of(WINDOW)
-        && blocks_per_chunk / WINDOW <= 64
-    {
-        WINDOW
-    } else {
-        blocks_per_chunk.max(1)
+    fn has(&self, k: usize) -> bool {
+        self.fetched
+            .get(k / 64)
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Acquire) & (1 << (k % 64)) != 0)
+    }
+
+    fn whole(&self) -> bool {
+        let len = self.len();
+        self.fetched.iter().enumerate().all(|(n, w)| {
+            let bits = (len - n * 64).min(64);
+            let all = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            w.load(std::sync::atomic::Ordering::Acquire) & all == all
+        })
     }
 }
 
@@ -176,7 +182,6 @@ impl ContentMap {
             log: None,
             chunks: Some(Chunks {
                 blocks_per_chunk,
-                window_blocks: window_blocks(blocks_per_chunk),
                 // LRU: TinyLFU would refuse a new chunk once the copy is full, and the reader
                 // in a new region of the disk is exactly the one that needs it.
                 cache: moka::sync::Cache::builder()
@@ -193,51 +198,36 @@ impl ContentMap {
         self.chunks.as_ref().map(|c| c.blocks_per_chunk)
     }
 
-    /// Blocks per window of an owner's copy (`None` for a map of this node's own disk).
-    pub fn window_blocks(&self) -> Option<u64> {
-        self.chunks.as_ref().map(|c| c.window_blocks)
-    }
-
-    /// Whether chunk `chunk` of an owner's copy is held whole (every window of it fetched).
+    /// Whether chunk `chunk` of an owner's copy is held whole (every block of it fetched).
     pub fn has_chunk(&self, chunk: u64) -> bool {
-        let Some(c) = &self.chunks else {
-            return false;
-        };
-        c.cache.get(&chunk).is_some_and(|copy| {
-            let windows = (copy.len() as u64).div_ceil(c.window_blocks);
-            let all = if windows >= 64 {
-                u64::MAX
-            } else {
-                (1u64 << windows) - 1
-            };
-            copy.windows.load(std::sync::atomic::Ordering::Acquire) & all == all
-        })
+        self.chunks
+            .as_ref()
+            .and_then(|c| c.cache.get(&chunk))
+            .is_some_and(|copy| copy.whole())
     }
 
-    /// Whether window `window` (blocks `window * window_blocks ..`) of an owner's copy is
-    /// held.
-    pub fn has_window(&self, window: u64) -> bool {
+    /// Whether the owner's entry of block `index` was fetched into this owner's copy (it may
+    /// still be `None`: a block the owner could not read).
+    pub fn has_block(&self, index: u64) -> bool {
         let Some(c) = &self.chunks else {
             return false;
         };
-        let per_chunk = c.blocks_per_chunk / c.window_blocks;
-        c.cache.get(&(window / per_chunk)).is_some_and(|copy| {
-            copy.windows.load(std::sync::atomic::Ordering::Acquire) & (1 << (window % per_chunk))
-                != 0
-        })
+        c.cache
+            .get(&(index / c.blocks_per_chunk))
+            .is_some_and(|copy| copy.has((index % c.blocks_per_chunk) as usize))
     }
 
     /// Records chunk `chunk` of an owner's map whole: `entries[k]` is block `chunk *
     /// blocks_per_chunk + k`. Ignored by a map of this node's own disk.
     pub fn insert_chunk(&self, chunk: u64, entries: Vec<Option<BlockRef>>) {
         let len = entries.len();
-        self.insert_window_entries(chunk, len, 0, &entries);
+        self.insert_entries(chunk, len, 0, &entries);
     }
 
     /// Records entries of chunk `chunk` (of `chunk_len` blocks in all) of an owner's map from
-    /// block `at` of the chunk on (`at` at a window's start): the windows they cover whole (or
-    /// to the chunk's end) count as fetched. Ignored by a map of this node's own disk.
-    pub fn insert_window_entries(
+    /// block `at` of the chunk on; they count as fetched. Ignored by a map of this node's own
+    /// disk.
+    pub fn insert_entries(
         &self,
         chunk: u64,
         chunk_len: usize,
@@ -251,25 +241,17 @@ impl ContentMap {
         let copy = c
             .cache
             .get_with(chunk, || Arc::new(ChunkCopy::new(chunk_len)));
-        let wb = c.window_blocks as usize;
-        let end = (at + entries.len()).min(copy.len());
-        if at >= end || !at.is_multiple_of(wb) {
+        let end = at.saturating_add(entries.len()).min(copy.len());
+        if at >= end {
             return;
         }
         {
             let mut e = copy.entries.write();
             e[at..end].copy_from_slice(&entries[..end - at]);
         }
-        let mut bits = 0u64;
-        let mut w = at / wb;
-        while w * wb < end {
-            if (w + 1) * wb <= end || end == copy.len() {
-                bits |= 1 << w;
-            }
-            w += 1;
+        for k in at..end {
+            copy.fetched[k / 64].fetch_or(1 << (k % 64), std::sync::atomic::Ordering::AcqRel);
         }
-        copy.windows
-            .fetch_or(bits, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Opens (or starts) the persisted map at `path`, trusting it only if it was written for
@@ -388,7 +370,7 @@ impl ContentMap {
     pub fn insert(&self, index: u64, r: BlockRef) {
         if let Some(c) = &self.chunks {
             // Rare in an owner's copy (bytes from the owner that disagree with its map): only
-            // into a chunk held (a window not fetched stays unfetched).
+            // into a chunk held (a block not fetched stays unfetched).
             let n = index / c.blocks_per_chunk;
             let k = (index % c.blocks_per_chunk) as usize;
             if let Some(copy) = c.cache.get(&n)
@@ -516,44 +498,30 @@ mod tests {
     }
 
     #[test]
-    fn an_owner_copy_is_fetched_a_window_at_a_time() {
-        assert_eq!(window_blocks(1024), 64);
-        assert_eq!(window_blocks(256), 64);
-        assert_eq!(window_blocks(64), 64);
-        assert_eq!(window_blocks(16), 16, "a chunk of one window");
-        assert_eq!(
-            window_blocks(1000),
-            1000,
-            "64 does not divide it: the whole chunk"
-        );
-        // Chunks of 256 blocks, 4 windows of 64; chunk 1 is the disk's last, 200 blocks long.
+    fn an_owner_copy_is_fetched_by_ranges_a_bit_per_block() {
+        // Chunks of 256 blocks; chunk 1 is the disk's last, 200 blocks long.
         let m = ContentMap::owner_copy(256, 1 << 20);
-        assert_eq!(m.window_blocks(), Some(64));
-        m.insert_window_entries(1, 200, 64, &[Some(fp(7)); 64]);
-        assert!(m.has_window(5), "window 1 of chunk 1 (blocks 320..384)");
-        assert!(!m.has_window(4) && !m.has_window(6) && !m.has_window(1));
-        assert_eq!(m.get(256 + 64), Some(fp(7)));
-        assert_eq!(m.get(256 + 127), Some(fp(7)));
-        assert_eq!(m.get(256 + 63), None, "a window not fetched is unknown");
-        assert!(!m.has_chunk(1), "one window of four");
-        // The last window is short: fetched to the chunk's end, it counts.
-        m.insert_window_entries(1, 200, 192, &[Some(fp(8)); 8]);
-        assert!(m.has_window(7));
-        // An entry the owner did not give (it could not read the block) stays unknown in a
-        // window that is fetched.
-        let mut w = vec![Some(fp(9)); 64];
-        w[3] = None;
-        m.insert_window_entries(1, 200, 0, &w);
-        m.insert_window_entries(1, 200, 128, &[Some(BlockRef::Zero); 64]);
-        assert!(m.has_chunk(1), "every window fetched");
+        m.insert_entries(1, 200, 70, &[Some(fp(7)); 3]);
+        assert!(m.has_block(256 + 70) && m.has_block(256 + 72));
+        assert!(!m.has_block(256 + 69) && !m.has_block(256 + 73) && !m.has_block(70));
+        assert_eq!(m.get(256 + 71), Some(fp(7)));
+        assert_eq!(m.get(256 + 73), None, "a block not fetched is unknown");
+        assert!(!m.has_chunk(1));
+        // An entry the owner did not give (it could not read the block) is fetched, unknown.
+        let mut all = vec![Some(fp(9)); 200];
+        all[3] = None;
+        all[70] = Some(fp(7));
+        m.insert_entries(1, 200, 0, &all[..100]);
+        m.insert_entries(1, 200, 100, &all[100..]);
+        assert!(m.has_chunk(1), "every block fetched");
+        assert!(m.has_block(256 + 3));
         assert_eq!((m.get(256 + 3), m.get(256 + 4)), (None, Some(fp(9))));
-        assert_eq!(m.get(256 + 199), Some(fp(8)));
+        assert_eq!(m.get(256 + 199), Some(fp(9)));
         assert_eq!(m.len(), 199);
-        // Entries past a window's start, or past the chunk, are refused or cut.
-        m.insert_window_entries(0, 256, 10, &[Some(fp(1)); 4]);
-        assert!(!m.has_window(0) && m.get(10).is_none());
-        m.insert_window_entries(0, 256, 192, &[Some(fp(2)); 100]);
-        assert!(m.has_window(3) && m.get(255) == Some(fp(2)) && m.get(256) == Some(fp(9)));
+        // Entries past the chunk's end are cut.
+        m.insert_entries(0, 256, 250, &[Some(fp(2)); 100]);
+        assert!(m.has_block(255) && m.get(255) == Some(fp(2)) && m.get(256) == Some(fp(9)));
+        assert!(!m.has_chunk(0));
     }
 
     #[test]
