@@ -14,14 +14,16 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod certs;
+
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use shadowcache_proto as pb;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use pb::{
-    CacheCounters, DetectionAction, DiskInfo, DiskMode, LeaseCounters, MemberInfo, StatusResponse,
-    TierStatus,
+    CacheCounters, CertificateInfo, DetectionAction, DiskInfo, DiskMode, LeaseCounters, MemberInfo,
+    StatusResponse, TierStatus,
 };
 
 /// Why a client call failed.

@@ -76,6 +76,8 @@ pub struct NodeStatus {
     pub leases: LeaseCounters,
     /// The RAM pools' policy state.
     pub policy: cache::PolicyState,
+    /// The certificates this node presents.
+    pub certificates: Vec<crate::certs::CertificateInfo>,
 }
 
 /// Lease and detection counters since start.
@@ -234,6 +236,7 @@ impl Node {
                 peer_read_bytes: r.peer_read_bytes.get(),
             },
             tiers,
+            certificates: self.certificates.clone(),
             disks: self.disks(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             members: self.cluster.members(),

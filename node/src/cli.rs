@@ -29,6 +29,9 @@ where
             return ExitCode::from(2);
         }
     };
+    if flags.check_config {
+        return check_config(&config);
+    }
     telemetry::init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -48,6 +51,123 @@ where
             say(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--check-config`: the files the configuration names, checked as the node would use them;
+/// what it amounts to on stdout, each problem on stderr. Exit 0 if it would start, 2 if not.
+fn check_config(config: &Config) -> ExitCode {
+    let mut problems: Vec<String> = Vec::new();
+    let readable = |what: &str, path: &std::path::Path, problems: &mut Vec<String>| {
+        if let Err(e) = std::fs::File::open(path) {
+            problems.push(format!("{what} {}: {e}", path.display()));
+        }
+    };
+    for d in &config.disks {
+        readable(
+            &format!("disk {:?}: origin", d.id),
+            &d.origin,
+            &mut problems,
+        );
+    }
+    let mut certificates = Vec::new();
+    if let Some(t) = &config.cluster.tls {
+        readable("[cluster.tls] ca", &t.ca, &mut problems);
+        readable("[cluster.tls] key", &t.key, &mut problems);
+        match crate::certs::read("cluster", &t.cert) {
+            Ok(c) => certificates.push(c),
+            Err(e) => problems.push(format!("[cluster.tls] cert {e}")),
+        }
+    }
+    if let Some(t) = &config.nbd_tls {
+        readable("[nbd_tls] key", &t.key, &mut problems);
+        match crate::certs::read("nbd", &t.cert) {
+            Ok(c) => certificates.push(c),
+            Err(e) => problems.push(format!("[nbd_tls] cert {e}")),
+        }
+    }
+    if let Some(p) = &config.cluster.secret_file
+        && let Err(e) = crate::cluster::gossip_auth::ClusterKey::from_file(p)
+    {
+        problems.push(format!("cluster.secret_file: {e}"));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for c in &certificates {
+        if c.not_after_unix <= now {
+            problems.push(format!(
+                "{} certificate {} has expired",
+                c.role,
+                c.path.display()
+            ));
+        }
+    }
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    println!("node id      {}", config.node_id);
+    println!("data dir     {}", config.data_dir.display());
+    println!("grpc         unix {}", config.listen_unix.display());
+    if let Some(a) = config.listen_tcp {
+        println!("             tcp {a}");
+    }
+    match (&config.nbd_unix, config.nbd_listen) {
+        (None, None) => println!("nbd          off"),
+        (u, t) => println!(
+            "nbd          {}{}",
+            u.as_ref()
+                .map_or(String::new(), |u| format!("unix {} ", u.display())),
+            t.map_or(String::new(), |t| format!("tcp {t}"))
+        ),
+    }
+    println!(
+        "cache        block {} KiB, RAM {:.0} MiB, SSD {:.0} MiB at {}",
+        config.block_bytes / 1024,
+        mib(config.ram_bytes),
+        mib(config.ssd_bytes),
+        config.ssd_path.display()
+    );
+    match config.cluster.peer_listen {
+        Some(p) => println!(
+            "cluster      peer {p}, {} seed(s), {}",
+            config.cluster.seeds.len(),
+            match (&config.cluster.secret_file, &config.cluster.tls) {
+                (Some(_), Some(_)) => "cluster key and mutual TLS",
+                (Some(_), None) => "cluster key",
+                (None, Some(_)) => "mutual TLS",
+                (None, None) => "OPEN (neither cluster.secret_file nor [cluster.tls])",
+            }
+        ),
+        None => println!("cluster      none (a node alone)"),
+    }
+    for d in &config.disks {
+        println!(
+            "disk         {} = {} ({})",
+            d.id,
+            d.origin.display(),
+            d.mode.as_str()
+        );
+    }
+    for c in &certificates {
+        println!(
+            "certificate  {} {} {}, expires in {} days",
+            c.role,
+            c.path.display(),
+            c.subject,
+            (c.not_after_unix - now) / 86_400
+        );
+    }
+    if problems.is_empty() {
+        println!("configuration OK");
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            say(format_args!("{p}"));
+        }
+        say(format_args!(
+            "configuration has {} problem(s); the node would not start",
+            problems.len()
+        ));
+        ExitCode::from(2)
     }
 }
 

@@ -302,6 +302,11 @@ pub struct Flags {
     /// Add this many milliseconds to each read of an origin (`origin_limit.read_latency_ms`).
     #[arg(long, value_name = "MS")]
     pub origin_read_latency_ms: Option<f64>,
+    /// Check the configuration (the file, the flags, and the files they name: origins,
+    /// certificates, keys, the cluster key), print what it amounts to, and exit: 0 when it
+    /// would start, 2 when not. Starts nothing, writes nothing.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 pub use crate::cluster::detect::DetectionConfig;

@@ -32,6 +32,7 @@
 pub mod admin;
 pub mod blocking;
 pub mod cache;
+pub mod certs;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
@@ -125,6 +126,8 @@ pub struct Node {
     /// disk, or its reads reached the threshold.
     detect_soon: tokio::sync::Notify,
     started: Instant,
+    /// The certificates this node presents, read at start.
+    certificates: Vec<certs::CertificateInfo>,
     /// Set by [`Node::halt`]: writes no longer reach the origins.
     halted: Arc<std::sync::atomic::AtomicBool>,
     /// An exclusive lock on `DATA_DIR/lock`, held while the node lives: two nodes on one data
@@ -256,6 +259,7 @@ impl Node {
             env.peers,
         );
         let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);
+        let certificates = certs::of_config(&config);
         Ok(Arc::new_cyclic(|me| Node {
             config,
             registry,
@@ -269,6 +273,7 @@ impl Node {
             me: me.clone(),
             started: Instant::now(),
             halted: Arc::default(),
+            certificates,
             _lock: lock,
         }))
     }

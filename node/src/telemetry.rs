@@ -72,6 +72,9 @@ pub const ORIGIN_ERRORS: &str = "shadowcache_origin_errors_total";
 pub const ORIGIN_LIMIT_WAIT_US: &str = "shadowcache_origin_limit_wait_microseconds_total";
 /// Cold reads of a block that joined another reader's origin read.
 pub const SINGLE_FLIGHT_JOINS: &str = "shadowcache_single_flight_joins_total";
+/// Expiry of each certificate the node presents (`role` = cluster, nbd), seconds since the
+/// Unix epoch.
+pub const CERT_EXPIRY: &str = "shadowcache_certificate_expiry_timestamp_seconds";
 /// Blocks an owner served from those it had just read for members' content maps, instead of
 /// reading its origin again.
 pub const STAGED_HITS: &str = "shadowcache_staged_hits_total";
@@ -361,6 +364,10 @@ fn describe() {
     describe_counter!(
         SINGLE_FLIGHT_JOINS,
         "Cold reads that joined an in-flight origin read"
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        "Expiry of each certificate the node presents (role = cluster, nbd), Unix seconds"
     );
     describe_counter!(
         STAGED_HITS,

@@ -352,3 +352,71 @@ async fn with_mutual_tls_only_members_with_the_clusters_certificates_are_served(
         );
     }
 }
+
+/// Issue 19, item 4: a CA, a cluster key and members' certificates made by `shadowcache
+/// certs` (the library behind it) make a working cluster with sealed gossip and Peer calls
+/// and mutual TLS, and each member's status shows its certificate's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_the_ca_key_and_certificates_that_shadowcache_certs_makes() {
+    use shadowcache_client::certs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let size: u64 = 1 << 20;
+    let data = random_image(&base, size as usize, 23);
+    let pki = dir.path().join("pki");
+    let ca = certs::init(&pki, "test", 30).expect("certs init");
+    let config = |name: &str| {
+        let m = certs::issue(&pki, name, &["127.0.0.1".into()], &pki, 20).expect("certs issue");
+        let path = dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[cluster]\nphi_threshold = 14\ngossip_interval_ms = 250\nsecret_file = {:?}\n\n\
+             [cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[detection]\nenabled = false\n",
+            ca.cluster_key.display().to_string(),
+            ca.ca_cert.display().to_string(),
+            m.cert.display().to_string(),
+            m.key.display().to_string()
+        );
+        shadowcache_testkit::write_file(&path, text.as_bytes());
+        format!("--config={}", path.display())
+    };
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--disk=base={},sealed", base.display()),
+            config("a"),
+        ],
+    );
+    let b = member(dir.path(), "b", Some(&a.addr), &[config("b")]);
+    until(&b, "a's disk at b", |s| {
+        s.members.len() == 2 && has_disk(s, "base", "a")
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = client(&b)
+            .await
+            .disk("base")
+            .read_at(0, size)
+            .await
+            .expect("read at b");
+        assert!(got[..] == data[..]);
+        if counters(&b).await.owner_read_bytes > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never fetched from a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = client(&b).await.status().await.expect("status");
+    assert_eq!(s.certificates.len(), 1, "{:?}", s.certificates);
+    let c = &s.certificates[0];
+    assert_eq!(c.role, "cluster");
+    assert!(c.subject.contains("CN=b"), "{}", c.subject);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let days = (c.not_after_unix - now) / 86_400;
+    assert!((19..=20).contains(&days), "expires in {days} days");
+}

@@ -123,3 +123,86 @@ fn a_second_node_on_a_data_dir_in_use_is_refused_before_it_joins_the_cluster() {
     );
     drop(first);
 }
+
+/// Issue 19, item 7: `--check-config` says what a configuration amounts to and exits 0 when
+/// the node would start; it names each problem with the files it names (an origin it cannot
+/// read, a cluster key too short, an expired certificate) and exits 2; it starts nothing and
+/// creates no data directory.
+#[test]
+fn check_config_reports_what_would_run_and_each_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let data = d.join("data");
+    let image = d.join("base.raw");
+    std::fs::write(&image, vec![1u8; 1 << 16]).expect("image");
+    let pki = d.join("pki");
+    let ca = shadowcache_client::certs::init(&pki, "t", 30).expect("init");
+    let m = shadowcache_client::certs::issue(&pki, "n1", &[], &pki, 10).expect("issue");
+    let config = d.join("node.toml");
+    let good = format!(
+        "node_id = \"n1\"\n[cluster]\npeer_listen = \"127.0.0.1:7999\"\nsecret_file = {:?}\n\
+         [cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        ca.cluster_key.display().to_string(),
+        ca.ca_cert.display().to_string(),
+        m.cert.display().to_string(),
+        m.key.display().to_string()
+    );
+    std::fs::write(&config, &good).expect("config");
+    let run = |extra: &[String]| {
+        let mut args = vec![
+            "--check-config".to_string(),
+            format!("--config={}", config.display()),
+            format!("--data-dir={}", data.display()),
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(binary("shadowcache-node"))
+            .args(&args)
+            .output()
+            .expect("run shadowcache-node");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&[format!("--disk=base={},sealed", image.display())]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("configuration OK"), "{out}");
+    assert!(out.contains("cluster key and mutual TLS"), "{out}");
+    assert!(
+        out.contains("certificate  cluster") && out.contains("CN=n1"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("disk         base = {} (sealed)", image.display())),
+        "{out}"
+    );
+    assert!(!data.exists(), "--check-config created the data directory");
+
+    // An origin that cannot be read and a cluster key that is too short.
+    std::fs::write(&ca.cluster_key, "short\n").expect("key");
+    let (code, out, err) = run(&[format!("--disk=gone={}", d.join("missing.raw").display())]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("origin") || err.contains("missing.raw"),
+        "{err}"
+    );
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cluster.secret_file") && err.contains("at least 16"),
+        "{err}"
+    );
+
+    // An expired certificate.
+    std::fs::write(&ca.cluster_key, "0123456789abcdef0123456789abcdef\n").expect("key");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["shadowcache".to_string()]).expect("p");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    std::fs::write(&m.cert, params.self_signed(&key).expect("cert").pem()).expect("write");
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("has expired"), "{err}");
+    assert!(!data.exists());
+}

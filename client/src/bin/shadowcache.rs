@@ -112,8 +112,130 @@ enum Command {
         #[arg(long, value_parser = ["mutable", "sealed"], default_value = "mutable")]
         mode: String,
     },
-    /// Cache tiers, hit ratios, dedup and disks.
+    /// Cache tiers, hit ratios, dedup, certificates and disks.
     Status,
+    /// Make the cluster's CA, cluster key and members' certificates (no node is contacted).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// A new cluster CA (`ca.pem`, `ca.key`) and cluster key (`cluster.key`, for
+    /// `cluster.secret_file`) in DIR; private files 0600. Refuses to replace any of them.
+    Init {
+        /// Directory for the CA (created 0700).
+        dir: PathBuf,
+        /// The cluster's name, in the CA's subject.
+        #[arg(long, default_value = "shadowcache")]
+        cluster: String,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// A member's certificate and key (`NAME.pem`, `NAME.key`), signed by the CA in --ca, for
+    /// `[cluster.tls]`, `[nbd_tls]` and the TCP gRPC listener.
+    Issue {
+        /// The CA's directory (from `certs init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The member's name (its node id); the certificate's CN and a DNS name in it.
+        name: String,
+        /// Another name it is valid for: a DNS name or an IP address (repeatable).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Where to write the files (default: the CA's directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
+}
+
+fn unix_date(secs: i64) -> String {
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), UTC.
+    let days = secs.div_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn expiry_text(not_after_unix: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = not_after_unix - now;
+    if left <= 0 {
+        format!("EXPIRED {}", unix_date(not_after_unix))
+    } else {
+        format!(
+            "{} ({} days left)",
+            unix_date(not_after_unix),
+            left / 86_400
+        )
+    }
+}
+
+fn certs(cmd: CertsCommand, json: bool) -> anyhow::Result<()> {
+    use shadowcache_client::certs;
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    };
+    match cmd {
+        CertsCommand::Init { dir, cluster, days } => {
+            let f = certs::init(&dir, &cluster, days)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"ca_cert": f.ca_cert, "ca_key": f.ca_key, "cluster_key": f.cluster_key, "not_after_unix": secs(f.not_after)})
+                );
+            } else {
+                println!("CA certificate  {}", f.ca_cert.display());
+                println!(
+                    "CA key          {} (0600: keep it off the hosts)",
+                    f.ca_key.display()
+                );
+                println!(
+                    "cluster key     {} (0600: cluster.secret_file on every member)",
+                    f.cluster_key.display()
+                );
+                println!("expires         {}", expiry_text(secs(f.not_after)));
+            }
+        }
+        CertsCommand::Issue {
+            ca,
+            name,
+            sans,
+            out,
+            days,
+        } => {
+            let out = out.unwrap_or_else(|| ca.clone());
+            let f = certs::issue(&ca, &name, &sans, &out, days)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"cert": f.cert, "key": f.key, "names": f.names, "not_after_unix": secs(f.not_after)})
+                );
+            } else {
+                println!("certificate  {}", f.cert.display());
+                println!("key          {} (0600)", f.key.display());
+                println!("names        {}", f.names.join(", "));
+                println!("expires      {}", expiry_text(secs(f.not_after)));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn mode_name(m: i32) -> &'static str {
@@ -211,6 +333,12 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "block_size": s.block_size,
         "uptime_ms": s.uptime_ms,
         "single_touch_share": s.single_touch_share,
+        "certificates": s.certificates.iter().map(|c| json!({
+            "role": c.role,
+            "path": c.path,
+            "subject": c.subject,
+            "not_after_unix": c.not_after_unix,
+        })).collect::<Vec<_>>(),
         "policy": {
             "single_touch_target": p.single_touch_target,
             "single_touch_min": p.single_touch_min,
@@ -370,11 +498,27 @@ fn print_status(s: &StatusResponse) {
     for m in &s.members {
         println!("  {:<24} {}", m.id, m.peer_addr);
     }
+    if !s.certificates.is_empty() {
+        println!();
+        println!("certificates:");
+        for c in &s.certificates {
+            println!(
+                "  {:<8} {}  {}  expires {}",
+                c.role,
+                c.path,
+                c.subject,
+                expiry_text(c.not_after_unix)
+            );
+        }
+    }
     println!();
     print_disks(&s.disks);
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Certs { command } = cli.command {
+        return certs(command, cli.json);
+    }
     let client = match (&cli.tcp, &cli.ca, &cli.cert, &cli.key) {
         (Some(addr), Some(ca), Some(cert), Some(key)) => {
             let tls = shadowcache_client::TlsFiles {
@@ -493,6 +637,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_disks(&[d]);
             }
         }
+        Command::Certs { command } => return certs(command, cli.json),
         Command::Status => {
             let s = client.status().await?;
             if cli.json {

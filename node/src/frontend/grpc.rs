@@ -155,6 +155,16 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             foreign_revocations: s.leases.foreign_revocations,
         }),
         policy: Some(policy_to_pb(&s.policy)),
+        certificates: s
+            .certificates
+            .into_iter()
+            .map(|c| pb::CertificateInfo {
+                role: c.role,
+                path: c.path.display().to_string(),
+                subject: c.subject,
+                not_after_unix: c.not_after_unix,
+            })
+            .collect(),
     }
 }
 

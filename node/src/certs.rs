@@ -1,0 +1,102 @@
+//! The certificates this node presents (`[cluster.tls]`, `[nbd_tls]`): when each expires,
+//! read once at start (they are loaded only then), for `status` and the metric
+//! `shadowcache_certificate_expiry_timestamp_seconds{role}`. One that expires within
+//! [`WARN_BEFORE`] is logged as a warning at start.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// How long before expiry a certificate is warned about at start.
+pub const WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+/// One certificate this node presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// What it is for: `cluster` (members' mutual TLS, and the TCP gRPC listener) or `nbd`.
+    pub role: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Its subject (`CN=...`).
+    pub subject: String,
+    /// Its expiry, in seconds since the Unix epoch.
+    pub not_after_unix: i64,
+}
+
+/// The first certificate in the PEM file at `path`.
+pub fn read(role: &str, path: &Path) -> Result<CertificateInfo, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| format!("{}: not an X.509 certificate: {e}", path.display()))?;
+    Ok(CertificateInfo {
+        role: role.to_string(),
+        path: path.to_path_buf(),
+        subject: cert.subject().to_string(),
+        not_after_unix: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// The certificates `config` makes this node present, each with its gauge set; a warning for
+/// each that expires within [`WARN_BEFORE`] (or has expired), and for one that cannot be read
+/// (TLS itself then fails to start with its own error).
+pub fn of_config(config: &crate::Config) -> Vec<CertificateInfo> {
+    let mut out = Vec::new();
+    let wanted = [
+        (
+            "cluster",
+            config.cluster.tls.as_ref().map(|t| t.cert.clone()),
+        ),
+        ("nbd", config.nbd_tls.as_ref().map(|t| t.cert.clone())),
+    ];
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (role, path) in wanted {
+        let Some(path) = path else { continue };
+        match read(role, &path) {
+            Ok(c) => {
+                metrics::gauge!(crate::telemetry::CERT_EXPIRY, "role" => role)
+                    .set(c.not_after_unix as f64);
+                let left = c.not_after_unix - now;
+                if left <= 0 {
+                    tracing::error!(role, path = %path.display(), subject = %c.subject, "certificate has expired; peers will refuse it: issue a new one (shadowcache certs issue)");
+                } else if left < WARN_BEFORE.as_secs() as i64 {
+                    tracing::warn!(role, path = %path.display(), subject = %c.subject, days_left = left / 86_400, "certificate expires soon: issue a new one (shadowcache certs issue) and restart");
+                }
+                out.push(c);
+            }
+            Err(e) => tracing::warn!(role, error = %e, "cannot read the certificate's expiry"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_expiry_and_subject_are_read_and_junk_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["shadowcache".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "host-9");
+        params.not_after = rcgen::date_time_ymd(2031, 5, 6);
+        let cert = params.self_signed(&key).expect("cert");
+        let p = dir.path().join("c.pem");
+        std::fs::write(&p, cert.pem()).expect("write");
+        let c = read("nbd", &p).expect("read");
+        assert_eq!(c.role, "nbd");
+        assert!(c.subject.contains("CN=host-9"), "{}", c.subject);
+        assert_eq!(c.not_after_unix, 1_935_792_000, "2031-05-06T00:00:00Z");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").expect("write");
+        assert!(read("nbd", &junk).is_err());
+        assert!(read("nbd", &dir.path().join("missing.pem")).is_err());
+    }
+}
