@@ -42,6 +42,10 @@ else
   RUSTFLAGS="$test_rustflags" cargo test --workspace "${features[@]}" --no-fail-fast
 fi
 
+# What deploy/ ships, against the real tools: promtool, a real Prometheus scraping a node, and
+# the dashboard's and rules' metrics against what the node exports (deploy/test.sh).
+./deploy/test.sh
+
 # Every fuzz target for a bounded time on its committed corpus (scripts/fuzz.sh; FUZZ_SECONDS,
 # default 20 s a target; FUZZ_SECONDS=0 skips them and says so).
 if [ "${FUZZ_SECONDS:-20}" = 0 ]; then

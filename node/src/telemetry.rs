@@ -287,6 +287,13 @@ pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), String> {
             &latency_buckets,
         )
         .map_err(|e| e.to_string())?
+        // Buckets, not a summary: percentiles across nodes (histogram_quantile over a sum)
+        // cannot be had from per-node quantiles (deploy/grafana/shadowcache.json).
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(NBD_SECONDS.to_string()),
+            &latency_buckets,
+        )
+        .map_err(|e| e.to_string())?
         .install()
         .map_err(|e| format!("metrics listener on {addr}: {e}"))?;
     describe();

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Tests of what deploy/ ships, against the real tools (issue 19). Installs what it needs from
+# apt when run as root (scripts/test.sh calls it, and CI calls that).
+#
+# - Prometheus: `promtool check config` and `check rules`, and the rules' unit tests
+#   (`promtool test rules`).
+# - A running node (the debug binaries, built if missing) with a certificate, serving reads over
+#   NBD and gRPC: every metric the Grafana dashboard and the alert rules query is one it
+#   exports.
+# - A real Prometheus on loopback scrapes that node; a query through its HTTP API returns the
+#   node's cache hit counter, above zero.
+#
+# Bounded: every wait has a deadline; the node and Prometheus are stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "deploy/test.sh: FAILED: missing tools; please install: ${need[*]}" >&2
+    exit 1
+  fi
+fi
+
+echo "== promtool: config, rules, rule unit tests"
+(cd deploy/prometheus && promtool check config prometheus.yml && promtool check rules shadowcache.rules.yml \
+  && promtool test rules shadowcache.rules.test.yml)
+
+bin=target/debug
+if [ ! -x "$bin/shadowcache-node" ] || [ ! -x "$bin/shadowcache" ]; then
+  cargo build -q -p shadowcache-node -p shadowcache-client
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+metrics_port=$(free_port)
+prom_port=$(free_port)
+peer_port=$(free_port)
+
+echo "== a node with a certificate, read over NBD and gRPC"
+"$bin/shadowcache" certs init "$work/pki" >/dev/null
+"$bin/shadowcache" certs issue --ca "$work/pki" node-1 >/dev/null
+head -c $((4 << 20)) /dev/urandom > "$work/base.raw"
+cat > "$work/node.toml" <<EOF
+node_id = "node-1"
+data_dir = "$work/data"
+metrics = "127.0.0.1:$metrics_port"
+[cluster]
+peer_listen = "127.0.0.1:$peer_port"
+secret_file = "$work/pki/cluster.key"
+[cache]
+ram = "64MiB"
+ssd = "16MiB"
+[nbd_tls]
+cert = "$work/pki/node-1.pem"
+key = "$work/pki/node-1.key"
+[[disk]]
+id = "base"
+origin = "$work/base.raw"
+mode = "sealed"
+EOF
+"$bin/shadowcache-node" --check-config --config "$work/node.toml" >/dev/null
+"$bin/shadowcache-node" --config "$work/node.toml" > "$work/node.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  [ -S "$work/data/nbd.sock" ] && [ -S "$work/data/shadowcache.sock" ] && break
+  sleep 0.1
+done
+export SHADOWCACHE_SOCKET="$work/data/shadowcache.sock"
+for _ in 1 2; do
+  nbdcopy "nbd+unix:///base?socket=$work/data/nbd.sock" "$work/copy.raw"
+  cmp "$work/base.raw" "$work/copy.raw"
+  "$bin/shadowcache" read base --offset 0 --length 1048576 -o "$work/part.raw"
+done
+curl -sf "http://127.0.0.1:$metrics_port/metrics" > "$work/metrics.txt"
+
+echo "== every metric the dashboard and the rules query is exported"
+python3 - "$work/metrics.txt" deploy/grafana/shadowcache.json deploy/prometheus/shadowcache.rules.yml <<'EOF'
+import json, re, sys
+exported = set()
+for line in open(sys.argv[1]):
+    if line.startswith("#") or not line.strip():
+        continue
+    exported.add(re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0))
+dash = json.load(open(sys.argv[2]))
+queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+queries += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+# The rules' expressions: every line but comments, summaries and descriptions.
+queries += [l for l in open(sys.argv[3])
+            if not l.lstrip().startswith(("#", "summary:", "description:"))]
+wanted = set()
+for q in queries:
+    wanted.update(re.findall(r"\bshadowcache_[a-z0-9_]+", q))
+missing = sorted(w for w in wanted if w not in exported)
+print(f"{len(wanted)} metrics queried, {len(exported)} exported")
+if missing:
+    print("queried but not exported by the node: " + ", ".join(missing), file=sys.stderr)
+    sys.exit(1)
+if not any(p["title"].startswith("NBD latency") for p in dash["panels"]):
+    sys.exit("the dashboard lost its NBD latency panel")
+EOF
+
+echo "== a real Prometheus scrapes the node"
+cat > "$work/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+rule_files:
+  - $(pwd)/deploy/prometheus/shadowcache.rules.yml
+scrape_configs:
+  - job_name: shadowcache
+    static_configs:
+      - targets: ["127.0.0.1:$metrics_port"]
+EOF
+prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+  --web.listen-address="127.0.0.1:$prom_port" > "$work/prometheus.log" 2>&1 &
+pids+=($!)
+query="sum(shadowcache_cache_hits_total)"
+value=""
+for _ in $(seq 1 60); do
+  value=$(curl -sf --get "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$query" \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")' \
+    2>/dev/null || true)
+  if [ -n "$value" ] && python3 -c "import sys; sys.exit(0 if float('$value') > 0 else 1)"; then
+    break
+  fi
+  value=""
+  sleep 0.5
+done
+if [ -z "$value" ]; then
+  echo "deploy/test.sh: FAILED: Prometheus never returned $query above 0" >&2
+  tail -20 "$work/prometheus.log" >&2
+  exit 1
+fi
+echo "Prometheus: $query = $value"
+echo "deploy/test.sh: all passed"
