@@ -32,7 +32,7 @@ where
     if flags.check_config {
         return check_config(&config);
     }
-    telemetry::init_tracing(config.log_format);
+    let log_filter = telemetry::init_tracing(config.log_format, config.log_filter.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("shadowcache")
@@ -44,7 +44,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, &flags, log_filter)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -171,7 +171,48 @@ fn check_config(config: &Config) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// SIGHUP: the config file is read again and what can change while running is applied: the
+/// log filter (`log_filter`). Everything else (listeners, cache sizes, disks, the cluster,
+/// certificates) is bound at start; a change there takes a restart, and the log says so.
+fn reload(flags: &Flags, running: &Config, log_filter: Option<&telemetry::LogFilter>) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    match Config::from_flags(flags) {
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the configuration has an error; nothing reloaded");
+        }
+        Ok(new) => {
+            match log_filter.map(|l| l.set(new.log_filter.as_deref())) {
+                Some(Ok(true)) => {
+                    tracing::info!(
+                        log_filter = new.log_filter.as_deref().unwrap_or("info"),
+                        "SIGHUP: log filter reloaded"
+                    );
+                }
+                Some(Ok(false)) => {
+                    tracing::info!(
+                        "SIGHUP: RUST_LOG sets the log filter; log_filter is not applied"
+                    );
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
+                None => {}
+            }
+            let mut unchanged = new.clone();
+            unchanged.log_filter.clone_from(&running.log_filter);
+            if format!("{unchanged:?}") != format!("{running:?}") {
+                tracing::warn!(
+                    "SIGHUP: other keys of the configuration changed; they take effect at the next restart"
+                );
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+async fn run(
+    config: Config,
+    flags: &Flags,
+    log_filter: Option<telemetry::LogFilter>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Fail points from FAILPOINTS, in a build for fault tests only; said loudly.
     #[cfg(feature = "failpoints")]
@@ -186,11 +227,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let running = crate::start(config).await?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup())?;
+    let running = crate::start(config.clone()).await?;
+    // Ready for systemd (Type=notify): the sockets are bound and the cluster joined. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!(
+                "serving {} disk(s) as {}",
+                running.node().registry().list().len(),
+                config.node_id
+            )),
+        ],
+    );
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => reload(flags, &config, log_filter.as_ref()),
+        }
     };
     tracing::info!(signal = which, "shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     running.shutdown().await
 }

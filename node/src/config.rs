@@ -213,6 +213,7 @@ struct FileConfig {
     nbd_unix: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     log_format: Option<LogFormat>,
+    log_filter: Option<String>,
     #[serde(default)]
     cache: FileCache,
     #[serde(default)]
@@ -336,6 +337,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Which log lines are written (`RUST_LOG` syntax, e.g. `info,shadowcache_node::cluster=debug`);
+    /// `RUST_LOG` wins when set. Re-read from the config file on SIGHUP.
+    pub log_filter: Option<String>,
     /// Cache block size in bytes.
     pub block_bytes: u32,
     /// RAM for both pools.
@@ -476,6 +480,7 @@ impl Config {
             ),
             metrics: flags.metrics.or(file.metrics),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            log_filter: file.log_filter,
             block_bytes: flags
                 .block_size
                 .or(file.cache.block_size)
@@ -607,6 +612,11 @@ impl Config {
 
     /// Checks values that parse but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(f) = &self.log_filter
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(f)
+        {
+            return Err(invalid("log_filter", format!("{f:?}: {e}")));
+        }
         self.origin_limit
             .validate()
             .map_err(|(key, message)| invalid(key, message))?;

@@ -255,21 +255,53 @@ pub enum LogFormat {
 }
 
 /// Installs the tracing subscriber: `RUST_LOG` (default `info`) filters, output on stderr.
-pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init_tracing(format: LogFormat, filter: Option<&str>) -> Option<LogFilter> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, reload};
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let initial = match (EnvFilter::try_from_default_env(), filter) {
+        (Ok(f), _) => f,
+        (Err(_), Some(f)) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
+        (Err(_), None) => EnvFilter::new("info"),
+    };
+    let (filter_layer, handle) = reload::Layer::new(initial);
     // A log that cannot be written (stderr to a file on a full disk) loses lines; it must not
     // stop the node: tracing-subscriber would report the failure with `eprintln!`, which
     // panics when stderr cannot be written either.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .log_internal_errors(false);
+    let registry = tracing_subscriber::registry().with(filter_layer);
     // A second init (tests that start several nodes in one process) is not an error.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
     };
+    installed.ok().map(|()| LogFilter { handle, from_env })
+}
+
+/// The log filter of the running process, changed on SIGHUP from the config file's
+/// `log_filter` (unless `RUST_LOG` set it).
+#[derive(Debug)]
+pub struct LogFilter {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    from_env: bool,
+}
+
+impl LogFilter {
+    /// Applies `filter` (or `info` when `None`); `Ok(false)` when `RUST_LOG` holds the filter.
+    pub fn set(&self, filter: Option<&str>) -> Result<bool, String> {
+        if self.from_env {
+            return Ok(false);
+        }
+        let f = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
+            .map_err(|e| e.to_string())?;
+        self.handle.reload(f).map_err(|e| e.to_string())?;
+        Ok(true)
+    }
 }
 
 /// Installs the Prometheus recorder and its HTTP listener (`GET /metrics`) on `addr`.
