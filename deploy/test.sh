@@ -9,6 +9,10 @@
 #   exports.
 # - A real Prometheus on loopback scrapes that node; a query through its HTTP API returns the
 #   node's cache hit counter, above zero.
+# - Kubernetes: the base and the production overlay (with a CA, cluster key and member
+#   certificate made by `shadowcache certs`) render with `kubectl kustomize` and validate with
+#   `kubernetes-validate --strict` (PyPI, in a virtualenv) for every Kubernetes version from
+#   1.29 to the newest it knows.
 # - systemd: the unit passes `systemd-analyze verify` with no warning at all (an unknown key is
 #   only a warning there), and `systemd-analyze security --offline=true` rates its exposure at
 #   most 2.0 (it is 1.6; 10 is an unprotected service).
@@ -62,6 +66,35 @@ if [ -n "$verify" ]; then
   exit 1
 fi
 systemd-analyze security --offline=true --threshold=20 "$work/shadowcache-node.service" | tail -1
+
+echo "== Kubernetes: kustomize, kubernetes-validate --strict"
+if command -v kubectl >/dev/null 2>&1; then
+  venv="${KUBE_VALIDATE_VENV:-target/kubernetes-validate-venv}"
+  if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q kubernetes-validate
+  fi
+  cp -r deploy/kubernetes "$work/kubernetes"
+  certs="$work/kubernetes/overlays/production/certs"
+  "$bin/shadowcache" certs init "$certs" >/dev/null
+  "$bin/shadowcache" certs issue --ca "$certs" member >/dev/null
+  kubectl kustomize "$work/kubernetes/base" > "$work/k8s-base.yaml"
+  kubectl kustomize "$work/kubernetes/overlays/production" > "$work/k8s-production.yaml"
+  grep -q "kind: DaemonSet" "$work/k8s-production.yaml"
+  grep -q "kind: PodDisruptionBudget" "$work/k8s-production.yaml"
+  grep -q "name: shadowcache-tls" "$work/k8s-production.yaml"
+  schemas=$(ls "$venv"/lib/python3*/site-packages/kubernetes_validate/kubernetes-json-schema/ \
+    | sed -n 's/^v\(1\.[0-9]*\)\.0-local-strict$/\1/p' | sort -V)
+  checked=0
+  for v in $schemas; do
+    [ "${v#1.}" -ge 29 ] || continue
+    "$venv/bin/kubernetes-validate" --strict --quiet -k "$v.0" "$work/k8s-base.yaml" "$work/k8s-production.yaml"
+    checked=$((checked + 1))
+  done
+  [ "$checked" -ge 1 ] || { echo "deploy/test.sh: FAILED: no Kubernetes schema >= 1.29 found" >&2; exit 1; }
+  echo "Kubernetes manifests valid for $checked versions: $(echo $schemas | tr ' ' '\n' | awk -F. '$2>=29' | tr '\n' ' ')"
+else
+  echo "WARNING: deploy/test.sh: kubectl is not installed: the Kubernetes manifests were NOT validated" >&2
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 metrics_port=$(free_port)

@@ -126,7 +126,7 @@ struct FileCluster {
     advertise: Option<SocketAddr>,
     advertise_rpc: Option<SocketAddr>,
     #[serde(default)]
-    seeds: Vec<SocketAddr>,
+    seeds: Vec<String>,
     cluster_id: Option<String>,
     gossip_interval_ms: Option<u64>,
     phi_threshold: Option<f64>,
@@ -290,9 +290,10 @@ pub struct Flags {
     /// The Peer gRPC address other members dial, when it is not --advertise (a proxy).
     #[arg(long, value_name = "ADDR")]
     pub advertise_rpc: Option<SocketAddr>,
-    /// Another member's peer address to join through; repeatable.
+    /// Another member's peer address to join through, `IP:PORT` or `HOST:PORT` (a name that
+    /// resolves to members, e.g. a headless Service); repeatable.
     #[arg(long = "seed", value_name = "ADDR")]
-    pub seeds: Vec<SocketAddr>,
+    pub seeds: Vec<String>,
     /// Limit this node's reads of its origins to this many bytes a second, all together
     /// (`origin_limit.read_rate`).
     #[arg(long, value_name = "SIZE")]
@@ -612,6 +613,27 @@ impl Config {
 
     /// Checks values that parse but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (n, s) in self.cluster.seeds.iter().enumerate() {
+            if s.parse::<SocketAddr>().is_ok() {
+                continue;
+            }
+            let ok = s.rsplit_once(':').is_some_and(|(host, port)| {
+                port.parse::<u16>().is_ok_and(|p| p > 0)
+                    && !host.is_empty()
+                    && host.len() <= 253
+                    && host.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    })
+            });
+            if !ok {
+                return Err(invalid(
+                    format!("cluster.seeds[{n}]"),
+                    format!("{s:?} is neither IP:PORT nor HOST:PORT"),
+                ));
+            }
+        }
         if let Some(f) = &self.log_filter
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(f)
         {
@@ -946,6 +968,28 @@ mod tests {
         assert!(m.contains("cluster.peer_listen"), "{m}");
         let m = message(parse("[cluster]\npeer_listen = \"0.0.0.0:7000\"\n"));
         assert!(m.contains("cluster.advertise"), "{m}");
+        // Seeds by name (a headless Service) are taken; junk is refused, naming the seed.
+        let ok = parse(
+            "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nseeds = [\"10.0.0.1:7946\", \"[::1]:7946\", \"shadowcache-peers.shadowcache.svc.cluster.local:7946\"]\n",
+        )
+        .expect("seeds by name");
+        assert_eq!(ok.cluster.seeds.len(), 3);
+        for bad in [
+            "no-port",
+            "host:0",
+            "host:99999",
+            "bad host:7946",
+            ":7946",
+            "a..b:1",
+        ] {
+            let m = message(parse(&format!(
+                "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nseeds = [{bad:?}]\n"
+            )));
+            assert!(
+                m.contains("cluster.seeds[0]") && m.contains("HOST:PORT"),
+                "{bad}: {m}"
+            );
+        }
         let m = message(parse(
             "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nphi_threshold = 0.5\n",
         ));

@@ -420,3 +420,31 @@ async fn a_cluster_runs_on_the_ca_key_and_certificates_that_shadowcache_certs_ma
     let days = (c.not_after_unix - now) / 86_400;
     assert!((19..=20).contains(&days), "expires in {days} days");
 }
+
+/// Issue 19, item 3: a seed given by name (as a Kubernetes headless Service names the
+/// members) is resolved, and the member joins through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_through_a_seed_given_by_host_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    let data = random_image(&base, 1 << 20, 29);
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--disk=base={},sealed", base.display())],
+    );
+    let port = a.addr.rsplit_once(':').expect("port").1;
+    let b = member(dir.path(), "b", Some(&format!("localhost:{port}")), &[]);
+    until(&b, "a's disk at b, joined through localhost", |s| {
+        s.members.len() == 2 && has_disk(s, "base", "a")
+    })
+    .await;
+    let got = client(&b)
+        .await
+        .disk("base")
+        .read_at(0, 4096)
+        .await
+        .expect("read at b");
+    assert_eq!(&got[..], &data[..4096]);
+}

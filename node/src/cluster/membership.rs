@@ -73,7 +73,7 @@ pub struct GossipConfig {
     /// The Peer gRPC address advertised (default: `advertise`).
     pub advertise_rpc: SocketAddr,
     /// Other members' addresses to join through.
-    pub seeds: Vec<SocketAddr>,
+    pub seeds: Vec<String>,
     /// Gossip round interval.
     pub gossip_interval: Duration,
     /// Phi above which a silent member is declared dead.
@@ -385,7 +385,9 @@ impl Gossip {
             cluster_id: cfg.cluster_id.clone(),
             gossip_interval: cfg.gossip_interval,
             listen_addr: cfg.listen,
-            seed_nodes: cfg.seeds.iter().map(|s| s.to_string()).collect(),
+            // Host names are resolved again every few rounds (chitchat): a Kubernetes headless
+            // Service names every member.
+            seed_nodes: cfg.seeds.clone(),
             failure_detector_config: failure,
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             catchup_callback: None,
@@ -516,14 +518,15 @@ pub async fn refuse_duplicate(
     clock: &dyn Clock,
     node_id: &str,
     boot: u64,
-    seeds: &[SocketAddr],
+    seeds: &[String],
     deadline: Duration,
 ) -> Result<(), MembershipError> {
     let hello = |addr: SocketAddr| {
         crate::clock::timeout(clock, deadline, peers.hello(To { node: "", addr }, boot))
     };
+    let addrs = resolve_seeds(clock, seeds, deadline).await;
     let answers =
-        futures::future::join_all(seeds.iter().map(|&s| async move { (s, hello(s).await) })).await;
+        futures::future::join_all(addrs.iter().map(|&s| async move { (s, hello(s).await) })).await;
     for (seed, answer) in answers {
         let Ok(Ok(h)) = answer else {
             continue;
@@ -548,6 +551,34 @@ pub async fn refuse_duplicate(
         }
     }
     Ok(())
+}
+
+/// The addresses of `seeds` (`IP:PORT`, or `HOST:PORT` looked up in DNS within `deadline`);
+/// a name that does not resolve is skipped with a warning (gossip keeps trying it).
+pub async fn resolve_seeds(
+    clock: &dyn Clock,
+    seeds: &[String],
+    deadline: Duration,
+) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for s in seeds {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            out.push(a);
+            continue;
+        }
+        match crate::clock::timeout(clock, deadline, tokio::net::lookup_host(s.as_str())).await {
+            Ok(Ok(found)) => out.extend(found),
+            Ok(Err(e)) => {
+                tracing::warn!(seed = %s, error = %e, "seed name does not resolve (yet); gossip keeps trying it")
+            }
+            Err(_) => {
+                tracing::warn!(seed = %s, "seed name lookup timed out; gossip keeps trying it")
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The membership of node `node_id` that `c` asks for: gossip when `peer_listen` is set

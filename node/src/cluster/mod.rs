@@ -62,8 +62,9 @@ pub struct ClusterConfig {
     /// Peer gRPC address advertised to other members when it differs from `advertise` (a
     /// proxy in front of this node, as the partition tests use).
     pub advertise_rpc: Option<SocketAddr>,
-    /// Members to join through.
-    pub seeds: Vec<SocketAddr>,
+    /// Members to join through: `IP:PORT`, or `HOST:PORT` (every address the name resolves
+    /// to, looked up again as gossip goes on: a headless Service's name in Kubernetes).
+    pub seeds: Vec<String>,
     /// Cluster name; gossip from other clusters is ignored.
     pub cluster_id: String,
     /// Gossip round interval.
