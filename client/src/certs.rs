@@ -128,6 +128,12 @@ pub fn init(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<CaFiles> {
         }
     }
     private_dir(dir)?;
+    {
+        // The CA's directory is private even when it existed before.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (0700)", dir.display()))?;
+    }
     let (from, to) = validity(days)?;
     let key = KeyPair::generate().context("cannot generate the CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -151,10 +157,20 @@ pub fn init(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<CaFiles> {
     let mut secret = [0u8; 32];
     rand::fill(&mut secret);
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    // The key first: a CA certificate without its key is worthless, a key alone is harmless.
-    create(&files.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
-    create(&files.ca_cert, cert.pem().as_bytes(), 0o644)?;
-    create(&files.cluster_key, format!("{hex}\n").as_bytes(), 0o600)?;
+    // All or nothing: a half-made CA would block the next `init` and serve nobody.
+    let made = [
+        (&files.ca_key, key.serialize_pem().into_bytes(), 0o600),
+        (&files.ca_cert, cert.pem().into_bytes(), 0o644),
+        (&files.cluster_key, format!("{hex}\n").into_bytes(), 0o600),
+    ];
+    for (n, (path, contents, mode)) in made.iter().enumerate() {
+        if let Err(e) = create(path, contents, *mode) {
+            for (done, _, _) in &made[..n] {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(e);
+        }
+    }
     Ok(CaFiles {
         not_after: system_time(to),
         ..files
@@ -196,6 +212,18 @@ pub fn issue(
     let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_signing)
         .with_context(|| format!("{} is not a certificate in PEM", ca_cert.display()))?;
     let (from, to) = validity(days)?;
+    // Never past the CA's own expiry: members would refuse the chain then anyway.
+    let (ca_expiry, _) = not_after(&ca_cert)?;
+    let ca_to = time::OffsetDateTime::from_unix_timestamp(
+        ca_expiry
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    )
+    .context("the CA's expiry")?;
+    let to = to.min(ca_to);
+    if to <= from {
+        bail!("the CA in {} has expired: make a new one", ca_dir.display());
+    }
     let mut names = vec![SERVER_NAME.to_string()];
     for n in std::iter::once(name.to_string()).chain(sans.iter().cloned()) {
         if !names.contains(&n) {
@@ -332,6 +360,16 @@ mod tests {
             assert!(issue(&ca, bad, &[], &ca, 30).is_err(), "{bad:?}");
         }
         assert!(issue(&dir.path().join("none"), "h", &[], &ca, 30).is_err());
+        // A member's certificate never outlives its CA.
+        let short = dir.path().join("short-ca");
+        init(&short, "short", 10).expect("init");
+        let m = issue(&short, "h3", &[], &short, 397).expect("issue");
+        let left = m
+            .not_after
+            .duration_since(SystemTime::now())
+            .expect("future")
+            .as_secs();
+        assert!(left <= 10 * 86_400, "{left} s: past the CA's 10 days");
         assert!(issue(&ca, "h2", &["not a name!".into()], &ca, 30).is_err());
     }
 }

@@ -425,9 +425,10 @@ pub fn parse_disk_flag(s: &str) -> Result<DiskSpec, ConfigError> {
 }
 
 fn default_node_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
+    // uname(2), not /proc/sys/kernel/hostname: a hardened unit (ProcSubset=pid) hides /proc/sys,
+    // and every host would then be "node".
+    Some(rustix::system::uname())
+        .map(|u| u.nodename().to_string_lossy().trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "node".to_string())
 }

@@ -122,9 +122,11 @@ pub struct Node {
     peer_serving: tokio::sync::Semaphore,
     /// Block map streams served to members.
     subscriptions: Arc<serve::Subscriptions>,
-    /// Wakes detection before its next tick: a read brought a new reader of an owned mutable
-    /// disk, or its reads reached the threshold.
+    /// Wakes detection before its next tick for the disks in `detect_queue`: a member's read
+    /// brought a new reader of an owned mutable disk, or its reads reached the threshold.
     detect_soon: tokio::sync::Notify,
+    /// The disks to look at when `detect_soon` wakes (bounded by the disks this node owns).
+    detect_queue: parking_lot::Mutex<crate::hashing::HashSet<String>>,
     started: Instant,
     /// The certificates this node presents, read at start.
     certificates: Vec<certs::CertificateInfo>,
@@ -269,6 +271,7 @@ impl Node {
             peer_serving: tokio::sync::Semaphore::new(serving_blocks),
             subscriptions: Arc::default(),
             detect_soon: tokio::sync::Notify::new(),
+            detect_queue: parking_lot::Mutex::new(Default::default()),
             clock,
             me: me.clone(),
             started: Instant::now(),
@@ -408,8 +411,14 @@ impl Node {
             && d.state() == DiskState::Mutable
             && d.owner
                 .record_read(from, self.clock.now(), &self.config.detection)
+            // The owner's own reads wait for the tick: only a member's can be the reader that
+            // makes members forward and cache nothing meanwhile.
+            && from != self.config.node_id
         {
-            self.detect_soon.notify_one();
+            let fresh = self.detect_queue.lock().insert(d.id.to_string());
+            if fresh {
+                self.detect_soon.notify_one();
+            }
         }
     }
 

@@ -73,6 +73,18 @@ impl Node {
         );
     }
 
+    /// Looks at the disks reads asked detection to look at (see `Node::note_read`).
+    pub async fn detect_queued(&self) {
+        let queued: Vec<String> = self.detect_queue.lock().drain().collect();
+        for id in queued {
+            if let Ok(d) = self.registry.get(&id)
+                && d.state() == DiskState::Mutable
+            {
+                self.detect(&d).await;
+            }
+        }
+    }
+
     /// Looks at every mutable disk this node owns and detects those that qualify.
     pub async fn detect_all(&self) {
         if !self.config.detection.enabled {

@@ -665,7 +665,9 @@ impl ReadPath {
             None => Fingerprint::of(&bytes),
         };
         map.insert(index, BlockRef::Data(fp));
-        self.staged.insert(fp, bytes.clone());
+        // A copy: the block is a slice of the whole run read, which a staged slice would keep
+        // alive beyond what the weigher counts.
+        self.staged.insert(fp, Bytes::copy_from_slice(&bytes));
         bytes
     }
 

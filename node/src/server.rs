@@ -156,7 +156,7 @@ async fn serve(
                 tokio::select! {
                     biased;
                     _ = stopped.changed() => break,
-                    () = node.detect_soon.notified() => node.detect_all().await,
+                    () = node.detect_soon.notified() => node.detect_queued().await,
                     () = node.clock.sleep(Duration::from_millis(250)) => node.detect_all().await,
                 }
             }

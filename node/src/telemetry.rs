@@ -258,8 +258,10 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat, filter: Option<&str>) -> Option<LogFilter> {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, reload};
-    let from_env = std::env::var_os("RUST_LOG").is_some();
-    let initial = match (EnvFilter::try_from_default_env(), filter) {
+    let env = EnvFilter::try_from_default_env();
+    // RUST_LOG holds the filter only when it is set and parses.
+    let from_env = env.is_ok();
+    let initial = match (env, filter) {
         (Ok(f), _) => f,
         (Err(_), Some(f)) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
         (Err(_), None) => EnvFilter::new("info"),

@@ -228,26 +228,25 @@ impl Remote {
         if let (Some(&first), Some(&last)) = (indices.first(), indices.last()) {
             let total = self.total_blocks();
             let chunk = first / per;
+            // Ranges asked ahead are aligned (whole chunks, whole windows), so that one in
+            // flight is found by its key and not asked again by the next read.
+            let whole = |c: u64| (c * per, per.min(total.saturating_sub(c * per)));
             let mut ahead: Vec<(u64, u64)> = Vec::new();
             if chunk > 0 && map.has_chunk(chunk - 1) {
-                let chunk_end = ((last / per + 1) * per).min(total);
-                if last + 1 < chunk_end && !map.has_block(last + 1) {
-                    ahead.push((last + 1, chunk_end - last - 1));
-                }
-                for c in last / per + 1..last / per + 1 + MAP_READ_AHEAD_CHUNKS {
+                for c in last / per..last / per + 1 + MAP_READ_AHEAD_CHUNKS {
                     if c * per < total && !map.has_chunk(c) {
-                        ahead.push((c * per, per.min(total - c * per)));
+                        ahead.push(whole(c));
                     }
                 }
             } else if first >= MAP_WINDOW_BLOCKS
-                && (first - MAP_WINDOW_BLOCKS..first).all(|i| map.has_block(i))
+                && map.has_block(first - 1)
+                && map.has_block(first - MAP_WINDOW_BLOCKS)
                 && last + 1 < total
                 && !map.has_block(last + 1)
             {
-                let end = (last + 1 + MAP_WINDOW_BLOCKS)
-                    .min(total)
-                    .min((last + 1) / per * per + per);
-                ahead.push((last + 1, end - last - 1));
+                let w = (last + 1) / MAP_WINDOW_BLOCKS * MAP_WINDOW_BLOCKS;
+                let end = (w + MAP_WINDOW_BLOCKS).min(total).min(w / per * per + per);
+                ahead.push((w, end - w));
             }
             for (first, count) in ahead {
                 if self.map_flights.contains_key(&(first, count)) {
@@ -265,15 +264,31 @@ impl Remote {
     /// Entries [first, first + count) (inside one chunk) of the owner's map into `map`, once
     /// however many readers want the same range at once.
     async fn map_range(&self, map: &ContentMap, first: u64, count: u64) -> Result<()> {
+        /// Takes the flight out of the map when its caller is done or went away (a cancelled
+        /// read): keys are ranges, and one left behind would stay for the shadow's life.
+        struct Seat<'a> {
+            flights: &'a DashMap<(u64, u64), MapFlight>,
+            key: (u64, u64),
+            cell: MapFlight,
+        }
+        impl Drop for Seat<'_> {
+            fn drop(&mut self) {
+                self.flights
+                    .remove_if(&self.key, |_, c| Arc::ptr_eq(c, &self.cell));
+            }
+        }
         let key = (first, count);
         let cell = self.map_flights.entry(key).or_default().clone();
+        let seat = Seat {
+            flights: &self.map_flights,
+            key,
+            cell: cell.clone(),
+        };
         let r = cell
             .get_or_init(|| self.load_range(map, first, count))
             .await
             .clone();
-        // Done (or failed: the next reader asks again): out of the flights.
-        self.map_flights
-            .remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+        drop(seat);
         r
     }
 

@@ -225,8 +225,9 @@ impl ContentMap {
     }
 
     /// Records entries of chunk `chunk` (of `chunk_len` blocks in all) of an owner's map from
-    /// block `at` of the chunk on; they count as fetched. Ignored by a map of this node's own
-    /// disk.
+    /// block `at` of the chunk on. Those given (`Some`) count as fetched; a `None` (the owner
+    /// could not read the block: maybe for a moment) stays unfetched and is asked again. Ignored
+    /// by a map of this node's own disk.
     pub fn insert_entries(
         &self,
         chunk: u64,
@@ -247,10 +248,16 @@ impl ContentMap {
         }
         {
             let mut e = copy.entries.write();
-            e[at..end].copy_from_slice(&entries[..end - at]);
+            for (k, r) in (at..end).zip(entries) {
+                if r.is_some() {
+                    e[k] = *r;
+                }
+            }
         }
-        for k in at..end {
-            copy.fetched[k / 64].fetch_or(1 << (k % 64), std::sync::atomic::Ordering::AcqRel);
+        for (k, r) in (at..end).zip(entries) {
+            if r.is_some() {
+                copy.fetched[k / 64].fetch_or(1 << (k % 64), std::sync::atomic::Ordering::AcqRel);
+            }
         }
     }
 
@@ -373,7 +380,9 @@ impl ContentMap {
             // into a chunk held (a block not fetched stays unfetched).
             let n = index / c.blocks_per_chunk;
             let k = (index % c.blocks_per_chunk) as usize;
+            // Only over an entry the owner gave: a slot never fetched stays the owner's to fill.
             if let Some(copy) = c.cache.get(&n)
+                && copy.has(k)
                 && let Some(slot) = copy.entries.write().get_mut(k)
             {
                 *slot = Some(r);
@@ -459,15 +468,11 @@ mod tests {
         assert_eq!(m.chunk_blocks(), Some(4));
         m.insert_chunk(
             0,
-            vec![Some(fp(1)), None, Some(BlockRef::Zero), Some(fp(4))],
+            vec![Some(fp(1)), Some(fp(2)), Some(BlockRef::Zero), Some(fp(4))],
         );
         assert!(m.has_chunk(0) && !m.has_chunk(1));
         assert_eq!(m.get(0), Some(fp(1)));
-        assert_eq!(
-            m.get(1),
-            None,
-            "an entry the owner did not give stays unknown"
-        );
+        assert_eq!(m.get(1), Some(fp(2)));
         assert_eq!(m.get(2), Some(BlockRef::Zero));
         assert_eq!(m.get(5), None, "a chunk not fetched is unknown");
         // An entry changed in place (bytes from the owner that disagree with its map).
@@ -507,17 +512,22 @@ mod tests {
         assert_eq!(m.get(256 + 71), Some(fp(7)));
         assert_eq!(m.get(256 + 73), None, "a block not fetched is unknown");
         assert!(!m.has_chunk(1));
-        // An entry the owner did not give (it could not read the block) is fetched, unknown.
+        // An entry the owner did not give (it could not read the block, maybe for a moment)
+        // stays unfetched: it is asked again.
         let mut all = vec![Some(fp(9)); 200];
         all[3] = None;
         all[70] = Some(fp(7));
         m.insert_entries(1, 200, 0, &all[..100]);
         m.insert_entries(1, 200, 100, &all[100..]);
-        assert!(m.has_chunk(1), "every block fetched");
-        assert!(m.has_block(256 + 3));
+        assert!(!m.has_block(256 + 3) && !m.has_chunk(1));
         assert_eq!((m.get(256 + 3), m.get(256 + 4)), (None, Some(fp(9))));
+        // A change in place only over an entry the owner gave.
+        m.insert(256 + 3, fp(5));
+        assert_eq!(m.get(256 + 3), None);
+        m.insert_entries(1, 200, 3, &[Some(fp(8))]);
+        assert!(m.has_chunk(1), "every block fetched");
         assert_eq!(m.get(256 + 199), Some(fp(9)));
-        assert_eq!(m.len(), 199);
+        assert_eq!(m.len(), 200);
         // Entries past the chunk's end are cut.
         m.insert_entries(0, 256, 250, &[Some(fp(2)); 100]);
         assert!(m.has_block(255) && m.get(255) == Some(fp(2)) && m.get(256) == Some(fp(9)));
