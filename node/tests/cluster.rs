@@ -233,6 +233,27 @@ async fn in_a_boot_storm_each_block_leaves_the_owner_about_once() {
     assert!(peer_bytes >= size, "peers served too little: {peer_bytes}");
 }
 
+/// Reads disk `base` whole at `m` (checking it against `data`) until `m` has fetched blocks
+/// from the owner: until `m` has built its shadow of the disk, its reads are forwarded to the
+/// owner whole; once it has, blocks come from the owner into its cache.
+async fn read_until_fetched_from_the_owner(m: &Member, data: &[u8], never: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = client(m)
+            .await
+            .disk("base")
+            .read_at(0, data.len() as u64)
+            .await
+            .expect("read");
+        assert!(got[..] == data[..]);
+        if counters(m).await.owner_read_bytes > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A config file for member `name` with mutual TLS from `pki` (phi 14, detection off).
 fn tls_config(dir: &std::path::Path, pki: &shadowcache_testkit::TestPki, name: &str) -> String {
     let path = dir.join(format!("{name}-tls.toml"));
@@ -282,24 +303,8 @@ async fn with_mutual_tls_only_members_with_the_clusters_certificates_are_served(
     // Until b has built its shadow of the disk, its reads are forwarded to the owner whole
     // (also over the Peer channel); once it has, blocks come from the owner into b's cache.
     // Either way every byte crossed mutual TLS; read until the cached route shows.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = client(&b)
-            .await
-            .disk("base")
-            .read_at(0, size)
-            .await
-            .expect("read at b");
-        assert!(got[..] == data[..]);
-        if counters(&b).await.owner_read_bytes > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "b never read a block from the owner over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    read_until_fetched_from_the_owner(&b, &data, "b never read a block from the owner over TLS")
+        .await;
     // The rogue's gossip is signed under a certificate of another CA: it never joins, so it
     // learns nothing and reads nothing, and the members never list it.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -393,21 +398,7 @@ async fn a_cluster_runs_on_the_ca_key_and_certificates_that_shadowcache_certs_ma
         s.members.len() == 2 && has_disk(s, "base", "a")
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = client(&b)
-            .await
-            .disk("base")
-            .read_at(0, size)
-            .await
-            .expect("read at b");
-        assert!(got[..] == data[..]);
-        if counters(&b).await.owner_read_bytes > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "b never fetched from a");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    read_until_fetched_from_the_owner(&b, &data, "b never fetched from a").await;
     let s = client(&b).await.status().await.expect("status");
     assert_eq!(s.certificates.len(), 1, "{:?}", s.certificates);
     let c = &s.certificates[0];
