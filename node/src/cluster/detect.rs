@@ -126,7 +126,7 @@ impl OwnerState {
 
     /// Counts one read by member `node`. True when this read may have made the disk qualify:
     /// the first read of a reader in this step of the window, or the read that brought the
-    /// step's reads to `min_reads` (a look at the whole window is worth it then, not on every
+    /// window's reads to `min_reads` (a look at the whole window is worth it then, not on every
     /// read).
     pub fn record_read(&self, node: &str, now: Duration, cfg: &DetectionConfig) -> bool {
         let span = Duration::from_millis(cfg.window_ms);
@@ -149,7 +149,8 @@ impl OwnerState {
         if new_reader {
             b.readers.push(Arc::from(node));
         }
-        new_reader || b.reads == cfg.min_reads
+        // The window's reads (at most eight steps to add), as `qualifies` counts them.
+        new_reader || w.buckets.iter().map(|b| b.reads).sum::<u64>() == cfg.min_reads
     }
 
     /// Records a write: detection starts over.
@@ -304,6 +305,17 @@ mod tests {
         // A new step of the window (8 s / 8): each reader's first read there is a look again.
         assert!(o.record_read("a", s(3.3), &c));
         assert!(!o.record_read("a", s(3.3), &c));
+        // Reads spread over steps, two a step: the second of each step is a look only when it
+        // brings the window (not the step) to min_reads, the tenth read.
+        let o = OwnerState::new(s(0.0));
+        let mut second = Vec::new();
+        for i in 0..5 {
+            let at = s(2.0 + f64::from(i) * 1.1);
+            assert!(o.record_read("a", at, &c), "the step's first read");
+            second.push(o.record_read("a", at, &c));
+        }
+        assert_eq!(second, [false, false, false, false, true]);
+        assert_eq!(o.activity(s(6.5), &c).reads, 10);
     }
 
     #[test]
