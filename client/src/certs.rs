@@ -109,6 +109,16 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The subject of every certificate `certs` makes: `CN=common_name, O=shadowcache`.
+fn subject(params: &mut CertificateParams, common_name: &str) {
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "shadowcache");
+}
+
 /// `certs init DIR`: a new cluster CA (valid `days`) named `cluster`, and a cluster key.
 pub fn init(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<CaFiles> {
     let files = CaFiles {
@@ -138,12 +148,7 @@ pub fn init(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<CaFiles> {
     let key = KeyPair::generate().context("cannot generate the CA key")?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{cluster} shadowcache CA"));
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "shadowcache");
+    subject(&mut params, &format!("{cluster} shadowcache CA"));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -256,10 +261,7 @@ pub fn issue(
         };
         params.subject_alt_names.push(san);
     }
-    params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "shadowcache");
+    subject(&mut params, name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

@@ -654,10 +654,9 @@ impl ReadPath {
     /// every block against the map, so one whose origin changed under a sealed disk fails
     /// there.
     fn note(&self, map: &ContentMap, index: u64, bytes: Bytes) -> Bytes {
+        // Staged only when hashed here, under the fingerprint it was hashed to.
         let fp = match map.get(index) {
-            Some(BlockRef::Zero) => return bytes,
-            // Staged only under the fingerprint it was hashed to.
-            Some(BlockRef::Data(_)) => return bytes,
+            Some(_) => return bytes,
             None if is_zero(&bytes) => {
                 map.insert(index, BlockRef::Zero);
                 return self.cache.zero(bytes.len());

@@ -156,18 +156,8 @@ enum CertsCommand {
 }
 
 fn unix_date(secs: i64) -> String {
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), UTC.
-    let days = secs.div_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map_or_else(|_| format!("@{secs}"), |t| t.date().to_string())
 }
 
 fn expiry_text(not_after_unix: i64) -> String {

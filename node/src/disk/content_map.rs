@@ -217,13 +217,6 @@ impl ContentMap {
             .is_some_and(|copy| copy.has((index % c.blocks_per_chunk) as usize))
     }
 
-    /// Records chunk `chunk` of an owner's map whole: `entries[k]` is block `chunk *
-    /// blocks_per_chunk + k`. Ignored by a map of this node's own disk.
-    pub fn insert_chunk(&self, chunk: u64, entries: Vec<Option<BlockRef>>) {
-        let len = entries.len();
-        self.insert_entries(chunk, len, 0, &entries);
-    }
-
     /// Records entries of chunk `chunk` (of `chunk_len` blocks in all) of an owner's map from
     /// block `at` of the chunk on. Those given (`Some`) count as fetched; a `None` (the owner
     /// could not read the block: maybe for a moment) stays unfetched and is asked again. Ignored
@@ -466,9 +459,11 @@ mod tests {
         // Chunks of 4 entries, room for 8 entries: two chunks.
         let m = ContentMap::owner_copy(4, 8);
         assert_eq!(m.chunk_blocks(), Some(4));
-        m.insert_chunk(
+        m.insert_entries(
             0,
-            vec![Some(fp(1)), Some(fp(2)), Some(BlockRef::Zero), Some(fp(4))],
+            4,
+            0,
+            &[Some(fp(1)), Some(fp(2)), Some(BlockRef::Zero), Some(fp(4))],
         );
         assert!(m.has_chunk(0) && !m.has_chunk(1));
         assert_eq!(m.get(0), Some(fp(1)));
@@ -485,11 +480,11 @@ mod tests {
                 c.cache.run_pending_tasks();
             }
         };
-        m.insert_chunk(1, vec![Some(fp(5)); 4]);
+        m.insert_entries(1, 4, 0, &[Some(fp(5)); 4]);
         settle();
         assert_eq!(m.get(0), Some(fp(1)), "chunk 0 read last");
         settle();
-        m.insert_chunk(2, vec![Some(fp(6)); 4]);
+        m.insert_entries(2, 4, 0, &[Some(fp(6)); 4]);
         settle();
         assert!(m.has_chunk(0) && m.has_chunk(2));
         assert!(
@@ -498,7 +493,7 @@ mod tests {
         );
         // A map of this node's own disk has no chunks.
         let own = ContentMap::in_memory();
-        own.insert_chunk(0, vec![Some(fp(1))]);
+        own.insert_entries(0, 1, 0, &[Some(fp(1))]);
         assert_eq!((own.chunk_blocks(), own.get(0)), (None, None));
     }
 
