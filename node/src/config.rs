@@ -969,6 +969,9 @@ mod tests {
         assert!(m.contains("cluster.peer_listen"), "{m}");
         let m = message(parse("[cluster]\npeer_listen = \"0.0.0.0:7000\"\n"));
         assert!(m.contains("cluster.advertise"), "{m}");
+        let m = message(parse("log_filter = \"info,[[\"\n"));
+        assert!(m.contains("log_filter"), "{m}");
+        assert!(parse("log_filter = \"warn,shadowcache_node::cluster=debug\"\n").is_ok());
         // Seeds by name (a headless Service) are taken; junk is refused, naming the seed.
         let ok = parse(
             "[cluster]\npeer_listen = \"127.0.0.1:7000\"\nseeds = [\"10.0.0.1:7946\", \"[::1]:7946\", \"shadowcache-peers.shadowcache.svc.cluster.local:7946\"]\n",

@@ -178,6 +178,9 @@ fn check_config_reports_what_would_run_and_each_problem() {
         "{out}"
     );
     assert!(!data.exists(), "--check-config created the data directory");
+    // An origin on another NBD server is reached at start, not opened as a file here.
+    let (code, out, err) = run(&["--disk=far=nbd+unix:///far?socket=/nonexistent.sock".into()]);
+    assert_eq!(code, 0, "{out}\n{err}");
 
     // An origin that cannot be read and a cluster key that is too short.
     std::fs::write(&ca.cluster_key, "short\n").expect("key");
