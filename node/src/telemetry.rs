@@ -270,8 +270,14 @@ pub fn init_tracing(format: LogFormat, filter: Option<&str>) -> Option<LogFilter
     // A log that cannot be written (stderr to a file on a full disk) loses lines; it must not
     // stop the node: tracing-subscriber would report the failure with `eprintln!`, which
     // panics when stderr cannot be written either.
+    // Colours only on a terminal: journald, `docker logs` and files get plain text (and
+    // NO_COLOR turns them off on a terminal too).
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(log_colours(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+        ))
         .log_internal_errors(false);
     let registry = tracing_subscriber::registry().with(filter_layer);
     // A second init (tests that start several nodes in one process) is not an error.
@@ -280,6 +286,12 @@ pub fn init_tracing(format: LogFormat, filter: Option<&str>) -> Option<LogFilter
         LogFormat::Json => registry.with(fmt.json()).try_init(),
     };
     installed.ok().map(|()| LogFilter { handle, from_env })
+}
+
+/// Whether text log lines carry ANSI colours: on a terminal, unless `NO_COLOR` is set
+/// (<https://no-color.org>).
+fn log_colours(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
 }
 
 /// The log filter of the running process, changed on SIGHUP from the config file's

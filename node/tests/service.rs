@@ -107,6 +107,12 @@ fn readiness_reload_and_stop_reach_systemd_and_sighup_reloads_the_log_filter() {
     }
     assert!(child.try_wait().expect("wait").is_none(), "the node died");
     assert!(d.join("data/shadowcache.sock").exists());
+    // A log that is not a terminal (journald, `docker logs`, this file) has no colour codes.
+    assert!(
+        !log_text().contains('\u{1b}'),
+        "ANSI escapes in a log file: {:?}",
+        log_text()
+    );
     signal(pid, "-TERM");
     let got = datagrams(&sock, "STOPPING=1", Duration::from_secs(10));
     assert!(got.contains("STOPPING=1"), "{got:?}");
