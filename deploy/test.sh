@@ -16,6 +16,9 @@
 # - systemd: the unit passes `systemd-analyze verify` with no warning at all (an unknown key is
 #   only a warning there), and `systemd-analyze security --offline=true` rates its exposure at
 #   most 2.0 (it is 1.6; 10 is an unprotected service).
+# - deploy/container-test.sh: the image builds, the compose cluster serves a replica through
+#   NBD to the host, `compose down -v` leaves nothing; the unit runs under systemd as PID 1.
+# - deploy/vm-test.sh: a VM boots with its root disk served through the cluster.
 #
 # Bounded: every wait has a deadline; the node and Prometheus are stopped on exit.
 set -euo pipefail
@@ -196,4 +199,9 @@ if [ -z "$value" ]; then
   exit 1
 fi
 echo "Prometheus: $query = $value"
+
+echo "== the image, the compose cluster, the unit under systemd (deploy/container-test.sh)"
+deploy/container-test.sh
+echo "== a VM boots through the cluster (deploy/vm-test.sh)"
+deploy/vm-test.sh
 echo "deploy/test.sh: all passed"
