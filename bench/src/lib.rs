@@ -28,6 +28,7 @@ pub mod alloc;
 pub mod cache_bench;
 pub mod campaign;
 pub mod cluster_bench;
+pub mod families;
 #[cfg(feature = "faults")]
 pub mod faults;
 pub mod nbd_bench;

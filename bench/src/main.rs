@@ -461,8 +461,25 @@ enum Command {
     /// (the ARC paper's rules: single-page reads of 512 bytes), with hit ratios per capacity.
     Policy {
         /// The trace, in any format `trace` reads (its reads are replayed).
-        #[arg(long, required_unless_present = "replot")]
+        #[arg(long, required_unless_present_any = ["replot", "synthetic"], conflicts_with = "synthetic")]
         trace: Option<PathBuf>,
+        /// Replay a synthetic family instead of a trace: loop, zigzag, scan-hot, shifting or
+        /// multi (seeded; its parameters are printed).
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// The synthetic family's footprint in pages.
+        #[arg(long, default_value_t = 20_000, requires = "synthetic")]
+        footprint: u64,
+        /// The synthetic family's page reads.
+        #[arg(long, default_value_t = 400_000, requires = "synthetic")]
+        requests: u64,
+        /// zigzag's largest window / scan-hot's scan length in pages (default: a twentieth /
+        /// a quarter of the footprint).
+        #[arg(long, requires = "synthetic")]
+        window: Option<u64>,
+        /// The synthetic family's seed.
+        #[arg(long, default_value_t = 1, requires = "synthetic")]
+        seed: u64,
         #[command(flatten)]
         read: TraceReadArgs,
         /// Redraw the plot of a sweep saved with --json instead of replaying (with --plot).
@@ -471,10 +488,12 @@ enum Command {
         /// Cache capacities in pages (comma-separated).
         #[arg(long, value_delimiter = ',')]
         capacity: Vec<u64>,
-        /// Bytes per page.
-        #[arg(long, default_value_t = 512)]
-        page_size: u64,
-        /// Sweep capacities from 1/64 of the trace's footprint to all of it, and plot them.
+        /// Bytes per page (default: 4096 for LIRS traces and synthetic families, one block a
+        /// page; 512 for other traces, the ARC paper's rule).
+        #[arg(long)]
+        page_size: Option<u64>,
+        /// Sweep capacities from 1/64 of the trace's footprint to all of it (and 1/20, 1/10,
+        /// 1/1.1 of it), and plot them.
         #[arg(long)]
         sweep: bool,
         /// Write the figures here as JSON (a sweep also writes a PNG and an SVG beside it).
@@ -806,6 +825,11 @@ fn bench_main() -> anyhow::Result<()> {
             }
             Command::Policy {
                 trace,
+                synthetic,
+                footprint,
+                requests,
+                window,
+                seed,
                 read,
                 capacity,
                 page_size,
@@ -830,21 +854,28 @@ fn bench_main() -> anyhow::Result<()> {
                     let prefix = plot.unwrap_or_else(|| saved.with_extension(""));
                     return policy_bench::draw(&out, &prefix);
                 }
-                let Some(trace) = trace else {
-                    anyhow::bail!("--trace is required");
+                let source = match (trace, synthetic) {
+                    (Some(trace), None) => policy_bench::Source::Trace(trace, read.options()),
+                    (None, Some(family)) => {
+                        policy_bench::Source::Synthetic(shadowcache_bench::families::Spec {
+                            family: shadowcache_bench::families::Family::parse(&family)?,
+                            footprint,
+                            requests,
+                            window: window.unwrap_or(0),
+                            seed,
+                        })
+                    }
+                    _ => anyhow::bail!("give --trace FILE or --synthetic FAMILY"),
                 };
                 let plot = plot.or_else(|| {
                     sweep.then(|| match &json {
                         Some(j) => j.with_extension(""),
-                        None => {
-                            PathBuf::from(format!("policy-{}", policy_bench::trace_name(&trace)))
-                        }
+                        None => PathBuf::from(format!("policy-{}", source.name())),
                     })
                 });
                 let out = tokio::task::block_in_place(|| {
                     policy_bench::run(policy_bench::Options {
-                        trace,
-                        trace_opts: read.options(),
+                        source,
                         capacities: capacity,
                         page_bytes: page_size,
                         sweep,

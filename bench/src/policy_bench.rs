@@ -8,9 +8,14 @@
 //! ([`ContentCache`]) is driven exactly as the read path drives it: a RAM lookup, and on a miss
 //! an admission.
 //!
-//! Four lines per capacity:
+//! The source is a trace file (any format [`trace`] reads; LIRS traces, one 4 KiB block a
+//! line, replay one block a page) or a synthetic family ([`crate::families`]).
+//!
+//! Six lines per capacity:
+//! - `OPT`: Belady's offline optimum, the ceiling;
 //! - `LRU`: the plain LRU reference (it reproduces the paper's LRU column to the second decimal);
 //! - `ARC`: the ARC reference (Figure 4 of the paper);
+//! - `LIRS`: LIRS as published (Jiang and Zhang, SIGMETRICS 2002);
 //! - `SLRU`: the node's pools with the policy switched off: a fixed 25/75 split, no ghosts, no
 //!   second chances (the foundation's segmented LRU);
 //! - `shadowcache`: the node's pools as configured by default.
@@ -27,6 +32,7 @@ use shadowcache_node::cache::{
     CacheConfig, ContentCache, Fingerprint, FingerprintHashing, SsdConfig, Tier,
 };
 
+use crate::families;
 use crate::plot;
 use crate::policy_ref;
 use crate::trace;
@@ -42,17 +48,35 @@ pub const PUBLISHED: &[(&str, u64, f64, f64)] = &[
     ("OLTP", 15000, 64.63, 65.40),
 ];
 
+/// Where the page requests come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A trace (any format of [`trace::Format`]; its reads are replayed), read so.
+    Trace(PathBuf, trace::Options),
+    /// A synthetic family.
+    Synthetic(families::Spec),
+}
+
+impl Source {
+    /// The short name reports and plots use: `P2` for `P2.lis.zst`, `zigzag` for a family.
+    pub fn name(&self) -> String {
+        match self {
+            Source::Trace(path, _) => trace_name(path),
+            Source::Synthetic(spec) => spec.family.name().to_string(),
+        }
+    }
+}
+
 /// What to replay.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The trace (any format of [`trace::Format`]; its reads are replayed).
-    pub trace: PathBuf,
-    /// How to read it.
-    pub trace_opts: trace::Options,
+    /// The page requests.
+    pub source: Source,
     /// Capacities in pages.
     pub capacities: Vec<u64>,
-    /// Bytes per page.
-    pub page_bytes: u64,
+    /// Bytes per page (`None`: 4 KiB for LIRS traces and synthetic families, one block a page;
+    /// 512 for the others, the ARC paper's rule).
+    pub page_bytes: Option<u64>,
     /// Replace `capacities` by a sweep from 1/64 of the footprint to all of it.
     pub sweep: bool,
     /// Write PNG and SVG plots with this path prefix (sweeps).
@@ -141,7 +165,18 @@ pub struct Row {
 }
 
 impl Row {
-    fn percent(&self, name: &str) -> f64 {
+    /// The higher of LRU's and ARC's hit ratios, in percent.
+    pub fn best_online(&self) -> f64 {
+        self.percent("LRU").max(self.percent("ARC"))
+    }
+
+    /// The node's pools minus [`Row::best_online`], in points.
+    pub fn margin(&self) -> f64 {
+        self.percent("shadowcache") - self.best_online()
+    }
+
+    /// One policy's hit ratio in percent (NaN when the row has none of that name).
+    pub fn percent(&self, name: &str) -> f64 {
         self.policies
             .iter()
             .find(|p| p.policy == name)
@@ -215,8 +250,11 @@ pub struct LookupRate {
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Output {
-    /// Trace file name.
+    /// Trace file name, or the synthetic family's.
     pub trace: String,
+    /// The synthetic family's parameters, in words (none for a trace).
+    #[serde(default)]
+    pub synthetic: Option<String>,
     /// Page requests replayed.
     pub requests: u64,
     /// Distinct pages.
@@ -319,20 +357,26 @@ fn percent(hits: u64, n: usize) -> f64 {
     }
 }
 
-/// Runs the four policies at one capacity (on two threads).
+/// Runs the six policies at one capacity (on three threads).
 fn row(pages: &[u64], capacity: u64, page_bytes: u64, tuning: Tuning) -> anyhow::Result<Row> {
     let cap = usize::try_from(capacity).context("capacity")?;
-    let (refs, ours, slru) = std::thread::scope(|s| {
+    let (refs, more, ours, slru) = std::thread::scope(|s| {
         let refs = s.spawn(move || {
             let lru = policy_ref::replay(&mut policy_ref::Lru::new(cap), pages).hits;
             let arc = policy_ref::replay(&mut policy_ref::Arc::new(cap), pages).hits;
             (lru, arc)
         });
+        let more = s.spawn(move || {
+            let lirs = policy_ref::replay(&mut policy_ref::Lirs::new(cap), pages).hits;
+            let opt = policy_ref::replay(&mut policy_ref::Opt::new(cap, pages), pages).hits;
+            (lirs, opt)
+        });
         let slru = s.spawn(move || replay_cache(pages, slru_config(capacity, page_bytes)));
         let ours = replay_cache(pages, tuning.apply(cache_config(capacity, page_bytes)));
-        (refs.join(), ours, slru.join())
+        (refs.join(), more.join(), ours, slru.join())
     });
     let (lru, arc) = refs.map_err(|_| anyhow::anyhow!("reference replay panicked"))?;
+    let (lirs, opt) = more.map_err(|_| anyhow::anyhow!("LIRS or OPT replay panicked"))?;
     let (ours, report) = ours?;
     let (slru, _) = slru.map_err(|_| anyhow::anyhow!("SLRU replay panicked"))??;
     let n = pages.len();
@@ -344,8 +388,10 @@ fn row(pages: &[u64], capacity: u64, page_bytes: u64, tuning: Tuning) -> anyhow:
     Ok(Row {
         capacity_pages: capacity,
         policies: vec![
+            hits("OPT", opt),
             hits("LRU", lru),
             hits("ARC", arc),
+            hits("LIRS", lirs),
             hits("SLRU", slru),
             hits("shadowcache", ours),
         ],
@@ -431,12 +477,19 @@ fn tier_row(
     })
 }
 
-/// Capacities of a sweep: 1/64 of the footprint to all of it, two points an octave.
+/// Capacities of a sweep: 1/64 of the footprint to all of it, two points an octave, and
+/// 1/20, 1/10 and 1/1.1 of it (a loop over the footprint is then 1.1 x the cache).
 pub fn sweep_capacities(footprint: u64) -> Vec<u64> {
     let mut out: Vec<u64> = (0..=12)
-        .map(|k| (footprint as f64 * 2f64.powf(-6.0 + f64::from(k) / 2.0)).round() as u64)
-        .map(|c| c.max(1))
+        .map(|k| footprint as f64 * 2f64.powf(-6.0 + f64::from(k) / 2.0))
+        .chain([
+            footprint as f64 / 20.0,
+            footprint as f64 / 10.0,
+            footprint as f64 / 1.1,
+        ])
+        .map(|c| (c.round() as u64).max(1))
         .collect();
+    out.sort_unstable();
     out.dedup();
     out
 }
@@ -452,27 +505,38 @@ pub fn trace_name(path: &Path) -> String {
 
 /// Runs the replay and prints a table.
 pub fn run(opts: Options) -> anyhow::Result<Output> {
-    if !(512..=1 << 20).contains(&opts.page_bytes) || !opts.page_bytes.is_power_of_two() {
-        bail!(
-            "--page-size {} is not a power of two from 512 to 1MiB",
-            opts.page_bytes
-        );
+    if let Some(b) = opts.page_bytes
+        && (!(512..=1 << 20).contains(&b) || !b.is_power_of_two())
+    {
+        bail!("--page-size {b} is not a power of two from 512 to 1MiB");
     }
-    let reqs = trace::read_requests(&opts.trace, &opts.trace_opts)?;
-    let mut pages = Vec::new();
-    policy_ref::for_each_page(&reqs, opts.page_bytes, |p| pages.push(p));
-    drop(reqs);
+    let name = opts.source.name();
+    let (pages, page_bytes, synthetic) = match &opts.source {
+        Source::Trace(path, trace_opts) => {
+            let (reqs, format) = trace::read_requests_and_format(path, trace_opts)?;
+            let page_bytes = opts.page_bytes.unwrap_or(match format {
+                trace::Format::Lirs => trace::LIRS_BLOCK,
+                _ => trace::LIS_SECTOR,
+            });
+            let mut pages = Vec::new();
+            policy_ref::for_each_page(&reqs, page_bytes, |p| pages.push(p));
+            (pages, page_bytes, None)
+        }
+        Source::Synthetic(spec) => {
+            let d = spec.describe();
+            println!("{d}");
+            (spec.generate()?, opts.page_bytes.unwrap_or(4096), Some(d))
+        }
+    };
     let footprint = {
         let mut sorted = pages.clone();
         sorted.sort_unstable();
         sorted.dedup();
         sorted.len() as u64
     };
-    let name = trace_name(&opts.trace);
     eprintln!(
-        "{name}: {} page requests of {} bytes, footprint {footprint} pages",
+        "{name}: {} page requests of {page_bytes} bytes, footprint {footprint} pages",
         pages.len(),
-        opts.page_bytes
     );
     let capacities = if opts.sweep {
         sweep_capacities(footprint)
@@ -487,44 +551,51 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
     }
 
     println!(
-        "{:>10} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8} {:>13} {:>12}",
+        "{:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>13} {:>8} {:>8} {:>13} {:>11}",
         "pages",
+        "OPT %",
         "LRU %",
         "ARC %",
+        "LIRS %",
         "SLRU %",
         "shadowcache %",
-        "-ARC",
-        "-LRU",
+        "-best",
+        "/OPT",
         "single share",
         "ghost hits"
     );
     let mut rows = Vec::new();
     for &c in &capacities {
-        let r = row(&pages, c, opts.page_bytes, opts.tuning)?;
-        let (lru, arc, slru, ours) = (
+        let r = row(&pages, c, page_bytes, opts.tuning)?;
+        let ours = r.percent("shadowcache");
+        let opt = r.percent("OPT");
+        println!(
+            "{:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>13.2} {:>+8.2} {:>8.3} {:>6.3}..{:<5.3} {:>11}",
+            c,
+            opt,
             r.percent("LRU"),
             r.percent("ARC"),
+            r.percent("LIRS"),
             r.percent("SLRU"),
-            r.percent("shadowcache"),
-        );
-        println!(
-            "{:>10} {:>8.2} {:>8.2} {:>8.2} {:>12.2} {:>+8.2} {:>+8.2} {:>6.3}..{:<5.3} {:>12}",
-            c,
-            lru,
-            arc,
-            slru,
             ours,
-            ours - arc,
-            ours - lru,
+            ours - r.best_online(),
+            if opt > 0.0 { ours / opt } else { f64::NAN },
             r.shadowcache.single_share_range.0,
             r.shadowcache.single_share_range.1,
             r.shadowcache.ghost_hits_single + r.shadowcache.ghost_hits_multi
         );
         rows.push(r);
     }
+    if let Some(worst) = rows.iter().min_by(|a, b| a.margin().total_cmp(&b.margin())) {
+        println!(
+            "worst point: {} pages, shadowcache {:+.2} points from max(LRU, ARC) (target: -0.50 or better)",
+            worst.capacity_pages,
+            worst.margin()
+        );
+    }
 
     let mut published = Vec::new();
-    if opts.page_bytes == 512 {
+    if page_bytes == 512 && synthetic.is_none() {
         for &(t, c, lru_p, arc_p) in PUBLISHED.iter().filter(|p| p.0 == name) {
             let Some(r) = rows.iter().find(|r| r.capacity_pages == c) else {
                 continue;
@@ -584,7 +655,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 &pages,
                 r.capacity_pages,
                 ram.min(r.capacity_pages.saturating_sub(1)).max(1),
-                opts.page_bytes,
+                page_bytes,
                 &dir,
                 r.percent("shadowcache"),
                 opts.tuning,
@@ -615,9 +686,10 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
 
     let out = Output {
         trace: name.clone(),
+        synthetic,
         requests: pages.len() as u64,
         footprint_pages: footprint,
-        page_bytes: opts.page_bytes,
+        page_bytes,
         rows,
         published,
         tiers,
@@ -640,7 +712,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
 
 /// Hit ratio against capacity, one line per policy, as `prefix.png` and `prefix.svg`.
 pub fn draw(out: &Output, prefix: &Path) -> anyhow::Result<()> {
-    let names = ["LRU", "ARC", "SLRU", "shadowcache"];
+    let names = ["OPT", "LRU", "ARC", "LIRS", "SLRU", "shadowcache"];
     let series: Vec<plot::Series> = names
         .iter()
         .map(|n| plot::Series {
@@ -850,10 +922,9 @@ mod tests {
     /// Options to replay the shipped OLTP trace at `capacities`, nothing else.
     fn oltp(capacities: Vec<u64>) -> Options {
         Options {
-            trace: shipped("OLTP.lis.zst"),
-            trace_opts: trace::Options::default(),
+            source: Source::Trace(shipped("OLTP.lis.zst"), trace::Options::default()),
             capacities,
-            page_bytes: 512,
+            page_bytes: Some(512),
             sweep: false,
             plot: None,
             ram_pages: None,
@@ -925,18 +996,78 @@ mod tests {
         let e = run(base.clone()).expect_err("no capacity");
         assert!(e.to_string().contains("--capacity"), "{e}");
         let e = run(Options {
-            page_bytes: 1000,
+            page_bytes: Some(1000),
             ..base.clone()
         })
         .expect_err("page size");
         assert!(e.to_string().contains("--page-size"), "{e}");
         let e = run(Options {
-            trace: PathBuf::from("/no/such/trace.lis"),
+            source: Source::Trace(
+                PathBuf::from("/no/such/trace.lis"),
+                trace::Options::default(),
+            ),
             capacities: vec![10],
-            ..base
+            ..base.clone()
         })
         .expect_err("missing trace");
         assert!(format!("{e:#}").contains("/no/such/trace.lis"), "{e:#}");
+        let e = run(Options {
+            source: Source::Synthetic(families::Spec {
+                footprint: 5,
+                ..families::Spec::default()
+            }),
+            capacities: vec![10],
+            ..base
+        })
+        .expect_err("tiny footprint");
+        assert!(format!("{e:#}").contains("--footprint"), "{e:#}");
+    }
+
+    /// A LIRS trace replays one 4 KiB block a page by default, and every line of the table
+    /// keeps its order: no online policy above OPT.
+    #[test]
+    fn a_lirs_trace_replays_a_block_a_page_with_opt_above_every_policy() {
+        let out = run(Options {
+            source: Source::Trace(shipped("lirs/cpp.trace.gz"), trace::Options::default()),
+            page_bytes: None,
+            capacities: vec![100, 400],
+            ..oltp(vec![])
+        })
+        .expect("replay");
+        assert_eq!(out.page_bytes, 4096);
+        assert_eq!(out.requests, 9_047);
+        assert_eq!(out.footprint_pages, 1_223);
+        for r in &out.rows {
+            let opt = r.percent("OPT");
+            for p in ["LRU", "ARC", "LIRS", "SLRU", "shadowcache"] {
+                assert!(r.percent(p) <= opt, "{p} above OPT: {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_synthetic_loop_sweeps_to_one_point_one_times_the_cache() {
+        let out = run(Options {
+            source: Source::Synthetic(families::Spec {
+                footprint: 1100,
+                requests: 22_000,
+                ..families::Spec::default()
+            }),
+            page_bytes: None,
+            sweep: true,
+            ..oltp(vec![])
+        })
+        .expect("replay");
+        assert!(out.synthetic.as_deref().is_some_and(|d| d.contains("loop")));
+        let r = out
+            .rows
+            .iter()
+            .find(|r| r.capacity_pages == 1000)
+            .expect("a point at 1/1.1 of the footprint");
+        // LRU and ARC hit nothing in a loop longer than the cache; OPT keeps most of it.
+        assert_eq!(r.percent("LRU"), 0.0);
+        assert_eq!(r.percent("ARC"), 0.0);
+        assert!(r.percent("OPT") > 80.0, "{r:?}");
     }
 
     #[test]

@@ -780,6 +780,14 @@ pub(crate) fn range(start: u64, count: u64, unit: u64) -> Result<Option<(u64, u6
 /// Reads every read of a trace into memory, as byte ranges (the cache and policy benches,
 /// which replay one trace many times). Writes are left out; the count of each is printed.
 pub fn read_requests(path: &Path, opts: &Options) -> anyhow::Result<Vec<Request>> {
+    read_requests_and_format(path, opts).map(|(reqs, _)| reqs)
+}
+
+/// [`read_requests`], and the format the trace was read as.
+pub fn read_requests_and_format(
+    path: &Path,
+    opts: &Options,
+) -> anyhow::Result<(Vec<Request>, Format)> {
     let mut reader = open(path, opts)?;
     let mut out = Vec::new();
     let mut writes = 0u64;
@@ -802,7 +810,7 @@ pub fn read_requests(path: &Path, opts: &Options) -> anyhow::Result<Vec<Request>
             reader.stats().skipped_bad
         );
     }
-    Ok(out)
+    Ok((out, reader.format()))
 }
 
 /// Reads a trace's reads, telling the format from the content.

@@ -1,6 +1,6 @@
-//! Reference page-replacement policies for trace replay: an exact LRU and ARC exactly as in
+//! Reference page-replacement policies for trace replay: an exact LRU, ARC exactly as in
 //! Figure 4 of Megiddo and Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache"
-//! (USENIX FAST 2003).
+//! (USENIX FAST 2003), LIRS as published ([`Lirs`]) and Belady's offline optimum ([`Opt`]).
 //!
 //! Both simulate a cache of `c` pages over page numbers (`u64`) and keep no data. They are built
 //! for speed: every list lives in one slab of nodes linked by `u32` indices, one hash map (std's,
@@ -39,6 +39,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::trace::{LIS_SECTOR, Request};
+
+mod lirs;
+mod opt;
+
+pub use lirs::Lirs;
+pub use opt::Opt;
 
 /// A replacement policy simulated over pages.
 pub trait PagePolicy {
