@@ -47,6 +47,8 @@ pub(super) fn scenarios() -> Vec<Scenario> {
 pub struct Net {
     prefix: String,
     bridge: String,
+    /// The iptables rule that lets this bridge's frames through, when one was needed.
+    forward_rule: Option<Vec<String>>,
     subnet: String,
     hosts: Vec<String>,
 }
@@ -56,9 +58,11 @@ impl Net {
     pub fn new(n: usize) -> anyhow::Result<Net> {
         Net::sweep();
         Net::sweep_links();
+        Net::sweep_rules();
         let pid = std::process::id();
         let prefix = format!("scf{pid}n");
         let mut net = Net {
+            forward_rule: None,
             bridge: format!("scf{pid}br"),
             subnet: format!("10.231.{}", pid % 250),
             prefix,
@@ -66,7 +70,8 @@ impl Net {
         };
         sh("ip", &["link", "add", &net.bridge, "type", "bridge"])?;
         // Bridged frames must not meet the host's iptables (br_netfilter with a FORWARD policy
-        // of DROP, as Docker leaves it, would cut every link before the scenario does).
+        // of DROP, as Docker leaves it, would cut every link before the scenario does); this
+        // bridge's own switch is off.
         let _ = sh(
             "ip",
             &[
@@ -79,6 +84,23 @@ impl Net {
                 "0",
             ],
         );
+        // That setting is not enough where br_netfilter's global switch is on too (Docker turns
+        // it on, and leaves it on after it stops): the bridge's frames then meet FORWARD
+        // anyway. Let them through, first in the chain; the rule goes with the bridge.
+        if std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+            .is_ok_and(|v| v.trim() == "1")
+        {
+            let rule = forward_rule(&net.bridge);
+            let mut args = vec!["-I", "FORWARD", "1"];
+            args.extend(rule.iter().map(String::as_str));
+            sh("iptables", &args).map_err(|e| {
+                anyhow::anyhow!(
+                    "bridged frames pass through iptables here (br_netfilter, e.g. from Docker), \
+                     and iptables could not let this test's bridge through: {e:#}"
+                )
+            })?;
+            net.forward_rule = Some(rule);
+        }
         sh("ip", &["link", "set", &net.bridge, "up"])?;
         for i in 0..n {
             let ns = format!("{}{i}", net.prefix);
@@ -138,6 +160,30 @@ impl Net {
         }
     }
 
+    /// FORWARD rules of runs that were killed (their comment names the bridge of a pid
+    /// that is gone).
+    fn sweep_rules() {
+        let Ok(out) = std::process::Command::new("iptables")
+            .args(["-S", "FORWARD"])
+            .output()
+        else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rest) = line.split("shadowcache-campaign scf").nth(1) else {
+                continue;
+            };
+            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let bridge = format!("scf{pid}br");
+                let mut args = vec!["-D", "FORWARD"];
+                let rule = forward_rule(&bridge);
+                args.extend(rule.iter().map(String::as_str));
+                let _ = sh("iptables", &args);
+            }
+        }
+    }
+
     /// Host-side veth ends of runs that were killed: `scf<pid>n<i>h` with `<pid>` gone.
     fn sweep_links() {
         let Ok(out) = std::process::Command::new("ip")
@@ -192,7 +238,31 @@ impl Drop for Net {
             let _ = sh("ip", &["netns", "del", ns]);
         }
         let _ = sh("ip", &["link", "del", &self.bridge]);
+        if let Some(rule) = &self.forward_rule {
+            let mut args = vec!["-D", "FORWARD"];
+            args.extend(rule.iter().map(String::as_str));
+            let _ = sh("iptables", &args);
+        }
     }
+}
+
+/// The FORWARD rule that accepts frames bridged within `bridge`, marked with its name.
+fn forward_rule(bridge: &str) -> Vec<String> {
+    [
+        "-i",
+        bridge,
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        &format!("shadowcache-campaign {bridge}"),
+        "-j",
+        "ACCEPT",
+    ]
+    .iter()
+    .map(|s| (*s).to_string())
+    .collect()
 }
 
 /// `b` and `c` read `vdi` until its owner `a` has detected it and both hold leases.
