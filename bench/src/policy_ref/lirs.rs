@@ -88,6 +88,18 @@ impl Lirs {
         }
     }
 
+    /// `page`, in `S` at `s` and resident now, becomes LIR at the top of `S`; the LIR block at
+    /// the bottom of `S` becomes HIR in its place, and `S` is pruned.
+    fn promote(&mut self, page: u64, s: u32) {
+        self.lists.move_front(S, s);
+        let m = self.map.get_mut(&page).expect("a page in S is in the map");
+        m.lir = true;
+        m.resident = true;
+        self.lir_count += 1;
+        self.demote_bottom_lir();
+        self.prune();
+    }
+
     /// The LIR block at the bottom of `S` becomes a resident HIR block at the end of `Q`.
     fn demote_bottom_lir(&mut self) {
         let Some(slot) = self.lists.lru(S) else {
@@ -145,14 +157,9 @@ impl PagePolicy for Lirs {
             Some(e) if e.resident => {
                 if e.s != NIL {
                     // Its IRR is below the bottom LIR block's recency: it becomes LIR.
-                    self.lists.move_front(S, e.s);
                     self.lists.release(e.q);
-                    let m = self.map.get_mut(&page).expect("present");
-                    m.q = NIL;
-                    m.lir = true;
-                    self.lir_count += 1;
-                    self.demote_bottom_lir();
-                    self.prune();
+                    self.map.get_mut(&page).expect("present").q = NIL;
+                    self.promote(page, e.s);
                 } else {
                     // Not in S: stays HIR, goes to the top of S and the end of Q.
                     let s = self.lists.push_new(S, page);
@@ -207,13 +214,7 @@ impl PagePolicy for Lirs {
                 match found {
                     Some(e) => {
                         // In S: its IRR is small: it becomes LIR.
-                        self.lists.move_front(S, e.s);
-                        let m = self.map.get_mut(&page).expect("present");
-                        m.lir = true;
-                        m.resident = true;
-                        self.lir_count += 1;
-                        self.demote_bottom_lir();
-                        self.prune();
+                        self.promote(page, e.s);
                     }
                     None => {
                         let s = self.lists.push_new(S, page);
