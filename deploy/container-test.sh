@@ -27,28 +27,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
+SCRIPT=deploy/container-test.sh
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
 
-fail() {
-  echo "deploy/container-test.sh: FAILED: $*" >&2
-  exit 1
-}
-
-need=()
-command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
-command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
-command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
-command -v podman >/dev/null 2>&1 || need+=(podman)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }; then
-      fail "apt-get install ${need[*]} failed"
-    fi
-  else
-    fail "missing tools; please install: ${need[*]}"
-  fi
-fi
+need dockerd:docker.io docker:docker.io docker-compose:docker-compose mmdebstrap:mmdebstrap \
+  podman:podman qemu-img:qemu-utils curl:curl
 [ "$(id -u)" = 0 ] || fail "needs root (dockerd, podman with systemd, mmdebstrap)"
 
 bin=target/debug
@@ -147,7 +131,6 @@ echo "image $image built in $((SECONDS - t0))s ($(docker image inspect -f '{{.Si
 docker run --rm "$image" --version | grep -q '^shadowcache-node ' || fail "the image's node does not run"
 
 echo "== deploy/compose.yaml: a 3-node cluster"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mkdir -p "$work/images"
 head -c $((24 << 20)) /dev/urandom >"$work/images/replica.raw"
 # 1 MiB of zeroes in the middle: blocks the content map knows as zero never cross the network.
@@ -192,28 +175,25 @@ knows() { compose exec -T "$1" shadowcache stat replica; }
 wait_for 60 "node-2 to know the replica" knows node-2
 wait_for 60 "node-3 to know the replica" knows node-3
 
-metric() { # PORT NAME: the sum of every series of NAME
-  curl -sf "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%.0f\n", s }'
-}
 for n in 2 3 1; do
   qemu-img compare -q -f raw -F raw "nbd://127.0.0.1:${nbd[$n]}/replica" "$work/images/replica.raw" \
     || fail "node-$n's NBD does not read the replica as its file"
 done
 echo "qemu-img compare: the replica read through node-2, node-3 and node-1 is identical to its file"
 for n in 2 3; do
-  origin=$(metric "${metrics[$n]}" shadowcache_origin_read_bytes_total)
-  owner=$(metric "${metrics[$n]}" shadowcache_owner_read_bytes_total)
-  peers=$(metric "${metrics[$n]}" shadowcache_peer_read_bytes_total)
+  origin=$(metric_sum "${metrics[$n]}" shadowcache_origin_read_bytes_total)
+  owner=$(metric_sum "${metrics[$n]}" shadowcache_owner_read_bytes_total)
+  peers=$(metric_sum "${metrics[$n]}" shadowcache_peer_read_bytes_total)
   echo "node-$n: from the owner $owner B, from peers $peers B, from an origin $origin B"
   [ "$origin" = 0 ] || fail "node-$n read an origin; it owns none"
   [ $((owner + peers)) -gt 0 ] || fail "node-$n fetched nothing from the cluster"
 done
-hits_before=$(metric "${metrics[2]}" shadowcache_cache_hit_bytes_total)
-fetched_before=$(( $(metric "${metrics[2]}" shadowcache_owner_read_bytes_total) + $(metric "${metrics[2]}" shadowcache_peer_read_bytes_total) ))
+hits_before=$(metric_sum "${metrics[2]}" shadowcache_cache_hit_bytes_total)
+fetched_before=$(( $(metric_sum "${metrics[2]}" shadowcache_owner_read_bytes_total) + $(metric_sum "${metrics[2]}" shadowcache_peer_read_bytes_total) ))
 qemu-img compare -q -f raw -F raw "nbd://127.0.0.1:${nbd[2]}/replica" "$work/images/replica.raw" \
   || fail "node-2's second read differs"
-hits=$(( $(metric "${metrics[2]}" shadowcache_cache_hit_bytes_total) - hits_before ))
-fetched=$(( $(metric "${metrics[2]}" shadowcache_owner_read_bytes_total) + $(metric "${metrics[2]}" shadowcache_peer_read_bytes_total) - fetched_before ))
+hits=$(( $(metric_sum "${metrics[2]}" shadowcache_cache_hit_bytes_total) - hits_before ))
+fetched=$(( $(metric_sum "${metrics[2]}" shadowcache_owner_read_bytes_total) + $(metric_sum "${metrics[2]}" shadowcache_peer_read_bytes_total) - fetched_before ))
 echo "node-2, second read: $hits B from its cache, $fetched B fetched"
 [ "$hits" -ge $((23 << 20)) ] || fail "node-2's second read was not served from its cache ($hits B)"
 [ "$fetched" = 0 ] || fail "node-2 fetched $fetched B again"

@@ -23,20 +23,12 @@
 # Bounded: every wait has a deadline; the node and Prometheus are stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=deploy/test.sh
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
 
-need=()
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "deploy/test.sh: FAILED: missing tools; please install: ${need[*]}" >&2
-    exit 1
-  fi
-fi
+need promtool:prometheus prometheus:prometheus nbdcopy:libnbd-bin curl:curl \
+  systemd-analyze:systemd
 
 echo "== promtool: config, rules, rule unit tests"
 (cd deploy/prometheus && promtool check config prometheus.yml && promtool check rules shadowcache.rules.yml \
@@ -99,7 +91,6 @@ else
   echo "WARNING: deploy/test.sh: kubectl is not installed: the Kubernetes manifests were NOT validated" >&2
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 metrics_port=$(free_port)
 prom_port=$(free_port)
 peer_port=$(free_port)

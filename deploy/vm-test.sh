@@ -25,11 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
-
-fail() {
-  echo "deploy/vm-test.sh: FAILED: $*" >&2
-  exit 1
-}
+SCRIPT=deploy/vm-test.sh
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
 
 boot_timeout=${VM_TEST_BOOT_TIMEOUT:-180}
 # TCG by default: it runs everywhere, and this boot takes seconds under it. KVM
@@ -38,26 +36,8 @@ boot_timeout=${VM_TEST_BOOT_TIMEOUT:-180}
 accel=${VM_TEST_ACCEL:-tcg}
 cache_dir=target/vm-test-cache
 
-need=()
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-command -v mke2fs >/dev/null 2>&1 || need+=(e2fsprogs)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-command -v cpio >/dev/null 2>&1 || need+=(cpio)
-command -v depmod >/dev/null 2>&1 || need+=(kmod)
-command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }; then
-      fail "apt-get install ${need[*]} failed"
-    fi
-  else
-    fail "missing tools; please install: ${need[*]}"
-  fi
-fi
-for t in qemu-system-x86_64 qemu-img mke2fs dumpe2fs curl cpio depmod modprobe dpkg-deb gzip timeout; do
-  command -v "$t" >/dev/null 2>&1 || fail "$t is not installed and could not be installed"
-done
+need qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mke2fs:e2fsprogs dumpe2fs:e2fsprogs \
+  curl:curl cpio:cpio depmod:kmod modprobe:kmod dpkg-deb:dpkg gzip:gzip timeout:coreutils
 command -v apt-get >/dev/null 2>&1 || [ -d "$cache_dir" ] || fail "no apt-get to fetch the kernel and busybox with"
 
 bin=target/debug
@@ -267,7 +247,6 @@ initrd=$work/initrd.gz
 (cd "$initdir" && find . | cpio -o -H newc --quiet | gzip -1) > "$initrd"
 
 echo "== three nodes: a owns root (sealed), b and c are members"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 head -c 32 /dev/urandom > "$work/cluster.secret"
 chmod 600 "$work/cluster.secret"
 declare -A peer metrics
@@ -300,10 +279,7 @@ for n in a b c; do
 done
 
 # The sum of every series of a metric on node $1 (0 when it has none yet).
-metric() {
-  curl -sf --max-time 5 "http://127.0.0.1:${metrics[$1]}/metrics" | awk -v m="$2" '
-    $1 == m || index($1, m "{") == 1 {s += $NF} END {printf "%.0f\n", s}'
-}
+metric() { metric_sum "${metrics[$1]}" "$2"; }
 # Wait up to $1 seconds for the command after it to succeed.
 wait_for() {
   local deadline=$((SECONDS + $1))
