@@ -32,6 +32,7 @@ pub mod families;
 #[cfg(feature = "faults")]
 pub mod faults;
 pub mod nbd_bench;
+pub mod netfilter;
 pub mod plot;
 pub mod policy_bench;
 pub mod policy_ref;

@@ -48,7 +48,7 @@ fn nodes_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Namespaces and links named with the launcher's prefix for process `pid`.
+/// Namespaces, links and FORWARD rules named with the launcher's prefix for process `pid`.
 fn net_leftovers(pid: u32) -> Vec<String> {
     let prefix = format!("sc{:05}", pid % 100_000);
     let mut left = Vec::new();
@@ -57,6 +57,15 @@ fn net_leftovers(pid: u32) -> Vec<String> {
             .args(args)
             .output()
             .expect("ip (iproute2)");
+        left.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains(&prefix))
+                .map(str::to_string),
+        );
+    }
+    // The FORWARD rule for its bridge, on a host whose br_netfilter needs one (Docker's).
+    if let Ok(out) = Command::new("iptables").args(["-S", "FORWARD"]).output() {
         left.extend(
             String::from_utf8_lossy(&out.stdout)
                 .lines()

@@ -84,23 +84,8 @@ impl Net {
                 "0",
             ],
         );
-        // That setting is not enough where br_netfilter's global switch is on too (Docker turns
-        // it on, and leaves it on after it stops): the bridge's frames then meet FORWARD
-        // anyway. Let them through, first in the chain; the rule goes with the bridge.
-        if std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
-            .is_ok_and(|v| v.trim() == "1")
-        {
-            let rule = forward_rule(&net.bridge);
-            let mut args = vec!["-I", "FORWARD", "1"];
-            args.extend(rule.iter().map(String::as_str));
-            sh("iptables", &args).map_err(|e| {
-                anyhow::anyhow!(
-                    "bridged frames pass through iptables here (br_netfilter, e.g. from Docker), \
-                     and iptables could not let this test's bridge through: {e:#}"
-                )
-            })?;
-            net.forward_rule = Some(rule);
-        }
+        // That switch is not enough where br_netfilter's global one is on (crate::netfilter).
+        net.forward_rule = crate::netfilter::let_through(&net.bridge)?;
         sh("ip", &["link", "set", &net.bridge, "up"])?;
         for i in 0..n {
             let ns = format!("{}{i}", net.prefix);
@@ -160,26 +145,15 @@ impl Net {
         }
     }
 
-    /// FORWARD rules of runs that were killed (their comment names the bridge of a pid
-    /// that is gone).
+    /// FORWARD rules of runs that were killed (their bridge's pid is gone).
     fn sweep_rules() {
-        let Ok(out) = std::process::Command::new("iptables")
-            .args(["-S", "FORWARD"])
-            .output()
-        else {
-            return;
-        };
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some(rest) = line.split("shadowcache-campaign scf").nth(1) else {
+        for bridge in crate::netfilter::bridges_with_rules() {
+            let Some(rest) = bridge.strip_prefix("scf") else {
                 continue;
             };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
             if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let bridge = format!("scf{pid}br");
-                let mut args = vec!["-D", "FORWARD"];
-                let rule = forward_rule(&bridge);
-                args.extend(rule.iter().map(String::as_str));
-                let _ = sh("iptables", &args);
+                crate::netfilter::delete(&crate::netfilter::accept_rule(&bridge));
             }
         }
     }
@@ -239,30 +213,9 @@ impl Drop for Net {
         }
         let _ = sh("ip", &["link", "del", &self.bridge]);
         if let Some(rule) = &self.forward_rule {
-            let mut args = vec!["-D", "FORWARD"];
-            args.extend(rule.iter().map(String::as_str));
-            let _ = sh("iptables", &args);
+            crate::netfilter::delete(rule);
         }
     }
-}
-
-/// The FORWARD rule that accepts frames bridged within `bridge`, marked with its name.
-fn forward_rule(bridge: &str) -> Vec<String> {
-    [
-        "-i",
-        bridge,
-        "-o",
-        bridge,
-        "-m",
-        "comment",
-        "--comment",
-        &format!("shadowcache-campaign {bridge}"),
-        "-j",
-        "ACCEPT",
-    ]
-    .iter()
-    .map(|s| (*s).to_string())
-    .collect()
 }
 
 /// `b` and `c` read `vdi` until its owner `a` has detected it and both hold leases.

@@ -4,10 +4,11 @@
 //!
 //! Teardown always happens:
 //! - on drop (a normal end, an error, a panic): nodes get SIGTERM (SIGKILL after 10 s), the
-//!   namespaces and the bridge are deleted;
+//!   namespaces and the bridge are deleted, and the FORWARD rule that lets the bridge's frames
+//!   through where Docker's br_netfilter would drop them ([`crate::netfilter`]);
 //! - when the bench is killed outright (SIGKILL), a reaper process cleans up: a small `sh`
 //!   in its own process group that the launcher tells, line by line, of every node process,
-//!   namespace and link it creates, and that acts when its standard input reaches end of file,
+//!   namespace, link and FORWARD rule it creates, and that acts when its standard input reaches end of file,
 //!   which happens when the last holder of the pipe (this process) is gone, however it died.
 //!   Being in its own process group, a Ctrl-C at the terminal does not stop it before it acts.
 //!
@@ -80,18 +81,21 @@ pub struct Cluster {
     pub nodes: Vec<Launched>,
     namespaces: Vec<String>,
     links: Vec<String>,
+    /// FORWARD rules letting the bridge's frames through (crate::netfilter), if it needed one.
+    forward_rules: Vec<Vec<String>>,
     reaper: Option<(Child, ChildStdin)>,
 }
 
 /// The reaper: records what to remove, removes it when its input ends (see the module docs).
 /// `done` means a clean teardown already removed everything.
 const REAPER: &str = r#"
-pids=""; nss=""; links=""
+pids=""; nss=""; links=""; fwds=""
 while read -r kind arg; do
   case "$kind" in
     pid) pids="$pids $arg" ;;
     ns) nss="$nss $arg" ;;
     link) links="$links $arg" ;;
+    fwd) fwds="$fwds $arg" ;;
     done) exit 0 ;;
   esac
 done
@@ -99,6 +103,9 @@ for p in $pids; do kill -9 "$p" 2>/dev/null; done
 sleep 0.2
 for n in $nss; do ip netns delete "$n" 2>/dev/null; done
 for l in $links; do ip link delete "$l" 2>/dev/null; done
+for b in $fwds; do
+  iptables -D FORWARD -i "$b" -o "$b" -m comment --comment "shadowcache-bench $b" -j ACCEPT 2>/dev/null
+done
 exit 0
 "#;
 
@@ -234,6 +241,7 @@ impl Cluster {
             nodes: Vec::new(),
             namespaces: Vec::new(),
             links: Vec::new(),
+            forward_rules: Vec::new(),
             reaper: Some(Self::reaper()?),
         };
         let subnet = if net.netns { free_subnet() } else { 0 };
@@ -253,6 +261,11 @@ impl Cluster {
                 "dev",
                 &bridge,
             ])?;
+            // Docker's br_netfilter would drop the frames between the namespaces.
+            cluster.tell(&format!("fwd {bridge}"));
+            if let Some(rule) = crate::netfilter::let_through(&bridge)? {
+                cluster.forward_rules.push(rule);
+            }
             ip(&["link", "set", &bridge, "up"])?;
         }
         let mut seed: Option<SocketAddr> = None;
@@ -441,6 +454,9 @@ impl Cluster {
         }
         for l in std::mem::take(&mut self.links) {
             let _ = ip(&["link", "delete", &l]);
+        }
+        for rule in std::mem::take(&mut self.forward_rules) {
+            crate::netfilter::delete(&rule);
         }
         self.tell("done");
         if let Some((mut child, stdin)) = self.reaper.take() {
