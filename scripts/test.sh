@@ -44,7 +44,9 @@ fi
 
 # What deploy/ ships, against the real tools: promtool, a real Prometheus scraping a node, and
 # the dashboard's and rules' metrics against what the node exports (deploy/test.sh).
-./deploy/test.sh
+# Same RUSTFLAGS as the test build, so that its `cargo build` reuses those dependencies instead
+# of building a second set (disk on a CI machine is not unlimited).
+RUSTFLAGS="$test_rustflags" ./deploy/test.sh
 
 # Every fuzz target for a bounded time on its committed corpus (scripts/fuzz.sh; FUZZ_SECONDS,
 # default 20 s a target; FUZZ_SECONDS=0 skips them and says so).

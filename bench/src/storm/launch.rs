@@ -88,6 +88,9 @@ pub struct Cluster {
 
 /// The reaper: records what to remove, removes it when its input ends (see the module docs).
 /// `done` means a clean teardown already removed everything.
+/// What a node's log says when a port it was given is taken (the OS's text for EADDRINUSE).
+const ADDR_IN_USE: &str = "Address already in use";
+
 const REAPER: &str = r#"
 pids=""; nss=""; links=""; fwds=""
 while read -r kind arg; do
@@ -218,7 +221,36 @@ impl Cluster {
 
     /// Launches `specs` (the first is the seed every other joins) in `dir`, and waits until
     /// every node sees all members and `disk` (at most `timeout`).
+    ///
+    /// On loopback the ports are picked free and released before a node binds them, so another
+    /// process can take one in between (seen with tests in parallel): a node that exits with
+    /// "Address already in use" makes the whole cluster start again on fresh ports, up to three
+    /// times in all.
     pub async fn launch(
+        dir: &Path,
+        specs: &[NodeSpec],
+        net: &Network,
+        disk: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Cluster> {
+        let mut attempt = 1;
+        loop {
+            match Self::launch_once(dir, specs, net, disk, timeout).await {
+                Err(e) if !net.netns && attempt < 3 && format!("{e:#}").contains(ADDR_IN_USE) => {
+                    eprintln!(
+                        "a port was taken before a node bound it (attempt {attempt} of 3); starting the cluster again on fresh ports"
+                    );
+                    for spec in specs {
+                        let _ = std::fs::remove_dir_all(dir.join(&spec.id));
+                    }
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn launch_once(
         dir: &Path,
         specs: &[NodeSpec],
         net: &Network,
