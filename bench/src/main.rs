@@ -530,6 +530,9 @@ enum Command {
         /// The node's `cache.second_chances`.
         #[arg(long)]
         second_chances: Option<bool>,
+        /// The node's `cache.policy`: duel (pick online), or keep tuned, arc, lru or loop.
+        #[arg(long)]
+        policy_rules: Option<String>,
     },
     /// Under faults: the seeded simulation of a cluster (three nodes in one process, faults
     /// drawn from each seed, every history checked; each guard of the lease protocol removed
@@ -846,6 +849,7 @@ fn bench_main() -> anyhow::Result<()> {
                 ghost_ratio,
                 adaptive_split,
                 second_chances,
+                policy_rules,
             } => {
                 if let Some(saved) = replot {
                     let text = std::fs::read_to_string(&saved)?;
@@ -890,6 +894,16 @@ fn bench_main() -> anyhow::Result<()> {
                             ghost_ratio,
                             adaptive: adaptive_split,
                             second_chances,
+                            policy_rules: match policy_rules.as_deref() {
+                                None => None,
+                                Some("duel") => Some(None),
+                                Some(name) => Some(Some(
+                                    shadowcache_node::cache::pool::Variant::from_name(name)
+                                        .ok_or_else(|| anyhow::anyhow!(
+                                            "--policy-rules {name:?}: expected duel, tuned, arc, lru or loop"
+                                        ))?,
+                                )),
+                            },
                         },
                     })
                 })?;

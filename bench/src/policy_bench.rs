@@ -107,6 +107,8 @@ pub struct Tuning {
     pub adaptive: Option<bool>,
     /// `second_chances`.
     pub second_chances: Option<bool>,
+    /// `policy`: `Some(None)` lets the duel pick, `Some(Some(v))` keeps `v`.
+    pub policy_rules: Option<Option<shadowcache_node::cache::pool::Variant>>,
 }
 
 impl Tuning {
@@ -119,6 +121,7 @@ impl Tuning {
         config.ghost_ratio = t.ghost_ratio.unwrap_or(config.ghost_ratio);
         config.adaptive = t.adaptive.unwrap_or(config.adaptive);
         config.second_chances = t.second_chances.unwrap_or(config.second_chances);
+        config.policy_rules = t.policy_rules.unwrap_or(config.policy_rules);
         config
     }
 }
@@ -151,6 +154,12 @@ pub struct PoolReport {
     pub ghost_capacity: u64,
     /// Promotions (single -> multi).
     pub promotions: u64,
+    /// The eviction rules the pools ran at the end (the duel's pick).
+    #[serde(default)]
+    pub rules_end: String,
+    /// Times the duel changed the rules.
+    #[serde(default)]
+    pub rule_switches: u64,
 }
 
 /// One capacity of the replay.
@@ -301,6 +310,7 @@ pub fn slru_config(capacity_pages: u64, page_bytes: u64) -> CacheConfig {
         adaptive: false,
         ghost_ratio: 0.0,
         second_chances: false,
+        policy_rules: Some(shadowcache_node::cache::pool::Variant::Tuned),
         ..cache_config(capacity_pages, page_bytes)
     }
 }
@@ -345,6 +355,8 @@ pub fn replay_cache(pages: &[u64], config: CacheConfig) -> anyhow::Result<(u64, 
             ),
             ghost_capacity: st.ghost_capacity,
             promotions: cache.stats().promotions.get(),
+            rules_end: st.variant.name().to_string(),
+            rule_switches: st.counters.variant_switches,
         },
     ))
 }
@@ -551,7 +563,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
     }
 
     println!(
-        "{:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>13} {:>8} {:>8} {:>13} {:>11}",
+        "{:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>13} {:>8} {:>8} {:>13} {:>11} {:>11}",
         "pages",
         "OPT %",
         "LRU %",
@@ -562,7 +574,8 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         "-best",
         "/OPT",
         "single share",
-        "ghost hits"
+        "ghost hits",
+        "rules/flips"
     );
     let mut rows = Vec::new();
     for &c in &capacities {
@@ -570,7 +583,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         let ours = r.percent("shadowcache");
         let opt = r.percent("OPT");
         println!(
-            "{:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>13.2} {:>+8.2} {:>8.3} {:>6.3}..{:<5.3} {:>11}",
+            "{:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>13.2} {:>+8.2} {:>8.3} {:>6.3}..{:<5.3} {:>11} {:>11}",
             c,
             opt,
             r.percent("LRU"),
@@ -582,7 +595,11 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             if opt > 0.0 { ours / opt } else { f64::NAN },
             r.shadowcache.single_share_range.0,
             r.shadowcache.single_share_range.1,
-            r.shadowcache.ghost_hits_single + r.shadowcache.ghost_hits_multi
+            r.shadowcache.ghost_hits_single + r.shadowcache.ghost_hits_multi,
+            format!(
+                "{}/{}",
+                r.shadowcache.rules_end, r.shadowcache.rule_switches
+            )
         );
         rows.push(r);
     }
@@ -1079,6 +1096,7 @@ mod tests {
                 adaptive: Some(false),
                 ghost_ratio: Some(0.0),
                 second_chances: Some(false),
+                policy_rules: Some(Some(shadowcache_node::cache::pool::Variant::Tuned)),
                 ..Tuning::default()
             },
             ..oltp(vec![1000, 5000])

@@ -113,6 +113,7 @@ struct FileCache {
     single_touch_max: Option<f64>,
     ghost_ratio: Option<f64>,
     second_chances: Option<bool>,
+    policy: Option<String>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -357,6 +358,8 @@ pub struct Config {
     pub ghost_ratio: f64,
     /// Whether re-reads in multi-touch earn second chances.
     pub second_chances: bool,
+    /// Eviction rules to keep, or none: the pools pick them online (the duel).
+    pub policy_rules: Option<crate::cache::pool::Variant>,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -517,6 +520,20 @@ impl Config {
                 .ghost_ratio
                 .unwrap_or(crate::cache::pool::DEFAULT_GHOST_RATIO),
             second_chances: file.cache.second_chances.unwrap_or(true),
+            policy_rules: match file.cache.policy.as_deref() {
+                None | Some("duel") => None,
+                Some(name) => {
+                    Some(crate::cache::pool::Variant::from_name(name).ok_or_else(|| {
+                        invalid(
+                            "cache.policy",
+                            format!(
+                                "{name:?} is not a policy: use duel (the default), tuned, arc, \
+                                 lru or loop"
+                            ),
+                        )
+                    })?)
+                }
+            },
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -814,6 +831,7 @@ impl Config {
             single_touch_max: self.single_touch_max,
             ghost_ratio: self.ghost_ratio,
             second_chances: self.second_chances,
+            policy_rules: self.policy_rules,
             ssd: (self.ssd_bytes > 0).then(|| crate::cache::SsdConfig {
                 data_path: self.ssd_path.clone(),
                 index_path: self.ssd_index_path.clone(),
@@ -958,6 +976,12 @@ mod tests {
         assert!(m.contains("cache.block_size"), "{m}");
         let m = message(parse("[cache]\nram = \"lots\"\n"));
         assert!(m.contains("ram"), "{m}");
+        let m = message(parse("[cache]\npolicy = \"belady\"\n"));
+        assert!(m.contains("cache.policy") && m.contains("duel"), "{m}");
+        let lru = parse("[cache]\npolicy = \"lru\"\n").expect("policy lru");
+        assert_eq!(lru.policy_rules, Some(crate::cache::pool::Variant::Lru));
+        let duel = parse("[cache]\npolicy = \"duel\"\n").expect("policy duel");
+        assert_eq!(duel.policy_rules, None);
         let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
         assert!(m.contains("single_touch_share"), "{m}");
         let m = message(parse("[cache]\nblock_size = \"4KiB\"\nssd = \"2TiB\"\n"));

@@ -37,6 +37,11 @@ pub const GHOST_KEYS: &str = "shadowcache_cache_ghost_keys";
 pub const GHOST_HITS: &str = "shadowcache_cache_ghost_hits_total";
 /// Moves of the single-touch target, by `direction` = grew | shrank.
 pub const SINGLE_TOUCH_TARGET_MOVES: &str = "shadowcache_cache_single_touch_target_moves_total";
+/// 1 for the eviction rules the RAM pools run now and 0 for the others, by `rules` =
+/// tuned | arc | lru | loop.
+pub const POLICY_RULES: &str = "shadowcache_cache_policy_rules";
+/// Times the duel changed the RAM pools' eviction rules.
+pub const POLICY_SWITCHES: &str = "shadowcache_cache_policy_switches_total";
 /// Bytes of disk blocks the cached entries stand for (before dedup).
 pub const LOGICAL_BYTES: &str = "shadowcache_cache_logical_bytes";
 /// Bytes held by the cache tiers, by `tier`.
@@ -371,6 +376,14 @@ fn describe() {
     describe_counter!(
         SINGLE_TOUCH_TARGET_MOVES,
         "Moves of the single-touch target by ghost hits"
+    );
+    describe_gauge!(
+        POLICY_RULES,
+        "1 for the eviction rules the RAM pools run now (by rules), 0 for the others"
+    );
+    describe_counter!(
+        POLICY_SWITCHES,
+        "Times the duel changed the RAM pools' eviction rules"
     );
     describe_gauge!(
         LOGICAL_BYTES,

@@ -315,7 +315,7 @@ fn ratio(n: u64, d: u64) -> f64 {
 fn status_json(s: &StatusResponse) -> serde_json::Value {
     let c = s.counters.unwrap_or_default();
     let l = s.leases.unwrap_or_default();
-    let p = s.policy.unwrap_or_default();
+    let p = s.policy.clone().unwrap_or_default();
     let lookups = c.lookups;
     json!({
         "node_id": s.node_id,
@@ -341,6 +341,9 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "ghost_hits_multi": p.ghost_hits_multi,
             "target_grew": p.target_grew,
             "target_shrank": p.target_shrank,
+            "rules": p.rules,
+            "rules_duel": p.rules_duel,
+            "rules_switches": p.rules_switches,
         },
         "tiers": s.tiers.iter().map(|t| json!({
             "name": t.name,
@@ -430,7 +433,7 @@ fn print_status(s: &StatusResponse) {
         c.zero_block_hits,
         c.single_flight_joins
     );
-    let p = s.policy.unwrap_or_default();
+    let p = s.policy.clone().unwrap_or_default();
     println!(
         "single-touch target {:.1}% of RAM ({}, limits {:.1}%..{:.1}%, moved up {} down {})",
         100.0 * p.single_touch_target,
@@ -439,6 +442,16 @@ fn print_status(s: &StatusResponse) {
         100.0 * p.single_touch_max,
         p.target_grew,
         p.target_shrank
+    );
+    println!(
+        "eviction rules: {} ({}, {} switches)",
+        p.rules,
+        if p.rules_duel {
+            "picked by the duel"
+        } else {
+            "fixed by cache.policy"
+        },
+        p.rules_switches
     );
     println!(
         "ghosts: single {} multi {} keys (bound {} each)  ghost hits: single {} multi {}",

@@ -59,10 +59,13 @@ pub struct CacheConfig {
     pub single_touch_min: f64,
     /// The single-touch target's upper limit, as a fraction of `ram_bytes`. Default: 0.5.
     pub single_touch_max: f64,
-    /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 0.9.
+    /// Evicted keys each ghost remembers, per block a full RAM budget holds. Default: 1.0.
     pub ghost_ratio: f64,
     /// Whether multi-touch entries re-read in RAM get second chances at eviction. Default: true.
     pub second_chances: bool,
+    /// Eviction rules to keep, or none to let the pools pick them online by replaying a
+    /// sample of the keys under each ([`pool::Variant`]). Default: none.
+    pub policy_rules: Option<pool::Variant>,
     /// The SSD tier, or none for a RAM-only cache. Default: none.
     pub ssd: Option<SsdConfig>,
     /// Demotions that may wait for the SSD writer before new ones are dropped. Default: 1024.
@@ -80,6 +83,7 @@ impl Default for CacheConfig {
             single_touch_max: pool::DEFAULT_SHARE_MAX,
             ghost_ratio: pool::DEFAULT_GHOST_RATIO,
             second_chances: true,
+            policy_rules: None,
             ssd: None,
             demotion_queue: 1024,
         }
@@ -98,6 +102,7 @@ impl CacheConfig {
             share_max: self.single_touch_max,
             ghost_ratio: self.ghost_ratio,
             second_chances: self.second_chances,
+            fixed_rules: self.policy_rules,
         }
     }
 }
@@ -355,7 +360,7 @@ impl ContentCache {
     /// counts a miss), so that one lookup is never counted twice.
     #[inline]
     pub fn get_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
-        let hit = self.lookup_ram(fp);
+        let hit = self.lookup_ram(fp, true);
         if let Some((_, tier)) = &hit {
             self.inner.stats.hit(*tier);
         }
@@ -378,17 +383,21 @@ impl ContentCache {
     /// whose miss is already counted (a single flight that found the block filled).
     #[inline]
     pub fn get_ram_uncounted(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
-        self.lookup_ram(fp)
+        self.lookup_ram(fp, false)
     }
 
+    /// `first`: the request's first look (the pools' duel counts it as an access).
     #[inline]
-    fn lookup_ram(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+    fn lookup_ram(&self, fp: &Fingerprint, first: bool) -> Option<(Bytes, Tier)> {
         let inner = &*self.inner;
-        let found = inner
-            .pools
-            .lock()
-            .get(fp)
-            .map(|(v, seg)| (v.bytes.clone(), seg));
+        let mut pools = inner.pools.lock();
+        let found = if first {
+            pools.get(fp)
+        } else {
+            pools.get_again(fp)
+        }
+        .map(|(v, seg)| (v.bytes.clone(), seg));
+        drop(pools);
         if let Some((bytes, seg)) = found {
             let tier = match seg {
                 Segment::Multi => Tier::RamMulti,
@@ -616,7 +625,7 @@ impl Inner {
     /// If the RAM pools hold `fp`: another disk block maps to it (one more reference) and it
     /// is read again (touched, promoted from single-touch). Whether they held it.
     fn add_reference(&self, pools: &mut Pools, fp: &Fingerprint) -> bool {
-        let Some((v, seg)) = pools.get(fp) else {
+        let Some((v, seg)) = pools.get_again(fp) else {
             return false;
         };
         v.refs = v.refs.saturating_add(1);
@@ -681,6 +690,11 @@ fn publish_policy(st: &PolicyState) {
         .absolute(st.counters.target_grew);
     metrics::counter!(telemetry::SINGLE_TOUCH_TARGET_MOVES, "direction" => "shrank")
         .absolute(st.counters.target_shrank);
+    for v in pool::Variant::ALL {
+        metrics::gauge!(telemetry::POLICY_RULES, "rules" => v.name())
+            .set(f64::from(u8::from(v == st.variant)));
+    }
+    metrics::counter!(telemetry::POLICY_SWITCHES).absolute(st.counters.variant_switches);
 }
 
 /// The SSD writer: drains demotions off the read path.

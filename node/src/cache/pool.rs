@@ -75,6 +75,10 @@ pub struct PoolConfig {
     pub ghost_ratio: f64,
     /// Whether re-reads in multi-touch earn second chances at eviction.
     pub second_chances: bool,
+    /// Eviction rules to keep, or none (the default) to pick them online among the
+    /// [`Variant`]s, by replaying a sample of the keys through a small copy of the pools under
+    /// each (see [`Duel`]).
+    pub fixed_rules: Option<Variant>,
 }
 
 impl PoolConfig {
@@ -89,6 +93,7 @@ impl PoolConfig {
             share_max: DEFAULT_SHARE_MAX,
             ghost_ratio: DEFAULT_GHOST_RATIO,
             second_chances: true,
+            fixed_rules: None,
         }
     }
 }
@@ -105,8 +110,65 @@ pub const DEFAULT_SHARE_MIN: f64 = 0.01;
 pub const DEFAULT_SHARE_MAX: f64 = 0.5;
 /// The largest ghost ratio the pools accept (larger values are taken as this).
 pub const MAX_GHOST_RATIO: f64 = 16.0;
-/// Default ghost size per entry of a full cache.
-pub const DEFAULT_GHOST_RATIO: f64 = 0.9;
+/// Default ghost size per entry of a full cache: ARC's own bound. With 0.9, a loop of between
+/// 1.9 and 2 times the cache was never found in a ghost (the LIRS paper's gli trace lost 19.8
+/// points to LRU at 894 pages).
+pub const DEFAULT_GHOST_RATIO: f64 = 1.0;
+
+/// The eviction rules the pools can run under. Unless [`PoolConfig::fixed_rules`] names one,
+/// the pools pick one online by the hits each would have had on a sample of the keys
+/// ([`Duel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The configured rules: ARC's adaptive split within the configured limits, with second
+    /// chances if configured.
+    Tuned = 0,
+    /// ARC as published: the split free over the whole cache, no second chances.
+    Arc = 1,
+    /// Plain LRU over both pools: evict whichever pool's least recent entry is older.
+    Lru = 2,
+    /// For loops longer than the cache: the tuned rules, but a new admission goes to the least
+    /// recent end of its pool, except one in [`LOOP_HEAD_EVERY`] to the most recent end
+    /// (bimodal insertion, Qureshi et al., ISCA 2007). The pools then keep a stable part of
+    /// the loop instead of cycling every block of it out before its turn comes again.
+    Loop = 3,
+}
+
+impl Variant {
+    /// Every variant, in the order of their numbers.
+    pub const ALL: [Variant; 4] = [Variant::Tuned, Variant::Arc, Variant::Lru, Variant::Loop];
+
+    /// The name in status, metrics and the bench.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Tuned => "tuned",
+            Variant::Arc => "arc",
+            Variant::Lru => "lru",
+            Variant::Loop => "loop",
+        }
+    }
+
+    /// The variant named `name` ([`Self::name`]).
+    pub fn from_name(name: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
+/// Under [`Variant::Loop`], one admission in this many goes to the most recent end.
+pub const LOOP_HEAD_EVERY: u32 = 32;
+/// Each of the duel's copies holds at most this many entries; a larger cache replays one key
+/// in `entries / DUEL_ENTRIES` (rounded up) through them, which keeps reuse distances in
+/// proportion (sampling by key, as SHARDS does: Waldspurger et al., FAST 2015).
+pub const DUEL_ENTRIES: u64 = 4096;
+/// Sampled accesses a duel window spans at least (and at least twice a copy's entries).
+pub const DUEL_WINDOW_MIN: u32 = 256;
+/// A variant takes over only when its decayed hits beat the running one's by this share, and
+/// by [`DUEL_DEVIATIONS`] times the square root of the accesses where exactly one of the two
+/// hit (a sign test: on the accesses where they agree, neither is better): noise alone does
+/// not flip the rules back and forth.
+pub const DUEL_MARGIN: f64 = 0.005;
+/// See [`DUEL_MARGIN`].
+pub const DUEL_DEVIATIONS: f64 = 2.0;
 
 /// Bytes of one pool slot (the entry's index record, payload not included).
 pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
@@ -127,15 +189,26 @@ impl Cached {
     }
 }
 
+impl Slot {
+    /// Bytes the entry counts for in its pool (its length: every linked slot holds a value).
+    #[inline]
+    fn weight(&self) -> u64 {
+        self.value.as_ref().map_or(0, |v| v.bytes.len() as u64)
+    }
+}
+
 struct Slot {
     fp: Fingerprint,
     value: Option<Cached>,
     prev: u32,
     next: u32,
-    weight: u32,
     seg: Segment,
     /// Re-reads while in multi-touch, up to [`MAX_REREADS`], each worth one second chance.
     rereads: u8,
+    /// The pools' access count at the entry's last access (wrapping): [`Variant::Lru`] evicts
+    /// the older of the two pools' least recent entries. An entry idle for more than 2^32
+    /// accesses may look recent; that only sways which pool gives up an entry.
+    stamp: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +246,8 @@ pub struct PolicyCounters {
     pub target_grew: u64,
     /// Times the single-touch target shrank.
     pub target_shrank: u64,
+    /// Times the duel changed the running [`Variant`].
+    pub variant_switches: u64,
 }
 
 /// A snapshot of the pools' state, for status, metrics and benchmarks.
@@ -202,6 +277,10 @@ pub struct PolicyState {
     pub ghost_capacity: u64,
     /// Whether the target adapts.
     pub adaptive: bool,
+    /// The eviction rules running now.
+    pub variant: Variant,
+    /// Whether the duel picks them (else they stay fixed).
+    pub duel: bool,
     /// The counters.
     pub counters: PolicyCounters,
 }
@@ -236,6 +315,16 @@ pub struct Pools {
     ghost_capacity: usize,
     second_chances: bool,
     counters: PolicyCounters,
+    /// The configured upper limit of the single-touch target and second-chance setting,
+    /// which [`Variant::Tuned`] and [`Variant::Loop`] use.
+    tuned_max: u64,
+    tuned_second_chances: bool,
+    variant: Variant,
+    /// Accesses so far (wrapping): the entries' stamps.
+    clock: u32,
+    /// Admissions under [`Variant::Loop`], for its one-in-[`LOOP_HEAD_EVERY`].
+    loop_admissions: u32,
+    duel: Option<Box<Duel>>,
 }
 
 impl std::fmt::Debug for Pools {
@@ -272,7 +361,11 @@ impl Pools {
         let ghost_keys = (entries as f64 * ratio) as usize;
         let hashing = FingerprintHashing::default();
         let seed = hashing.hash_one(0x6057_u64);
-        Pools {
+        let duel = match config.fixed_rules {
+            None => Duel::new(config, entries).map(Box::new),
+            Some(_) => None,
+        };
+        let mut pools = Pools {
             slots: Vec::new(),
             free: NIL,
             table: HashTable::new(),
@@ -288,7 +381,27 @@ impl Pools {
             ghost_capacity: ghost_keys,
             second_chances: config.second_chances,
             counters: PolicyCounters::default(),
-        }
+            tuned_max: target_max,
+            tuned_second_chances: config.second_chances,
+            variant: Variant::Tuned,
+            clock: 0,
+            loop_admissions: 0,
+            duel,
+        };
+        pools.set_variant(config.fixed_rules.unwrap_or(Variant::Tuned));
+        pools
+    }
+
+    /// Runs the pools under `variant` from now on (what they hold stays).
+    pub fn set_variant(&mut self, variant: Variant) {
+        self.variant = variant;
+        let (max, chances) = match variant {
+            Variant::Tuned | Variant::Loop => (self.tuned_max, self.tuned_second_chances),
+            Variant::Arc | Variant::Lru => (self.capacity, false),
+        };
+        self.target_max = max.max(self.target_min);
+        self.target = self.target.min(self.target_max);
+        self.second_chances = chances;
     }
 
     #[inline]
@@ -298,17 +411,49 @@ impl Pools {
 
     #[inline]
     fn find(&self, fp: &Fingerprint) -> Option<u32> {
+        self.find_hashed(fp, self.hash(fp))
+    }
+
+    #[inline]
+    fn find_hashed(&self, fp: &Fingerprint, h: u64) -> Option<u32> {
         let slots = &self.slots;
         self.table
-            .find(self.hash(fp), |&i| slots[i as usize].fp == *fp)
+            .find(h, |&i| slots[i as usize].fp == *fp)
             .copied()
     }
 
     /// Looks `fp` up. A hit moves the entry to the top of multi-touch (a single-touch hit is a
-    /// promotion) and returns the pool it was found in.
+    /// promotion) and returns the pool it was found in. Each call is one access for the duel.
     #[inline]
     pub fn get(&mut self, fp: &Fingerprint) -> Option<(&mut Cached, Segment)> {
-        let i = self.find(fp)?;
+        let h = self.hash(fp);
+        if let Some(duel) = self.duel.as_deref_mut()
+            && duel.observe(fp, h)
+        {
+            let next = duel.pick(self.variant);
+            if next != self.variant {
+                self.counters.variant_switches += 1;
+                self.set_variant(next);
+            }
+        }
+        self.touch(fp, h)
+    }
+
+    /// [`Self::get`] for a second look within one access (the duel counts each access once:
+    /// counting the admission of a block just missed as a second access would make every
+    /// miss a hit in the duel's copies).
+    #[inline]
+    pub fn get_again(&mut self, fp: &Fingerprint) -> Option<(&mut Cached, Segment)> {
+        let h = self.hash(fp);
+        self.touch(fp, h)
+    }
+
+    /// [`Self::get`] without the duel's accounting.
+    #[inline]
+    fn touch(&mut self, fp: &Fingerprint, h: u64) -> Option<(&mut Cached, Segment)> {
+        let i = self.find_hashed(fp, h)?;
+        self.clock = self.clock.wrapping_add(1);
+        self.slots[i as usize].stamp = self.clock;
         let seg = self.slots[i as usize].seg;
         if seg == Segment::Multi && self.second_chances {
             let r = &mut self.slots[i as usize].rereads;
@@ -361,7 +506,9 @@ impl Pools {
         known: bool,
         evicted: &mut impl FnMut(Fingerprint, Cached, Segment),
     ) -> Placement {
-        if let Some((existing, _)) = self.get(&fp) {
+        let weight = u32::try_from(value.bytes.len()).unwrap_or(u32::MAX);
+        let h = self.hash(&fp);
+        if let Some((existing, _)) = self.touch(&fp, h) {
             // Another reader put it back first: keep one entry, and the references of both.
             existing.refs = existing.refs.saturating_add(value.refs);
             return Placement {
@@ -369,7 +516,6 @@ impl Pools {
                 ghost: None,
             };
         }
-        let weight = u32::try_from(value.bytes.len()).unwrap_or(u32::MAX);
         let key = ghost_key(&fp);
         let ghost = if self.ghosts[0].remove(key) {
             self.counters.ghost_hits_single += 1;
@@ -387,13 +533,20 @@ impl Pools {
         } else {
             Segment::Single
         };
-        let i = self.alloc(fp, value, weight, seg);
-        let h = self.hash(&fp);
+        let i = self.alloc(fp, value, seg);
         let slots = &self.slots;
         let hashing = &self.hashing;
         self.table
             .insert_unique(h, i, |&j| hashing.hash_one(slots[j as usize].fp));
-        self.push_front(seg, i);
+        let at_least_recent_end = self.variant == Variant::Loop && !known && {
+            self.loop_admissions = self.loop_admissions.wrapping_add(1);
+            !self.loop_admissions.is_multiple_of(LOOP_HEAD_EVERY)
+        };
+        if at_least_recent_end {
+            self.push_back(seg, i);
+        } else {
+            self.push_front(seg, i);
+        }
         // As in ARC, the choice of victim looks at single-touch without the entry just
         // admitted, and a re-read from the multi-touch ghost breaks a tie at the target in
         // multi-touch's favour.
@@ -453,7 +606,16 @@ impl Pools {
                 }
                 _ => self.lists[0].bytes,
             };
-            let from = if self.lists[0].len > 0
+            let (s_tail, m_tail) = (self.lists[0].tail, self.lists[1].tail);
+            let from = if self.variant == Variant::Lru && s_tail != NIL && m_tail != NIL {
+                // Plain LRU: the older of the two least recent entries.
+                let age = |i: u32| self.clock.wrapping_sub(self.slots[i as usize].stamp);
+                if age(s_tail) >= age(m_tail) {
+                    Segment::Single
+                } else {
+                    Segment::Multi
+                }
+            } else if self.lists[0].len > 0
                 && (t1 > self.target
                     || (from_multi_ghost && t1 == self.target)
                     || self.lists[1].len == 0)
@@ -540,17 +702,20 @@ impl Pools {
             ghost_multi: self.ghosts[1].len as u64,
             ghost_capacity: self.ghosts[0].capacity as u64,
             adaptive: self.adaptive,
+            variant: self.variant,
+            duel: self.duel.is_some(),
             counters: self.counters,
         }
     }
 
-    fn alloc(&mut self, fp: Fingerprint, value: Cached, weight: u32, seg: Segment) -> u32 {
+    fn alloc(&mut self, fp: Fingerprint, value: Cached, seg: Segment) -> u32 {
+        self.clock = self.clock.wrapping_add(1);
         let slot = Slot {
+            stamp: self.clock,
             fp,
             value: Some(value),
             prev: NIL,
             next: NIL,
-            weight,
             seg,
             rereads: 0,
         };
@@ -571,7 +736,7 @@ impl Pools {
     fn unlink(&mut self, i: u32) {
         let (prev, next, seg, w) = {
             let s = &self.slots[i as usize];
-            (s.prev, s.next, s.seg, s.weight)
+            (s.prev, s.next, s.seg, s.weight())
         };
         let l = &mut self.lists[seg as usize];
         if prev == NIL {
@@ -585,7 +750,27 @@ impl Pools {
             self.slots[next as usize].prev = prev;
         }
         l.len -= 1;
-        l.bytes -= u64::from(w);
+        l.bytes -= w;
+    }
+
+    #[inline]
+    fn push_back(&mut self, seg: Segment, i: u32) {
+        let l = &mut self.lists[seg as usize];
+        let old = l.tail;
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = old;
+            s.next = NIL;
+            s.seg = seg;
+        }
+        if old == NIL {
+            l.head = i;
+        } else {
+            self.slots[old as usize].next = i;
+        }
+        l.tail = i;
+        l.len += 1;
+        l.bytes += self.slots[i as usize].weight();
     }
 
     #[inline]
@@ -605,7 +790,126 @@ impl Pools {
         }
         l.head = i;
         l.len += 1;
-        l.bytes += u64::from(self.slots[i as usize].weight);
+        l.bytes += self.slots[i as usize].weight();
+    }
+}
+
+/// The duel: one small copy of the pools per [`Variant`], holding keys only, each running
+/// under its variant on the same sample of the accesses (every access while the cache holds
+/// at most [`DUEL_ENTRIES`] entries, one key in `rate` beyond). At the end of each window
+/// their hits, halved at each window so that the recent past counts most, say which variant
+/// the pools should run: the one that would have hit most, by at least [`DUEL_MARGIN`].
+///
+/// The copies are exact replays, not estimates, for the sampled keys: a loop, a shifting
+/// working set or a scan shows in them as it does in the pools. They cost about 100 bytes an
+/// entry (4 x 1,024 entries at most) plus their ghosts, and four lookups per sampled access.
+struct Duel {
+    /// A key is sampled when the top 32 bits of its hash are below this.
+    threshold: u64,
+    minis: Vec<Pools>,
+    hits: [u32; 4],
+    score: [f64; 4],
+    /// Sampled accesses where copy `k` and the running variant's copy disagreed (one hit).
+    split: [u32; 4],
+    split_score: [f64; 4],
+    running: usize,
+    seen: u32,
+    window: u32,
+}
+
+impl Duel {
+    fn new(config: &PoolConfig, entries: u64) -> Option<Duel> {
+        if entries < 2 {
+            return None;
+        }
+        let rate = entries.div_ceil(DUEL_ENTRIES).max(1);
+        let mini_entries = (entries / rate).max(1);
+        let minis = Variant::ALL
+            .iter()
+            .map(|&v| {
+                let mut p = Pools::new(&PoolConfig {
+                    capacity_bytes: mini_entries,
+                    block_bytes: 1,
+                    fixed_rules: Some(v),
+                    ..config.clone()
+                });
+                p.set_variant(v);
+                p
+            })
+            .collect();
+        let window = u32::try_from(mini_entries.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .max(DUEL_WINDOW_MIN);
+        Some(Duel {
+            threshold: (1u64 << 32) / rate,
+            minis,
+            hits: [0; 4],
+            score: [0.0; 4],
+            split: [0; 4],
+            split_score: [0.0; 4],
+            running: Variant::Tuned as usize,
+            seen: 0,
+            window,
+        })
+    }
+
+    /// Replays one access through every copy if its key is sampled; true when that ends a
+    /// window.
+    #[inline]
+    fn observe(&mut self, fp: &Fingerprint, h: u64) -> bool {
+        if (h >> 32) >= self.threshold {
+            return false;
+        }
+        let mut hit = [false; 4];
+        for (k, m) in self.minis.iter_mut().enumerate() {
+            let mh = m.hash(fp);
+            if m.touch(fp, mh).is_some() {
+                self.hits[k] += 1;
+                hit[k] = true;
+            } else {
+                // One byte of a static buffer: each key weighs 1 in a copy sized in keys.
+                let key = Cached {
+                    bytes: Bytes::from_static(&[0]),
+                    refs: 0,
+                };
+                m.insert(*fp, key, false, &mut |_, _, _| {});
+            }
+        }
+        for (split, h) in self.split.iter_mut().zip(hit) {
+            *split += u32::from(h != hit[self.running]);
+        }
+        self.seen += 1;
+        self.seen >= self.window
+    }
+
+    /// Ends a window: the variant to run next, given the one running.
+    fn pick(&mut self, running: Variant) -> Variant {
+        self.seen = 0;
+        for (score, hits) in self.score.iter_mut().zip(self.hits.iter_mut()) {
+            *score = *score * 0.5 + f64::from(*hits);
+            *hits = 0;
+        }
+        for (score, split) in self.split_score.iter_mut().zip(self.split.iter_mut()) {
+            *score = *score * 0.5 + f64::from(*split);
+            *split = 0;
+        }
+        debug_assert_eq!(self.running, running as usize);
+        let mut best = running as usize;
+        for k in 0..self.score.len() {
+            if self.score[k] > self.score[best] {
+                best = k;
+            }
+        }
+        let now = self.score[running as usize];
+        let noise = DUEL_DEVIATIONS * self.split_score[best].sqrt();
+        if self.score[best] > now * (1.0 + DUEL_MARGIN) + noise.max(1.0) {
+            self.running = best;
+            // The split counts were against the old variant.
+            self.split_score = [0.0; 4];
+            Variant::ALL[best]
+        } else {
+            running
+        }
     }
 }
 
@@ -775,8 +1079,113 @@ mod tests {
         Fingerprint::of(&n.to_le_bytes())
     }
 
+    /// Pools under the tuned rules (most tests here are of those rules; the duel's own tests
+    /// build theirs with [`PoolConfig::new`]).
     fn pools(blocks: u64) -> Pools {
-        Pools::new(&PoolConfig::new(blocks * u64::from(B), B))
+        Pools::new(&PoolConfig {
+            fixed_rules: Some(Variant::Tuned),
+            ..PoolConfig::new(blocks * u64::from(B), B)
+        })
+    }
+
+    /// Hits of `keys` read in order through `p`.
+    fn hits(p: &mut Pools, keys: impl IntoIterator<Item = u64>) -> u64 {
+        keys.into_iter()
+            .map(|k| u64::from(read(p, k).is_some()))
+            .sum()
+    }
+
+    #[test]
+    fn lru_rules_evict_the_least_recent_entry_of_either_pool() {
+        let mut p = Pools::new(&PoolConfig {
+            fixed_rules: Some(Variant::Lru),
+            ..PoolConfig::new(3 * u64::from(B), B)
+        });
+        // a, b land in single-touch; a read again goes to multi-touch; c fills the cache.
+        for k in [1, 2, 1, 3] {
+            read(&mut p, k);
+        }
+        // d: the least recent entry is b (single-touch), not a.
+        read(&mut p, 4);
+        assert_eq!(p.segment_of(&fp(2)), None);
+        assert_eq!(p.segment_of(&fp(1)), Some(Segment::Multi));
+        // e: now a (multi-touch, last read before c and d) is the least recent: LRU takes it
+        // though it was read twice, where the tuned rules would take c from single-touch.
+        read(&mut p, 5);
+        assert_eq!(p.segment_of(&fp(1)), None);
+        assert!(p.segment_of(&fp(3)).is_some() && p.segment_of(&fp(4)).is_some());
+    }
+
+    #[test]
+    fn loop_rules_keep_part_of_a_loop_longer_than_the_cache() {
+        let fixed = |v| {
+            Pools::new(&PoolConfig {
+                fixed_rules: Some(v),
+                ..PoolConfig::new(1000 * u64::from(B), B)
+            })
+        };
+        let (mut tuned, mut looped) = (fixed(Variant::Tuned), fixed(Variant::Loop));
+        let pass = || 0..1100u64;
+        for _ in 0..5 {
+            hits(&mut tuned, pass());
+            hits(&mut looped, pass());
+        }
+        // Belady's optimum keeps 999 of the 1,100 blocks; LRU-like rules keep none in reach.
+        let t = hits(&mut tuned, pass());
+        let l = hits(&mut looped, pass());
+        assert_eq!(t, 0, "the tuned rules cycle the whole loop out");
+        assert!(l >= 800, "loop rules kept {l} of 1,100 hits a pass");
+    }
+
+    #[test]
+    fn the_duel_picks_loop_rules_for_a_loop_and_lru_for_a_recency_pattern() {
+        // A loop of 1.1 times the cache.
+        let mut p = Pools::new(&PoolConfig::new(2000 * u64::from(B), B));
+        for _ in 0..10 {
+            hits(&mut p, 0..2200);
+        }
+        let h = hits(&mut p, 0..2200);
+        assert_eq!(p.state().variant, Variant::Loop);
+        assert!(h >= 1500, "{h} hits of 2,200 in the loop's last pass");
+
+        // Windows of 600 blocks read forward then backward: the backward read finds the most
+        // recent blocks first, which LRU keeps and the tuned rules' half-size single-touch pool
+        // cannot (a block read twice in a window never returns).
+        let mut p = Pools::new(&PoolConfig::new(500 * u64::from(B), B));
+        let mut next = 10_000u64;
+        let mut total = 0;
+        for _ in 0..60 {
+            let w: Vec<u64> = (next..next + 600).collect();
+            next += 600;
+            hits(&mut p, w.iter().copied());
+            total += hits(&mut p, w.iter().rev().copied());
+        }
+        let st = p.state();
+        assert!(
+            matches!(st.variant, Variant::Lru | Variant::Arc),
+            "picked {:?}",
+            st.variant
+        );
+        // LRU would hit 500 of each backward read.
+        assert!(total >= 60 * 400, "{total} hits");
+    }
+
+    #[test]
+    fn on_uniform_random_reads_the_duel_does_not_flap() {
+        // Every variant hits about half on uniform reads over twice the cache: a switch is
+        // noise, and the margin must hold it off.
+        let mut p = Pools::new(&PoolConfig::new(1000 * u64::from(B), B));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..200_000 {
+            x = mix64(x);
+            read(&mut p, x % 2000);
+        }
+        let st = p.state();
+        assert!(
+            st.counters.variant_switches <= 3,
+            "{} switches",
+            st.counters.variant_switches
+        );
     }
 
     /// Reads `n` as the cache's read path does: a lookup, and on a miss an admission.
@@ -930,6 +1339,7 @@ mod tests {
         let config = PoolConfig {
             share_min: 0.1,
             share_max: 0.6,
+            fixed_rules: Some(Variant::Tuned),
             ..PoolConfig::new(100 * u64::from(B), B)
         };
         let mut p = Pools::new(&config);

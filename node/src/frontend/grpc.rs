@@ -188,6 +188,9 @@ fn policy_to_pb(p: &crate::cache::PolicyState) -> pb::CachePolicy {
         ghost_hits_multi: p.counters.ghost_hits_multi,
         target_grew: p.counters.target_grew,
         target_shrank: p.counters.target_shrank,
+        rules: p.variant.name().to_string(),
+        rules_duel: p.duel,
+        rules_switches: p.counters.variant_switches,
     }
 }
 
