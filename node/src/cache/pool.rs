@@ -24,6 +24,13 @@
 //! of times per eviction). On the ARC paper's traces this is what puts the hit ratio above
 //! ARC's (docs/ARCHITECTURE.md has the figures).
 //!
+//! Those are the tuned rules, one of four [`Variant`]s. No single set of rules holds on every
+//! workload family (ARC's and ours lose to LRU on recency patterns and everything LRU-like gets
+//! nothing from a loop longer than the cache), so unless the config fixes one, the pools pick
+//! the rules online: a [`Duel`] of small key-only copies replays a sample of the accesses under
+//! each variant and the pools switch to the one that would have hit most, when a sign test
+//! says the difference is not noise (docs/cache.md; figures in docs/measurements.md).
+//!
 //! Why not moka (which served the pools before): moka cannot resize a cache at run time, which
 //! the adaptive split needs; its eviction is deferred, so pool sizes overshoot until maintenance
 //! runs; and it spends about 300 bytes an entry. This pool keeps one slab of 88-byte slots that hold
@@ -166,7 +173,17 @@ pub const DUEL_WINDOW_MIN: u32 = 256;
 /// by [`DUEL_DEVIATIONS`] times the square root of the accesses where exactly one of the two
 /// hit (a sign test: on the accesses where they agree, neither is better): noise alone does
 /// not flip the rules back and forth.
-pub const DUEL_MARGIN: f64 = 0.005;
+pub const DUEL_MARGIN: f64 = 0.02;
+/// What a window's counts weigh one window later: the duel judges on about
+/// `1 / (1 - DUEL_DECAY)` windows, so one window's luck does not switch the rules (each switch
+/// costs hits while the pools' contents catch up with the new rules).
+pub const DUEL_DECAY: f64 = 0.75;
+/// Each switch multiplies the margin (both terms) by 2, up to [`DUEL_BACKOFF_MAX`], and each
+/// window without one takes back a tenth of the excess: where variants take turns being best
+/// (phases shorter than the pools take to settle after a switch), the rules stop following
+/// every turn. Without it, a zigzag at half its footprint switched 17 times and hit 35% where
+/// every variant alone hits 48 to 50%.
+pub const DUEL_BACKOFF_MAX: f64 = 64.0;
 /// See [`DUEL_MARGIN`].
 pub const DUEL_DEVIATIONS: f64 = 2.0;
 
@@ -797,12 +814,12 @@ impl Pools {
 /// The duel: one small copy of the pools per [`Variant`], holding keys only, each running
 /// under its variant on the same sample of the accesses (every access while the cache holds
 /// at most [`DUEL_ENTRIES`] entries, one key in `rate` beyond). At the end of each window
-/// their hits, halved at each window so that the recent past counts most, say which variant
+/// their hits, decayed by [`DUEL_DECAY`] a window so that the recent past counts most, say which variant
 /// the pools should run: the one that would have hit most, by at least [`DUEL_MARGIN`].
 ///
 /// The copies are exact replays, not estimates, for the sampled keys: a loop, a shifting
 /// working set or a scan shows in them as it does in the pools. They cost about 100 bytes an
-/// entry (4 x 1,024 entries at most) plus their ghosts, and four lookups per sampled access.
+/// entry (4 x 4,096 entries at most) plus their ghosts, and four lookups per sampled access.
 struct Duel {
     /// A key is sampled when the top 32 bits of its hash are below this.
     threshold: u64,
@@ -813,6 +830,8 @@ struct Duel {
     split: [u32; 4],
     split_score: [f64; 4],
     running: usize,
+    /// The margin's multiplier ([`DUEL_BACKOFF_MAX`]).
+    backoff: f64,
     seen: u32,
     window: u32,
 }
@@ -848,6 +867,7 @@ impl Duel {
             split: [0; 4],
             split_score: [0.0; 4],
             running: Variant::Tuned as usize,
+            backoff: 1.0,
             seen: 0,
             window,
         })
@@ -886,11 +906,11 @@ impl Duel {
     fn pick(&mut self, running: Variant) -> Variant {
         self.seen = 0;
         for (score, hits) in self.score.iter_mut().zip(self.hits.iter_mut()) {
-            *score = *score * 0.5 + f64::from(*hits);
+            *score = *score * DUEL_DECAY + f64::from(*hits);
             *hits = 0;
         }
         for (score, split) in self.split_score.iter_mut().zip(self.split.iter_mut()) {
-            *score = *score * 0.5 + f64::from(*split);
+            *score = *score * DUEL_DECAY + f64::from(*split);
             *split = 0;
         }
         debug_assert_eq!(self.running, running as usize);
@@ -902,12 +922,15 @@ impl Duel {
         }
         let now = self.score[running as usize];
         let noise = DUEL_DEVIATIONS * self.split_score[best].sqrt();
-        if self.score[best] > now * (1.0 + DUEL_MARGIN) + noise.max(1.0) {
+        let b = self.backoff;
+        if self.score[best] > now * (1.0 + DUEL_MARGIN * b) + b * noise.max(1.0) {
             self.running = best;
             // The split counts were against the old variant.
             self.split_score = [0.0; 4];
+            self.backoff = (b * 2.0).min(DUEL_BACKOFF_MAX);
             Variant::ALL[best]
         } else {
+            self.backoff = 1.0 + (b - 1.0) * 0.9;
             running
         }
     }
