@@ -169,13 +169,21 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
         "{st}"
     );
     assert!(policy["ghost_capacity"].as_u64().expect("ghost bound") > 0);
+    assert_eq!(policy["rules_duel"].as_bool(), Some(true), "{st}");
+    assert!(
+        ["tuned", "arc", "lru", "loop"].contains(&policy["rules"].as_str().expect("rules")),
+        "{st}"
+    );
     let text = ok(cli(s, &["status"]));
     assert!(
         text.contains("hit ratio") && text.contains("dedup ratio") && text.contains("ram_multi"),
         "{text}"
     );
     assert!(
-        text.contains("single-touch target") && text.contains("ghost hits"),
+        text.contains("single-touch target")
+            && text.contains("ghost hits")
+            && text.contains("eviction rules:")
+            && text.contains("picked by the duel"),
         "{text}"
     );
 

@@ -571,6 +571,7 @@ async fn metrics_are_served_in_prometheus_text() {
         "shadowcache_cache_ghost_keys{ghost=\"multi\"}",
         "shadowcache_cache_ghost_hits_total{ghost=\"single\"}",
         "shadowcache_cache_single_touch_target_moves_total{direction=\"grew\"}",
+        "shadowcache_cache_policy_switches_total",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
@@ -586,6 +587,22 @@ async fn metrics_are_served_in_prometheus_text() {
     assert!(p.single_touch_min > 0.0 && p.single_touch_min <= p.single_touch_target);
     assert!(p.single_touch_target <= p.single_touch_max && p.single_touch_max < 1.0);
     assert!(p.ghost_capacity > 0, "{p:?}");
+    // The duel picks the rules by default; exactly one variant's gauge is 1, and it is the
+    // one status names.
+    assert!(p.rules_duel, "{p:?}");
+    let running: Vec<&str> = ["tuned", "arc", "lru", "loop"]
+        .into_iter()
+        .filter(|r| {
+            body.contains(&format!(
+                "shadowcache_cache_policy_rules{{rules=\"{r}\"}} 1"
+            ))
+        })
+        .collect();
+    assert_eq!(running.len(), 1, "{body}");
+    assert!(
+        ["tuned", "arc", "lru", "loop"].contains(&p.rules.as_str()),
+        "{p:?}"
+    );
 }
 
 /// `--origin-read-rate` paces a node's reads of its origin (a lower bound on time, which a
