@@ -311,20 +311,11 @@ async fn per_block_size(
     }
     node.cache().settle();
     let hits_before = node.cache().stats().hits_ssd.get();
-    let lookups_before = node
-        .cache()
-        .stats()
-        .lookups
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let lookups_before = node.cache().stats().lookups();
     let ssd_inproc = inproc_reads(&node, &ws, bs, budget, u64::MAX).await?;
     let ssd_grpc = grpc_reads(&disk, &ws, bs, budget, u64::MAX).await?;
     let ssd_hits = node.cache().stats().hits_ssd.get() - hits_before;
-    let lookups = node
-        .cache()
-        .stats()
-        .lookups
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - lookups_before;
+    let lookups = node.cache().stats().lookups() - lookups_before;
     drop(client);
     b.shutdown().await?;
 

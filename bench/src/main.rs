@@ -533,6 +533,11 @@ enum Command {
         /// The node's `cache.policy`: duel (pick online), or keep tuned, arc, lru or loop.
         #[arg(long)]
         policy_rules: Option<String>,
+        /// The node's `cache.shards`: the RAM pools' shards (0, the default: picked by the
+        /// capacity, as the node does). Each row with more than one shard also
+        /// replays one, and prints the difference.
+        #[arg(long)]
+        shards: Option<usize>,
     },
     /// Under faults: the seeded simulation of a cluster (three nodes in one process, faults
     /// drawn from each seed, every history checked; each guard of the lease protocol removed
@@ -850,6 +855,7 @@ fn bench_main() -> anyhow::Result<()> {
                 adaptive_split,
                 second_chances,
                 policy_rules,
+                shards,
             } => {
                 if let Some(saved) = replot {
                     let text = std::fs::read_to_string(&saved)?;
@@ -904,6 +910,7 @@ fn bench_main() -> anyhow::Result<()> {
                                         ))?,
                                 )),
                             },
+                            shards,
                         },
                     })
                 })?;

@@ -174,6 +174,8 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
         ["tuned", "arc", "lru", "loop"].contains(&policy["rules"].as_str().expect("rules")),
         "{st}"
     );
+    let shards = policy["shards"].as_u64().expect("shards");
+    assert!(shards.is_power_of_two() && shards <= 64, "{st}");
     let text = ok(cli(s, &["status"]));
     assert!(
         text.contains("hit ratio") && text.contains("dedup ratio") && text.contains("ram_multi"),
@@ -183,7 +185,8 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
         text.contains("single-touch target")
             && text.contains("ghost hits")
             && text.contains("eviction rules:")
-            && text.contains("picked by the duel"),
+            && text.contains("picked by the duel")
+            && text.contains(&format!("shards: {shards}")),
         "{text}"
     );
 

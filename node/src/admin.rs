@@ -215,7 +215,7 @@ impl Node {
             single_touch_share: policy.single_share(),
             policy,
             counters: Counters {
-                lookups: c.lookups.load(Ordering::Relaxed),
+                lookups: c.lookups(),
                 misses: c.misses.get(),
                 zero_block_hits: r.zero_block_hits.get(),
                 origin_reads: r.origin_reads.get(),

@@ -114,6 +114,7 @@ struct FileCache {
     ghost_ratio: Option<f64>,
     second_chances: Option<bool>,
     policy: Option<String>,
+    shards: Option<u64>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -360,6 +361,8 @@ pub struct Config {
     pub second_chances: bool,
     /// Eviction rules to keep, or none: the pools pick them online (the duel).
     pub policy_rules: Option<crate::cache::pool::Variant>,
+    /// Shards of the RAM pools, each behind its own lock (0: picked by the RAM).
+    pub cache_shards: u64,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -534,6 +537,7 @@ impl Config {
                     })?)
                 }
             },
+            cache_shards: file.cache.shards.unwrap_or(0),
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -681,6 +685,18 @@ impl Config {
                 format!(
                     "single_touch_min {lo}, single_touch_share {share} and single_touch_max {hi} \
                      must satisfy 0 < min <= share <= max < 1"
+                ),
+            ));
+        }
+        let max_shards = crate::cache::shards::MAX_SHARDS as u64;
+        if self.cache_shards > max_shards
+            || !self.cache_shards.is_power_of_two() && self.cache_shards != 0
+        {
+            return Err(invalid(
+                "cache.shards",
+                format!(
+                    "{} is not a power of two up to {max_shards} (or 0: picked by the RAM)",
+                    self.cache_shards
                 ),
             ));
         }
@@ -832,6 +848,7 @@ impl Config {
             ghost_ratio: self.ghost_ratio,
             second_chances: self.second_chances,
             policy_rules: self.policy_rules,
+            shards: self.cache_shards as usize,
             ssd: (self.ssd_bytes > 0).then(|| crate::cache::SsdConfig {
                 data_path: self.ssd_path.clone(),
                 index_path: self.ssd_index_path.clone(),
@@ -982,6 +999,16 @@ mod tests {
         assert_eq!(lru.policy_rules, Some(crate::cache::pool::Variant::Lru));
         let duel = parse("[cache]\npolicy = \"duel\"\n").expect("policy duel");
         assert_eq!(duel.policy_rules, None);
+        for bad in ["3", "128"] {
+            let m = message(parse(&format!("[cache]\nshards = {bad}\n")));
+            assert!(
+                m.contains("cache.shards") && m.contains("power of two"),
+                "{m}"
+            );
+        }
+        let eight = parse("[cache]\nshards = 8\n").expect("8 shards");
+        assert_eq!(eight.cache_config().shard_count(), 8);
+        assert_eq!(duel.cache_shards, 0);
         let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
         assert!(m.contains("single_touch_share"), "{m}");
         let m = message(parse("[cache]\nblock_size = \"4KiB\"\nssd = \"2TiB\"\n"));

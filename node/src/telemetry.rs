@@ -42,6 +42,8 @@ pub const SINGLE_TOUCH_TARGET_MOVES: &str = "shadowcache_cache_single_touch_targ
 pub const POLICY_RULES: &str = "shadowcache_cache_policy_rules";
 /// Times the duel changed the RAM pools' eviction rules.
 pub const POLICY_SWITCHES: &str = "shadowcache_cache_policy_switches_total";
+/// Shards the RAM pools are split into.
+pub const POOL_SHARDS: &str = "shadowcache_cache_shards";
 /// Bytes of disk blocks the cached entries stand for (before dedup).
 pub const LOGICAL_BYTES: &str = "shadowcache_cache_logical_bytes";
 /// Bytes held by the cache tiers, by `tier`.
@@ -184,6 +186,66 @@ impl Count {
     /// The local value.
     pub fn get(&self) -> u64 {
         self.local.load(Ordering::Relaxed)
+    }
+}
+
+/// Stripes of a [`Tally`]: enough that threads on different cores rarely share one.
+const TALLY_STRIPES: usize = 32;
+
+/// One stripe of a [`Tally`], on its own cache line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// A counter for the hottest paths (a RAM hit): each thread adds to its own stripe, so that
+/// threads on different cores never contend for one cache line, as they do on a [`Count`]'s
+/// single atomic and the exporter's. The exported counter is set from the sum by
+/// [`Tally::publish`] (the cache does it once a second and at each status), not at each add.
+#[derive(Debug)]
+pub struct Tally {
+    stripes: Box<[Stripe]>,
+    exported: metrics::Counter,
+}
+
+thread_local! {
+    /// This thread's stripe of every [`Tally`].
+    static STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) as usize % TALLY_STRIPES
+    };
+}
+
+impl Tally {
+    /// A tally exported as the counter `name` with the given labels.
+    pub fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Self {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::from_static_parts(k, v))
+            .collect();
+        Tally {
+            stripes: (0..TALLY_STRIPES).map(|_| Stripe::default()).collect(),
+            exported: metrics::counter!(name, labels),
+        }
+    }
+
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        let i = STRIPE.with(|s| *s);
+        self.stripes[i].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sum of the stripes.
+    pub fn get(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .fold(0u64, u64::wrapping_add)
+    }
+
+    /// Sets the exported counter to [`Self::get`].
+    pub fn publish(&self) {
+        self.exported.absolute(self.get());
     }
 }
 
@@ -384,6 +446,10 @@ fn describe() {
     describe_counter!(
         POLICY_SWITCHES,
         "Times the duel changed the RAM pools' eviction rules"
+    );
+    describe_gauge!(
+        POOL_SHARDS,
+        "Shards the RAM pools are split into, each with its own lock"
     );
     describe_gauge!(
         LOGICAL_BYTES,

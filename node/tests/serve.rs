@@ -572,6 +572,7 @@ async fn metrics_are_served_in_prometheus_text() {
         "shadowcache_cache_ghost_hits_total{ghost=\"single\"}",
         "shadowcache_cache_single_touch_target_moves_total{direction=\"grew\"}",
         "shadowcache_cache_policy_switches_total",
+        "shadowcache_cache_shards",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
@@ -602,6 +603,12 @@ async fn metrics_are_served_in_prometheus_text() {
     assert!(
         ["tuned", "arc", "lru", "loop"].contains(&p.rules.as_str()),
         "{p:?}"
+    );
+    // The shard count status gives is the one the metric gives, and a power of two.
+    assert!(p.shards.is_power_of_two(), "{p:?}");
+    assert!(
+        body.contains(&format!("shadowcache_cache_shards {}", p.shards)),
+        "{body}"
     );
 }
 

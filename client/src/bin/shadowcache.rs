@@ -344,6 +344,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "rules": p.rules,
             "rules_duel": p.rules_duel,
             "rules_switches": p.rules_switches,
+            "shards": p.shards,
         },
         "tiers": s.tiers.iter().map(|t| json!({
             "name": t.name,
@@ -444,14 +445,15 @@ fn print_status(s: &StatusResponse) {
         p.target_shrank
     );
     println!(
-        "eviction rules: {} ({}, {} switches)",
+        "eviction rules: {} ({}, {} switches)  shards: {}",
         p.rules,
         if p.rules_duel {
             "picked by the duel"
         } else {
             "fixed by cache.policy"
         },
-        p.rules_switches
+        p.rules_switches,
+        p.shards
     );
     println!(
         "ghosts: single {} multi {} keys (bound {} each)  ghost hits: single {} multi {}",

@@ -25,6 +25,7 @@
 pub mod fingerprint;
 pub mod pool;
 pub mod ram;
+pub mod shards;
 pub mod ssd;
 
 use std::path::PathBuf;
@@ -36,13 +37,13 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 pub use fingerprint::{Fingerprint, FingerprintHashing};
-use parking_lot::Mutex;
 use pool::Pools;
 pub use pool::{Cached, PolicyCounters, PolicyState, PoolConfig, Segment};
 use ram::{Entry, Value};
+use shards::ShardedPools;
 pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
 
-use crate::telemetry::{self, Count};
+use crate::telemetry::{self, Count, Tally};
 
 /// Settings of the content cache.
 #[derive(Debug, Clone)]
@@ -66,6 +67,9 @@ pub struct CacheConfig {
     /// Eviction rules to keep, or none to let the pools pick them online by replaying a
     /// sample of the keys under each ([`pool::Variant`]). Default: none.
     pub policy_rules: Option<pool::Variant>,
+    /// Shards the RAM pools are split into, each behind its own lock, or 0 to pick by the
+    /// capacity ([`shards::auto_shards`]). Default: 0.
+    pub shards: usize,
     /// The SSD tier, or none for a RAM-only cache. Default: none.
     pub ssd: Option<SsdConfig>,
     /// Demotions that may wait for the SSD writer before new ones are dropped. Default: 1024.
@@ -84,6 +88,7 @@ impl Default for CacheConfig {
             ghost_ratio: pool::DEFAULT_GHOST_RATIO,
             second_chances: true,
             policy_rules: None,
+            shards: 0,
             ssd: None,
             demotion_queue: 1024,
         }
@@ -91,6 +96,15 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
+    /// The shards the RAM pools are split into: [`Self::shards`], or picked by the capacity
+    /// when that is 0.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        shards::auto_shards(self.ram_bytes / u64::from(self.block_bytes.max(1)))
+    }
+
     /// The RAM pools' settings.
     pub fn pool_config(&self) -> PoolConfig {
         PoolConfig {
@@ -132,18 +146,16 @@ impl Tier {
 /// Counters of the cache, kept locally and exported as metrics.
 #[derive(Debug)]
 pub struct CacheStats {
-    /// Lookups made (hits plus misses).
-    pub lookups: AtomicU64,
     /// Hits in RAM single-touch.
-    pub hits_ram_single: Count,
+    pub hits_ram_single: Tally,
     /// Hits in RAM multi-touch.
-    pub hits_ram_multi: Count,
+    pub hits_ram_multi: Tally,
     /// Hits in SSD.
     pub hits_ssd: Count,
     /// Lookups nothing answered.
     pub misses: Count,
     /// Single -> multi moves.
-    pub promotions: Count,
+    pub promotions: Tally,
     /// RAM multi -> SSD moves.
     pub demotions: Count,
     /// Drops from single-touch.
@@ -168,12 +180,11 @@ impl CacheStats {
     fn new() -> Self {
         use telemetry::*;
         CacheStats {
-            lookups: AtomicU64::new(0),
-            hits_ram_single: Count::new(CACHE_HITS, &[("tier", "ram_single")]),
-            hits_ram_multi: Count::new(CACHE_HITS, &[("tier", "ram_multi")]),
+            hits_ram_single: Tally::new(CACHE_HITS, &[("tier", "ram_single")]),
+            hits_ram_multi: Tally::new(CACHE_HITS, &[("tier", "ram_multi")]),
             hits_ssd: Count::new(CACHE_HITS, &[("tier", "ssd")]),
             misses: Count::new(CACHE_MISSES, &[]),
-            promotions: Count::new(PROMOTIONS, &[]),
+            promotions: Tally::new(PROMOTIONS, &[]),
             demotions: Count::new(DEMOTIONS, &[]),
             evictions_ram_single: Count::new(EVICTIONS, &[("pool", "ram_single")]),
             evictions_ram_multi: Count::new(EVICTIONS, &[("pool", "ram_multi")]),
@@ -184,6 +195,21 @@ impl CacheStats {
             ghost_hits_multi: Count::new(GHOST_HITS, &[("ghost", "multi")]),
             logical_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Lookups made: hits in every tier plus misses.
+    pub fn lookups(&self) -> u64 {
+        self.hits_ram_single.get()
+            + self.hits_ram_multi.get()
+            + self.hits_ssd.get()
+            + self.misses.get()
+    }
+
+    /// Sets the exported counters of the hot path from their tallies.
+    fn publish(&self) {
+        self.hits_ram_single.publish();
+        self.hits_ram_multi.publish();
+        self.promotions.publish();
     }
 
     fn add_logical(&self, n: u64) {
@@ -208,7 +234,6 @@ impl CacheStats {
     }
 
     fn hit(&self, tier: Tier) {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
         match tier {
             Tier::RamSingle => self.hits_ram_single.inc(),
             Tier::RamMulti => self.hits_ram_multi.inc(),
@@ -240,7 +265,7 @@ enum WriterMsg {
 
 struct Inner {
     config: CacheConfig,
-    pools: Arc<Mutex<Pools>>,
+    pools: Arc<ShardedPools>,
     ssd: Option<Arc<SsdTier>>,
     pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     writer: Option<mpsc::SyncSender<WriterMsg>>,
@@ -278,7 +303,10 @@ impl ContentCache {
     /// Builds the cache, opening (and recovering) the SSD tier if one is configured.
     pub fn open(config: CacheConfig) -> Result<(ContentCache, Option<Recovery>), CacheError> {
         let stats = Arc::new(CacheStats::new());
-        let pools = Arc::new(Mutex::new(Pools::new(&config.pool_config())));
+        let pools = Arc::new(ShardedPools::new(
+            &config.pool_config(),
+            config.shard_count(),
+        ));
 
         let (ssd, recovery) = match &config.ssd {
             Some(c) => {
@@ -373,7 +401,7 @@ impl ContentCache {
     #[inline]
     pub fn peek(&self, fp: &Fingerprint) -> Option<Bytes> {
         let inner = &*self.inner;
-        if let Some(v) = inner.pools.lock().peek(fp) {
+        if let Some(v) = inner.pools.shard(fp).peek(fp) {
             return Some(v.bytes.clone());
         }
         inner.pending.get(fp).map(|v| v.bytes.clone())
@@ -390,14 +418,12 @@ impl ContentCache {
     #[inline]
     fn lookup_ram(&self, fp: &Fingerprint, first: bool) -> Option<(Bytes, Tier)> {
         let inner = &*self.inner;
-        let mut pools = inner.pools.lock();
-        let found = if first {
-            pools.get(fp)
-        } else {
-            pools.get_again(fp)
+        let mut shard = inner.pools.shard(fp);
+        if first {
+            shard.observe(fp);
         }
-        .map(|(v, seg)| (v.bytes.clone(), seg));
-        drop(pools);
+        let found = shard.get(fp).map(|(v, seg)| (v.bytes.clone(), seg));
+        drop(shard);
         if let Some((bytes, seg)) = found {
             let tier = match seg {
                 Segment::Multi => Tier::RamMulti,
@@ -455,7 +481,6 @@ impl ContentCache {
 
     /// Counts a miss that never reached a lookup (the caller did not know the fingerprint).
     pub fn record_miss(&self) {
-        self.inner.stats.lookups.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.misses.inc();
     }
 
@@ -468,7 +493,7 @@ impl ContentCache {
     pub fn admit(&self, fp: Fingerprint, bytes: Bytes) {
         let inner = &*self.inner;
         inner.stats.add_logical(bytes.len() as u64);
-        if inner.add_reference(&mut inner.pools.lock(), &fp) {
+        if inner.add_reference(&mut inner.pools.shard(&fp), &fp) {
             return;
         }
         if let Some((_, v)) = inner.pending.remove(&fp) {
@@ -487,7 +512,7 @@ impl ContentCache {
         // Two readers may admit the same new block at once: the second finds the first's
         // entry (the pools touch it and keep it) and adds its reference to it, so the bytes
         // are counted once per reference.
-        let mut pools = inner.pools.lock();
+        let mut pools = inner.pools.shard(&fp);
         if inner.add_reference(&mut pools, &fp) {
             return;
         }
@@ -501,7 +526,7 @@ impl ContentCache {
     /// Which tier holds `fp` now, without touching anything (tests and diagnostics).
     pub fn tier_of(&self, fp: &Fingerprint) -> Option<Tier> {
         let inner = &*self.inner;
-        match inner.pools.lock().segment_of(fp) {
+        match inner.pools.shard(fp).segment_of(fp) {
             Some(Segment::Multi) => return Some(Tier::RamMulti),
             Some(Segment::Single) => return Some(Tier::RamSingle),
             None => {}
@@ -517,7 +542,7 @@ impl ContentCache {
 
     /// The RAM pools' policy state: the single-touch target, ghosts, and what adapted.
     pub fn policy(&self) -> PolicyState {
-        let st = self.inner.pools.lock().state();
+        let st = self.inner.pools.state();
         publish_policy(&st);
         st
     }
@@ -575,6 +600,7 @@ impl ContentCache {
             metrics::gauge!(telemetry::STORED_BYTES, "tier" => t.tier.as_str()).set(t.bytes as f64);
             metrics::gauge!(telemetry::ENTRIES, "tier" => t.tier.as_str()).set(t.entries as f64);
         }
+        inner.stats.publish();
         metrics::gauge!(telemetry::LOGICAL_BYTES)
             .set(inner.stats.logical_bytes.load(Ordering::Relaxed) as f64);
         out
@@ -590,7 +616,7 @@ impl ContentCache {
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         if let (Some(ssd), Some(w)) = (&inner.ssd, &inner.writer) {
-            let multi = inner.pools.lock().multi_entries();
+            let multi = inner.pools.multi_entries();
             for (fp, v) in multi {
                 if !ssd.contains(&fp) {
                     inner.pending.insert(fp, Entry::new(v.bytes, v.refs));
@@ -625,7 +651,7 @@ impl Inner {
     /// If the RAM pools hold `fp`: another disk block maps to it (one more reference) and it
     /// is read again (touched, promoted from single-touch). Whether they held it.
     fn add_reference(&self, pools: &mut Pools, fp: &Fingerprint) -> bool {
-        let Some((v, seg)) = pools.get_again(fp) else {
+        let Some((v, seg)) = pools.get(fp) else {
             return false;
         };
         v.refs = v.refs.saturating_add(1);
@@ -640,14 +666,14 @@ impl Inner {
     fn insert(&self, fp: Fingerprint, v: Cached, known: bool) {
         let placed = self
             .pools
-            .lock()
+            .shard(&fp)
             .insert(fp, v, known, &mut |f, v, from| self.evicted(f, v, from));
         self.stats.ghost_hit(placed.ghost);
     }
 
-    /// Handles an entry the pools evicted. Runs under the pools' lock, so it never blocks,
-    /// does no I/O and never takes that lock. Lock order: pools, then `pending`; nothing
-    /// takes the pools' lock while holding a `pending` guard.
+    /// Handles an entry the pools evicted. Runs under a shard's lock, so it never blocks,
+    /// does no I/O and never takes a shard's lock. Lock order: a shard, then `pending`;
+    /// nothing takes a shard's lock while holding a `pending` guard.
     fn evicted(&self, fp: Fingerprint, v: Cached, from: Segment) {
         match (from, &self.writer) {
             (Segment::Single, _) => {
@@ -695,12 +721,13 @@ fn publish_policy(st: &PolicyState) {
             .set(f64::from(u8::from(v == st.variant)));
     }
     metrics::counter!(telemetry::POLICY_SWITCHES).absolute(st.counters.variant_switches);
+    metrics::gauge!(telemetry::POOL_SHARDS).set(f64::from(st.shards));
 }
 
 /// The SSD writer: drains demotions off the read path.
 struct Writer {
     ssd: Arc<SsdTier>,
-    pools: Arc<Mutex<Pools>>,
+    pools: Arc<ShardedPools>,
     pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     stats: Arc<CacheStats>,
 }
@@ -727,7 +754,7 @@ impl Writer {
         if let Some(r) = self.ssd.reserve(&fp, refs) {
             if let Some((efp, elen, erefs)) = r.evicted {
                 self.stats.evictions_ssd.inc();
-                let in_ram = self.pools.lock().segment_of(&efp).is_some();
+                let in_ram = self.pools.shard(&efp).segment_of(&efp).is_some();
                 if !in_ram && !self.pending.contains_key(&efp) {
                     self.stats.sub_logical(u64::from(elen) * u64::from(erefs));
                 }

@@ -27,7 +27,7 @@
 //! Those are the tuned rules, one of four [`Variant`]s. No single set of rules holds on every
 //! workload family (ARC's and ours lose to LRU on recency patterns and everything LRU-like gets
 //! nothing from a loop longer than the cache), so unless the config fixes one, the pools pick
-//! the rules online: a [`Duel`] of small key-only copies replays a sample of the accesses under
+//! the rules online: a duel ([`super::shards`]) of small key-only copies replays a sample of the accesses under
 //! each variant and the pools switch to the one that would have hit most, when a sign test
 //! says the difference is not noise (docs/cache.md; figures in docs/measurements.md).
 //!
@@ -35,7 +35,8 @@
 //! the adaptive split needs; its eviction is deferred, so pool sizes overshoot until maintenance
 //! runs; and it spends about 300 bytes an entry. This pool keeps one slab of 88-byte slots that hold
 //! the entries themselves (bytes, references, u32 links), a table of u32 slot numbers (about 6
-//! bytes an entry), and does all its work in the call that causes it. The cache wraps it in one mutex; nothing inside allocates on a hit.
+//! bytes an entry), and does all its work in the call that causes it. The cache splits the keys over shards of these pools, each behind its own mutex
+//! ([`super::shards`]); nothing inside allocates on a hit.
 //!
 //! Ghosts are lists of 32-bit partial fingerprints: 12-byte nodes (key and u32 links) in a
 //! recycled slab, and a table of node numbers; 22 bytes a key measured with the table's load
@@ -84,7 +85,7 @@ pub struct PoolConfig {
     pub second_chances: bool,
     /// Eviction rules to keep, or none (the default) to pick them online among the
     /// [`Variant`]s, by replaying a sample of the keys through a small copy of the pools under
-    /// each (see [`Duel`]).
+    /// each (see [`super::shards`]).
     pub fixed_rules: Option<Variant>,
 }
 
@@ -124,7 +125,7 @@ pub const DEFAULT_GHOST_RATIO: f64 = 1.0;
 
 /// The eviction rules the pools can run under. Unless [`PoolConfig::fixed_rules`] names one,
 /// the pools pick one online by the hits each would have had on a sample of the keys
-/// ([`Duel`]).
+/// ([`super::shards`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     /// The configured rules: ARC's adaptive split within the configured limits, with second
@@ -163,30 +164,6 @@ impl Variant {
 
 /// Under [`Variant::Loop`], one admission in this many goes to the most recent end.
 pub const LOOP_HEAD_EVERY: u32 = 32;
-/// Each of the duel's copies holds at most this many entries; a larger cache replays one key
-/// in `entries / DUEL_ENTRIES` (rounded up) through them, which keeps reuse distances in
-/// proportion (sampling by key, as SHARDS does: Waldspurger et al., FAST 2015).
-pub const DUEL_ENTRIES: u64 = 4096;
-/// Sampled accesses a duel window spans at least (and at least twice a copy's entries).
-pub const DUEL_WINDOW_MIN: u32 = 256;
-/// A variant takes over only when its decayed hits beat the running one's by this share, and
-/// by [`DUEL_DEVIATIONS`] times the square root of the accesses where exactly one of the two
-/// hit (a sign test: on the accesses where they agree, neither is better): noise alone does
-/// not flip the rules back and forth.
-pub const DUEL_MARGIN: f64 = 0.02;
-/// What a window's counts weigh one window later: the duel judges on about
-/// `1 / (1 - DUEL_DECAY)` windows, so one window's luck does not switch the rules (each switch
-/// costs hits while the pools' contents catch up with the new rules).
-pub const DUEL_DECAY: f64 = 0.75;
-/// Each switch multiplies the margin (both terms) by 2, up to [`DUEL_BACKOFF_MAX`], and each
-/// window without one takes back a tenth of the excess: where variants take turns being best
-/// (phases shorter than the pools take to settle after a switch), the rules stop following
-/// every turn. Without it, a zigzag at half its footprint switched 17 times and hit 35% where
-/// every variant alone hits 48 to 50%.
-pub const DUEL_BACKOFF_MAX: f64 = 64.0;
-/// See [`DUEL_MARGIN`].
-pub const DUEL_DEVIATIONS: f64 = 2.0;
-
 /// Bytes of one pool slot (the entry's index record, payload not included).
 pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
@@ -298,6 +275,8 @@ pub struct PolicyState {
     pub variant: Variant,
     /// Whether the duel picks them (else they stay fixed).
     pub duel: bool,
+    /// Shards the pools are split into (each holds `capacity_bytes / shards`).
+    pub shards: u32,
     /// The counters.
     pub counters: PolicyCounters,
 }
@@ -313,7 +292,30 @@ impl PolicyState {
     }
 }
 
-/// The two pools. Not synchronised: the cache keeps it behind one mutex.
+/// The bytes all shards hold together, against the whole cache's capacity: a shard may hold
+/// more than its share (up to [`Budget::slack`] more) while the whole is within capacity, so
+/// that a working set that just fits the cache fits its shards too, though the keys never
+/// split evenly. (With hard shares, a loop of exactly the cache's size missed 3 points in 4
+/// shards: the shards that drew more than a quarter of its keys cycled.) A shard evicts for
+/// the whole only while it is above its share (letting shards below it evict too cost a loop
+/// of twice the cache 3 to 5 points in 2 shards under the duel), so the whole may be over by a block a shard until
+/// the next admission in a shard above its share.
+#[derive(Debug)]
+pub struct Budget {
+    /// The whole cache's capacity in bytes.
+    pub capacity: u64,
+    /// Bytes held by all shards.
+    pub used: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    /// A shard holds at most its share plus this fraction of it.
+    pub const fn slack() -> f64 {
+        0.0625
+    }
+}
+
+/// The two pools of one shard. Not synchronised: the cache keeps each shard behind a mutex.
 pub struct Pools {
     slots: Vec<Slot>,
     free: u32,
@@ -341,7 +343,10 @@ pub struct Pools {
     clock: u32,
     /// Admissions under [`Variant::Loop`], for its one-in-[`LOOP_HEAD_EVERY`].
     loop_admissions: u32,
-    duel: Option<Box<Duel>>,
+    /// The whole cache's budget when these pools are one shard of several, and the most this
+    /// shard may hold then (its share plus the slack); `capacity` otherwise.
+    budget: Option<std::sync::Arc<Budget>>,
+    hard_capacity: u64,
 }
 
 impl std::fmt::Debug for Pools {
@@ -378,10 +383,6 @@ impl Pools {
         let ghost_keys = (entries as f64 * ratio) as usize;
         let hashing = FingerprintHashing::default();
         let seed = hashing.hash_one(0x6057_u64);
-        let duel = match config.fixed_rules {
-            None => Duel::new(config, entries).map(Box::new),
-            Some(_) => None,
-        };
         let mut pools = Pools {
             slots: Vec::new(),
             free: NIL,
@@ -403,10 +404,58 @@ impl Pools {
             variant: Variant::Tuned,
             clock: 0,
             loop_admissions: 0,
-            duel,
+            budget: None,
+            hard_capacity: cap,
         };
         pools.set_variant(config.fixed_rules.unwrap_or(Variant::Tuned));
         pools
+    }
+
+    /// Makes these pools one shard of several sharing `budget`: they may hold up to their
+    /// capacity plus [`Budget::slack`] of it while all shards together are within the budget.
+    pub fn share(&mut self, budget: std::sync::Arc<Budget>) {
+        let extra = (self.capacity as f64 * Budget::slack()) as u64;
+        self.hard_capacity = self.capacity.saturating_add(extra);
+        self.budget = Some(budget);
+    }
+
+    /// Whether eviction must go on: over this shard's own bound, or the whole cache over its
+    /// budget while this shard holds something besides the entry being admitted (`incoming`
+    /// bytes).
+    #[inline]
+    fn over(&self, incoming: u64) -> bool {
+        let own = self.lists[0].bytes + self.lists[1].bytes;
+        if own > self.hard_capacity {
+            return true;
+        }
+        match &self.budget {
+            Some(b) => {
+                own > self.capacity
+                    && own > incoming
+                    && b.used.load(std::sync::atomic::Ordering::Relaxed) > b.capacity
+            }
+            None => false,
+        }
+    }
+
+    /// Counts `bytes` in (positive) or out of the shared budget.
+    #[inline]
+    fn account(&self, bytes: u64, added: bool) {
+        if let Some(b) = &self.budget {
+            if added {
+                b.used
+                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                b.used
+                    .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The rules running now.
+    #[inline]
+    pub fn variant(&self) -> Variant {
+        self.variant
     }
 
     /// Runs the pools under `variant` from now on (what they hold stays).
@@ -440,32 +489,13 @@ impl Pools {
     }
 
     /// Looks `fp` up. A hit moves the entry to the top of multi-touch (a single-touch hit is a
-    /// promotion) and returns the pool it was found in. Each call is one access for the duel.
+    /// promotion) and returns the pool it was found in.
     #[inline]
     pub fn get(&mut self, fp: &Fingerprint) -> Option<(&mut Cached, Segment)> {
         let h = self.hash(fp);
-        if let Some(duel) = self.duel.as_deref_mut()
-            && duel.observe(fp, h)
-        {
-            let next = duel.pick(self.variant);
-            if next != self.variant {
-                self.counters.variant_switches += 1;
-                self.set_variant(next);
-            }
-        }
         self.touch(fp, h)
     }
 
-    /// [`Self::get`] for a second look within one access (the duel counts each access once:
-    /// counting the admission of a block just missed as a second access would make every
-    /// miss a hit in the duel's copies).
-    #[inline]
-    pub fn get_again(&mut self, fp: &Fingerprint) -> Option<(&mut Cached, Segment)> {
-        let h = self.hash(fp);
-        self.touch(fp, h)
-    }
-
-    /// [`Self::get`] without the duel's accounting.
     #[inline]
     fn touch(&mut self, fp: &Fingerprint, h: u64) -> Option<(&mut Cached, Segment)> {
         let i = self.find_hashed(fp, h)?;
@@ -567,8 +597,10 @@ impl Pools {
         // As in ARC, the choice of victim looks at single-touch without the entry just
         // admitted, and a re-read from the multi-touch ghost breaks a tie at the target in
         // multi-touch's favour.
+        self.account(u64::from(weight), true);
         self.evict(
-            (seg == Segment::Single).then_some((i, weight)),
+            (i, weight),
+            seg == Segment::Single,
             ghost == Some(Segment::Multi),
             evicted,
         );
@@ -609,19 +641,32 @@ impl Pools {
         }
     }
 
+    /// Evicts while [`Self::over`]. `incoming` is the entry just admitted (slot and weight):
+    /// eviction stops rather than take it for the shared budget, and, when it went to
+    /// single-touch (`single`), the choice of pool looks at single-touch without it.
     fn evict(
         &mut self,
-        incoming: Option<(u32, u32)>,
+        incoming: (u32, u32),
+        single: bool,
         from_multi_ghost: bool,
         evicted: &mut impl FnMut(Fingerprint, Cached, Segment),
     ) {
-        while self.lists[0].bytes + self.lists[1].bytes > self.capacity {
-            // Single-touch without the entry being admitted, while it is still there.
-            let t1 = match incoming {
-                Some((i, w)) if self.slots[i as usize].value.is_some() => {
-                    self.lists[0].bytes.saturating_sub(u64::from(w))
-                }
-                _ => self.lists[0].bytes,
+        loop {
+            let (i, w) = incoming;
+            // The entry being admitted, while it is still there.
+            let held = if self.slots[i as usize].value.is_some() {
+                u64::from(w)
+            } else {
+                0
+            };
+            if !self.over(held) {
+                break;
+            }
+            // Single-touch without the entry being admitted.
+            let t1 = if single {
+                self.lists[0].bytes.saturating_sub(held)
+            } else {
+                self.lists[0].bytes
             };
             let (s_tail, m_tail) = (self.lists[0].tail, self.lists[1].tail);
             let from = if self.variant == Variant::Lru && s_tail != NIL && m_tail != NIL {
@@ -677,6 +722,7 @@ impl Pools {
     }
 
     fn remove_slot(&mut self, i: u32) -> (Fingerprint, Option<Cached>) {
+        self.account(self.slots[i as usize].weight(), false);
         self.unlink(i);
         let fp = self.slots[i as usize].fp;
         let h = self.hash(&fp);
@@ -720,7 +766,8 @@ impl Pools {
             ghost_capacity: self.ghosts[0].capacity as u64,
             adaptive: self.adaptive,
             variant: self.variant,
-            duel: self.duel.is_some(),
+            duel: false,
+            shards: 1,
             counters: self.counters,
         }
     }
@@ -808,131 +855,6 @@ impl Pools {
         l.head = i;
         l.len += 1;
         l.bytes += self.slots[i as usize].weight();
-    }
-}
-
-/// The duel: one small copy of the pools per [`Variant`], holding keys only, each running
-/// under its variant on the same sample of the accesses (every access while the cache holds
-/// at most [`DUEL_ENTRIES`] entries, one key in `rate` beyond). At the end of each window
-/// their hits, decayed by [`DUEL_DECAY`] a window so that the recent past counts most, say which variant
-/// the pools should run: the one that would have hit most, by at least [`DUEL_MARGIN`].
-///
-/// The copies are exact replays, not estimates, for the sampled keys: a loop, a shifting
-/// working set or a scan shows in them as it does in the pools. They cost about 100 bytes an
-/// entry (4 x 4,096 entries at most) plus their ghosts, and four lookups per sampled access.
-struct Duel {
-    /// A key is sampled when the top 32 bits of its hash are below this.
-    threshold: u64,
-    minis: Vec<Pools>,
-    hits: [u32; 4],
-    score: [f64; 4],
-    /// Sampled accesses where copy `k` and the running variant's copy disagreed (one hit).
-    split: [u32; 4],
-    split_score: [f64; 4],
-    running: usize,
-    /// The margin's multiplier ([`DUEL_BACKOFF_MAX`]).
-    backoff: f64,
-    seen: u32,
-    window: u32,
-}
-
-impl Duel {
-    fn new(config: &PoolConfig, entries: u64) -> Option<Duel> {
-        if entries < 2 {
-            return None;
-        }
-        let rate = entries.div_ceil(DUEL_ENTRIES).max(1);
-        let mini_entries = (entries / rate).max(1);
-        let minis = Variant::ALL
-            .iter()
-            .map(|&v| {
-                let mut p = Pools::new(&PoolConfig {
-                    capacity_bytes: mini_entries,
-                    block_bytes: 1,
-                    fixed_rules: Some(v),
-                    ..config.clone()
-                });
-                p.set_variant(v);
-                p
-            })
-            .collect();
-        let window = u32::try_from(mini_entries.saturating_mul(2))
-            .unwrap_or(u32::MAX)
-            .max(DUEL_WINDOW_MIN);
-        Some(Duel {
-            threshold: (1u64 << 32) / rate,
-            minis,
-            hits: [0; 4],
-            score: [0.0; 4],
-            split: [0; 4],
-            split_score: [0.0; 4],
-            running: Variant::Tuned as usize,
-            backoff: 1.0,
-            seen: 0,
-            window,
-        })
-    }
-
-    /// Replays one access through every copy if its key is sampled; true when that ends a
-    /// window.
-    #[inline]
-    fn observe(&mut self, fp: &Fingerprint, h: u64) -> bool {
-        if (h >> 32) >= self.threshold {
-            return false;
-        }
-        let mut hit = [false; 4];
-        for (k, m) in self.minis.iter_mut().enumerate() {
-            let mh = m.hash(fp);
-            if m.touch(fp, mh).is_some() {
-                self.hits[k] += 1;
-                hit[k] = true;
-            } else {
-                // One byte of a static buffer: each key weighs 1 in a copy sized in keys.
-                let key = Cached {
-                    bytes: Bytes::from_static(&[0]),
-                    refs: 0,
-                };
-                m.insert(*fp, key, false, &mut |_, _, _| {});
-            }
-        }
-        for (split, h) in self.split.iter_mut().zip(hit) {
-            *split += u32::from(h != hit[self.running]);
-        }
-        self.seen += 1;
-        self.seen >= self.window
-    }
-
-    /// Ends a window: the variant to run next, given the one running.
-    fn pick(&mut self, running: Variant) -> Variant {
-        self.seen = 0;
-        for (score, hits) in self.score.iter_mut().zip(self.hits.iter_mut()) {
-            *score = *score * DUEL_DECAY + f64::from(*hits);
-            *hits = 0;
-        }
-        for (score, split) in self.split_score.iter_mut().zip(self.split.iter_mut()) {
-            *score = *score * DUEL_DECAY + f64::from(*split);
-            *split = 0;
-        }
-        debug_assert_eq!(self.running, running as usize);
-        let mut best = running as usize;
-        for k in 0..self.score.len() {
-            if self.score[k] > self.score[best] {
-                best = k;
-            }
-        }
-        let now = self.score[running as usize];
-        let noise = DUEL_DEVIATIONS * self.split_score[best].sqrt();
-        let b = self.backoff;
-        if self.score[best] > now * (1.0 + DUEL_MARGIN * b) + b * noise.max(1.0) {
-            self.running = best;
-            // The split counts were against the old variant.
-            self.split_score = [0.0; 4];
-            self.backoff = (b * 2.0).min(DUEL_BACKOFF_MAX);
-            Variant::ALL[best]
-        } else {
-            self.backoff = 1.0 + (b - 1.0) * 0.9;
-            running
-        }
     }
 }
 
@@ -1102,8 +1024,8 @@ mod tests {
         Fingerprint::of(&n.to_le_bytes())
     }
 
-    /// Pools under the tuned rules (most tests here are of those rules; the duel's own tests
-    /// build theirs with [`PoolConfig::new`]).
+    /// Pools under the tuned rules (most tests here are of those rules; the duel's tests are
+    /// in [`super::super::shards`]).
     fn pools(blocks: u64) -> Pools {
         Pools::new(&PoolConfig {
             fixed_rules: Some(Variant::Tuned),
@@ -1158,57 +1080,6 @@ mod tests {
         let l = hits(&mut looped, pass());
         assert_eq!(t, 0, "the tuned rules cycle the whole loop out");
         assert!(l >= 800, "loop rules kept {l} of 1,100 hits a pass");
-    }
-
-    #[test]
-    fn the_duel_picks_loop_rules_for_a_loop_and_lru_for_a_recency_pattern() {
-        // A loop of 1.1 times the cache.
-        let mut p = Pools::new(&PoolConfig::new(2000 * u64::from(B), B));
-        for _ in 0..10 {
-            hits(&mut p, 0..2200);
-        }
-        let h = hits(&mut p, 0..2200);
-        assert_eq!(p.state().variant, Variant::Loop);
-        assert!(h >= 1500, "{h} hits of 2,200 in the loop's last pass");
-
-        // Windows of 600 blocks read forward then backward: the backward read finds the most
-        // recent blocks first, which LRU keeps and the tuned rules' half-size single-touch pool
-        // cannot (a block read twice in a window never returns).
-        let mut p = Pools::new(&PoolConfig::new(500 * u64::from(B), B));
-        let mut next = 10_000u64;
-        let mut total = 0;
-        for _ in 0..60 {
-            let w: Vec<u64> = (next..next + 600).collect();
-            next += 600;
-            hits(&mut p, w.iter().copied());
-            total += hits(&mut p, w.iter().rev().copied());
-        }
-        let st = p.state();
-        assert!(
-            matches!(st.variant, Variant::Lru | Variant::Arc),
-            "picked {:?}",
-            st.variant
-        );
-        // LRU would hit 500 of each backward read.
-        assert!(total >= 60 * 400, "{total} hits");
-    }
-
-    #[test]
-    fn on_uniform_random_reads_the_duel_does_not_flap() {
-        // Every variant hits about half on uniform reads over twice the cache: a switch is
-        // noise, and the margin must hold it off.
-        let mut p = Pools::new(&PoolConfig::new(1000 * u64::from(B), B));
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..200_000 {
-            x = mix64(x);
-            read(&mut p, x % 2000);
-        }
-        let st = p.state();
-        assert!(
-            st.counters.variant_switches <= 3,
-            "{} switches",
-            st.counters.variant_switches
-        );
     }
 
     /// Reads `n` as the cache's read path does: a lookup, and on a miss an admission.

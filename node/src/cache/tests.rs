@@ -235,17 +235,11 @@ fn a_second_look_within_one_request_is_not_counted_again() {
     let (fp, b) = block(3);
     c.record_miss();
     c.admit(fp, b.clone());
-    let before = (
-        c.stats().lookups.load(Ordering::Relaxed),
-        c.stats().hits_ram_single.get(),
-    );
+    let before = (c.stats().lookups(), c.stats().hits_ram_single.get());
     let got = c.get_ram_uncounted(&fp).expect("held");
     assert_eq!(got, (b, Tier::RamSingle));
     assert_eq!(
-        (
-            c.stats().lookups.load(Ordering::Relaxed),
-            c.stats().hits_ram_single.get()
-        ),
+        (c.stats().lookups(), c.stats().hits_ram_single.get()),
         before
     );
     // It is still a read: the entry was promoted.

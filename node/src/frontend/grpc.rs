@@ -191,6 +191,7 @@ fn policy_to_pb(p: &crate::cache::PolicyState) -> pb::CachePolicy {
         rules: p.variant.name().to_string(),
         rules_duel: p.duel,
         rules_switches: p.counters.variant_switches,
+        shards: p.shards,
     }
 }
 
