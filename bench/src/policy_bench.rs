@@ -249,6 +249,15 @@ pub struct TierRow {
     pub demotions_dropped: u64,
     /// SSD reads that failed verification (must be 0).
     pub ssd_verify_failures: u64,
+    /// Payload bytes written to SSD slots.
+    #[serde(default)]
+    pub ssd_written_bytes: u64,
+    /// Payload bytes SSD hits served.
+    #[serde(default)]
+    pub ssd_served_bytes: u64,
+    /// Demotions that wrote nothing (the SSD kept a copy since the entry's last SSD hit).
+    #[serde(default)]
+    pub ssd_writes_saved: u64,
     /// All hits over page requests, in percent.
     pub hit_percent: f64,
     /// The same capacity all in RAM, in percent (for comparison).
@@ -515,6 +524,9 @@ fn tier_row(
         ssd_evictions: s.evictions_ssd.get(),
         demotions_dropped: s.evictions_ram_multi.get(),
         ssd_verify_failures: s.ssd_verify_failures.get(),
+        ssd_written_bytes: s.ssd_written_bytes.get(),
+        ssd_served_bytes: s.ssd_served_bytes.get(),
+        ssd_writes_saved: s.ssd_writes_saved.get(),
         hit_percent: percent(hits, pages.len()),
         all_ram_hit_percent: all_ram,
     })
@@ -690,7 +702,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             }
         };
         println!(
-            "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9}",
+            "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9} {:>12}",
             "pages",
             "RAM",
             "SSD",
@@ -701,7 +713,8 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             "demoted",
             "hit %",
             "all-RAM",
-            "dropped"
+            "dropped",
+            "ssd w/served"
         );
         for r in &rows {
             let t = tier_row(
@@ -714,7 +727,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 opts.tuning,
             )?;
             println!(
-                "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9.2} {:>7.2} {:>9}",
+                "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9.2} {:>7.2} {:>9} {:>12.3}",
                 t.capacity_pages,
                 t.ram_pages,
                 t.ssd_pages,
@@ -725,7 +738,8 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 t.demotions,
                 t.hit_percent,
                 t.all_ram_hit_percent,
-                t.demotions_dropped
+                t.demotions_dropped,
+                t.ssd_written_bytes as f64 / t.ssd_served_bytes.max(1) as f64
             );
             tiers.push(t);
         }

@@ -160,6 +160,13 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
             .expect("origin reads")
             > 0
     );
+    // The SSD tier's wear against what it earns: both counted, nothing served that was not
+    // written first.
+    let served = st["counters"]["ssd_served_bytes"].as_u64().expect("served");
+    let written = st["counters"]["ssd_written_bytes"]
+        .as_u64()
+        .expect("written");
+    assert!(served == 0 || written > 0, "{st}");
     let policy = &st["policy"];
     assert_eq!(policy["adaptive"].as_bool(), Some(true), "{st}");
     let target = policy["single_touch_target"].as_f64().expect("target");
@@ -186,7 +193,8 @@ fn the_cli_lists_reads_writes_seals_and_reports_status() {
             && text.contains("ghost hits")
             && text.contains("eviction rules:")
             && text.contains("picked by the duel")
-            && text.contains(&format!("shards: {shards}")),
+            && text.contains(&format!("shards: {shards}"))
+            && text.contains("ssd written"),
         "{text}"
     );
 

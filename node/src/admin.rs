@@ -37,6 +37,12 @@ pub struct Counters {
     pub ssd_verify_failures: u64,
     /// Blocks the SSD tier could not store.
     pub ssd_write_failures: u64,
+    /// Payload bytes written to SSD.
+    pub ssd_written_bytes: u64,
+    /// Payload bytes SSD hits served.
+    pub ssd_served_bytes: u64,
+    /// Demotions that wrote nothing (a copy was kept).
+    pub ssd_writes_saved: u64,
     /// Bytes the cached entries stand for.
     pub logical_bytes: u64,
     /// Bytes stored by all tiers.
@@ -227,6 +233,9 @@ impl Node {
                     + c.evictions_ssd.get(),
                 ssd_verify_failures: c.ssd_verify_failures.get(),
                 ssd_write_failures: c.ssd_write_failures.get(),
+                ssd_written_bytes: c.ssd_written_bytes.get(),
+                ssd_served_bytes: c.ssd_served_bytes.get(),
+                ssd_writes_saved: c.ssd_writes_saved.get(),
                 logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
                 stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
                 single_flight_joins: r.single_flight_joins.get(),

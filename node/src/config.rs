@@ -115,6 +115,7 @@ struct FileCache {
     second_chances: Option<bool>,
     policy: Option<String>,
     shards: Option<u64>,
+    ssd_promote_hits: Option<u8>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -363,6 +364,8 @@ pub struct Config {
     pub policy_rules: Option<crate::cache::pool::Variant>,
     /// Shards of the RAM pools, each behind its own lock (0: picked by the RAM).
     pub cache_shards: u64,
+    /// SSD hits before an entry moves back to RAM.
+    pub ssd_promote_hits: u8,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -538,6 +541,10 @@ impl Config {
                 }
             },
             cache_shards: file.cache.shards.unwrap_or(0),
+            ssd_promote_hits: file
+                .cache
+                .ssd_promote_hits
+                .unwrap_or(crate::cache::DEFAULT_SSD_PROMOTE_HITS),
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -686,6 +693,13 @@ impl Config {
                     "single_touch_min {lo}, single_touch_share {share} and single_touch_max {hi} \
                      must satisfy 0 < min <= share <= max < 1"
                 ),
+            ));
+        }
+        if self.ssd_promote_hits == 0 {
+            return Err(invalid(
+                "cache.ssd_promote_hits",
+                "0 is not a number of hits: 1 moves an entry back to RAM at its first SSD hit"
+                    .to_string(),
             ));
         }
         let max_shards = crate::cache::shards::MAX_SHARDS as u64;
@@ -856,6 +870,7 @@ impl Config {
                 slot_bytes: self.block_bytes,
             }),
             demotion_queue: 1024,
+            ssd_promote_hits: self.ssd_promote_hits,
         }
     }
 
@@ -1006,6 +1021,10 @@ mod tests {
                 "{m}"
             );
         }
+        let m = message(parse("[cache]\nssd_promote_hits = 0\n"));
+        assert!(m.contains("cache.ssd_promote_hits"), "{m}");
+        let m = message(parse("[cache]\nssd_promote_hits = 300\n"));
+        assert!(m.contains("ssd_promote_hits"), "{m}");
         let eight = parse("[cache]\nshards = 8\n").expect("8 shards");
         assert_eq!(eight.cache_config().shard_count(), 8);
         assert_eq!(duel.cache_shards, 0);

@@ -29,6 +29,12 @@ pub const EVICTIONS: &str = "shadowcache_cache_evictions_total";
 pub const SSD_VERIFY_FAILURES: &str = "shadowcache_ssd_verify_failures_total";
 /// SSD writes that failed (a full or failing device); the entry was dropped, not cached.
 pub const SSD_WRITE_FAILURES: &str = "shadowcache_ssd_write_failures_total";
+/// Payload bytes written to SSD slots.
+pub const SSD_WRITTEN_BYTES: &str = "shadowcache_ssd_written_bytes_total";
+/// Payload bytes SSD hits served.
+pub const SSD_SERVED_BYTES: &str = "shadowcache_ssd_served_bytes_total";
+/// Demotions that wrote nothing (the SSD kept a copy since the entry's last SSD hit).
+pub const SSD_WRITES_SAVED: &str = "shadowcache_ssd_writes_saved_total";
 /// The RAM single-touch pool's target, as a share of the RAM budget (it adapts to ghost hits).
 pub const SINGLE_TOUCH_TARGET: &str = "shadowcache_cache_single_touch_target_ratio";
 /// Keys each ghost remembers, by `ghost` = single | multi.
@@ -416,6 +422,20 @@ pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), String> {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CACHE_HITS, "Block lookups answered by a cache tier");
+    describe_counter!(
+        SSD_WRITTEN_BYTES,
+        Unit::Bytes,
+        "Payload bytes written to SSD slots"
+    );
+    describe_counter!(
+        SSD_SERVED_BYTES,
+        Unit::Bytes,
+        "Payload bytes SSD hits served"
+    );
+    describe_counter!(
+        SSD_WRITES_SAVED,
+        "Demotions that wrote nothing: the SSD kept a copy since the entry's last SSD hit"
+    );
     describe_counter!(
         SSD_WRITE_FAILURES,
         "SSD writes that failed (full or failing device); entries dropped"

@@ -367,6 +367,9 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "evictions": c.evictions,
             "ssd_verify_failures": c.ssd_verify_failures,
             "ssd_write_failures": c.ssd_write_failures,
+            "ssd_written_bytes": c.ssd_written_bytes,
+            "ssd_served_bytes": c.ssd_served_bytes,
+            "ssd_writes_saved": c.ssd_writes_saved,
             "logical_bytes": c.logical_bytes,
             "stored_bytes": c.stored_bytes,
             "single_flight_joins": c.single_flight_joins,
@@ -462,6 +465,13 @@ fn print_status(s: &StatusResponse) {
         p.ghost_capacity,
         p.ghost_hits_single,
         p.ghost_hits_multi
+    );
+    println!(
+        "ssd written {} bytes, served {} bytes (written / served {:.2}), {} demotions wrote nothing (copy kept)",
+        c.ssd_written_bytes,
+        c.ssd_served_bytes,
+        ratio(c.ssd_written_bytes, c.ssd_served_bytes),
+        c.ssd_writes_saved
     );
     println!(
         "dedup ratio {:.2}  (logical {} bytes / stored {} bytes)",

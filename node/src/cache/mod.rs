@@ -8,12 +8,16 @@
 //!                               ▼
 //!                          RAM multi-touch ──(evicted)──► demotion queue ──► SSD ──(evicted)──► dropped
 //!                               ▲                                             │
-//!                               └──────────────── SSD hit ◄───────────────────┘
+//!                               └──────── SSD hit number ssd_promote_hits ◄──┘ (earlier hits:
+//!                                          (its slot kept as a copy)            served, stays)
 //! ```
 //!
-//! The tiers are exclusive: an entry lives in exactly one place. An SSD hit moves the entry back
-//! to the top of RAM multi-touch and frees its slot; a later demotion writes it again. (An
-//! inclusive SSD would save those rewrites but count every hot block twice against capacity.)
+//! An entry lives in one place. An SSD hit serves the entry from SSD, and moves it to the top
+//! of the SSD's order; its `ssd_promote_hits`-th (3 by default) moves it back to the top of RAM
+//! multi-touch, and its slot stays as a copy at the least recent end: the first slot reused,
+//! not counted as stored, and the entry's home again, with nothing written, if RAM lets it go
+//! before then. (Moving every hit back made each hit cost a rewrite later; keeping every copy
+//! counted hot blocks twice against capacity.)
 //!
 //! Demotions are written by one writer thread that drains a bounded queue; until written, a
 //! demoted entry stays readable from a small pending map. The cache knows nothing about disks or
@@ -45,6 +49,11 @@ pub use ssd::{Recovery, SsdConfig, SsdError, SsdTier};
 
 use crate::telemetry::{self, Count, Tally};
 
+/// SSD hits before an entry moves back to RAM, by default: on the P2 tier replay (8,192 RAM +
+/// 24,576 SSD pages), 1 wrote 1.05 bytes per byte SSD hits served, 2 wrote 0.64 and 3 wrote
+/// 0.47, at 27.29%, 27.31% and 26.86% hits (docs/measurements.md).
+pub const DEFAULT_SSD_PROMOTE_HITS: u8 = 3;
+
 /// Settings of the content cache.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -74,6 +83,11 @@ pub struct CacheConfig {
     pub ssd: Option<SsdConfig>,
     /// Demotions that may wait for the SSD writer before new ones are dropped. Default: 1024.
     pub demotion_queue: usize,
+    /// SSD hits an entry takes, since it was written there, before the next one moves it back
+    /// to RAM (1: every SSD hit does). An entry served from SSD stays there and costs no write;
+    /// one moved back to RAM is written again when RAM lets it go, unless the copy it left is
+    /// still there. Default: 3.
+    pub ssd_promote_hits: u8,
 }
 
 impl Default for CacheConfig {
@@ -91,6 +105,7 @@ impl Default for CacheConfig {
             shards: 0,
             ssd: None,
             demotion_queue: 1024,
+            ssd_promote_hits: DEFAULT_SSD_PROMOTE_HITS,
         }
     }
 }
@@ -168,6 +183,13 @@ pub struct CacheStats {
     pub ssd_verify_failures: Count,
     /// SSD writes that failed (a full or failing device); the entry was dropped.
     pub ssd_write_failures: Count,
+    /// Payload bytes written to SSD slots.
+    pub ssd_written_bytes: Count,
+    /// Payload bytes SSD hits served.
+    pub ssd_served_bytes: Count,
+    /// Demotions that wrote nothing: the SSD still kept a copy of the entry from the hit that
+    /// took it back to RAM.
+    pub ssd_writes_saved: Count,
     /// Admissions of keys the single-touch ghost remembered.
     pub ghost_hits_single: Count,
     /// Admissions of keys the multi-touch ghost remembered.
@@ -191,6 +213,9 @@ impl CacheStats {
             evictions_ssd: Count::new(EVICTIONS, &[("pool", "ssd")]),
             ssd_verify_failures: Count::new(SSD_VERIFY_FAILURES, &[]),
             ssd_write_failures: Count::new(SSD_WRITE_FAILURES, &[]),
+            ssd_written_bytes: Count::new(SSD_WRITTEN_BYTES, &[]),
+            ssd_served_bytes: Count::new(SSD_SERVED_BYTES, &[]),
+            ssd_writes_saved: Count::new(SSD_WRITES_SAVED, &[]),
             ghost_hits_single: Count::new(GHOST_HITS, &[("ghost", "single")]),
             ghost_hits_multi: Count::new(GHOST_HITS, &[("ghost", "multi")]),
             logical_bytes: AtomicU64::new(0),
@@ -457,8 +482,20 @@ impl ContentCache {
             let key = *fp;
             let read = crate::blocking::run(move || tier.read(&key, at)).await;
             match read {
+                Ok(ssd::SlotRead::Hit(bytes))
+                    if ssd.count_hit(fp, at).saturating_add(1) < inner.config.ssd_promote_hits =>
+                {
+                    // Served from SSD; the entry stays there (it moves to the top of the
+                    // SSD's order), so this hit costs no write later.
+                    inner.stats.ssd_served_bytes.add(bytes.len() as u64);
+                    inner.stats.hit(Tier::Ssd);
+                    return Some((bytes, Tier::Ssd));
+                }
                 Ok(ssd::SlotRead::Hit(bytes)) => {
-                    ssd.release(fp, at);
+                    // Read often enough on SSD: back to RAM. The slot stays as a copy, first in
+                    // line for reuse, so that a demotion before then writes nothing.
+                    ssd.keep_copy(fp, at);
+                    inner.stats.ssd_served_bytes.add(bytes.len() as u64);
                     let c = Cached {
                         bytes: bytes.clone(),
                         refs: at.refs.max(1),
@@ -503,8 +540,9 @@ impl ContentCache {
         if let Some(ssd) = &inner.ssd
             && let Some(at) = ssd.lookup(&fp)
         {
-            // Read again through another disk block: back to RAM multi-touch, off the SSD.
-            ssd.release(&fp, at);
+            // Read again through another disk block: back to RAM multi-touch; the slot stays
+            // as a copy.
+            ssd.keep_copy(&fp, at);
             let refs = at.refs.max(1).saturating_add(1);
             inner.insert(fp, Cached { bytes, refs }, true);
             return;
@@ -684,6 +722,14 @@ impl Inner {
                 self.stats.evictions_ram_multi.inc();
                 self.stats.sub_logical(v.logical_bytes());
             }
+            (Segment::Multi, Some(_))
+                if self.ssd.as_ref().is_some_and(|s| s.adopt(&fp, v.refs)) =>
+            {
+                // The SSD kept a copy since the hit that brought the entry to RAM: it is the
+                // entry's home again, and nothing is written.
+                self.stats.demotions.inc();
+                self.stats.ssd_writes_saved.inc();
+            }
             (Segment::Multi, Some(w)) => {
                 // The demotion queue's entries are shared with the writer thread.
                 let logical = v.logical_bytes();
@@ -771,9 +817,12 @@ impl Writer {
                 self.pending.remove_if(&fp, |_, p| Arc::ptr_eq(p, &v));
                 return;
             }
+            self.stats.ssd_written_bytes.add(v.bytes.len() as u64);
             self.stats.demotions.inc();
         } else if self.ssd.contains(&fp) {
-            // Already on SSD (a race with another demotion of the same block): refreshed.
+            // Already on SSD (a copy kept since an SSD hit, or a race with another demotion of
+            // the same block): refreshed, nothing written.
+            self.stats.ssd_writes_saved.inc();
             self.stats.demotions.inc();
         } else {
             // No slot could be had (every slot is being written): the entry is dropped.
@@ -785,10 +834,10 @@ impl Writer {
             .remove_if(&fp, |_, p| Arc::ptr_eq(p, &v))
             .is_none()
         {
-            // A reader took the entry back to RAM while it was being written: keep it in one
-            // place only.
+            // A reader took the entry back to RAM while it was being written: the slot is
+            // only a copy now.
             if let Some(at) = self.ssd.lookup(&fp) {
-                self.ssd.release(&fp, at);
+                self.ssd.keep_copy(&fp, at);
             }
         }
     }

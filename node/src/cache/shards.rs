@@ -617,7 +617,11 @@ mod tests {
             let mut h = 0;
             for i in 0..400_000u64 {
                 x = mix64(x);
-                let k = if x.is_multiple_of(4) { x % 65_536 } else { x % 16_384 };
+                let k = if x.is_multiple_of(4) {
+                    x % 65_536
+                } else {
+                    x % 16_384
+                };
                 let hit = read(&p, k).is_some();
                 if i >= 100_000 {
                     h += u64::from(hit);

@@ -147,6 +147,11 @@ struct SlotMeta {
     prev: u32,
     next: u32,
     state: SlotState,
+    /// The entry is back in RAM and this slot only keeps a copy of it, at the least recent
+    /// end: the first slot reused, and a write saved if the entry is demoted before then.
+    copy: bool,
+    /// SSD hits served from this slot since it was written.
+    hits: u8,
 }
 
 impl SlotMeta {
@@ -159,6 +164,8 @@ impl SlotMeta {
             prev: NIL,
             next: NIL,
             state: SlotState::Free,
+            copy: false,
+            hits: 0,
         }
     }
 }
@@ -171,6 +178,9 @@ struct Index {
     tail: u32,
     free: Vec<u32>,
     live_bytes: u64,
+    /// Live slots that only keep a copy of an entry back in RAM, and their bytes.
+    copies: u64,
+    copy_bytes: u64,
     next_seq: u64,
 }
 
@@ -210,12 +220,42 @@ impl Index {
         }
     }
 
+    fn push_back(&mut self, s: u32) {
+        self.slots[s as usize].next = NIL;
+        self.slots[s as usize].prev = self.tail;
+        if self.tail != NIL {
+            self.slots[self.tail as usize].next = s;
+        }
+        self.tail = s;
+        if self.head == NIL {
+            self.head = s;
+        }
+    }
+
+    /// Sets or clears a live slot's copy mark, keeping the counts.
+    fn mark_copy(&mut self, s: u32, copy: bool) {
+        let m = &mut self.slots[s as usize];
+        if m.copy == copy {
+            return;
+        }
+        m.copy = copy;
+        let len = u64::from(m.len);
+        if copy {
+            self.copies += 1;
+            self.copy_bytes += len;
+        } else {
+            self.copies -= 1;
+            self.copy_bytes -= len;
+        }
+    }
+
     /// Removes a live slot from map and list and returns it to the free list.
     fn release(&mut self, s: u32) {
         let meta = &self.slots[s as usize];
         if meta.state == SlotState::Live {
             let fp = meta.fp;
-            self.live_bytes -= u64::from(meta.len);
+            self.mark_copy(s, false);
+            self.live_bytes -= u64::from(self.slots[s as usize].len);
             self.map.remove(&fp);
             self.unlink(s);
         }
@@ -256,6 +296,8 @@ impl Index {
                     prev: NIL,
                     next: NIL,
                     state: SlotState::Live,
+                    copy: false,
+                    hits: 0,
                 };
             }
         }
@@ -446,6 +488,8 @@ impl SsdTier {
             tail: NIL,
             free: Vec::new(),
             live_bytes: 0,
+            copies: 0,
+            copy_bytes: 0,
             next_seq: 0,
         };
         let mut live: Vec<u32> = Vec::new();
@@ -539,9 +583,63 @@ impl SsdTier {
     }
 
     /// Entries and payload bytes held now.
+    ///
+    /// Slots that only keep a copy of an entry back in RAM are not counted: the entry lives in
+    /// RAM, and the slot is the first one reused.
     pub fn usage(&self) -> (u64, u64) {
         let ix = self.index.lock();
-        (ix.map.len() as u64, ix.live_bytes)
+        (
+            ix.map.len() as u64 - ix.copies,
+            ix.live_bytes - ix.copy_bytes,
+        )
+    }
+
+    /// Counts an SSD hit on the slot `at` names; the hits it had before this one.
+    pub fn count_hit(&self, fp: &Fingerprint, at: SlotRef) -> u8 {
+        let mut ix = self.index.lock();
+        let meta = &mut ix.slots[at.slot as usize];
+        if meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp {
+            let h = meta.hits;
+            meta.hits = h.saturating_add(1);
+            h
+        } else {
+            0
+        }
+    }
+
+    /// Keeps the slot `at` names as a copy of an entry that an SSD hit took back to RAM: it
+    /// moves to the least recent end, so it is the first slot reused, and if the entry is
+    /// demoted again before that, [`Self::reserve`] finds it and nothing is written. Whether
+    /// the slot was still the one `at` names.
+    pub fn keep_copy(&self, fp: &Fingerprint, at: SlotRef) -> bool {
+        let mut ix = self.index.lock();
+        let meta = &ix.slots[at.slot as usize];
+        if meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp {
+            // At the least recent end: kept at its place, or at the top, a copy holds a slot
+            // another entry could use (on P2's tier replay that cost 2.1 and 3.2 points).
+            ix.unlink(at.slot);
+            ix.push_back(at.slot);
+            ix.mark_copy(at.slot, true);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// If a slot keeps a copy of `fp`, makes it the entry's home again (most recently used):
+    /// the entry is leaving RAM, and its bytes are already here. Whether there was one.
+    pub fn adopt(&self, fp: &Fingerprint, refs: u32) -> bool {
+        let mut ix = self.index.lock();
+        let Some(s) = ix.map.get(fp).copied() else {
+            return false;
+        };
+        if !ix.slots[s as usize].copy {
+            return false;
+        }
+        ix.mark_copy(s, false);
+        ix.touch(s);
+        ix.slots[s as usize].refs = refs.max(ix.slots[s as usize].refs);
+        true
     }
 
     /// Bytes the live entries stand for: each entry's length times its dedup references.
@@ -623,6 +721,7 @@ impl SsdTier {
     pub fn reserve(&self, fp: &Fingerprint, refs: u32) -> Option<Reservation> {
         let mut ix = self.index.lock();
         if let Some(s) = ix.map.get(fp).copied() {
+            ix.mark_copy(s, false);
             ix.touch(s);
             ix.slots[s as usize].refs = refs.max(ix.slots[s as usize].refs);
             return None;
@@ -637,7 +736,10 @@ impl SsdTier {
                     return None;
                 }
                 let m = &ix.slots[victim as usize];
-                evicted = Some((m.fp, m.len, m.refs));
+                // A copy's entry lives in RAM: reusing its slot evicts nothing.
+                if !m.copy {
+                    evicted = Some((m.fp, m.len, m.refs));
+                }
                 ix.release(victim);
                 let popped = ix.free.pop();
                 debug_assert_eq!(popped, Some(victim));
@@ -669,6 +771,8 @@ impl SsdTier {
             prev: NIL,
             next: NIL,
             state: SlotState::Live,
+            copy: false,
+            hits: 0,
         };
         let offset = u64::from(r.slot) * u64::from(self.config.slot_bytes);
         let res = self.data.write_all_at(bytes, offset).and_then(|()| {

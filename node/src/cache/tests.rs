@@ -32,10 +32,80 @@ fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
             slot_bytes: BS,
         }),
         demotion_queue: 64,
+        // Every SSD hit moves the entry back to RAM: the tiers' mechanics alone (the
+        // default's own test is `an_entry_stays_on_ssd_for_its_first_hits_...`).
+        ssd_promote_hits: 1,
         ..CacheConfig::default()
     })
     .expect("open cache");
     c
+}
+
+#[test]
+fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, _) = ContentCache::open(CacheConfig {
+        block_bytes: BS,
+        ram_bytes: 4 * u64::from(BS),
+        single_touch_share: 0.5,
+        adaptive: false,
+        ghost_ratio: 0.0,
+        second_chances: false,
+        policy_rules: Some(pool::Variant::Tuned),
+        ssd: Some(SsdConfig {
+            data_path: dir.path().join("slots"),
+            index_path: dir.path().join("index"),
+            capacity_bytes: 8 * u64::from(BS),
+            slot_bytes: BS,
+        }),
+        demotion_queue: 64,
+        ssd_promote_hits: 3,
+        ..CacheConfig::default()
+    })
+    .expect("open cache");
+    // 1 to 5 read twice (multi-touch, 4 blocks of RAM): 1 is demoted to SSD, one write.
+    for tag in 1..=5 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    let written = c.stats().ssd_written_bytes.get();
+    assert_eq!(written, u64::from(BS));
+    // Its first two SSD hits are served from SSD, where it stays.
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    // The third moves it to RAM; the slot stays as a copy (not counted as stored there).
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(c.stats().ssd_served_bytes.get(), 3 * u64::from(BS));
+    let ssd_usage = |c: &ContentCache| {
+        c.usage()
+            .into_iter()
+            .find(|t| t.tier == Tier::Ssd)
+            .map(|t| t.entries)
+    };
+    // Bringing 1 back pushed the least recent multi-touch entry, 2, to SSD: a write.
+    assert_eq!(tier(&c, 2), Some(Tier::Ssd));
+    assert_eq!(ssd_usage(&c), Some(1));
+    let written = c.stats().ssd_written_bytes.get();
+    let demotions = c.stats().demotions.get();
+    // Four new blocks read twice push 1 out of RAM again: its copy is its home again, and
+    // nothing is written for it (the others' demotions are).
+    for tag in 6..=9 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert!(c.stats().ssd_writes_saved.get() >= 1);
+    let more = c.stats().ssd_written_bytes.get() - written;
+    let demoted_since = u64::from(BS) * (c.stats().demotions.get() - demotions);
+    assert_eq!(
+        more + u64::from(BS),
+        demoted_since,
+        "1's demotion wrote nothing"
+    );
+    assert_eq!(c.stats().ssd_verify_failures.get(), 0);
 }
 
 fn block(tag: u8) -> (Fingerprint, Bytes) {
