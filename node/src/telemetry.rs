@@ -156,6 +156,15 @@ pub const RPC_BYTES: &str = "shadowcache_rpc_bytes_total";
 /// gRPC request latency, by `rpc`.
 pub const RPC_SECONDS: &str = "shadowcache_rpc_duration_seconds";
 
+/// The exported counter `name` with static `labels`.
+fn counter(name: &'static str, labels: &[(&'static str, &'static str)]) -> metrics::Counter {
+    let labels: Vec<metrics::Label> = labels
+        .iter()
+        .map(|(k, v)| metrics::Label::from_static_parts(k, v))
+        .collect();
+    metrics::counter!(name, labels)
+}
+
 /// A counter kept locally (for `Status`) and exported (for Prometheus).
 #[derive(Debug)]
 pub struct Count {
@@ -166,13 +175,9 @@ pub struct Count {
 impl Count {
     /// A counter named `name` with the given labels.
     pub fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Self {
-        let labels: Vec<metrics::Label> = labels
-            .iter()
-            .map(|(k, v)| metrics::Label::from_static_parts(k, v))
-            .collect();
         Count {
             local: AtomicU64::new(0),
-            exported: metrics::counter!(name, labels),
+            exported: counter(name, labels),
         }
     }
 
@@ -224,13 +229,9 @@ thread_local! {
 impl Tally {
     /// A tally exported as the counter `name` with the given labels.
     pub fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Self {
-        let labels: Vec<metrics::Label> = labels
-            .iter()
-            .map(|(k, v)| metrics::Label::from_static_parts(k, v))
-            .collect();
         Tally {
             stripes: (0..TALLY_STRIPES).map(|_| Stripe::default()).collect(),
-            exported: metrics::counter!(name, labels),
+            exported: counter(name, labels),
         }
     }
 

@@ -249,6 +249,13 @@ impl Index {
         }
     }
 
+    /// Whether slot `at` still holds `fp` as it did when `at` was looked up (not freed, not
+    /// reused for another entry meanwhile).
+    fn names(&self, fp: &Fingerprint, at: SlotRef) -> bool {
+        let meta = &self.slots[at.slot as usize];
+        meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp
+    }
+
     /// Removes a live slot from map and list and returns it to the free list.
     fn release(&mut self, s: u32) {
         let meta = &self.slots[s as usize];
@@ -597,8 +604,8 @@ impl SsdTier {
     /// Counts an SSD hit on the slot `at` names; the hits it had before this one.
     pub fn count_hit(&self, fp: &Fingerprint, at: SlotRef) -> u8 {
         let mut ix = self.index.lock();
-        let meta = &mut ix.slots[at.slot as usize];
-        if meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp {
+        if ix.names(fp, at) {
+            let meta = &mut ix.slots[at.slot as usize];
             let h = meta.hits;
             meta.hits = h.saturating_add(1);
             h
@@ -613,8 +620,7 @@ impl SsdTier {
     /// the slot was still the one `at` names.
     pub fn keep_copy(&self, fp: &Fingerprint, at: SlotRef) -> bool {
         let mut ix = self.index.lock();
-        let meta = &ix.slots[at.slot as usize];
-        if meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp {
+        if ix.names(fp, at) {
             // At the least recent end: kept at its place, or at the top, a copy holds a slot
             // another entry could use (on P2's tier replay that cost 2.1 and 3.2 points).
             ix.unlink(at.slot);
@@ -689,8 +695,7 @@ impl SsdTier {
         }
         // Tell a damaged slot from one that was reused while we read it.
         let mut ix = self.index.lock();
-        let meta = &ix.slots[at.slot as usize];
-        if meta.state != SlotState::Live || meta.seq != at.seq || meta.fp != *fp {
+        if !ix.names(fp, at) {
             return SlotRead::Reassigned;
         }
         ix.release(at.slot);
@@ -699,21 +704,6 @@ impl SsdTier {
         // slot, and a stale header is harmless (verification catches it again after a restart).
         tracing::warn!(slot = at.slot, fingerprint = %fp, "ssd slot failed verification; dropped");
         SlotRead::Corrupt
-    }
-
-    /// Frees the slot of `fp` if it is still the one `at` names: the entry moved back to RAM.
-    ///
-    /// The header is left as it is: if the node crashes before the slot is reused, recovery
-    /// finds a header and payload that still agree, which is a correct (if stale) entry.
-    pub fn release(&self, fp: &Fingerprint, at: SlotRef) -> bool {
-        let mut ix = self.index.lock();
-        let meta = &ix.slots[at.slot as usize];
-        if meta.state == SlotState::Live && meta.seq == at.seq && meta.fp == *fp {
-            ix.release(at.slot);
-            true
-        } else {
-            false
-        }
     }
 
     /// Reserves a slot for a new entry: a free one, or the least recently used one, evicted.
