@@ -32,6 +32,10 @@ pub struct Options {
     pub image_bytes: u64,
     /// Scratch directory (a temporary one by default).
     pub scratch: Option<PathBuf>,
+    /// Size of the SSD tier whose index is measured (RAM a slot, time to open); 0 skips it.
+    pub ssd_index_bytes: u64,
+    /// Entries written into that tier before it is opened again.
+    pub ssd_index_fill: u64,
 }
 
 /// Throughput and latency of one kind of operation.
@@ -197,6 +201,108 @@ fn index_overhead(block_bytes: u32) -> anyhow::Result<Value> {
     }))
 }
 
+/// The SSD tier's index at `tier_bytes` of 16 KiB slots (sparse files): allocated bytes a slot
+/// by the counting allocator, the time to open it new, and the time to open it again once the
+/// headers of `fill` entries are in its index file (written directly, without payloads:
+/// opening reads headers, never payloads).
+fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value> {
+    use shadowcache_node::cache::ssd::{encode_header, header_offset};
+    use shadowcache_node::cache::{SsdConfig, SsdTier};
+    use std::os::unix::fs::FileExt;
+    let dir = scratch.join("ssd-index");
+    std::fs::create_dir_all(&dir)?;
+    let slot_bytes = 16 << 10;
+    let config = SsdConfig {
+        data_path: dir.join("cache.slots"),
+        index_path: dir.join("cache.index"),
+        capacity_bytes: tier_bytes,
+        slot_bytes,
+        direct: true,
+    };
+    let before = crate::alloc::live_bytes();
+    let t0 = Instant::now();
+    let (tier, _) = SsdTier::open(config.clone())?;
+    let open_new = t0.elapsed();
+    let allocated = crate::alloc::live_bytes() - before;
+    let slots = tier.slot_count();
+    drop(tier);
+    let fill = fill.min(u64::from(slots)) as u32;
+    // Headers for slots 0..fill, 1 MiB at a time, made on every core: synthetic fingerprints,
+    // sequence numbers in a shuffled order (a tier that has churned), full payloads.
+    let t1 = Instant::now();
+    let index = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&config.index_path)?;
+    let per_chunk: u32 = 16_384;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    std::thread::scope(|sc| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let index = &index;
+                sc.spawn(move || -> std::io::Result<()> {
+                    let mut buf = Vec::with_capacity(per_chunk as usize * 64);
+                    let mut first = t * per_chunk;
+                    while first < fill {
+                        buf.clear();
+                        for s in first..(first + per_chunk).min(fill) {
+                            let mut fp = [0u8; 32];
+                            for (k, w) in fp.chunks_exact_mut(8).enumerate() {
+                                let x = shadowcache_node::cache::mix64(
+                                    u64::from(s) ^ ((k as u64) << 40),
+                                );
+                                w.copy_from_slice(&x.to_le_bytes());
+                            }
+                            let seq = shadowcache_node::cache::mix64(u64::from(s)) >> 20;
+                            buf.extend_from_slice(&encode_header(
+                                &Fingerprint(fp),
+                                slot_bytes,
+                                seq,
+                                1,
+                            ));
+                        }
+                        index.write_all_at(&buf, header_offset(first))?;
+                        first += threads * per_chunk;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a header writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    index.sync_data()?;
+    drop(index);
+    let fill_time = t1.elapsed();
+    let t2 = Instant::now();
+    let (tier, rec) = SsdTier::open(config)?;
+    let reopen = t2.elapsed();
+    let allocated_filled = crate::alloc::live_bytes() - before;
+    anyhow::ensure!(
+        rec.recovered == u64::from(fill),
+        "reopened with {} of {fill} entries ({rec:?})",
+        rec.recovered
+    );
+    drop(tier);
+    std::fs::remove_dir_all(&dir)?;
+    let per_entry = reopen.saturating_sub(open_new).as_secs_f64() / f64::from(fill.max(1));
+    Ok(json!({
+        "tier_bytes": tier_bytes,
+        "slot_bytes": slot_bytes,
+        "slots": slots,
+        "bytes_per_slot": round(allocated as f64 / f64::from(slots), 2),
+        "bytes_per_slot_filled": round(allocated_filled as f64 / f64::from(slots), 2),
+        "index_ram_mib": allocated >> 20,
+        "open_new_ms": round(open_new.as_secs_f64() * 1e3, 1),
+        "fill_entries": fill,
+        "fill_ms": round(fill_time.as_secs_f64() * 1e3, 1),
+        "reopen_filled_ms": round(reopen.as_secs_f64() * 1e3, 1),
+        "reopen_ns_per_entry": round(per_entry * 1e9, 1),
+    }))
+}
+
 async fn start_node(
     dir: &Path,
     image: &Path,
@@ -214,6 +320,183 @@ async fn start_node(
         mode: DiskMode::Sealed,
     }];
     shadowcache_node::start(c).await
+}
+
+/// SSD hits against the device: `depth` readers at once, each reading whole blocks of an
+/// SSD-resident working set in random order through `Node::read` (every block verified), then
+/// fio reading the slot file itself with the same block size, pattern (random over the slots
+/// the working set holds) and queue depth (libaio, O_DIRECT when the tier uses it): the limit
+/// of the device under the tier.
+async fn ssd_vs_device(
+    scratch: &Path,
+    bs: u32,
+    image_bytes: u64,
+    depths: &[usize],
+    budget: Duration,
+) -> anyhow::Result<Value> {
+    let dir = scratch.join(format!("dev-{bs}"));
+    // Its own image of distinct blocks (no zero or shared ones, which need no read).
+    let blocks = (image_bytes / u64::from(bs)).min((256 << 20) / u64::from(bs));
+    std::fs::create_dir_all(&dir)?;
+    let image = scratch.join(format!("distinct-{bs}.raw"));
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image)?);
+        let mut block = vec![0u8; bs as usize];
+        for i in 0..blocks {
+            for (k, w) in block.chunks_exact_mut(8).enumerate() {
+                let x = shadowcache_node::cache::mix64(i << 24 | k as u64);
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block)?;
+        }
+        f.flush()?;
+    }
+    let mut c = Config::for_data_dir(&dir);
+    c.block_bytes = bs;
+    c.ram_bytes = 16 * u64::from(bs);
+    c.ssd_bytes = 1 << 30;
+    // Hits stay on SSD for the whole measurement (no promotion back to RAM, no writes).
+    c.ssd_promote_hits = u8::MAX;
+    c.disks = vec![shadowcache_node::config::DiskSpec {
+        id: "img".into(),
+        origin: image.clone(),
+        mode: DiskMode::Sealed,
+    }];
+    let running = shadowcache_node::start(c).await?;
+    let node = running.node().clone();
+    let at = |i: u64| i * u64::from(bs);
+    // Each block read twice: promoted to multi-touch, then demoted to SSD by the next ones;
+    // in batches the SSD writer keeps up with (it drops demotions it is too far behind on).
+    for i in 0..blocks {
+        node.read("img", at(i), u64::from(bs)).await?;
+        node.read("img", at(i), u64::from(bs)).await?;
+        if i % 256 == 255 {
+            node.cache().settle();
+        }
+    }
+    node.cache().settle();
+    let ssd = node.cache().ssd().context("the node has an ssd tier")?;
+    let direct = ssd.is_direct();
+    let slot_file = ssd.data_path().to_path_buf();
+    let (used, _) = ssd.usage();
+    // The tier alone at queue depth 1, on one thread: lookup, read, verify.
+    let tier_qd1 = {
+        let node = node.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            let ssd = node.cache().ssd().context("ssd")?;
+            let content = std::fs::read(&image)?;
+            let fps: Vec<Fingerprint> = content
+                .chunks_exact(bs as usize)
+                .map(Fingerprint::of)
+                .collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+            let (mut n, start) = (0u64, Instant::now());
+            while start.elapsed() < budget {
+                let fp = &fps[rand::Rng::random_range(&mut rng, 0..fps.len())];
+                if let Some(at) = ssd.lookup(fp)
+                    && let shadowcache_node::cache::ssd::SlotRead::Hit(_) = ssd.read(fp, at)
+                {
+                    n += 1;
+                }
+            }
+            Ok(n as f64 * f64::from(bs) / start.elapsed().as_secs_f64() / 1e6)
+        })
+        .await??
+    };
+    let mut rows = Vec::new();
+    for &depth in depths {
+        let hits_before = node.cache().stats().hits_ssd.get();
+        let misses_before = node.cache().stats().misses.get();
+        let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..depth)
+            .map(|t| {
+                let node = node.clone();
+                let ops = ops.clone();
+                tokio::spawn(async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
+                    while start.elapsed() < budget {
+                        let i = rand::Rng::random_range(&mut rng, 0..blocks);
+                        node.read("img", i * u64::from(bs), u64::from(bs)).await?;
+                        ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let n = ops.load(std::sync::atomic::Ordering::Relaxed);
+        let hits = node.cache().stats().hits_ssd.get() - hits_before;
+        let misses = node.cache().stats().misses.get() - misses_before;
+        let ours = n as f64 * f64::from(bs) / secs / 1e6;
+        let fio = fio_randread(&slot_file, bs, used * u64::from(bs), depth, direct, budget);
+        let (fio_mbs, ratio) = match &fio {
+            Ok(mbs) => (json!(round(*mbs, 1)), json!(round(ours / mbs.max(1e-9), 3))),
+            Err(e) => {
+                eprintln!("fio on the slot file: {e:#}");
+                (Value::Null, Value::Null)
+            }
+        };
+        rows.push(json!({
+            "queue_depth": depth,
+            "ssd_hit_mb_per_s": round(ours, 1),
+            "ssd_hit_fraction": round(hits as f64 / n.max(1) as f64, 4),
+            "misses": misses,
+            "fio_mb_per_s": fio_mbs,
+            "ssd_hit_over_fio": ratio,
+        }));
+    }
+    running.shutdown().await?;
+    Ok(json!({
+        "block_size": bs,
+        "direct": direct,
+        "tier_alone_qd1_mb_per_s": round(tier_qd1, 1),
+        "working_set_blocks": blocks,
+        "slots_read": used,
+        "depths": rows,
+    }))
+}
+
+/// fio reading `bytes` of `file` in random blocks of `bs` at `depth`: MB/s.
+fn fio_randread(
+    file: &Path,
+    bs: u32,
+    bytes: u64,
+    depth: usize,
+    direct: bool,
+    budget: Duration,
+) -> anyhow::Result<f64> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=slots",
+            "--rw=randread",
+            "--ioengine=libaio",
+            "--time_based",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--size={}", bytes.max(u64::from(bs))))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--direct={}", u8::from(direct)))
+        .arg(format!("--runtime={}ms", budget.as_millis().max(1)))
+        .output()
+        .context("run fio (apt-get install fio)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).context("fio's json")?;
+    let bw = v["jobs"][0]["read"]["bw_bytes"]
+        .as_f64()
+        .context("fio's json has no read bandwidth")?;
+    Ok(bw / 1e6)
 }
 
 const READ: u64 = 4096;
@@ -319,6 +602,7 @@ async fn per_block_size(
     drop(client);
     b.shutdown().await?;
 
+    let device = ssd_vs_device(scratch, bs, opts.image_bytes, &[1, 16], budget).await?;
     let lookups_fig = tokio::task::spawn_blocking(move || ram_lookups(bs, budget)).await??;
     let overhead = index_overhead(bs)?;
 
@@ -341,6 +625,7 @@ async fn per_block_size(
         },
         "ssd_phase_hit_fraction": round(ssd_hits as f64 / lookups.max(1) as f64, 4),
         "index_overhead": overhead,
+        "ssd_vs_device": device,
     }))
 }
 
@@ -379,11 +664,34 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
         rows.push(per_block_size(&opts, &scratch, &image, bs).await?);
     }
     print_table(&rows);
+    let index = if opts.ssd_index_bytes > 0 {
+        eprintln!(
+            "measuring the ssd index of a {} GiB tier ...",
+            opts.ssd_index_bytes >> 30
+        );
+        let i = ssd_index(&scratch, opts.ssd_index_bytes, opts.ssd_index_fill)?;
+        println!(
+            "ssd index, {} GiB of 16K slots: {} B/slot allocated ({} MiB), {} B/slot with {} entries; open new {} ms, with {} entries {} ms ({} ns an entry)",
+            opts.ssd_index_bytes >> 30,
+            i["bytes_per_slot"],
+            i["index_ram_mib"],
+            i["bytes_per_slot_filled"],
+            i["fill_entries"],
+            i["open_new_ms"],
+            i["fill_entries"],
+            i["reopen_filled_ms"],
+            i["reopen_ns_per_entry"],
+        );
+        i
+    } else {
+        Value::Null
+    };
     Ok(json!({
         "benchmark": "cache",
         "seconds_per_measurement": opts.seconds,
         "image_bytes": opts.image_bytes,
         "results": rows,
+        "ssd_index": index,
     }))
 }
 
@@ -419,6 +727,19 @@ fn print_table(rows: &[Value]) {
             r["grpc_unix"]["ram_hit_ops_ratio_to_empty"],
             r["ssd_phase_hit_fraction"]
         );
+        let d = &r["ssd_vs_device"];
+        for q in d["depths"].as_array().into_iter().flatten() {
+            println!(
+                "{:>4}K  ssd hits at queue depth {}: {} MB/s (hit fraction {}); fio on the slot file (direct {}): {} MB/s; ratio {}",
+                bs,
+                q["queue_depth"],
+                q["ssd_hit_mb_per_s"],
+                q["ssd_hit_fraction"],
+                d["direct"],
+                q["fio_mb_per_s"],
+                q["ssd_hit_over_fio"]
+            );
+        }
         let o = &r["index_overhead"];
         println!(
             "{:>4}K  index: {} B/entry in the RAM pools ({} MiB per GiB cached), {} B/entry content map ({} MiB per GiB with it)",

@@ -568,6 +568,13 @@ enum Command {
         /// Image size for the miss measurements.
         #[arg(long, default_value = "512MiB")]
         image: Size,
+        /// SSD tier whose index is measured (RAM a slot, open time; sparse files); 0 skips.
+        #[arg(long, default_value = "4TiB")]
+        ssd_index: Size,
+        /// Entries whose headers are written into that tier's index before it is opened
+        /// again (at most its slots; 268435456 fills 4 TiB).
+        #[arg(long, default_value_t = 1 << 24)]
+        ssd_index_fill: u64,
     },
 }
 
@@ -930,6 +937,8 @@ fn bench_main() -> anyhow::Result<()> {
                 ram_sizes,
                 seconds,
                 image,
+                ssd_index,
+                ssd_index_fill,
             } => {
                 let block_sizes: Vec<u32> = block_sizes.iter().map(|s| s.0 as u32).collect();
                 let out = match trace {
@@ -948,6 +957,8 @@ fn bench_main() -> anyhow::Result<()> {
                             seconds,
                             image_bytes: image.0,
                             scratch: None,
+                            ssd_index_bytes: ssd_index.0,
+                            ssd_index_fill,
                         })
                         .await?
                     }

@@ -474,6 +474,8 @@ fn tier_row(
             index_path: sub.join("index"),
             capacity_bytes: ssd_pages * page_bytes,
             slot_bytes: page_bytes as u32,
+            // A replay of millions of reads measures the policy, not the device.
+            direct: false,
         }),
         ..tuning.apply(cache_config(ram_pages, page_bytes))
     };

@@ -116,6 +116,7 @@ struct FileCache {
     policy: Option<String>,
     shards: Option<u64>,
     ssd_promote_hits: Option<u8>,
+    ssd_direct: Option<bool>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -366,6 +367,8 @@ pub struct Config {
     pub cache_shards: u64,
     /// SSD hits before an entry moves back to RAM.
     pub ssd_promote_hits: u8,
+    /// SSD slots read and written with O_DIRECT (past the page cache).
+    pub ssd_direct: bool,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -389,8 +392,9 @@ pub struct Config {
     pub origin_limit: OriginLimit,
 }
 
-/// Most SSD slots a node will index (about 100 bytes of RAM each: 6.4 GiB at the limit).
-pub const MAX_SSD_SLOTS: u64 = 64 << 20;
+/// Most SSD slots a node will index: slot numbers are 32-bit (64 TiB at 16 KiB blocks). Each
+/// costs about 31 bytes of RAM ([`crate::cache::ssd::index_ram_bytes`]): 8 GiB for 4 TiB.
+pub const MAX_SSD_SLOTS: u64 = crate::cache::ssd::MAX_SLOTS as u64;
 /// Default block size: see docs/ARCHITECTURE.md for the measurements behind it.
 pub const DEFAULT_BLOCK_BYTES: u32 = 16 * 1024;
 /// Default RAM for the cache.
@@ -545,6 +549,7 @@ impl Config {
                 .cache
                 .ssd_promote_hits
                 .unwrap_or(crate::cache::DEFAULT_SSD_PROMOTE_HITS),
+            ssd_direct: file.cache.ssd_direct.unwrap_or(true),
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -736,15 +741,14 @@ impl Config {
                 ),
             ));
         }
-        // The SSD index keeps about 100 bytes of RAM per slot.
         let slots = self.ssd_bytes / u64::from(bs);
         if slots > MAX_SSD_SLOTS {
             return Err(invalid(
                 "cache.ssd",
                 format!(
-                    "{} bytes in blocks of {bs} is {slots} slots, more than {MAX_SSD_SLOTS} (about {} MiB of RAM for the ssd index); use a larger cache.block_size",
+                    "{} bytes in blocks of {bs} is {slots} slots, more than the {MAX_SSD_SLOTS} an ssd index can number (it would take {} GiB of RAM); use a larger cache.block_size",
                     self.ssd_bytes,
-                    (slots * 100) >> 20
+                    crate::cache::ssd::index_ram_bytes(slots) >> 30
                 ),
             ));
         }
@@ -868,6 +872,7 @@ impl Config {
                 index_path: self.ssd_index_path.clone(),
                 capacity_bytes: self.ssd_bytes,
                 slot_bytes: self.block_bytes,
+                direct: self.ssd_direct,
             }),
             demotion_queue: 1024,
             ssd_promote_hits: self.ssd_promote_hits,
@@ -1030,9 +1035,21 @@ mod tests {
         assert_eq!(duel.cache_shards, 0);
         let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
         assert!(m.contains("single_touch_share"), "{m}");
-        let m = message(parse("[cache]\nblock_size = \"4KiB\"\nssd = \"2TiB\"\n"));
+        // A 4 TiB tier of 16 KiB blocks fits (an 8 GiB index); 32 TiB of 4 KiB blocks does
+        // not (8 Gi slots).
+        let big = parse("[cache]\nssd = \"4TiB\"\n").expect("a 4 TiB ssd tier");
+        assert_eq!(big.ssd_bytes, 4 << 40);
         assert!(
-            m.contains("cache.ssd") && m.contains("larger cache.block_size"),
+            big.cache_config().ssd.expect("ssd").direct,
+            "O_DIRECT by default"
+        );
+        let paged = parse("[cache]\nssd_direct = false\n").expect("ssd_direct");
+        assert!(!paged.cache_config().ssd.expect("ssd").direct);
+        let m = message(parse("[cache]\nblock_size = \"4KiB\"\nssd = \"32TiB\"\n"));
+        assert!(
+            m.contains("cache.ssd")
+                && m.contains("larger cache.block_size")
+                && m.contains("GiB of RAM"),
             "{m}"
         );
         let m = message(parse("[cluster]\nseeds = [\"127.0.0.1:7000\"]\n"));

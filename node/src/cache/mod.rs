@@ -40,7 +40,7 @@ use std::sync::mpsc;
 use bytes::Bytes;
 use dashmap::DashMap;
 
-pub use fingerprint::{Fingerprint, FingerprintHashing};
+pub use fingerprint::{Fingerprint, FingerprintHashing, mix64};
 use pool::Pools;
 pub use pool::{Cached, PolicyCounters, PolicyState, PoolConfig, Segment};
 use ram::{Entry, Value};
@@ -335,10 +335,17 @@ impl ContentCache {
 
         let (ssd, recovery) = match &config.ssd {
             Some(c) => {
+                let started = std::time::Instant::now();
                 let (tier, rec) = SsdTier::open(c.clone())?;
-                if rec.recovered > 0 {
-                    tracing::info!(entries = rec.recovered, "ssd tier recovered warm");
-                }
+                let slots = tier.slot_count();
+                tracing::info!(
+                    slots,
+                    direct = tier.is_direct(),
+                    index_ram_mib = ssd::index_ram_bytes(u64::from(slots)) >> 20,
+                    recovered = rec.recovered,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "ssd tier open"
+                );
                 (Some(Arc::new(tier)), Some(rec))
             }
             None => (None, None),
@@ -358,7 +365,6 @@ impl ContentCache {
             (Some(tier), true) => {
                 let w = Writer {
                     ssd: tier.clone(),
-                    pools: pools.clone(),
                     pending: pending.clone(),
                     stats: stats.clone(),
                 };
@@ -483,7 +489,7 @@ impl ContentCache {
             let read = crate::blocking::run(move || tier.read(&key, at)).await;
             match read {
                 Ok(ssd::SlotRead::Hit(bytes))
-                    if ssd.count_hit(fp, at).saturating_add(1) < inner.config.ssd_promote_hits =>
+                    if ssd.count_hit(at).saturating_add(1) < inner.config.ssd_promote_hits =>
                 {
                     // Served from SSD; the entry stays there (it moves to the top of the
                     // SSD's order), so this hit costs no write later.
@@ -494,10 +500,12 @@ impl ContentCache {
                 Ok(ssd::SlotRead::Hit(bytes)) => {
                     // Read often enough on SSD: back to RAM. The slot stays as a copy, first in
                     // line for reuse, so that a demotion before then writes nothing.
-                    ssd.keep_copy(fp, at);
+                    ssd.keep_copy(at);
                     inner.stats.ssd_served_bytes.add(bytes.len() as u64);
+                    // Exactly the payload: an O_DIRECT read's buffer is a page larger, and RAM
+                    // is counted by payload bytes.
                     let c = Cached {
-                        bytes: bytes.clone(),
+                        bytes: Bytes::copy_from_slice(&bytes),
                         refs: at.refs.max(1),
                     };
                     inner.insert(*fp, c, true);
@@ -542,7 +550,7 @@ impl ContentCache {
         {
             // Read again through another disk block: back to RAM multi-touch; the slot stays
             // as a copy.
-            ssd.keep_copy(&fp, at);
+            ssd.keep_copy(at);
             let refs = at.refs.max(1).saturating_add(1);
             inner.insert(fp, Cached { bytes, refs }, true);
             return;
@@ -773,7 +781,6 @@ fn publish_policy(st: &PolicyState) {
 /// The SSD writer: drains demotions off the read path.
 struct Writer {
     ssd: Arc<SsdTier>,
-    pools: Arc<ShardedPools>,
     pending: Arc<DashMap<Fingerprint, Value, FingerprintHashing>>,
     stats: Arc<CacheStats>,
 }
@@ -798,12 +805,11 @@ impl Writer {
         };
         let refs = v.refs.load(Ordering::Relaxed);
         if let Some(r) = self.ssd.reserve(&fp, refs) {
-            if let Some((efp, elen, erefs)) = r.evicted {
+            if let Some((elen, erefs)) = r.evicted {
+                // A slot evicted for reuse held an entry that lives nowhere else: an entry back
+                // in RAM keeps only a copy here, and reusing a copy evicts nothing.
                 self.stats.evictions_ssd.inc();
-                let in_ram = self.pools.shard(&efp).segment_of(&efp).is_some();
-                if !in_ram && !self.pending.contains_key(&efp) {
-                    self.stats.sub_logical(u64::from(elen) * u64::from(erefs));
-                }
+                self.stats.sub_logical(u64::from(elen) * u64::from(erefs));
             }
             if let Err(e) = self.ssd.write(r, fp, &v.bytes, refs) {
                 self.stats.ssd_write_failures.inc();
@@ -837,7 +843,7 @@ impl Writer {
             // A reader took the entry back to RAM while it was being written: the slot is
             // only a copy now.
             if let Some(at) = self.ssd.lookup(&fp) {
-                self.ssd.keep_copy(&fp, at);
+                self.ssd.keep_copy(at);
             }
         }
     }

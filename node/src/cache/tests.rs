@@ -30,6 +30,7 @@ fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
             index_path: dir.join("index"),
             capacity_bytes: ssd_slots * u64::from(BS),
             slot_bytes: BS,
+            direct: true,
         }),
         demotion_queue: 64,
         // Every SSD hit moves the entry back to RAM: the tiers' mechanics alone (the
@@ -57,6 +58,7 @@ fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() 
             index_path: dir.path().join("index"),
             capacity_bytes: 8 * u64::from(BS),
             slot_bytes: BS,
+            direct: true,
         }),
         demotion_queue: 64,
         ssd_promote_hits: 3,
