@@ -276,10 +276,13 @@ fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value
     index.sync_data()?;
     drop(index);
     let fill_time = t1.elapsed();
+    let before_reopen = crate::alloc::live_bytes();
+    crate::alloc::reset_peak();
     let t2 = Instant::now();
     let (tier, rec) = SsdTier::open(config)?;
     let reopen = t2.elapsed();
-    let allocated_filled = crate::alloc::live_bytes() - before;
+    let allocated_filled = crate::alloc::live_bytes() - before_reopen;
+    let peak_open = crate::alloc::peak_bytes() - before_reopen;
     anyhow::ensure!(
         rec.recovered == u64::from(fill),
         "reopened with {} of {fill} entries ({rec:?})",
@@ -294,6 +297,7 @@ fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value
         "slots": slots,
         "bytes_per_slot": round(allocated as f64 / f64::from(slots), 2),
         "bytes_per_slot_filled": round(allocated_filled as f64 / f64::from(slots), 2),
+        "peak_bytes_per_slot_while_opening_filled": round(peak_open as f64 / f64::from(slots), 2),
         "index_ram_mib": allocated >> 20,
         "open_new_ms": round(open_new.as_secs_f64() * 1e3, 1),
         "fill_entries": fill,
@@ -671,12 +675,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
         );
         let i = ssd_index(&scratch, opts.ssd_index_bytes, opts.ssd_index_fill)?;
         println!(
-            "ssd index, {} GiB of 16K slots: {} B/slot allocated ({} MiB), {} B/slot with {} entries; open new {} ms, with {} entries {} ms ({} ns an entry)",
+            "ssd index, {} GiB of 16K slots: {} B/slot allocated ({} MiB), {} B/slot with {} entries (at most {} while opening); open new {} ms, with {} entries {} ms ({} ns an entry)",
             opts.ssd_index_bytes >> 30,
             i["bytes_per_slot"],
             i["index_ram_mib"],
             i["bytes_per_slot_filled"],
             i["fill_entries"],
+            i["peak_bytes_per_slot_while_opening_filled"],
             i["open_new_ms"],
             i["fill_entries"],
             i["reopen_filled_ms"],

@@ -334,6 +334,11 @@ impl Node {
     }
 
     /// Reads `len` bytes at `offset` of disk `disk`, wherever it is owned.
+    ///
+    /// A read of one block that the SSD tier serves reads it on this task's thread (on a
+    /// multi-threaded runtime, which moves its other tasks elsewhere meanwhile). Reads joined
+    /// in one task therefore wait for each other's SSD reads: ask for neighbouring blocks in
+    /// one read, or run reads as tasks of their own.
     pub async fn read(&self, disk: &str, offset: u64, len: u64) -> Result<Bytes> {
         Ok(read::join(self.read_pieces(disk, offset, len).await?))
     }

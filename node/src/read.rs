@@ -253,7 +253,7 @@ impl ReadPath {
         if first == last
             && let Some(known) = map.get(first)
         {
-            let block = match self.lookup_known(disk, first, Some(known)).await {
+            let block = match self.lookup_known(disk, first, Some(known), true).await {
                 Found::Block(b) => b,
                 Found::Missing(fp) => {
                     let mut one = self.fill(disk, &map, &[(0, first, fp)], route).await;
@@ -340,17 +340,28 @@ impl ReadPath {
                 None => Found::Missing(None),
             };
         }
-        self.lookup_known(disk, index, map.get(index)).await
+        self.lookup_known(disk, index, map.get(index), false).await
     }
 
-    /// The cache for block `index`, whose map entry is `known`.
-    async fn lookup_known(&self, disk: &Disk, index: u64, known: Option<BlockRef>) -> Found {
+    /// The cache for block `index`, whose map entry is `known`; `alone`: the read wants this
+    /// block only (see [`crate::cache::ContentCache::get_alone`]).
+    async fn lookup_known(
+        &self,
+        disk: &Disk,
+        index: u64,
+        known: Option<BlockRef>,
+        alone: bool,
+    ) -> Found {
         match known {
             Some(BlockRef::Zero) => {
                 self.stats.zero_block_hits.inc();
                 Found::Block(self.cache.zero(self.block_len(disk, index)))
             }
-            Some(BlockRef::Data(fp)) => match self.cache.get(&fp).await {
+            Some(BlockRef::Data(fp)) => match if alone {
+                self.cache.get_alone(&fp).await
+            } else {
+                self.cache.get(&fp).await
+            } {
                 Some((bytes, tier)) => {
                     match tier {
                         Tier::Ssd => &self.stats.ssd_bytes,

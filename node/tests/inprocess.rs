@@ -258,7 +258,14 @@ async fn a_detection_happens_on_the_read_and_reaches_the_reader_with_its_answer(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(c.mode_at("a").map(|m| m.0), Some(DiskMode::Detected));
-    // b serves it from its cache under a lease from now on.
+    // b serves it from its cache under a lease from now on, once the lease is granted: on a
+    // loaded machine the grant can trail b's first reads (the full suite failed here once).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.stat("vdi").expect("stat").lease_valid {
+        b.read("vdi", 0, BS * BLOCKS).await.expect("read");
+        assert!(Instant::now() < deadline, "b never got a lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     b.read("vdi", 0, BS * BLOCKS).await.expect("read");
     let before = b.status().counters;
     b.read("vdi", 0, BS * BLOCKS).await.expect("read");

@@ -474,9 +474,23 @@ impl ContentCache {
         None
     }
 
-    /// Looks `fp` up in every tier. An SSD hit is read on the blocking pool, verified, and
-    /// copied back to RAM multi-touch. Counts one hit or one miss.
+    /// Looks `fp` up in every tier. An SSD hit is read on the blocking pool and verified; its
+    /// third moves it back to RAM multi-touch. Counts one hit or one miss.
     pub async fn get(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        self.get_with(fp, false).await
+    }
+
+    /// [`Self::get`] for a caller that waits for this block alone (a read of one block): an
+    /// SSD hit is read on this thread, which the runtime gives up for the read
+    /// (`block_in_place`, on a multi-threaded runtime), rather than on the blocking pool: the
+    /// hop there and back cost about a quarter of SSD-hit throughput at queue depth 16 on 2
+    /// cores. Blocks that a read joins must use [`Self::get`]: this one would read them one
+    /// after another.
+    pub async fn get_alone(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
+        self.get_with(fp, true).await
+    }
+
+    async fn get_with(&self, fp: &Fingerprint, alone: bool) -> Option<(Bytes, Tier)> {
         if let Some(hit) = self.get_ram(fp) {
             return Some(hit);
         }
@@ -484,9 +498,17 @@ impl ContentCache {
         if let Some(ssd) = &inner.ssd
             && let Some(at) = ssd.lookup(fp)
         {
-            let tier = ssd.clone();
-            let key = *fp;
-            let read = crate::blocking::run(move || tier.read(&key, at)).await;
+            let read = if alone
+                && matches!(
+                    tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+                ) {
+                Ok(tokio::task::block_in_place(|| ssd.read(fp, at)))
+            } else {
+                let tier = ssd.clone();
+                let key = *fp;
+                crate::blocking::run(move || tier.read(&key, at)).await
+            };
             match read {
                 Ok(ssd::SlotRead::Hit(bytes))
                     if ssd.count_hit(at).saturating_add(1) < inner.config.ssd_promote_hits =>

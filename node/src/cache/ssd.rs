@@ -282,20 +282,33 @@ impl Table {
         }
     }
 
-    /// Adds slot `s` under `key` unless a slot with that key is there (then false): one probe
-    /// where [`Self::find`] and [`Self::insert`] would take two.
-    fn insert_new(&mut self, slots: &[Slot], key: u64, s: u32) -> bool {
+    /// Adds slot `s` under `key` unless a slot with that key is there (then that slot): one
+    /// probe where [`Self::find`] and [`Self::insert`] would take two.
+    fn insert_or_find(&mut self, slots: &[Slot], key: u64, s: u32) -> Option<u32> {
         let mut i = self.home(key);
         loop {
             match self.cells[i] {
                 0 => {
                     self.cells[i] = s + 1;
-                    return true;
+                    return None;
                 }
-                c if slots[(c - 1) as usize].key == key => return false,
+                c if slots[(c - 1) as usize].key == key => return Some(c - 1),
                 _ => i = self.step(i),
             }
         }
+    }
+
+    /// Puts slot `by` in the cell of slot `s` (the same key, so the same place).
+    fn replace(&mut self, slots: &[Slot], s: u32, by: u32) {
+        let mut i = self.home(slots[s as usize].key);
+        while self.cells[i] != 0 {
+            if self.cells[i] == s + 1 {
+                self.cells[i] = by + 1;
+                return;
+            }
+            i = self.step(i);
+        }
+        debug_assert!(false, "slot {s} is not in the table");
     }
 
     /// Adds slot `s` under `key` (not already present; the table is never full).
@@ -682,6 +695,11 @@ fn data_ranges(file: &File, from: u64, end: u64) -> Vec<(u64, u64)> {
             break;
         }
         let stop = seek(file, SeekFrom::Hole(start)).unwrap_or(end).min(end);
+        if stop <= start {
+            // A filesystem that answers a hole where it just said data: read the rest.
+            out.push((start, end));
+            break;
+        }
         out.push((start, stop));
         at = stop;
     }
@@ -696,9 +714,11 @@ const PIECE_SLOTS: usize = 1 << 20;
 struct Found {
     corrupt: u64,
     truncated: u64,
-    /// Lowest and highest write sequence numbers seen.
+    /// Lowest and highest write sequence numbers of the entries recovered.
     lo: u64,
     hi: u64,
+    /// Highest write sequence number of any valid header.
+    top: u64,
     live: u64,
     unreadable: bool,
 }
@@ -706,7 +726,8 @@ struct Found {
 /// Reads every header of the index file into the slot records (the sequence number of each
 /// recovered slot kept in its not yet used list links), on every core: checking a header is a
 /// BLAKE3 hash, and a 4 TiB tier has 256 Mi of them. Where the file has holes (a sparse index)
-/// nothing is read. Returns the lowest and highest sequence numbers.
+/// nothing is read. Returns the lowest and highest sequence numbers of the entries recovered,
+/// and the highest of any valid header.
 fn read_headers(
     file: &File,
     index: &mut Index,
@@ -714,11 +735,11 @@ fn read_headers(
     data_len: u64,
     have: u64,
     rec: &mut Recovery,
-) -> (u64, u64) {
+) -> (u64, u64, u64) {
     let end = SUPERBLOCK_BYTES + have / HEADER_BYTES * HEADER_BYTES;
     let ranges = data_ranges(file, SUPERBLOCK_BYTES, end);
     let Some(&(_, last)) = ranges.last() else {
-        return (u64::MAX, 0);
+        return (u64::MAX, 0, 0);
     };
     let top = (last.min(end) - SUPERBLOCK_BYTES).div_ceil(HEADER_BYTES) as usize;
     index.slots.resize(top, Slot::default());
@@ -769,10 +790,11 @@ fn read_headers(
             })
             .collect()
     });
-    let (mut lo, mut hi) = (u64::MAX, 0);
+    let (mut lo, mut hi, mut top) = (u64::MAX, 0, 0);
     for f in found {
         rec.corrupt_headers += f.corrupt;
         rec.truncated += f.truncated;
+        top = top.max(f.top);
         if f.live > 0 {
             lo = lo.min(f.lo);
             hi = hi.max(f.hi);
@@ -781,7 +803,7 @@ fn read_headers(
             tracing::warn!("parts of the ssd index could not be read; their slots count as empty");
         }
     }
-    (lo, hi)
+    (lo, hi, top)
 }
 
 /// Reads the headers of the slots `first..first + piece.len()` that lie in `ranges`.
@@ -823,6 +845,9 @@ fn read_piece(
                     Header::Empty => {}
                     Header::Corrupt => f.corrupt += 1,
                     Header::Valid { fp, len, seq, refs } => {
+                        // Every valid header's number counts, dropped or not: a later write
+                        // must be numbered after it, or a stale header could win a restart.
+                        f.top = f.top.max(seq);
                         if slot * u64::from(slot_bytes) + u64::from(len) > data_len {
                             f.truncated += 1;
                             continue;
@@ -846,12 +871,14 @@ fn read_piece(
 
 /// Puts recovered slots in the list by write order (the oldest at the tail) and in the table;
 /// of two slots with one fingerprint the later write wins.
-fn rebuild(index: &mut Index, (lo, hi): (u64, u64), rec: &mut Recovery) {
+///
+/// RAM while it runs: 8 bytes more per recovered entry (the sort order), on top of the index.
+fn rebuild(index: &mut Index, (lo, hi, top): (u64, u64, u64), rec: &mut Recovery) {
     let seq = |m: &Slot| u64::from(m.prev) | (u64::from(m.next) << 32);
-    index.next_seq = hi;
-    // Sort by sequence number packed with the slot in one u64 (8 bytes a live slot, freed before
-    // the table fills): exact while the live entries span fewer than 2^32 writes, in steps of
-    // 2^shift writes beyond.
+    index.next_seq = hi.max(top);
+    // Sort by sequence number packed with the slot in one u64: exact while the live entries
+    // span fewer than 2^32 writes, in steps of 2^shift writes beyond (then two copies of one
+    // fingerprint are told apart below by their whole numbers).
     let shift = (64 - hi.saturating_sub(lo).leading_zeros()).saturating_sub(32);
     let mut order: Vec<u64> = index
         .slots
@@ -861,13 +888,26 @@ fn rebuild(index: &mut Index, (lo, hi): (u64, u64), rec: &mut Recovery) {
         .map(|(s, m)| ((seq(m).saturating_sub(lo) >> shift) << 32) | s as u64)
         .collect();
     order.sort_unstable();
-    // Newest first into the table, so that a duplicate found is the older copy.
+    // The table first, while every record still holds its whole sequence number: of two
+    // copies, the one written later stays.
     for packed in order.iter().rev() {
         let s = *packed as u32;
         let key = index.slots[s as usize].key;
-        if !index.table.insert_new(&index.slots, key, s) {
+        if let Some(other) = index.table.insert_or_find(&index.slots, key, s) {
             rec.duplicates += 1;
-            index.slots[s as usize] = Slot::default();
+            let older = if seq(&index.slots[other as usize]) < seq(&index.slots[s as usize]) {
+                index.table.replace(&index.slots, other, s);
+                other
+            } else {
+                s
+            };
+            index.slots[older as usize] = Slot::default();
+        }
+    }
+    // Then the list, newest at the head.
+    for packed in order.iter().rev() {
+        let s = *packed as u32;
+        if index.slots[s as usize].state() != SlotState::Live {
             continue;
         }
         let m = &mut index.slots[s as usize];
@@ -908,7 +948,9 @@ impl SsdTier {
                 std::fs::create_dir_all(dir).map_err(io_err(dir))?;
             }
         }
-        let (data, direct) = open_data(&config.data_path, config.direct)?;
+        // O_DIRECT needs slots on 4 KiB boundaries (the config's block sizes all are).
+        let aligned_slots = (config.slot_bytes as usize).is_multiple_of(DIRECT_ALIGN);
+        let (data, direct) = open_data(&config.data_path, config.direct && aligned_slots)?;
         let index_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1626,6 +1668,61 @@ mod tests {
         assert!(!t.contains(&fp));
         let a = put(&t, &block(1));
         assert_eq!(get(&t, &a).as_deref(), Some(&block(1)[..]));
+    }
+
+    #[test]
+    fn recovery_reads_headers_across_pieces_and_keeps_the_later_copy_of_a_duplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Three pieces and a bit: the header read is split among threads by piece.
+        let slots = (3 * PIECE_SLOTS + 5) as u64;
+        drop(SsdTier::open(cfg(dir.path(), slots)).expect("open"));
+        let idx = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("cache.index"))
+            .expect("index");
+        let data = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("cache.slots"))
+            .expect("slots");
+        let put_at = |slot: u64, tag: u8, seq: u64| {
+            let b = block(tag);
+            let fp = Fingerprint::of(&b);
+            data.write_all_at(&b, slot * 4096).expect("payload");
+            idx.write_all_at(
+                &encode_header(&fp, 4096, seq, 1),
+                header_offset(slot as u32),
+            )
+            .expect("header");
+            fp
+        };
+        let p = PIECE_SLOTS as u64;
+        // Write numbers more than 2^32 apart, so that the sort rounds them.
+        let edges = [0, p - 1, p, p + 1, 2 * p - 1, 2 * p, slots - 1];
+        let mut fps = Vec::new();
+        for (k, slot) in edges.iter().enumerate() {
+            fps.push(put_at(*slot, k as u8 + 1, 1 + k as u64 * (1 << 33)));
+        }
+        // One block stored twice, the later write at the lower slot; both round alike.
+        let dup = put_at(p + 7, 100, (1 << 40) + 1);
+        put_at(p + 3, 100, (1 << 40) + 2);
+        drop((idx, data));
+        let (t, rec) = SsdTier::open(cfg(dir.path(), slots)).expect("reopen");
+        assert_eq!((rec.recovered, rec.duplicates), (8, 1), "{rec:?}");
+        assert_eq!(
+            t.payload_offset(&dup),
+            Some((p + 3) * 4096),
+            "the later copy"
+        );
+        let order = t.lru_order().expect("lru");
+        assert_eq!(order[0], dup);
+        let mut oldest_first: Vec<Fingerprint> = order[1..].to_vec();
+        oldest_first.reverse();
+        assert_eq!(oldest_first, fps, "write order across pieces");
+        for fp in &fps {
+            assert!(get(&t, fp).is_some());
+        }
+        // The next write is numbered after every header read.
+        assert!(t.index.lock().next_seq >= (1 << 40) + 2);
     }
 
     #[test]
