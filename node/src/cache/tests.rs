@@ -369,3 +369,54 @@ mod properties {
         }
     }
 }
+
+/// A read of one block reads its SSD hit on its own thread (`block_in_place` on a
+/// multi-threaded runtime; the blocking pool on a current-thread one, where that would panic):
+/// the same verified bytes and counts either way, and a damaged slot is still a counted miss.
+#[test]
+fn a_lone_ssd_hit_is_verified_and_counted_on_either_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 4);
+    for tag in 1..=7 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    for tag in 1..=3 {
+        assert_eq!(tier(&c, tag), Some(Tier::Ssd), "block {tag}");
+    }
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    let (fp1, b1) = block(1);
+    let c1 = c.clone();
+    let got = multi
+        .block_on(async move { tokio::spawn(async move { c1.get_alone(&fp1).await }).await })
+        .expect("task");
+    assert_eq!(got, Some((b1, Tier::Ssd)));
+    assert_eq!(c.stats().hits_ssd.get(), 1);
+    // Slot 2 damaged: a miss on the worker thread too, counted, the slot freed.
+    let (fp2, _) = block(2);
+    let ssd = c.ssd().expect("ssd");
+    let off = ssd.payload_offset(&fp2).expect("2 is on ssd");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(ssd.data_path())
+        .expect("open slots")
+        .write_all_at(&[0xEE], off + 5)
+        .expect("flip");
+    let c2 = c.clone();
+    let got = multi
+        .block_on(async move { tokio::spawn(async move { c2.get_alone(&fp2).await }).await })
+        .expect("task");
+    assert!(got.is_none());
+    assert_eq!(c.stats().ssd_verify_failures.get(), 1);
+    assert_eq!(tier(&c, 2), None);
+    // On a current-thread runtime the same call goes to the blocking pool.
+    let (fp3, b3) = block(3);
+    let single = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    assert_eq!(single.block_on(c.get_alone(&fp3)), Some((b3, Tier::Ssd)));
+    assert_eq!(c.stats().hits_ssd.get(), 2);
+}
