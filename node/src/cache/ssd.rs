@@ -25,8 +25,9 @@
 //! highest sequence number; LRU order is rebuilt from the sequence numbers.
 //!
 //! Architecture invariant: nothing here returns bytes that do not hash to the fingerprint asked
-//! for. All methods block (pread/pwrite); callers run them on a blocking pool or the writer
-//! thread, never on a runtime thread. The index lock is never held across I/O.
+//! for. All methods block (pread/pwrite); callers run them on a blocking pool, the writer
+//! thread, or a runtime thread they have given up for it (`block_in_place`), never on a
+//! runtime thread as is. The index lock is never held across I/O.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -311,15 +312,6 @@ impl Table {
         debug_assert!(false, "slot {s} is not in the table");
     }
 
-    /// Adds slot `s` under `key` (not already present; the table is never full).
-    fn insert(&mut self, key: u64, s: u32) {
-        let mut i = self.home(key);
-        while self.cells[i] != 0 {
-            i = self.step(i);
-        }
-        self.cells[i] = s + 1;
-    }
-
     /// Removes slot `s`, whose record still holds its key.
     fn remove(&mut self, slots: &[Slot], s: u32) {
         let mut i = self.home(slots[s as usize].key);
@@ -495,13 +487,21 @@ impl Index {
         m.state() == SlotState::Live && m.key == at.key
     }
 
-    /// Makes slot `s` live for an entry: in the table and at the head of the list.
-    fn publish(&mut self, s: u32, slot: Slot) {
+    /// Makes slot `s` live for an entry: in the table and at the head of the list. False,
+    /// and nothing changed, when the table already has an entry of that key.
+    fn publish(&mut self, s: u32, slot: Slot) -> bool {
+        if self
+            .table
+            .insert_or_find(&self.slots, slot.key, s)
+            .is_some()
+        {
+            return false;
+        }
         self.live += 1;
         self.live_bytes += u64::from(slot.len());
         self.slots[s as usize] = slot;
-        self.table.insert(slot.key, s);
         self.push_front(s);
+        true
     }
 
     /// Takes a free slot: a freed one, or the next never used. None when every slot is in use.
@@ -1286,13 +1286,11 @@ impl SsdTier {
             ix.give_back(r.slot);
             return Err(e);
         }
-        if ix.find(&fp).is_some() {
+        let key = ix.key(&fp);
+        if !ix.publish(r.slot, Slot::live(key, len, refs)) {
             // Another writer stored the same block meanwhile; keep theirs.
             ix.give_back(r.slot);
-            return Ok(());
         }
-        let key = ix.key(&fp);
-        ix.publish(r.slot, Slot::live(key, len, refs));
         Ok(())
     }
 
@@ -1726,6 +1724,26 @@ mod tests {
     }
 
     #[test]
+    fn of_two_writers_of_one_block_the_first_keeps_it_and_the_second_slot_is_free_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (t, _) = SsdTier::open(cfg(dir.path(), 2)).expect("open");
+        let b = block(1);
+        let fp = Fingerprint::of(&b);
+        let (r1, r2) = (
+            t.reserve(&fp, 1).expect("a slot"),
+            t.reserve(&fp, 1).expect("another"),
+        );
+        t.write(r1, fp, &b, 1).expect("write");
+        t.write(r2, fp, &b, 1).expect("write");
+        assert_eq!(t.usage(), (1, 4096));
+        assert_eq!(t.payload_offset(&fp), Some(0), "the first writer's slot");
+        // The second slot went back: a new block takes it without evicting the first.
+        let c = put(&t, &block(2));
+        assert_eq!(t.payload_offset(&c), Some(4096));
+        assert_eq!(get(&t, &fp).as_deref(), Some(&b[..]));
+    }
+
+    #[test]
     fn the_ram_index_costs_at_most_32_bytes_a_slot() {
         let slots: u32 = 1 << 16;
         let ix = Index::new(slots);
@@ -1779,7 +1797,7 @@ mod tests {
                     let key = (key.wrapping_mul(0x2AAA_AAAA_AAAA_AAAB) & !0xFF) | u64::from(s);
                     if add && !model.contains_key(&s) {
                         slots[s as usize] = Slot::live(key, 1, 1);
-                        table.insert(key, s);
+                        prop_assert_eq!(table.insert_or_find(&slots, key, s), None);
                         model.insert(s, key);
                     } else if !add && let Some(k) = model.remove(&s) {
                         prop_assert_eq!(slots[s as usize].key, k);

@@ -388,12 +388,15 @@ fn a_lone_ssd_hit_is_verified_and_counted_on_either_runtime() {
         .worker_threads(2)
         .build()
         .expect("runtime");
+    // On a worker thread of its own task, as the read path calls it.
+    let on_worker = |fp: Fingerprint| {
+        let c = c.clone();
+        multi
+            .block_on(async move { tokio::spawn(async move { c.get_alone(&fp).await }).await })
+            .expect("task")
+    };
     let (fp1, b1) = block(1);
-    let c1 = c.clone();
-    let got = multi
-        .block_on(async move { tokio::spawn(async move { c1.get_alone(&fp1).await }).await })
-        .expect("task");
-    assert_eq!(got, Some((b1, Tier::Ssd)));
+    assert_eq!(on_worker(fp1), Some((b1, Tier::Ssd)));
     assert_eq!(c.stats().hits_ssd.get(), 1);
     // Slot 2 damaged: a miss on the worker thread too, counted, the slot freed.
     let (fp2, _) = block(2);
@@ -405,11 +408,7 @@ fn a_lone_ssd_hit_is_verified_and_counted_on_either_runtime() {
         .expect("open slots")
         .write_all_at(&[0xEE], off + 5)
         .expect("flip");
-    let c2 = c.clone();
-    let got = multi
-        .block_on(async move { tokio::spawn(async move { c2.get_alone(&fp2).await }).await })
-        .expect("task");
-    assert!(got.is_none());
+    assert!(on_worker(fp2).is_none());
     assert_eq!(c.stats().ssd_verify_failures.get(), 1);
     assert_eq!(tier(&c, 2), None);
     // On a current-thread runtime the same call goes to the blocking pool.
