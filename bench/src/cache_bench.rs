@@ -360,8 +360,10 @@ async fn ssd_vs_device(
     c.block_bytes = bs;
     c.ram_bytes = 16 * u64::from(bs);
     c.ssd_bytes = 1 << 30;
-    // Hits stay on SSD for the whole measurement (no promotion back to RAM, no writes).
+    // Hits stay on SSD for the whole measurement (no promotion back to RAM, no writes), and
+    // every block read twice is written there (this measures the device path, not admission).
     c.ssd_promote_hits = u8::MAX;
+    c.ssd_admission = shadowcache_node::cache::SsdAdmission::All;
     c.disks = vec![shadowcache_node::config::DiskSpec {
         id: "img".into(),
         origin: image.clone(),

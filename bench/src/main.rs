@@ -538,6 +538,13 @@ enum Command {
         /// replays one, and prints the difference.
         #[arg(long)]
         shards: Option<usize>,
+        /// The node's `cache.ssd_admission` for the tiered replay (--ram): proven (the
+        /// default) or all.
+        #[arg(long)]
+        ssd_admission: Option<String>,
+        /// The node's `cache.ssd_promote_hits` for the tiered replay (--ram).
+        #[arg(long)]
+        ssd_promote_hits: Option<u8>,
     },
     /// Under faults: the seeded simulation of a cluster (three nodes in one process, faults
     /// drawn from each seed, every history checked; each guard of the lease protocol removed
@@ -863,6 +870,8 @@ fn bench_main() -> anyhow::Result<()> {
                 second_chances,
                 policy_rules,
                 shards,
+                ssd_admission,
+                ssd_promote_hits,
             } => {
                 if let Some(saved) = replot {
                     let text = std::fs::read_to_string(&saved)?;
@@ -918,6 +927,18 @@ fn bench_main() -> anyhow::Result<()> {
                                 )),
                             },
                             shards,
+                            ssd_admission: match ssd_admission.as_deref() {
+                                None => None,
+                                Some(name) => Some(
+                                    shadowcache_node::cache::SsdAdmission::from_name(name)
+                                        .ok_or_else(|| {
+                                            anyhow::anyhow!(
+                                                "--ssd-admission {name:?}: expected proven or all"
+                                            )
+                                        })?,
+                                ),
+                            },
+                            ssd_promote_hits,
                         },
                     })
                 })?;

@@ -111,6 +111,10 @@ pub struct Tuning {
     pub policy_rules: Option<Option<shadowcache_node::cache::pool::Variant>>,
     /// `shards` (0: picked by the cores and the capacity, as the node does).
     pub shards: Option<usize>,
+    /// `ssd_admission` (the tiered replay).
+    pub ssd_admission: Option<shadowcache_node::cache::SsdAdmission>,
+    /// `ssd_promote_hits` (the tiered replay).
+    pub ssd_promote_hits: Option<u8>,
 }
 
 impl Tuning {
@@ -125,6 +129,8 @@ impl Tuning {
         config.second_chances = t.second_chances.unwrap_or(config.second_chances);
         config.policy_rules = t.policy_rules.unwrap_or(config.policy_rules);
         config.shards = t.shards.unwrap_or(config.shards);
+        config.ssd_admission = t.ssd_admission.unwrap_or(config.ssd_admission);
+        config.ssd_promote_hits = t.ssd_promote_hits.unwrap_or(config.ssd_promote_hits);
         config
     }
 }
@@ -247,6 +253,9 @@ pub struct TierRow {
     pub ssd_evictions: u64,
     /// Demotions dropped because the SSD writer was behind.
     pub demotions_dropped: u64,
+    /// Entries RAM multi-touch let go that the SSD's admission refused.
+    #[serde(default)]
+    pub ssd_admissions_refused: u64,
     /// SSD reads that failed verification (must be 0).
     pub ssd_verify_failures: u64,
     /// Payload bytes written to SSD slots.
@@ -524,7 +533,11 @@ fn tier_row(
         misses,
         demotions: s.demotions.get(),
         ssd_evictions: s.evictions_ssd.get(),
-        demotions_dropped: s.evictions_ram_multi.get(),
+        demotions_dropped: s
+            .evictions_ram_multi
+            .get()
+            .saturating_sub(s.ssd_admissions_refused.get()),
+        ssd_admissions_refused: s.ssd_admissions_refused.get(),
         ssd_verify_failures: s.ssd_verify_failures.get(),
         ssd_written_bytes: s.ssd_written_bytes.get(),
         ssd_served_bytes: s.ssd_served_bytes.get(),
@@ -704,7 +717,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             }
         };
         println!(
-            "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9} {:>12}",
+            "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12}",
             "pages",
             "RAM",
             "SSD",
@@ -713,6 +726,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
             "SSD hits",
             "misses",
             "demoted",
+            "refused",
             "hit %",
             "all-RAM",
             "dropped",
@@ -729,7 +743,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 opts.tuning,
             )?;
             println!(
-                "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9.2} {:>7.2} {:>9} {:>12.3}",
+                "{:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9.2} {:>7.2} {:>9} {:>12.3}",
                 t.capacity_pages,
                 t.ram_pages,
                 t.ssd_pages,
@@ -738,6 +752,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
                 t.hits_ssd,
                 t.misses,
                 t.demotions,
+                t.ssd_admissions_refused,
                 t.hit_percent,
                 t.all_ram_hit_percent,
                 t.demotions_dropped,

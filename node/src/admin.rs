@@ -43,6 +43,8 @@ pub struct Counters {
     pub ssd_served_bytes: u64,
     /// Demotions that wrote nothing (a copy was kept).
     pub ssd_writes_saved: u64,
+    /// Entries RAM let go that the SSD's admission refused.
+    pub ssd_admissions_refused: u64,
     /// Bytes the cached entries stand for.
     pub logical_bytes: u64,
     /// Bytes stored by all tiers.
@@ -236,6 +238,7 @@ impl Node {
                 ssd_written_bytes: c.ssd_written_bytes.get(),
                 ssd_served_bytes: c.ssd_served_bytes.get(),
                 ssd_writes_saved: c.ssd_writes_saved.get(),
+                ssd_admissions_refused: c.ssd_admissions_refused.get(),
                 logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
                 stored_bytes: tiers.iter().map(|t| t.bytes).sum(),
                 single_flight_joins: r.single_flight_joins.get(),

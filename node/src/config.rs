@@ -116,6 +116,7 @@ struct FileCache {
     policy: Option<String>,
     shards: Option<u64>,
     ssd_promote_hits: Option<u8>,
+    ssd_admission: Option<String>,
     ssd_direct: Option<bool>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
@@ -367,6 +368,8 @@ pub struct Config {
     pub cache_shards: u64,
     /// SSD hits before an entry moves back to RAM.
     pub ssd_promote_hits: u8,
+    /// Which entries RAM multi-touch lets go the SSD takes.
+    pub ssd_admission: crate::cache::SsdAdmission,
     /// SSD slots read and written with O_DIRECT (past the page cache).
     pub ssd_direct: bool,
     /// SSD tier bytes (0: none).
@@ -549,6 +552,18 @@ impl Config {
                 .cache
                 .ssd_promote_hits
                 .unwrap_or(crate::cache::DEFAULT_SSD_PROMOTE_HITS),
+            ssd_admission: match file.cache.ssd_admission.as_deref() {
+                None => crate::cache::SsdAdmission::default(),
+                Some(name) => crate::cache::SsdAdmission::from_name(name).ok_or_else(|| {
+                    invalid(
+                        "cache.ssd_admission",
+                        format!(
+                            "{name:?} is not an SSD admission: use proven (the default: only \
+                             entries read again after RAM let them go) or all"
+                        ),
+                    )
+                })?,
+            },
             ssd_direct: file.cache.ssd_direct.unwrap_or(true),
             ssd_bytes: flags
                 .ssd_cache
@@ -876,6 +891,7 @@ impl Config {
             }),
             demotion_queue: 1024,
             ssd_promote_hits: self.ssd_promote_hits,
+            ssd_admission: self.ssd_admission,
         }
     }
 
@@ -1030,6 +1046,19 @@ mod tests {
         assert!(m.contains("cache.ssd_promote_hits"), "{m}");
         let m = message(parse("[cache]\nssd_promote_hits = 300\n"));
         assert!(m.contains("ssd_promote_hits"), "{m}");
+        let m = message(parse("[cache]\nssd_admission = \"some\"\n"));
+        assert!(
+            m.contains("cache.ssd_admission") && m.contains("proven"),
+            "{m}"
+        );
+        let all = parse("[cache]\nssd_admission = \"all\"\n").expect("ssd_admission all");
+        assert_eq!(all.ssd_admission, crate::cache::SsdAdmission::All);
+        let dflt = parse("").expect("defaults");
+        assert_eq!(dflt.ssd_admission, crate::cache::SsdAdmission::Proven);
+        assert_eq!(
+            dflt.cache_config().ssd_admission,
+            crate::cache::SsdAdmission::Proven
+        );
         let eight = parse("[cache]\nshards = 8\n").expect("8 shards");
         assert_eq!(eight.cache_config().shard_count(), 8);
         assert_eq!(duel.cache_shards, 0);

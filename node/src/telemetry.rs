@@ -35,6 +35,8 @@ pub const SSD_WRITTEN_BYTES: &str = "shadowcache_ssd_written_bytes_total";
 pub const SSD_SERVED_BYTES: &str = "shadowcache_ssd_served_bytes_total";
 /// Demotions that wrote nothing (the SSD kept a copy since the entry's last SSD hit).
 pub const SSD_WRITES_SAVED: &str = "shadowcache_ssd_writes_saved_total";
+/// Entries RAM multi-touch let go that the SSD's admission refused (`cache.ssd_admission`).
+pub const SSD_ADMISSIONS_REFUSED: &str = "shadowcache_ssd_admissions_refused_total";
 /// The RAM single-touch pool's target, as a share of the RAM budget (it adapts to ghost hits).
 pub const SINGLE_TOUCH_TARGET: &str = "shadowcache_cache_single_touch_target_ratio";
 /// Keys each ghost remembers, by `ghost` = single | multi.
@@ -436,6 +438,10 @@ fn describe() {
     describe_counter!(
         SSD_WRITES_SAVED,
         "Demotions that wrote nothing: the SSD kept a copy since the entry's last SSD hit"
+    );
+    describe_counter!(
+        SSD_ADMISSIONS_REFUSED,
+        "Entries RAM multi-touch let go that the SSD did not take: only a short re-read had brought them there"
     );
     describe_counter!(
         SSD_WRITE_FAILURES,

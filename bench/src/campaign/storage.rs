@@ -71,13 +71,14 @@ async fn read_all(c: &Client, disk: &str, image: &[u8]) -> (u64, Vec<String>) {
     (wrong, failed)
 }
 
-/// Reads every 256 KiB piece twice in a row: its blocks become multi-touch in RAM, and RAM
-/// (smaller than the disk) demotes them to the SSD tier, which takes only multi-touch blocks.
+/// Reads every 256 KiB piece four times in a row: its blocks become multi-touch in RAM, proven
+/// by the reads there, and RAM (smaller than the disk) demotes them to the SSD tier, which
+/// takes only multi-touch blocks whose reuse reached past RAM or that RAM read four times.
 async fn warm(c: &Client, disk: &str, image: &[u8]) -> anyhow::Result<()> {
     let d = c.disk(disk);
     for at in (0..image.len()).step_by(256 << 10) {
         let n = (256usize << 10).min(image.len() - at);
-        for _ in 0..2 {
+        for _ in 0..4 {
             let b = super::within(
                 Duration::from_secs(30),
                 "warm-up read",

@@ -370,6 +370,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "ssd_written_bytes": c.ssd_written_bytes,
             "ssd_served_bytes": c.ssd_served_bytes,
             "ssd_writes_saved": c.ssd_writes_saved,
+            "ssd_admissions_refused": c.ssd_admissions_refused,
             "logical_bytes": c.logical_bytes,
             "stored_bytes": c.stored_bytes,
             "single_flight_joins": c.single_flight_joins,
@@ -467,11 +468,12 @@ fn print_status(s: &StatusResponse) {
         p.ghost_hits_multi
     );
     println!(
-        "ssd written {} bytes, served {} bytes (written / served {:.2}), {} demotions wrote nothing (copy kept)",
+        "ssd written {} bytes, served {} bytes (written / served {:.2}), {} demotions wrote nothing (copy kept), {} not admitted",
         c.ssd_written_bytes,
         c.ssd_served_bytes,
         ratio(c.ssd_written_bytes, c.ssd_served_bytes),
-        c.ssd_writes_saved
+        c.ssd_writes_saved,
+        c.ssd_admissions_refused
     );
     println!(
         "dedup ratio {:.2}  (logical {} bytes / stored {} bytes)",

@@ -110,6 +110,115 @@ fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() 
     assert_eq!(c.stats().ssd_verify_failures.get(), 0);
 }
 
+/// RAM of four blocks (single-touch target two, ghosts of four keys, fixed rules, no second
+/// chances) and eight SSD slots, with `admission`.
+fn admitting(dir: &Path, admission: SsdAdmission) -> ContentCache {
+    let (c, _) = ContentCache::open(CacheConfig {
+        block_bytes: BS,
+        ram_bytes: 4 * u64::from(BS),
+        single_touch_share: 0.5,
+        adaptive: false,
+        ghost_ratio: 1.0,
+        second_chances: false,
+        policy_rules: Some(pool::Variant::Tuned),
+        ssd: Some(SsdConfig {
+            data_path: dir.join("slots"),
+            index_path: dir.join("index"),
+            capacity_bytes: 8 * u64::from(BS),
+            slot_bytes: BS,
+            direct: true,
+        }),
+        demotion_queue: 64,
+        ssd_admission: admission,
+        ..CacheConfig::default()
+    })
+    .expect("open cache");
+    c
+}
+
+#[test]
+fn the_ssd_refuses_an_entry_read_twice_and_takes_it_once_read_again_from_the_ghost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = admitting(dir.path(), SsdAdmission::default());
+    // 1 to 4 read twice fill RAM multi-touch; 5's first read makes RAM let 1 go. A second read
+    // while in single-touch is all 1 has shown: not written, its key left in the ghost.
+    for tag in 1..=4 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    read(&c, 5);
+    assert_eq!(tier(&c, 1), None);
+    assert_eq!(c.stats().ssd_admissions_refused.get(), 1);
+    assert_eq!(c.stats().ssd_written_bytes.get(), 0);
+    assert_eq!(c.stats().demotions.get(), 0);
+    // Read again while the ghost remembers it: a miss, and straight to multi-touch, proven
+    // (RAM lets 2 go for it, refused too).
+    assert_eq!(read(&c, 1), None);
+    assert_eq!(tier(&c, 1), Some(Tier::RamMulti));
+    assert_eq!(c.stats().ghost_hits_multi.get(), 1);
+    assert_eq!(c.stats().ssd_admissions_refused.get(), 2);
+    // Pushed out of RAM now, it is written to SSD, and served from there.
+    for tag in 6..=9 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
+    assert_eq!(c.stats().demotions.get(), 1);
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    assert_eq!(c.stats().ssd_served_bytes.get(), u64::from(BS));
+    logical_matches_contents(&c);
+}
+
+#[test]
+fn the_ssd_takes_an_entry_read_four_times_in_ram_and_every_entry_under_admission_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = admitting(dir.path(), SsdAdmission::default());
+    // Four reads in RAM, as four clients booting from one image would make: the third and
+    // fourth, in multi-touch, prove it.
+    for _ in 0..4 {
+        read(&c, 1);
+    }
+    // Three reads are not enough.
+    for _ in 0..3 {
+        read(&c, 2);
+    }
+    for tag in 3..=6 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 2), None);
+    assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
+    assert_eq!(c.stats().ssd_admissions_refused.get(), 1);
+
+    // Admission `all`: what a second read brought to multi-touch is written when RAM lets it
+    // go, and nothing is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = admitting(dir.path(), SsdAdmission::All);
+    for tag in 1..=5 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
+    assert_eq!(c.stats().ssd_admissions_refused.get(), 0);
+}
+
+#[test]
+fn with_ghosts_off_the_ssd_takes_every_entry_multi_touch_lets_go() {
+    // Nothing could come back proven from a ghost, so the rule would starve the SSD.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 8);
+    assert_eq!(c.config().ssd_admission, SsdAdmission::Proven);
+    for tag in 1..=5 {
+        read(&c, tag);
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(c.stats().ssd_admissions_refused.get(), 0);
+}
+
 fn block(tag: u8) -> (Fingerprint, Bytes) {
     let b = Bytes::from(vec![tag; BS as usize]);
     (Fingerprint::of(&b), b)

@@ -125,6 +125,7 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             ssd_written_bytes: c.ssd_written_bytes,
             ssd_served_bytes: c.ssd_served_bytes,
             ssd_writes_saved: c.ssd_writes_saved,
+            ssd_admissions_refused: c.ssd_admissions_refused,
             logical_bytes: c.logical_bytes,
             stored_bytes: c.stored_bytes,
             single_flight_joins: c.single_flight_joins,
