@@ -399,15 +399,18 @@ async fn a_vanished_origin_is_unavailable_and_nothing_is_cached_from_it() {
     assert_eq!(&got[..], &data[1000..6000]);
 }
 
-/// Reads every block four times in a row, as four clients booting from one image would: the
-/// second read promotes it to multi-touch, the next two prove it worth an SSD write, and RAM
-/// pressure demotes it to SSD. (Twice would not: the SSD takes only entries whose reuse
-/// reached past RAM or that were read four times in it. Nor would a whole-disk scan repeated:
-/// a block read once is evicted from single-touch before the scan comes back to it.)
+/// Reads every block four times, two blocks at a time in turn, as clients booting from one
+/// image would: the second read promotes a block to multi-touch, the next two prove it worth
+/// an SSD write, and RAM pressure demotes it to SSD. (Twice would not: the SSD takes only
+/// entries whose reuse reached past RAM or that were read four times in it, each read after
+/// some other. Nor would a whole-disk scan repeated: a block read once is evicted from
+/// single-touch before the scan comes back to it.)
 async fn read_each_block_four_times(disk: &shadowcache_client::Disk, size: u64, block: u64) {
-    for at in (0..size).step_by(block as usize) {
+    for pair in (0..size).step_by(2 * block as usize) {
         for _ in 0..4 {
-            disk.read_at(at, block.min(size - at)).await.expect("read");
+            for at in [pair, pair + block].into_iter().filter(|&at| at < size) {
+                disk.read_at(at, block.min(size - at)).await.expect("read");
+            }
         }
     }
 }

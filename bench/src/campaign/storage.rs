@@ -305,7 +305,7 @@ async fn full_disk(ctx: &Ctx, k: &mut Checks) -> anyhow::Result<()> {
     k.check(wrong == 0 && failed.is_empty(), || {
         format!("reads on a full disk: {wrong} wrong, {failed:?}")
     });
-    // Blocks read twice are multi-touch: RAM lets them go to the SSD tier, which cannot store
+    // Blocks read four times are multi-touch and proven: RAM lets them go to the SSD tier, which cannot store
     // them now. Still served right, and the blocks it could not store counted for the operator
     // (the tier's writer works behind the reads: polled for a while).
     let warmed = warm(&c, DISK, &image).await;

@@ -382,11 +382,13 @@ impl ContentCache {
     /// Builds the cache, opening (and recovering) the SSD tier if one is configured.
     pub fn open(config: CacheConfig) -> Result<(ContentCache, Option<Recovery>), CacheError> {
         let stats = Arc::new(CacheStats::new());
-        let ssd_takes_all = config.ssd_admission == SsdAdmission::All || config.ghost_ratio <= 0.0;
         let pools = Arc::new(ShardedPools::new(
             &config.pool_config(),
             config.shard_count(),
         ));
+        // Without ghosts nothing could come back proven: the SSD would starve.
+        let ssd_takes_all =
+            config.ssd_admission == SsdAdmission::All || pools.state().ghost_capacity == 0;
 
         let (ssd, recovery) = match &config.ssd {
             Some(c) => {
@@ -531,7 +533,7 @@ impl ContentCache {
     }
 
     /// Looks `fp` up in every tier. An SSD hit is read on the blocking pool and verified; its
-    /// third moves it back to RAM multi-touch. Counts one hit or one miss.
+    /// `ssd_promote_hits`-th moves it back to RAM multi-touch. Counts one hit or one miss.
     pub async fn get(&self, fp: &Fingerprint) -> Option<(Bytes, Tier)> {
         self.get_with(fp, false).await
     }
@@ -736,7 +738,9 @@ impl ContentCache {
     }
 
     /// Writes the RAM multi-touch entries to SSD (so that a restart finds them warm), waits for
-    /// the writer, makes the SSD files durable and stops the writer. Blocks; idempotent.
+    /// the writer, makes the SSD files durable and stops the writer. Blocks; idempotent. The
+    /// SSD admission does not apply here: this is one write of what RAM holds, which a
+    /// restart would otherwise lose whole.
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         if let (Some(ssd), Some(w)) = (&inner.ssd, &inner.writer) {
@@ -808,13 +812,6 @@ impl Inner {
                 self.stats.evictions_ram_multi.inc();
                 self.stats.sub_logical(v.logical_bytes());
             }
-            (Segment::Multi, Some(_)) if !ev.proven && !self.ssd_takes_all => {
-                // Not written: its reuse has not reached past RAM (its key stays in the
-                // multi-touch ghost, and a read while there brings it back proven).
-                self.stats.ssd_admissions_refused.inc();
-                self.stats.evictions_ram_multi.inc();
-                self.stats.sub_logical(v.logical_bytes());
-            }
             (Segment::Multi, Some(_))
                 if self.ssd.as_ref().is_some_and(|s| s.adopt(&fp, v.refs)) =>
             {
@@ -822,6 +819,13 @@ impl Inner {
                 // entry's home again, and nothing is written.
                 self.stats.demotions.inc();
                 self.stats.ssd_writes_saved.inc();
+            }
+            (Segment::Multi, Some(_)) if !ev.proven && !self.ssd_takes_all => {
+                // Not written: its reuse has not reached past RAM (its key stays in the
+                // multi-touch ghost, and a read while there brings it back proven).
+                self.stats.ssd_admissions_refused.inc();
+                self.stats.evictions_ram_multi.inc();
+                self.stats.sub_logical(v.logical_bytes());
             }
             (Segment::Multi, Some(w)) => {
                 // The demotion queue's entries are shared with the writer thread.

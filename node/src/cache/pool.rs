@@ -236,7 +236,9 @@ pub struct Eviction {
     /// Whether it has shown a reuse worth an SSD write: it came to multi-touch from a ghost
     /// (read again after the pools had let it go) or `known` (back from SSD or the demotion
     /// queue), or it was read [`PROVING_READS`] more times while in multi-touch (four reads in
-    /// RAM in all: several clients reading one block, as in a boot storm). An entry that a
+    /// RAM in all: several clients reading one block, as in a boot storm), each after some
+    /// other access to its shard (a read right after the entry's last one is the same reader
+    /// going on through the block in smaller reads, and proves nothing). An entry that a
     /// second read brought up from single-touch and that was read at most once more has
     /// shown only a reuse that the pools already hold; the cache's SSD admission refuses it.
     pub proven: bool,
@@ -521,12 +523,22 @@ impl Pools {
     #[inline]
     fn touch(&mut self, fp: &Fingerprint, h: u64) -> Option<(&mut Cached, Segment)> {
         let i = self.find_hashed(fp, h)?;
+        self.touch_at(i)
+    }
+
+    #[inline]
+    fn touch_at(&mut self, i: u32) -> Option<(&mut Cached, Segment)> {
         self.clock = self.clock.wrapping_add(1);
-        self.slots[i as usize].stamp = self.clock;
+        let last = std::mem::replace(&mut self.slots[i as usize].stamp, self.clock);
         let seg = self.slots[i as usize].seg;
         if seg == Segment::Multi {
             let s = &mut self.slots[i as usize];
-            s.proof = (s.proof + 1).min(PROVING_READS);
+            // A read right after the entry's last one, with no other access to this shard in
+            // between, is the same reader going on (smaller reads within one block): it
+            // proves nothing.
+            if self.clock.wrapping_sub(last) > 1 {
+                s.proof = (s.proof + 1).min(PROVING_READS);
+            }
             if self.second_chances {
                 s.rereads = (s.rereads + 1).min(MAX_REREADS);
             }
@@ -580,8 +592,18 @@ impl Pools {
     ) -> Placement {
         let weight = u32::try_from(value.bytes.len()).unwrap_or(u32::MAX);
         let h = self.hash(&fp);
-        if let Some((existing, _)) = self.touch(&fp, h) {
-            // Another reader put it back first: keep one entry, and the references of both.
+        if let Some(i) = self.find_hashed(&fp, h) {
+            // Another reader put it back first: keep one entry, and the references of both
+            // (and what `known` proves).
+            if known {
+                self.slots[i as usize].proof = PROVING_READS;
+            }
+            let Some((existing, _)) = self.touch_at(i) else {
+                return Placement {
+                    segment: Segment::Multi,
+                    ghost: None,
+                };
+            };
             existing.refs = existing.refs.saturating_add(value.refs);
             return Placement {
                 segment: Segment::Multi,

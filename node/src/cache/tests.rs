@@ -174,23 +174,28 @@ fn the_ssd_refuses_an_entry_read_twice_and_takes_it_once_read_again_from_the_gho
 fn the_ssd_takes_an_entry_read_four_times_in_ram_and_every_entry_under_admission_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = admitting(dir.path(), SsdAdmission::default());
-    // Four reads in RAM, as four clients booting from one image would make: the third and
-    // fourth, in multi-touch, prove it.
-    for _ in 0..4 {
+    // 1 read four times and 2 three times, in turn, as clients booting from one image read:
+    // 1's third and fourth reads, in multi-touch, prove it; three reads are not enough.
+    for k in 0..4 {
         read(&c, 1);
+        if k < 3 {
+            read(&c, 2);
+        }
     }
-    // Three reads are not enough.
-    for _ in 0..3 {
-        read(&c, 2);
+    // 3 read four times in a row, nothing between: one reader going through the block in
+    // smaller reads proves nothing.
+    for _ in 0..4 {
+        read(&c, 3);
     }
-    for tag in 3..=6 {
+    for tag in 4..=7 {
         read(&c, tag);
         read(&c, tag);
     }
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert_eq!(tier(&c, 2), None);
+    assert_eq!(tier(&c, 3), None);
     assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
-    assert_eq!(c.stats().ssd_admissions_refused.get(), 1);
+    assert!(c.stats().ssd_admissions_refused.get() >= 2);
 
     // Admission `all`: what a second read brought to multi-touch is written when RAM lets it
     // go, and nothing is refused.
