@@ -45,31 +45,9 @@ fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
 #[test]
 fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (c, _) = ContentCache::open(CacheConfig {
-        block_bytes: BS,
-        ram_bytes: 4 * u64::from(BS),
-        single_touch_share: 0.5,
-        adaptive: false,
-        ghost_ratio: 0.0,
-        second_chances: false,
-        policy_rules: Some(pool::Variant::Tuned),
-        ssd: Some(SsdConfig {
-            data_path: dir.path().join("slots"),
-            index_path: dir.path().join("index"),
-            capacity_bytes: 8 * u64::from(BS),
-            slot_bytes: BS,
-            direct: true,
-        }),
-        demotion_queue: 64,
-        ssd_promote_hits: 3,
-        ..CacheConfig::default()
-    })
-    .expect("open cache");
+    let c = fixed(dir.path(), 0.0, SsdAdmission::default(), 3);
     // 1 to 5 read twice (multi-touch, 4 blocks of RAM): 1 is demoted to SSD, one write.
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     let written = c.stats().ssd_written_bytes.get();
     assert_eq!(written, u64::from(BS));
@@ -94,10 +72,7 @@ fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() 
     let demotions = c.stats().demotions.get();
     // Four new blocks read twice push 1 out of RAM again: its copy is its home again, and
     // nothing is written for it (the others' demotions are).
-    for tag in 6..=9 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 6..=9);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert!(c.stats().ssd_writes_saved.get() >= 1);
     let more = c.stats().ssd_written_bytes.get() - written;
@@ -110,15 +85,15 @@ fn an_entry_stays_on_ssd_for_its_first_hits_and_its_copy_saves_the_next_write() 
     assert_eq!(c.stats().ssd_verify_failures.get(), 0);
 }
 
-/// RAM of four blocks (single-touch target two, ghosts of four keys, fixed rules, no second
-/// chances) and eight SSD slots, with `admission`.
-fn admitting(dir: &Path, admission: SsdAdmission) -> ContentCache {
+/// RAM of four blocks (single-touch target two, ghosts of `ghost_ratio` times four keys, fixed
+/// rules, no second chances) and eight SSD slots, with `admission` and `promote_hits`.
+fn fixed(dir: &Path, ghost_ratio: f64, admission: SsdAdmission, promote_hits: u8) -> ContentCache {
     let (c, _) = ContentCache::open(CacheConfig {
         block_bytes: BS,
         ram_bytes: 4 * u64::from(BS),
         single_touch_share: 0.5,
         adaptive: false,
-        ghost_ratio: 1.0,
+        ghost_ratio,
         second_chances: false,
         policy_rules: Some(pool::Variant::Tuned),
         ssd: Some(SsdConfig {
@@ -130,10 +105,16 @@ fn admitting(dir: &Path, admission: SsdAdmission) -> ContentCache {
         }),
         demotion_queue: 64,
         ssd_admission: admission,
+        ssd_promote_hits: promote_hits,
         ..CacheConfig::default()
     })
     .expect("open cache");
     c
+}
+
+/// [`fixed`] with ghosts of four keys and the default SSD hits before promotion.
+fn admitting(dir: &Path, admission: SsdAdmission) -> ContentCache {
+    fixed(dir, 1.0, admission, DEFAULT_SSD_PROMOTE_HITS)
 }
 
 #[test]
@@ -142,10 +123,7 @@ fn the_ssd_refuses_an_entry_read_twice_and_takes_it_once_read_again_from_the_gho
     let c = admitting(dir.path(), SsdAdmission::default());
     // 1 to 4 read twice fill RAM multi-touch; 5's first read makes RAM let 1 go. A second read
     // while in single-touch is all 1 has shown: not written, its key left in the ghost.
-    for tag in 1..=4 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=4);
     read(&c, 5);
     assert_eq!(tier(&c, 1), None);
     assert_eq!(c.stats().ssd_admissions_refused.get(), 1);
@@ -158,10 +136,7 @@ fn the_ssd_refuses_an_entry_read_twice_and_takes_it_once_read_again_from_the_gho
     assert_eq!(c.stats().ghost_hits_multi.get(), 1);
     assert_eq!(c.stats().ssd_admissions_refused.get(), 2);
     // Pushed out of RAM now, it is written to SSD, and served from there.
-    for tag in 6..=9 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 6..=9);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
     assert_eq!(c.stats().demotions.get(), 1);
@@ -187,10 +162,7 @@ fn the_ssd_takes_an_entry_read_four_times_in_ram_and_every_entry_under_admission
     for _ in 0..4 {
         read(&c, 3);
     }
-    for tag in 4..=7 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 4..=7);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert_eq!(tier(&c, 2), None);
     assert_eq!(tier(&c, 3), None);
@@ -201,10 +173,7 @@ fn the_ssd_takes_an_entry_read_four_times_in_ram_and_every_entry_under_admission
     // go, and nothing is refused.
     let dir = tempfile::tempdir().expect("tempdir");
     let c = admitting(dir.path(), SsdAdmission::All);
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert_eq!(c.stats().ssd_written_bytes.get(), u64::from(BS));
     assert_eq!(c.stats().ssd_admissions_refused.get(), 0);
@@ -216,10 +185,7 @@ fn with_ghosts_off_the_ssd_takes_every_entry_multi_touch_lets_go() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 8);
     assert_eq!(c.config().ssd_admission, SsdAdmission::Proven);
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     assert_eq!(c.stats().ssd_admissions_refused.get(), 0);
 }
@@ -244,6 +210,14 @@ fn read(c: &ContentCache, tag: u8) -> Option<Tier> {
         assert_eq!(Fingerprint::of(&bytes), fp, "a hit returned other bytes");
         tier
     })
+}
+
+/// Reads each block of `tags` twice: a miss, then a hit that promotes it to multi-touch.
+fn read_each_twice(c: &ContentCache, tags: std::ops::RangeInclusive<u8>) {
+    for tag in tags {
+        read(c, tag);
+        read(c, tag);
+    }
 }
 
 fn tier(c: &ContentCache, tag: u8) -> Option<Tier> {
@@ -301,10 +275,7 @@ fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 2);
     // Promote 1 to 5 in turn; RAM holds four, so 1 is demoted.
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     for tag in 2..=5 {
         assert_eq!(tier(&c, tag), Some(Tier::RamMulti));
@@ -326,10 +297,7 @@ fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
 fn an_ssd_hit_returns_the_entry_to_the_top_of_ram_multi_touch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), Some(Tier::Ssd));
     // 1 comes back to the top of multi-touch, which pushes the least recent, 2, to SSD.
     assert_eq!(read(&c, 1), Some(Tier::Ssd));
@@ -347,10 +315,7 @@ fn an_ssd_hit_returns_the_entry_to_the_top_of_ram_multi_touch() {
 fn without_an_ssd_tier_multi_touch_evictions_are_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 0);
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     assert_eq!(tier(&c, 1), None);
     assert_eq!(c.stats().evictions_ram_multi.get(), 1);
 }
@@ -395,10 +360,7 @@ fn a_restarted_cache_serves_ssd_hits_at_once() {
 fn a_flipped_byte_in_the_ssd_file_is_detected_and_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    for tag in 1..=5 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=5);
     let (fp1, _) = block(1);
     let ssd = c.ssd().expect("ssd");
     let off = ssd.payload_offset(&fp1).expect("1 is on ssd");
