@@ -414,50 +414,66 @@ async fn ssd_vs_device(
         })
         .await??
     };
+    // This virtual disk moves by 20 to 40% between runs, so at each depth SSD hits and fio
+    // take turns, ROUNDS times, each round's pair compared, and the median ratio reported.
+    let slice = (budget / ROUNDS as u32).max(Duration::from_millis(200));
     let mut rows = Vec::new();
     for &depth in depths {
         let hits_before = node.cache().stats().hits_ssd.get();
         let misses_before = node.cache().stats().misses.get();
-        let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..depth)
-            .map(|t| {
-                let node = node.clone();
-                let ops = ops.clone();
-                tokio::spawn(async move {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
-                    while start.elapsed() < budget {
-                        let i = rand::Rng::random_range(&mut rng, 0..blocks);
-                        node.read("img", i * u64::from(bs), u64::from(bs)).await?;
-                        ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut reads, mut rounds, mut fio_failed) = (0u64, Vec::new(), false);
+        for round in 0..ROUNDS {
+            let (n, ours) = random_block_reads(&node, depth, blocks, bs, slice, round).await?;
+            reads += n;
+            let fio = if fio_failed {
+                None
+            } else {
+                match fio_randread(&slot_file, bs, used * u64::from(bs), depth, direct, slice) {
+                    Ok(mbs) => Some(mbs),
+                    Err(e) => {
+                        eprintln!("fio on the slot file: {e:#}");
+                        fio_failed = true;
+                        None
                     }
-                    anyhow::Ok(())
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await??;
+                }
+            };
+            rounds.push((ours, fio));
         }
-        let secs = start.elapsed().as_secs_f64();
-        let n = ops.load(std::sync::atomic::Ordering::Relaxed);
         let hits = node.cache().stats().hits_ssd.get() - hits_before;
         let misses = node.cache().stats().misses.get() - misses_before;
-        let ours = n as f64 * f64::from(bs) / secs / 1e6;
-        let fio = fio_randread(&slot_file, bs, used * u64::from(bs), depth, direct, budget);
-        let (fio_mbs, ratio) = match &fio {
-            Ok(mbs) => (json!(round(*mbs, 1)), json!(round(ours / mbs.max(1e-9), 3))),
-            Err(e) => {
-                eprintln!("fio on the slot file: {e:#}");
-                (Value::Null, Value::Null)
-            }
+        let ours = median(rounds.iter().map(|r| r.0).collect());
+        let fios: Vec<f64> = rounds.iter().filter_map(|r| r.1).collect();
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .filter_map(|&(o, f)| f.map(|f| o / f.max(1e-9)))
+            .collect();
+        let (fio_mbs, ratio) = if fio_failed || fios.is_empty() {
+            (Value::Null, Value::Null)
+        } else {
+            (
+                json!(round(median(fios), 1)),
+                json!(round(median(ratios.clone()), 3)),
+            )
         };
         rows.push(json!({
             "queue_depth": depth,
             "ssd_hit_mb_per_s": round(ours, 1),
-            "ssd_hit_fraction": round(hits as f64 / n.max(1) as f64, 4),
+            "ssd_hit_fraction": round(hits as f64 / reads.max(1) as f64, 4),
             "misses": misses,
             "fio_mb_per_s": fio_mbs,
             "ssd_hit_over_fio": ratio,
+            "rounds": rounds
+                .iter()
+                .map(|&(o, f)| json!({"ssd_hit_mb_per_s": round(o, 1), "fio_mb_per_s": f.map(|f| round(f, 1))}))
+                .collect::<Vec<_>>(),
+            "ratio_range": if ratios.is_empty() {
+                Value::Null
+            } else {
+                json!([
+                    round(ratios.iter().copied().fold(f64::MAX, f64::min), 3),
+                    round(ratios.iter().copied().fold(f64::MIN, f64::max), 3),
+                ])
+            },
         }));
     }
     running.shutdown().await?;
@@ -469,6 +485,60 @@ async fn ssd_vs_device(
         "slots_read": used,
         "depths": rows,
     }))
+}
+
+/// Rounds of SSD hits and fio, in turn, at each queue depth of [`ssd_vs_device`].
+const ROUNDS: usize = 3;
+
+/// The median of `v` (the mean of the middle two for an even count; 0 for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// `depth` readers reading whole blocks of the first `blocks` at random through `Node::read`
+/// for `time` (seeded by `round`): reads done and MB/s.
+async fn random_block_reads(
+    node: &Arc<shadowcache_node::Node>,
+    depth: usize,
+    blocks: u64,
+    bs: u32,
+    time: Duration,
+    round: usize,
+) -> anyhow::Result<(u64, f64)> {
+    let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..depth)
+        .map(|t| {
+            let node = node.clone();
+            let ops = ops.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64((round * 1024 + t) as u64);
+                while start.elapsed() < time {
+                    let i = rand::Rng::random_range(&mut rng, 0..blocks);
+                    node.read("img", i * u64::from(bs), u64::from(bs)).await?;
+                    ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let n = ops.load(std::sync::atomic::Ordering::Relaxed);
+    Ok((
+        n,
+        n as f64 * f64::from(bs) / start.elapsed().as_secs_f64() / 1e6,
+    ))
 }
 
 /// fio reading `bytes` of `file` in random blocks of `bs` at `depth`: MB/s.
@@ -740,14 +810,16 @@ fn print_table(rows: &[Value]) {
         let d = &r["ssd_vs_device"];
         for q in d["depths"].as_array().into_iter().flatten() {
             println!(
-                "{:>4}K  ssd hits at queue depth {}: {} MB/s (hit fraction {}); fio on the slot file (direct {}): {} MB/s; ratio {}",
+                "{:>4}K  ssd hits at queue depth {}: {} MB/s (hit fraction {}); fio on the slot file (direct {}): {} MB/s; ratio {} (median of {ROUNDS} rounds in turn, range {}); the tier alone at depth 1: {} MB/s",
                 bs,
                 q["queue_depth"],
                 q["ssd_hit_mb_per_s"],
                 q["ssd_hit_fraction"],
                 d["direct"],
                 q["fio_mb_per_s"],
-                q["ssd_hit_over_fio"]
+                q["ssd_hit_over_fio"],
+                q["ratio_range"],
+                d["tier_alone_qd1_mb_per_s"]
             );
         }
         let o = &r["index_overhead"];
