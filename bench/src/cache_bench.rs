@@ -926,3 +926,16 @@ pub async fn replay(opts: TraceOptions) -> anyhow::Result<Value> {
         "results": rows,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_takes_the_middle_one_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![0.9]), 0.9);
+        assert_eq!(median(vec![1.2, 0.5, 0.8]), 0.8);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}
