@@ -545,6 +545,11 @@ enum Command {
         /// The node's `cache.ssd_promote_hits` for the tiered replay (--ram).
         #[arg(long)]
         ssd_promote_hits: Option<u8>,
+        /// Key the cache's hashes (the duel's sample, the shards' split) with this seed, so
+        /// that the run repeats exactly (default: a random one, printed, as the node's keys
+        /// are random per process).
+        #[arg(long)]
+        hash_seed: Option<u64>,
     },
     /// Under faults: the seeded simulation of a cluster (three nodes in one process, faults
     /// drawn from each seed, every history checked; each guard of the lease protocol removed
@@ -872,6 +877,7 @@ fn bench_main() -> anyhow::Result<()> {
                 shards,
                 ssd_admission,
                 ssd_promote_hits,
+                hash_seed,
             } => {
                 if let Some(saved) = replot {
                     let text = std::fs::read_to_string(&saved)?;
@@ -880,6 +886,12 @@ fn bench_main() -> anyhow::Result<()> {
                     let prefix = plot.unwrap_or_else(|| saved.with_extension(""));
                     return policy_bench::draw(&out, &prefix);
                 }
+                let key_seed = hash_seed.unwrap_or_else(rand::random);
+                anyhow::ensure!(
+                    shadowcache_node::hashing::fix_keys(key_seed),
+                    "the cache's hash keys were fixed before --hash-seed {key_seed}"
+                );
+                println!("hash seed {key_seed} (--hash-seed {key_seed} repeats this run)");
                 let source = match (trace, synthetic) {
                     (Some(trace), None) => policy_bench::Source::Trace(trace, read.options()),
                     (None, Some(family)) => {
@@ -899,7 +911,7 @@ fn bench_main() -> anyhow::Result<()> {
                         None => PathBuf::from(format!("policy-{}", source.name())),
                     })
                 });
-                let out = tokio::task::block_in_place(|| {
+                let mut out = tokio::task::block_in_place(|| {
                     policy_bench::run(policy_bench::Options {
                         source,
                         capacities: capacity,
@@ -942,6 +954,7 @@ fn bench_main() -> anyhow::Result<()> {
                         },
                     })
                 })?;
+                out.hash_seed = Some(key_seed);
                 if let Some(path) = json {
                     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
                     eprintln!("figures written to {}", path.display());

@@ -311,6 +311,9 @@ pub struct Output {
     pub lookups: Vec<LookupRate>,
     /// Bytes of memory per ghost key (node and table).
     pub ghost_bytes_per_key: Option<f64>,
+    /// The seed of the cache's hash keys (`--hash-seed` repeats the run).
+    #[serde(default)]
+    pub hash_seed: Option<u64>,
 }
 
 /// The fingerprint page `page` is cached under: a fixed mix of the page number filling all
@@ -779,6 +782,8 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         tiers,
         lookups,
         ghost_bytes_per_key: ghost_bytes_per_key(),
+        // The caller fixed the keys, and records the seed.
+        hash_seed: None,
     };
     match out.ghost_bytes_per_key {
         Some(b) => println!(
