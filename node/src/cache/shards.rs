@@ -555,6 +555,23 @@ mod tests {
     }
 
     #[test]
+    fn the_duel_switches_nothing_while_its_copies_fill() {
+        let mut s = Score::new(256);
+        // Loop's copy hits on every sampled access, the running rules' on none.
+        let mut window = |s: &mut Score| {
+            s.hits = [0, 0, 0, 1000];
+            s.split = [0, 0, 0, 1000];
+            s.pick(Variant::Tuned)
+        };
+        // Without the warm-up, the first window would switch.
+        assert_eq!(window(&mut s), Variant::Tuned, "the first window switched");
+        for w in 1..DUEL_WARMUP_WINDOWS {
+            assert_eq!(window(&mut s), Variant::Tuned, "window {w} switched");
+        }
+        assert_eq!(window(&mut s), Variant::Loop);
+    }
+
+    #[test]
     fn on_uniform_random_reads_the_duel_does_not_flap() {
         // Every variant hits about half on uniform reads over twice the cache: a switch is
         // noise, and the margin must hold it off.
