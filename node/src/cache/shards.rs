@@ -558,7 +558,7 @@ mod tests {
     fn the_duel_switches_nothing_while_its_copies_fill() {
         let mut s = Score::new(256);
         // Loop's copy hits on every sampled access, the running rules' on none.
-        let mut window = |s: &mut Score| {
+        let window = |s: &mut Score| {
             s.hits = [0, 0, 0, 1000];
             s.split = [0, 0, 0, 1000];
             s.pick(Variant::Tuned)
