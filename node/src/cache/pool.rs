@@ -598,13 +598,9 @@ impl Pools {
             if known {
                 self.slots[i as usize].proof = PROVING_READS;
             }
-            let Some((existing, _)) = self.touch_at(i) else {
-                return Placement {
-                    segment: Segment::Multi,
-                    ghost: None,
-                };
-            };
-            existing.refs = existing.refs.saturating_add(value.refs);
+            if let Some((existing, _)) = self.touch_at(i) {
+                existing.refs = existing.refs.saturating_add(value.refs);
+            }
             return Placement {
                 segment: Segment::Multi,
                 ghost: None,

@@ -282,10 +282,7 @@ fn multi_touch_demotes_to_ssd_and_ssd_evicts_in_lru_order() {
     }
     assert_eq!(c.stats().demotions.get(), 1);
     // Two more promotions demote 2 and 3; the SSD (two slots) then drops its oldest, 1.
-    for tag in 6..=7 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 6..=7);
     assert_eq!(tier(&c, 1), None);
     assert_eq!(tier(&c, 2), Some(Tier::Ssd));
     assert_eq!(tier(&c, 3), Some(Tier::Ssd));
@@ -343,10 +340,7 @@ fn a_restarted_cache_serves_ssd_hits_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let c = cache(dir.path(), 8);
-        for tag in 1..=3 {
-            read(&c, tag);
-            read(&c, tag);
-        }
+        read_each_twice(&c, 1..=3);
         c.shutdown();
     }
     let c = cache(dir.path(), 8);
@@ -453,10 +447,7 @@ mod properties {
 fn a_lone_ssd_hit_is_verified_and_counted_on_either_runtime() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cache(dir.path(), 4);
-    for tag in 1..=7 {
-        read(&c, tag);
-        read(&c, tag);
-    }
+    read_each_twice(&c, 1..=7);
     for tag in 1..=3 {
         assert_eq!(tier(&c, tag), Some(Tier::Ssd), "block {tag}");
     }
