@@ -64,6 +64,17 @@ pub const DUEL_DEVIATIONS: f64 = 2.0;
 /// at 47,659 pages the duel switched to the loop rules at its first window (the trace opens
 /// with a scan) and lost two points to fixed rules before it came back.
 pub const DUEL_WARMUP_WINDOWS: u64 = 2;
+/// Windows a switch to [`Variant::Loop`] runs as a trial first. The loop rules keep what the
+/// pools hold (a new entry goes to the least recent end), so their copy's lead comes from
+/// contents it chose long ago, and the pools, switched, can take many windows to turn theirs
+/// over: on the LIRS paper's cs trace at 88 pages that cost 0.6 points to LRU, a zigzag at half
+/// its footprint lost 1.5, and P6 at 17,098 pages switched 24 times to lose 1.5. So the
+/// trial clones the running variant's copy (the pools' contents, sampled), runs it under the
+/// loop rules beside the running copy, and the pools switch only if it hits more within the
+/// trial, by the same margin. The other variants keep the pools' order and evict what does not
+/// suit them at once: they switch without a trial (a trial of one window could not see their
+/// gains, which build up over many).
+pub const DUEL_TRIAL_WINDOWS: u64 = 1;
 
 /// The number of shards for a cache of `entries` entries: as many as leave each shard at
 /// least [`SHARD_MIN_ENTRIES`], a power of two, at most [`MAX_SHARDS`].
@@ -108,6 +119,9 @@ pub struct ShardedPools {
     flush_every: u32,
     score: Option<Mutex<Score>>,
     switches: AtomicU64,
+    /// The trial running ([`DUEL_TRIAL_WINDOWS`]), as [`Score::trial_word`] writes it: 0 for
+    /// none.
+    trial: AtomicU64,
 }
 
 /// A locked shard, seen as its pools.
@@ -144,7 +158,9 @@ impl ShardGuard<'_> {
         let Some(copies) = state.copies.as_deref_mut() else {
             return;
         };
-        copies.replay(fp, state.pools.variant());
+        let running = state.pools.variant();
+        copies.follow_trial(self.owner.trial.load(Ordering::Relaxed), running);
+        copies.replay(fp, running);
         if copies.seen >= self.owner.flush_every {
             self.owner.flush(copies);
             let v = self.owner.variant();
@@ -209,6 +225,7 @@ impl ShardedPools {
             flush_every: duel.as_ref().map_or(1, |p| p.flush_every),
             score: duel.map(|p| Mutex::new(Score::new(p.window))),
             switches: AtomicU64::new(0),
+            trial: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +277,7 @@ impl ShardedPools {
                 self.variant.store(next as u8, Ordering::Relaxed);
                 self.switches.fetch_add(1, Ordering::Relaxed);
             }
+            self.trial.store(s.trial_word(), Ordering::Relaxed);
         }
     }
 
@@ -352,6 +370,13 @@ impl Plan {
 /// sampled access.
 struct Copies {
     minis: Vec<Pools>,
+    /// The trial ([`DUEL_TRIAL_WINDOWS`]): the running variant's copy when the trial began,
+    /// run since under the challenger's rules.
+    trial: Option<Pools>,
+    /// The trial word ([`ShardedPools::trial`]) `trial` follows.
+    trial_word: u64,
+    /// Since `trial` was cloned.
+    trial_counts: TrialCounts<u32>,
     hits: [u32; 4],
     /// Sampled accesses where copy `k` and the running variant's copy disagreed (one hit).
     split: [u32; 4],
@@ -375,6 +400,9 @@ impl Copies {
             .collect();
         Copies {
             minis,
+            trial: None,
+            trial_word: 0,
+            trial_counts: TrialCounts::default(),
             hits: [0; 4],
             split: [0; 4],
             seen: 0,
@@ -401,6 +429,36 @@ impl Copies {
             *split += u32::from(h != hit[running as usize]);
         }
         self.seen += 1;
+        if let Some(t) = &mut self.trial {
+            let tried = t.get(fp).is_some();
+            if !tried {
+                let key = Cached {
+                    bytes: Bytes::from_static(&[0]),
+                    refs: 0,
+                };
+                t.insert(*fp, key, false, &mut |_, _, _| {});
+            }
+            let ran = hit[running as usize];
+            let c = &mut self.trial_counts;
+            c.running += u32::from(ran);
+            c.tried += u32::from(tried);
+            c.split += u32::from(ran != tried);
+        }
+    }
+
+    /// Follows the trial word: a new trial clones the running variant's copy and runs it under
+    /// the challenger's rules; an ended one is dropped.
+    fn follow_trial(&mut self, word: u64, running: Variant) {
+        if word == self.trial_word {
+            return;
+        }
+        self.trial_word = word;
+        self.trial_counts = TrialCounts::default();
+        self.trial = trial_challenger(word).map(|to| {
+            let mut t = self.minis[running as usize].clone();
+            t.set_variant(to);
+            t
+        });
     }
 }
 
@@ -416,6 +474,34 @@ struct Score {
     backoff: f64,
     /// Windows ended ([`DUEL_WARMUP_WINDOWS`]).
     windows: u64,
+    /// The challenger on trial and the windows it has run ([`DUEL_TRIAL_WINDOWS`]).
+    trial: Option<(Variant, u64)>,
+    /// Trials begun (each trial's word is new, so a shard's copies tell a new trial from the
+    /// last).
+    trials: u64,
+    /// The trial's counts, over all shards.
+    trial_counts: TrialCounts<u64>,
+}
+
+/// A trial's counts since it began: the running copy's hits, the trial copy's, and the
+/// accesses where exactly one of the two hit.
+#[derive(Debug, Clone, Copy, Default)]
+struct TrialCounts<T> {
+    running: T,
+    tried: T,
+    split: T,
+}
+
+/// The challenger a trial word names (`None`: no trial).
+fn trial_challenger(word: u64) -> Option<Variant> {
+    (word != 0).then(|| Variant::ALL[(word & 3) as usize])
+}
+
+/// Whether `challenger`'s hits beat `running`'s by the margin ([`DUEL_MARGIN`]), both terms
+/// times `backoff`, given `split` accesses on which exactly one of them hit.
+fn beats(challenger: f64, running: f64, split: f64, backoff: f64) -> bool {
+    let noise = DUEL_DEVIATIONS * split.sqrt();
+    challenger > running * (1.0 + DUEL_MARGIN * backoff) + backoff * noise.max(1.0)
 }
 
 impl Score {
@@ -429,11 +515,31 @@ impl Score {
             split_score: [0.0; 4],
             backoff: 1.0,
             windows: 0,
+            trial: None,
+            trials: 0,
+            trial_counts: TrialCounts::default(),
+        }
+    }
+
+    /// What the shards' copies follow ([`ShardedPools::trial`]): 0 for no trial, else the
+    /// trial's number above bit 8, bit 2 set, and the challenger's number in bits 0 and 1.
+    fn trial_word(&self) -> u64 {
+        match self.trial {
+            Some((to, _)) => self.trials << 8 | 4 | to as u64,
+            None => 0,
         }
     }
 
     /// Takes a shard's counts.
     fn add(&mut self, c: &mut Copies) {
+        // A shard's trial counts are this trial's only if it follows this trial's word.
+        if self.trial.is_some() && c.trial_word == self.trial_word() {
+            let (a, b) = (&mut self.trial_counts, c.trial_counts);
+            a.running += u64::from(b.running);
+            a.tried += u64::from(b.tried);
+            a.split += u64::from(b.split);
+        }
+        c.trial_counts = TrialCounts::default();
         for k in 0..4 {
             self.hits[k] += u64::from(c.hits[k]);
             self.split[k] += u64::from(c.split[k]);
@@ -459,6 +565,23 @@ impl Score {
         if self.windows <= DUEL_WARMUP_WINDOWS {
             return running;
         }
+        if let Some((to, ran)) = self.trial {
+            if ran + 1 < DUEL_TRIAL_WINDOWS {
+                self.trial = Some((to, ran + 1));
+                return running;
+            }
+            // The trial's verdict, by the same margin and no back-off (a trial costs the
+            // pools nothing).
+            self.trial = None;
+            let c = std::mem::take(&mut self.trial_counts);
+            let won = beats(c.tried as f64, c.running as f64, c.split as f64, 1.0);
+            if !won {
+                return running;
+            }
+            self.split_score = [0.0; 4];
+            self.backoff = (self.backoff * 2.0).min(DUEL_BACKOFF_MAX);
+            return to;
+        }
         let running = running as usize;
         let mut best = running;
         for k in 0..self.score.len() {
@@ -466,10 +589,19 @@ impl Score {
                 best = k;
             }
         }
-        let now = self.score[running];
-        let noise = DUEL_DEVIATIONS * self.split_score[best].sqrt();
         let b = self.backoff;
-        if self.score[best] > now * (1.0 + DUEL_MARGIN * b) + b * noise.max(1.0) {
+        let ahead = beats(
+            self.score[best],
+            self.score[running],
+            self.split_score[best],
+            b,
+        );
+        if ahead && Variant::ALL[best] == Variant::Loop {
+            self.trial = Some((Variant::Loop, 0));
+            self.trials += 1;
+            self.trial_counts = TrialCounts::default();
+            Variant::ALL[running]
+        } else if ahead {
             // The split counts were against the old variant.
             self.split_score = [0.0; 4];
             self.backoff = (b * 2.0).min(DUEL_BACKOFF_MAX);
@@ -557,10 +689,10 @@ mod tests {
     #[test]
     fn the_duel_switches_nothing_while_its_copies_fill() {
         let mut s = Score::new(256);
-        // Loop's copy hits on every sampled access, the running rules' on none.
+        // LRU's copy hits on every sampled access, the running rules' on none.
         let window = |s: &mut Score| {
-            s.hits = [0, 0, 0, 1000];
-            s.split = [0, 0, 0, 1000];
+            s.hits = [0, 0, 1000, 0];
+            s.split = [0, 0, 1000, 0];
             s.pick(Variant::Tuned)
         };
         // Without the warm-up, the first window would switch.
@@ -568,7 +700,76 @@ mod tests {
         for w in 1..DUEL_WARMUP_WINDOWS {
             assert_eq!(window(&mut s), Variant::Tuned, "window {w} switched");
         }
-        assert_eq!(window(&mut s), Variant::Loop);
+        assert_eq!(window(&mut s), Variant::Lru);
+    }
+
+    #[test]
+    fn a_switch_to_the_loop_rules_waits_for_a_trial_that_pays() {
+        assert_eq!(
+            DUEL_TRIAL_WINDOWS, 1,
+            "this test ends each trial after one window"
+        );
+        let mut s = Score::new(256);
+        // Loop's copy hits on most sampled accesses, the running rules' on few.
+        let lead = |s: &mut Score| {
+            s.hits = [100, 100, 100, 900];
+            s.split = [0, 0, 0, 800];
+            s.seen = 1000;
+        };
+        for _ in 0..DUEL_WARMUP_WINDOWS {
+            lead(&mut s);
+            s.pick(Variant::Tuned);
+        }
+        // Past the warm-up the lead begins a trial; the pools keep their rules meanwhile.
+        lead(&mut s);
+        assert_eq!(
+            s.pick(Variant::Tuned),
+            Variant::Tuned,
+            "switched with no trial"
+        );
+        assert_eq!(trial_challenger(s.trial_word()), Some(Variant::Loop));
+        // Run from the running copy's contents, the loop rules hit no more than it: no
+        // switch, and the trial ends.
+        lead(&mut s);
+        s.trial_counts = TrialCounts {
+            running: 100,
+            tried: 105,
+            split: 20,
+        };
+        assert_eq!(
+            s.pick(Variant::Tuned),
+            Variant::Tuned,
+            "a trial that lost switched"
+        );
+        assert_eq!(s.trial_word(), 0, "the trial did not end");
+        // The copies still say loop: another trial, with a new word (so a shard's copies
+        // clone afresh), and this one pays.
+        lead(&mut s);
+        let first = s.trial_word();
+        assert_eq!(s.pick(Variant::Tuned), Variant::Tuned);
+        assert_ne!(s.trial_word(), 0);
+        assert_ne!(s.trial_word(), first);
+        lead(&mut s);
+        s.trial_counts = TrialCounts {
+            running: 100,
+            tried: 600,
+            split: 500,
+        };
+        assert_eq!(
+            s.pick(Variant::Tuned),
+            Variant::Loop,
+            "a trial that paid did not switch"
+        );
+        // Other challengers need no trial.
+        let mut s = Score::new(256);
+        let mut next = Variant::Tuned;
+        for _ in 0..=DUEL_WARMUP_WINDOWS {
+            s.hits = [100, 900, 100, 100];
+            s.split = [0, 800, 0, 0];
+            s.seen = 1000;
+            next = s.pick(Variant::Tuned);
+        }
+        assert_eq!(next, Variant::Arc);
     }
 
     #[test]
