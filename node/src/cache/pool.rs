@@ -348,8 +348,6 @@ impl Budget {
 }
 
 /// The two pools of one shard. Not synchronised: the cache keeps each shard behind a mutex.
-/// A clone is the duel's trial ([`super::shards`]).
-#[derive(Clone)]
 pub struct Pools {
     slots: Vec<Slot>,
     free: u32,
@@ -381,6 +379,38 @@ pub struct Pools {
     /// shard may hold then (its share plus the slack); `capacity` otherwise.
     budget: Option<std::sync::Arc<Budget>>,
     hard_capacity: u64,
+}
+
+/// A clone stands alone: it holds what the original holds, under the same rules, but shares
+/// no budget (its bytes would count in the original's). The duel's trial is one
+/// ([`super::shards`]).
+impl Clone for Pools {
+    fn clone(&self) -> Self {
+        Pools {
+            slots: self.slots.clone(),
+            free: self.free,
+            table: self.table.clone(),
+            hashing: self.hashing,
+            lists: self.lists,
+            capacity: self.capacity,
+            target: self.target,
+            target_min: self.target_min,
+            target_max: self.target_max,
+            adaptive: self.adaptive,
+            ghosts: self.ghosts.clone(),
+            entries: self.entries,
+            ghost_capacity: self.ghost_capacity,
+            second_chances: self.second_chances,
+            counters: self.counters,
+            tuned_max: self.tuned_max,
+            tuned_second_chances: self.tuned_second_chances,
+            variant: self.variant,
+            clock: self.clock,
+            loop_admissions: self.loop_admissions,
+            budget: None,
+            hard_capacity: self.capacity,
+        }
+    }
 }
 
 impl std::fmt::Debug for Pools {
@@ -1411,6 +1441,7 @@ mod tests {
                 })
                 .expect("the entry never left")
         };
+        assert_eq!(MAX_REREADS, 3, "this test banks up to three re-reads");
         let [none, one, two, three] = [0, 1, 2, 3].map(gone_after);
         let trip = one - none;
         assert!(trip > 0, "a re-read bought no chance");

@@ -18,7 +18,9 @@
 //!
 //! Architecture invariant: a shard's lock is never held while taking another shard's lock
 //! (the score's lock is taken under a shard's, never the other way), and nothing here does
-//! I/O or allocates on a hit.
+//! I/O or allocates on a hit, except that the first sampled access to a shard after a duel
+//! trial begins clones that shard's copy of the running variant (a few thousand keys at most,
+//! once per trial).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -75,6 +77,10 @@ pub const DUEL_WARMUP_WINDOWS: u64 = 2;
 /// suit them at once: they switch without a trial (a trial of one window could not see their
 /// gains, which build up over many).
 pub const DUEL_TRIAL_WINDOWS: u64 = 1;
+/// Windows after a lost trial in which the loop copy's lead counts for nothing: the best of
+/// the other variants may switch meanwhile, and the loop copy's score, which did not pay, is
+/// not tried again every other window.
+pub const DUEL_TRIAL_REST: u64 = 4;
 
 /// The number of shards for a cache of `entries` entries: as many as leave each shard at
 /// least [`SHARD_MIN_ENTRIES`], a power of two, at most [`MAX_SHARDS`].
@@ -159,7 +165,7 @@ impl ShardGuard<'_> {
             return;
         };
         let running = state.pools.variant();
-        copies.follow_trial(self.owner.trial.load(Ordering::Relaxed), running);
+        copies.follow_trial(self.owner.trial.load(Ordering::Relaxed));
         copies.replay(fp, running);
         if copies.seen >= self.owner.flush_every {
             self.owner.flush(copies);
@@ -367,12 +373,15 @@ impl Plan {
 /// The copies are exact replays, not estimates, for the sampled keys: a loop, a shifting
 /// working set or a scan shows in them as it does in the pools. They cost about 100 bytes an
 /// entry (4 x 4,096 entries at most, over all shards) plus their ghosts, and four lookups per
-/// sampled access.
+/// sampled access; while a trial runs ([`DUEL_TRIAL_WINDOWS`]), a fifth copy and a fifth
+/// lookup.
 struct Copies {
     minis: Vec<Pools>,
     /// The trial ([`DUEL_TRIAL_WINDOWS`]): the running variant's copy when the trial began,
     /// run since under the challenger's rules.
     trial: Option<Pools>,
+    /// The running variant when the trial began (its copy is the one the trial is against).
+    trial_from: Variant,
     /// The trial word ([`ShardedPools::trial`]) `trial` follows.
     trial_word: u64,
     /// Since `trial` was cloned.
@@ -401,6 +410,7 @@ impl Copies {
         Copies {
             minis,
             trial: None,
+            trial_from: Variant::Tuned,
             trial_word: 0,
             trial_counts: TrialCounts::default(),
             hits: [0; 4],
@@ -438,7 +448,7 @@ impl Copies {
                 };
                 t.insert(*fp, key, false, &mut |_, _, _| {});
             }
-            let ran = hit[running as usize];
+            let ran = hit[self.trial_from as usize];
             let c = &mut self.trial_counts;
             c.running += u32::from(ran);
             c.tried += u32::from(tried);
@@ -446,16 +456,17 @@ impl Copies {
         }
     }
 
-    /// Follows the trial word: a new trial clones the running variant's copy and runs it under
-    /// the challenger's rules; an ended one is dropped.
-    fn follow_trial(&mut self, word: u64, running: Variant) {
+    /// Follows the trial word: a new trial clones the copy of the variant running when it
+    /// began and runs it under the challenger's rules; an ended one is dropped.
+    fn follow_trial(&mut self, word: u64) {
         if word == self.trial_word {
             return;
         }
         self.trial_word = word;
         self.trial_counts = TrialCounts::default();
-        self.trial = trial_challenger(word).map(|to| {
-            let mut t = self.minis[running as usize].clone();
+        self.trial = trial_variants(word).map(|(from, to)| {
+            self.trial_from = from;
+            let mut t = self.minis[from as usize].clone();
             t.set_variant(to);
             t
         });
@@ -474,8 +485,10 @@ struct Score {
     backoff: f64,
     /// Windows ended ([`DUEL_WARMUP_WINDOWS`]).
     windows: u64,
-    /// The challenger on trial and the windows it has run ([`DUEL_TRIAL_WINDOWS`]).
-    trial: Option<(Variant, u64)>,
+    /// The trial running ([`DUEL_TRIAL_WINDOWS`]).
+    trial: Option<Trial>,
+    /// Windows left in which the loop copy's lead is ignored ([`DUEL_TRIAL_REST`]).
+    loop_rest: u64,
     /// Trials begun (each trial's word is new, so a shard's copies tell a new trial from the
     /// last).
     trials: u64,
@@ -492,9 +505,22 @@ struct TrialCounts<T> {
     split: T,
 }
 
-/// The challenger a trial word names (`None`: no trial).
-fn trial_challenger(word: u64) -> Option<Variant> {
-    (word != 0).then(|| Variant::ALL[(word & 3) as usize])
+/// A trial: the variant running when it began, the challenger, and the windows it has run.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    from: Variant,
+    to: Variant,
+    ran: u64,
+}
+
+/// The variants a trial word names, running and challenger (`None`: no trial).
+fn trial_variants(word: u64) -> Option<(Variant, Variant)> {
+    (word != 0).then(|| {
+        (
+            Variant::ALL[(word >> 3 & 3) as usize],
+            Variant::ALL[(word & 3) as usize],
+        )
+    })
 }
 
 /// Whether `challenger`'s hits beat `running`'s by the margin ([`DUEL_MARGIN`]), both terms
@@ -516,16 +542,18 @@ impl Score {
             backoff: 1.0,
             windows: 0,
             trial: None,
+            loop_rest: 0,
             trials: 0,
             trial_counts: TrialCounts::default(),
         }
     }
 
     /// What the shards' copies follow ([`ShardedPools::trial`]): 0 for no trial, else the
-    /// trial's number above bit 8, bit 2 set, and the challenger's number in bits 0 and 1.
+    /// trial's number from bit 8 up, the running variant's number in bits 3 and 4, bit 2 set,
+    /// and the challenger's number in bits 0 and 1.
     fn trial_word(&self) -> u64 {
         match self.trial {
-            Some((to, _)) => self.trials << 8 | 4 | to as u64,
+            Some(t) => self.trials << 8 | (t.from as u64) << 3 | 4 | t.to as u64,
             None => 0,
         }
     }
@@ -565,27 +593,33 @@ impl Score {
         if self.windows <= DUEL_WARMUP_WINDOWS {
             return running;
         }
-        if let Some((to, ran)) = self.trial {
-            if ran + 1 < DUEL_TRIAL_WINDOWS {
-                self.trial = Some((to, ran + 1));
+        if let Some(t) = self.trial {
+            if t.ran + 1 < DUEL_TRIAL_WINDOWS {
+                self.trial = Some(Trial {
+                    ran: t.ran + 1,
+                    ..t
+                });
                 return running;
             }
-            // The trial's verdict, by the same margin and no back-off (a trial costs the
-            // pools nothing).
+            // The trial's verdict, by the same margin; the back-off applied when it began.
             self.trial = None;
             let c = std::mem::take(&mut self.trial_counts);
             let won = beats(c.tried as f64, c.running as f64, c.split as f64, 1.0);
             if !won {
+                self.loop_rest = DUEL_TRIAL_REST;
                 return running;
             }
             self.split_score = [0.0; 4];
             self.backoff = (self.backoff * 2.0).min(DUEL_BACKOFF_MAX);
-            return to;
+            return t.to;
         }
+        let resting = self.loop_rest > 0;
+        self.loop_rest = self.loop_rest.saturating_sub(1);
         let running = running as usize;
         let mut best = running;
         for k in 0..self.score.len() {
-            if self.score[k] > self.score[best] {
+            let rests = resting && Variant::ALL[k] == Variant::Loop;
+            if !rests && self.score[k] > self.score[best] {
                 best = k;
             }
         }
@@ -597,7 +631,11 @@ impl Score {
             b,
         );
         if ahead && Variant::ALL[best] == Variant::Loop {
-            self.trial = Some((Variant::Loop, 0));
+            self.trial = Some(Trial {
+                from: Variant::ALL[running],
+                to: Variant::Loop,
+                ran: 0,
+            });
             self.trials += 1;
             self.trial_counts = TrialCounts::default();
             Variant::ALL[running]
@@ -727,7 +765,8 @@ mod tests {
             Variant::Tuned,
             "switched with no trial"
         );
-        assert_eq!(trial_challenger(s.trial_word()), Some(Variant::Loop));
+        let first = s.trial_word();
+        assert_eq!(trial_variants(first), Some((Variant::Tuned, Variant::Loop)));
         // Run from the running copy's contents, the loop rules hit no more than it: no
         // switch, and the trial ends.
         lead(&mut s);
@@ -742,10 +781,15 @@ mod tests {
             "a trial that lost switched"
         );
         assert_eq!(s.trial_word(), 0, "the trial did not end");
-        // The copies still say loop: another trial, with a new word (so a shard's copies
-        // clone afresh), and this one pays.
+        // For a rest the loop copy's lead counts for nothing: no trial every other window.
+        for w in 0..DUEL_TRIAL_REST {
+            lead(&mut s);
+            assert_eq!(s.pick(Variant::Tuned), Variant::Tuned);
+            assert_eq!(s.trial_word(), 0, "window {w} of the rest began a trial");
+        }
+        // Then the copies, still saying loop, begin another trial, under a new word (so a
+        // shard's copies clone afresh), and this one pays.
         lead(&mut s);
-        let first = s.trial_word();
         assert_eq!(s.pick(Variant::Tuned), Variant::Tuned);
         assert_ne!(s.trial_word(), 0);
         assert_ne!(s.trial_word(), first);
@@ -770,6 +814,73 @@ mod tests {
             next = s.pick(Variant::Tuned);
         }
         assert_eq!(next, Variant::Arc);
+    }
+
+    #[test]
+    fn after_a_lost_trial_the_next_best_variant_may_switch() {
+        let mut s = Score::new(256);
+        // Loop's copy leads, ARC's beats the running rules' too.
+        let lead = |s: &mut Score| {
+            s.hits = [100, 500, 100, 900];
+            s.split = [0, 400, 0, 800];
+            s.seen = 1000;
+        };
+        for _ in 0..=DUEL_WARMUP_WINDOWS {
+            lead(&mut s);
+            assert_eq!(s.pick(Variant::Tuned), Variant::Tuned);
+        }
+        assert_ne!(s.trial_word(), 0, "no trial began");
+        lead(&mut s);
+        s.trial_counts = TrialCounts {
+            running: 100,
+            tried: 100,
+            split: 0,
+        };
+        assert_eq!(
+            s.pick(Variant::Tuned),
+            Variant::Tuned,
+            "a lost trial switched"
+        );
+        // Without the rest, loop's lead would begin another trial and hold ARC off.
+        lead(&mut s);
+        assert_eq!(s.pick(Variant::Tuned), Variant::Arc);
+    }
+
+    #[test]
+    fn trial_counts_reach_the_score_only_from_copies_that_follow_its_trial() {
+        let config = PoolConfig::new(64 * u64::from(B), B);
+        let mut s = Score::new(256);
+        s.trials = 2;
+        s.trial = Some(Trial {
+            from: Variant::Tuned,
+            to: Variant::Loop,
+            ran: 0,
+        });
+        let word = s.trial_word();
+        let mut fresh = Copies::new(&config, 16);
+        fresh.follow_trial(word);
+        // A shard that saw only the trial before this one.
+        let mut stale = Copies::new(&config, 16);
+        stale.follow_trial(word - (1 << 8));
+        assert!(fresh.trial.is_some() && stale.trial.is_some());
+        // Ten keys in turn, ten times, through copies of 16 entries: the running copy and
+        // the trial (both start empty) miss each key once and hit the other 90 reads.
+        for n in 0..100 {
+            let f = fp(n % 10);
+            fresh.replay(&f, Variant::Tuned);
+            stale.replay(&f, Variant::Tuned);
+        }
+        s.add(&mut fresh);
+        s.add(&mut stale);
+        let c = s.trial_counts;
+        assert_eq!((c.running, c.tried, c.split), (90, 90, 0), "{c:?}");
+        assert_eq!(
+            fresh.trial_counts.running, 0,
+            "a shard's counts were kept after adding"
+        );
+        // The trial's end drops the clone.
+        fresh.follow_trial(0);
+        assert!(fresh.trial.is_none());
     }
 
     #[test]
