@@ -724,13 +724,20 @@ mod tests {
         assert!(total >= 60 * 400, "{total} hits");
     }
 
+    /// One window's counts from the copies, over 1,000 sampled accesses: each variant's hits,
+    /// and the accesses where it and the running variant disagreed.
+    fn feed(s: &mut Score, hits: [u64; 4], split: [u64; 4]) {
+        s.hits = hits;
+        s.split = split;
+        s.seen = 1000;
+    }
+
     #[test]
     fn the_duel_switches_nothing_while_its_copies_fill() {
         let mut s = Score::new(256);
         // LRU's copy hits on every sampled access, the running rules' on none.
         let window = |s: &mut Score| {
-            s.hits = [0, 0, 1000, 0];
-            s.split = [0, 0, 1000, 0];
+            feed(s, [0, 0, 1000, 0], [0, 0, 1000, 0]);
             s.pick(Variant::Tuned)
         };
         // Without the warm-up, the first window would switch.
@@ -750,9 +757,7 @@ mod tests {
         let mut s = Score::new(256);
         // Loop's copy hits on most sampled accesses, the running rules' on few.
         let lead = |s: &mut Score| {
-            s.hits = [100, 100, 100, 900];
-            s.split = [0, 0, 0, 800];
-            s.seen = 1000;
+            feed(s, [100, 100, 100, 900], [0, 0, 0, 800]);
         };
         for _ in 0..DUEL_WARMUP_WINDOWS {
             lead(&mut s);
@@ -808,9 +813,7 @@ mod tests {
         let mut s = Score::new(256);
         let mut next = Variant::Tuned;
         for _ in 0..=DUEL_WARMUP_WINDOWS {
-            s.hits = [100, 900, 100, 100];
-            s.split = [0, 800, 0, 0];
-            s.seen = 1000;
+            feed(&mut s, [100, 900, 100, 100], [0, 800, 0, 0]);
             next = s.pick(Variant::Tuned);
         }
         assert_eq!(next, Variant::Arc);
@@ -821,9 +824,7 @@ mod tests {
         let mut s = Score::new(256);
         // Loop's copy leads, ARC's beats the running rules' too.
         let lead = |s: &mut Score| {
-            s.hits = [100, 500, 100, 900];
-            s.split = [0, 400, 0, 800];
-            s.seen = 1000;
+            feed(s, [100, 500, 100, 900], [0, 400, 0, 800]);
         };
         for _ in 0..=DUEL_WARMUP_WINDOWS {
             lead(&mut s);
