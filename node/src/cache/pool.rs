@@ -109,6 +109,7 @@ impl PoolConfig {
 /// Re-reads a multi-touch entry remembers (a 2-bit counter). Each second chance halves the
 /// count (rounding down), so one re-read buys one more trip through multi-touch, two or three
 /// buy two.
+///
 /// Spending one re-read a chance (three trips) let entries read often long ago outlive a move
 /// of the working set: a shifting working set at 10,000 pages stayed 0.80 points below LRU and
 /// P3 at 134,800 pages 1.40 below ARC (halving: 0.57 at 2,500 pages, 1.01). A single chance

@@ -732,6 +732,16 @@ mod tests {
         s.seen = 1000;
     }
 
+    /// Ends a window of a trial against the tuned rules with these counts: the rules to run.
+    fn end_trial(s: &mut Score, running: u64, tried: u64, split: u64) -> Variant {
+        s.trial_counts = TrialCounts {
+            running,
+            tried,
+            split,
+        };
+        s.pick(Variant::Tuned)
+    }
+
     #[test]
     fn the_duel_switches_nothing_while_its_copies_fill() {
         let mut s = Score::new(256);
@@ -775,13 +785,8 @@ mod tests {
         // Run from the running copy's contents, the loop rules hit no more than it: no
         // switch, and the trial ends.
         lead(&mut s);
-        s.trial_counts = TrialCounts {
-            running: 100,
-            tried: 105,
-            split: 20,
-        };
         assert_eq!(
-            s.pick(Variant::Tuned),
+            end_trial(&mut s, 100, 105, 20),
             Variant::Tuned,
             "a trial that lost switched"
         );
@@ -799,13 +804,8 @@ mod tests {
         assert_ne!(s.trial_word(), 0);
         assert_ne!(s.trial_word(), first);
         lead(&mut s);
-        s.trial_counts = TrialCounts {
-            running: 100,
-            tried: 600,
-            split: 500,
-        };
         assert_eq!(
-            s.pick(Variant::Tuned),
+            end_trial(&mut s, 100, 600, 500),
             Variant::Loop,
             "a trial that paid did not switch"
         );
@@ -832,13 +832,8 @@ mod tests {
         }
         assert_ne!(s.trial_word(), 0, "no trial began");
         lead(&mut s);
-        s.trial_counts = TrialCounts {
-            running: 100,
-            tried: 100,
-            split: 0,
-        };
         assert_eq!(
-            s.pick(Variant::Tuned),
+            end_trial(&mut s, 100, 100, 0),
             Variant::Tuned,
             "a lost trial switched"
         );
