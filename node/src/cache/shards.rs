@@ -392,6 +392,20 @@ struct Copies {
     seen: u32,
 }
 
+/// One access to a key-only copy: whether it hit; a miss admits the key.
+fn replay_key(copy: &mut Pools, fp: &Fingerprint) -> bool {
+    if copy.get(fp).is_some() {
+        return true;
+    }
+    // One byte of a static buffer: each key weighs 1 in a copy sized in keys.
+    let key = Cached {
+        bytes: Bytes::from_static(&[0]),
+        refs: 0,
+    };
+    copy.insert(*fp, key, false, &mut |_, _, _| {});
+    false
+}
+
 impl Copies {
     fn new(config: &PoolConfig, entries: u64) -> Copies {
         let minis = Variant::ALL
@@ -423,31 +437,15 @@ impl Copies {
     fn replay(&mut self, fp: &Fingerprint, running: Variant) {
         let mut hit = [false; 4];
         for (k, m) in self.minis.iter_mut().enumerate() {
-            if m.get(fp).is_some() {
-                self.hits[k] += 1;
-                hit[k] = true;
-            } else {
-                // One byte of a static buffer: each key weighs 1 in a copy sized in keys.
-                let key = Cached {
-                    bytes: Bytes::from_static(&[0]),
-                    refs: 0,
-                };
-                m.insert(*fp, key, false, &mut |_, _, _| {});
-            }
+            hit[k] = replay_key(m, fp);
+            self.hits[k] += u32::from(hit[k]);
         }
         for (split, h) in self.split.iter_mut().zip(hit) {
             *split += u32::from(h != hit[running as usize]);
         }
         self.seen += 1;
         if let Some(t) = &mut self.trial {
-            let tried = t.get(fp).is_some();
-            if !tried {
-                let key = Cached {
-                    bytes: Bytes::from_static(&[0]),
-                    refs: 0,
-                };
-                t.insert(*fp, key, false, &mut |_, _, _| {});
-            }
+            let tried = replay_key(t, fp);
             let ran = hit[self.trial_from as usize];
             let c = &mut self.trial_counts;
             c.running += u32::from(ran);
@@ -558,6 +556,13 @@ impl Score {
         }
     }
 
+    /// Bookkeeping of a switch: the split counts were against the old variant, and the margin
+    /// doubles ([`DUEL_BACKOFF_MAX`]).
+    fn switched(&mut self) {
+        self.split_score = [0.0; 4];
+        self.backoff = (self.backoff * 2.0).min(DUEL_BACKOFF_MAX);
+    }
+
     /// Takes a shard's counts.
     fn add(&mut self, c: &mut Copies) {
         // A shard's trial counts are this trial's only if it follows this trial's word.
@@ -609,8 +614,7 @@ impl Score {
                 self.loop_rest = DUEL_TRIAL_REST;
                 return running;
             }
-            self.split_score = [0.0; 4];
-            self.backoff = (self.backoff * 2.0).min(DUEL_BACKOFF_MAX);
+            self.switched();
             return t.to;
         }
         let resting = self.loop_rest > 0;
@@ -640,9 +644,7 @@ impl Score {
             self.trial_counts = TrialCounts::default();
             Variant::ALL[running]
         } else if ahead {
-            // The split counts were against the old variant.
-            self.split_score = [0.0; 4];
-            self.backoff = (b * 2.0).min(DUEL_BACKOFF_MAX);
+            self.switched();
             Variant::ALL[best]
         } else {
             self.backoff = 1.0 + (b - 1.0) * 0.9;
