@@ -279,7 +279,11 @@ fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value
     let before_reopen = crate::alloc::live_bytes();
     crate::alloc::reset_peak();
     let t2 = Instant::now();
-    let (tier, rec) = SsdTier::open(config)?;
+    // Split as `cache.ssd_load = "background"` runs it: the node serves once the files are
+    // open, and the headers are read after.
+    let (tier, pending) = SsdTier::open_deferred(config)?;
+    let ready = t2.elapsed();
+    let rec = tier.load(pending);
     let reopen = t2.elapsed();
     let allocated_filled = crate::alloc::live_bytes() - before_reopen;
     let peak_open = crate::alloc::peak_bytes() - before_reopen;
@@ -303,6 +307,7 @@ fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value
         "fill_entries": fill,
         "fill_ms": round(fill_time.as_secs_f64() * 1e3, 1),
         "reopen_filled_ms": round(reopen.as_secs_f64() * 1e3, 1),
+        "reopen_filled_serving_in_background_ms": round(ready.as_secs_f64() * 1e3, 2),
         "reopen_ns_per_entry": round(per_entry * 1e9, 1),
     }))
 }
@@ -750,7 +755,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
         );
         let i = ssd_index(&scratch, opts.ssd_index_bytes, opts.ssd_index_fill)?;
         println!(
-            "ssd index, {} GiB of 16K slots: {} B/slot allocated ({} MiB), {} B/slot with {} entries (at most {} while opening); open new {} ms, with {} entries {} ms ({} ns an entry)",
+            "ssd index, {} GiB of 16K slots: {} B/slot allocated ({} MiB), {} B/slot with {} entries (at most {} while opening); open new {} ms, with {} entries {} ms ({} ns an entry; serving after {} ms with the index read in the background)",
             opts.ssd_index_bytes >> 30,
             i["bytes_per_slot"],
             i["index_ram_mib"],
@@ -761,6 +766,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Value> {
             i["fill_entries"],
             i["reopen_filled_ms"],
             i["reopen_ns_per_entry"],
+            i["reopen_filled_serving_in_background_ms"],
         );
         i
     } else {

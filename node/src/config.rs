@@ -118,6 +118,7 @@ struct FileCache {
     ssd_promote_hits: Option<u8>,
     ssd_admission: Option<String>,
     ssd_direct: Option<bool>,
+    ssd_load: Option<String>,
     ssd: Option<Size>,
     ssd_path: Option<PathBuf>,
     ssd_index_path: Option<PathBuf>,
@@ -372,6 +373,8 @@ pub struct Config {
     pub ssd_admission: crate::cache::SsdAdmission,
     /// SSD slots read and written with O_DIRECT (past the page cache).
     pub ssd_direct: bool,
+    /// When the SSD index is read at start.
+    pub ssd_load: crate::cache::SsdLoad,
     /// SSD tier bytes (0: none).
     pub ssd_bytes: u64,
     /// SSD slot file.
@@ -565,6 +568,19 @@ impl Config {
                 })?,
             },
             ssd_direct: file.cache.ssd_direct.unwrap_or(true),
+            ssd_load: match file.cache.ssd_load.as_deref() {
+                None => crate::cache::SsdLoad::default(),
+                Some(name) => crate::cache::SsdLoad::from_name(name).ok_or_else(|| {
+                    invalid(
+                        "cache.ssd_load",
+                        format!(
+                            "{name:?} is not a way to read the SSD index at start: use auto (the \
+                             default: before serving up to 4 Mi slots, in the background above), \
+                             wait or background"
+                        ),
+                    )
+                })?,
+            },
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
@@ -892,6 +908,7 @@ impl Config {
             demotion_queue: 1024,
             ssd_promote_hits: self.ssd_promote_hits,
             ssd_admission: self.ssd_admission,
+            ssd_load: self.ssd_load,
         }
     }
 
@@ -1059,6 +1076,19 @@ mod tests {
             dflt.cache_config().ssd_admission,
             crate::cache::SsdAdmission::Proven
         );
+        let m = message(parse("[cache]\nssd_load = \"later\"\n"));
+        assert!(
+            m.contains("cache.ssd_load") && m.contains("background"),
+            "{m}"
+        );
+        let bg = parse("[cache]\nssd_load = \"background\"\n").expect("ssd_load background");
+        assert_eq!(
+            bg.cache_config().ssd_load,
+            crate::cache::SsdLoad::Background
+        );
+        let wait = parse("[cache]\nssd_load = \"wait\"\n").expect("ssd_load wait");
+        assert_eq!(wait.ssd_load, crate::cache::SsdLoad::Wait);
+        assert_eq!(dflt.ssd_load, crate::cache::SsdLoad::Auto);
         let eight = parse("[cache]\nshards = 8\n").expect("8 shards");
         assert_eq!(eight.cache_config().shard_count(), 8);
         assert_eq!(duel.cache_shards, 0);

@@ -41,6 +41,8 @@ pub const SSD_ADMISSIONS_REFUSED: &str = "shadowcache_ssd_admissions_refused_tot
 pub const SINGLE_TOUCH_TARGET: &str = "shadowcache_cache_single_touch_target_ratio";
 /// Keys each ghost remembers, by `ghost` = single | multi.
 pub const GHOST_KEYS: &str = "shadowcache_cache_ghost_keys";
+/// 1 while the SSD tier's index is read at start (`cache.ssd_load`), 0 after.
+pub const SSD_LOADING: &str = "shadowcache_ssd_loading";
 /// Admissions of a key a ghost remembered (a re-read soon after eviction), by `ghost`.
 pub const GHOST_HITS: &str = "shadowcache_cache_ghost_hits_total";
 /// Moves of the single-touch target, by `direction` = grew | shrank.
@@ -458,6 +460,10 @@ fn describe() {
         "RAM single-touch target as a share of the RAM budget"
     );
     describe_gauge!(GHOST_KEYS, "Evicted keys each ghost remembers");
+    describe_gauge!(
+        SSD_LOADING,
+        "1 while the SSD tier's index is read at start (the tier holds nothing until then), 0 after"
+    );
     describe_counter!(
         GHOST_HITS,
         "Admissions of keys a ghost remembered, which go to multi-touch"

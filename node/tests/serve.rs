@@ -578,6 +578,8 @@ async fn metrics_are_served_in_prometheus_text() {
         "shadowcache_cache_single_touch_target_moves_total{direction=\"grew\"}",
         "shadowcache_cache_policy_switches_total",
         "shadowcache_cache_shards",
+        // The default 1 GiB SSD tier reads its index before the node serves.
+        "shadowcache_ssd_loading 0",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }

@@ -353,6 +353,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "capacity_bytes": t.capacity_bytes,
             "hits": t.hits,
             "hit_ratio": ratio(t.hits, lookups),
+            "loading": t.loading,
         })).collect::<Vec<_>>(),
         "hit_ratio": ratio(lookups - c.misses.min(lookups), lookups),
         "dedup_ratio": ratio(c.logical_bytes, c.stored_bytes),
@@ -412,13 +413,18 @@ fn print_status(s: &StatusResponse) {
     );
     for t in &s.tiers {
         println!(
-            "{:<11} {:>10} {:>14} {:>14} {:>12} {:>8.2}%",
+            "{:<11} {:>10} {:>14} {:>14} {:>12} {:>8.2}%{}",
             t.name,
             t.entries,
             t.bytes,
             t.capacity_bytes,
             t.hits,
-            100.0 * ratio(t.hits, c.lookups)
+            100.0 * ratio(t.hits, c.lookups),
+            if t.loading {
+                "  (reading its index; holds nothing until then)"
+            } else {
+                ""
+            }
         );
     }
     println!(

@@ -98,6 +98,55 @@ pub struct CacheConfig {
     /// Which entries that RAM multi-touch lets go are written to SSD. Default:
     /// [`SsdAdmission::Proven`].
     pub ssd_admission: SsdAdmission,
+    /// When the SSD tier's index is read at start. Default: [`SsdLoad::Auto`].
+    pub ssd_load: SsdLoad,
+}
+
+/// When the SSD tier's index is read at start: reading it takes about 400 ns an entry it
+/// recovers (a full 4 TiB tier of 16 KiB blocks, 256 Mi entries, about 100 s on 2 cores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SsdLoad {
+    /// Before the node serves for a tier of at most [`SSD_LOAD_BACKGROUND_SLOTS`] slots (at
+    /// most about 1.7 s full), in the background for a larger one.
+    #[default]
+    Auto,
+    /// Before the node serves, whatever it takes: the node starts with its SSD's content.
+    Wait,
+    /// In the background: the node serves at once, its SSD tier holding nothing until the
+    /// index is read (reads it would have answered go to origins and peers, and what RAM lets
+    /// go meanwhile is dropped, not written).
+    Background,
+}
+
+/// Slots above which [`SsdLoad::Auto`] reads the SSD index in the background: 4 Mi, a 64 GiB
+/// tier of 16 KiB blocks.
+pub const SSD_LOAD_BACKGROUND_SLOTS: u32 = 1 << 22;
+
+impl SsdLoad {
+    /// The name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            SsdLoad::Auto => "auto",
+            SsdLoad::Wait => "wait",
+            SsdLoad::Background => "background",
+        }
+    }
+
+    /// The setting named `name` ([`Self::name`]).
+    pub fn from_name(name: &str) -> Option<SsdLoad> {
+        [SsdLoad::Auto, SsdLoad::Wait, SsdLoad::Background]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+
+    /// Whether a tier of `slots` slots is read in the background.
+    pub fn in_background(self, slots: u32) -> bool {
+        match self {
+            SsdLoad::Auto => slots > SSD_LOAD_BACKGROUND_SLOTS,
+            SsdLoad::Wait => false,
+            SsdLoad::Background => true,
+        }
+    }
 }
 
 /// Which entries that RAM multi-touch lets go the SSD tier takes.
@@ -155,6 +204,7 @@ impl Default for CacheConfig {
             demotion_queue: 1024,
             ssd_promote_hits: DEFAULT_SSD_PROMOTE_HITS,
             ssd_admission: SsdAdmission::Proven,
+            ssd_load: SsdLoad::Auto,
         }
     }
 }
@@ -332,6 +382,9 @@ pub struct TierUsage {
     pub capacity_bytes: u64,
     /// Lookups answered here.
     pub hits: u64,
+    /// The SSD tier's index is still being read at start ([`SsdLoad`]): the tier holds and
+    /// answers nothing until then.
+    pub loading: bool,
 }
 
 enum WriterMsg {
@@ -374,12 +427,14 @@ pub enum CacheError {
     #[error(transparent)]
     Ssd(#[from] SsdError),
     /// The writer thread could not be started.
-    #[error("could not start the ssd writer thread: {0}")]
+    #[error("could not start an ssd thread (writer or index reader): {0}")]
     Thread(std::io::Error),
 }
 
 impl ContentCache {
-    /// Builds the cache, opening (and recovering) the SSD tier if one is configured.
+    /// Builds the cache, opening (and recovering) the SSD tier if one is configured. What the
+    /// recovery found, unless there is no SSD tier or its index is read in the background
+    /// ([`CacheConfig::ssd_load`]; the log says what it found then).
     pub fn open(config: CacheConfig) -> Result<(ContentCache, Option<Recovery>), CacheError> {
         let stats = Arc::new(CacheStats::new());
         let pools = Arc::new(ShardedPools::new(
@@ -390,20 +445,10 @@ impl ContentCache {
         let ssd_takes_all =
             config.ssd_admission == SsdAdmission::All || pools.state().ghost_capacity == 0;
 
-        let (ssd, recovery) = match &config.ssd {
+        let (ssd, to_load) = match &config.ssd {
             Some(c) => {
-                let started = std::time::Instant::now();
-                let (tier, rec) = SsdTier::open(c.clone())?;
-                let slots = tier.slot_count();
-                tracing::info!(
-                    slots,
-                    direct = tier.is_direct(),
-                    index_ram_mib = ssd::index_ram_bytes(u64::from(slots)) >> 20,
-                    recovered = rec.recovered,
-                    load_ms = started.elapsed().as_millis() as u64,
-                    "ssd tier open"
-                );
-                (Some(Arc::new(tier)), Some(rec))
+                let (tier, to_load) = SsdTier::open_deferred(c.clone())?;
+                (Some(Arc::new(tier)), Some(to_load))
             }
             None => (None, None),
         };
@@ -412,10 +457,24 @@ impl ContentCache {
         let (tx, rx) = mpsc::sync_channel::<WriterMsg>(config.demotion_queue.max(1));
         let writer = ssd.as_ref().map(|_| tx.clone());
 
-        // Recovered entries stand for at least their own bytes (their dedup references were
-        // saved at the last clean shutdown).
-        if let Some(tier) = &ssd {
-            stats.add_logical(tier.logical_bytes());
+        let mut recovery = None;
+        if let (Some(tier), Some(to_load)) = (&ssd, to_load) {
+            let load = {
+                let (tier, stats) = (tier.clone(), stats.clone());
+                move || load_ssd(&tier, to_load, &stats)
+            };
+            if config.ssd_load.in_background(tier.slot_count()) {
+                tracing::info!(
+                    slots = tier.slot_count(),
+                    "reading the ssd index in the background; the ssd tier holds nothing until then"
+                );
+                std::thread::Builder::new()
+                    .name("shadowcache-ssd-load".into())
+                    .spawn(load)
+                    .map_err(CacheError::Thread)?;
+            } else {
+                recovery = Some(load());
+            }
         }
 
         let writer_thread = match (&ssd, writer.is_some()) {
@@ -703,6 +762,7 @@ impl ContentCache {
                 bytes: st.single_bytes,
                 capacity_bytes: st.single_target_bytes,
                 hits: inner.stats.hits_ram_single.get(),
+                loading: false,
             },
             TierUsage {
                 tier: Tier::RamMulti,
@@ -710,6 +770,7 @@ impl ContentCache {
                 bytes: st.multi_bytes + pending_bytes,
                 capacity_bytes: st.capacity_bytes.saturating_sub(st.single_target_bytes),
                 hits: inner.stats.hits_ram_multi.get(),
+                loading: false,
             },
         ];
         if let Some(ssd) = &inner.ssd {
@@ -720,11 +781,15 @@ impl ContentCache {
                 bytes,
                 capacity_bytes: ssd.capacity_bytes(),
                 hits: inner.stats.hits_ssd.get(),
+                loading: !ssd.is_loaded(),
             });
         }
         for t in &out {
             metrics::gauge!(telemetry::STORED_BYTES, "tier" => t.tier.as_str()).set(t.bytes as f64);
             metrics::gauge!(telemetry::ENTRIES, "tier" => t.tier.as_str()).set(t.entries as f64);
+            if t.tier == Tier::Ssd {
+                metrics::gauge!(telemetry::SSD_LOADING).set(f64::from(u8::from(t.loading)));
+            }
         }
         inner.stats.publish();
         metrics::gauge!(telemetry::LOGICAL_BYTES)
@@ -848,6 +913,25 @@ fn cached(v: &Value, more: u32) -> Cached {
         bytes: v.bytes.clone(),
         refs: v.refs.load(Ordering::Relaxed).saturating_add(more),
     }
+}
+
+/// Reads the SSD index [`SsdTier::open_deferred`] left, logs what it found, and counts the
+/// recovered entries' bytes: they stand for at least their own bytes (their dedup references
+/// were saved at the last clean shutdown).
+fn load_ssd(tier: &SsdTier, pending: ssd::PendingLoad, stats: &CacheStats) -> Recovery {
+    let started = std::time::Instant::now();
+    let rec = tier.load(pending);
+    let slots = tier.slot_count();
+    stats.add_logical(tier.logical_bytes());
+    tracing::info!(
+        slots,
+        direct = tier.is_direct(),
+        index_ram_mib = ssd::index_ram_bytes(u64::from(slots)) >> 20,
+        recovered = rec.recovered,
+        load_ms = started.elapsed().as_millis() as u64,
+        "ssd tier open"
+    );
+    rec
 }
 
 /// Sets the policy gauges from a snapshot.

@@ -33,6 +33,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -574,6 +575,19 @@ pub struct SsdTier {
     config: SsdConfig,
     slot_count: u32,
     index: Mutex<Index>,
+    /// The index holds what the files held at open ([`SsdTier::load`]); until then it is
+    /// empty and has no slot to give.
+    loaded: AtomicBool,
+}
+
+/// What [`SsdTier::open_deferred`] leaves for [`SsdTier::load`]: the index's headers to read.
+#[derive(Debug)]
+pub struct PendingLoad {
+    /// Header bytes of the index file to read; `None` when there is nothing to recover.
+    have: Option<u64>,
+    /// The slot file's length at open (a header past it is of a truncated slot).
+    data_len: u64,
+    recovery: Recovery,
 }
 
 impl std::fmt::Debug for SsdTier {
@@ -932,6 +946,16 @@ impl SsdTier {
     /// A missing, truncated or corrupted index or slot file never fails the open: what can be
     /// trusted is kept, the rest is dropped with a warning in the returned `Recovery`.
     pub fn open(config: SsdConfig) -> Result<(SsdTier, Recovery), SsdError> {
+        let (tier, pending) = Self::open_deferred(config)?;
+        let recovery = tier.load(pending);
+        Ok((tier, recovery))
+    }
+
+    /// Opens the files as [`Self::open`] does, but leaves reading the index's headers to
+    /// [`Self::load`], which another thread may run while this tier is in use: until it
+    /// returns, the tier holds nothing, finds nothing and takes nothing (a demotion is
+    /// refused), so no write can land on a slot whose entry is still being recovered.
+    pub fn open_deferred(config: SsdConfig) -> Result<(SsdTier, PendingLoad), SsdError> {
         let slot_bytes = u64::from(config.slot_bytes);
         let max_slots = MAX_SLOTS;
         let slots = config.capacity_bytes / slot_bytes.max(1);
@@ -996,7 +1020,7 @@ impl SsdTier {
             && index_file.read_exact_at(&mut super_buf, 0).is_ok()
             && super_buf == expected_super;
 
-        let mut index = Index::new(slot_count);
+        let mut have = None;
         if !super_ok {
             if index_len > 0 {
                 tracing::warn!(
@@ -1011,17 +1035,60 @@ impl SsdTier {
                 .map_err(io_err(&config.index_path))?;
         } else {
             let want = u64::from(slot_count) * HEADER_BYTES;
-            let have = index_len.saturating_sub(SUPERBLOCK_BYTES).min(want);
-            if have < want {
+            let got = index_len.saturating_sub(SUPERBLOCK_BYTES).min(want);
+            if got < want {
                 tracing::warn!(
                     index = %config.index_path.display(),
-                    have, want, "ssd index is truncated; the missing headers count as empty slots"
+                    have = got, want, "ssd index is truncated; the missing headers count as empty slots"
                 );
             }
+            have = Some(got);
+        }
+        // Sized before the headers are read: a header past `data_len` (the length at open) is
+        // of a truncated slot whatever the file's length now, and headers past `have` are not
+        // read.
+        if is_regular && data_len != u64::from(slot_count) * slot_bytes {
+            data.set_len(u64::from(slot_count) * slot_bytes)
+                .map_err(io_err(&config.data_path))?;
+        }
+        index_file
+            .set_len(SUPERBLOCK_BYTES + u64::from(slot_count) * HEADER_BYTES)
+            .map_err(io_err(&config.index_path))?;
+        // While headers wait to be read, an index of no slots: nothing found, nothing taken.
+        let index = Index::new(if have.is_some() { 0 } else { slot_count });
+        Ok((
+            SsdTier {
+                data,
+                direct,
+                index_file,
+                config,
+                slot_count,
+                index: Mutex::new(index),
+                loaded: AtomicBool::new(have.is_none()),
+            },
+            PendingLoad {
+                have,
+                data_len,
+                recovery,
+            },
+        ))
+    }
+
+    /// Reads the index's headers that [`Self::open_deferred`] left, and from then on serves
+    /// what they recover. Blocks for as long as that takes (seconds for millions of entries;
+    /// the reading runs on every core). What was recovered and what was dropped.
+    pub fn load(&self, pending: PendingLoad) -> Recovery {
+        let PendingLoad {
+            have,
+            data_len,
+            mut recovery,
+        } = pending;
+        if let Some(have) = have {
+            let mut index = Index::new(self.slot_count);
             let seqs = read_headers(
-                &index_file,
+                &self.index_file,
                 &mut index,
-                config.slot_bytes,
+                self.config.slot_bytes,
                 data_len,
                 have,
                 &mut recovery,
@@ -1034,26 +1101,16 @@ impl SsdTier {
                     "ssd tier partly salvaged; damaged entries dropped"
                 );
             }
+            recovery.recovered = index.live;
+            *self.index.lock() = index;
         }
-        if is_regular && data_len != u64::from(slot_count) * slot_bytes {
-            data.set_len(u64::from(slot_count) * slot_bytes)
-                .map_err(io_err(&config.data_path))?;
-        }
-        index_file
-            .set_len(SUPERBLOCK_BYTES + u64::from(slot_count) * HEADER_BYTES)
-            .map_err(io_err(&config.index_path))?;
-        recovery.recovered = index.live;
-        Ok((
-            SsdTier {
-                data,
-                direct,
-                index_file,
-                config,
-                slot_count,
-                index: Mutex::new(index),
-            },
-            recovery,
-        ))
+        self.loaded.store(true, Ordering::Release);
+        recovery
+    }
+
+    /// Whether the index holds what the files held at open ([`Self::load`] has run).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// Slots in the tier.
@@ -1397,6 +1454,16 @@ mod tests {
         }
     }
 
+    /// Blocks 1 and 2 written, in that order, to a tier of 4 slots in `dir`, made durable, and
+    /// the tier closed: their fingerprints.
+    fn two_stored(dir: &Path) -> (Fingerprint, Fingerprint) {
+        let (t, _) = SsdTier::open(cfg(dir, 4)).expect("open");
+        let a = put(&t, &block(1));
+        let b = put(&t, &block(2));
+        t.sync().expect("sync");
+        (a, b)
+    }
+
     #[test]
     fn a_full_tier_evicts_its_least_recently_used_slot() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1412,15 +1479,43 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_open_holds_and_takes_nothing_until_its_index_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = two_stored(dir.path());
+        let (t, pending) = SsdTier::open_deferred(cfg(dir.path(), 4)).expect("reopen");
+        assert!(!t.is_loaded());
+        // Nothing found, nothing counted, and a demotion refused: a write now could land on
+        // a slot whose entry is still to be recovered.
+        assert!(t.lookup(&a).is_none() && !t.contains(&b));
+        assert_eq!(t.usage(), (0, 0));
+        assert_eq!(t.logical_bytes(), 0);
+        let c = Fingerprint::of(&block(3));
+        assert!(t.reserve(&c, 1).is_none(), "a slot was given while loading");
+        assert!(!t.adopt(&a, 1));
+        let rec = t.load(pending);
+        assert!(t.is_loaded());
+        assert_eq!(rec.recovered, 2);
+        assert_eq!(get(&t, &a).as_deref(), Some(&block(1)[..]));
+        assert_eq!(get(&t, &b).as_deref(), Some(&block(2)[..]));
+        assert_eq!(t.usage(), (2, 2 * 4096));
+        // And it takes writes again, beside what it recovered.
+        let c = put(&t, &block(3));
+        assert_eq!(get(&t, &c).as_deref(), Some(&block(3)[..]));
+        assert_eq!(t.lru_order().expect("lru"), vec![c, b, a]);
+
+        // A tier with nothing to recover is ready at once.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        let (t, pending) = SsdTier::open_deferred(cfg(fresh.path(), 4)).expect("open");
+        assert!(t.is_loaded());
+        let d = put(&t, &block(4));
+        assert_eq!(t.load(pending).recovered, 0);
+        assert_eq!(get(&t, &d).as_deref(), Some(&block(4)[..]));
+    }
+
+    #[test]
     fn entries_survive_a_reopen_in_write_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = {
-            let (t, _) = SsdTier::open(cfg(dir.path(), 4)).expect("open");
-            let a = put(&t, &block(1));
-            let b = put(&t, &block(2));
-            t.sync().expect("sync");
-            (a, b)
-        };
+        let (a, b) = two_stored(dir.path());
         let (t, rec) = SsdTier::open(cfg(dir.path(), 4)).expect("reopen");
         assert_eq!(rec.recovered, 2);
         assert_eq!(get(&t, &a).as_deref(), Some(&block(1)[..]));

@@ -18,7 +18,13 @@ fn cache(dir: &Path, ssd_slots: u64) -> ContentCache {
 }
 
 fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
-    let (c, _) = ContentCache::open(CacheConfig {
+    let (c, _) = ContentCache::open(settings(dir, ssd_slots, policy)).expect("open cache");
+    c
+}
+
+/// The settings of [`open`].
+fn settings(dir: &Path, ssd_slots: u64, policy: bool) -> CacheConfig {
+    CacheConfig {
         block_bytes: BS,
         ram_bytes: 4 * u64::from(BS),
         single_touch_share: 0.5,
@@ -37,9 +43,7 @@ fn open(dir: &Path, ssd_slots: u64, policy: bool) -> ContentCache {
         // default's own test is `an_entry_stays_on_ssd_for_its_first_hits_...`).
         ssd_promote_hits: 1,
         ..CacheConfig::default()
-    })
-    .expect("open cache");
-    c
+    }
 }
 
 #[test]
@@ -348,6 +352,56 @@ fn a_restarted_cache_serves_ssd_hits_at_once() {
         assert_eq!(read(&c, tag), Some(Tier::Ssd), "block {tag} was not warm");
     }
     assert_eq!(c.stats().misses.get(), 0);
+}
+
+#[test]
+fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let c = cache(dir.path(), 8);
+        read_each_twice(&c, 1..=3);
+        c.shutdown();
+    }
+    let (c, recovery) = ContentCache::open(CacheConfig {
+        ssd_load: SsdLoad::Background,
+        ..settings(dir.path(), 8, false)
+    })
+    .expect("open cache");
+    // Found in the log, not returned: the open does not wait for it.
+    assert!(recovery.is_none());
+    let ssd = |c: &ContentCache| {
+        c.usage()
+            .into_iter()
+            .find(|t| t.tier == Tier::Ssd)
+            .expect("an ssd tier")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ssd(&c).loading {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ssd index was still loading after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(ssd(&c).entries, 3);
+    for tag in 1..=3 {
+        assert_eq!(read(&c, tag), Some(Tier::Ssd), "block {tag} was not warm");
+    }
+    assert_eq!(c.stats().misses.get(), 0);
+    logical_matches_contents(&c);
+}
+
+#[test]
+fn the_ssd_index_is_read_before_serving_up_to_a_size_and_in_the_background_above() {
+    assert!(!SsdLoad::Auto.in_background(SSD_LOAD_BACKGROUND_SLOTS));
+    assert!(SsdLoad::Auto.in_background(SSD_LOAD_BACKGROUND_SLOTS + 1));
+    assert!(!SsdLoad::Wait.in_background(u32::MAX));
+    assert!(SsdLoad::Background.in_background(1));
+    // A small tier under the default opens loaded.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 8);
+    assert_eq!(c.config().ssd_load, SsdLoad::Auto);
+    assert!(c.usage().iter().all(|t| !t.loading));
 }
 
 #[test]

@@ -109,6 +109,7 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
                 bytes: t.bytes,
                 capacity_bytes: t.capacity_bytes,
                 hits: t.hits,
+                loading: t.loading,
             })
             .collect(),
         counters: Some(pb::CacheCounters {
