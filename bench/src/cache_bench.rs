@@ -283,7 +283,7 @@ fn ssd_index(scratch: &Path, tier_bytes: u64, fill: u64) -> anyhow::Result<Value
     // open, and the headers are read after.
     let (tier, pending) = SsdTier::open_deferred(config)?;
     let ready = t2.elapsed();
-    let rec = tier.load(pending);
+    let rec = tier.load(pending, |_| {});
     let reopen = t2.elapsed();
     let allocated_filled = crate::alloc::live_bytes() - before_reopen;
     let peak_open = crate::alloc::peak_bytes() - before_reopen;

@@ -459,11 +459,13 @@ impl ContentCache {
 
         let mut recovery = None;
         if let (Some(tier), Some(to_load)) = (&ssd, to_load) {
-            let load = {
-                let (tier, stats) = (tier.clone(), stats.clone());
-                move || load_ssd(&tier, to_load, &stats)
-            };
             if config.ssd_load.in_background(tier.slot_count()) {
+                // Half the cores check headers, so that the node serves meanwhile.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let load = {
+                    let (tier, stats) = (tier.clone(), stats.clone());
+                    move || load_ssd(&tier, to_load.on_threads(cores / 2), &stats)
+                };
                 tracing::info!(
                     slots = tier.slot_count(),
                     "reading the ssd index in the background; the ssd tier holds nothing until then"
@@ -473,7 +475,7 @@ impl ContentCache {
                     .spawn(load)
                     .map_err(CacheError::Thread)?;
             } else {
-                recovery = Some(load());
+                recovery = Some(load_ssd(tier, to_load, &stats));
             }
         }
 
@@ -917,12 +919,15 @@ fn cached(v: &Value, more: u32) -> Cached {
 
 /// Reads the SSD index [`SsdTier::open_deferred`] left, logs what it found, and counts the
 /// recovered entries' bytes: they stand for at least their own bytes (their dedup references
-/// were saved at the last clean shutdown).
+/// were saved at the last clean shutdown). A block read while the index was being read is in
+/// RAM as well, an entry of its own on both tiers, until RAM lets it go
+/// ([`ssd::Reserve::Stored`]).
 fn load_ssd(tier: &SsdTier, pending: ssd::PendingLoad, stats: &CacheStats) -> Recovery {
     let started = std::time::Instant::now();
-    let rec = tier.load(pending);
+    // Counted before the entries can be found: an eviction of one then subtracts what was
+    // added.
+    let rec = tier.load(pending, |bytes| stats.add_logical(bytes));
     let slots = tier.slot_count();
-    stats.add_logical(tier.logical_bytes());
     tracing::info!(
         slots,
         direct = tier.is_direct(),
@@ -977,7 +982,29 @@ impl Writer {
             return;
         };
         let refs = v.refs.load(Ordering::Relaxed);
-        if let Some(r) = self.ssd.reserve(&fp, refs) {
+        let r = match self.ssd.reserve(&fp, refs) {
+            ssd::Reserve::Slot(r) => Some(r),
+            ssd::Reserve::Stored { held } => {
+                // Refreshed, nothing written. A copy kept since an SSD hit was not counted;
+                // an entry of its own was, and the two become one with the larger count of
+                // references: what they stood for together less the smaller.
+                if let Some(held) = held {
+                    let len = v.bytes.len() as u64;
+                    self.stats.sub_logical(len * u64::from(held.min(refs)));
+                }
+                self.stats.ssd_writes_saved.inc();
+                self.stats.demotions.inc();
+                None
+            }
+            ssd::Reserve::Full => {
+                // No slot could be had (every slot is being written, or the index is still
+                // being read): the entry is dropped.
+                self.stats.evictions_ram_multi.inc();
+                self.stats.sub_logical(v.logical_bytes());
+                None
+            }
+        };
+        if let Some(r) = r {
             if let Some((elen, erefs)) = r.evicted {
                 // A slot evicted for reuse held an entry that lives nowhere else: an entry back
                 // in RAM keeps only a copy here, and reusing a copy evicts nothing.
@@ -998,15 +1025,6 @@ impl Writer {
             }
             self.stats.ssd_written_bytes.add(v.bytes.len() as u64);
             self.stats.demotions.inc();
-        } else if self.ssd.contains(&fp) {
-            // Already on SSD (a copy kept since an SSD hit, or a race with another demotion of
-            // the same block): refreshed, nothing written.
-            self.stats.ssd_writes_saved.inc();
-            self.stats.demotions.inc();
-        } else {
-            // No slot could be had (every slot is being written): the entry is dropped.
-            self.stats.evictions_ram_multi.inc();
-            self.stats.sub_logical(v.logical_bytes());
         }
         if self
             .pending

@@ -152,6 +152,33 @@ pub enum SlotRead {
     Reassigned,
 }
 
+/// What [`SsdTier::reserve`] did with an entry RAM lets go.
+#[derive(Debug)]
+pub enum Reserve {
+    /// A slot to write it to.
+    Slot(Reservation),
+    /// The tier already held it, and it is now the most recent entry there: as a copy kept
+    /// since an SSD hit (`held` is `None`: only RAM's entry was counted), or as an entry of its
+    /// own, with `held` references before (both tiers held it, as when a block was read
+    /// while the index was still being read at start). Nothing to write.
+    Stored {
+        /// The references of the entry it held, when it was not a copy.
+        held: Option<u32>,
+    },
+    /// No slot could be had: every slot is being written, or the index is still being read.
+    Full,
+}
+
+impl Reserve {
+    /// The slot, if one was given.
+    pub fn slot(self) -> Option<Reservation> {
+        match self {
+            Reserve::Slot(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 /// A slot reserved for a block that the writer is about to write.
 #[derive(Debug)]
 pub struct Reservation {
@@ -407,6 +434,15 @@ impl Index {
         partial_key(fp, self.salt, self.key_mask)
     }
 
+    /// Bytes the live entries stand for: each entry's length times its dedup references.
+    fn logical_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter(|m| m.state() == SlotState::Live)
+            .map(|m| u64::from(m.len()) * u64::from(m.refs))
+            .sum()
+    }
+
     fn find(&self, fp: &Fingerprint) -> Option<u32> {
         self.table.find(&self.slots, self.key(fp))
     }
@@ -587,7 +623,18 @@ pub struct PendingLoad {
     have: Option<u64>,
     /// The slot file's length at open (a header past it is of a truncated slot).
     data_len: u64,
+    /// Threads that read and check the headers.
+    threads: usize,
     recovery: Recovery,
+}
+
+impl PendingLoad {
+    /// Reads the headers on `threads` threads (every core by default, at most 16): fewer
+    /// leave cores to a node that serves meanwhile.
+    pub fn on_threads(mut self, threads: usize) -> PendingLoad {
+        self.threads = threads.max(1);
+        self
+    }
 }
 
 impl std::fmt::Debug for SsdTier {
@@ -738,7 +785,7 @@ struct Found {
 }
 
 /// Reads every header of the index file into the slot records (the sequence number of each
-/// recovered slot kept in its not yet used list links), on every core: checking a header is a
+/// recovered slot kept in its not yet used list links), on `threads` threads (at most 16): checking a header is a
 /// BLAKE3 hash, and a 4 TiB tier has 256 Mi of them. Where the file has holes (a sparse index)
 /// nothing is read. Returns the lowest and highest sequence numbers of the entries recovered,
 /// and the highest of any valid header.
@@ -748,6 +795,7 @@ fn read_headers(
     slot_bytes: u32,
     data_len: u64,
     have: u64,
+    threads: usize,
     rec: &mut Recovery,
 ) -> (u64, u64, u64) {
     let end = SUPERBLOCK_BYTES + have / HEADER_BYTES * HEADER_BYTES;
@@ -757,9 +805,7 @@ fn read_headers(
     };
     let top = (last.min(end) - SUPERBLOCK_BYTES).div_ceil(HEADER_BYTES) as usize;
     index.slots.resize(top, Slot::default());
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 16);
+    let threads = threads.clamp(1, 16);
     let mut work: Vec<Vec<(usize, &mut [Slot])>> = (0..threads).map(|_| Vec::new()).collect();
     for (k, piece) in index.slots.chunks_mut(PIECE_SLOTS).enumerate() {
         work[k % threads].push((k * PIECE_SLOTS, piece));
@@ -947,7 +993,7 @@ impl SsdTier {
     /// trusted is kept, the rest is dropped with a warning in the returned `Recovery`.
     pub fn open(config: SsdConfig) -> Result<(SsdTier, Recovery), SsdError> {
         let (tier, pending) = Self::open_deferred(config)?;
-        let recovery = tier.load(pending);
+        let recovery = tier.load(pending, |_| {});
         Ok((tier, recovery))
     }
 
@@ -1069,18 +1115,23 @@ impl SsdTier {
             PendingLoad {
                 have,
                 data_len,
+                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 recovery,
             },
         ))
     }
 
     /// Reads the index's headers that [`Self::open_deferred`] left, and from then on serves
-    /// what they recover. Blocks for as long as that takes (seconds for millions of entries;
-    /// the reading runs on every core). What was recovered and what was dropped.
-    pub fn load(&self, pending: PendingLoad) -> Recovery {
+    /// what they recover. Blocks for as long as that takes (seconds for millions of entries).
+    /// `counted` is given the bytes the recovered entries stand for (each one's length times
+    /// its references) just before they become visible, so that a caller keeping a total
+    /// counts them before any of them can be evicted. What was recovered and what was
+    /// dropped.
+    pub fn load(&self, pending: PendingLoad, counted: impl FnOnce(u64)) -> Recovery {
         let PendingLoad {
             have,
             data_len,
+            threads,
             mut recovery,
         } = pending;
         if let Some(have) = have {
@@ -1091,6 +1142,7 @@ impl SsdTier {
                 self.config.slot_bytes,
                 data_len,
                 have,
+                threads,
                 &mut recovery,
             );
             rebuild(&mut index, seqs, &mut recovery);
@@ -1102,7 +1154,11 @@ impl SsdTier {
                 );
             }
             recovery.recovered = index.live;
+            fail::fail_point!("ssd-load-before-swap");
+            counted(index.logical_bytes());
             *self.index.lock() = index;
+        } else {
+            counted(0);
         }
         self.loaded.store(true, Ordering::Release);
         recovery
@@ -1180,14 +1236,11 @@ impl SsdTier {
         true
     }
 
-    /// Bytes the live entries stand for: each entry's length times its dedup references.
-    pub fn logical_bytes(&self) -> u64 {
-        let ix = self.index.lock();
-        ix.slots
-            .iter()
-            .filter(|m| m.state() == SlotState::Live)
-            .map(|m| u64::from(m.len()) * u64::from(m.refs))
-            .sum()
+    /// Bytes the live entries stand for: each entry's length times its dedup references
+    /// (tests: it walks every slot under the index lock).
+    #[cfg(test)]
+    fn logical_bytes(&self) -> u64 {
+        self.index.lock().logical_bytes()
     }
 
     /// True when the fingerprint has a live slot (by partial key: a false match, about one in
@@ -1271,14 +1324,16 @@ impl SsdTier {
 
     /// Reserves a slot for a new entry: a free one, or the least recently used one, evicted.
     /// Returns `None` when `fp` is already stored (it is touched instead).
-    pub fn reserve(&self, fp: &Fingerprint, refs: u32) -> Option<Reservation> {
+    pub fn reserve(&self, fp: &Fingerprint, refs: u32) -> Reserve {
         let mut ix = self.index.lock();
         if let Some(s) = ix.find(fp) {
+            let was_copy = ix.slots[s as usize].copy();
             ix.mark_copy(s, false);
             ix.touch(s);
             let m = ix.slot(s);
+            let held = (!was_copy).then_some(m.refs);
             m.refs = refs.max(m.refs);
-            return None;
+            return Reserve::Stored { held };
         }
         let mut evicted = None;
         let slot = match ix.take_free() {
@@ -1286,8 +1341,9 @@ impl SsdTier {
             None => {
                 let victim = ix.tail;
                 if victim == NIL {
-                    // Every slot is being written right now; nothing to evict.
-                    return None;
+                    // Every slot is being written right now (or the index is still being
+                    // read and has none); nothing to evict.
+                    return Reserve::Full;
                 }
                 let m = ix.slots[victim as usize];
                 // A copy's entry lives in RAM: reusing its slot evicts nothing.
@@ -1302,7 +1358,7 @@ impl SsdTier {
         };
         let seq = ix.seq();
         *ix.slot(slot) = Slot::writing();
-        Some(Reservation { slot, seq, evicted })
+        Reserve::Slot(Reservation { slot, seq, evicted })
     }
 
     /// Writes `bytes` (which must hash to `fp`) into a reserved slot, then publishes it. Blocks.
@@ -1440,7 +1496,7 @@ mod tests {
 
     fn put(t: &SsdTier, bytes: &[u8]) -> Fingerprint {
         let fp = Fingerprint::of(bytes);
-        if let Some(r) = t.reserve(&fp, 1) {
+        if let Some(r) = t.reserve(&fp, 1).slot() {
             t.write(r, fp, bytes, 1).expect("write");
         }
         fp
@@ -1490,9 +1546,14 @@ mod tests {
         assert_eq!(t.usage(), (0, 0));
         assert_eq!(t.logical_bytes(), 0);
         let c = Fingerprint::of(&block(3));
-        assert!(t.reserve(&c, 1).is_none(), "a slot was given while loading");
+        assert!(
+            matches!(t.reserve(&c, 1), Reserve::Full),
+            "a slot was given while loading"
+        );
         assert!(!t.adopt(&a, 1));
-        let rec = t.load(pending);
+        let mut counted = None;
+        let rec = t.load(pending, |b| counted = Some(b));
+        assert_eq!(counted, Some(2 * 4096), "the recovered entries' bytes");
         assert!(t.is_loaded());
         assert_eq!(rec.recovered, 2);
         assert_eq!(get(&t, &a).as_deref(), Some(&block(1)[..]));
@@ -1508,7 +1569,7 @@ mod tests {
         let (t, pending) = SsdTier::open_deferred(cfg(fresh.path(), 4)).expect("open");
         assert!(t.is_loaded());
         let d = put(&t, &block(4));
-        assert_eq!(t.load(pending).recovered, 0);
+        assert_eq!(t.load(pending, |_| {}).recovered, 0);
         assert_eq!(get(&t, &d).as_deref(), Some(&block(4)[..]));
     }
 
@@ -1754,7 +1815,7 @@ mod tests {
         let (t, _) = SsdTier::open(cfg(dir.path(), 1)).expect("open");
         let big = vec![7u8; 4097];
         let fp = Fingerprint::of(&big);
-        let r = t.reserve(&fp, 1).expect("a slot");
+        let r = t.reserve(&fp, 1).slot().expect("a slot");
         let e = t.write(r, fp, &big, 1).expect_err("too large");
         assert!(e.to_string().contains("4097"), "{e}");
         // The one slot is free again, and nothing of the refused payload is indexed.
@@ -1825,8 +1886,8 @@ mod tests {
         let b = block(1);
         let fp = Fingerprint::of(&b);
         let (r1, r2) = (
-            t.reserve(&fp, 1).expect("a slot"),
-            t.reserve(&fp, 1).expect("another"),
+            t.reserve(&fp, 1).slot().expect("a slot"),
+            t.reserve(&fp, 1).slot().expect("another"),
         );
         t.write(r1, fp, &b, 1).expect("write");
         t.write(r2, fp, &b, 1).expect("write");

@@ -391,6 +391,64 @@ fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
     logical_matches_contents(&c);
 }
 
+/// Held at the fail point before the index is swapped in, the tier is seen loading, and
+/// blocks read meanwhile come from their origins into RAM. Once loaded, the tier holds the
+/// same blocks too: each is an entry of its own on both tiers until RAM lets it go, and the
+/// bytes the entries stand for stay the bytes stored throughout.
+#[cfg(feature = "failpoints")]
+#[test]
+fn blocks_read_while_the_ssd_index_loads_are_counted_once_when_ram_lets_them_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let c = cache(dir.path(), 8);
+        read_each_twice(&c, 1..=3);
+        c.shutdown();
+    }
+    fail::cfg("ssd-load-before-swap", "pause").expect("fail point");
+    let (c, _) = ContentCache::open(CacheConfig {
+        ssd_load: SsdLoad::Background,
+        ..settings(dir.path(), 8, false)
+    })
+    .expect("open cache");
+    let ssd = |c: &ContentCache| {
+        c.usage()
+            .into_iter()
+            .find(|t| t.tier == Tier::Ssd)
+            .expect("an ssd tier")
+    };
+    assert!(
+        ssd(&c).loading,
+        "the tier was not loading at the fail point"
+    );
+    assert_eq!(ssd(&c).entries, 0);
+    // Read while loading: misses, then RAM hits.
+    assert_eq!(read(&c, 1), None);
+    assert_eq!(read(&c, 1), Some(Tier::RamSingle));
+    assert_eq!(read(&c, 2), None);
+    assert_eq!(c.stats().misses.get(), 2);
+    fail::cfg("ssd-load-before-swap", "off").expect("fail point");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ssd(&c).loading {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still loading after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(ssd(&c).entries, 3);
+    logical_matches_contents(&c);
+    // New blocks push 1 and 2 out of RAM: 1 (multi-touch) is demoted onto the entry the SSD
+    // already holds, 2 (single-touch) is dropped. Each is then held once, and counted once.
+    read_each_twice(&c, 10..=13);
+    for tag in 20..=22 {
+        read(&c, tag);
+    }
+    assert_eq!(tier(&c, 1), Some(Tier::Ssd));
+    assert_eq!(tier(&c, 2), Some(Tier::Ssd));
+    logical_matches_contents(&c);
+    assert_eq!(read(&c, 3), Some(Tier::Ssd));
+}
+
 #[test]
 fn the_ssd_index_is_read_before_serving_up_to_a_size_and_in_the_background_above() {
     assert!(!SsdLoad::Auto.in_background(SSD_LOAD_BACKGROUND_SLOTS));
