@@ -354,6 +354,26 @@ fn a_restarted_cache_serves_ssd_hits_at_once() {
     assert_eq!(c.stats().misses.get(), 0);
 }
 
+/// The SSD tier's line of the cache's usage.
+fn ssd(c: &ContentCache) -> TierUsage {
+    c.usage()
+        .into_iter()
+        .find(|t| t.tier == Tier::Ssd)
+        .expect("an ssd tier")
+}
+
+/// Waits (at most 30 s) until the SSD index has been read.
+fn wait_loaded(c: &ContentCache) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ssd(c).loading {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ssd index was still loading after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -369,20 +389,7 @@ fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
     .expect("open cache");
     // Found in the log, not returned: the open does not wait for it.
     assert!(recovery.is_none());
-    let ssd = |c: &ContentCache| {
-        c.usage()
-            .into_iter()
-            .find(|t| t.tier == Tier::Ssd)
-            .expect("an ssd tier")
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while ssd(&c).loading {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ssd index was still loading after 30 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_loaded(&c);
     assert_eq!(ssd(&c).entries, 3);
     for tag in 1..=3 {
         assert_eq!(read(&c, tag), Some(Tier::Ssd), "block {tag} was not warm");
@@ -410,12 +417,6 @@ fn blocks_read_while_the_ssd_index_loads_are_counted_once_when_ram_lets_them_go(
         ..settings(dir.path(), 8, false)
     })
     .expect("open cache");
-    let ssd = |c: &ContentCache| {
-        c.usage()
-            .into_iter()
-            .find(|t| t.tier == Tier::Ssd)
-            .expect("an ssd tier")
-    };
     assert!(
         ssd(&c).loading,
         "the tier was not loading at the fail point"
@@ -427,14 +428,7 @@ fn blocks_read_while_the_ssd_index_loads_are_counted_once_when_ram_lets_them_go(
     assert_eq!(read(&c, 2), None);
     assert_eq!(c.stats().misses.get(), 2);
     fail::cfg("ssd-load-before-swap", "off").expect("fail point");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while ssd(&c).loading {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still loading after 30 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_loaded(&c);
     assert_eq!(ssd(&c).entries, 3);
     logical_matches_contents(&c);
     // New blocks push 1 and 2 out of RAM: 1 (multi-touch) is demoted onto the entry the SSD
