@@ -40,7 +40,7 @@ fn files() -> &'static (Vec<u8>, Vec<u8>) {
         for i in 0..BLOCKS {
             let b = block(i);
             let fp = Fingerprint::of(&b);
-            let r = tier.reserve(&fp, 1).expect("a slot");
+            let r = tier.reserve(&fp, 1).slot().expect("a slot");
             tier.write(r, fp, &b, 1).expect("write");
         }
         tier.sync().expect("sync");
