@@ -1052,7 +1052,7 @@ mod tests {
         assert_eq!(lru.policy_rules, Some(crate::cache::pool::Variant::Lru));
         let duel = parse("[cache]\npolicy = \"duel\"\n").expect("policy duel");
         assert_eq!(duel.policy_rules, None);
-        for bad in ["3", "128"] {
+        for bad in ["3", "2048"] {
             let m = message(parse(&format!("[cache]\nshards = {bad}\n")));
             assert!(
                 m.contains("cache.shards") && m.contains("power of two"),
@@ -1091,6 +1091,8 @@ mod tests {
         assert_eq!(dflt.ssd_load, crate::cache::SsdLoad::Auto);
         let eight = parse("[cache]\nshards = 8\n").expect("8 shards");
         assert_eq!(eight.cache_config().shard_count(), 8);
+        let most = parse("[cache]\nshards = 1024\n").expect("1024 shards");
+        assert_eq!(most.cache_config().shard_count(), 1024);
         assert_eq!(duel.cache_shards, 0);
         let m = message(parse("[cache]\nsingle_touch_share = 1.5\n"));
         assert!(m.contains("single_touch_share"), "{m}");

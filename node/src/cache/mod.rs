@@ -84,7 +84,7 @@ pub struct CacheConfig {
     /// sample of the keys under each ([`pool::Variant`]). Default: none.
     pub policy_rules: Option<pool::Variant>,
     /// Shards the RAM pools are split into, each behind its own lock, or 0 to pick by the
-    /// capacity ([`shards::auto_shards`]). Default: 0.
+    /// capacity and the cores ([`shards::auto_shards`]). Default: 0.
     pub shards: usize,
     /// The SSD tier, or none for a RAM-only cache. Default: none.
     pub ssd: Option<SsdConfig>,
@@ -216,7 +216,10 @@ impl CacheConfig {
         if self.shards > 0 {
             return self.shards;
         }
-        shards::auto_shards(self.ram_bytes / u64::from(self.block_bytes.max(1)))
+        shards::auto_shards(
+            self.ram_bytes / u64::from(self.block_bytes.max(1)),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        )
     }
 
     /// The RAM pools' settings.

@@ -11,7 +11,8 @@
 //! The duel ([`Copies`], [`Score`]) is one for the whole cache: it replays a sample of the
 //! keys through four small key-only copies of the pools, one per [`Variant`], and publishes
 //! the rules to run in an atomic each shard reads when it is locked. The copies are split by
-//! shard as the pools are: a shard replays its own sampled keys under its own lock, and adds
+//! shard as the pools are, over the first [`DUEL_SHARDS`] shards at most (only their keys are
+//! sampled): a shard replays its own sampled keys under its own lock, and adds
 //! its hit counts to the one score every few dozen samples. (A first version kept one set of
 //! copies behind one lock: replaying a quarter of all lookups there, at the default size, made
 //! two threads no faster than one.)
@@ -36,7 +37,15 @@ use super::pool::{Budget, Cached, PolicyState, PoolConfig, Pools, Variant};
 /// 0.1 points of one shard's (docs/measurements.md, "Sharded pools").
 pub const SHARD_MIN_ENTRIES: u64 = 4096;
 /// The most shards a cache is split into.
-pub const MAX_SHARDS: usize = 64;
+pub const MAX_SHARDS: usize = 1024;
+/// Shards a cache is split into by default per core (a power of two), and never fewer than
+/// [`DUEL_SHARDS`]: see [`auto_shards`].
+pub const SHARDS_PER_CORE: usize = 8;
+/// The most shards that hold a part of the duel's copies (the first ones); a key is sampled
+/// for the duel only if its shard is one of them. Beyond this count a shard's part of a copy
+/// (4,096 entries in all) would be too small to behave as the whole copy does, so more shards
+/// leave the duel exactly as it is at this count.
+pub const DUEL_SHARDS: usize = 64;
 
 /// Each of the duel's copies holds at most this many entries; a larger cache replays one key
 /// in `entries / DUEL_ENTRIES` (rounded up) through them, which keeps reuse distances in
@@ -82,20 +91,34 @@ pub const DUEL_TRIAL_WINDOWS: u64 = 1;
 /// not tried again every other window.
 pub const DUEL_TRIAL_REST: u64 = 4;
 
-/// The number of shards for a cache of `entries` entries: as many as leave each shard at
-/// least [`SHARD_MIN_ENTRIES`], a power of two, at most [`MAX_SHARDS`].
+/// The number of shards for a cache of `entries` entries on a machine of `cores` cores: as
+/// many as leave each shard at least [`SHARD_MIN_ENTRIES`], a power of two, at most
+/// [`SHARDS_PER_CORE`] a core (rounded up to a power of two) but no fewer than
+/// [`DUEL_SHARDS`], and at most [`MAX_SHARDS`].
 ///
-/// Not by the cores: two threads meet on one lock about once in `shards` lookups whatever
-/// the cores, and a meeting costs far more than a lookup (the waiter spins, then yields to
-/// the kernel). On 2 cores, 2 threads ran at 1.57x one thread with 8 shards and 1.82x with 64
-/// (docs/measurements.md, "Sharded pools"). The same count on every machine also makes a
-/// replay do the same everywhere.
-pub fn auto_shards(entries: u64) -> usize {
-    let mut n = MAX_SHARDS;
+/// Threads meet on one lock about once in `shards / threads` lookups, and a meeting costs far
+/// more than a lookup (the lock's line and the shard's lists move between cores; the waiter
+/// spins, then yields to the kernel), so the count follows the threads that can run at once,
+/// which the cores bound. Measured (docs/measurements.md, "Sharded pools"): on 2 cores, 2
+/// threads ran at 1.57x one thread with 8 shards and 1.82x with 64; on 16 cores, 16 threads
+/// did 25.5 M lookups/s with 64 shards and 31.7 M/s with 128. On up to 8 cores the count is
+/// the same on every machine (64 at most), so a replay there does the same everywhere.
+pub fn auto_shards(entries: u64, cores: usize) -> usize {
+    let mut n = shard_cap(cores);
     while n > 1 && entries / (n as u64) < SHARD_MIN_ENTRIES {
         n /= 2;
     }
     n
+}
+
+/// The most shards [`auto_shards`] picks on `cores` cores.
+pub fn shard_cap(cores: usize) -> usize {
+    cores
+        .max(1)
+        .checked_next_power_of_two()
+        .and_then(|c| c.checked_mul(SHARDS_PER_CORE))
+        .unwrap_or(MAX_SHARDS)
+        .clamp(DUEL_SHARDS, MAX_SHARDS)
 }
 
 /// One shard: its pools and its part of the duel's copies, on cache lines of its own so that
@@ -199,8 +222,10 @@ impl ShardedPools {
             ..config.clone()
         };
         let entries = config.capacity_bytes / u64::from(config.block_bytes.max(1));
+        // The duel's copies live in the first `duelling` shards; the others sample nothing.
+        let duelling = n.min(DUEL_SHARDS);
         let duel = match config.fixed_rules {
-            None if entries >= 2 => Some(Plan::new(entries, n)),
+            None if entries >= 2 => Some(Plan::new(entries, n, duelling)),
             _ => None,
         };
         let start = config.fixed_rules.unwrap_or(Variant::Tuned);
@@ -212,7 +237,7 @@ impl ShardedPools {
         });
         ShardedPools {
             shards: (0..n)
-                .map(|_| {
+                .map(|i| {
                     let mut pools = Pools::new(&shard_config);
                     pools.set_variant(start);
                     if let Some(b) = &budget {
@@ -220,6 +245,7 @@ impl ShardedPools {
                     }
                     let copies = duel
                         .as_ref()
+                        .filter(|_| i < duelling)
                         .map(|plan| Box::new(Copies::new(config, plan.copy_entries)));
                     Shard(Mutex::new(ShardState { pools, copies }))
                 })
@@ -227,7 +253,12 @@ impl ShardedPools {
             mask: n as u64 - 1,
             seed: crate::hashing::key(0x5_4a2d),
             variant: AtomicU8::new(start as u8),
-            threshold: duel.as_ref().map_or(0, |p| (1u64 << 32) / p.rate),
+            // Only the keys of the first `duelling` shards can be sampled: each of those is,
+            // `n / duelling` times as often, so that the duel sees one key in `rate` of all
+            // (the shard takes the hash's low bits, the sample its top 32: independent).
+            threshold: duel
+                .as_ref()
+                .map_or(0, |p| (1u64 << 32) / p.rate * (n / duelling) as u64),
             flush_every: duel.as_ref().map_or(1, |p| p.flush_every),
             score: duel.map(|p| Mutex::new(Score::new(p.window))),
             switches: AtomicU64::new(0),
@@ -346,15 +377,20 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(entries: u64, shards: usize) -> Plan {
-        let rate = entries.div_ceil(DUEL_ENTRIES).max(1);
+    /// `shards` in all, the first `duelling` of them holding the copies: at least one key in
+    /// `shards / duelling` is left out, whatever the size.
+    fn new(entries: u64, shards: usize, duelling: usize) -> Plan {
+        let rate = entries
+            .div_ceil(DUEL_ENTRIES)
+            .max((shards / duelling) as u64)
+            .max(1);
         let copy_total = (entries / rate).max(1);
         let window = copy_total.saturating_mul(2).max(u64::from(DUEL_WINDOW_MIN));
         Plan {
             rate,
-            copy_entries: (copy_total / shards as u64).max(1),
+            copy_entries: (copy_total / duelling as u64).max(1),
             window,
-            flush_every: u32::try_from(window / (4 * shards as u64))
+            flush_every: u32::try_from(window / (4 * duelling as u64))
                 .unwrap_or(u32::MAX)
                 .clamp(1, 64),
         }
@@ -726,6 +762,75 @@ mod tests {
         assert!(total >= 60 * 400, "{total} hits");
     }
 
+    #[test]
+    fn beyond_64_shards_the_duel_keeps_its_copies_in_the_first_64_and_picks_as_64_do() {
+        // 2^17 entries of 64 bytes in 256 shards: the copies are where 64 shards put them (64
+        // entries a shard), and a loop of 1.1 times the cache gets the loop rules in every
+        // shard, at the same pass and with the same hits as in 64 shards.
+        const SMALL: u32 = 64;
+        const ENTRIES: u64 = 1 << 17;
+        let looped = ENTRIES * 11 / 10;
+        let run = |shards: usize| {
+            let p = ShardedPools::new(&PoolConfig::new(ENTRIES * u64::from(SMALL), SMALL), shards);
+            assert_eq!(p.shard_count(), shards);
+            let with_copies: Vec<usize> = p
+                .shards
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.0.lock().copies.is_some())
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(
+                with_copies,
+                (0..shards.min(DUEL_SHARDS)).collect::<Vec<_>>()
+            );
+            let read = |n: u64| {
+                let f = fp(n);
+                let mut g = p.shard(&f);
+                g.observe(&f);
+                let hit = g.get(&f).is_some();
+                if !hit {
+                    let c = Cached {
+                        bytes: Bytes::from_static(&[0; SMALL as usize]),
+                        refs: 1,
+                    };
+                    g.insert(f, c, false, &mut |_, _, _| {});
+                }
+                hit
+            };
+            let mut passes = Vec::new();
+            for _ in 0..10 {
+                passes.push((0..looped).filter(|&n| read(n)).count() as u64);
+            }
+            assert_eq!(p.variant(), Variant::Loop);
+            for s in p.shards.iter() {
+                assert_eq!(s.0.lock().pools.variant(), Variant::Loop);
+            }
+            // The sample reached every shard that holds copies: each holds about its share.
+            for s in &p.shards[..DUEL_SHARDS] {
+                let st = s.0.lock();
+                let lru = &st.copies.as_ref().expect("copies").minis[Variant::Lru as usize];
+                let st = lru.state();
+                let held = st.single_entries + st.multi_entries;
+                assert!(
+                    (40..=64).contains(&held),
+                    "an LRU copy holds {held} keys of 64"
+                );
+            }
+            passes
+        };
+        let (at_64, at_256) = (run(64), run(256));
+        let switched = |p: &[u64]| p.iter().position(|&h| h > looped / 10);
+        assert_eq!(switched(&at_64), switched(&at_256), "{at_64:?} {at_256:?}");
+        for p in [&at_64, &at_256] {
+            assert!(
+                p[9] >= looped * 85 / 100,
+                "{} hits of {looped} in the loop's last pass",
+                p[9]
+            );
+        }
+    }
+
     /// One window's counts from the copies, over 1,000 sampled accesses: each variant's hits,
     /// and the accesses where it and the running variant disagreed.
     fn feed(s: &mut Score, hits: [u64; 4], split: [u64; 4]) {
@@ -901,14 +1006,25 @@ mod tests {
 
     #[test]
     fn the_shard_count_keeps_shards_large() {
-        // As many as leave each shard SHARD_MIN_ENTRIES, a power of two, at most 64.
-        assert_eq!(auto_shards(1 << 30), 64);
-        assert_eq!(auto_shards(64 * 4096), 64);
-        assert_eq!(auto_shards(64 * 4096 - 1), 32);
-        assert_eq!(auto_shards(32_768), 8);
-        assert_eq!(auto_shards(16_384), 4);
-        assert_eq!(auto_shards(8_191), 1);
-        assert_eq!(auto_shards(0), 1);
+        // As many as leave each shard SHARD_MIN_ENTRIES, a power of two, at most 64 on up to
+        // 8 cores.
+        for cores in [1, 2, 3, 8] {
+            assert_eq!(auto_shards(1 << 30, cores), 64);
+            assert_eq!(auto_shards(64 * 4096, cores), 64);
+            assert_eq!(auto_shards(64 * 4096 - 1, cores), 32);
+            assert_eq!(auto_shards(32_768, cores), 8);
+            assert_eq!(auto_shards(16_384, cores), 4);
+            assert_eq!(auto_shards(8_191, cores), 1);
+            assert_eq!(auto_shards(0, cores), 1);
+        }
+        // Eight a core beyond that, while the shards stay large, and at most MAX_SHARDS.
+        assert_eq!(auto_shards(1 << 30, 16), 128);
+        assert_eq!(auto_shards(1 << 30, 12), 128);
+        assert_eq!(auto_shards(64 * 4096, 16), 64);
+        assert_eq!(auto_shards(1 << 30, 64), 512);
+        assert_eq!(auto_shards(1 << 30, 1000), MAX_SHARDS);
+        assert_eq!(auto_shards(1 << 30, usize::MAX), MAX_SHARDS);
+        assert_eq!(auto_shards(0, 0), 1);
         // An asked-for count is rounded up to a power of two and capped.
         assert_eq!(duelling(100, 3).shard_count(), 4);
         assert_eq!(duelling(100, 1000).shard_count(), MAX_SHARDS);
