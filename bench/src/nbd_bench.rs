@@ -288,7 +288,7 @@ fn cold_member(
     let nbdinfo = need("nbdinfo", "libnbd-bin")?;
     let owner_port = shadowcache_testkit::free_peer_port();
     let member_port = shadowcache_testkit::free_peer_port();
-    let _owner = NodeProcess::start(
+    let owner = NodeProcess::start(
         &dir.join("owner"),
         &[
             "--node-id=owner".into(),
@@ -297,7 +297,7 @@ fn cold_member(
         ],
     );
     let member_dir = dir.join("member");
-    let _member = NodeProcess::start(
+    let member = NodeProcess::start(
         &member_dir,
         &[
             "--node-id=member".into(),
@@ -325,7 +325,10 @@ fn cold_member(
     eprintln!("cold member: qemu-nbd pass ...");
     let qemu = fio_pass(fio_bin, qemu_uri, size)?;
     eprintln!("cold member: shadowcache member pass ...");
-    let member = fio_pass(fio_bin, &uri, size)?;
+    let before = [ThreadCpu::of(owner.pid()), ThreadCpu::of(member.pid())];
+    let member_pass = fio_pass(fio_bin, &uri, size)?;
+    let after = [ThreadCpu::of(owner.pid()), ThreadCpu::of(member.pid())];
+    let member = member_pass;
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     println!();
     println!(
@@ -351,9 +354,110 @@ fn cold_member(
     }
     let ratio = f(&member, "mb_s") / f(&qemu, "mb_s").max(1e-9);
     println!("  member ÷ qemu-nbd: {ratio:.2}x MB/s");
-    Ok(
-        json!({"qemu-nbd": qemu, "member_cold": member, "ratio_mb_s": (ratio * 100.0).round() / 100.0}),
-    )
+    // Where the member pass spent CPU: a process near `wall s` x cores is CPU-bound, one
+    // thread near `wall s` is a serial step.
+    let mut cpu = serde_json::Map::new();
+    for (name, (b, a)) in ["owner", "member"].iter().zip(before.iter().zip(&after)) {
+        let (Some(b), Some(a)) = (b, a) else {
+            println!("  {name} CPU: not readable (no /proc here)");
+            continue;
+        };
+        let d = a.since(b);
+        println!(
+            "  {name} CPU in the member pass: {:.2} s; busiest thread {:.2} s; by thread name: {}",
+            d.total_s,
+            d.busiest_s,
+            d.by_name
+                .iter()
+                .map(|(n, (secs, threads))| format!("{n} {secs:.2} s over {threads}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        cpu.insert(name.to_string(), d.json());
+    }
+    Ok(json!({
+        "qemu-nbd": qemu,
+        "member_cold": member,
+        "ratio_mb_s": (ratio * 100.0).round() / 100.0,
+        "cpu_s_in_member_pass": cpu,
+    }))
+}
+
+/// CPU seconds each thread of a process has used, from `/proc` (`schedstat`, which counts
+/// nanoseconds; `stat`'s ticks at 100 a second where it is missing).
+struct ThreadCpu(std::collections::HashMap<u32, (String, f64)>);
+
+/// What a process used between two [`ThreadCpu`] readings.
+struct CpuDelta {
+    total_s: f64,
+    busiest_s: f64,
+    /// Seconds and threads by thread name, most first.
+    by_name: Vec<(String, (f64, usize))>,
+}
+
+impl ThreadCpu {
+    fn of(pid: Option<u32>) -> Option<ThreadCpu> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", pid?)).ok()?;
+        let mut out = std::collections::HashMap::new();
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let dir = t.path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let secs = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+                .map(|ns| ns / 1e9)
+                .or_else(|| {
+                    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                    // Fields after the parenthesised name: utime and stime are the 12th and
+                    // 13th.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                    Some(ticks / 100.0)
+                });
+            if let Some(secs) = secs {
+                out.insert(tid, (name.trim().to_string(), secs));
+            }
+        }
+        Some(ThreadCpu(out))
+    }
+
+    fn since(&self, before: &ThreadCpu) -> CpuDelta {
+        let mut by_name: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        let (mut total_s, mut busiest_s) = (0.0, 0.0f64);
+        for (tid, (name, secs)) in &self.0 {
+            let d = secs - before.0.get(tid).map_or(0.0, |b| b.1);
+            if d <= 0.0 {
+                continue;
+            }
+            total_s += d;
+            busiest_s = busiest_s.max(d);
+            let e = by_name.entry(name.clone()).or_default();
+            e.0 += d;
+            e.1 += 1;
+        }
+        let mut by_name: Vec<_> = by_name.into_iter().collect();
+        by_name.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+        CpuDelta {
+            total_s,
+            busiest_s,
+            by_name,
+        }
+    }
+}
+
+impl CpuDelta {
+    fn json(&self) -> Value {
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        json!({
+            "total": r(self.total_s),
+            "busiest_thread": r(self.busiest_s),
+            "by_thread_name": self.by_name.iter().map(|(n, (s, t))| json!({"name": n, "seconds": r(*s), "threads": t})).collect::<Vec<_>>(),
+        })
+    }
 }
 
 fn node(dir: &Path, image: &Path, name: &str, args: &[String]) -> anyhow::Result<Server> {
