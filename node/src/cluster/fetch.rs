@@ -60,6 +60,7 @@ pub const MAX_BLOCKS_PER_REQUEST: usize = 64;
 /// on 16 cores went from 1,642 to 1,783 MB/s on average of five runs each, in turns, against
 /// one request of 64; on 2 cores (CPU-bound) it made no difference (docs/measurements.md).
 pub const FETCH_PART_BLOCKS: usize = 16;
+const _: () = assert!(FETCH_PART_BLOCKS >= 1 && FETCH_PART_BLOCKS <= MAX_BLOCKS_PER_REQUEST);
 /// Chunks of the owner's map asked ahead of a sequential reader: enough that the owner
 /// fingerprints the next chunk while the reader is still one chunk away from it.
 pub const MAP_READ_AHEAD_CHUNKS: u64 = 2;
@@ -724,7 +725,6 @@ mod tests {
             .flat_map(|(_, ks)| ks.iter().copied())
             .collect();
         assert_eq!(a, (0..69).filter(|k| k % 14 != 13).collect::<Vec<_>>());
-        assert!(FETCH_PART_BLOCKS <= MAX_BLOCKS_PER_REQUEST);
     }
 
     #[test]
