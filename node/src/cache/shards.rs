@@ -1166,4 +1166,41 @@ mod tests {
         let st = p.state();
         assert!(st.single_bytes + st.multi_bytes <= st.capacity_bytes + 4 * u64::from(B));
     }
+
+    #[test]
+    fn the_most_shards_asked_for_on_a_small_cache_hold_their_capacity_and_keep_a_duel() {
+        // `cache.shards = 1024` on a cache of 2,048 blocks: 2 blocks a shard. The cache stays
+        // within its capacity (a block a shard of slack), finds what it holds, and the duel
+        // still has its copies and samples keys.
+        let p = duelling(2048, MAX_SHARDS);
+        assert_eq!(p.shard_count(), MAX_SHARDS);
+        for _ in 0..3 {
+            hits(&p, 0..6_000);
+        }
+        let st = p.state();
+        let most = st.capacity_bytes + MAX_SHARDS as u64 * u64::from(B);
+        assert!(st.single_bytes + st.multi_bytes <= most, "{st:?}");
+        assert!(st.single_entries + st.multi_entries > 0);
+        let held: Vec<u64> = (0..6_000)
+            .filter(|&n| p.shard(&fp(n)).peek(&fp(n)).is_some())
+            .collect();
+        assert!(!held.is_empty());
+        assert_eq!(hits(&p, held.iter().copied()), held.len() as u64);
+        let copies = p
+            .shards
+            .iter()
+            .filter(|s| s.0.lock().copies.is_some())
+            .count();
+        assert_eq!(copies, DUEL_SHARDS);
+        let seen: u64 = p.shards[..DUEL_SHARDS]
+            .iter()
+            .map(|s| {
+                let st = s.0.lock();
+                let lru = &st.copies.as_ref().expect("copies").minis[Variant::Lru as usize];
+                let st = lru.state();
+                st.single_entries + st.multi_entries
+            })
+            .sum();
+        assert!(seen > 0, "the duel sampled nothing");
+    }
 }
