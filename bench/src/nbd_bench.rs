@@ -288,7 +288,7 @@ fn cold_member(
     let nbdinfo = need("nbdinfo", "libnbd-bin")?;
     let owner_port = shadowcache_testkit::free_peer_port();
     let member_port = shadowcache_testkit::free_peer_port();
-    let owner = NodeProcess::start(
+    let owner_node = NodeProcess::start(
         &dir.join("owner"),
         &[
             "--node-id=owner".into(),
@@ -297,7 +297,7 @@ fn cold_member(
         ],
     );
     let member_dir = dir.join("member");
-    let member = NodeProcess::start(
+    let member_node = NodeProcess::start(
         &member_dir,
         &[
             "--node-id=member".into(),
@@ -325,10 +325,10 @@ fn cold_member(
     eprintln!("cold member: qemu-nbd pass ...");
     let qemu = fio_pass(fio_bin, qemu_uri, size)?;
     eprintln!("cold member: shadowcache member pass ...");
-    let before = [ThreadCpu::of(owner.pid()), ThreadCpu::of(member.pid())];
-    let member_pass = fio_pass(fio_bin, &uri, size)?;
-    let after = [ThreadCpu::of(owner.pid()), ThreadCpu::of(member.pid())];
-    let member = member_pass;
+    let nodes = [&owner_node, &member_node];
+    let before = nodes.map(|n| ThreadCpu::of(n.pid()));
+    let member = fio_pass(fio_bin, &uri, size)?;
+    let after = nodes.map(|n| ThreadCpu::of(n.pid()));
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     println!();
     println!(

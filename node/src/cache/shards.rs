@@ -253,9 +253,9 @@ impl ShardedPools {
             mask: n as u64 - 1,
             seed: crate::hashing::key(0x5_4a2d),
             variant: AtomicU8::new(start as u8),
-            // Only the keys of the first `duelling` shards can be sampled: each of those is,
-            // `n / duelling` times as often, so that the duel sees one key in `rate` of all
-            // (the shard takes the hash's low bits, the sample its top 32: independent).
+            // Only the keys of the first `duelling` shards can be sampled, so those are sampled
+            // `n / duelling` times as often: the duel still sees one key in `rate` of all (the
+            // shard takes the hash's low bits, the sample its top 32: independent).
             threshold: duel
                 .as_ref()
                 .map_or(0, |p| (1u64 << 32) / p.rate * (n / duelling) as u64),
@@ -377,8 +377,8 @@ struct Plan {
 }
 
 impl Plan {
-    /// `shards` in all, the first `duelling` of them holding the copies: at least one key in
-    /// `shards / duelling` is left out, whatever the size.
+    /// `shards` in all, the first `duelling` of them holding the copies: only one key in
+    /// `shards / duelling` can be sampled, so the rate is never below that, whatever the size.
     fn new(entries: u64, shards: usize, duelling: usize) -> Plan {
         let rate = entries
             .div_ceil(DUEL_ENTRIES)
