@@ -50,6 +50,23 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A setting that is one of a few words: what `parse` makes of `value`, `default` when it is
+/// absent, or an error naming `key` that says `value` is not `what` and which words to use.
+fn named<T>(
+    key: &str,
+    value: Option<&str>,
+    parse: impl Fn(&str) -> Option<T>,
+    default: T,
+    what: &str,
+    choices: &str,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(name) => parse(name)
+            .ok_or_else(|| invalid(key, format!("{name:?} is not {what}: use {choices}"))),
+    }
+}
+
 /// A size in bytes, written as an integer or a string such as `64KiB`, `1.5GiB`, `512`, `4k`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
@@ -536,51 +553,40 @@ impl Config {
                 .ghost_ratio
                 .unwrap_or(crate::cache::pool::DEFAULT_GHOST_RATIO),
             second_chances: file.cache.second_chances.unwrap_or(true),
-            policy_rules: match file.cache.policy.as_deref() {
-                None | Some("duel") => None,
-                Some(name) => {
-                    Some(crate::cache::pool::Variant::from_name(name).ok_or_else(|| {
-                        invalid(
-                            "cache.policy",
-                            format!(
-                                "{name:?} is not a policy: use duel (the default), tuned, arc, \
-                                 lru or loop"
-                            ),
-                        )
-                    })?)
-                }
-            },
+            policy_rules: named(
+                "cache.policy",
+                file.cache.policy.as_deref(),
+                |n| match n {
+                    "duel" => Some(None),
+                    n => crate::cache::pool::Variant::from_name(n).map(Some),
+                },
+                None,
+                "a policy",
+                "duel (the default), tuned, arc, lru or loop",
+            )?,
             cache_shards: file.cache.shards.unwrap_or(0),
             ssd_promote_hits: file
                 .cache
                 .ssd_promote_hits
                 .unwrap_or(crate::cache::DEFAULT_SSD_PROMOTE_HITS),
-            ssd_admission: match file.cache.ssd_admission.as_deref() {
-                None => crate::cache::SsdAdmission::default(),
-                Some(name) => crate::cache::SsdAdmission::from_name(name).ok_or_else(|| {
-                    invalid(
-                        "cache.ssd_admission",
-                        format!(
-                            "{name:?} is not an SSD admission: use proven (the default: only \
-                             entries read again after RAM let them go) or all"
-                        ),
-                    )
-                })?,
-            },
+            ssd_admission: named(
+                "cache.ssd_admission",
+                file.cache.ssd_admission.as_deref(),
+                crate::cache::SsdAdmission::from_name,
+                crate::cache::SsdAdmission::default(),
+                "an SSD admission",
+                "proven (the default: only entries read again after RAM let them go) or all",
+            )?,
             ssd_direct: file.cache.ssd_direct.unwrap_or(true),
-            ssd_load: match file.cache.ssd_load.as_deref() {
-                None => crate::cache::SsdLoad::default(),
-                Some(name) => crate::cache::SsdLoad::from_name(name).ok_or_else(|| {
-                    invalid(
-                        "cache.ssd_load",
-                        format!(
-                            "{name:?} is not a way to read the SSD index at start: use auto (the \
-                             default: before serving up to 4 Mi slots, in the background above), \
-                             wait or background"
-                        ),
-                    )
-                })?,
-            },
+            ssd_load: named(
+                "cache.ssd_load",
+                file.cache.ssd_load.as_deref(),
+                crate::cache::SsdLoad::from_name,
+                crate::cache::SsdLoad::default(),
+                "a way to read the SSD index at start",
+                "auto (the default: before serving up to 4 Mi slots, in the background above), \
+                 wait or background",
+            )?,
             ssd_bytes: flags
                 .ssd_cache
                 .or(file.cache.ssd)
