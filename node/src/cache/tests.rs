@@ -339,14 +339,27 @@ fn identical_blocks_are_stored_once_and_counted_twice() {
     assert_eq!(tier(&c, 9), Some(Tier::RamMulti));
 }
 
+/// A data directory whose SSD tier holds blocks 1 to 3, written by a cache shut down cleanly.
+fn warm_ssd() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cache(dir.path(), 8);
+    read_each_twice(&c, 1..=3);
+    c.shutdown();
+    dir
+}
+
+/// The cache of `dir` opened again, its SSD index read in the background.
+fn open_in_background(dir: &tempfile::TempDir) -> (ContentCache, Option<Recovery>) {
+    ContentCache::open(CacheConfig {
+        ssd_load: SsdLoad::Background,
+        ..settings(dir.path(), 8, false)
+    })
+    .expect("open cache")
+}
+
 #[test]
 fn a_restarted_cache_serves_ssd_hits_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let c = cache(dir.path(), 8);
-        read_each_twice(&c, 1..=3);
-        c.shutdown();
-    }
+    let dir = warm_ssd();
     let c = cache(dir.path(), 8);
     for tag in 1..=3 {
         assert_eq!(read(&c, tag), Some(Tier::Ssd), "block {tag} was not warm");
@@ -376,17 +389,8 @@ fn wait_loaded(c: &ContentCache) {
 
 #[test]
 fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let c = cache(dir.path(), 8);
-        read_each_twice(&c, 1..=3);
-        c.shutdown();
-    }
-    let (c, recovery) = ContentCache::open(CacheConfig {
-        ssd_load: SsdLoad::Background,
-        ..settings(dir.path(), 8, false)
-    })
-    .expect("open cache");
+    let dir = warm_ssd();
+    let (c, recovery) = open_in_background(&dir);
     // Found in the log, not returned: the open does not wait for it.
     assert!(recovery.is_none());
     wait_loaded(&c);
@@ -405,18 +409,9 @@ fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn blocks_read_while_the_ssd_index_loads_are_counted_once_when_ram_lets_them_go() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let c = cache(dir.path(), 8);
-        read_each_twice(&c, 1..=3);
-        c.shutdown();
-    }
+    let dir = warm_ssd();
     fail::cfg("ssd-load-before-swap", "pause").expect("fail point");
-    let (c, _) = ContentCache::open(CacheConfig {
-        ssd_load: SsdLoad::Background,
-        ..settings(dir.path(), 8, false)
-    })
-    .expect("open cache");
+    let (c, _) = open_in_background(&dir);
     assert!(
         ssd(&c).loading,
         "the tier was not loading at the fail point"
