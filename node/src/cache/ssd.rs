@@ -1322,8 +1322,9 @@ impl SsdTier {
         }
     }
 
-    /// Reserves a slot for a new entry: a free one, or the least recently used one, evicted.
-    /// Returns `None` when `fp` is already stored (it is touched instead).
+    /// Reserves a slot for a new entry: a free one, or the least recently used one, evicted
+    /// ([`Reserve::Slot`]). [`Reserve::Stored`] when `fp` is already stored (it is touched
+    /// instead), [`Reserve::Full`] when no slot can be had.
     pub fn reserve(&self, fp: &Fingerprint, refs: u32) -> Reserve {
         let mut ix = self.index.lock();
         if let Some(s) = ix.find(fp) {
