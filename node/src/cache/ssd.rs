@@ -1128,6 +1128,21 @@ impl SsdTier {
     /// counts them before any of them can be evicted. What was recovered and what was
     /// dropped.
     pub fn load(&self, pending: PendingLoad, counted: impl FnOnce(u64)) -> Recovery {
+        /// Marks the index read when `load` ends, by a panic too: then with an empty index of
+        /// every slot, so that the tier starts empty instead of holding nothing for ever.
+        struct End<'a>(&'a SsdTier);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    tracing::error!(
+                        "reading the ssd index failed (a bug: the panic is above); the ssd tier starts empty"
+                    );
+                    *self.0.index.lock() = Index::new(self.0.slot_count);
+                }
+                self.0.loaded.store(true, Ordering::Release);
+            }
+        }
+        let _end = End(self);
         let PendingLoad {
             have,
             data_len,
@@ -1160,7 +1175,6 @@ impl SsdTier {
         } else {
             counted(0);
         }
-        self.loaded.store(true, Ordering::Release);
         recovery
     }
 

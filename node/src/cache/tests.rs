@@ -402,6 +402,30 @@ fn a_cache_that_reads_its_ssd_index_in_the_background_serves_it_once_read() {
     logical_matches_contents(&c);
 }
 
+/// A panic while the index is read in the background (a bug) leaves the tier empty and
+/// working, not loading for ever: blocks RAM lets go are stored and served from it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_panic_while_the_ssd_index_loads_leaves_the_tier_empty_and_working() {
+    let dir = warm_ssd();
+    fail::cfg("ssd-load-before-swap", "panic").expect("fail point");
+    let (c, _) = open_in_background(&dir);
+    wait_loaded(&c);
+    fail::cfg("ssd-load-before-swap", "off").expect("fail point");
+    assert_eq!(ssd(&c).entries, 0, "nothing recovered");
+    assert_eq!(read(&c, 1), None, "block 1 comes from its origin again");
+    // Blocks read twice, then pushed out of RAM, go to the SSD and are served from it.
+    read_each_twice(&c, 1..=3);
+    read_each_twice(&c, 10..=13);
+    for tag in 20..=22 {
+        read(&c, tag);
+    }
+    c.settle();
+    assert!(ssd(&c).entries > 0, "the tier took nothing");
+    assert_eq!(read(&c, 1), Some(Tier::Ssd));
+    logical_matches_contents(&c);
+}
+
 /// Held at the fail point before the index is swapped in, the tier is seen loading, and
 /// blocks read meanwhile come from their origins into RAM. Once loaded, the tier holds the
 /// same blocks too: each is an entry of its own on both tiers until RAM lets it go, and the
