@@ -34,6 +34,8 @@ pub struct Options {
     /// The owner's origin as shared storage: its reads paced by the owner node's
     /// `[origin_limit]` (none by default: an origin in the page cache).
     pub origin_limit: shadowcache_node::origin::OriginLimit,
+    /// Each node's `--read-ahead` (`None`: the node's default).
+    pub read_ahead: Option<u64>,
 }
 
 const PEER_RPCS: [&str; 3] = ["peer_read", "peer_fetch_blocks", "peer_content_map"];
@@ -85,6 +87,9 @@ async fn start_cluster(
             format!("--ram-cache={}", (opts.working_set * 2).max(64 << 20)),
             "--ssd-cache=0".to_string(),
         ];
+        if let Some(r) = opts.read_ahead {
+            args.push(format!("--read-ahead={r}"));
+        }
         if n == 0 {
             args.push(format!("--disk=replica={},sealed", image.display()));
             args.extend(crate::storm::launch::origin_limit_args(&opts.origin_limit));

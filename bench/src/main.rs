@@ -437,6 +437,9 @@ enum Command {
         read_size: Size,
         #[command(flatten)]
         origin: OriginArgs,
+        /// Each node's read-ahead (`--read-ahead`; default: the node's default).
+        #[arg(long)]
+        read_ahead: Option<Size>,
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -453,6 +456,10 @@ enum Command {
         /// Only the cold read at a member (owner and member node processes) beside qemu-nbd.
         #[arg(long)]
         cold_member_only: bool,
+        /// The cold member's read-ahead (`--read-ahead`), comma-separated: one fresh member
+        /// per setting, in turn, side by side in one run (default: the node's default).
+        #[arg(long, value_delimiter = ',')]
+        member_read_ahead: Vec<Size>,
         /// Write the figures here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -802,9 +809,11 @@ fn bench_main() -> anyhow::Result<()> {
                 working_set,
                 read_size,
                 origin,
+                read_ahead,
                 json,
             } => {
                 let out = cluster_bench::run(cluster_bench::Options {
+                    read_ahead: read_ahead.map(|s| s.0),
                     origin_limit: origin.limit()?,
                     nodes,
                     readers: readers.unwrap_or(nodes).max(1),
@@ -822,12 +831,18 @@ fn bench_main() -> anyhow::Result<()> {
                 image,
                 seconds,
                 cold_member_only,
+                member_read_ahead,
                 json,
             } => {
                 let out = nbd_bench::run_bench(nbd_bench::Options {
                     image_bytes: image.0,
                     seconds: seconds.max(1),
                     cold_member_only,
+                    member_read_aheads: if member_read_ahead.is_empty() {
+                        vec![None]
+                    } else {
+                        member_read_ahead.iter().map(|s| Some(s.0)).collect()
+                    },
                 })
                 .await?;
                 if let Some(path) = json {

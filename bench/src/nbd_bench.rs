@@ -24,6 +24,8 @@ pub struct Options {
     pub seconds: u64,
     /// Only the cold read at a member, beside qemu-nbd.
     pub cold_member_only: bool,
+    /// The cold member's `--read-ahead`, one member per setting (`None`: the node's default).
+    pub member_read_aheads: Vec<Option<u64>>,
 }
 
 struct Killed(Child);
@@ -277,17 +279,20 @@ fn fio_pass(fio: &Path, uri: &str, size: u64) -> anyhow::Result<Value> {
 }
 
 /// A cold member: an owner node with the image sealed, a member node that has read nothing
-/// of it; one pass at the member beside one pass at qemu-nbd.
+/// of it; one pass at the member beside one pass at qemu-nbd. With several `read_aheads`, one
+/// fresh member per setting (`--read-ahead`; `None`: the node's default), in turn against the
+/// same owner. Each member then reads the image a second time, from its RAM: the rate a
+/// read-ahead that kept ahead of the reader would give.
 fn cold_member(
     dir: &Path,
     image: &Path,
     size: u64,
     fio_bin: &Path,
     qemu_uri: &str,
+    read_aheads: &[Option<u64>],
 ) -> anyhow::Result<Value> {
     let nbdinfo = need("nbdinfo", "libnbd-bin")?;
     let owner_port = shadowcache_testkit::free_peer_port();
-    let member_port = shadowcache_testkit::free_peer_port();
     let owner_node = NodeProcess::start(
         &dir.join("owner"),
         &[
@@ -296,90 +301,138 @@ fn cold_member(
             format!("--disk=img={},sealed", image.display()),
         ],
     );
-    let member_dir = dir.join("member");
-    let member_node = NodeProcess::start(
-        &member_dir,
-        &[
-            "--node-id=member".into(),
-            format!("--peer-listen=127.0.0.1:{member_port}"),
-            format!("--seed=127.0.0.1:{owner_port}"),
-            format!("--ram-cache={}", size * 2),
-        ],
-    );
-    let uri = format!(
-        "nbd+unix:///img?socket={}",
-        member_dir.join("nbd.sock").display()
-    );
-    wait_for(
-        "the member to serve the owner's disk",
-        Duration::from_secs(60),
-        || {
-            Command::new(&nbdinfo)
-                .arg("--size")
-                .arg(&uri)
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-        },
-    );
     eprintln!("cold member: qemu-nbd pass ...");
     let qemu = fio_pass(fio_bin, qemu_uri, size)?;
-    eprintln!("cold member: shadowcache member pass ...");
-    let nodes = [&owner_node, &member_node];
-    let before = nodes.map(|n| ThreadCpu::of(n.pid()));
-    let member = fio_pass(fio_bin, &uri, size)?;
-    let after = nodes.map(|n| ThreadCpu::of(n.pid()));
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let mut members = Vec::new();
+    let mut cpu_lines_pre = Vec::new();
+    for (n, read_ahead) in read_aheads.iter().enumerate() {
+        let member_port = shadowcache_testkit::free_peer_port();
+        let metrics_port = shadowcache_testkit::free_peer_port();
+        let member_dir = dir.join(format!("member-{n}"));
+        let mut args = vec![
+            format!("--node-id=member-{n}"),
+            format!("--peer-listen=127.0.0.1:{member_port}"),
+            format!("--metrics=127.0.0.1:{metrics_port}"),
+            format!("--seed=127.0.0.1:{owner_port}"),
+            format!("--ram-cache={}", size * 2),
+        ];
+        if let Some(r) = read_ahead {
+            args.push(format!("--read-ahead={r}"));
+        }
+        let member_node = NodeProcess::start(&member_dir, &args);
+        let uri = format!(
+            "nbd+unix:///img?socket={}",
+            member_dir.join("nbd.sock").display()
+        );
+        wait_for(
+            "the member to serve the owner's disk",
+            Duration::from_secs(60),
+            || {
+                Command::new(&nbdinfo)
+                    .arg("--size")
+                    .arg(&uri)
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+            },
+        );
+        let label = match read_ahead {
+            Some(r) => format!("read-ahead {} MiB", r >> 20),
+            None => "default read-ahead".to_string(),
+        };
+        eprintln!("cold member: shadowcache member pass ({label}) ...");
+        let nodes = [&owner_node, &member_node];
+        let before = nodes.map(|n| ThreadCpu::of(n.pid()));
+        let cold = fio_pass(fio_bin, &uri, size)?;
+        let after = nodes.map(|n| ThreadCpu::of(n.pid()));
+        // What crossed the network for the pass, and what was fetched ahead of it.
+        let body = shadowcache_testkit::http_get(metrics_port, "/metrics").unwrap_or_default();
+        let m = |name: &str| shadowcache_testkit::metric(&body, name).unwrap_or(0.0);
+        let fetched = json!({
+            "owner_read_bytes": m("shadowcache_owner_read_bytes_total"),
+            "peer_read_bytes": m("shadowcache_peer_read_bytes_total"),
+            "read_ahead_blocks": m("shadowcache_read_ahead_blocks_total"),
+            "read_ahead_used": m("shadowcache_read_ahead_used_total"),
+        });
+        cpu_lines_pre.push(format!(
+            "  member ({label}) fetched {:.0} MiB from the owner; {:.0} blocks read ahead, {:.0} of them taken by reads",
+            m("shadowcache_owner_read_bytes_total") / 1048576.0,
+            m("shadowcache_read_ahead_blocks_total"),
+            m("shadowcache_read_ahead_used_total"),
+        ));
+        eprintln!("cold member: the same member again, from its RAM ...");
+        let warm = fio_pass(fio_bin, &uri, size)?;
+        let mut cpu = serde_json::Map::new();
+        let mut cpu_lines = std::mem::take(&mut cpu_lines_pre);
+        for (name, (b, a)) in ["owner", "member"].iter().zip(before.iter().zip(&after)) {
+            let (Some(b), Some(a)) = (b, a) else {
+                cpu_lines.push(format!("  {name} CPU: not readable (no /proc here)"));
+                continue;
+            };
+            let d = a.since(b);
+            cpu_lines.push(format!(
+                "  {name} CPU in the cold pass ({label}): {:.2} s; busiest thread {:.2} s; by thread name: {}",
+                d.total_s,
+                d.busiest_s,
+                d.by_name
+                    .iter()
+                    .map(|(n, (secs, threads))| format!("{n} {secs:.2} s over {threads}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            cpu.insert(name.to_string(), d.json());
+        }
+        members.push((label, read_ahead, cold, warm, cpu, cpu_lines, fetched));
+    }
     println!();
     println!(
         "cold read at a member, 1 MiB sequential QD8, one pass over {} MiB",
         size >> 20
     );
     println!(
-        "  {:<28} {:>9} {:>9} {:>9} {:>8}",
-        "server", "MB/s", "p50 µs", "p99 µs", "wall s"
+        "  {:<44} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "server", "MB/s", "p50 µs", "p99 µs", "wall s", "÷ qemu"
     );
-    for (name, v) in [
-        ("qemu-nbd (origin file)", &qemu),
-        ("shadowcache member (cold)", &member),
-    ] {
+    let row = |name: &str, v: &Value| {
         println!(
-            "  {:<28} {:>9.1} {:>9.1} {:>9.1} {:>8.2}",
+            "  {:<44} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2}x",
             name,
             f(v, "mb_s"),
             f(v, "p50_us"),
             f(v, "p99_us"),
-            f(v, "wall_s")
-        );
+            f(v, "wall_s"),
+            f(v, "mb_s") / f(&qemu, "mb_s").max(1e-9)
+        )
+    };
+    row("qemu-nbd (origin file)", &qemu);
+    for (label, _, cold, warm, _, _, _) in &members {
+        row(&format!("shadowcache member, cold ({label})"), cold);
+        row(&format!("  the same member again, RAM ({label})"), warm);
     }
-    let ratio = f(&member, "mb_s") / f(&qemu, "mb_s").max(1e-9);
-    println!("  member ÷ qemu-nbd: {ratio:.2}x MB/s");
-    // Where the member pass spent CPU: a process near `wall s` x cores is CPU-bound, one
-    // thread near `wall s` is a serial step.
-    let mut cpu = serde_json::Map::new();
-    for (name, (b, a)) in ["owner", "member"].iter().zip(before.iter().zip(&after)) {
-        let (Some(b), Some(a)) = (b, a) else {
-            println!("  {name} CPU: not readable (no /proc here)");
-            continue;
-        };
-        let d = a.since(b);
-        println!(
-            "  {name} CPU in the member pass: {:.2} s; busiest thread {:.2} s; by thread name: {}",
-            d.total_s,
-            d.busiest_s,
-            d.by_name
-                .iter()
-                .map(|(n, (secs, threads))| format!("{n} {secs:.2} s over {threads}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        cpu.insert(name.to_string(), d.json());
+    for (_, _, _, _, _, lines, _) in &members {
+        for l in lines {
+            println!("{l}");
+        }
     }
+    let ratio = |v: &Value| (f(v, "mb_s") / f(&qemu, "mb_s").max(1e-9) * 100.0).round() / 100.0;
+    let first = members.first().map(|m| (m.2.clone(), m.4.clone()));
     Ok(json!({
         "qemu-nbd": qemu,
-        "member_cold": member,
-        "ratio_mb_s": (ratio * 100.0).round() / 100.0,
-        "cpu_s_in_member_pass": cpu,
+        // The first member's figures, as this bench gave them before it compared settings.
+        "member_cold": first.as_ref().map(|m| m.0.clone()),
+        "ratio_mb_s": first.as_ref().map(|m| ratio(&m.0)),
+        "cpu_s_in_member_pass": first.map(|m| m.1),
+        "members": members.iter().map(|(label, read_ahead, cold, warm, cpu, _, fetched)| json!({
+            "setting": label,
+            "read_ahead_bytes": read_ahead,
+            "cold": cold,
+            "warm": warm,
+            "cold_ratio_mb_s": ratio(cold),
+            "warm_ratio_mb_s": ratio(warm),
+            "cpu_s_in_cold_pass": cpu,
+            "fetched_in_cold_pass": fetched,
+        })).collect::<Vec<_>>(),
     }))
 }
 
@@ -522,7 +575,14 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         _node: None,
     });
     if opts.cold_member_only {
-        let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
+        let cold = cold_member(
+            dir.path(),
+            &image,
+            size,
+            &fio_bin,
+            &servers[0].uri,
+            &opts.member_read_aheads,
+        )?;
         return Ok(json!({"benchmark": "nbd", "image_bytes": size, "cold_member": cold}));
     }
     let nbdkit = need("nbdkit", "nbdkit")?;
@@ -617,7 +677,14 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         &nbdcopy,
         opts.seconds,
     )?;
-    let cold = cold_member(dir.path(), &image, size, &fio_bin, &servers[0].uri)?;
+    let cold = cold_member(
+        dir.path(),
+        &image,
+        size,
+        &fio_bin,
+        &servers[0].uri,
+        &opts.member_read_aheads,
+    )?;
     let results: Vec<Value> = table
         .iter()
         .map(|(w, row)| json!({"workload": w, "servers": row}))

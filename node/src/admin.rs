@@ -59,6 +59,10 @@ pub struct Counters {
     pub peer_reads: u64,
     /// Bytes fetched from other members.
     pub peer_read_bytes: u64,
+    /// Blocks of disks other members own fetched ahead of a sequential reader.
+    pub read_ahead_blocks: u64,
+    /// Blocks fetched ahead that a client's read took.
+    pub read_ahead_used: u64,
 }
 
 /// A snapshot of the node for `Status`.
@@ -246,6 +250,8 @@ impl Node {
                 owner_read_bytes: r.owner_read_bytes.get(),
                 peer_reads: r.peer_reads.get(),
                 peer_read_bytes: r.peer_read_bytes.get(),
+                read_ahead_blocks: r.read_ahead_blocks.get(),
+                read_ahead_used: r.read_ahead_used.get(),
             },
             tiers,
             certificates: self.certificates.clone(),

@@ -156,6 +156,7 @@ struct FileCluster {
     rpc_timeout_ms: Option<u64>,
     cache_remote: Option<bool>,
     peer_fetch: Option<bool>,
+    read_ahead: Option<Size>,
     secret_file: Option<PathBuf>,
     tls: Option<FileTls>,
 }
@@ -327,6 +328,10 @@ pub struct Flags {
     /// Add this many milliseconds to each read of an origin (`origin_limit.read_latency_ms`).
     #[arg(long, value_name = "MS")]
     pub origin_read_latency_ms: Option<f64>,
+    /// Blocks of a disk another member owns fetched ahead of a sequential reader; 0 turns
+    /// read-ahead off (`cluster.read_ahead`, default 16MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub read_ahead: Option<Size>,
     /// Check the configuration (the file, the flags, and the files they name: origins,
     /// certificates, keys, the cluster key), print what it amounts to, and exit: 0 when it
     /// would start, 2 when not. Starts nothing, writes nothing.
@@ -620,6 +625,10 @@ impl Config {
                 rpc_timeout_ms: file.cluster.rpc_timeout_ms.unwrap_or(5000),
                 cache_remote: file.cluster.cache_remote.unwrap_or(true),
                 peer_fetch: file.cluster.peer_fetch.unwrap_or(true),
+                read_ahead: flags
+                    .read_ahead
+                    .or(file.cluster.read_ahead)
+                    .map_or(crate::cluster::DEFAULT_READ_AHEAD, |s| s.0),
                 secret_file: file.cluster.secret_file,
                 tls: file.cluster.tls.map(|t| TlsConfig {
                     ca: t.ca,
@@ -800,6 +809,16 @@ impl Config {
             return Err(invalid(
                 "cluster.phi_threshold",
                 format!("{} is not 1 to 100", c.phi_threshold),
+            ));
+        }
+        if c.read_ahead > crate::cluster::MAX_READ_AHEAD {
+            return Err(invalid(
+                "cluster.read_ahead",
+                format!(
+                    "{} bytes is more than the most, {} (256MiB)",
+                    c.read_ahead,
+                    crate::cluster::MAX_READ_AHEAD
+                ),
             ));
         }
         if !(10..=600_000).contains(&c.rpc_timeout_ms) {
@@ -1042,6 +1061,31 @@ mod tests {
         assert!(m.contains("rma"), "{m}");
         let m = message(parse("nodeid = \"x\"\n"));
         assert!(m.contains("nodeid"), "{m}");
+    }
+
+    #[test]
+    fn read_ahead_is_a_size_with_a_ceiling_and_its_flag_wins() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.cluster.read_ahead, crate::cluster::DEFAULT_READ_AHEAD);
+        let c = parse("[cluster]\nread_ahead = \"4MiB\"\n").expect("4MiB");
+        assert_eq!(c.cluster.read_ahead, 4 << 20);
+        let c = parse("[cluster]\nread_ahead = 0\n").expect("off");
+        assert_eq!(c.cluster.read_ahead, 0);
+        let m = message(parse("[cluster]\nread_ahead = \"1GiB\"\n"));
+        assert!(
+            m.contains("cluster.read_ahead") && m.contains("256MiB"),
+            "{m}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "[cluster]\nread_ahead = \"4MiB\"\n").expect("write");
+        let c = Config::from_flags(&Flags {
+            config: Some(path),
+            read_ahead: Some(Size(0)),
+            ..Flags::default()
+        })
+        .expect("valid");
+        assert_eq!(c.cluster.read_ahead, 0, "the flag wins");
     }
 
     #[test]

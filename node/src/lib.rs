@@ -229,7 +229,7 @@ impl Node {
             .load_saved()
             .await
             .context("cannot load saved disks")?;
-        let reads = ReadPath::new(cache.clone());
+        let reads = ReadPath::new(cache.clone(), config.cluster.read_ahead);
         let clock = env.clock.clone();
         // Joined only now: a node that cannot hold its data directory, or is still opening its
         // cache, must not look like a live member to the others.
@@ -356,6 +356,7 @@ impl Node {
                 // served through this node's cache.
                 read::check_range(&shadow.disk, offset, len)?;
                 if self.cluster.lease_ok(&shadow).await {
+                    self.read_ahead(&shadow.disk, offset, len);
                     match self
                         .reads
                         .read_pieces(&shadow.disk, offset, len, Route::Any)
@@ -379,6 +380,39 @@ impl Node {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// As a client's read of `len` bytes at `offset` of a shadow begins: fetches ahead of it,
+    /// in a task of its own, if it continues a sequential stream (see [`cluster::ahead`]),
+    /// unless as many blocks as the read-ahead buffer holds are being fetched ahead already.
+    fn read_ahead(&self, disk: &Arc<disk::Disk>, offset: u64, len: u64) {
+        let bs = u64::from(self.config.block_bytes);
+        let window = self.config.cluster.read_ahead / 2 / bs;
+        let Some(remote) = &disk.remote else {
+            return;
+        };
+        if window == 0 || len == 0 {
+            return;
+        }
+        let Some(range) = remote.ahead().after(
+            offset / bs,
+            (offset + len - 1) / bs,
+            remote.blocks(),
+            window,
+        ) else {
+            return;
+        };
+        let (Some(node), Some(permit)) = (
+            self.me.upgrade(),
+            self.reads.ahead_permit(range.end - range.start),
+        ) else {
+            return;
+        };
+        let disk = disk.clone();
+        tokio::spawn(async move {
+            node.reads.read_ahead(&disk, range).await;
+            drop(permit);
+        });
     }
 
     /// Reads a disk another member owns at the owner, caching nothing. The answer says when

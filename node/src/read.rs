@@ -71,6 +71,10 @@ pub struct ReadStats {
     /// Blocks served from those read lately for members (see [`ReadPath`]'s staging) instead
     /// of the origin.
     pub staged_hits: Count,
+    /// Blocks of disks other members own fetched ahead of a sequential reader.
+    pub read_ahead_blocks: Count,
+    /// Blocks fetched ahead that a client's read then took.
+    pub read_ahead_used: Count,
 }
 
 impl ReadStats {
@@ -89,6 +93,8 @@ impl ReadStats {
             ram_bytes: Count::new(HIT_BYTES, &[("tier", "ram")]),
             ssd_bytes: Count::new(HIT_BYTES, &[("tier", "ssd")]),
             staged_hits: Count::new(STAGED_HITS, &[]),
+            read_ahead_blocks: Count::new(READ_AHEAD_BLOCKS, &[]),
+            read_ahead_used: Count::new(READ_AHEAD_USED, &[]),
         }
     }
 }
@@ -144,6 +150,11 @@ impl Drop for Seat<'_> {
 pub const STAGED_BYTES: u64 = 32 << 20;
 /// How long a block read for members is kept.
 pub const STAGED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bytes of blocks fetched ahead of sequential readers held at once, at least (four times
+/// `cluster.read_ahead` when that is more).
+pub const AHEAD_BYTES: u64 = 64 << 20;
+/// How long a block fetched ahead waits for the read it was fetched for.
+pub const AHEAD_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves reads of every disk of a node.
 ///
@@ -152,13 +163,32 @@ pub const STAGED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 /// [`Route::Member`]), but are *staged*: kept by fingerprint for [`STAGED_FOR`], at most
 /// [`STAGED_BYTES`]. A member that asks for a window of the map fetches the blocks it needs
 /// from it moments later, and a storage-bound owner must not read them from its origin twice.
+///
+/// Blocks of other members' disks fetched ahead of a sequential reader
+/// ([`ReadPath::read_ahead`]) wait in a buffer of their own, by fingerprint, for the client's
+/// read that admits them (at most [`AHEAD_BYTES`], each for [`AHEAD_FOR`]).
 #[derive(Debug)]
 pub struct ReadPath {
     cache: ContentCache,
     block_bytes: u64,
     flights: DashMap<FlightKey, Flight>,
     staged: moka::sync::Cache<Fingerprint, Bytes>,
+    ahead: moka::sync::Cache<Fingerprint, Bytes>,
+    /// Blocks a read-ahead may have in flight, all read-aheads together.
+    ahead_permits: Arc<tokio::sync::Semaphore>,
     stats: ReadStats,
+}
+
+/// A short-lived buffer of blocks by fingerprint: each is put once and taken at most once
+/// soon after, so the oldest goes first (moka's default admission would refuse new entries
+/// once full, none having been read twice).
+fn buffer(bytes: u64, ttl: std::time::Duration) -> moka::sync::Cache<Fingerprint, Bytes> {
+    moka::sync::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|_, b: &Bytes| b.len().max(1) as u32)
+        .time_to_live(ttl)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .build()
 }
 
 /// The pieces as one buffer: the piece itself when there is one (no copy), else one copy.
@@ -202,17 +232,20 @@ pub fn check_span(disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
 }
 
 impl ReadPath {
-    /// A read path over `cache`, whose block size it uses.
-    pub fn new(cache: ContentCache) -> Self {
+    /// A read path over `cache`, whose block size it uses, that fetches up to `read_ahead`
+    /// bytes ahead of a sequential reader of another member's disk.
+    pub fn new(cache: ContentCache, read_ahead: u64) -> Self {
+        let block_bytes = u64::from(cache.config().block_bytes);
+        let ahead_bytes = AHEAD_BYTES.max(read_ahead.saturating_mul(4));
         ReadPath {
-            block_bytes: u64::from(cache.config().block_bytes),
+            block_bytes,
             cache,
             flights: crate::hashing::dash_map(),
-            staged: moka::sync::Cache::builder()
-                .max_capacity(STAGED_BYTES)
-                .weigher(|_, b: &Bytes| b.len().max(1) as u32)
-                .time_to_live(STAGED_FOR)
-                .build(),
+            staged: buffer(STAGED_BYTES, STAGED_FOR),
+            ahead: buffer(ahead_bytes, AHEAD_FOR),
+            ahead_permits: Arc::new(tokio::sync::Semaphore::new(
+                (ahead_bytes / block_bytes.max(1)) as usize,
+            )),
             stats: ReadStats::new(),
         }
     }
@@ -462,6 +495,14 @@ impl ReadPath {
                     .and_then(|v| v.clone());
                 match got {
                     Some(r) if mine => r,
+                    // A read-ahead's flight left its block in the read-ahead buffer and
+                    // admitted nothing: the first read to take it admits it.
+                    Some(Ok(b)) if route != Route::Member => match fp {
+                        Some(fp) if self.take_ahead(&fp).is_some() => {
+                            Ok(self.admit(disk, map, index, b, Some(fp)))
+                        }
+                        _ => Ok(b),
+                    },
                     Some(Ok(b)) => Ok(b),
                     // A joined flight that failed may have been another disk's, another
                     // generation's or a home's: its failure is not this read's. One whose
@@ -513,6 +554,7 @@ impl ReadPath {
                         .or_else(|| {
                             // Keyed by its fingerprint: admitted as verified.
                             self.staged_block(&fp)
+                                .or_else(|| self.take_ahead(&fp))
                                 .map(|b| self.admit(disk, map, index, b, Some(fp)))
                         })
                 }
@@ -562,12 +604,7 @@ impl ReadPath {
             let w = &wants[n];
             let r = match r {
                 Ok((bytes, source)) => {
-                    let (reads, bytes_read) = match source {
-                        Source::Owner => (&self.stats.owner_reads, &self.stats.owner_read_bytes),
-                        Source::Peer => (&self.stats.peer_reads, &self.stats.peer_read_bytes),
-                    };
-                    reads.inc();
-                    bytes_read.add(bytes.len() as u64);
+                    self.count_fetched(&bytes, source);
                     Ok(self.admit(disk, map, w.index, bytes, w.expected))
                 }
                 Err(e) => {
@@ -579,6 +616,103 @@ impl ReadPath {
             done(todo[n], r);
         };
         remote.fetch(&wants, route, &each).await;
+    }
+
+    fn count_fetched(&self, bytes: &Bytes, source: Source) {
+        let (reads, bytes_read) = match source {
+            Source::Owner => (&self.stats.owner_reads, &self.stats.owner_read_bytes),
+            Source::Peer => (&self.stats.peer_reads, &self.stats.peer_read_bytes),
+        };
+        reads.inc();
+        bytes_read.add(bytes.len() as u64);
+    }
+
+    /// A permit for a read-ahead of `blocks` blocks, if fewer than the read-ahead buffer's
+    /// worth are in flight with it; `None`: skip this read-ahead (it never waits).
+    pub fn ahead_permit(&self, blocks: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.ahead_permits
+            .clone()
+            .try_acquire_many_owned(u32::try_from(blocks).ok()?)
+            .ok()
+    }
+
+    /// Fetches blocks `range` of a disk another member owns ahead of a sequential reader
+    /// (see [`crate::cluster::ahead`]): the blocks its owner's map knows as data that neither
+    /// the cache, the read-ahead buffer nor a load in flight has, from the sources and
+    /// verified as a client's read's would be. Each waits in the read-ahead buffer, not the
+    /// cache, until a client's read takes and admits it; a read that comes while it is in
+    /// flight joins its flight. Returns how many blocks it fetched.
+    pub async fn read_ahead(&self, disk: &Disk, range: std::ops::Range<u64>) -> u64 {
+        let (Some(remote), Some(map)) = (&disk.remote, disk.serving_map()) else {
+            return 0;
+        };
+        let indices: Vec<u64> = range
+            .filter(|&i| i * self.block_bytes < disk.size)
+            .collect();
+        if let Err(e) = remote.fill_map(&map, &indices).await {
+            tracing::debug!(disk = %disk.id, error = %e, "owner's content map unavailable; nothing read ahead");
+            return 0;
+        }
+        let mut seats = Vec::new();
+        let mut lead = Vec::new();
+        let mut wants = Vec::new();
+        for index in indices {
+            let Some(BlockRef::Data(fp)) = map.get(index) else {
+                continue;
+            };
+            if self.cache.tier_of(&fp).is_some() || self.ahead.contains_key(&fp) {
+                continue;
+            }
+            let key = FlightKey::Content(fp);
+            let dashmap::Entry::Vacant(v) = self.flights.entry(key) else {
+                continue;
+            };
+            let (tx, rx) = watch::channel(None);
+            let flight = v.insert(rx).clone();
+            seats.push(Seat {
+                flights: &self.flights,
+                key,
+                flight,
+            });
+            lead.push((fp, tx));
+            wants.push(Want {
+                index,
+                expected: Some(fp),
+                len: self.block_len(disk, index),
+            });
+        }
+        if wants.is_empty() {
+            return 0;
+        }
+        let fetched = std::sync::atomic::AtomicU64::new(0);
+        remote
+            .fetch(&wants, Route::Any, &|n, r| {
+                let (fp, tx) = &lead[n];
+                let r = r.map(|(bytes, source)| {
+                    self.count_fetched(&bytes, source);
+                    // In the buffer before the flight ends: a read that comes after it
+                    // finds the block there.
+                    self.ahead.insert(*fp, bytes.clone());
+                    fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    bytes
+                });
+                if let Err(e) = &r {
+                    tracing::debug!(disk = %disk.id, block = wants[n].index, error = %e, "block fetch ahead failed");
+                }
+                tx.send_replace(Some(r));
+            })
+            .await;
+        drop(seats);
+        let n = fetched.into_inner();
+        self.stats.read_ahead_blocks.add(n);
+        n
+    }
+
+    /// A block fetched ahead, out of the read-ahead buffer (the caller admits it).
+    fn take_ahead(&self, fp: &Fingerprint) -> Option<Bytes> {
+        let b = self.ahead.remove(fp)?;
+        self.stats.read_ahead_used.inc();
+        Some(b)
     }
 
     /// Blocks of this node's own disk from its origin: each run of adjacent blocks in one read.

@@ -95,6 +95,10 @@ pub const CERT_EXPIRY: &str = "shadowcache_certificate_expiry_timestamp_seconds"
 /// Blocks an owner served from those it had just read for members' content maps, instead of
 /// reading its origin again.
 pub const STAGED_HITS: &str = "shadowcache_staged_hits_total";
+/// Blocks of disks other members own fetched ahead of a sequential reader.
+pub const READ_AHEAD_BLOCKS: &str = "shadowcache_read_ahead_blocks_total";
+/// Blocks fetched ahead that a client's read took.
+pub const READ_AHEAD_USED: &str = "shadowcache_read_ahead_used_total";
 /// Live cluster members, this node included.
 pub const MEMBERS_ALIVE: &str = "shadowcache_members_alive";
 /// Requests forwarded to a disk's owner, by `rpc`.
@@ -537,6 +541,14 @@ fn describe() {
     describe_counter!(
         STAGED_HITS,
         "Blocks served from those just read for members' content maps, not the origin again"
+    );
+    describe_counter!(
+        READ_AHEAD_BLOCKS,
+        "Blocks of disks other members own fetched ahead of a sequential reader"
+    );
+    describe_counter!(
+        READ_AHEAD_USED,
+        "Blocks fetched ahead that a client's read took (the rest expired unread)"
     );
     describe_gauge!(MEMBERS_ALIVE, "Live cluster members, this node included");
     describe_counter!(FORWARDED, "Requests forwarded to a disk's owner, by rpc");

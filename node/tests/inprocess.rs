@@ -480,41 +480,76 @@ async fn a_disk_whose_owner_left_is_unavailable_and_says_why_not_unknown() {
 /// for its map, not the chunk of the map around it (1,024 blocks); the block the owner read
 /// for the map is the one the member then fetches, and the owner does not read it from its
 /// origin twice. A member reading the whole disk makes the owner read each block once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
-    const BIG: u64 = 2048;
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Owner `a` with a sealed disk "big" of `blocks` blocks, and member `b` (64 MiB of RAM,
+/// `read_ahead` bytes of read-ahead) that sees it sealed; the net must outlive them.
+async fn owner_and_member(
+    dir: &std::path::Path,
+    blocks: u64,
+    read_ahead: u64,
+) -> (InProcessNet, Vec<RunningNode>) {
     let net = InProcessNet::new();
     let clock = ManualClock::new(Duration::from_secs(1_000));
-    let image = dir.path().join("big.raw");
+    let image = dir.join("big.raw");
     let mut data = Vec::new();
-    for i in 0..BIG {
+    for i in 0..blocks {
         data.extend(block(i, 1));
     }
     std::fs::write(&image, &data).expect("image");
     let mut nodes = Vec::new();
     for (n, id) in ["a", "b"].into_iter().enumerate() {
         let owns = (id == "a").then_some(("big", image.as_path()));
-        let mut c = member_config(
-            &dir.path().join(id),
-            id,
-            BS as u32,
-            (TERM_MS, MARGIN_MS),
-            owns,
-        );
+        let mut c = member_config(&dir.join(id), id, BS as u32, (TERM_MS, MARGIN_MS), owns);
         c.ram_bytes = 64 << 20;
+        c.cluster.read_ahead = read_ahead;
         let env = net.environment(id, 1, clock.clone(), 40 + n as u64);
         let running = start_in(c, env).await.expect("start");
         net.attach(id, running.node());
         nodes.push(running);
     }
-    let (a, b) = (nodes[0].node().clone(), nodes[1].node().clone());
+    let (a, b) = (nodes[0].node(), nodes[1].node());
     a.set_mode("big", DiskMode::Sealed).await.expect("seal");
     let deadline = Instant::now() + Duration::from_secs(30);
     while b.stat("big").ok().map(|d| d.mode) != Some(DiskMode::Sealed) {
         assert!(Instant::now() < deadline, "b never saw big sealed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (net, nodes)
+}
+
+/// Reads blocks `blocks` of "big" at `node`, `per` blocks a read, front to back, and checks
+/// each.
+async fn read_through(node: &shadowcache_node::Node, blocks: std::ops::Range<u64>, per: u64) {
+    for first in blocks.clone().step_by(per as usize) {
+        let n = per.min(blocks.end - first);
+        let got = node.read("big", first * BS, n * BS).await.expect("read");
+        for i in 0..n {
+            let at = (i * BS) as usize;
+            assert_eq!(version_of(first + i, &got[at..at + BS as usize]), 1);
+        }
+    }
+}
+
+/// Waits until `f` holds (real time: read-ahead runs in tasks of its own).
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
+    const BIG: u64 = 2048;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The default read-ahead (16 MiB): the sequential pass below is read ahead of.
+    let (_net, nodes) = owner_and_member(
+        dir.path(),
+        BIG,
+        shadowcache_node::cluster::DEFAULT_READ_AHEAD,
+    )
+    .await;
+    let (a, b) = (nodes[0].node().clone(), nodes[1].node().clone());
     let origin = || a.status().counters.origin_read_bytes;
     let before = origin();
     let got = b.read("big", 1000 * BS, BS).await.expect("read");
@@ -527,19 +562,142 @@ async fn a_member_costs_the_owner_a_window_of_reads_and_each_block_once() {
     let got = b.read("big", 1200 * BS, 3 * BS).await.expect("read");
     assert_eq!(version_of(1202, &got[2 * BS as usize..]), 1);
     assert_eq!(origin() - before, 4 * BS, "three more blocks, read once");
-    // In 1 MiB reads, front to back: the reads after the first chunk ask ahead.
-    for first in (0..BIG).step_by(64) {
-        let got = b.read("big", first * BS, 64 * BS).await.expect("read");
-        for i in 0..64 {
-            let at = (i * BS) as usize;
-            assert_eq!(version_of(first + i, &got[at..at + BS as usize]), 1);
-        }
-    }
+    // In 1 MiB reads, front to back: the reads after the first chunk ask ahead, for the map
+    // and for blocks.
+    read_through(&b, 0..BIG, 64).await;
     assert_eq!(
         origin() - before,
         BIG * BS,
         "the whole disk at a member: the owner reads each block once"
     );
+    assert!(
+        b.status().counters.read_ahead_blocks > 0,
+        "a sequential pass is read ahead of"
+    );
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+/// The read-ahead tests' disk, in blocks.
+const AHEAD_DISK_BLOCKS: u64 = 1024;
+/// Their read-ahead window, in blocks (1 MiB; the read-ahead is two windows).
+const WINDOW: u64 = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_reader_at_a_member_finds_its_next_blocks_fetched_ahead_a_random_one_does_not()
+{
+    const BLOCKS: u64 = AHEAD_DISK_BLOCKS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (net, nodes) = owner_and_member(dir.path(), BLOCKS, 2 * WINDOW * BS).await;
+    let b = nodes[1].node().clone();
+    // What b fetched: all from the owner, the only other member.
+    let fetched = || b.status().counters.owner_read_bytes / BS;
+
+    // Scattered reads in the second half: nothing is fetched ahead of them.
+    for i in (0..48).map(|i| BLOCKS / 2 + (i * 397) % (BLOCKS / 2)) {
+        let got = b.read("big", i * BS, BS).await.expect("read");
+        assert_eq!(version_of(i, &got), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.status().counters.read_ahead_blocks, 0);
+    assert_eq!(fetched(), 48, "b fetched what was read, nothing more");
+
+    // A sequential reader, 4 blocks a read, through the first two windows. Once it has read
+    // half a window it asks for window 1 (which it then reads itself, joining or taking what
+    // was fetched of it), from block 64 on for window 2, from block 96 on for window 3, each
+    // as far ahead as it has read; no read asks for more.
+    read_through(&b, 0..2 * WINDOW, 4).await;
+    until("windows 0 to 3 are at b, each block fetched once", || {
+        fetched() == 48 + 4 * WINDOW
+    })
+    .await;
+    until("windows 2 and 3 are fetched ahead", || {
+        b.status().counters.read_ahead_blocks >= 2 * WINDOW
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fetched(), 48 + 4 * WINDOW, "nothing past window 3");
+
+    // Windows 2 and 3 are at b: read with b cut off from the owner, they come from b's
+    // read-ahead buffer. Each is a miss of the cache, admitted by the read as its first touch:
+    // a scan read ahead enters the cache as a scan, not as blocks read twice.
+    net.set_link("b", "a", Link::Cut);
+    let c0 = b.status().counters;
+    read_through(&b, 2 * WINDOW..4 * WINDOW, 4).await;
+    let c1 = b.status().counters;
+    assert_eq!(c1.read_ahead_used - c0.read_ahead_used, 2 * WINDOW);
+    assert_eq!(
+        c1.owner_read_bytes, c0.owner_read_bytes,
+        "nothing fetched for them"
+    );
+    assert_eq!(c1.misses - c0.misses, 2 * WINDOW);
+    assert_eq!(c1.promotions, 0, "no block was read twice");
+    for i in 2 * WINDOW..4 * WINDOW {
+        let fp = shadowcache_node::Fingerprint::of(&block(i, 1));
+        assert!(
+            b.cache().tier_of(&fp).is_some(),
+            "block {i} is cached once read"
+        );
+    }
+    net.set_link("b", "a", Link::Open);
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_joins_a_fetch_ahead_in_flight_gets_its_blocks_and_caches_them() {
+    const BLOCKS: u64 = AHEAD_DISK_BLOCKS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (net, nodes) = owner_and_member(dir.path(), BLOCKS, 2 * WINDOW * BS).await;
+    let b = nodes[1].node().clone();
+    let fetched = || b.status().counters.owner_read_bytes / BS;
+    read_through(&b, 0..2 * WINDOW, 4).await;
+    until("windows 0 to 3 are at b", || fetched() == 4 * WINDOW).await;
+    until("windows 2 and 3 are fetched ahead", || {
+        b.status().counters.read_ahead_blocks >= 2 * WINDOW
+    })
+    .await;
+    // The owner's map of window 4 is here (asked ahead of the read-ahead of window 3), so the
+    // read-ahead of window 4 needs the link only for its blocks.
+    until("b knows the owner's map up to window 4", || {
+        b.stat("big").is_ok_and(|d| d.known_blocks >= 5 * WINDOW)
+    })
+    .await;
+    // The owner's replies are held: the read at block 128 comes from the read-ahead buffer
+    // and asks for window 4, whose fetch waits on the link; a read of its first blocks then
+    // finds that fetch in flight and waits for it.
+    net.set_link("b", "a", Link::Held);
+    let c0 = b.status().counters;
+    read_through(&b, 2 * WINDOW..2 * WINDOW + 4, 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reader = {
+        let b = b.clone();
+        tokio::spawn(async move { read_through(&b, 4 * WINDOW..4 * WINDOW + 4, 4).await })
+    };
+    until("the reader waits for the fetch ahead in flight", || {
+        b.status().counters.single_flight_joins - c0.single_flight_joins == 4
+    })
+    .await;
+    net.set_link("b", "a", Link::Open);
+    reader.await.expect("reader");
+    until("window 4 is at b", || fetched() == 5 * WINDOW).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c2 = b.status().counters;
+    assert_eq!(
+        c2.owner_read_bytes - c0.owner_read_bytes,
+        WINDOW * BS,
+        "window 4 crossed the network once"
+    );
+    for i in 4 * WINDOW..4 * WINDOW + 4 {
+        let fp = shadowcache_node::Fingerprint::of(&block(i, 1));
+        assert!(
+            b.cache().tier_of(&fp).is_some(),
+            "block {i} is cached once read"
+        );
+    }
+    assert_eq!(c2.read_ahead_used - c0.read_ahead_used, 8);
     for n in nodes {
         n.shutdown().await.expect("shutdown");
     }

@@ -379,6 +379,8 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
             "owner_read_bytes": c.owner_read_bytes,
             "peer_reads": c.peer_reads,
             "peer_read_bytes": c.peer_read_bytes,
+            "read_ahead_blocks": c.read_ahead_blocks,
+            "read_ahead_used": c.read_ahead_used,
         },
         "disks": s.disks.iter().map(disk_json).collect::<Vec<_>>(),
         "members": s.members.iter().map(|m| json!({"id": m.id, "peer_addr": m.peer_addr})).collect::<Vec<_>>(),
@@ -500,6 +502,10 @@ fn print_status(s: &StatusResponse) {
         c.evictions,
         c.ssd_verify_failures,
         c.ssd_write_failures
+    );
+    println!(
+        "read-ahead {} blocks fetched, {} taken by reads",
+        c.read_ahead_blocks, c.read_ahead_used
     );
     let l = s.leases.unwrap_or_default();
     println!(

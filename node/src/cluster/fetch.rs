@@ -131,6 +131,8 @@ pub struct Remote {
     /// Mixed into the random choice between two holders.
     picks: AtomicU64,
     describe: String,
+    /// The windows of this disk fetched ahead of sequential readers.
+    ahead: super::ahead::Ahead,
 }
 
 /// What [`Remote::new`] needs to know about the disk and its owner.
@@ -178,7 +180,18 @@ impl Remote {
             peer_fetch,
             maps,
             map_flights: crate::hashing::dash_map(),
+            ahead: Default::default(),
         }
+    }
+
+    /// What this disk has fetched ahead of sequential readers (see [`super::ahead`]).
+    pub fn ahead(&self) -> &super::ahead::Ahead {
+        &self.ahead
+    }
+
+    /// The disk's size in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.total_blocks()
     }
 
     /// Entries of the owner's map per chunk for this block size.

@@ -24,6 +24,7 @@
 //! remote one; between two remote owners of one id, the lower node id wins (and a warning says
 //! so), so every node resolves a conflict the same way.
 
+pub mod ahead;
 pub mod blockmap;
 pub mod detect;
 mod directory;
@@ -43,6 +44,7 @@ use std::time::Duration;
 use crate::hashing::DashMap;
 use tokio::sync::watch;
 
+pub use ahead::{DEFAULT_READ_AHEAD, MAX_READ_AHEAD};
 pub use lease::HolderLease;
 pub use membership::{GossipConfig, Member, Membership};
 pub use peers::{PeerService, Peers};
@@ -80,6 +82,9 @@ pub struct ClusterConfig {
     /// Fetch missed blocks from their home member (default true). False reads every miss from
     /// the owner: each node caching alone, the CBRC-like baseline.
     pub peer_fetch: bool,
+    /// Bytes of a disk another member owns fetched ahead of a client reading it sequentially
+    /// (see [`ahead`]); 0: none.
+    pub read_ahead: u64,
     /// Mutual TLS on the Peer service: only holders of a certificate signed by the cluster's
     /// CA may call it, and members only talk to such holders. Without `secret_file`, gossip is
     /// signed with the same key and certificate.

@@ -134,6 +134,8 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
             owner_read_bytes: c.owner_read_bytes,
             peer_reads: c.peer_reads,
             peer_read_bytes: c.peer_read_bytes,
+            read_ahead_blocks: c.read_ahead_blocks,
+            read_ahead_used: c.read_ahead_used,
         }),
         disks: s.disks.into_iter().map(info_to_pb).collect(),
         uptime_ms: s.uptime_ms,
