@@ -279,6 +279,7 @@ impl Node {
     /// Leaves the cache warm: RAM multi-touch written to SSD, SSD and content maps synced.
     /// Blocks; call it from a blocking context.
     pub fn close(&self) {
+        self.ahead_tasks.lock().abort_all();
         // Maps first: they are small and what a warm restart needs most.
         self.registry.sync_maps();
         self.cache.shutdown();

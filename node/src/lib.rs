@@ -112,7 +112,9 @@ pub struct Node {
     config: Config,
     registry: Registry,
     cache: ContentCache,
-    reads: ReadPath,
+    reads: Arc<ReadPath>,
+    /// Fetches ahead of sequential readers under way (aborted when the node closes).
+    ahead_tasks: parking_lot::Mutex<tokio::task::JoinSet<()>>,
     cluster: Arc<cluster::Cluster>,
     clock: Arc<dyn clock::Clock>,
     /// This node, for the tasks it spawns (revocations run to the end without their caller).
@@ -229,7 +231,7 @@ impl Node {
             .load_saved()
             .await
             .context("cannot load saved disks")?;
-        let reads = ReadPath::new(cache.clone(), config.cluster.read_ahead);
+        let reads = Arc::new(ReadPath::new(cache.clone(), config.cluster.read_ahead));
         let clock = env.clock.clone();
         // Joined only now: a node that cannot hold its data directory, or is still opening its
         // cache, must not look like a live member to the others.
@@ -267,6 +269,7 @@ impl Node {
             registry,
             cache,
             reads,
+            ahead_tasks: Default::default(),
             cluster,
             peer_serving: tokio::sync::Semaphore::new(serving_blocks),
             subscriptions: Arc::default(),
@@ -394,23 +397,21 @@ impl Node {
         if window == 0 || len == 0 {
             return;
         }
-        let Some(range) = remote.ahead().after(
-            offset / bs,
-            (offset + len - 1) / bs,
+        let Some((range, permit)) = remote.ahead().after(
+            (offset / bs, (offset + len - 1) / bs),
             remote.blocks(),
             window,
+            |blocks| self.reads.ahead_permit(blocks),
         ) else {
             return;
         };
-        let (Some(node), Some(permit)) = (
-            self.me.upgrade(),
-            self.reads.ahead_permit(range.end - range.start),
-        ) else {
-            return;
-        };
-        let disk = disk.clone();
-        tokio::spawn(async move {
-            node.reads.read_ahead(&disk, range).await;
+        // The read path and the disk, not the node: a fetch ahead that outlives the node's
+        // close is aborted, and never holds its data directory.
+        let (reads, disk) = (self.reads.clone(), disk.clone());
+        let mut tasks = self.ahead_tasks.lock();
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            reads.read_ahead(&disk, range).await;
             drop(permit);
         });
     }

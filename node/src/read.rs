@@ -71,6 +71,8 @@ pub struct ReadStats {
     /// Blocks served from those read lately for members (see [`ReadPath`]'s staging) instead
     /// of the origin.
     pub staged_hits: Count,
+    /// Blocks asked for ahead of sequential readers (some cached or in flight already).
+    pub read_ahead_asked: Count,
     /// Blocks of disks other members own fetched ahead of a sequential reader.
     pub read_ahead_blocks: Count,
     /// Blocks fetched ahead that a client's read then took.
@@ -93,6 +95,7 @@ impl ReadStats {
             ram_bytes: Count::new(HIT_BYTES, &[("tier", "ram")]),
             ssd_bytes: Count::new(HIT_BYTES, &[("tier", "ssd")]),
             staged_hits: Count::new(STAGED_HITS, &[]),
+            read_ahead_asked: Count::new(READ_AHEAD_ASKED, &[]),
             read_ahead_blocks: Count::new(READ_AHEAD_BLOCKS, &[]),
             read_ahead_used: Count::new(READ_AHEAD_USED, &[]),
         }
@@ -174,6 +177,8 @@ pub struct ReadPath {
     flights: DashMap<FlightKey, Flight>,
     staged: moka::sync::Cache<Fingerprint, Bytes>,
     ahead: moka::sync::Cache<Fingerprint, Bytes>,
+    /// The read-ahead buffer's capacity, bytes.
+    ahead_bytes: u64,
     /// Blocks a read-ahead may have in flight, all read-aheads together.
     ahead_permits: Arc<tokio::sync::Semaphore>,
     stats: ReadStats,
@@ -243,6 +248,7 @@ impl ReadPath {
             flights: crate::hashing::dash_map(),
             staged: buffer(STAGED_BYTES, STAGED_FOR),
             ahead: buffer(ahead_bytes, AHEAD_FOR),
+            ahead_bytes,
             ahead_permits: Arc::new(tokio::sync::Semaphore::new(
                 (ahead_bytes / block_bytes.max(1)) as usize,
             )),
@@ -253,6 +259,11 @@ impl ReadPath {
     /// The counters.
     pub fn stats(&self) -> &ReadStats {
         &self.stats
+    }
+
+    /// Loads in flight now, one per content (or block while its fingerprint is unknown).
+    pub fn flights(&self) -> usize {
+        self.flights.len()
     }
 
     /// Reads `len` bytes at `offset` of `disk`.
@@ -496,9 +507,13 @@ impl ReadPath {
                 match got {
                     Some(r) if mine => r,
                     // A read-ahead's flight left its block in the read-ahead buffer and
-                    // admitted nothing: the first read to take it admits it.
+                    // admitted nothing: the first read to take it admits it, as does one
+                    // that finds it gone from there and not cached.
                     Some(Ok(b)) if route != Route::Member => match fp {
-                        Some(fp) if self.take_ahead(&fp).is_some() => {
+                        Some(fp)
+                            if self.take_ahead(&fp).is_some()
+                                || self.cache.tier_of(&fp).is_none() =>
+                        {
                             Ok(self.admit(disk, map, index, b, Some(fp)))
                         }
                         _ => Ok(b),
@@ -544,9 +559,13 @@ impl ReadPath {
         for (k, &(index, fp)) in blocks.iter().enumerate() {
             let hit = match fp.map(BlockRef::Data).or_else(|| map.get(index)) {
                 Some(BlockRef::Zero) => Some(self.cache.zero(self.block_len(disk, index))),
-                Some(BlockRef::Data(fp)) if route == Route::Member => {
-                    self.cache.peek(&fp).or_else(|| self.staged_block(&fp))
-                }
+                Some(BlockRef::Data(fp)) if route == Route::Member => self
+                    .cache
+                    .peek(&fp)
+                    .or_else(|| self.staged_block(&fp))
+                    // A home asked for a block fetched ahead here: left for the read it
+                    // was fetched for.
+                    .or_else(|| self.ahead.get(&fp)),
                 Some(BlockRef::Data(fp)) => {
                     self.cache
                         .get_ram_uncounted(&fp)
@@ -627,13 +646,23 @@ impl ReadPath {
         bytes_read.add(bytes.len() as u64);
     }
 
-    /// A permit for a read-ahead of `blocks` blocks, if fewer than the read-ahead buffer's
-    /// worth are in flight with it; `None`: skip this read-ahead (it never waits).
+    /// A permit for a read-ahead of `blocks` blocks, if they fit in the read-ahead buffer
+    /// beside what it holds and what is in flight; `None`: skip this read-ahead (it never
+    /// waits). A buffer full of blocks no read has taken yet would evict them for new ones.
     pub fn ahead_permit(&self, blocks: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.ahead_permits
+        let in_flight = (self.ahead_bytes / self.block_bytes.max(1))
+            .saturating_sub(self.ahead_permits.available_permits() as u64);
+        let held = self.ahead.weighted_size().div_ceil(self.block_bytes.max(1));
+        if (held + in_flight + blocks) * self.block_bytes > self.ahead_bytes {
+            return None;
+        }
+        let p = self
+            .ahead_permits
             .clone()
             .try_acquire_many_owned(u32::try_from(blocks).ok()?)
-            .ok()
+            .ok()?;
+        self.stats.read_ahead_asked.add(blocks);
+        Some(p)
     }
 
     /// Fetches blocks `range` of a disk another member owns ahead of a sequential reader
@@ -669,11 +698,18 @@ impl ReadPath {
             };
             let (tx, rx) = watch::channel(None);
             let flight = v.insert(rx).clone();
-            seats.push(Seat {
+            let seat = Seat {
                 flights: &self.flights,
                 key,
                 flight,
-            });
+            };
+            // A read's flight may have admitted it and ended since the look above: the
+            // flight just begun ends unsent (its seat takes it out).
+            if self.cache.tier_of(&fp).is_some() || self.ahead.contains_key(&fp) {
+                drop(tx);
+                continue;
+            }
+            seats.push(seat);
             lead.push((fp, tx));
             wants.push(Want {
                 index,

@@ -95,6 +95,8 @@ pub const CERT_EXPIRY: &str = "shadowcache_certificate_expiry_timestamp_seconds"
 /// Blocks an owner served from those it had just read for members' content maps, instead of
 /// reading its origin again.
 pub const STAGED_HITS: &str = "shadowcache_staged_hits_total";
+/// Blocks asked for ahead of sequential readers (those cached or in flight already included).
+pub const READ_AHEAD_ASKED: &str = "shadowcache_read_ahead_asked_total";
 /// Blocks of disks other members own fetched ahead of a sequential reader.
 pub const READ_AHEAD_BLOCKS: &str = "shadowcache_read_ahead_blocks_total";
 /// Blocks fetched ahead that a client's read took.
@@ -541,6 +543,10 @@ fn describe() {
     describe_counter!(
         STAGED_HITS,
         "Blocks served from those just read for members' content maps, not the origin again"
+    );
+    describe_counter!(
+        READ_AHEAD_ASKED,
+        "Blocks asked for ahead of sequential readers, those cached or in flight included"
     );
     describe_counter!(
         READ_AHEAD_BLOCKS,

@@ -599,15 +599,16 @@ async fn a_sequential_reader_at_a_member_finds_its_next_blocks_fetched_ahead_a_r
         let got = b.read("big", i * BS, BS).await.expect("read");
         assert_eq!(version_of(i, &got), 1);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(b.status().counters.read_ahead_blocks, 0);
+    let asked = || b.reads().stats().read_ahead_asked.get();
+    assert_eq!(asked(), 0, "no read asked for anything ahead");
     assert_eq!(fetched(), 48, "b fetched what was read, nothing more");
 
-    // A sequential reader, 4 blocks a read, through the first two windows. Once it has read
-    // half a window it asks for window 1 (which it then reads itself, joining or taking what
-    // was fetched of it), from block 64 on for window 2, from block 96 on for window 3, each
-    // as far ahead as it has read; no read asks for more.
+    // A sequential reader, 4 blocks a read, through the first two windows. It asks for each
+    // window once its end is no further ahead than the reader has read: window 1 at block 64
+    // (which it then reads itself, joining or taking what was fetched of it), window 2 at 96,
+    // window 3 at 128; no read asks for more.
     read_through(&b, 0..2 * WINDOW, 4).await;
+    assert_eq!(asked(), 3 * WINDOW, "windows 1 to 3");
     until("windows 0 to 3 are at b, each block fetched once", || {
         fetched() == 48 + 4 * WINDOW
     })
@@ -665,13 +666,16 @@ async fn a_read_that_joins_a_fetch_ahead_in_flight_gets_its_blocks_and_caches_th
         b.stat("big").is_ok_and(|d| d.known_blocks >= 5 * WINDOW)
     })
     .await;
-    // The owner's replies are held: the read at block 128 comes from the read-ahead buffer
-    // and asks for window 4, whose fetch waits on the link; a read of its first blocks then
-    // finds that fetch in flight and waits for it.
+    // The owner's replies are held: the reads of blocks 128 to 160 come from the read-ahead
+    // buffer, and the last asks for window 4, whose fetch waits on the link; a read of its
+    // first blocks then finds that fetch in flight and waits for it.
     net.set_link("b", "a", Link::Held);
     let c0 = b.status().counters;
-    read_through(&b, 2 * WINDOW..2 * WINDOW + 4, 4).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    read_through(&b, 2 * WINDOW..2 * WINDOW + 32, 4).await;
+    until("window 4's fetch is in flight", || {
+        b.reads().flights() >= WINDOW as usize
+    })
+    .await;
     let reader = {
         let b = b.clone();
         tokio::spawn(async move { read_through(&b, 4 * WINDOW..4 * WINDOW + 4, 4).await })
@@ -697,7 +701,8 @@ async fn a_read_that_joins_a_fetch_ahead_in_flight_gets_its_blocks_and_caches_th
             "block {i} is cached once read"
         );
     }
-    assert_eq!(c2.read_ahead_used - c0.read_ahead_used, 8);
+    assert_eq!(c2.read_ahead_used - c0.read_ahead_used, 32 + 4);
+    assert_eq!(b.reads().flights(), 0, "no flight left behind");
     for n in nodes {
         n.shutdown().await.expect("shutdown");
     }
