@@ -713,7 +713,8 @@ impl ContentCache {
         inner.stats.ghost_hit(placed.ghost);
     }
 
-    /// Which tier holds `fp` now, without touching anything (tests and diagnostics).
+    /// Which tier holds `fp` now, without touching anything or counting a lookup (tests,
+    /// diagnostics, and read-ahead deciding what to fetch).
     pub fn tier_of(&self, fp: &Fingerprint) -> Option<Tier> {
         let inner = &*self.inner;
         match inner.pools.shard(fp).segment_of(fp) {
