@@ -305,85 +305,15 @@ fn cold_member(
     let qemu = fio_pass(fio_bin, qemu_uri, size)?;
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let mut members = Vec::new();
-    let mut cpu_lines_pre = Vec::new();
-    for (n, read_ahead) in read_aheads.iter().enumerate() {
-        let member_port = shadowcache_testkit::free_peer_port();
-        let metrics_port = shadowcache_testkit::free_peer_port();
-        let member_dir = dir.join(format!("member-{n}"));
-        let mut args = vec![
-            format!("--node-id=member-{n}"),
-            format!("--peer-listen=127.0.0.1:{member_port}"),
-            format!("--metrics=127.0.0.1:{metrics_port}"),
-            format!("--seed=127.0.0.1:{owner_port}"),
-            format!("--ram-cache={}", size * 2),
-        ];
-        if let Some(r) = read_ahead {
-            args.push(format!("--read-ahead={r}"));
-        }
-        let member_node = NodeProcess::start(&member_dir, &args);
-        let uri = format!(
-            "nbd+unix:///img?socket={}",
-            member_dir.join("nbd.sock").display()
-        );
-        wait_for(
-            "the member to serve the owner's disk",
-            Duration::from_secs(60),
-            || {
-                Command::new(&nbdinfo)
-                    .arg("--size")
-                    .arg(&uri)
-                    .output()
-                    .ok()
-                    .filter(|o| o.status.success())
-            },
-        );
-        let label = match read_ahead {
-            Some(r) => format!("read-ahead {} MiB", r >> 20),
-            None => "default read-ahead".to_string(),
-        };
-        eprintln!("cold member: shadowcache member pass ({label}) ...");
-        let nodes = [&owner_node, &member_node];
-        let before = nodes.map(|n| ThreadCpu::of(n.pid()));
-        let cold = fio_pass(fio_bin, &uri, size)?;
-        let after = nodes.map(|n| ThreadCpu::of(n.pid()));
-        // What crossed the network for the pass, and what was fetched ahead of it.
-        let body = shadowcache_testkit::http_get(metrics_port, "/metrics").unwrap_or_default();
-        let m = |name: &str| shadowcache_testkit::metric(&body, name).unwrap_or(0.0);
-        let fetched = json!({
-            "owner_read_bytes": m("shadowcache_owner_read_bytes_total"),
-            "peer_read_bytes": m("shadowcache_peer_read_bytes_total"),
-            "read_ahead_blocks": m("shadowcache_read_ahead_blocks_total"),
-            "read_ahead_used": m("shadowcache_read_ahead_used_total"),
-        });
-        cpu_lines_pre.push(format!(
-            "  member ({label}) fetched {:.0} MiB from the owner; {:.0} blocks read ahead, {:.0} of them taken by reads",
-            m("shadowcache_owner_read_bytes_total") / 1048576.0,
-            m("shadowcache_read_ahead_blocks_total"),
-            m("shadowcache_read_ahead_used_total"),
-        ));
-        eprintln!("cold member: the same member again, from its RAM ...");
-        let warm = fio_pass(fio_bin, &uri, size)?;
-        let mut cpu = serde_json::Map::new();
-        let mut cpu_lines = std::mem::take(&mut cpu_lines_pre);
-        for (name, (b, a)) in ["owner", "member"].iter().zip(before.iter().zip(&after)) {
-            let (Some(b), Some(a)) = (b, a) else {
-                cpu_lines.push(format!("  {name} CPU: not readable (no /proc here)"));
-                continue;
-            };
-            let d = a.since(b);
-            cpu_lines.push(format!(
-                "  {name} CPU in the cold pass ({label}): {:.2} s; busiest thread {:.2} s; by thread name: {}",
-                d.total_s,
-                d.busiest_s,
-                d.by_name
-                    .iter()
-                    .map(|(n, (secs, threads))| format!("{n} {secs:.2} s over {threads}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            cpu.insert(name.to_string(), d.json());
-        }
-        members.push((label, read_ahead, cold, warm, cpu, cpu_lines, fetched));
+    for (n, &read_ahead) in read_aheads.iter().enumerate() {
+        members.push(member_pass(
+            &dir.join(format!("member-{n}")),
+            n,
+            read_ahead,
+            (&owner_node, owner_port),
+            (&nbdinfo, fio_bin),
+            size,
+        )?);
     }
     println!();
     println!(
@@ -406,34 +336,147 @@ fn cold_member(
         )
     };
     row("qemu-nbd (origin file)", &qemu);
-    for (label, _, cold, warm, _, _, _) in &members {
-        row(&format!("shadowcache member, cold ({label})"), cold);
-        row(&format!("  the same member again, RAM ({label})"), warm);
+    for m in &members {
+        row(&format!("shadowcache member, cold ({})", m.label), &m.cold);
+        row(
+            &format!("  the same member again, RAM ({})", m.label),
+            &m.warm,
+        );
     }
-    for (_, _, _, _, _, lines, _) in &members {
-        for l in lines {
+    for m in &members {
+        for l in &m.lines {
             println!("{l}");
         }
     }
     let ratio = |v: &Value| (f(v, "mb_s") / f(&qemu, "mb_s").max(1e-9) * 100.0).round() / 100.0;
-    let first = members.first().map(|m| (m.2.clone(), m.4.clone()));
+    let first = members.first();
     Ok(json!({
         "qemu-nbd": qemu,
         // The first member's figures, as this bench gave them before it compared settings.
-        "member_cold": first.as_ref().map(|m| m.0.clone()),
-        "ratio_mb_s": first.as_ref().map(|m| ratio(&m.0)),
-        "cpu_s_in_member_pass": first.map(|m| m.1),
-        "members": members.iter().map(|(label, read_ahead, cold, warm, cpu, _, fetched)| json!({
-            "setting": label,
-            "read_ahead_bytes": read_ahead,
-            "cold": cold,
-            "warm": warm,
-            "cold_ratio_mb_s": ratio(cold),
-            "warm_ratio_mb_s": ratio(warm),
-            "cpu_s_in_cold_pass": cpu,
-            "fetched_in_cold_pass": fetched,
+        "member_cold": first.map(|m| &m.cold),
+        "ratio_mb_s": first.map(|m| ratio(&m.cold)),
+        "cpu_s_in_member_pass": first.map(|m| &m.cpu),
+        "members": members.iter().map(|m| json!({
+            "setting": m.label,
+            "read_ahead_bytes": m.read_ahead,
+            "cold": m.cold,
+            "warm": m.warm,
+            "cold_ratio_mb_s": ratio(&m.cold),
+            "warm_ratio_mb_s": ratio(&m.warm),
+            "cpu_s_in_cold_pass": m.cpu,
+            "fetched_in_cold_pass": m.fetched,
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// One member's passes of [`cold_member`].
+struct MemberPass {
+    label: String,
+    read_ahead: Option<u64>,
+    /// Its first pass, every block fetched.
+    cold: Value,
+    /// Its second pass, from its RAM.
+    warm: Value,
+    /// CPU of the owner and the member in the cold pass.
+    cpu: serde_json::Map<String, Value>,
+    /// What crossed the network in the cold pass, and what was read ahead.
+    fetched: Value,
+    /// The same, printed.
+    lines: Vec<String>,
+}
+
+/// Starts member `n` (`--read-ahead` as given) against the owner, reads the image through it
+/// twice, and stops it.
+fn member_pass(
+    member_dir: &Path,
+    n: usize,
+    read_ahead: Option<u64>,
+    (owner_node, owner_port): (&NodeProcess, u16),
+    (nbdinfo, fio_bin): (&Path, &Path),
+    size: u64,
+) -> anyhow::Result<MemberPass> {
+    let member_port = shadowcache_testkit::free_peer_port();
+    let metrics_port = shadowcache_testkit::free_peer_port();
+    let mut args = vec![
+        format!("--node-id=member-{n}"),
+        format!("--peer-listen=127.0.0.1:{member_port}"),
+        format!("--metrics=127.0.0.1:{metrics_port}"),
+        format!("--seed=127.0.0.1:{owner_port}"),
+        format!("--ram-cache={}", size * 2),
+    ];
+    if let Some(r) = read_ahead {
+        args.push(format!("--read-ahead={r}"));
+    }
+    let member_node = NodeProcess::start(member_dir, &args);
+    let uri = format!(
+        "nbd+unix:///img?socket={}",
+        member_dir.join("nbd.sock").display()
+    );
+    wait_for(
+        "the member to serve the owner's disk",
+        Duration::from_secs(60),
+        || {
+            Command::new(nbdinfo)
+                .arg("--size")
+                .arg(&uri)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    );
+    let label = match read_ahead {
+        Some(r) => format!("read-ahead {} MiB", r >> 20),
+        None => "default read-ahead".to_string(),
+    };
+    eprintln!("cold member: shadowcache member pass ({label}) ...");
+    let nodes = [owner_node, &member_node];
+    let before = nodes.map(|n| ThreadCpu::of(n.pid()));
+    let cold = fio_pass(fio_bin, &uri, size)?;
+    let after = nodes.map(|n| ThreadCpu::of(n.pid()));
+    let body = shadowcache_testkit::http_get(metrics_port, "/metrics").unwrap_or_default();
+    let m = |name: &str| shadowcache_testkit::metric(&body, name).unwrap_or(0.0);
+    let fetched = json!({
+        "owner_read_bytes": m("shadowcache_owner_read_bytes_total"),
+        "peer_read_bytes": m("shadowcache_peer_read_bytes_total"),
+        "read_ahead_blocks": m("shadowcache_read_ahead_blocks_total"),
+        "read_ahead_used": m("shadowcache_read_ahead_used_total"),
+    });
+    let mut lines = vec![format!(
+        "  member ({label}) fetched {:.0} MiB from the owner; {:.0} blocks read ahead, {:.0} of them taken by reads",
+        m("shadowcache_owner_read_bytes_total") / 1048576.0,
+        m("shadowcache_read_ahead_blocks_total"),
+        m("shadowcache_read_ahead_used_total"),
+    )];
+    eprintln!("cold member: the same member again, from its RAM ...");
+    let warm = fio_pass(fio_bin, &uri, size)?;
+    let mut cpu = serde_json::Map::new();
+    for (name, (b, a)) in ["owner", "member"].iter().zip(before.iter().zip(&after)) {
+        let (Some(b), Some(a)) = (b, a) else {
+            lines.push(format!("  {name} CPU: not readable (no /proc here)"));
+            continue;
+        };
+        let d = a.since(b);
+        lines.push(format!(
+            "  {name} CPU in the cold pass ({label}): {:.2} s; busiest thread {:.2} s; by thread name: {}",
+            d.total_s,
+            d.busiest_s,
+            d.by_name
+                .iter()
+                .map(|(n, (secs, threads))| format!("{n} {secs:.2} s over {threads}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        cpu.insert(name.to_string(), d.json());
+    }
+    Ok(MemberPass {
+        label,
+        read_ahead,
+        cold,
+        warm,
+        cpu,
+        fetched,
+        lines,
+    })
 }
 
 /// CPU seconds each thread of a process has used, from `/proc` (`schedstat`, which counts

@@ -177,9 +177,7 @@ pub struct ReadPath {
     flights: DashMap<FlightKey, Flight>,
     staged: moka::sync::Cache<Fingerprint, Bytes>,
     ahead: moka::sync::Cache<Fingerprint, Bytes>,
-    /// The read-ahead buffer's capacity, bytes.
-    ahead_bytes: u64,
-    /// Blocks a read-ahead may have in flight, all read-aheads together.
+    /// The read-ahead buffer's blocks, less those being fetched ahead now.
     ahead_permits: Arc<tokio::sync::Semaphore>,
     stats: ReadStats,
 }
@@ -248,7 +246,6 @@ impl ReadPath {
             flights: crate::hashing::dash_map(),
             staged: buffer(STAGED_BYTES, STAGED_FOR),
             ahead: buffer(ahead_bytes, AHEAD_FOR),
-            ahead_bytes,
             ahead_permits: Arc::new(tokio::sync::Semaphore::new(
                 (ahead_bytes / block_bytes.max(1)) as usize,
             )),
@@ -650,10 +647,9 @@ impl ReadPath {
     /// beside what it holds and what is in flight; `None`: skip this read-ahead (it never
     /// waits). A buffer full of blocks no read has taken yet would evict them for new ones.
     pub fn ahead_permit(&self, blocks: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let in_flight = (self.ahead_bytes / self.block_bytes.max(1))
-            .saturating_sub(self.ahead_permits.available_permits() as u64);
+        // The permits are the buffer's blocks less those in flight.
         let held = self.ahead.weighted_size().div_ceil(self.block_bytes.max(1));
-        if (held + in_flight + blocks) * self.block_bytes > self.ahead_bytes {
+        if held + blocks > self.ahead_permits.available_permits() as u64 {
             return None;
         }
         let p = self
@@ -675,13 +671,13 @@ impl ReadPath {
         let (Some(remote), Some(map)) = (&disk.remote, disk.serving_map()) else {
             return 0;
         };
-        let indices: Vec<u64> = range
-            .filter(|&i| i * self.block_bytes < disk.size)
-            .collect();
+        let indices: Vec<u64> = range.filter(|&i| i < remote.blocks()).collect();
         if let Err(e) = remote.fill_map(&map, &indices).await {
             tracing::debug!(disk = %disk.id, error = %e, "owner's content map unavailable; nothing read ahead");
             return 0;
         }
+        let here =
+            |fp: &Fingerprint| self.cache.tier_of(fp).is_some() || self.ahead.contains_key(fp);
         let mut seats = Vec::new();
         let mut lead = Vec::new();
         let mut wants = Vec::new();
@@ -689,7 +685,7 @@ impl ReadPath {
             let Some(BlockRef::Data(fp)) = map.get(index) else {
                 continue;
             };
-            if self.cache.tier_of(&fp).is_some() || self.ahead.contains_key(&fp) {
+            if here(&fp) {
                 continue;
             }
             let key = FlightKey::Content(fp);
@@ -705,7 +701,7 @@ impl ReadPath {
             };
             // A read's flight may have admitted it and ended since the look above: the
             // flight just begun ends unsent (its seat takes it out).
-            if self.cache.tier_of(&fp).is_some() || self.ahead.contains_key(&fp) {
+            if here(&fp) {
                 drop(tx);
                 continue;
             }

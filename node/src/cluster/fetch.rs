@@ -131,7 +131,7 @@ pub struct Remote {
     /// Mixed into the random choice between two holders.
     picks: AtomicU64,
     describe: String,
-    /// The windows of this disk fetched ahead of sequential readers.
+    /// The sequential readers of this disk, for read-ahead.
     ahead: super::ahead::Ahead,
 }
 
@@ -184,14 +184,10 @@ impl Remote {
         }
     }
 
-    /// What this disk has fetched ahead of sequential readers (see [`super::ahead`]).
+    /// The sequential readers of this disk, and what they asked to fetch ahead (see
+    /// [`super::ahead`]).
     pub fn ahead(&self) -> &super::ahead::Ahead {
         &self.ahead
-    }
-
-    /// The disk's size in blocks.
-    pub fn blocks(&self) -> u64 {
-        self.total_blocks()
     }
 
     /// Entries of the owner's map per chunk for this block size.
@@ -211,7 +207,8 @@ impl Remote {
         self.epoch
     }
 
-    fn total_blocks(&self) -> u64 {
+    /// The disk's size in blocks.
+    pub fn blocks(&self) -> u64 {
         self.size.div_ceil(self.block_bytes)
     }
 
@@ -248,7 +245,7 @@ impl Remote {
         // other reader asks for nothing ahead: each entry costs the owner a read of a block
         // it has not read.
         if let (Some(&first), Some(&last)) = (indices.first(), indices.last()) {
-            let total = self.total_blocks();
+            let total = self.blocks();
             let chunk = first / per;
             // Ranges asked ahead are aligned (whole chunks, whole windows), so that one in
             // flight is found by its key and not asked again by the next read.
@@ -322,7 +319,7 @@ impl Remote {
             return Ok(());
         }
         let per = map.chunk_blocks().unwrap_or(MAP_CHUNK_BLOCKS);
-        let total = self.total_blocks();
+        let total = self.blocks();
         let count = count.min(total.saturating_sub(first));
         if count == 0 {
             return Ok(());
