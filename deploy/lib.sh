@@ -11,12 +11,17 @@ fail() {
 # need CMD:PACKAGE ...: installs the packages of the commands that are missing (apt, as root),
 # or fails naming them; then fails unless every command is there.
 need() {
-  local missing=() pair
-  for pair in "$@"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 && continue
-    [[ " ${missing[*]} " == *" ${pair##*:} "* ]] || missing+=("${pair##*:}")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
+  local missing=() pair round
+  # Twice: an install may remove a tool another package gave (Debian's qemu-system-x86 7.2
+  # removes a newer qemu-utils installed from backports, and qemu-img with it), and the
+  # second round installs that again, from the same archive as what removed it.
+  for round in 1 2; do
+    missing=()
+    for pair in "$@"; do
+      command -v "${pair%%:*}" >/dev/null 2>&1 && continue
+      [[ " ${missing[*]} " == *" ${pair##*:} "* ]] || missing+=("${pair##*:}")
+    done
+    [ ${#missing[@]} -gt 0 ] || break
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
         fail "apt-get install ${missing[*]} failed"
@@ -24,7 +29,7 @@ need() {
     else
       fail "missing tools; please install: ${missing[*]}"
     fi
-  fi
+  done
   for pair in "$@"; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || fail "${pair%%:*} is not installed and could not be installed"
   done

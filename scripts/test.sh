@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 # Tools from apt that the NBD tests drive (node/tests/nbd.rs): each command and its package.
 need_apt=()
-# The fault campaign (bench/tests/campaign.rs) drives ip (namespaces), kill and mount as root.
+# The fault campaign (bench/tests/campaign.rs) drives ip (namespaces), kill and mount as root,
+# and iptables where bridged frames pass through it (br_netfilter on, as Docker leaves it:
+# bench/src/netfilter.rs), else the partition scenarios and the boot storm cannot start.
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin \
-            fio:fio nbdkit:nbdkit ip:iproute2 kill:procps; do
+            fio:fio nbdkit:nbdkit ip:iproute2 kill:procps iptables:iptables; do
   cmd=${pair%%:*} pkg=${pair##*:}
   if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! " ${need_apt[*]} " =~ " $pkg " ]]; then
     need_apt+=("$pkg")
