@@ -617,16 +617,20 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         _child: Some(q),
         _node: None,
     });
-    if opts.cold_member_only {
-        let cold = cold_member(
+    // The cold member against qemu-nbd: alone with `--cold-member-only`, else after the rest.
+    let qemu_uri = servers[0].uri.clone();
+    let cold = || {
+        cold_member(
             dir.path(),
             &image,
             size,
             &fio_bin,
-            &servers[0].uri,
+            &qemu_uri,
             &opts.member_read_aheads,
-        )?;
-        return Ok(json!({"benchmark": "nbd", "image_bytes": size, "cold_member": cold}));
+        )
+    };
+    if opts.cold_member_only {
+        return Ok(json!({"benchmark": "nbd", "image_bytes": size, "cold_member": cold()?}));
     }
     let nbdkit = need("nbdkit", "nbdkit")?;
     let nbdcopy = need("nbdcopy", "libnbd-bin")?;
@@ -720,14 +724,7 @@ pub async fn run_bench(opts: Options) -> anyhow::Result<Value> {
         &nbdcopy,
         opts.seconds,
     )?;
-    let cold = cold_member(
-        dir.path(),
-        &image,
-        size,
-        &fio_bin,
-        &servers[0].uri,
-        &opts.member_read_aheads,
-    )?;
+    let cold = cold()?;
     let results: Vec<Value> = table
         .iter()
         .map(|(w, row)| json!({"workload": w, "servers": row}))

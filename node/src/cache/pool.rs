@@ -798,13 +798,10 @@ impl Pools {
                 // whole pool under the lock.
                 //
                 // Entries keep the re-reads banked under rules that give chances. The ARC
-                // rules spend them (they bank none, so they run out; dropping them at a
-                // switch made the P6 trace at 17,098 pages lose 0.7 points more to
-                // max(LRU, ARC), its duel switching 15 times), but the LRU rules must not: a
-                // chance moves an entry read long ago above entries read since, and LRU
-                // would then let those go first. So it was: a shifting working set at 2,500
-                // pages, switched from the tuned rules to LRU, hit 5 points less than LRU
-                // over the next 15,000 reads, and less than the tuned rules themselves.
+                // rules spend them (they bank none, so they run out; dropping them instead
+                // cost P6 at 17,098 pages 0.7 points, its duel switching 15 times). The LRU
+                // rules must not: a chance moves an entry read long ago above entries read
+                // since, and LRU would let those go first (docs/measurements.md).
                 let spend = self.variant != Variant::Lru;
                 let mut chances = 0;
                 while spend && self.slots[i as usize].rereads > 0 && chances < MAX_SECOND_CHANCES {
