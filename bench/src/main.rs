@@ -519,6 +519,11 @@ enum Command {
         /// Seconds per RAM-hit lookup-rate measurement (0 skips them).
         #[arg(long, default_value_t = 1.0)]
         lookup_seconds: f64,
+        /// Also print the hit ratio in every this many requests at each capacity, for LRU, ARC,
+        /// the pools, and the pools under each of their sets of rules kept fixed (tuned, arc,
+        /// lru, loop): where in a trace which rules win, and what the duel ran
+        #[arg(long)]
+        segments: Option<u64>,
         /// The node's `cache.single_touch_share` for the replay (default: the node's).
         #[arg(long)]
         single_touch_share: Option<f64>,
@@ -881,6 +886,7 @@ fn bench_main() -> anyhow::Result<()> {
                 ram,
                 scratch,
                 lookup_seconds,
+                segments,
                 replot,
                 single_touch_share,
                 single_touch_min,
@@ -967,6 +973,7 @@ fn bench_main() -> anyhow::Result<()> {
                             },
                             ssd_promote_hits,
                         },
+                        segments,
                     })
                 })?;
                 out.hash_seed = Some(key_seed);

@@ -37,6 +37,30 @@ use crate::plot;
 use crate::policy_ref;
 use crate::trace;
 
+/// Prints a `--segments` table: hit % per segment, with the best line of each segment marked.
+fn print_segments(t: &SegmentTable, requests: u64) {
+    println!(
+        "hit % in each {} requests at {} pages (* the best; rules: what the shadowcache line ran at the segment's end):",
+        t.requests_per_segment, t.capacity_pages
+    );
+    print!("{:>8} {:>10}", "segment", "requests");
+    for p in &t.policies {
+        print!(" {p:>12}");
+    }
+    println!(" {:>7}", "rules");
+    for (i, (hits, rules)) in t.hits.iter().zip(&t.rules).enumerate() {
+        let start = i as u64 * t.requests_per_segment;
+        let len = t.requests_per_segment.min(requests - start);
+        let best = hits.iter().copied().max().unwrap_or(0);
+        print!("{:>8} {:>10}", i + 1, start);
+        for &h in hits {
+            let mark = if h == best { "*" } else { " " };
+            print!(" {:>11.2}{mark}", 100.0 * h as f64 / len.max(1) as f64);
+        }
+        println!(" {rules:>7}");
+    }
+}
+
 /// The published table (Megiddo and Modha, FAST 2003), as in `shared/reference/cache.md`:
 /// trace, capacity in pages, LRU %, ARC %.
 pub const PUBLISHED: &[(&str, u64, f64, f64)] = &[
@@ -89,6 +113,10 @@ pub struct Options {
     pub lookup_seconds: f64,
     /// Policy settings for the `shadowcache` line (defaults: the node's).
     pub tuning: Tuning,
+    /// Also replay each capacity counting hits in every this many requests, for LRU, ARC,
+    /// the `shadowcache` line and each set of the pools' rules kept fixed: where in a trace
+    /// which rules win.
+    pub segments: Option<u64>,
 }
 
 /// The node's policy settings to replay with, where they differ from its defaults (the
@@ -314,6 +342,27 @@ pub struct Output {
     /// The seed of the cache's hash keys (`--hash-seed` repeats the run).
     #[serde(default)]
     pub hash_seed: Option<u64>,
+    /// Hits per segment of the requests, if asked for (`--segments`).
+    #[serde(default)]
+    pub segments: Vec<SegmentTable>,
+}
+
+/// Hits in each segment of the requests at one capacity (`--segments`): the same requests
+/// through LRU, ARC, the pools as configured, and the pools under each set of rules kept
+/// fixed, side by side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentTable {
+    /// Cache capacity in pages.
+    pub capacity_pages: u64,
+    /// Requests in each segment (the last may hold fewer).
+    pub requests_per_segment: u64,
+    /// The policies, in the order of each segment's hits: `LRU`, `ARC`, `shadowcache`, then
+    /// `tuned`, `arc`, `lru` and `loop` (the pools with those rules kept fixed).
+    pub policies: Vec<String>,
+    /// Hits of each policy in each segment: `hits[segment][policy]`.
+    pub hits: Vec<Vec<u64>>,
+    /// The rules the `shadowcache` line's pools ran at the end of each segment.
+    pub rules: Vec<String>,
 }
 
 /// The fingerprint page `page` is cached under: a fixed mix of the page number filling all
@@ -349,6 +398,19 @@ pub fn slru_config(capacity_pages: u64, page_bytes: u64) -> CacheConfig {
     }
 }
 
+/// One request of a replay through the node's cache (RAM only): a hit, or a miss and the
+/// admission of `payload`.
+fn replay_one(cache: &ContentCache, page: u64, payload: &Bytes) -> bool {
+    let fp = page_fingerprint(page);
+    if cache.get_ram(&fp).is_some() {
+        true
+    } else {
+        cache.record_miss();
+        cache.admit(fp, payload.clone());
+        false
+    }
+}
+
 /// Replays `pages` through the node's cache (RAM only): hits and what the pools did.
 pub fn replay_cache(pages: &[u64], config: CacheConfig) -> anyhow::Result<(u64, PoolReport)> {
     let payload = Bytes::from(vec![0xA5u8; config.block_bytes as usize]);
@@ -358,13 +420,7 @@ pub fn replay_cache(pages: &[u64], config: CacheConfig) -> anyhow::Result<(u64, 
     let mut hi = 0f64;
     let mut ghost_max = (0u64, 0u64);
     for (n, &p) in pages.iter().enumerate() {
-        let fp = page_fingerprint(p);
-        if cache.get_ram(&fp).is_some() {
-            hits += 1;
-        } else {
-            cache.record_miss();
-            cache.admit(fp, payload.clone());
-        }
+        hits += u64::from(replay_one(&cache, p, &payload));
         if n % 4096 == 0 {
             let st = cache.policy();
             lo = lo.min(st.single_share());
@@ -395,6 +451,85 @@ pub fn replay_cache(pages: &[u64], config: CacheConfig) -> anyhow::Result<(u64, 
             unsharded_percent: None,
         },
     ))
+}
+
+/// Replays `pages` through the node's cache (RAM only): the hits in each `every` requests,
+/// and the rules the pools ran at the end of each.
+pub fn segment_hits_cache(
+    pages: &[u64],
+    config: CacheConfig,
+    every: usize,
+) -> anyhow::Result<(Vec<u64>, Vec<String>)> {
+    let payload = Bytes::from(vec![0xA5u8; config.block_bytes as usize]);
+    let (cache, _) = ContentCache::open(config).context("open the cache")?;
+    Ok(pages
+        .chunks(every.max(1))
+        .map(|seg| {
+            let hits: u64 = seg
+                .iter()
+                .map(|&p| u64::from(replay_one(&cache, p, &payload)))
+                .sum();
+            (hits, cache.policy().variant.name().to_string())
+        })
+        .unzip())
+}
+
+/// The `--segments` table at one capacity: LRU, ARC, the pools as `tuning` sets them, and the
+/// pools under each set of rules kept fixed (on as many threads as there are lines).
+fn segment_table(
+    pages: &[u64],
+    capacity: u64,
+    page_bytes: u64,
+    tuning: Tuning,
+    every: u64,
+) -> anyhow::Result<SegmentTable> {
+    use shadowcache_node::cache::pool::Variant;
+    let cap = usize::try_from(capacity).context("capacity")?;
+    let n = usize::try_from(every).context("--segments")?;
+    let fixed = |v: Variant| {
+        Tuning {
+            policy_rules: Some(Some(v)),
+            ..tuning
+        }
+        .apply(cache_config(capacity, page_bytes))
+    };
+    let (lru, arc, ours, variants) = std::thread::scope(|s| {
+        let lru =
+            s.spawn(move || policy_ref::segment_hits(&mut policy_ref::Lru::new(cap), pages, n));
+        let arc =
+            s.spawn(move || policy_ref::segment_hits(&mut policy_ref::Arc::new(cap), pages, n));
+        let variants: Vec<_> = Variant::ALL
+            .iter()
+            .map(|&v| {
+                let config = fixed(v);
+                s.spawn(move || segment_hits_cache(pages, config, n))
+            })
+            .collect();
+        let ours = segment_hits_cache(pages, tuning.apply(cache_config(capacity, page_bytes)), n);
+        let joined: Vec<_> = variants.into_iter().map(|h| h.join()).collect();
+        (lru.join(), arc.join(), ours, joined)
+    });
+    let panicked = |_| anyhow::anyhow!("a segment replay panicked");
+    let (lru, arc) = (lru.map_err(panicked)?, arc.map_err(panicked)?);
+    let (ours, rules) = ours?;
+    let mut columns = vec![lru, arc, ours];
+    for v in variants {
+        columns.push(v.map_err(panicked)??.0);
+    }
+    let segments = columns[0].len();
+    Ok(SegmentTable {
+        capacity_pages: capacity,
+        requests_per_segment: every,
+        policies: ["LRU", "ARC", "shadowcache"]
+            .into_iter()
+            .chain(Variant::ALL.iter().map(|v| v.name()))
+            .map(str::to_string)
+            .collect(),
+        hits: (0..segments)
+            .map(|i| columns.iter().map(|c| c[i]).collect())
+            .collect(),
+        rules,
+    })
 }
 
 fn percent(hits: u64, n: usize) -> f64 {
@@ -765,6 +900,18 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         }
     }
 
+    let mut segments = Vec::new();
+    if let Some(every) = opts.segments {
+        if every == 0 {
+            bail!("--segments must be at least 1 request");
+        }
+        for r in &rows {
+            let t = segment_table(&pages, r.capacity_pages, page_bytes, opts.tuning, every)?;
+            print_segments(&t, pages.len() as u64);
+            segments.push(t);
+        }
+    }
+
     let lookups = if opts.lookup_seconds > 0.0 {
         lookup_rates(opts.lookup_seconds)?
     } else {
@@ -784,6 +931,7 @@ pub fn run(opts: Options) -> anyhow::Result<Output> {
         ghost_bytes_per_key: ghost_bytes_per_key(),
         // The caller fixed the keys, and records the seed.
         hash_seed: None,
+        segments,
     };
     match out.ghost_bytes_per_key {
         Some(b) => println!(
@@ -1065,6 +1213,7 @@ mod tests {
             scratch: None,
             lookup_seconds: 0.0,
             tuning: Tuning::default(),
+            segments: None,
         }
     }
 
@@ -1122,6 +1271,71 @@ mod tests {
             "SSD added no hits over RAM alone: {t:?} vs {ram_only}"
         );
         assert!(tier_row(&pages, 100, 100, 512, dir.path(), 0.0, Tuning::default()).is_err());
+    }
+
+    /// `--segments`: each line's segments add up to the same replay's row, the fixed rules'
+    /// to a run with those rules kept, and the table is in the JSON.
+    #[test]
+    fn segments_add_up_to_the_rows_and_the_fixed_rules_to_their_own_runs() {
+        let spec = families::Spec {
+            family: families::Family::parse("shifting").expect("family"),
+            footprint: 2_000,
+            requests: 30_000,
+            ..families::Spec::default()
+        };
+        let base = Options {
+            source: Source::Synthetic(spec),
+            page_bytes: None,
+            capacities: vec![300],
+            segments: Some(7_000),
+            ..oltp(vec![])
+        };
+        let out = run(base.clone()).expect("replay");
+        let [t] = &out.segments[..] else {
+            panic!("one table a capacity: {:?}", out.segments)
+        };
+        assert_eq!(t.capacity_pages, 300);
+        assert_eq!(t.hits.len(), 5, "30,000 requests in segments of 7,000");
+        assert_eq!(t.rules.len(), 5);
+        let column = |name: &str| {
+            let k = t.policies.iter().position(|p| p == name).expect(name);
+            t.hits.iter().map(|h| h[k]).sum::<u64>()
+        };
+        let row = &out.rows[0];
+        for name in ["LRU", "ARC", "shadowcache"] {
+            let hits = row
+                .policies
+                .iter()
+                .find(|p| p.policy == name)
+                .expect(name)
+                .hits;
+            assert_eq!(column(name), hits, "{name}");
+        }
+        let fixed = run(Options {
+            segments: None,
+            tuning: Tuning {
+                policy_rules: Some(Some(shadowcache_node::cache::pool::Variant::Lru)),
+                ..Tuning::default()
+            },
+            ..base.clone()
+        })
+        .expect("fixed lru");
+        let lru_rules = fixed.rows[0]
+            .policies
+            .iter()
+            .find(|p| p.policy == "shadowcache")
+            .expect("line")
+            .hits;
+        assert_eq!(column("lru"), lru_rules);
+        // A shifting working set is where the rules differ: not every column is the same.
+        let totals: Vec<u64> = t.policies.iter().map(|p| column(p)).collect();
+        assert!(totals.iter().any(|&h| h != totals[0]), "{totals:?}");
+        let e = run(Options {
+            segments: Some(0),
+            ..base
+        })
+        .expect_err("zero");
+        assert!(e.to_string().contains("--segments"), "{e}");
     }
 
     #[test]
