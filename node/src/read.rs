@@ -505,11 +505,16 @@ impl ReadPath {
                     Some(r) if mine => r,
                     // A read-ahead's flight left its block in the read-ahead buffer and
                     // admitted nothing: the first read to take it admits it, as does one
-                    // that finds it gone from there and not cached.
-                    Some(Ok(b)) if route != Route::Member => match fp {
-                        Some(fp)
-                            if self.take_ahead(&fp).is_some()
-                                || self.cache.tier_of(&fp).is_none() =>
+                    // that finds it gone from there and not cached. Only a flight keyed by
+                    // content has bytes checked against `fp`. A flight keyed by block read
+                    // an origin, whose block may have been written since this read took its
+                    // map: its leader admitted the bytes under their own fingerprint, and
+                    // admitting them under `fp` would serve them for any disk's `fp`.
+                    Some(Ok(b)) if route != Route::Member => match (fp, seat.key) {
+                        (Some(fp), FlightKey::Content(key))
+                            if key == fp
+                                && (self.take_ahead(&fp).is_some()
+                                    || self.cache.tier_of(&fp).is_none()) =>
                         {
                             Ok(self.admit(disk, map, index, b, Some(fp)))
                         }

@@ -566,3 +566,155 @@ async fn a_client_read_does_not_join_a_members_load_and_is_cached() {
         "served from the cache"
     );
 }
+
+/// An origin whose bytes change with writes, and whose reads can be held at a gate.
+#[derive(Debug)]
+struct GatedOrigin {
+    data: parking_lot::Mutex<Vec<u8>>,
+    hold: AtomicBool,
+    gate: tokio::sync::Notify,
+    entered: tokio::sync::Notify,
+}
+
+impl GatedOrigin {
+    fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(GatedOrigin {
+            data: parking_lot::Mutex::new(data),
+            hold: AtomicBool::new(false),
+            gate: tokio::sync::Notify::new(),
+            entered: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+impl Origin for GatedOrigin {
+    fn describe(&self) -> &str {
+        "gated-origin"
+    }
+
+    fn size(&self) -> u64 {
+        self.data.lock().len() as u64
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> OriginFuture<'_, Bytes> {
+        Box::pin(async move {
+            if self.hold.load(Ordering::SeqCst) {
+                let opened = self.gate.notified();
+                self.entered.notify_one();
+                opened.await;
+            }
+            let d = self.data.lock();
+            let o = offset as usize;
+            Ok(Bytes::copy_from_slice(&d[o..o + len]))
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Bytes) -> OriginFuture<'_, ()> {
+        Box::pin(async move {
+            let o = offset as usize;
+            self.data.lock()[o..o + data.len()].copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> OriginFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn identity(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Found in review: two reads of a detected disk's block whose fingerprint the map knows but
+/// the cache does not hold; the first leads the origin read, the second joins it expecting
+/// that fingerprint; a write lands before the origin is read. The joiner must not admit the
+/// new bytes under the old fingerprint: another disk of that content (or this one, detected
+/// again) would then be served the written bytes from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_joined_origin_read_leaves_no_bytes_under_the_old_fingerprint() {
+    const BS: usize = 4096;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = Config::for_data_dir(dir.path());
+    c.block_bytes = BS as u32;
+    c.ram_bytes = 16 << 20;
+    c.ssd_bytes = 0;
+    c.detection.min_readers = 1;
+    c.detection.min_reads = 1;
+    c.detection.quiet_period_ms = 0;
+    let node = Node::open(c).await.expect("node");
+    let old = vec![0xAAu8; BS];
+    let new = vec![0xBBu8; BS];
+    let d_origin = GatedOrigin::new([old.clone(), vec![1u8; BS]].concat());
+    let d = node
+        .registry()
+        .register_origin("d", d_origin.clone(), DiskMode::Mutable)
+        .await
+        .expect("register d");
+    node.read("d", BS as u64, BS as u64).await.expect("read");
+    for _ in 0..100 {
+        node.detect_all().await;
+        if d.state() == shadowcache_node::DiskState::Detected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d.state(), shadowcache_node::DiskState::Detected);
+    // A member's map request teaches the map block 0's fingerprint; what it staged goes.
+    node.content_map_chunk("d", Version::new(d.generation(), d.epoch), 0, 1)
+        .await
+        .expect("content map");
+    node.reads().drop_staged();
+
+    d_origin.hold.store(true, Ordering::SeqCst);
+    let entered = d_origin.entered.notified();
+    let leader = tokio::spawn({
+        let node = node.clone();
+        async move { node.read("d", 0, BS as u64).await }
+    });
+    entered.await;
+    let joins = node.reads().stats().single_flight_joins.get();
+    let joiner = tokio::spawn({
+        let node = node.clone();
+        async move { node.read("d", 0, BS as u64).await }
+    });
+    for _ in 0..500 {
+        if node.reads().stats().single_flight_joins.get() > joins {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        node.reads().stats().single_flight_joins.get() > joins,
+        "the second read joined the first's flight"
+    );
+    node.write("d", 0, Bytes::from(new.clone()))
+        .await
+        .expect("write acknowledged");
+    d_origin.hold.store(false, Ordering::SeqCst);
+    d_origin.gate.notify_waiters();
+    // Both reads were in flight when the write was acknowledged: either content will do.
+    for r in [leader, joiner] {
+        let got = r.await.expect("task").expect("read");
+        assert!(got[..] == new[..] || got[..] == old[..]);
+    }
+    // A sealed disk holding the old content at block 0: served the old content, first from
+    // its origin and then from the cache.
+    let e_origin = GatedOrigin::new([old.clone(), vec![2u8; BS]].concat());
+    node.registry()
+        .register_origin("e", e_origin, DiskMode::Sealed)
+        .await
+        .expect("register e");
+    for pass in 0..2 {
+        let got = node.read("e", 0, BS as u64).await.expect("read e");
+        assert!(
+            got[..] == old[..],
+            "pass {pass}: disk e served the written bytes"
+        );
+    }
+    // And disk d now reads what was written.
+    assert_eq!(
+        &node.read("d", 0, BS as u64).await.expect("read d")[..],
+        &new[..]
+    );
+}
