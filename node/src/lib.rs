@@ -464,8 +464,14 @@ impl Node {
 
     /// `base:allocation` extents of [offset, offset + len) of `disk` for NBD BLOCK_STATUS:
     /// (length, flags), all-zero blocks an immutable disk's content map knows of reported as
-    /// holes that read as zeroes, everything else as data. With `one`, the first extent only.
-    pub fn allocation(&self, disk: &str, offset: u64, len: u64, one: bool) -> Vec<(u32, u32)> {
+    /// holes that read as zeroes, everything else as data; at most `max_extents` of them (the first).
+    pub fn allocation(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Vec<(u32, u32)> {
         let map = match self.registry.get(disk) {
             Ok(d) => d.serving_map(),
             // A detected disk's shadow speaks for the owner's map only under a valid lease:
@@ -495,7 +501,7 @@ impl Node {
             match out.last_mut() {
                 Some(last) if last.1 == flags => last.0 += n,
                 _ => {
-                    if one && !out.is_empty() {
+                    if out.len() >= max_extents.max(1) {
                         break;
                     }
                     out.push((n, flags));

@@ -151,7 +151,7 @@ pub const NBD_SECONDS: &str = "shadowcache_nbd_duration_seconds";
 /// NBD connections that reached transmission.
 pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 /// Counter by reason: NBD connections closed by the node (`connection_cap`,
-/// `negotiation_timeout`, `stalled_reader`).
+/// `negotiation_timeout`, `stalled_reader`, `stalled_writer`).
 pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
 /// Counter by reason: Peer calls refused for want of a valid cluster key signature.
 pub const PEER_CALLS_REFUSED: &str = "shadowcache_peer_calls_refused_total";

@@ -354,10 +354,11 @@ async fn clients_that_never_negotiate_are_closed_and_do_not_lock_others_out() {
     );
 }
 
-/// Item 9, the cap: a listener serves at most its connection cap at once (fewer than 1,024 when
-/// the descriptor limit is low, keeping 256 descriptors for the node itself); a client past it
-/// is closed at once, logged and counted, and the node's own files still open: its gRPC socket
-/// answers, and once the silent clients are closed a new client is served again.
+/// Item 9, the cap: the node's NBD listeners together serve at most the connection cap at once
+/// (fewer than 1,024 when the descriptor limit is low, keeping 256 descriptors for the node
+/// itself; the Unix socket and TCP share it, found in review: each had its own); a client past
+/// it is closed at once, logged and counted, and the node's own files still open: its gRPC
+/// socket answers, and once the silent clients are closed a new client is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node() {
     use std::io::Read;
@@ -365,6 +366,7 @@ async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node
     let image = dir.path().join("base.raw");
     write_file(&image, &vec![1u8; 1 << 20]);
     let metrics_port = shadowcache_testkit::free_port();
+    let nbd_port = shadowcache_testkit::free_port();
     let limit = 400usize;
     let a = member_with_env(
         dir.path(),
@@ -373,22 +375,39 @@ async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node
         &[
             format!("--disk=base={},sealed", image.display()),
             format!("--metrics=127.0.0.1:{metrics_port}"),
+            format!("--nbd-listen=127.0.0.1:{nbd_port}"),
         ],
         &[(shadowcache_testkit::NOFILE_LIMIT, &limit.to_string())],
     );
     let cap = limit - shadowcache_node::nbd::FD_RESERVE;
     let sock = a.process.data_dir.join("nbd.sock");
     let opened = Instant::now();
-    let mut greeted = Vec::new();
+    let mut greeted: Vec<Box<dyn std::any::Any>> = Vec::new();
     let mut closed = 0;
-    for _ in 0..cap + 40 {
-        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+    // Half the cap on each listener, then the excess on both.
+    for n in 0..cap + 40 {
         let mut magic = [0u8; 8];
-        match s.read(&mut magic) {
-            Ok(8) if &magic == b"NBDMAGIC" => greeted.push(s),
-            Ok(0) => closed += 1,
+        let got = if n % 2 == 0 {
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let r = s.read(&mut magic);
+            greeted.push(Box::new(s));
+            r
+        } else {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", nbd_port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let r = s.read(&mut magic);
+            greeted.push(Box::new(s));
+            r
+        };
+        match got {
+            Ok(8) if &magic == b"NBDMAGIC" => {}
+            Ok(0) => {
+                closed += 1;
+                greeted.pop();
+            }
             other => panic!("neither a greeting nor a close: {other:?}"),
         }
     }
@@ -419,7 +438,7 @@ async fn the_connection_cap_closes_the_excess_and_keeps_descriptors_for_the_node
     assert_eq!(refused, 40.0, "the refusals counted:\n{body}");
     let log = a.process.log_text();
     assert!(
-        log.contains("nbd connection refused: the listener serves"),
+        log.contains("nbd connection refused: the node's NBD listeners serve"),
         "no log line for the cap:\n{log}"
     );
     // Once the silent clients are closed (negotiation timeout), a client is served again.

@@ -351,7 +351,7 @@ async fn block_status_at_a_member_needs_its_lease() {
     assert!(b.stat("vdi").expect("stat").lease_valid, "b holds no lease");
     let hole = shadowcache_node::nbd::proto::STATE_HOLE | shadowcache_node::nbd::proto::STATE_ZERO;
     assert_eq!(
-        b.allocation("vdi", 7 * BS, BS, false),
+        b.allocation("vdi", 7 * BS, BS, 64),
         vec![(BS as u32, hole)],
         "under a lease, the owner's hole"
     );
@@ -366,7 +366,7 @@ async fn block_status_at_a_member_needs_its_lease() {
         "b's lease did not run out"
     );
     assert_eq!(
-        b.allocation("vdi", 7 * BS, BS, false),
+        b.allocation("vdi", 7 * BS, BS, 64),
         vec![(BS as u32, 0)],
         "without a lease, a hole the owner may have written is reported"
     );

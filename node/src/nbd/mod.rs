@@ -33,10 +33,23 @@ pub const CONNECTION_BUDGET: u32 = 64 << 20;
 pub const NODE_BUDGET: u32 = 512 << 20;
 /// A client that takes none of its replies for this long is disconnected (its budget freed).
 pub const STALLED_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The slowest a client may send a write's payload or take its replies, beyond
+/// [`STALLED_REPLY_TIMEOUT`]: a client that trickles holds the budget of what it owes no
+/// longer than that (a 32 MiB payload: 62 s). Clients are local (the hypervisor's shim).
+pub const MIN_CLIENT_BYTES_PER_SEC: u64 = 1 << 20;
+/// Extents in one block-status reply at most (the protocol lets a server describe less than
+/// was asked); 8 bytes each.
+pub const MAX_EXTENTS: usize = 1 << 13;
+
+/// How long a client may take to move `bytes` (send a payload, or take replies).
+fn transfer_time(bytes: u64) -> std::time::Duration {
+    STALLED_REPLY_TIMEOUT + std::time::Duration::from_secs(bytes / MIN_CLIENT_BYTES_PER_SEC)
+}
 /// A client must finish negotiation within this time.
 pub const NEGOTIATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Connections one listener serves at once, at most (fewer when the descriptor limit is low:
-/// [`FD_RESERVE`] descriptors stay for the node's own files and sockets).
+/// Connections the NBD listeners serve at once, all together, at most (fewer when the
+/// descriptor limit is low: [`FD_RESERVE`] descriptors stay for the node's own files and
+/// sockets).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Descriptors kept out of reach of NBD clients.
 pub const FD_RESERVE: usize = 256;
@@ -47,7 +60,7 @@ fn node_budget() -> &'static Arc<Semaphore> {
     B.get_or_init(|| Arc::new(Semaphore::new(NODE_BUDGET as usize)))
 }
 
-/// Connections a listener takes: [`MAX_CONNECTIONS`], or fewer under a low descriptor limit.
+/// Connections the NBD listeners take together: [`MAX_CONNECTIONS`], or fewer under a low descriptor limit.
 pub fn connection_cap() -> usize {
     // The soft RLIMIT_NOFILE, from /proc (no unsafe call); unlimited when it cannot be read.
     let soft = std::fs::read_to_string("/proc/self/limits")
@@ -259,7 +272,11 @@ where
                 .await
                 .map_err(|_| negotiation_timed_out())?
                 .map_err(|e| protocol(format!("TLS handshake: {e}")))?;
+            // The protocol: nothing negotiated before STARTTLS holds after it (a man in the
+            // middle could have sent it in the clear). The greeting is not repeated.
             session.tls = true;
+            session.structured = false;
+            session.meta = false;
             let (mut rd, mut wr) = tokio::io::split(secured);
             let negotiated = tokio::time::timeout_at(
                 deadline,
@@ -553,7 +570,13 @@ where
     let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let result = loop {
         let mut hdr = [0u8; REQUEST_BYTES];
-        if let Err(e) = rd.read_exact(&mut hdr).await {
+        let read = tokio::select! {
+            r = rd.read_exact(&mut hdr) => r,
+            // The writer gave up on this client (it did not take its replies): the
+            // connection ends, though the client sends nothing more.
+            () = tx.closed() => break Ok(()),
+        };
+        if let Err(e) = read {
             // A client that goes away mid-request ends its connection only.
             break if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Ok(())
@@ -594,8 +617,21 @@ where
                 break Err(protocol(format!("write of {} bytes", req.len)));
             }
             let mut buf = BytesMut::zeroed(req.len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break Err(e.into());
+            // It holds its budget while it comes: a client that stops sending it must not
+            // hold it for ever.
+            let wait = transfer_time(u64::from(req.len));
+            match tokio::time::timeout(wait, rd.read_exact(&mut buf)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => break Err(e.into()),
+                Err(_) => {
+                    metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "stalled_writer")
+                        .increment(1);
+                    break Err(protocol(format!(
+                        "the {}-byte payload of a write did not arrive within {} s",
+                        req.len,
+                        wait.as_secs()
+                    )));
+                }
             }
             buf.freeze()
         } else {
@@ -630,8 +666,11 @@ where
     // Finish what is in flight, then close.
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(tx);
-    let _ = writer.await;
-    result
+    match (result, writer.await) {
+        // Why the writer gave up is why the connection ended.
+        (Ok(()), Ok(Err(e))) if e.kind() == std::io::ErrorKind::TimedOut => Err(e.into()),
+        (result, _) => result,
+    }
 }
 
 /// Budget held by one request until its reply is written: (connection's, node's).
@@ -653,8 +692,10 @@ async fn take_budget(budget: &Arc<Semaphore>, cost: u32) -> Option<Budget> {
 
 /// Sends replies as they come: every piece of every reply that is ready goes out in vectored
 /// writes straight from the cached blocks' buffers (no copy into a write buffer). A request's
-/// budget is given back once its reply is written. A client that takes nothing for
-/// [`STALLED_REPLY_TIMEOUT`] is disconnected.
+/// budget is given back once its reply is written. A client that does not take a batch of
+/// replies within [`transfer_time`] of its bytes is disconnected: one that takes nothing, and
+/// one that takes a byte now and then (each write making some progress) alike. The flush is
+/// within that time too: TLS takes bytes into its own buffer before the socket does.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<(Reply, Budget)>,
@@ -674,21 +715,28 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
+        let bytes: u64 = pending.iter().map(|b| b.len() as u64).sum();
+        let wait = transfer_time(bytes);
+        let deadline = tokio::time::Instant::now() + wait;
+        let stalled = || {
+            metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "stalled_reader")
+                .increment(1);
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client did not take {bytes} bytes of replies within {} s",
+                    wait.as_secs()
+                ),
+            )
+        };
         while !pending.is_empty() {
             let io: Vec<std::io::IoSlice<'_>> = pending
                 .iter()
                 .take(64)
                 .map(|b| std::io::IoSlice::new(b))
                 .collect();
-            let Ok(wrote) =
-                tokio::time::timeout(STALLED_REPLY_TIMEOUT, w.write_vectored(&io)).await
-            else {
-                metrics::counter!(crate::telemetry::NBD_REFUSED, "reason" => "stalled_reader")
-                    .increment(1);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client took no reply bytes for 30 s",
-                ));
+            let Ok(wrote) = tokio::time::timeout_at(deadline, w.write_vectored(&io)).await else {
+                return Err(stalled());
             };
             let mut n = wrote?;
             drop(io);
@@ -708,10 +756,15 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        w.flush().await?;
+        match tokio::time::timeout_at(deadline, w.flush()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(stalled()),
+        }
         held.clear();
     }
-    w.shutdown().await
+    tokio::time::timeout(STALLED_REPLY_TIMEOUT, w.shutdown())
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Per-command metric handles, made once (after the recorder is installed).
@@ -882,7 +935,11 @@ async fn serve_request(
                 &export.name,
                 req.offset,
                 u64::from(req.len),
-                req.flags & CMDF_REQ_ONE != 0,
+                if req.flags & CMDF_REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_EXTENTS
+                },
             );
             let mut b = chunk_header(
                 cookie,
@@ -951,7 +1008,7 @@ async fn write_zeroes(
     Ok(())
 }
 
-/// Connections of one listener: at most [`connection_cap`] at once.
+/// Connections of the NBD listeners: at most [`connection_cap`] at once, all of them together.
 #[derive(Debug, Clone)]
 struct Slots {
     open: Arc<Semaphore>,
@@ -961,10 +1018,17 @@ struct Slots {
 }
 
 impl Slots {
+    /// The connection cap is the process's, shared by every NBD listener (the Unix socket
+    /// and TCP): each with its own would leave the node short of descriptors.
     fn new(tls: Option<NbdTls>) -> Self {
-        let cap = connection_cap();
+        static OPEN: std::sync::OnceLock<(Arc<Semaphore>, usize)> = std::sync::OnceLock::new();
+        let (open, cap) = OPEN.get_or_init(|| {
+            let cap = connection_cap();
+            (Arc::new(Semaphore::new(cap)), cap)
+        });
+        let cap = *cap;
         Slots {
-            open: Arc::new(Semaphore::new(cap)),
+            open: open.clone(),
             cap,
             last_warned: Arc::default(),
             tls,
@@ -983,7 +1047,7 @@ where
         let mut last = slots.last_warned.lock();
         if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
             *last = Some(std::time::Instant::now());
-            tracing::warn!(cap = slots.cap, %peer, "nbd connection refused: the listener serves {} connections already (the cap keeps {FD_RESERVE} descriptors for the node itself)", slots.cap);
+            tracing::warn!(cap = slots.cap, %peer, "nbd connection refused: the node's NBD listeners serve {} connections already (the cap keeps {FD_RESERVE} descriptors for the node itself)", slots.cap);
         }
         return;
     };
@@ -1181,5 +1245,336 @@ mod fuzz {
                 prop_assert!(out > 90, "no reply to the first request ({out} bytes)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    //! What a client that holds the node's budget by going slow or quiet gets (found in
+    //! review), and what a STARTTLS leaves of the negotiation before it.
+
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A node with one mutable disk `d` of 1 MiB (byte 7), and its directory.
+    async fn node() -> (Arc<Node>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("d.raw");
+        std::fs::write(&img, vec![7u8; 1 << 20]).expect("image");
+        let flags = crate::Flags {
+            data_dir: Some(dir.path().join("data")),
+            node_id: Some("limits".into()),
+            disks: vec![format!("d={}", img.display())],
+            ssd_cache: Some(crate::config::Size(0)),
+            ram_cache: Some(crate::config::Size(8 << 20)),
+            ..Default::default()
+        };
+        let config = crate::Config::from_flags(&flags).expect("config");
+        (Node::open(config).await.expect("node"), dir)
+    }
+
+    /// The client's flags, STRUCTURED_REPLY and GO for `d`, sent without reading a reply.
+    fn negotiate_blind() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&3u32.to_be_bytes());
+        for (opt, data) in [
+            (OPT_STRUCTURED_REPLY, Vec::new()),
+            (
+                OPT_GO,
+                [&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
+            ),
+        ] {
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&opt.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&data);
+        }
+        b
+    }
+
+    fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_BYTES] {
+        Request {
+            flags: 0,
+            cmd,
+            cookie,
+            offset,
+            len,
+        }
+        .encode()
+    }
+
+    /// Waits (in paused time) until `cond` holds, at most `within`.
+    async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let end = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    /// A write header whose payload never comes held 32 MiB of the node's budget for ever: 16
+    /// such clients left no budget for anyone. Now the payload must arrive within
+    /// `transfer_time` of its length, or the connection ends and gives the budget back.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_payload_never_comes_ends_its_connection_and_frees_its_budget() {
+        let (node, _dir) = node().await;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let before = node_budget().available_permits();
+        let began = tokio::time::Instant::now();
+        let served = tokio::spawn(serve(node, server, None));
+        client.write_all(&negotiate_blind()).await.expect("send");
+        let len = MAX_REQUEST;
+        client
+            .write_all(&request(CMD_WRITE, 1, 0, len))
+            .await
+            .expect("send");
+        assert!(
+            until(Duration::from_secs(5), || node_budget().available_permits()
+                <= before - len as usize / 2)
+            .await,
+            "the write's budget was taken"
+        );
+        let held = node_budget().available_permits();
+        let end = tokio::time::timeout(Duration::from_secs(600), served)
+            .await
+            .expect("the connection ended")
+            .expect("task");
+        let e = end.expect_err("a stalled payload is an error");
+        assert!(e.to_string().contains("did not arrive within 62 s"), "{e}");
+        let took = began.elapsed();
+        assert!(
+            (Duration::from_secs(62)..Duration::from_secs(70)).contains(&took),
+            "{took:?}"
+        );
+        assert!(
+            node_budget().available_permits() >= held + len as usize / 2,
+            "the budget came back"
+        );
+        drop(client);
+    }
+
+    /// A client that took one byte of its replies every 10 s kept its budget for ever (each
+    /// write made progress, and the stall timeout was per write). Now a batch of replies must
+    /// be taken within `transfer_time` of its bytes.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_trickles_its_replies_is_disconnected() {
+        let (node, _dir) = node().await;
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let began = tokio::time::Instant::now();
+        let served = tokio::spawn(serve(node, server, None));
+        client.write_all(&negotiate_blind()).await.expect("send");
+        for cookie in 0..64 {
+            client
+                .write_all(&request(CMD_READ, cookie, 0, 1 << 20))
+                .await
+                .expect("send");
+        }
+        let mut byte = [0u8; 1];
+        let mut taken = 0u64;
+        while !served.is_finished() && began.elapsed() < Duration::from_secs(1000) {
+            match client.read(&mut byte).await {
+                Ok(1) => taken += 1,
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        let end = tokio::time::timeout(Duration::from_secs(60), served)
+            .await
+            .expect("the connection ended")
+            .expect("task");
+        let took = began.elapsed();
+        // At most 64 replies of 1 MiB in one batch: 30 s + 64 s, and the 10 s steps.
+        assert!(
+            took < Duration::from_secs(120),
+            "{took:?}, {taken} bytes taken"
+        );
+        let e = end.expect_err("a trickling reader is an error");
+        assert!(e.to_string().contains("did not take"), "{e}");
+    }
+
+    async fn send_option<S: AsyncWriteExt + Unpin>(s: &mut S, opt: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).await.expect("send option");
+    }
+
+    /// One option reply: its type and data.
+    async fn option_reply<S: AsyncReadExt + Unpin>(s: &mut S) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await.expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await.expect("option data");
+        (kind, data)
+    }
+
+    /// The spec: after a successful STARTTLS "the server MUST NOT preserve any negotiation
+    /// state (such as ... NBD_OPT_STRUCTURED_REPLY, or metadata contexts)". Structured replies
+    /// asked for in the clear (by the client, or by a man in the middle) did hold inside TLS:
+    /// the export offered DF and a read's reply came structured to a client that had not
+    /// asked for them inside TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_starttls_forgets_what_was_negotiated_in_the_clear() {
+        let (node, dir) = node().await;
+        let (mut tls, flags, served) = over_tls(node, dir.path()).await;
+        assert_eq!(
+            flags & TF_SEND_DF,
+            0,
+            "DF offered without structured replies: {flags:#x}"
+        );
+        tls.write_all(&request(CMD_READ, 9, 0, 4096))
+            .await
+            .expect("read");
+        let mut magic = [0u8; 4];
+        tls.read_exact(&mut magic).await.expect("reply");
+        assert_eq!(
+            u32::from_be_bytes(magic),
+            SIMPLE_REPLY_MAGIC,
+            "a structured reply that was not asked for inside TLS"
+        );
+        drop(tls);
+        let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+    }
+
+    /// Over TLS the reply writer's flush waited for ever on a client that read nothing: TLS
+    /// takes bytes into its own buffer before the socket does, so the writes looked taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_over_tls_is_disconnected() {
+        let (node, dir) = node().await;
+        let began = tokio::time::Instant::now();
+        let (mut tls, _, served) = over_tls(node, dir.path()).await;
+        for cookie in 0..40 {
+            tls.write_all(&request(CMD_READ, cookie, 0, 512))
+                .await
+                .expect("send");
+        }
+        for cookie in 40..104 {
+            tls.write_all(&request(CMD_READ, cookie, 0, 1 << 20))
+                .await
+                .expect("send");
+        }
+        let end = tokio::time::timeout(Duration::from_secs(600), served)
+            .await
+            .expect("the connection ended")
+            .expect("task");
+        assert!(
+            began.elapsed() < Duration::from_secs(200),
+            "{:?}",
+            began.elapsed()
+        );
+        let e = end.expect_err("a client that takes nothing is an error");
+        assert!(e.to_string().contains("did not take"), "{e}");
+        drop(tls);
+    }
+
+    type Served = tokio::task::JoinHandle<Result<(), NbdError>>;
+
+    /// A client that asks for structured replies in the clear, then STARTTLS, then GO for `d`
+    /// inside TLS: the stream, the export's flags, and the server's task.
+    async fn over_tls(
+        node: Arc<Node>,
+        dir: &std::path::Path,
+    ) -> (tokio_rustls::client::TlsStream<DuplexStream>, u16, Served) {
+        let pki = shadowcache_testkit::TestPki::new(&dir.join("pki"));
+        let (cert, key) = pki.member("limits", "localhost");
+        let tls = NbdTls::load(&NbdTlsConfig {
+            cert,
+            key,
+            require: false,
+        })
+        .expect("tls");
+        let (mut client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn(serve(node, server, Some(tls)));
+        let mut greeting = [0u8; 18];
+        client.read_exact(&mut greeting).await.expect("greeting");
+        client.write_all(&3u32.to_be_bytes()).await.expect("flags");
+        send_option(&mut client, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(option_reply(&mut client).await.0, REP_ACK);
+        send_option(&mut client, OPT_STARTTLS, &[]).await;
+        assert_eq!(option_reply(&mut client).await.0, REP_ACK);
+        let mut roots = rustls::RootCertStore::empty();
+        {
+            use rustls_pki_types::pem::PemObject;
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca).expect("ca") {
+                roots.add(c.expect("ca cert")).expect("root");
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").expect("name"),
+                client,
+            )
+            .await
+            .expect("TLS handshake");
+        send_option(
+            &mut tls,
+            OPT_GO,
+            &[&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
+        )
+        .await;
+        let mut export_flags = None;
+        loop {
+            let (kind, data) = option_reply(&mut tls).await;
+            if kind == REP_ACK {
+                break;
+            }
+            if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
+                export_flags = Some(u16::from_be_bytes([data[10], data[11]]));
+            }
+        }
+        (tls, export_flags.expect("the export's flags"), served)
+    }
+
+    /// BLOCK_STATUS described every change of state it was asked about in one reply: a
+    /// request of 4 GiB over alternating holes and data made a reply of megabytes. The node's
+    /// extents stop at the count asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_status_extents_stop_at_the_count_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("s.raw");
+        let bs = 4096usize;
+        let blocks = 64;
+        let mut content = vec![0u8; bs * blocks];
+        for b in (1..blocks).step_by(2) {
+            content[b * bs..(b + 1) * bs].fill(5);
+        }
+        std::fs::write(&img, &content).expect("image");
+        let flags = crate::Flags {
+            data_dir: Some(dir.path().join("data")),
+            node_id: Some("extents".into()),
+            disks: vec![format!("s={},sealed", img.display())],
+            ssd_cache: Some(crate::config::Size(0)),
+            ram_cache: Some(crate::config::Size(8 << 20)),
+            block_size: Some(crate::config::Size(bs as u64)),
+            ..Default::default()
+        };
+        let node = Node::open(crate::Config::from_flags(&flags).expect("config"))
+            .await
+            .expect("node");
+        // Read once, so that the map knows every block.
+        node.read("s", 0, content.len() as u64).await.expect("read");
+        let size = content.len() as u64;
+        let all = node.allocation("s", 0, size, MAX_EXTENTS);
+        assert_eq!(all.len(), blocks, "one extent a block, alternating");
+        assert_eq!(all.iter().map(|e| u64::from(e.0)).sum::<u64>(), size);
+        let few = node.allocation("s", 0, size, 5);
+        assert_eq!(few.len(), 5);
+        assert_eq!(&few[..], &all[..5], "the first extents, whole");
+        assert_eq!(node.allocation("s", 0, size, 1).len(), 1);
     }
 }
