@@ -707,3 +707,88 @@ async fn a_read_that_joins_a_fetch_ahead_in_flight_gets_its_blocks_and_caches_th
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Found in review: a member that takes block fetches and never answers cost every cold read
+/// of a block its map claimed the fetch timeout (once as a holder, once as the block's home),
+/// and was asked again for the next one. Now a member that fails a fetch is not asked for
+/// blocks for a while (`SUSPECT_FOR`): the first read pays one timeout, the next go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_never_answers_costs_one_timeout_not_one_a_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = InProcessNet::new();
+    let image = dir.path().join("vdi.raw");
+    let data: Vec<u8> = (0..BS * BLOCKS)
+        .map(|i| (i / BS * 7 + i % 251) as u8)
+        .collect();
+    std::fs::write(&image, &data).expect("image");
+    let mut nodes = Vec::new();
+    for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let owns = (id == "a").then_some(("vdi", image.as_path()));
+        let mut c = member_config(
+            &dir.path().join(id),
+            id,
+            BS as u32,
+            (TERM_MS, MARGIN_MS),
+            owns,
+        );
+        for d in &mut c.disks {
+            d.mode = DiskMode::Sealed;
+        }
+        c.detection.enabled = false;
+        c.cluster.rpc_timeout_ms = 1_000;
+        c.cluster.read_ahead = 0;
+        let env = net.environment(
+            id,
+            1,
+            Arc::new(shadowcache_node::clock::BootClock),
+            7 + n as u64,
+        );
+        let running = start_in(c, env).await.expect("start");
+        net.attach(id, running.node());
+        nodes.push(running);
+    }
+    let (b, c) = (nodes[1].node().clone(), nodes[2].node().clone());
+    until("both members see the disk", || {
+        b.stat("vdi").is_ok() && c.stat("vdi").is_ok()
+    })
+    .await;
+    // b holds every block, and c learns b's block map.
+    assert_eq!(
+        &b.read("vdi", 0, BS * BLOCKS).await.expect("b reads")[..],
+        &data[..]
+    );
+    c.read("vdi", 0, BS).await.expect("c reads block 0");
+    until("c learns b's map", || {
+        c.stat("vdi")
+            .expect("stat")
+            .coverage
+            .iter()
+            .any(|(m, n)| m == "b" && *n == BLOCKS)
+    })
+    .await;
+    // From now on b takes c's calls and never answers.
+    net.set_link("c", "b", Link::Held);
+    let first = Instant::now();
+    let got = c.read("vdi", BS, BS).await.expect("c reads block 1");
+    assert_eq!(&got[..], &data[BS as usize..2 * BS as usize]);
+    assert!(
+        first.elapsed() < Duration::from_millis(2_900),
+        "the first read paid more than one timeout and a bit: {:?}",
+        first.elapsed()
+    );
+    let rest = Instant::now();
+    for i in 2..BLOCKS {
+        let got = c.read("vdi", i * BS, BS).await.expect("c reads");
+        assert_eq!(&got[..], &data[(i * BS) as usize..((i + 1) * BS) as usize]);
+    }
+    // 62 reads: each of them paid a second or two before.
+    assert!(
+        rest.elapsed() < Duration::from_secs(10),
+        "the later reads still waited for b: {:?}",
+        rest.elapsed()
+    );
+    net.set_link("c", "b", Link::Open);
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}

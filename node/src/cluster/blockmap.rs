@@ -201,16 +201,19 @@ pub struct RemoteMaps {
     pub generation: u64,
     /// The epoch.
     pub epoch: u64,
+    /// The disk's blocks: a member's map shows none past them.
+    blocks: u64,
     maps: DashMap<String, MemberMap>,
     bytes: AtomicU64,
 }
 
 impl RemoteMaps {
-    /// No maps yet.
-    pub fn new(generation: u64, epoch: u64) -> Self {
+    /// No maps yet, of a disk of `blocks` blocks.
+    pub fn new(generation: u64, epoch: u64, blocks: u64) -> Self {
         RemoteMaps {
             generation,
             epoch,
+            blocks,
             maps: crate::hashing::dash_map(),
             bytes: AtomicU64::new(0),
         }
@@ -257,7 +260,7 @@ impl RemoteMaps {
                 u.generation, self.generation
             ));
         }
-        let bits = if u.bits.is_empty() {
+        let mut bits = if u.bits.is_empty() {
             RoaringBitmap::new()
         } else {
             RoaringBitmap::deserialize_from(&u.bits[..]).map_err(|e| {
@@ -265,6 +268,12 @@ impl RemoteMaps {
                 format!("undecodable block map: {e}")
             })?
         };
+        // Blocks past the disk's end are no one's: a member that claims them (up to 2^32 bits)
+        // would make this map as large as it likes, whatever the disk's size.
+        if bits.max().is_some_and(|b| u64::from(b) >= self.blocks) {
+            tracing::debug!(%member, blocks = self.blocks, "a block map showed blocks past the disk's end; dropped");
+            bits.remove_range(u32::try_from(self.blocks).unwrap_or(u32::MAX)..);
+        }
         let mut fresh = false;
         let mut m = self.maps.entry(member.to_string()).or_insert_with(|| {
             fresh = true;
@@ -343,7 +352,7 @@ mod tests {
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let a = alive.clone();
         let mut rx = serve(d.clone(), 7, move || a.load(Ordering::SeqCst));
-        let remote = RemoteMaps::new(7, 1);
+        let remote = RemoteMaps::new(7, 1, 1 << 20);
         let first = rx.recv().await.expect("snapshot");
         assert!(first.reset);
         remote.apply("m", 1, &first).expect("apply");
@@ -402,6 +411,28 @@ mod tests {
         while rx.recv().await.is_some() {}
     }
 
+    /// Found in review: a member's map was merged whatever indices it showed, so one member
+    /// could make a subscriber hold 2^32 bits for a disk of a few blocks.
+    #[test]
+    fn blocks_past_the_disks_end_are_dropped_from_a_members_map() {
+        let r = RemoteMaps::new(1, 1, 100);
+        let mut bits = RoaringBitmap::new();
+        bits.insert_range(50..u32::MAX);
+        let mut buf = Vec::new();
+        bits.serialize_into(&mut buf).expect("serialize");
+        let u = Update {
+            generation: 1,
+            reset: true,
+            bits: Bytes::from(buf),
+            removed: Vec::new(),
+        };
+        r.apply("liar", 1, &u).expect("apply");
+        assert_eq!(r.coverage(), vec![("liar".to_string(), 50)]);
+        assert_eq!(r.holders(99), vec![("liar".to_string(), 1)]);
+        assert!(r.holders(100).is_empty());
+        assert!(r.bytes() < 1024, "{} bytes held", r.bytes());
+    }
+
     #[test]
     fn a_large_map_is_split_into_bounded_messages() {
         let mut bits = RoaringBitmap::new();
@@ -413,7 +444,7 @@ mod tests {
         assert!(msgs.len() > 1);
         assert!(msgs[0].reset && msgs[1..].iter().all(|m| !m.reset));
         assert!(msgs.iter().all(|m| m.bits.len() <= MAX_BITS_BYTES));
-        let r = RemoteMaps::new(1, 1);
+        let r = RemoteMaps::new(1, 1, 40_000_000);
         for m in &msgs {
             r.apply("x", 1, m).expect("apply");
         }

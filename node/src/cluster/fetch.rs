@@ -361,7 +361,7 @@ impl Remote {
             .maps
             .holders(index)
             .into_iter()
-            .filter(|(h, _)| *h != self.me && *h != self.owner)
+            .filter(|(h, _)| *h != self.me && *h != self.owner && !self.peers.is_suspect(h))
             // Only the incarnation whose map it is: a restarted member holds nothing yet.
             .filter_map(|(h, boot)| {
                 members
@@ -416,7 +416,8 @@ impl Remote {
             pending.retain(|&k| {
                 let w = &wants[k];
                 let h = w.expected.and_then(|fp| {
-                    home(&members, &self.owner, content_key(&fp)).filter(|h| h.id != self.me)
+                    home(&members, &self.owner, content_key(&fp))
+                        .filter(|h| h.id != self.me && !self.peers.is_suspect(&h.id))
                 });
                 match h {
                     Some(h) => {
@@ -525,6 +526,7 @@ impl Remote {
                     }
                     return ks.to_vec();
                 }
+                self.peers.suspect(&m.id);
                 return Vec::new();
             }
         };
@@ -552,6 +554,9 @@ impl Remote {
                 metrics::counter!(telemetry::PEER_FETCH_FAILURES, "reason" => "bad_bytes")
                     .increment(1);
                 tracing::warn!(member = %m.id, disk = %self.disk, block = w.index, via, "a member sent bytes that do not match the owner's fingerprint; asking the next source");
+                if !is_owner {
+                    self.peers.suspect(&m.id);
+                }
                 if is_owner {
                     done(
                         k,

@@ -152,7 +152,16 @@ pub struct Peers {
     write_timeout: Duration,
     /// Block fetches in flight to each member (its load, for choosing among holders).
     inflight: DashMap<String, Arc<AtomicU64>>,
+    /// Members that failed a block fetch (no answer in time, an error, bytes that did not
+    /// verify), and until when (on `clock`) they are not asked for blocks.
+    suspects: DashMap<String, Duration>,
 }
+
+/// How long a member that failed a block fetch is not asked for blocks: each block it would
+/// have been asked for goes to its next source, the owner at last. Without it a member that
+/// takes the calls and never answers cost every cold read it claimed its timeout, once as a
+/// holder and once as a home.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(30);
 
 /// Counts one fetch in flight to a member while it lives.
 struct InFlight(Arc<AtomicU64>);
@@ -178,7 +187,26 @@ impl Peers {
             timeout,
             write_timeout,
             inflight: crate::hashing::dash_map(),
+            suspects: crate::hashing::dash_map(),
         }
+    }
+
+    /// `node` failed a block fetch: not asked for blocks for [`SUSPECT_FOR`].
+    pub fn suspect(&self, node: &str) {
+        let until = self.clock.now() + SUSPECT_FOR;
+        if self.suspects.insert(node.to_string(), until).is_none() {
+            tracing::info!(member = %node, seconds = SUSPECT_FOR.as_secs(), "a member failed a block fetch; its blocks come from other sources for a while");
+        }
+    }
+
+    /// Whether `node` failed a block fetch in the last [`SUSPECT_FOR`].
+    pub fn is_suspect(&self, node: &str) -> bool {
+        if self.suspects.is_empty() {
+            return false;
+        }
+        let now = self.clock.now();
+        self.suspects.remove_if(node, |_, until| *until <= now);
+        self.suspects.contains_key(node)
     }
 
     /// Runs one call with a deadline (a stream that stalls after its first answer is the
@@ -211,6 +239,7 @@ impl Peers {
     pub fn forget(&self, node: &str) {
         self.service.forget(node);
         self.inflight.remove(node);
+        self.suspects.remove(node);
     }
 
     /// Block fetches in flight to `node` now.

@@ -87,7 +87,11 @@ impl Cluster {
             let Ok(id) = DiskId::parse(&r.info.id) else {
                 continue;
             };
-            let maps = Arc::new(blockmap::RemoteMaps::new(r.info.generation, r.info.epoch));
+            let maps = Arc::new(blockmap::RemoteMaps::new(
+                r.info.generation,
+                r.info.epoch,
+                r.info.size_bytes.div_ceil(self.block_bytes.max(1)),
+            ));
             let remote = Arc::new(fetch::Remote::new(
                 self.peers.clone(),
                 &self.me,
