@@ -467,6 +467,11 @@ where
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = option == OPT_SET_META_CONTEXT;
+                // A SET replaces the selection even when it fails (the protocol): nothing
+                // selected until one succeeds.
+                if set {
+                    session.meta = false;
+                }
                 if set && !session.structured {
                     reply(
                         wr,
@@ -503,7 +508,8 @@ where
                 }
                 if wanted {
                     let mut b = BytesMut::with_capacity(4 + BASE_ALLOCATION.len());
-                    b.put_u32(BASE_ALLOCATION_ID);
+                    // A LIST names no context to use: its id SHOULD be 0.
+                    b.put_u32(if set { BASE_ALLOCATION_ID } else { 0 });
                     b.put_slice(BASE_ALLOCATION.as_bytes());
                     reply(wr, option, REP_META_CONTEXT, &b).await?;
                 }
@@ -521,9 +527,8 @@ where
 fn errno(e: &Error, cmd: u16) -> u32 {
     use crate::error::ErrorKind as K;
     match e.kind() {
-        K::OutOfRange if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES || cmd == CMD_TRIM => ENOSPC,
-        K::OutOfRange | K::Invalid => EINVAL,
-        K::TooLarge => EOVERFLOW,
+        K::OutOfRange if cmd == CMD_WRITE || cmd == CMD_WRITE_ZEROES => ENOSPC,
+        K::OutOfRange | K::Invalid | K::TooLarge => EINVAL,
         K::Sealed | K::Unseal => EPERM,
         _ => EIO,
     }
@@ -610,7 +615,7 @@ where
             if req.len > MAX_REQUEST {
                 let _ = tx
                     .send((
-                        error_reply(structured, req.cookie, EOVERFLOW, "write too large"),
+                        error_reply(structured, req.cookie, EINVAL, "write too large"),
                         held,
                     ))
                     .await;
@@ -864,8 +869,15 @@ async fn serve_request(
     let in_range = end.is_some_and(|e| e <= export.size);
     match req.cmd {
         CMD_READ => {
+            // EOVERFLOW is for a read that cannot be sent unfragmented (DF); a read over the
+            // maximum size is otherwise an invalid one, as for qemu-nbd.
             if req.len > MAX_REQUEST {
-                return fail(EOVERFLOW, "read too large");
+                let err = if req.flags & CMDF_DF != 0 {
+                    EOVERFLOW
+                } else {
+                    EINVAL
+                };
+                return fail(err, "read too large");
             }
             if !in_range {
                 return fail(EINVAL, "read past the end");
@@ -897,9 +909,19 @@ async fn serve_request(
                 Err(e) => fail(errno(&e, req.cmd), &e.to_string()),
             }
         }
-        // TRIM leaves the range's contents unspecified; zeroes are such contents, and they go
-        // through the owner's write path like any write (a detected disk's leases end first).
-        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+        // TRIM is a hint the protocol lets a server ignore ("MAY discard"): acknowledged,
+        // nothing written. Done as zero writes, a kernel client's 4 GiB discards (mkfs,
+        // blkdiscard) filled a sparse origin and ran past the client's timeout.
+        CMD_TRIM => {
+            if read_only {
+                return fail(EPERM, "read-only export");
+            }
+            if !in_range {
+                return fail(EINVAL, "trim past the end");
+            }
+            ok_reply(structured, cookie)
+        }
+        CMD_WRITE | CMD_WRITE_ZEROES => {
             if read_only {
                 return fail(EPERM, "read-only export");
             }
@@ -1538,6 +1560,62 @@ mod limits {
             }
         }
         (tls, export_flags.expect("the export's flags"), served)
+    }
+
+    /// The meta context options as the protocol has them (found in review): a LIST answers
+    /// context id 0, and a SET that fails replaces the selection with none, so a BLOCK_STATUS
+    /// after it is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_set_meta_context_selects_nothing_and_a_list_names_id_zero() {
+        let (node, _dir) = node().await;
+        let (mut c, server) = tokio::io::duplex(1 << 20);
+        let served = tokio::spawn(serve(node, server, None));
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.expect("greeting");
+        c.write_all(&3u32.to_be_bytes()).await.expect("flags");
+        send_option(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(option_reply(&mut c).await.0, REP_ACK);
+        let meta = |export: &str| {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+            d.extend_from_slice(export.as_bytes());
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            d
+        };
+        send_option(&mut c, OPT_LIST_META_CONTEXT, &meta("d")).await;
+        let (kind, data) = option_reply(&mut c).await;
+        assert_eq!(kind, REP_META_CONTEXT);
+        assert_eq!(&data[..4], &0u32.to_be_bytes(), "a LIST's context id");
+        assert_eq!(option_reply(&mut c).await.0, REP_ACK);
+        send_option(&mut c, OPT_SET_META_CONTEXT, &meta("d")).await;
+        let (kind, data) = option_reply(&mut c).await;
+        assert_eq!(kind, REP_META_CONTEXT);
+        assert_eq!(&data[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(option_reply(&mut c).await.0, REP_ACK);
+        // A SET for an export that does not exist fails, and leaves nothing selected.
+        send_option(&mut c, OPT_SET_META_CONTEXT, &meta("nope")).await;
+        assert_eq!(option_reply(&mut c).await.0, REP_ERR_UNKNOWN);
+        send_option(
+            &mut c,
+            OPT_GO,
+            &[&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
+        )
+        .await;
+        while option_reply(&mut c).await.0 != REP_ACK {}
+        c.write_all(&request(CMD_BLOCK_STATUS, 3, 0, 4096))
+            .await
+            .expect("block status");
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).await.expect("reply");
+        assert_eq!(
+            u16::from_be_bytes([h[6], h[7]]),
+            REPLY_TYPE_ERROR,
+            "block status served with no context selected"
+        );
+        drop(c);
+        let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
     }
 
     /// BLOCK_STATUS described every change of state it was asked about in one reply: a
