@@ -139,6 +139,53 @@ pub struct Node {
     _lock: std::fs::File,
 }
 
+/// The SSD tier's files are sized and overwritten when it opens: neither may be a file the
+/// node reads or keeps (a disk's origin, configured or saved; the data directory's lock, its
+/// saved disk list or content maps). A typo in `cache.ssd_path` or `cache.ssd_index_path`
+/// naming such a file is refused here, before anything is written to it (found in review: the
+/// origin guard refused such an origin only after the cache had cut it to size).
+fn check_ssd_paths(config: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut kept: Vec<(String, std::path::PathBuf)> = config
+        .disks
+        .iter()
+        .map(|d| (format!("the origin of disk {:?}", d.id), d.origin.clone()))
+        .collect();
+    kept.extend(
+        disk::saved_origins(&config.data_dir)
+            .into_iter()
+            .map(|(id, o)| (format!("the origin of saved disk {id:?}"), o)),
+    );
+    kept.push(("the data_dir's lock".into(), config.data_dir.join("lock")));
+    kept.push((
+        "the saved disk list".into(),
+        disk::saved_disks_path(&config.data_dir),
+    ));
+    if let Ok(maps) = std::fs::read_dir(config.data_dir.join("maps")) {
+        kept.extend(
+            maps.flatten()
+                .map(|e| ("a saved content map".to_string(), e.path())),
+        );
+    }
+    for (key, path) in [
+        ("cache.ssd_path", &config.ssd_path),
+        ("cache.ssd_index_path", &config.ssd_index_path),
+    ] {
+        let Some(mine) = id(path) else {
+            continue;
+        };
+        if let Some((what, _)) = kept.iter().find(|(_, p)| id(p) == Some(mine)) {
+            anyhow::bail!(
+                "{key} {} is {what}: the ssd tier would overwrite it; refusing to start (point \
+                 {key} at a file of its own)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Node {
     /// Opens the data directory and the cache, and registers the configured and saved disks.
     pub async fn open(config: Config) -> anyhow::Result<Arc<Node>> {
@@ -165,6 +212,9 @@ impl Node {
             );
         }
         let cache_config = config.cache_config();
+        if cache_config.ssd.is_some() {
+            check_ssd_paths(&config)?;
+        }
         let opened = crate::blocking::run(move || ContentCache::open(cache_config))
             .await
             .context("cache open task")?;

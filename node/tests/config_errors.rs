@@ -4,15 +4,33 @@ use std::process::Command;
 
 use shadowcache_testkit::binary;
 
+/// Runs the node with `args` until it exits; one still running after 30 s (it started, where
+/// the test expected a refusal) is killed, and reads as exit code -1.
 fn start(args: &[&str]) -> (i32, String) {
-    let out = Command::new(binary("shadowcache-node"))
+    let mut child = Command::new(binary("shadowcache-node"))
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run shadowcache-node");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code().unwrap_or(-1);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    (code, err)
 }
 
 #[test]
@@ -208,4 +226,108 @@ fn check_config_reports_what_would_run_and_each_problem() {
     assert_eq!(code, 2);
     assert!(err.contains("has expired"), "{err}");
     assert!(!data.exists());
+}
+
+/// Found in review: the SSD tier sized and overwrote whatever its paths named before anything
+/// checked them, so a typo naming a disk's origin cut the image to the cache's size (the origin
+/// guard refused the disk only afterwards); the index and the slot file could be one file; and
+/// two nodes with different data directories could share one tier. Each is refused at start,
+/// and the file named is left as it was.
+#[test]
+fn ssd_paths_that_name_an_origin_each_other_or_a_tier_in_use_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("base.raw");
+    let content: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
+    std::fs::write(&image, &content).expect("image");
+    let img = image.display().to_string();
+    let disk = format!("--disk=base={img},sealed");
+    let data = |n: &str| dir.path().join(n).display().to_string();
+    // The slot file named as the origin.
+    let (code, err) = start(&[
+        "--data-dir",
+        &data("d1"),
+        &disk,
+        "--ssd-path",
+        &img,
+        "--ssd-cache",
+        "64MiB",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cache.ssd_path") && err.contains("the origin of disk \"base\""),
+        "{err}"
+    );
+    // The index named as the origin.
+    let config = dir.path().join("index.toml");
+    std::fs::write(&config, format!("[cache]\nssd_index_path = {img:?}\n")).expect("config");
+    let (code, err) = start(&[
+        "--data-dir",
+        &data("d2"),
+        &disk,
+        "--config",
+        &config.display().to_string(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cache.ssd_index_path"), "{err}");
+    assert!(
+        std::fs::read(&image).expect("image") == content,
+        "the origin was written"
+    );
+    // The index and the slot file one file.
+    let one = dir.path().join("one");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\nssd_index_path = {:?}\n",
+            one.display().to_string()
+        ),
+    )
+    .expect("config");
+    let (code, err) = start(&[
+        "--data-dir",
+        &data("d3"),
+        "--ssd-path",
+        &one.display().to_string(),
+        "--config",
+        &config.display().to_string(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("are one file"), "{err}");
+    // Two nodes, two data directories, one tier: the second is refused, the first serves.
+    let slots = dir.path().join("shared.slots");
+    let index = dir.path().join("shared.index");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\nssd_index_path = {:?}\n",
+            index.display().to_string()
+        ),
+    )
+    .expect("config");
+    let shared = [
+        "--ssd-path".to_string(),
+        slots.display().to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+    ];
+    let first = shadowcache_testkit::NodeProcess::start(
+        &dir.path().join("first"),
+        &[shared.to_vec(), vec![disk.clone()]].concat(),
+    );
+    let (code, err) = start(
+        &[
+            vec!["--data-dir".to_string(), data("second")],
+            shared.to_vec(),
+        ]
+        .concat()
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert!(
+        code > 0,
+        "the second node was not refused (code {code}): {err}"
+    );
+    assert!(err.contains("in use by another process"), "{err}");
+    drop(first);
 }

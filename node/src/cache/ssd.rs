@@ -90,6 +90,15 @@ pub enum SsdError {
         /// The underlying error (in the message, not a separate cause: printed once).
         error: io::Error,
     },
+    /// The files are not this tier's to use: another process holds them, or the slot file
+    /// and the index are one file.
+    #[error("ssd tier {path}: {why}")]
+    Refused {
+        /// The file involved.
+        path: PathBuf,
+        /// Why, in words.
+        why: String,
+    },
     /// The capacity holds no slot, or more than the index can address.
     #[error(
         "ssd tier capacity of {capacity_bytes} bytes is not 1..{max} slots of {slot_bytes} bytes"
@@ -1029,6 +1038,38 @@ impl SsdTier {
             .open(&config.index_path)
             .map_err(io_err(&config.index_path))?;
         let data_meta = data.metadata().map_err(io_err(&config.data_path))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            let index_meta = index_file.metadata().map_err(io_err(&config.index_path))?;
+            if (data_meta.dev(), data_meta.ino()) == (index_meta.dev(), index_meta.ino()) {
+                return Err(SsdError::Refused {
+                    path: config.index_path.clone(),
+                    why: format!(
+                        "the index and the slot file ({}) are one file",
+                        config.data_path.display()
+                    ),
+                });
+            }
+        }
+        // Two processes writing one tier's slots would each serve what the other overwrote
+        // as its own (caught by verification, but never freed) and reset each other's index.
+        for (file, path) in [
+            (&index_file, &config.index_path),
+            (&data, &config.data_path),
+        ] {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(SsdError::Refused {
+                        path: path.clone(),
+                        why: "in use by another process (it holds the lock on it); two nodes \
+                              cannot share an ssd tier"
+                            .into(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path)(e)),
+            }
+        }
         let is_regular = !data_meta.file_type().is_block_device();
         let data_len = if is_regular {
             data_meta.len()

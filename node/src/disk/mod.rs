@@ -468,6 +468,21 @@ struct SavedState {
     disk: Vec<SavedDisk>,
 }
 
+/// Where the registry saves its disks.
+pub fn saved_disks_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("disks.toml")
+}
+
+/// The (id, origin) of every disk saved in `data_dir`, as far as the file can be read (nothing
+/// when it is missing or damaged: the registry says so when it loads it).
+pub fn saved_origins(data_dir: &Path) -> Vec<(String, PathBuf)> {
+    std::fs::read_to_string(saved_disks_path(data_dir))
+        .ok()
+        .and_then(|t| toml::from_str::<SavedState>(&t).ok())
+        .map(|s| s.disk.into_iter().map(|d| (d.id, d.origin)).collect())
+        .unwrap_or_default()
+}
+
 /// Every disk of this node, by id.
 #[derive(Debug)]
 pub struct Registry {
@@ -607,7 +622,7 @@ impl Registry {
     }
 
     fn state_path(&self) -> PathBuf {
-        self.data_dir.join("disks.toml")
+        saved_disks_path(&self.data_dir)
     }
 
     fn map_path(&self, id: &DiskId) -> PathBuf {
