@@ -1020,7 +1020,7 @@ impl Writer {
                 // A full device fails every write: say so at the 1st, 2nd, 4th, 8th... failure.
                 let n = self.stats.ssd_write_failures.get();
                 if n.is_power_of_two() {
-                    tracing::warn!(error = %e, failures = n, "ssd write failed; entry dropped");
+                    tracing::warn!(error = %e, failures = n, slots_set_aside = self.ssd.retired_slots(), "ssd write failed; entry dropped, and its slot set aside until the next start");
                 }
                 self.stats.evictions_ram_multi.inc();
                 self.stats.sub_logical(v.logical_bytes());

@@ -69,6 +69,20 @@ pub struct SsdConfig {
 /// Alignment of O_DIRECT buffers, offsets and lengths (the largest logical block size in use).
 const DIRECT_ALIGN: usize = 4096;
 
+/// A write failure injected at `slot` (fail point `ssd-slot-write`, its argument the slot):
+/// tests of what a slot that cannot be written costs.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn injected_write_failure(slot: u32) -> io::Result<()> {
+    fail::fail_point!(
+        "ssd-slot-write",
+        |arg| match arg.and_then(|a| a.parse::<u32>().ok()) {
+            Some(s) if s == slot => Err(io::Error::other("injected ssd write failure")),
+            _ => Ok(()),
+        }
+    );
+    Ok(())
+}
+
 /// A zeroed buffer of `len` bytes (rounded up to [`DIRECT_ALIGN`]) at an aligned address: the
 /// vector and where the aligned part starts. Safe code cannot ask the allocator for alignment,
 /// so it allocates one alignment more and starts inside it.
@@ -410,6 +424,8 @@ struct Index {
     /// of cells, and masked in tests to force false matches.
     salt: u64,
     key_mask: u64,
+    /// Slots set aside after a failed write, until the next start.
+    retired: u64,
 }
 
 /// The partial key of `fp`: fingerprint bytes 8..16 (the RAM tables use 0..8 and the pool
@@ -436,6 +452,7 @@ impl Index {
             next_seq: 0,
             salt: crate::hashing::key(0x55d_1d8),
             key_mask: u64::MAX,
+            retired: 0,
         }
     }
 
@@ -784,6 +801,8 @@ const PIECE_SLOTS: usize = 1 << 20;
 struct Found {
     corrupt: u64,
     truncated: u64,
+    /// The slots of those headers, to clear.
+    truncated_slots: Vec<u32>,
     /// Lowest and highest write sequence numbers of the entries recovered.
     lo: u64,
     hi: u64,
@@ -863,6 +882,13 @@ fn read_headers(
     for f in found {
         rec.corrupt_headers += f.corrupt;
         rec.truncated += f.truncated;
+        // The slot file is sized again at open: cleared, these headers would name zeros as
+        // live entries at the next start (found in review).
+        for slot in f.truncated_slots {
+            if let Err(e) = file.write_all_at(&[0u8; HEADER_BYTES as usize], header_offset(slot)) {
+                tracing::warn!(error = %e, slot, "could not clear the header of a truncated slot");
+            }
+        }
         top = top.max(f.top);
         if f.live > 0 {
             lo = lo.min(f.lo);
@@ -919,6 +945,7 @@ fn read_piece(
                         f.top = f.top.max(seq);
                         if slot * u64::from(slot_bytes) + u64::from(len) > data_len {
                             f.truncated += 1;
+                            f.truncated_slots.push(slot as u32);
                             continue;
                         }
                         let mut m = Slot::live(partial_key(&fp, salt, mask), len, refs);
@@ -1446,13 +1473,18 @@ impl SsdTier {
         } else {
             self.data.write_all_at(bytes, offset)
         };
-        let res = written.and_then(|()| {
-            self.index_file
-                .write_all_at(&encode_header(&fp, len, r.seq, refs), header_offset(r.slot))
-        });
+        let res = written
+            .and_then(|()| injected_write_failure(r.slot))
+            .and_then(|()| {
+                self.index_file
+                    .write_all_at(&encode_header(&fp, len, r.seq, refs), header_offset(r.slot))
+            });
         let mut ix = self.index.lock();
         if let Err(e) = res {
-            ix.give_back(r.slot);
+            // Set aside until the next start, not handed out again: the free list gives the
+            // slot freed last first, so a slot that cannot be written (a bad sector, a sparse
+            // file's hole on a full filesystem) failed every later demotion.
+            ix.retired += 1;
             return Err(e);
         }
         let key = ix.key(&fp);
@@ -1461,6 +1493,11 @@ impl SsdTier {
             ix.give_back(r.slot);
         }
         Ok(())
+    }
+
+    /// Slots set aside after a failed write, until the next start.
+    pub fn retired_slots(&self) -> u64 {
+        self.index.lock().retired
     }
 
     /// Makes the slot and index files durable (clean shutdown). Headers were written with
@@ -1576,6 +1613,32 @@ mod tests {
         (a, b)
     }
 
+    /// Found in review: a slot whose write failed went back to the head of the free list, so
+    /// the next demotion took it and failed too, and so on: one bad slot stopped every SSD
+    /// write until a restart. Now it is set aside.
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_slot_that_cannot_be_written_is_set_aside_and_the_others_are_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (t, _) = SsdTier::open(cfg(dir.path(), 4)).expect("open");
+        fail::cfg("ssd-slot-write", "return(0)").expect("fail point");
+        let a = Fingerprint::of(&block(1));
+        let r = t.reserve(&a, 1).slot().expect("a slot");
+        assert!(t.write(r, a, &block(1), 1).is_err(), "slot 0 fails");
+        let stored: Vec<Fingerprint> = (2..=4).map(|tag| put(&t, &block(tag))).collect();
+        fail::cfg("ssd-slot-write", "off").expect("fail point");
+        for (fp, tag) in stored.iter().zip(2..) {
+            assert_eq!(get(&t, fp).as_deref(), Some(&block(tag)[..]), "block {tag}");
+        }
+        assert!(!t.contains(&a));
+        assert_eq!(t.retired_slots(), 1);
+        assert_eq!(
+            t.usage(),
+            (3, 3 * 4096),
+            "three slots of four in use, one set aside"
+        );
+    }
+
     #[test]
     fn a_full_tier_evicts_its_least_recently_used_slot() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1674,6 +1737,15 @@ mod tests {
         let (t, rec) = SsdTier::open(cfg(dir.path(), 4)).expect("reopen");
         assert_eq!(rec.recovered, 2);
         assert_eq!(rec.truncated, 2);
+        for fp in t.lru_order().expect("lru") {
+            assert!(get(&t, &fp).is_some());
+        }
+        // Found in review: the open sized the slot file again, so at the next start the
+        // truncated slots' headers named zeros as live entries. They were cleared.
+        drop(t);
+        let (t, rec) = SsdTier::open(cfg(dir.path(), 4)).expect("reopen again");
+        assert_eq!((rec.recovered, rec.truncated), (2, 0));
+        assert_eq!(t.usage(), (2, 2 * 4096));
         for fp in t.lru_order().expect("lru") {
             assert!(get(&t, &fp).is_some());
         }
