@@ -405,6 +405,12 @@ impl Node {
         }
         match self.cluster.remote(disk) {
             Some(r) if r.owner == from => {
+                // No further than the generation this node knows the owner at: a revocation
+                // of generation 2^64-1 (the caller's word, which only the cluster key or
+                // certificate vouches for) ruled out every later shadow of the disk until the
+                // owner's epoch changed, so this node forwarded every read of it for good
+                // (found in review). Stopping what it holds is all a revocation needs.
+                let generation = generation.min(r.info.generation);
                 if crate::guard_removed("guard-holder-stops-before-ack") {
                     // Acknowledged first, stopped a moment later.
                     let (cluster, clock, disk) =

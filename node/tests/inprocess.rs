@@ -792,3 +792,42 @@ async fn a_holder_that_never_answers_costs_one_timeout_not_one_a_read() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Found in review: a revocation from the owner's id carried any generation, and one of
+/// 2^64-1 made the member rule out every later shadow of the disk (until the owner's epoch
+/// changed), so it forwarded every read of it for good. A revocation now reaches no further
+/// than the generation the member knows; the next detection is served from its cache again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_of_a_future_generation_does_not_stop_later_shadows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (a, b) = (c.node("a"), c.node("b"));
+    let g1 = c.detect(0).await;
+    b.read("vdi", 0, BS).await.expect("b reads under a lease");
+    assert!(
+        a.stat("vdi")
+            .expect("stat")
+            .lease_holders
+            .contains(&"b".to_string())
+    );
+    let boot = b.cluster().me().boot;
+    b.revoke_held("vdi", u64::MAX, "a", boot)
+        .expect("a revocation from the owner's id");
+    // The owner writes (its own revocation of g1), then the disk is detected again.
+    a.write("vdi", 3 * BS, Bytes::from(block(3, 2)))
+        .await
+        .expect("write");
+    let g2 = c.detect(g1).await;
+    assert!(g2 > g1);
+    b.read("vdi", 5 * BS, BS).await.expect("b reads");
+    assert!(
+        a.stat("vdi")
+            .expect("stat")
+            .lease_holders
+            .contains(&"b".to_string()),
+        "b took no lease on generation {g2}: it no longer caches the disk"
+    );
+    for n in c.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
