@@ -445,9 +445,9 @@ impl pb::admin_server::Admin for GrpcFrontend {
     }
 }
 
-/// The services on one listener. Admin (which opens host paths as origins) is served only
-/// where `with_admin` says: the Unix socket, whose file mode limits who may connect. TCP has no
-/// authentication yet, so it carries Block only.
+/// The services on one listener. Admin (which opens host paths as origins) is served where
+/// `trusted` says: the Unix socket, whose file mode limits who may connect, and TCP over
+/// mutual TLS (any certificate of the cluster's CA). TCP without TLS refuses it.
 /// HTTP/2 streams a client connection may have open at once.
 pub const CLIENT_STREAMS: u32 = 256;
 /// Requests of one client connection handled at once (the rest wait their turn).
