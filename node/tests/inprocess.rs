@@ -831,3 +831,43 @@ async fn a_revocation_of_a_future_generation_does_not_stop_later_shadows() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Found in review: a home answered a member's fetch from a sealed shadow whatever epoch it
+/// was asked for (only a detected shadow's lease was compared), so after the owner restarted
+/// with a new epoch it sent the old epoch's bytes, which the asker refused. A shadow of
+/// another epoch, or another generation, answers nothing; of its own, the blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_serves_a_sealed_shadow_only_at_its_own_generation_and_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_net, nodes) = owner_and_member(dir.path(), 16, 0).await;
+    let b = nodes[1].node();
+    let got = b.read("big", 0, 4 * BS).await.expect("b reads");
+    assert_eq!(version_of(0, &got[..BS as usize]), 1);
+    let (generation, epoch) = {
+        let s = b.stat("big").expect("stat");
+        (s.generation, s.epoch)
+    };
+    let ask = |g: u64, e: u64| {
+        b.blocks_for_peer(
+            "big",
+            shadowcache_node::ids::Version::new(g, e),
+            &[0, 1],
+            true,
+        )
+    };
+    let held = ask(generation, epoch).await.expect("own epoch");
+    assert!(
+        held.iter().all(|(_, b)| b.is_some()),
+        "its own epoch: the blocks"
+    );
+    for (g, e) in [(generation, epoch + 1), (generation + 1, epoch)] {
+        let other = ask(g, e).await.expect("another version");
+        assert!(
+            other.iter().all(|(_, b)| b.is_none()),
+            "generation {g}, epoch {e}: answered from a shadow of {generation}, {epoch}"
+        );
+    }
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}

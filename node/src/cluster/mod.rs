@@ -129,7 +129,7 @@ pub struct Shadow {
     pub maps: Arc<blockmap::RemoteMaps>,
     owner: String,
     addr: SocketAddr,
-    epoch: u64,
+    pub(crate) epoch: u64,
 }
 
 /// A disk owned by another member.
