@@ -260,6 +260,20 @@ impl Client {
     }
 }
 
+/// Pieces of one long read or write in flight at once.
+pub const PIECES_IN_FLIGHT: usize = 8;
+
+/// A range whose end does not fit in 64 bits: refused before anything is sent (the sums of
+/// offsets and lengths below then cannot wrap).
+fn check_range(offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(_) => Ok(()),
+        None => Err(ClientError::Status(tonic::Status::out_of_range(format!(
+            "offset {offset} + length {len} is past 2^64"
+        )))),
+    }
+}
+
 /// One disk of a node.
 #[derive(Debug, Clone)]
 pub struct Disk {
@@ -273,21 +287,29 @@ impl Disk {
         &self.id
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset`: a range past 2^64 is OUT_OF_RANGE before anything is
+    /// sent; a long one goes in pieces of at most [`pb::MAX_IO_BYTES`], [`PIECES_IN_FLIGHT`]
+    /// at a time (a range past the disk's end fails at its first piece past it, having held
+    /// no more than that).
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        use futures::{StreamExt, TryStreamExt};
+        check_range(offset, len)?;
         let max = pb::MAX_IO_BYTES;
         if len <= max {
             return self.read_one(offset, len).await;
         }
-        let pieces = (0..len.div_ceil(max)).map(|n| {
-            let at = n * max;
-            self.read_one(offset + at, max.min(len - at))
-        });
-        let parts = futures::future::try_join_all(pieces).await?;
-        let mut out = BytesMut::with_capacity(len as usize);
-        for p in parts {
-            out.extend_from_slice(&p);
-        }
+        let pieces = futures::stream::iter(0..len.div_ceil(max))
+            .map(|n| {
+                let at = n * max;
+                self.read_one(offset + at, max.min(len - at))
+            })
+            .buffered(PIECES_IN_FLIGHT);
+        let out = pieces
+            .try_fold(BytesMut::new(), |mut out, p| async move {
+                out.extend_from_slice(&p);
+                Ok(out)
+            })
+            .await?;
         Ok(out.freeze())
     }
 
@@ -305,18 +327,25 @@ impl Disk {
         Ok(r.into_inner().data)
     }
 
-    /// Writes `data` at `offset`. Durable once [`Disk::flush`] returns.
+    /// Writes `data` at `offset`. Durable once [`Disk::flush`] returns. A long write goes in
+    /// pieces, [`PIECES_IN_FLIGHT`] at a time.
     pub async fn write_at(&self, offset: u64, data: impl Into<Bytes>) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
         let data: Bytes = data.into();
+        check_range(offset, data.len() as u64)?;
         let max = pb::MAX_IO_BYTES as usize;
         if data.len() <= max {
             return self.write_one(offset, data).await;
         }
-        let pieces = (0..data.len().div_ceil(max)).map(|n| {
-            let at = n * max;
-            self.write_one(offset + at as u64, data.slice(at..data.len().min(at + max)))
-        });
-        futures::future::try_join_all(pieces).await.map(|_| ())
+        futures::stream::iter(0..data.len().div_ceil(max))
+            .map(|n| {
+                let at = n * max;
+                self.write_one(offset + at as u64, data.slice(at..data.len().min(at + max)))
+            })
+            .buffer_unordered(PIECES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
     }
 
     async fn write_one(&self, offset: u64, data: Bytes) -> Result<()> {

@@ -142,6 +142,28 @@ async fn errors_carry_the_documented_grpc_codes() {
         code(client.disk("rw").write_at(99_999, vec![1, 2]).await),
         Code::OutOfRange
     );
+    // The client library (found in review): a range past 2^64 panicked in debug builds
+    // (offset + piece overflowed) and wrapped in release; a read of a terabyte allocated it
+    // whole and sent every piece at once. Now the first is refused before anything is sent,
+    // and the second fails at its first piece past the disk's end.
+    assert_eq!(
+        code(client.disk("base").read_at(u64::MAX - 10, 1 << 25).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(client.disk("rw").write_at(u64::MAX, vec![1]).await),
+        Code::OutOfRange
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(
+        code(client.disk("base").read_at(0, 1 << 40).await),
+        Code::OutOfRange
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
     match client.disk("base").write_at(0, vec![1]).await {
         Err(ClientError::Status(s)) => {
             assert_eq!(s.code(), Code::FailedPrecondition);
