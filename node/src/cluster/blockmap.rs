@@ -24,6 +24,9 @@ use roaring::RoaringBitmap;
 
 /// How often changes of a map are sent to subscribers.
 pub const DELTA_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A subscriber that takes no message for this long is dropped.
+pub const STALLED_SUBSCRIBER: Duration = Duration::from_secs(30);
 /// Largest bitmap payload in one message.
 const MAX_BITS_BYTES: usize = 4 << 20;
 
@@ -169,8 +172,27 @@ pub fn serve(
                 msgs
             };
             for m in msgs {
-                if tx.send(m).await.is_err() {
-                    return;
+                // A subscriber that takes nothing does not keep this task, or the messages
+                // it holds, past the disk's generation or shutdown (`alive`), nor for more
+                // than [`STALLED_SUBSCRIBER`] (found in review: a subscriber that stopped
+                // reading and subscribed again left this task blocked here for good).
+                let deadline = tokio::time::Instant::now() + STALLED_SUBSCRIBER;
+                let send = tx.send(m);
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        r = &mut send => {
+                            if r.is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                        _ = tick.tick() => {
+                            if !alive() || tokio::time::Instant::now() >= deadline {
+                                return;
+                            }
+                        }
+                    }
                 }
             }
             version = Some(v);
@@ -340,6 +362,44 @@ mod tests {
     impl AsHeld for D {
         fn held(&self) -> &HeldBlocks {
             &self.0
+        }
+    }
+
+    /// Found in review: a subscriber that stopped reading left the serving task blocked on a
+    /// full channel for good, past its disk's generation and past shutdown. It ends once the
+    /// generation is over, and after [`STALLED_SUBSCRIBER`] in any case.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_takes_nothing_does_not_keep_its_stream() {
+        for end_alive in [false, true] {
+            let d = Arc::new(D(HeldBlocks::default()));
+            d.0.insert(0);
+            let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let a = alive.clone();
+            let rx = serve(d.clone(), 7, move || a.load(Ordering::SeqCst));
+            // A change every tick: a message each, more than the channel holds.
+            for i in 1..8 {
+                tokio::time::sleep(DELTA_INTERVAL).await;
+                d.0.insert(i);
+            }
+            tokio::time::sleep(DELTA_INTERVAL * 2).await;
+            assert_eq!(rx.len(), 4, "the channel is full");
+            assert_eq!(
+                rx.sender_strong_count(),
+                1,
+                "serving, blocked on the full channel"
+            );
+            let wait = if end_alive {
+                STALLED_SUBSCRIBER + DELTA_INTERVAL * 4
+            } else {
+                alive.store(false, Ordering::SeqCst);
+                DELTA_INTERVAL * 4
+            };
+            tokio::time::sleep(wait).await;
+            assert_eq!(
+                rx.sender_strong_count(),
+                0,
+                "the stream still served (alive kept: {end_alive})"
+            );
         }
     }
 
