@@ -134,7 +134,8 @@ impl Node {
         Ok(self.info(&d))
     }
 
-    /// Changes a disk's mode; only mutable -> sealed exists.
+    /// Changes a disk's mode: mutable or detected -> sealed, detected -> mutable (ending the
+    /// detection); sealed stays sealed.
     pub async fn set_mode(&self, disk: &str, mode: DiskMode) -> Result<DiskInfo> {
         let d = match self.registry.get(disk) {
             Ok(d) => d,
@@ -161,7 +162,13 @@ impl Node {
             (_, DiskMode::Sealed) => {
                 self.registry.seal(disk).await?;
             }
-            (DiskMode::Mutable | DiskMode::Detected, DiskMode::Mutable) => {}
+            // Mutable now, as asked (it answered OK and stayed detected; found in review):
+            // the detection ends as a write would end it, its leases revoked first. Reads may
+            // detect it again later; `pin` keeps it mutable.
+            (DiskMode::Detected, DiskMode::Mutable) => {
+                self.end_detection(&d, "operator made it mutable").await?;
+            }
+            (DiskMode::Mutable, DiskMode::Mutable) => {}
             (DiskMode::Sealed, DiskMode::Mutable) => return Err(Error::Unseal(disk.to_string())),
         }
         self.cluster.disks_changed().await;

@@ -871,3 +871,31 @@ async fn a_home_serves_a_sealed_shadow_only_at_its_own_generation_and_epoch() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Found in review: SetDiskMode(MUTABLE) on a detected disk answered OK and left it detected.
+/// It ends the detection (leases revoked first), as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_detected_disk_mutable_ends_its_detection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (a, b) = (c.node("a"), c.node("b"));
+    c.detect(0).await;
+    b.read("vdi", 0, BS).await.expect("b reads under a lease");
+    assert!(
+        a.stat("vdi")
+            .expect("stat")
+            .lease_holders
+            .contains(&"b".to_string())
+    );
+    let info = a
+        .set_mode("vdi", DiskMode::Mutable)
+        .await
+        .expect("set mutable");
+    assert_eq!(info.mode, DiskMode::Mutable);
+    let s = a.stat("vdi").expect("stat");
+    assert_eq!(s.mode, DiskMode::Mutable);
+    assert!(s.lease_holders.is_empty(), "{:?}", s.lease_holders);
+    for n in c.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
