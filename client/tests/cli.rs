@@ -244,3 +244,37 @@ fn a_missing_socket_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Found in review: `--tcp` with `--cert` and `--key` but no `--ca` connected in plaintext,
+/// and an `https://` address without them was quietly rewritten to http. Both are refused
+/// before any connection, saying what is missing.
+#[test]
+fn tls_flags_without_their_partners_and_https_without_tls_are_refused() {
+    let sock = Path::new("/nonexistent/shadowcache.sock");
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--tcp",
+                "127.0.0.1:1",
+                "--cert",
+                "c.pem",
+                "--key",
+                "k.pem",
+                "disks",
+            ],
+            "--ca",
+        ),
+        (&["--tcp", "127.0.0.1:1", "--key", "k.pem", "disks"], "--ca"),
+        (&["--tcp", "https://127.0.0.1:1", "disks"], "https"),
+    ];
+    for (args, says) in cases {
+        let out = cli(sock, args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            !err.contains("cannot connect"),
+            "{args:?} tried to connect: {err}"
+        );
+    }
+}

@@ -27,10 +27,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE", requires_all = ["cert", "key"])]
     ca: Option<PathBuf>,
     /// With --ca: this client's certificate (PEM), signed by the CA.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", requires_all = ["ca", "key"])]
     cert: Option<PathBuf>,
     /// With --ca: this client's key (PEM).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", requires_all = ["ca", "cert"])]
     key: Option<PathBuf>,
     /// With --ca: the name in the node's certificate.
     #[arg(
@@ -558,8 +558,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             Client::connect_tcp_tls(addr, &tls).await?
         }
+        // An https address asks for TLS: without --ca/--cert/--key it would go in plaintext.
+        (Some(addr), ..) if addr.starts_with("https://") => {
+            anyhow::bail!("{addr}: an https address needs --ca, --cert and --key (mutual TLS)")
+        }
         (Some(addr), ..) => Client::connect_tcp(addr).await?,
-        (None, Some(_), ..) => anyhow::bail!("--ca, --cert and --key go with --tcp"),
+        (None, Some(_), ..) | (None, _, Some(_), _) | (None, .., Some(_)) => {
+            anyhow::bail!("--ca, --cert and --key go with --tcp")
+        }
         (None, ..) => Client::connect_unix(&cli.socket).await?,
     };
     match cli.command {
