@@ -152,6 +152,12 @@ impl Client {
 
     async fn connect_tcp_with(addr: &str, tls: Option<&TlsFiles>) -> Result<Client> {
         let scheme = if tls.is_some() { "https" } else { "http" };
+        // An https address asks for TLS: without it the connection would go in plaintext.
+        if tls.is_none() && addr.starts_with("https://") {
+            return Err(ClientError::Tls(format!(
+                "{addr}: an https address needs TLS files (connect_tcp_tls)"
+            )));
+        }
         let uri = match addr.split_once("://") {
             Some((_, rest)) => format!("{scheme}://{rest}"),
             None => format!("{scheme}://{addr}"),

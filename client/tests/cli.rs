@@ -278,3 +278,18 @@ fn tls_flags_without_their_partners_and_https_without_tls_are_refused() {
         );
     }
 }
+
+/// The library too: an https address without TLS files is an error, not plaintext.
+#[test]
+fn the_library_refuses_an_https_address_without_tls() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(shadowcache_client::Client::connect_tcp(
+        "https://127.0.0.1:1",
+    )) {
+        Err(shadowcache_client::ClientError::Tls(why)) => assert!(why.contains("https"), "{why}"),
+        other => panic!("an https address without TLS: {other:?}"),
+    }
+}
