@@ -793,6 +793,20 @@ async fn a_holder_that_never_answers_costs_one_timeout_not_one_a_read() {
     }
 }
 
+/// The three-node cluster with "vdi" detected and b holding a lease on it (b has read it):
+/// the cluster and the detected generation.
+async fn detected_with_b_holding_a_lease(dir: &std::path::Path) -> (Cluster, u64) {
+    let c = cluster(dir).await;
+    let g = c.detect(0).await;
+    c.node("b")
+        .read("vdi", 0, BS)
+        .await
+        .expect("b reads under a lease");
+    let holders = c.node("a").stat("vdi").expect("stat").lease_holders;
+    assert!(holders.contains(&"b".to_string()), "{holders:?}");
+    (c, g)
+}
+
 /// Found in review: a revocation from the owner's id carried any generation, and one of
 /// 2^64-1 made the member rule out every later shadow of the disk (until the owner's epoch
 /// changed), so it forwarded every read of it for good. A revocation now reaches no further
@@ -800,16 +814,8 @@ async fn a_holder_that_never_answers_costs_one_timeout_not_one_a_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_of_a_future_generation_does_not_stop_later_shadows() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = cluster(dir.path()).await;
+    let (c, g1) = detected_with_b_holding_a_lease(dir.path()).await;
     let (a, b) = (c.node("a"), c.node("b"));
-    let g1 = c.detect(0).await;
-    b.read("vdi", 0, BS).await.expect("b reads under a lease");
-    assert!(
-        a.stat("vdi")
-            .expect("stat")
-            .lease_holders
-            .contains(&"b".to_string())
-    );
     let boot = b.cluster().me().boot;
     b.revoke_held("vdi", u64::MAX, "a", boot)
         .expect("a revocation from the owner's id");
@@ -877,16 +883,8 @@ async fn a_home_serves_a_sealed_shadow_only_at_its_own_generation_and_epoch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setting_a_detected_disk_mutable_ends_its_detection() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = cluster(dir.path()).await;
-    let (a, b) = (c.node("a"), c.node("b"));
-    c.detect(0).await;
-    b.read("vdi", 0, BS).await.expect("b reads under a lease");
-    assert!(
-        a.stat("vdi")
-            .expect("stat")
-            .lease_holders
-            .contains(&"b".to_string())
-    );
+    let (c, _) = detected_with_b_holding_a_lease(dir.path()).await;
+    let a = c.node("a");
     let info = a
         .set_mode("vdi", DiskMode::Mutable)
         .await
