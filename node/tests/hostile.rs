@@ -657,6 +657,16 @@ async fn tcp_without_tls_serves_reads_of_immutable_disks_only() {
         "a read of a mutable disk over TCP",
     );
     denied(tcp.disk("rw").flush().await, "a flush over TCP");
+    denied(
+        tcp.disk("rw").stat().await.map(|_| ()),
+        "a stat of a mutable disk over TCP (its origin path, readers and holders)",
+    );
+    let ro_info = tcp
+        .disk("ro")
+        .stat()
+        .await
+        .expect("a stat of a sealed disk");
+    assert_eq!(ro_info.size_bytes, 65536);
     denied(tcp.list_disks().await.map(|_| ()), "Admin list over TCP");
     denied(
         tcp.register_disk("x", "/etc/passwd", shadowcache_client::DiskMode::Sealed)

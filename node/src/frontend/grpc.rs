@@ -327,7 +327,11 @@ impl pb::block_server::Block for GrpcFrontend {
         request: Request<pb::StatRequest>,
     ) -> Result<Response<pb::StatResponse>, Status> {
         let t = Instant::now();
-        let res = self.node.stat(&request.into_inner().disk);
+        let disk = request.into_inner().disk;
+        // Untrusted TCP: stats of immutable disks only, as its reads (a mutable disk's stat
+        // names its origin path, readers and lease holders; found in review).
+        self.immutable_only(&disk)?;
+        let res = self.node.stat(&disk);
         observe("stat", t, 0, &res);
         res.map(|d| {
             Response::new(pb::StatResponse {
