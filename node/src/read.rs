@@ -510,11 +510,10 @@ impl ReadPath {
                     // an origin, whose block may have been written since this read took its
                     // map: its leader admitted the bytes under their own fingerprint, and
                     // admitting them under `fp` would serve them for any disk's `fp`.
-                    Some(Ok(b)) if route != Route::Member => match (fp, seat.key) {
-                        (Some(fp), FlightKey::Content(key))
-                            if key == fp
-                                && (self.take_ahead(&fp).is_some()
-                                    || self.cache.tier_of(&fp).is_none()) =>
+                    Some(Ok(b)) if route != Route::Member => match seat.key {
+                        FlightKey::Content(fp)
+                            if self.take_ahead(&fp).is_some()
+                                || self.cache.tier_of(&fp).is_none() =>
                         {
                             Ok(self.admit(disk, map, index, b, Some(fp)))
                         }

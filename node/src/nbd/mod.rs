@@ -1132,6 +1132,56 @@ pub async fn serve_tcp(
 }
 
 #[cfg(test)]
+mod testing {
+    //! What the NBD unit tests share: a test node's flags, and a client's option requests.
+
+    use super::*;
+
+    /// Flags for a test node `id` keeping its data in `dir`, with `disks` (`ID=PATH[,MODE]`),
+    /// no SSD tier and 8 MiB of RAM.
+    pub fn flags(dir: &std::path::Path, id: &str, disks: Vec<String>) -> crate::Flags {
+        crate::Flags {
+            data_dir: Some(dir.join("data")),
+            node_id: Some(id.into()),
+            disks,
+            ssd_cache: Some(crate::config::Size(0)),
+            ram_cache: Some(crate::config::Size(8 << 20)),
+            ..Default::default()
+        }
+    }
+
+    /// One option request.
+    pub fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16 + data.len());
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    /// GO's data for export `name`, asking for no information.
+    pub fn go_data(name: &str) -> Vec<u8> {
+        [
+            &(name.len() as u32).to_be_bytes()[..],
+            name.as_bytes(),
+            &0u16.to_be_bytes(),
+        ]
+        .concat()
+    }
+
+    /// The client's flags, STRUCTURED_REPLY and GO for `name`, sent without reading a reply.
+    pub fn go(name: &str) -> Vec<u8> {
+        [
+            &3u32.to_be_bytes()[..],
+            &option(OPT_STRUCTURED_REPLY, &[]),
+            &option(OPT_GO, &go_data(name)),
+        ]
+        .concat()
+    }
+}
+
+#[cfg(test)]
 mod fuzz {
     //! Random bytes after a valid prefix (none, the greeting's answer, or a full GO), fed to
     //! the real server over an in-memory pipe: it must end the connection (no hang, no panic)
@@ -1155,14 +1205,8 @@ mod fuzz {
             let img = dir.path().join("d.raw");
             std::fs::write(&img, vec![7u8; 1 << 20]).expect("image");
             let rt = tokio::runtime::Runtime::new().expect("runtime");
-            let flags = crate::Flags {
-                data_dir: Some(dir.path().join("data")),
-                node_id: Some("fuzz".into()),
-                disks: vec![format!("d={}", img.display())],
-                ssd_cache: Some(crate::config::Size(0)),
-                ram_cache: Some(crate::config::Size(8 << 20)),
-                ..Default::default()
-            };
+            let flags =
+                super::testing::flags(dir.path(), "fuzz", vec![format!("d={}", img.display())]);
             let config = crate::Config::from_flags(&flags).expect("config");
             let node = rt.block_on(Node::open(config)).expect("node");
             Fixture {
@@ -1173,20 +1217,7 @@ mod fuzz {
         })
     }
 
-    fn go(name: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&3u32.to_be_bytes());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
-        b.extend_from_slice(&0u32.to_be_bytes());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&OPT_GO.to_be_bytes());
-        b.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        b.extend_from_slice(name.as_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b
-    }
+    use super::testing::go;
 
     /// Valid request headers with random fields, so that the fuzzer reaches the commands.
     fn requests(raw: &[(u16, u16, u64, u32)]) -> Vec<u8> {
@@ -1284,35 +1315,9 @@ mod limits {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = dir.path().join("d.raw");
         std::fs::write(&img, vec![7u8; 1 << 20]).expect("image");
-        let flags = crate::Flags {
-            data_dir: Some(dir.path().join("data")),
-            node_id: Some("limits".into()),
-            disks: vec![format!("d={}", img.display())],
-            ssd_cache: Some(crate::config::Size(0)),
-            ram_cache: Some(crate::config::Size(8 << 20)),
-            ..Default::default()
-        };
+        let flags = testing::flags(dir.path(), "limits", vec![format!("d={}", img.display())]);
         let config = crate::Config::from_flags(&flags).expect("config");
         (Node::open(config).await.expect("node"), dir)
-    }
-
-    /// The client's flags, STRUCTURED_REPLY and GO for `d`, sent without reading a reply.
-    fn negotiate_blind() -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&3u32.to_be_bytes());
-        for (opt, data) in [
-            (OPT_STRUCTURED_REPLY, Vec::new()),
-            (
-                OPT_GO,
-                [&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
-            ),
-        ] {
-            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-            b.extend_from_slice(&opt.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            b.extend_from_slice(&data);
-        }
-        b
     }
 
     fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_BYTES] {
@@ -1348,7 +1353,7 @@ mod limits {
         let before = node_budget().available_permits();
         let began = tokio::time::Instant::now();
         let served = tokio::spawn(serve(node, server, None));
-        client.write_all(&negotiate_blind()).await.expect("send");
+        client.write_all(&testing::go("d")).await.expect("send");
         let len = MAX_REQUEST;
         client
             .write_all(&request(CMD_WRITE, 1, 0, len))
@@ -1388,7 +1393,7 @@ mod limits {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let began = tokio::time::Instant::now();
         let served = tokio::spawn(serve(node, server, None));
-        client.write_all(&negotiate_blind()).await.expect("send");
+        client.write_all(&testing::go("d")).await.expect("send");
         for cookie in 0..64 {
             client
                 .write_all(&request(CMD_READ, cookie, 0, 1 << 20))
@@ -1419,12 +1424,9 @@ mod limits {
     }
 
     async fn send_option<S: AsyncWriteExt + Unpin>(s: &mut S, opt: u32, data: &[u8]) {
-        let mut b = Vec::new();
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        s.write_all(&b).await.expect("send option");
+        s.write_all(&testing::option(opt, data))
+            .await
+            .expect("send option");
     }
 
     /// One option reply: its type and data.
@@ -1543,12 +1545,7 @@ mod limits {
             )
             .await
             .expect("TLS handshake");
-        send_option(
-            &mut tls,
-            OPT_GO,
-            &[&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
-        )
-        .await;
+        send_option(&mut tls, OPT_GO, &testing::go_data("d")).await;
         let mut export_flags = None;
         loop {
             let (kind, data) = option_reply(&mut tls).await;
@@ -1597,12 +1594,7 @@ mod limits {
         // A SET for an export that does not exist fails, and leaves nothing selected.
         send_option(&mut c, OPT_SET_META_CONTEXT, &meta("nope")).await;
         assert_eq!(option_reply(&mut c).await.0, REP_ERR_UNKNOWN);
-        send_option(
-            &mut c,
-            OPT_GO,
-            &[&1u32.to_be_bytes()[..], b"d", &0u16.to_be_bytes()].concat(),
-        )
-        .await;
+        send_option(&mut c, OPT_GO, &testing::go_data("d")).await;
         while option_reply(&mut c).await.0 != REP_ACK {}
         c.write_all(&request(CMD_BLOCK_STATUS, 3, 0, 4096))
             .await
@@ -1633,13 +1625,12 @@ mod limits {
         }
         std::fs::write(&img, &content).expect("image");
         let flags = crate::Flags {
-            data_dir: Some(dir.path().join("data")),
-            node_id: Some("extents".into()),
-            disks: vec![format!("s={},sealed", img.display())],
-            ssd_cache: Some(crate::config::Size(0)),
-            ram_cache: Some(crate::config::Size(8 << 20)),
             block_size: Some(crate::config::Size(bs as u64)),
-            ..Default::default()
+            ..testing::flags(
+                dir.path(),
+                "extents",
+                vec![format!("s={},sealed", img.display())],
+            )
         };
         let node = Node::open(crate::Config::from_flags(&flags).expect("config"))
             .await
