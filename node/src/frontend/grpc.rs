@@ -282,15 +282,25 @@ impl pb::block_server::Block for GrpcFrontend {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
+        self.immutable_only(&request.get_ref().disk)?;
+        // The answer's bytes, held until the client has taken them (`conn.rs`); a length past
+        // the per-call limit is refused below, so no more is ever held.
+        let held = super::conn::hold(
+            &request,
+            request.get_ref().length.min(crate::read::MAX_IO_BYTES),
+        )
+        .await;
         let r = request.into_inner();
-        self.immutable_only(&r.disk)?;
         let res = self.node.read(&r.disk, r.offset, r.length).await;
         observe("read", t, r.length, &res);
         res.map(|data| {
-            Response::new(pb::ReadResponse {
-                data,
-                disks_version: 0,
-            })
+            super::conn::attach(
+                Response::new(pb::ReadResponse {
+                    data,
+                    disks_version: 0,
+                }),
+                held,
+            )
         })
         .map_err(|e| status(&e))
     }
@@ -457,7 +467,12 @@ pub const CLIENT_STREAMS: u32 = 256;
 /// Requests of one client connection handled at once (the rest wait their turn).
 pub const CLIENT_REQUESTS: usize = 32;
 
-fn router(node: Arc<Node>, trusted: bool) -> tonic::transport::server::Router {
+/// The services of a client listener, each answer under `conn.rs`'s limits.
+type Routed = tonic::transport::server::Router<
+    tower::layer::util::Stack<super::conn::AnswersLayer, tower::layer::util::Identity>,
+>;
+
+pub(crate) fn router(node: Arc<Node>, trusted: bool) -> Routed {
     match router_with(node, trusted, None) {
         Ok(r) => r,
         Err(e) => unreachable!("no TLS, no TLS error: {e}"),
@@ -468,7 +483,7 @@ fn router_with(
     node: Arc<Node>,
     trusted: bool,
     tls: Option<tonic::transport::ServerTlsConfig>,
-) -> anyhow::Result<tonic::transport::server::Router> {
+) -> anyhow::Result<Routed> {
     let fe = GrpcFrontend::new(node, trusted);
     let max = pb::MAX_MESSAGE_BYTES;
     // Served on TCP too, where every call is refused with the reason (not UNIMPLEMENTED with
@@ -481,6 +496,9 @@ fn router_with(
         builder = builder.tls_config(tls).context("tcp tls configuration")?;
     }
     Ok(builder
+        .layer(super::conn::AnswersLayer)
+        .http2_keepalive_interval(Some(super::conn::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::conn::KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         // Bounded per connection: streams open, and requests handled at once (a request is
@@ -544,7 +562,7 @@ pub async fn serve_unix(
     listener: UnixListener,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = super::conn::Limits::clients().incoming(listener);
     router(node, true)
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
@@ -561,7 +579,8 @@ pub async fn serve_tcp(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listener_addr = listener.local_addr().ok();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The Unix socket's limits: the two client listeners share them.
+    let incoming = super::conn::Limits::clients().incoming(listener);
     if let Some(tls) = tls {
         tracing::info!(addr = ?listener_addr, "gRPC on TCP over mutual TLS (clients need a certificate from the cluster's CA)");
         return router_with(node, true, Some(tls.server))?

@@ -4,6 +4,7 @@
 //! Architecture invariant: the node never imports a frontend; `server.rs`, the composition root,
 //! wires them.
 
+pub mod conn;
 pub mod grpc;
 pub mod peer;
 pub mod peer_auth;

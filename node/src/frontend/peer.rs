@@ -89,6 +89,15 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::FetchBlocksRequest>,
     ) -> Result<Response<Self::FetchBlocksStream>, Status> {
         let t = Instant::now();
+        // The answer's bytes (at most 64 blocks; more are refused below), held until the member
+        // has taken them (`conn.rs`).
+        let asked = request
+            .get_ref()
+            .indices
+            .len()
+            .min(crate::cluster::fetch::MAX_BLOCKS_PER_REQUEST) as u64;
+        let held =
+            super::conn::hold(&request, asked * u64::from(self.node.config().block_bytes)).await;
         let r = request.into_inner();
         let res = self
             .node
@@ -134,9 +143,10 @@ impl pb::peer_server::Peer for PeerFrontend {
             })
             .collect();
         let msgs = if r.packed { pack(msgs) } else { msgs };
-        Ok(Response::new(Box::pin(futures::stream::iter(
-            msgs.into_iter().map(Ok),
-        ))))
+        Ok(super::conn::attach(
+            Response::new(Box::pin(futures::stream::iter(msgs.into_iter().map(Ok)))),
+            held,
+        ))
     }
     async fn owned_disks(
         &self,
@@ -162,6 +172,11 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::PeerReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
+        let held = super::conn::hold(
+            &request,
+            request.get_ref().length.min(crate::read::MAX_IO_BYTES),
+        )
+        .await;
         let r = request.into_inner();
         let res = self
             .node
@@ -180,10 +195,13 @@ impl pb::peer_server::Peer for PeerFrontend {
         // The version after the read: a detection that came first is in it.
         let disks_version = self.node.cluster().disks_version();
         res.map(|data| {
-            Response::new(pb::ReadResponse {
-                data,
-                disks_version,
-            })
+            super::conn::attach(
+                Response::new(pb::ReadResponse {
+                    data,
+                    disks_version,
+                }),
+                held,
+            )
         })
         .map_err(|e| status(&e))
     }
@@ -350,7 +368,7 @@ pub async fn serve_peer(
         ),
         None => None,
     };
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = super::conn::Limits::peers().incoming(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         builder = builder
@@ -358,6 +376,9 @@ pub async fn serve_peer(
             .context("peer tls configuration")?;
     }
     builder
+        .layer(super::conn::AnswersLayer)
+        .http2_keepalive_interval(Some(super::conn::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::conn::KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .max_frame_size(Some(super::peer_client::MAX_FRAME_BYTES))

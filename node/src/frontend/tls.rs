@@ -43,7 +43,8 @@ impl PeerTls {
             server: ServerTlsConfig::new()
                 .identity(identity.clone())
                 .client_ca_root(ca.clone())
-                .client_auth_optional(false),
+                .client_auth_optional(false)
+                .timeout(super::conn::TLS_HANDSHAKE_TIMEOUT),
             client: ClientTlsConfig::new()
                 .ca_certificate(ca)
                 .identity(identity)

@@ -62,7 +62,12 @@ fn node_budget() -> &'static Arc<Semaphore> {
 
 /// Connections the NBD listeners take together: [`MAX_CONNECTIONS`], or fewer under a low descriptor limit.
 pub fn connection_cap() -> usize {
-    // The soft RLIMIT_NOFILE, from /proc (no unsafe call); unlimited when it cannot be read.
+    MAX_CONNECTIONS.min(descriptor_room()).max(1)
+}
+
+/// Descriptors the process may open beyond [`FD_RESERVE`]: its soft RLIMIT_NOFILE (read from
+/// /proc, no unsafe call; unlimited when it cannot be read) less the reserve.
+pub fn descriptor_room() -> usize {
     let soft = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|t| {
@@ -72,7 +77,7 @@ pub fn connection_cap() -> usize {
                 .and_then(|v| v.parse::<usize>().ok())
         })
         .unwrap_or(usize::MAX);
-    MAX_CONNECTIONS.min(soft.saturating_sub(FD_RESERVE)).max(1)
+    soft.saturating_sub(FD_RESERVE)
 }
 /// Largest read served in the reading task when it is the only request in flight.
 const INLINE_READ: u32 = 128 << 10;
@@ -1132,7 +1137,7 @@ pub async fn serve_tcp(
 }
 
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     //! What the NBD unit tests share: a test node's flags, and a client's option requests.
 
     use super::*;
