@@ -127,9 +127,29 @@ pub fn boot_id(unix_ms: u64, random: u64) -> u64 {
     (unix_ms << 12) | (random & 0xfff)
 }
 
+/// This host's boot: the first 8 bytes of a BLAKE3 hash of the kernel's boot id, which changes
+/// only when the host restarts (and with it every page cache). 0 when it cannot be read: then
+/// nobody compares it.
+pub fn host_boot() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| {
+            let h = blake3::hash(id.trim().as_bytes());
+            u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8])).max(1)
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_boot_is_read_once_the_same() {
+        let b = host_boot();
+        assert_ne!(b, 0, "no /proc/sys/kernel/random/boot_id on a Linux host?");
+        assert_eq!(host_boot(), b);
+    }
 
     #[test]
     fn later_starts_compare_greater_and_same_millisecond_starts_differ() {

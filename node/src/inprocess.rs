@@ -134,6 +134,8 @@ impl InProcessNet {
                 clock: clock.clone(),
             }),
             origin_wrap: None,
+            // One host for every incarnation: a test that restarts the host sets another.
+            host_boot: 1,
         }
     }
 
@@ -357,7 +359,7 @@ impl PeerService for InProcessPeers {
         offset: u64,
         data: Bytes,
         within: Duration,
-    ) -> BoxFuture<'a, Result<()>> {
+    ) -> BoxFuture<'a, Result<u64>> {
         // A write once sent is on its way whether or not its sender still waits (as on a real
         // network): it goes in a task of its own, which a caller that gives up does not stop.
         let (net, me, node, disk) = (
@@ -374,7 +376,8 @@ impl PeerService for InProcessPeers {
                 async move {
                     // A call held on its link spent that time on the way.
                     let left = within.saturating_sub(clock.now().saturating_sub(sent));
-                    crossed(node, n.write_local(disk, offset, data, Some(left)).await)
+                    let r = n.write_local(disk, offset, data, Some(left)).await;
+                    crossed(node, r.map(|()| n.host_boot()))
                 }
             })
             .await
@@ -385,11 +388,12 @@ impl PeerService for InProcessPeers {
         })
     }
 
-    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             self.net
                 .exchange(&self.me, to.node, |n| async move {
-                    crossed(to.node, n.flush_local(disk).await)
+                    let r = n.flush_local(disk).await;
+                    crossed(to.node, r.map(|()| n.host_boot()))
                 })
                 .await
         })

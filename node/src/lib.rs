@@ -104,11 +104,15 @@ pub struct Environment {
     pub peers: Arc<dyn cluster::PeerService>,
     /// What to put in front of every origin (`None` in production).
     pub origin_wrap: Option<origin::OriginWrap>,
+    /// This host's boot ([`ids::host_boot`]; a test's own number for a host that restarted).
+    pub host_boot: u64,
 }
 
 /// One node: its disks, its cache and its read path. Frontends call these methods.
 #[derive(Debug)]
 pub struct Node {
+    /// This host's boot ([`ids::host_boot`]), in answers to writes and flushes.
+    host_boot: u64,
     config: Config,
     registry: Registry,
     cache: ContentCache,
@@ -314,7 +318,9 @@ impl Node {
         );
         let serving_blocks = ((256usize << 20) / config.block_bytes as usize).max(64);
         let certificates = certs::of_config(&config);
+        let host_boot = env.host_boot;
         Ok(Arc::new_cyclic(|me| Node {
+            host_boot,
             config,
             registry,
             cache,
@@ -345,6 +351,12 @@ impl Node {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// This host's boot: acknowledged writes of this node's disks that no flush has covered
+    /// survive until it changes.
+    pub fn host_boot(&self) -> u64 {
+        self.host_boot
     }
 
     /// The content cache.

@@ -64,6 +64,7 @@ fn environment_with(config: &Config, tls: Option<&frontend::tls::PeerTls>) -> cr
         membership: None,
         peers,
         origin_wrap: None,
+        host_boot: crate::ids::host_boot(),
     }
 }
 

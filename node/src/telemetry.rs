@@ -153,6 +153,9 @@ pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 /// Counter by reason: NBD connections closed by the node (`connection_cap`,
 /// `negotiation_timeout`, `stalled_reader`, `stalled_writer`).
 pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
+/// Counter: forwarded flushes answered with an error because writes an owner acknowledged
+/// before them were not covered (its host restarted, or the disk moved to another owner).
+pub const UNFLUSHED_LOST: &str = "shadowcache_unflushed_writes_lost_total";
 /// Counter by kind (`client`, `peer`) and reason: gRPC connections closed by the node because
 /// their client stopped taking answers (`answer_not_taken`, `stalled_socket`).
 pub const GRPC_CLOSED: &str = "shadowcache_grpc_closed_connections_total";

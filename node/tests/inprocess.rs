@@ -897,3 +897,69 @@ async fn setting_a_detected_disk_mutable_ends_its_detection() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Review of the gRPC frontends: a flush forwarded to an owner whose host restarted since it
+/// acknowledged writes answered OK, for writes its page cache may have lost. Now the owner's
+/// answers carry its host boot, and such a flush reports the writes as possibly lost (once);
+/// writes acknowledged under the host boot that flushed are covered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_the_owners_host_restarted_reports_the_writes_it_cannot_cover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cluster(dir.path()).await;
+    let b = c.node("b").clone();
+    // Written and flushed under one host boot: covered.
+    b.write("vdi", 2 * BS, Bytes::from(block(2, 2)))
+        .await
+        .expect("write through the owner");
+    b.flush("vdi").await.expect("a flush that covers the write");
+
+    // Acknowledged, then the owner's host restarts before any flush.
+    b.write("vdi", 3 * BS, Bytes::from(block(3, 2)))
+        .await
+        .expect("write through the owner");
+    let a = c.nodes.remove(0);
+    assert_eq!(a.node().config().node_id, "a");
+    a.shutdown().await.expect("shutdown a");
+    let image = dir.path().join("vdi.raw");
+    let mut env = c.net.environment("a", 2, c.clock.clone(), 123);
+    env.host_boot = 2;
+    let a2 = start_in(config(dir.path(), "a", &image), env)
+        .await
+        .expect("a starts again");
+    c.net.attach("a", a2.node());
+    // Until b sees the new incarnation its flush may fail to reach it (retried); an OK flush
+    // is the bug.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let e = b
+            .flush("vdi")
+            .await
+            .expect_err("a flush at the restarted owner answered OK for a write it cannot cover");
+        if e.to_string().contains("may be lost") {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no flush reached the restarted owner: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(err.to_string().contains("restarted"), "{err}");
+    assert_eq!(
+        err.kind(),
+        shadowcache_node::error::ErrorKind::Origin,
+        "an I/O error (EIO over NBD): {err}"
+    );
+    // Reported once: the next flush answers for what came after.
+    b.flush("vdi").await.expect("the flush after the report");
+    b.write("vdi", 4 * BS, Bytes::from(block(4, 3)))
+        .await
+        .expect("write through the restarted owner");
+    b.flush("vdi")
+        .await
+        .expect("a flush under the host boot that acknowledged the write");
+    a2.shutdown().await.expect("shutdown a2");
+    for n in c.nodes.drain(..) {
+        n.shutdown().await.expect("shutdown");
+    }
+}

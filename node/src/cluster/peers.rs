@@ -11,6 +11,7 @@
 //! Architecture invariant: no protocol type here; a member's answer is a node [`Error`] of the
 //! kind it reported, or [`Error::Peer`] when it could not answer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +104,8 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         version: Version,
     ) -> BoxFuture<'a, Result<(Bytes, u64)>>;
     /// Writes at the owner, which refuses the write ([`crate::error::Error::Late`]) unless it
-    /// takes its place in the disk's write order `within` this long of the call.
+    /// takes its place in the disk's write order `within` this long of the call. With the
+    /// owner's host boot ([`crate::ids::host_boot`]; 0: not known).
     fn write<'a>(
         &'a self,
         to: To<'a>,
@@ -111,9 +113,9 @@ pub trait PeerService: Send + Sync + std::fmt::Debug {
         offset: u64,
         data: Bytes,
         within: Duration,
-    ) -> BoxFuture<'a, Result<()>>;
-    /// Flushes at the owner.
-    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>>;
+    ) -> BoxFuture<'a, Result<u64>>;
+    /// Flushes at the owner; with its host boot, as `write`.
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<u64>>;
     /// Entries of the owner's content map in [first, first + count).
     fn content_map<'a>(
         &'a self,
@@ -155,6 +157,79 @@ pub struct Peers {
     /// Members that failed a block fetch (no answer in time, an error, bytes that did not
     /// verify), and until when (on `clock`) they are not asked for blocks.
     suspects: DashMap<String, Duration>,
+    /// Writes owners acknowledged that no flush has covered yet.
+    unflushed: Unflushed,
+}
+
+/// Writes forwarded to owners and acknowledged, that no flush has covered yet: per disk, by
+/// which owner under which host boot, and the sequence number of the last. A flush covers
+/// the writes acknowledged before it was sent by the same owner under the same host boot; any
+/// other such write may have been lost with the page cache of a host that restarted (or
+/// lives on at an owner the flush did not reach), and the flush says so instead of OK, once.
+#[derive(Debug, Default)]
+struct Unflushed {
+    seq: AtomicU64,
+    by_disk: parking_lot::Mutex<HashMap<String, Vec<Acked>>>,
+}
+
+/// Writes of one disk acknowledged by one owner under one host boot.
+#[derive(Debug)]
+struct Acked {
+    node: String,
+    host_boot: u64,
+    last: u64,
+}
+
+impl Unflushed {
+    /// `node`, under `host_boot`, acknowledged a write of `disk`.
+    fn acked(&self, disk: &str, node: &str, host_boot: u64) {
+        if host_boot == 0 {
+            // An owner that does not say: nothing to compare.
+            return;
+        }
+        let last = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut by_disk = self.by_disk.lock();
+        let acked = by_disk.entry(disk.to_string()).or_default();
+        match acked
+            .iter_mut()
+            .find(|a| a.node == node && a.host_boot == host_boot)
+        {
+            Some(a) => a.last = last,
+            None => acked.push(Acked {
+                node: node.to_string(),
+                host_boot,
+                last,
+            }),
+        }
+    }
+
+    /// The mark of a flush about to be sent: it covers writes acknowledged up to here.
+    fn mark(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// A flush sent at `mark` was done by `node` under `host_boot`: forgets the writes it
+    /// covered, and returns one it could not have (acknowledged before it, by another owner or
+    /// under another host boot), forgotten too.
+    fn flushed(&self, disk: &str, node: &str, host_boot: u64, mark: u64) -> Option<(String, u64)> {
+        let mut by_disk = self.by_disk.lock();
+        let acked = by_disk.get_mut(disk)?;
+        let mut lost = None;
+        acked.retain(|a| {
+            if a.last > mark {
+                // Acknowledged while the flush was on its way: the next flush decides.
+                return true;
+            }
+            if host_boot != 0 && (a.node != node || a.host_boot != host_boot) {
+                lost = Some((a.node.clone(), a.host_boot));
+            }
+            false
+        });
+        if acked.is_empty() {
+            by_disk.remove(disk);
+        }
+        lost
+    }
 }
 
 /// How long a member that failed a block fetch is not asked for blocks: each block it would
@@ -188,6 +263,7 @@ impl Peers {
             write_timeout,
             inflight: crate::hashing::dash_map(),
             suspects: crate::hashing::dash_map(),
+            unflushed: Unflushed::default(),
         }
     }
 
@@ -375,7 +451,11 @@ impl Peers {
         )
         .await
         {
-            Ok(r) => r,
+            Ok(Ok(host_boot)) => {
+                self.unflushed.acked(disk, node, host_boot);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::Peer {
                 node: node.to_string(),
                 cause: format!(
@@ -457,10 +537,70 @@ impl Peers {
         Ok(got)
     }
 
-    /// Flushes through the owner.
+    /// Flushes through the owner. An error when a write acknowledged before it, by another
+    /// owner or under another host boot of this one, cannot have been covered (reported once).
     pub async fn flush(&self, node: &str, addr: SocketAddr, disk: &str) -> Result<()> {
         let to = To { node, addr };
-        self.deadline(node, disk, self.timeout, self.service.flush(to, disk))
-            .await
+        let mark = self.unflushed.mark();
+        let host_boot = self
+            .deadline(node, disk, self.timeout, self.service.flush(to, disk))
+            .await?;
+        match self.unflushed.flushed(disk, node, host_boot, mark) {
+            None => Ok(()),
+            Some((by, boot)) => {
+                metrics::counter!(crate::telemetry::UNFLUSHED_LOST).increment(1);
+                let why = if by == node {
+                    format!(
+                        "the host of owner {node} restarted (boot {boot:016x}, now {host_boot:016x}) after acknowledging writes of {disk:?} that no flush had covered; they may be lost"
+                    )
+                } else {
+                    format!(
+                        "writes of {disk:?} acknowledged by {by}, its owner then, were not covered by this flush at {node}; they may be lost"
+                    )
+                };
+                tracing::error!(disk, owner = node, "{why}");
+                Err(Error::Origin(crate::origin::OriginError::Io {
+                    origin: format!("{disk} at {node}"),
+                    op: "flush",
+                    offset: 0,
+                    cause: why,
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_covers_what_its_owner_acknowledged_before_it_under_its_host_boot() {
+        let u = Unflushed::default();
+        // Same owner, same host boot: covered.
+        u.acked("d", "a", 7);
+        let m = u.mark();
+        assert_eq!(u.flushed("d", "a", 7, m), None);
+        // Another host boot: reported once, then forgotten.
+        u.acked("d", "a", 7);
+        let m = u.mark();
+        assert_eq!(u.flushed("d", "a", 8, m), Some(("a".into(), 7)));
+        assert_eq!(u.flushed("d", "a", 8, u.mark()), None);
+        // Another owner (the disk moved): its writes were not flushed here.
+        u.acked("d", "a", 8);
+        assert_eq!(u.flushed("d", "b", 3, u.mark()), Some(("a".into(), 8)));
+        // A write acknowledged while the flush was on its way waits for the next flush, which
+        // covers it under its own host boot; other disks are not touched.
+        let m = u.mark();
+        u.acked("d", "a", 9);
+        u.acked("e", "a", 1);
+        assert_eq!(u.flushed("d", "a", 10, m), None);
+        assert_eq!(u.flushed("d", "a", 9, u.mark()), None);
+        assert_eq!(u.flushed("e", "a", 2, u.mark()), Some(("a".into(), 1)));
+        // Owners that do not say (0) are never compared.
+        u.acked("d", "a", 0);
+        u.acked("d", "a", 5);
+        assert_eq!(u.flushed("d", "a", 0, u.mark()), None);
+        assert!(u.by_disk.lock().is_empty(), "nothing left once flushed");
     }
 }

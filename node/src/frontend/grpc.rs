@@ -315,8 +315,12 @@ impl pb::block_server::Block for GrpcFrontend {
         let len = r.data.len() as u64;
         let res = self.node.write(&r.disk, r.offset, r.data).await;
         observe("write", t, len, &res);
-        res.map(|()| Response::new(pb::WriteResponse {}))
-            .map_err(|e| status(&e))
+        res.map(|()| {
+            Response::new(pb::WriteResponse {
+                host_boot: self.node.host_boot(),
+            })
+        })
+        .map_err(|e| status(&e))
     }
 
     async fn flush(
@@ -328,8 +332,12 @@ impl pb::block_server::Block for GrpcFrontend {
         let r = request.into_inner();
         let res = self.node.flush(&r.disk).await;
         observe("flush", t, 0, &res);
-        res.map(|()| Response::new(pb::FlushResponse {}))
-            .map_err(|e| status(&e))
+        res.map(|()| {
+            Response::new(pb::FlushResponse {
+                host_boot: self.node.host_boot(),
+            })
+        })
+        .map_err(|e| status(&e))
     }
 
     async fn stat(

@@ -226,8 +226,12 @@ impl pb::peer_server::Peer for PeerFrontend {
             .write_local(&r.disk, r.offset, r.data, within)
             .await;
         observe("peer_write", t, len, &res);
-        res.map(|()| Response::new(pb::WriteResponse {}))
-            .map_err(|e| status(&e))
+        res.map(|()| {
+            Response::new(pb::WriteResponse {
+                host_boot: self.node.host_boot(),
+            })
+        })
+        .map_err(|e| status(&e))
     }
 
     type SubscribeBlockMapStream = std::pin::Pin<
@@ -320,8 +324,12 @@ impl pb::peer_server::Peer for PeerFrontend {
         let r = request.into_inner();
         let res = self.node.flush_local(&r.disk).await;
         observe("peer_flush", t, 0, &res);
-        res.map(|()| Response::new(pb::FlushResponse {}))
-            .map_err(|e| status(&e))
+        res.map(|()| {
+            Response::new(pb::FlushResponse {
+                host_boot: self.node.host_boot(),
+            })
+        })
+        .map_err(|e| status(&e))
     }
 }
 

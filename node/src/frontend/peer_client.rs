@@ -265,7 +265,7 @@ impl PeerService for TonicPeers {
         offset: u64,
         data: Bytes,
         within: Duration,
-    ) -> BoxFuture<'a, Result<()>> {
+    ) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let deadline_unix_ms = crate::cluster::gossip_auth::now_ms()
                 .saturating_add(within.as_millis() as u64)
@@ -279,12 +279,12 @@ impl PeerService for TonicPeers {
                     deadline_unix_ms,
                 })
                 .await
-                .map(|_| ())
+                .map(|r| r.into_inner().host_boot)
                 .map_err(|s| peer_error(to.node, disk, s))
         })
     }
 
-    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn flush<'a>(&'a self, to: To<'a>, disk: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             self.client(to)?
                 .flush(pb::PeerFlushRequest {
@@ -292,7 +292,7 @@ impl PeerService for TonicPeers {
                     from_node: self.me.clone(),
                 })
                 .await
-                .map(|_| ())
+                .map(|r| r.into_inner().host_boot)
                 .map_err(|s| peer_error(to.node, disk, s))
         })
     }
