@@ -182,15 +182,24 @@ pub fn init(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<CaFiles> {
     })
 }
 
-/// `certs issue --ca DIR NAME`: a certificate and key for member `name`, signed by the CA in
-/// `ca_dir`, valid `days` for `shadowcache`, `name` and `sans`, written to `out`.
+/// `certs issue --ca DIR NAME`: a certificate and key for `name` in `role`
+/// ([`shadowcache_proto::role`]: `member`, `client` or `admin`), signed by the CA in `ca_dir`,
+/// valid `days` for `shadowcache`, `name` and `sans`, written to `out`. A member's serves as a
+/// server and a client; a client's and an admin's as a client only.
 pub fn issue(
     ca_dir: &Path,
     name: &str,
     sans: &[String],
     out: &Path,
     days: u32,
+    role: &str,
 ) -> anyhow::Result<MemberFiles> {
+    if !shadowcache_proto::role::ALL.contains(&role) {
+        bail!(
+            "role {role:?}: give one of {}",
+            shadowcache_proto::role::ALL.join(", ")
+        );
+    }
     if name.is_empty()
         || name.len() > 64
         || !name
@@ -261,15 +270,25 @@ pub fn issue(
         };
         params.subject_alt_names.push(san);
     }
+    // What it may do, read by every node that checks it.
+    params.subject_alt_names.push(SanType::URI(
+        format!("{}{role}", shadowcache_proto::role::URI_PREFIX)
+            .try_into()
+            .context("the role URI")?,
+    ));
     subject(&mut params, name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = if role == shadowcache_proto::role::MEMBER {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
     params.not_before = from;
     params.not_after = to;
     params.use_authority_key_identifier_extension = true;
@@ -341,6 +360,7 @@ mod tests {
             &["10.0.0.7".into(), "host-1.example".into()],
             &ca,
             30,
+            "member",
         )
         .expect("issue");
         assert_eq!(mode(&m.key), 0o600);
@@ -356,22 +376,26 @@ mod tests {
             / 86_400;
         assert!((29..=30).contains(&days), "{days} days");
         assert!(subject.contains("CN=host-1"), "{subject}");
-        let err = issue(&ca, "host-1", &[], &ca, 30).expect_err("the same member twice");
+        let err = issue(&ca, "host-1", &[], &ca, 30, "member").expect_err("the same member twice");
         assert!(format!("{err:#}").contains("exists already"), "{err:#}");
         for bad in ["", "a/b", "../x"] {
-            assert!(issue(&ca, bad, &[], &ca, 30).is_err(), "{bad:?}");
+            assert!(issue(&ca, bad, &[], &ca, 30, "member").is_err(), "{bad:?}");
         }
-        assert!(issue(&dir.path().join("none"), "h", &[], &ca, 30).is_err());
+        assert!(issue(&dir.path().join("none"), "h", &[], &ca, 30, "member").is_err());
         // A member's certificate never outlives its CA.
         let short = dir.path().join("short-ca");
         init(&short, "short", 10).expect("init");
-        let m = issue(&short, "h3", &[], &short, 397).expect("issue");
+        let m = issue(&short, "h3", &[], &short, 397, "member").expect("issue");
         let left = m
             .not_after
             .duration_since(SystemTime::now())
             .expect("future")
             .as_secs();
         assert!(left <= 10 * 86_400, "{left} s: past the CA's 10 days");
-        assert!(issue(&ca, "h2", &["not a name!".into()], &ca, 30).is_err());
+        assert!(issue(&ca, "h2", &["not a name!".into()], &ca, 30, "member").is_err());
+        assert!(
+            issue(&ca, "h4", &[], &ca, 30, "root").is_err(),
+            "an unknown role"
+        );
     }
 }

@@ -100,3 +100,107 @@ mod tests {
         assert!(read("nbd", &dir.path().join("missing.pem")).is_err());
     }
 }
+
+/// What a certificate of the cluster's CA may do, from the role URIs it names
+/// ([`shadowcache_proto::role`]). One that names none (issued before roles) may do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Roles {
+    /// `member`: the Peer service and gossip.
+    pub member: bool,
+    /// `admin`: the Admin service over `listen_tcp`.
+    pub admin: bool,
+    /// Names no role at all.
+    pub unmarked: bool,
+}
+
+impl Roles {
+    /// May call the Peer service and gossip.
+    pub fn may_peer(self) -> bool {
+        self.member || self.unmarked
+    }
+
+    /// May call the Admin service over `listen_tcp`.
+    pub fn may_admin(self) -> bool {
+        self.admin || self.unmarked
+    }
+
+    /// The roles in words, for refusals.
+    pub fn describe(self) -> &'static str {
+        match (self.unmarked, self.member, self.admin) {
+            (true, ..) => "no role",
+            (_, true, true) => "member and admin",
+            (_, true, false) => "member",
+            (_, false, true) => "admin",
+            _ => "client",
+        }
+    }
+}
+
+/// The roles of the certificate `der` (DER). One that cannot be parsed may do nothing beyond
+/// what any certificate the CA signed may (the Block service).
+pub fn roles_of(der: &[u8]) -> Roles {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Roles::default();
+    };
+    let mut roles = Roles::default();
+    let mut named = false;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name
+                && let Some(role) = uri.strip_prefix(shadowcache_proto::role::URI_PREFIX)
+            {
+                named = true;
+                match role {
+                    shadowcache_proto::role::MEMBER => roles.member = true,
+                    shadowcache_proto::role::ADMIN => roles.admin = true,
+                    // `client`, or a role this version does not know: the Block service only.
+                    _ => {}
+                }
+            }
+        }
+    }
+    roles.unmarked = !named;
+    roles
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+
+    fn cert(uris: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["shadowcache".to_string()]).expect("params");
+        for u in uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                (*u).to_string().try_into().expect("uri"),
+            ));
+        }
+        params.self_signed(&key).expect("cert").der().to_vec()
+    }
+
+    #[test]
+    fn roles_come_from_the_role_uris_and_a_certificate_without_one_may_do_everything() {
+        let member = roles_of(&cert(&["urn:shadowcache:role:member"]));
+        assert!(member.may_peer() && !member.may_admin(), "{member:?}");
+        let admin = roles_of(&cert(&["urn:shadowcache:role:admin"]));
+        assert!(!admin.may_peer() && admin.may_admin(), "{admin:?}");
+        for client in [
+            roles_of(&cert(&["urn:shadowcache:role:client"])),
+            roles_of(&cert(&["urn:shadowcache:role:root"])),
+            roles_of(b"not a certificate"),
+        ] {
+            assert!(!client.may_peer() && !client.may_admin(), "{client:?}");
+        }
+        // Other URIs are not roles.
+        let legacy = roles_of(&cert(&["https://example.com/x"]));
+        assert!(legacy.may_peer() && legacy.may_admin(), "{legacy:?}");
+        let both = roles_of(&cert(&[
+            "urn:shadowcache:role:member",
+            "urn:shadowcache:role:admin",
+        ]));
+        assert!(both.may_peer() && both.may_admin());
+        assert_eq!(both.describe(), "member and admin");
+    }
+}

@@ -153,6 +153,9 @@ pub const NBD_CONNECTIONS: &str = "shadowcache_nbd_connections_total";
 /// Counter by reason: NBD connections closed by the node (`connection_cap`,
 /// `negotiation_timeout`, `stalled_reader`, `stalled_writer`).
 pub const NBD_REFUSED: &str = "shadowcache_nbd_refused_connections_total";
+/// Counter by rpc: calls refused because the caller's certificate has another role (Admin
+/// over TLS without `admin`, the Peer service without `member`).
+pub const ROLE_REFUSED: &str = "shadowcache_role_refused_total";
 /// Counter: forwarded flushes answered with an error because writes an owner acknowledged
 /// before them were not covered (its host restarted, or the disk moved to another owner).
 pub const UNFLUSHED_LOST: &str = "shadowcache_unflushed_writes_lost_total";

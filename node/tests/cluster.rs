@@ -371,7 +371,8 @@ async fn a_cluster_runs_on_the_ca_key_and_certificates_that_shadowcache_certs_ma
     let pki = dir.path().join("pki");
     let ca = certs::init(&pki, "test", 30).expect("certs init");
     let config = |name: &str| {
-        let m = certs::issue(&pki, name, &["127.0.0.1".into()], &pki, 20).expect("certs issue");
+        let m = certs::issue(&pki, name, &["127.0.0.1".into()], &pki, 20, "member")
+            .expect("certs issue");
         let path = dir.path().join(format!("{name}.toml"));
         let text = format!(
             "[cluster]\nphi_threshold = 14\ngossip_interval_ms = 250\nsecret_file = {:?}\n\n\

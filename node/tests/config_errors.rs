@@ -155,7 +155,7 @@ fn check_config_reports_what_would_run_and_each_problem() {
     std::fs::write(&image, vec![1u8; 1 << 16]).expect("image");
     let pki = d.join("pki");
     let ca = shadowcache_client::certs::init(&pki, "t", 30).expect("init");
-    let m = shadowcache_client::certs::issue(&pki, "n1", &[], &pki, 10).expect("issue");
+    let m = shadowcache_client::certs::issue(&pki, "n1", &[], &pki, 10, "member").expect("issue");
     let config = d.join("node.toml");
     let good = format!(
         "node_id = \"n1\"\n[cluster]\npeer_listen = \"127.0.0.1:7999\"\nsecret_file = {:?}\n\

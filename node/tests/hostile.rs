@@ -910,6 +910,125 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
     );
 }
 
+/// Review of the gRPC frontends: every certificate of the cluster's CA could do everything: a
+/// member's could call Admin on another node's `listen_tcp` (register host paths, seal disks),
+/// and a client's could call the Peer service. Certificates now name a role
+/// (`certs issue --role`): Admin over TLS needs `admin`, the Peer service `member`; the Block
+/// service takes any of the CA's; one that names no role (issued before roles) keeps doing
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
+    use shadowcache_client::{Client, TlsFiles};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let config = dir.path().join("a-tls.toml");
+    write_file(&config, pki.cluster_tls_section("a").as_bytes());
+    let rw = dir.path().join("rw.raw");
+    write_file(&rw, &vec![4u8; 65536]);
+    let port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--config={}", config.display()),
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let files = |name: &str, role: Option<&str>| {
+        let (cert, key) = match role {
+            Some(r) => pki.member_with_role(name, "shadowcache", r),
+            None => pki.member(name, "shadowcache"),
+        };
+        TlsFiles {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        }
+    };
+    let code = |r: shadowcache_client::Result<Vec<shadowcache_client::DiskInfo>>| match r {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    for (name, role, admin) in [
+        ("operator", Some("admin"), true),
+        ("legacy", None, true),
+        ("app", Some("client"), false),
+        ("host-b", Some("member"), false),
+    ] {
+        let c = Client::connect_tcp_tls(&addr, &files(name, role))
+            .await
+            .expect("connect");
+        // The Block service, for every certificate of the CA.
+        c.disk("rw")
+            .write_at(4096, vec![7u8; 4096])
+            .await
+            .unwrap_or_else(|e| panic!("a write with a {role:?} certificate: {e}"));
+        assert_eq!(
+            c.disk("rw").read_at(4096, 4096).await.expect("read"),
+            vec![7u8; 4096]
+        );
+        let listed = code(c.list_disks().await);
+        if admin {
+            assert_eq!(listed, None, "{role:?} may call Admin");
+        } else {
+            let e = listed.unwrap_or_else(|| panic!("Admin answered a {role:?} certificate"));
+            assert!(e.contains("--role admin"), "{e}");
+            let registered = c
+                .register_disk(
+                    "stolen",
+                    &rw.display().to_string(),
+                    shadowcache_client::DiskMode::Sealed,
+                )
+                .await;
+            assert!(
+                registered.is_err(),
+                "a {role:?} certificate registered a disk"
+            );
+        }
+    }
+    // The Peer service, for members' certificates (and unmarked ones) only.
+    let peer = |name: &str, role: Option<&str>| {
+        let f = files(name, role);
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(&f.cert).expect("cert"),
+            std::fs::read(&f.key).expect("key"),
+        );
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", a.addr))
+            .expect("endpoint")
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(
+                        std::fs::read(&pki.ca).expect("ca"),
+                    ))
+                    .identity(identity)
+                    .domain_name("shadowcache"),
+            )
+            .expect("tls config");
+        async move {
+            let channel = endpoint.connect().await.expect("connect");
+            shadowcache_proto::peer_client::PeerClient::new(channel)
+                .owned_disks(shadowcache_proto::OwnedDisksRequest {})
+                .await
+        }
+    };
+    for (name, role) in [("peer-m", Some("member")), ("peer-legacy", None)] {
+        peer(name, role)
+            .await
+            .unwrap_or_else(|e| panic!("the Peer service refused a {role:?} certificate: {e}"));
+    }
+    for (name, role) in [("peer-c", "client"), ("peer-a", "admin")] {
+        let e = peer(name, Some(role))
+            .await
+            .expect_err("the Peer service answered a client's certificate");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{role}: {e}");
+        assert!(e.message().contains("member"), "{e}");
+    }
+}
+
 /// Item 6: NBD over TCP with `[nbd_tls]` (FORCEDTLS): qemu-io and nbdinfo connect through
 /// NBD_OPT_STARTTLS and read the disk; a client that does not start TLS is refused with the
 /// spec's TLS-required error and reads nothing.

@@ -18,3 +18,19 @@ pub const MAX_IO_BYTES: u64 = 16 * 1024 * 1024;
 
 /// tonic encode/decode limit: the largest payload plus room for the envelope.
 pub const MAX_MESSAGE_BYTES: usize = MAX_IO_BYTES as usize + 64 * 1024;
+
+/// What a certificate of the cluster's CA may do, named in it as a URI subject alternative name
+/// `urn:shadowcache:role:NAME` (`shadowcache certs issue --role`). A certificate that names no
+/// role (issued before roles) may do everything.
+pub mod role {
+    /// The prefix of the role URI.
+    pub const URI_PREFIX: &str = "urn:shadowcache:role:";
+    /// A node: the Peer service, gossip, and the Block service of other nodes (not Admin).
+    pub const MEMBER: &str = "member";
+    /// A program reading and writing disks over `listen_tcp`: the Block service only.
+    pub const CLIENT: &str = "client";
+    /// An operator: the Block and Admin services over `listen_tcp`.
+    pub const ADMIN: &str = "admin";
+    /// Every role, in the order the CLI lists them.
+    pub const ALL: [&str; 3] = [MEMBER, CLIENT, ADMIN];
+}

@@ -437,11 +437,34 @@ impl TestPki {
         )
     }
 
-    /// A certificate and key for member `name`, valid for `server_name`: (cert, key) files.
+    /// A certificate and key for member `name`, valid for `server_name`, naming no role (as
+    /// issued before roles: it may do everything): (cert, key) files.
     pub fn member(&self, name: &str, server_name: &str) -> (PathBuf, PathBuf) {
+        self.issue(name, server_name, None)
+    }
+
+    /// A certificate and key for `name` in `role` (`member`, `client`, `admin`), valid for
+    /// `server_name`: (cert, key) files.
+    pub fn member_with_role(
+        &self,
+        name: &str,
+        server_name: &str,
+        role: &str,
+    ) -> (PathBuf, PathBuf) {
+        self.issue(name, server_name, Some(role))
+    }
+
+    fn issue(&self, name: &str, server_name: &str, role: Option<&str>) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().expect("member key");
         let mut params =
             rcgen::CertificateParams::new(vec![server_name.to_string()]).expect("params");
+        if let Some(role) = role {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                format!("urn:shadowcache:role:{role}")
+                    .try_into()
+                    .expect("role uri"),
+            ));
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);

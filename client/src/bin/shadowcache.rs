@@ -135,8 +135,9 @@ enum CertsCommand {
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
-    /// A member's certificate and key (`NAME.pem`, `NAME.key`), signed by the CA in --ca, for
-    /// `[cluster.tls]`, `[nbd_tls]` and the TCP gRPC listener.
+    /// A certificate and key (`NAME.pem`, `NAME.key`), signed by the CA in --ca: a member's
+    /// for `[cluster.tls]` and `[nbd_tls]`, or a client's or an operator's for the TCP gRPC
+    /// listener (--role).
     Issue {
         /// The CA's directory (from `certs init`).
         #[arg(long, value_name = "DIR")]
@@ -152,6 +153,11 @@ enum CertsCommand {
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 397)]
         days: u32,
+        /// What it may do: `member` (a node: the Peer service, gossip, and other nodes' Block
+        /// service), `client` (the Block service over `listen_tcp`) or `admin` (the Block and
+        /// Admin services over `listen_tcp`).
+        #[arg(long, default_value = "member", value_parser = shadowcache_proto::role::ALL)]
+        role: String,
     },
 }
 
@@ -209,18 +215,20 @@ fn certs(cmd: CertsCommand, json: bool) -> anyhow::Result<()> {
             sans,
             out,
             days,
+            role,
         } => {
             let out = out.unwrap_or_else(|| ca.clone());
-            let f = certs::issue(&ca, &name, &sans, &out, days)?;
+            let f = certs::issue(&ca, &name, &sans, &out, days, &role)?;
             if json {
                 println!(
                     "{}",
-                    json!({"cert": f.cert, "key": f.key, "names": f.names, "not_after_unix": secs(f.not_after)})
+                    json!({"cert": f.cert, "key": f.key, "names": f.names, "role": role, "not_after_unix": secs(f.not_after)})
                 );
             } else {
                 println!("certificate  {}", f.cert.display());
                 println!("key          {} (0600)", f.key.display());
                 println!("names        {}", f.names.join(", "));
+                println!("role         {role}");
                 println!("expires      {}", expiry_text(secs(f.not_after)));
             }
         }

@@ -106,6 +106,9 @@ pub enum Rejected {
     Stale,
     /// Seen already.
     Replay,
+    /// Signed under a certificate of the cluster's CA whose role is not `member` (a client's
+    /// or an operator's).
+    WrongRole,
 }
 
 impl Rejected {
@@ -117,6 +120,7 @@ impl Rejected {
             Rejected::Throttled => "throttled",
             Rejected::Stale => "stale",
             Rejected::Replay => "replay",
+            Rejected::WrongRole => "wrong_role",
         }
     }
 }
@@ -231,8 +235,34 @@ impl std::fmt::Debug for TlsIdentity {
 }
 
 impl TlsIdentity {
-    /// Reads the PEM files of `[cluster.tls]`; this member's own chain must pass the CA.
+    /// Reads the PEM files of `[cluster.tls]`; this member's own chain must pass the CA, and
+    /// be a member's.
     pub fn load(cfg: &super::TlsConfig) -> Result<TlsIdentity, String> {
+        let id = TlsIdentity::read(cfg)?;
+        match id.check_chain(&id.chain) {
+            Ok(_) => Ok(id),
+            Err(Rejected::WrongRole) => Err(format!(
+                "cluster.tls.cert: {} is not a member's certificate (its role is {}): issue one with `shadowcache certs issue --role member`",
+                cfg.cert.display(),
+                id.first_der()
+                    .map_or("unknown", |d| crate::certs::roles_of(d).describe())
+            )),
+            Err(_) => Err(format!(
+                "cluster.tls.cert: {} is not signed by the cluster's CA ({})",
+                cfg.cert.display(),
+                cfg.ca.display()
+            )),
+        }
+    }
+
+    /// This member's own certificate, as carried first in its chain.
+    fn first_der(&self) -> Option<&[u8]> {
+        let (len, der) = self.chain.split_at_checked(2)?;
+        der.get(..usize::from(u16::from_be_bytes([len[0], len[1]])))
+    }
+
+    /// The PEM files of `[cluster.tls]`, unchecked.
+    fn read(cfg: &super::TlsConfig) -> Result<TlsIdentity, String> {
         use rustls_pki_types::pem::PemObject;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
             .and_then(|i| i.collect::<Result<_, _>>())
@@ -281,20 +311,12 @@ impl TlsIdentity {
             chain.extend_from_slice(&len.to_be_bytes());
             chain.extend_from_slice(c);
         }
-        let id = TlsIdentity {
+        Ok(TlsIdentity {
             signing,
             chain,
             verifier,
             algorithms,
-        };
-        id.check_chain(&id.chain).map_err(|_| {
-            format!(
-                "cluster.tls.cert: {} is not signed by the cluster's CA ({})",
-                cfg.cert.display(),
-                cfg.ca.display()
-            )
-        })?;
-        Ok(id)
+        })
     }
 
     /// The end-entity certificate of a carried `chain` if the CA signed it.
@@ -318,6 +340,10 @@ impl TlsIdentity {
         self.verifier
             .verify_client_cert(end, intermediates, rustls_pki_types::UnixTime::now())
             .map_err(|_| Rejected::Untrusted)?;
+        // Gossip is members' only: a client's or an operator's certificate may not join.
+        if !crate::certs::roles_of(end).may_peer() {
+            return Err(Rejected::WrongRole);
+        }
         Ok(end.clone())
     }
 }
@@ -645,6 +671,46 @@ mod tests {
         );
         assert_eq!(b.open(b"short", now), Err(Rejected::Malformed));
         assert!(ClusterKey::from_secret(b"short").is_err());
+    }
+
+    /// A certificate of the cluster's CA issued for a client or an operator neither loads as
+    /// a member's identity nor gets its datagrams opened.
+    #[test]
+    fn only_members_certificates_seal_gossip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+        let b = CertSealer::new(identity(&pki, "b")).expect("b");
+        let now = 1_000_000_000;
+        for (n, role) in ["client", "admin"].into_iter().enumerate() {
+            let (cert, key) = pki.member_with_role(role, "shadowcache", role);
+            let cfg = crate::cluster::TlsConfig {
+                ca: pki.ca.clone(),
+                cert,
+                key,
+                server_name: "shadowcache".into(),
+            };
+            let err = TlsIdentity::load(&cfg).expect_err("a client's certificate as a member's");
+            assert!(err.contains("not a member's certificate"), "{err}");
+            let unchecked =
+                CertSealer::new(Arc::new(TlsIdentity::read(&cfg).expect("read"))).expect("sealer");
+            let d = unchecked
+                .seal(b"let me in", now, [20 + n as u8; 16])
+                .expect("seal");
+            assert_eq!(b.open(&d, now), Err(Rejected::WrongRole), "{role}");
+        }
+        let (cert, key) = pki.member_with_role("m", "shadowcache", "member");
+        let m = CertSealer::new(Arc::new(
+            TlsIdentity::load(&crate::cluster::TlsConfig {
+                ca: pki.ca.clone(),
+                cert,
+                key,
+                server_name: "shadowcache".into(),
+            })
+            .expect("a member's certificate"),
+        ))
+        .expect("m");
+        let d = m.seal(b"hello", now, [30; 16]).expect("seal");
+        assert_eq!(b.open(&d, now).expect("a member's datagram"), b"hello");
     }
 
     /// The identity of member `name` of `pki`, checked against `pki`'s CA.

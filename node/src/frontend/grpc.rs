@@ -260,6 +260,24 @@ impl GrpcFrontend {
         Err(Status::permission_denied(format!("{what}: {UNTRUSTED}")))
     }
 
+    /// An Admin call: on a trusted listener, and over TLS only with a certificate whose roles
+    /// allow it (`admin`, or none named): a member's certificate that a host lost must not
+    /// register paths or seal disks on every other node.
+    fn admin_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        self.trusted_only(what)?;
+        match super::conn::roles(request) {
+            Some(roles) if !roles.may_admin() => {
+                metrics::counter!(crate::telemetry::ROLE_REFUSED, "rpc" => what.to_string())
+                    .increment(1);
+                Err(Status::permission_denied(format!(
+                    "{what}: this certificate's role is {}; the Admin service needs one issued with `shadowcache certs issue --role admin`",
+                    roles.describe()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// An untrusted reader may read a disk only while it is immutable here.
     fn immutable_only(&self, disk: &str) -> Result<(), Status> {
         if self.trusted {
@@ -364,9 +382,9 @@ impl pb::block_server::Block for GrpcFrontend {
 impl pb::admin_server::Admin for GrpcFrontend {
     async fn list_disks(
         &self,
-        _request: Request<pb::ListDisksRequest>,
+        request: Request<pb::ListDisksRequest>,
     ) -> Result<Response<pb::ListDisksResponse>, Status> {
-        self.trusted_only("admin list_disks")?;
+        self.admin_only(&request, "admin list_disks")?;
         let t = Instant::now();
         let disks = self.node.disks();
         observe::<()>("list_disks", t, 0, &Ok(()));
@@ -379,7 +397,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::RegisterDiskRequest>,
     ) -> Result<Response<pb::RegisterDiskResponse>, Status> {
-        self.trusted_only("admin register_disk")?;
+        self.admin_only(&request, "admin register_disk")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -407,7 +425,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::SetDiskModeRequest>,
     ) -> Result<Response<pb::SetDiskModeResponse>, Status> {
-        self.trusted_only("admin set_disk_mode")?;
+        self.admin_only(&request, "admin set_disk_mode")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -428,7 +446,7 @@ impl pb::admin_server::Admin for GrpcFrontend {
         &self,
         request: Request<pb::SetDetectionRequest>,
     ) -> Result<Response<pb::SetDetectionResponse>, Status> {
-        self.trusted_only("admin set_detection")?;
+        self.admin_only(&request, "admin set_detection")?;
         let t = Instant::now();
         let r = request.into_inner();
         let res = async {
@@ -457,9 +475,9 @@ impl pb::admin_server::Admin for GrpcFrontend {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        self.trusted_only("admin status")?;
+        self.admin_only(&request, "admin status")?;
         let t = Instant::now();
         let s = self.node.status();
         observe::<()>("status", t, 0, &Ok(()));

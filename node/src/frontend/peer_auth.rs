@@ -65,6 +65,17 @@ impl CheckCalls {
 
 impl Interceptor for CheckCalls {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        // Over TLS: a node's certificate only (a client's or an operator's may not act as a
+        // member).
+        if let Some(roles) = super::conn::roles(&req)
+            && !roles.may_peer()
+        {
+            metrics::counter!(crate::telemetry::ROLE_REFUSED, "rpc" => "peer").increment(1);
+            return Err(Status::permission_denied(format!(
+                "peer call refused: this certificate's role is {}; the Peer service needs a member's (`shadowcache certs issue --role member`)",
+                roles.describe()
+            )));
+        }
         let Some(s) = &self.sealer else {
             return Ok(req);
         };
@@ -89,7 +100,8 @@ impl Interceptor for CheckCalls {
             Err(
                 crate::cluster::gossip_auth::Rejected::Malformed
                 | crate::cluster::gossip_auth::Rejected::Untrusted
-                | crate::cluster::gossip_auth::Rejected::Throttled,
+                | crate::cluster::gossip_auth::Rejected::Throttled
+                | crate::cluster::gossip_auth::Rejected::WrongRole,
             ) => Err(refuse("malformed signature")),
         }
     }
