@@ -71,7 +71,7 @@ if command -v kubectl >/dev/null 2>&1; then
   cp -r deploy/kubernetes "$work/kubernetes"
   certs="$work/kubernetes/overlays/production/certs"
   "$bin/shadowcache" certs init "$certs" >/dev/null
-  "$bin/shadowcache" certs issue --ca "$certs" member >/dev/null
+  "$bin/shadowcache" certs issue --ca "$certs" --any-node member >/dev/null
   kubectl kustomize "$work/kubernetes/base" > "$work/k8s-base.yaml"
   kubectl kustomize "$work/kubernetes/overlays/production" > "$work/k8s-production.yaml"
   grep -q "kind: DaemonSet" "$work/k8s-production.yaml"

@@ -194,6 +194,21 @@ pub fn issue(
     days: u32,
     role: &str,
 ) -> anyhow::Result<MemberFiles> {
+    issue_for(ca_dir, name, sans, out, days, role, true)
+}
+
+/// [`issue`], and with `bound`, a member's certificate names `name` as the one node it speaks
+/// for (its node id); without, it serves any node (a certificate several nodes share, as a
+/// Kubernetes DaemonSet's Secret).
+pub fn issue_for(
+    ca_dir: &Path,
+    name: &str,
+    sans: &[String],
+    out: &Path,
+    days: u32,
+    role: &str,
+    bound: bool,
+) -> anyhow::Result<MemberFiles> {
     if !shadowcache_proto::role::ALL.contains(&role) {
         bail!(
             "role {role:?}: give one of {}",
@@ -276,6 +291,14 @@ pub fn issue(
             .try_into()
             .context("the role URI")?,
     ));
+    if bound && role == shadowcache_proto::role::MEMBER {
+        // The one node it speaks for: its node id.
+        params.subject_alt_names.push(SanType::URI(
+            format!("{}{name}", shadowcache_proto::role::NODE_URI_PREFIX)
+                .try_into()
+                .context("the node URI")?,
+        ));
+    }
     subject(&mut params, name);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

@@ -139,29 +139,55 @@ impl Roles {
 /// The roles of the certificate `der` (DER). One that cannot be parsed may do nothing beyond
 /// what any certificate the CA signed may (the Block service).
 pub fn roles_of(der: &[u8]) -> Roles {
+    identity_of(der).roles
+}
+
+/// What a client's certificate says of it: its roles and the nodes it speaks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// Its roles.
+    pub roles: Roles,
+    /// The node ids it names (`urn:shadowcache:node:ID`); none: any node.
+    pub nodes: Vec<String>,
+}
+
+impl CertIdentity {
+    /// Whether a call that says it comes from member `node` may be believed: a certificate
+    /// that names nodes speaks for those only; one that names none (shared by several nodes,
+    /// or issued before) is believed.
+    pub fn speaks_for(&self, node: &str) -> bool {
+        self.nodes.is_empty() || self.nodes.iter().any(|n| n == node)
+    }
+}
+
+/// The roles and names of the certificate `der` (DER).
+pub fn identity_of(der: &[u8]) -> CertIdentity {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
-        return Roles::default();
+        return CertIdentity::default();
     };
-    let mut roles = Roles::default();
+    let mut id = CertIdentity::default();
     let mut named = false;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name
-                && let Some(role) = uri.strip_prefix(shadowcache_proto::role::URI_PREFIX)
-            {
+            let GeneralName::URI(uri) = name else {
+                continue;
+            };
+            if let Some(role) = uri.strip_prefix(shadowcache_proto::role::URI_PREFIX) {
                 named = true;
                 match role {
-                    shadowcache_proto::role::MEMBER => roles.member = true,
-                    shadowcache_proto::role::ADMIN => roles.admin = true,
+                    shadowcache_proto::role::MEMBER => id.roles.member = true,
+                    shadowcache_proto::role::ADMIN => id.roles.admin = true,
                     // `client`, or a role this version does not know: the Block service only.
                     _ => {}
                 }
+            } else if let Some(node) = uri.strip_prefix(shadowcache_proto::role::NODE_URI_PREFIX) {
+                id.nodes.push(node.to_string());
             }
         }
     }
-    roles.unmarked = !named;
-    roles
+    id.roles.unmarked = !named;
+    id
 }
 
 #[cfg(test)]
@@ -202,5 +228,19 @@ mod role_tests {
         ]));
         assert!(both.may_peer() && both.may_admin());
         assert_eq!(both.describe(), "member and admin");
+    }
+
+    #[test]
+    fn a_certificate_that_names_its_node_speaks_for_it_only() {
+        let bound = identity_of(&cert(&[
+            "urn:shadowcache:role:member",
+            "urn:shadowcache:node:host-b",
+        ]));
+        assert_eq!(bound.nodes, ["host-b"]);
+        assert!(bound.speaks_for("host-b"));
+        assert!(!bound.speaks_for("host-a"));
+        // Shared by several nodes, or issued before: believed.
+        let shared = identity_of(&cert(&["urn:shadowcache:role:member"]));
+        assert!(shared.speaks_for("host-a") && shared.speaks_for("host-b"));
     }
 }

@@ -90,6 +90,9 @@ fn check_config(config: &Config) -> ExitCode {
             Ok(c) => certificates.push(c),
             Err(e) => problems.push(format!("[cluster.tls] cert {e}")),
         }
+        if let Err(e) = crate::server::certificate_speaks_for_this_node(config) {
+            problems.push(e.to_string());
+        }
     }
     if let Some(t) = &config.nbd_tls {
         readable("[nbd_tls] key", &t.key, &mut problems);

@@ -28,12 +28,34 @@ pub async fn start(config: Config) -> anyhow::Result<RunningNode> {
 }
 
 fn load_tls(config: &Config) -> anyhow::Result<Option<frontend::tls::PeerTls>> {
-    config
-        .cluster
-        .tls
-        .as_ref()
-        .map(frontend::tls::PeerTls::load)
-        .transpose()
+    let Some(tls) = config.cluster.tls.as_ref() else {
+        return Ok(None);
+    };
+    certificate_speaks_for_this_node(config)?;
+    frontend::tls::PeerTls::load(tls).map(Some)
+}
+
+/// A member's certificate that names its node speaks for that node only (other members check
+/// it on every call that names its sender): one issued for another node id would have every
+/// such call refused, so the node does not start with it.
+pub(crate) fn certificate_speaks_for_this_node(config: &Config) -> anyhow::Result<()> {
+    let Some(tls) = config.cluster.tls.as_ref() else {
+        return Ok(());
+    };
+    if let Ok(pem) = std::fs::read(&tls.cert)
+        && let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem)
+    {
+        let id = crate::certs::identity_of(&block.contents);
+        anyhow::ensure!(
+            id.speaks_for(&config.node_id),
+            "cluster.tls.cert: {} speaks for node {:?} only, not for this node's id {:?}: issue one with `shadowcache certs issue --ca DIR {}`",
+            tls.cert.display(),
+            id.nodes,
+            config.node_id,
+            config.node_id
+        );
+    }
+    Ok(())
 }
 
 /// The production [`crate::Environment`] for `config`: `CLOCK_BOOTTIME`, a seed from the

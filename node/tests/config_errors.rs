@@ -215,8 +215,31 @@ fn check_config_reports_what_would_run_and_each_problem() {
         "{err}"
     );
 
-    // An expired certificate.
+    // A member's certificate issued for another node id.
     std::fs::write(&ca.cluster_key, "0123456789abcdef0123456789abcdef\n").expect("key");
+    let other =
+        shadowcache_client::certs::issue(&pki, "n2", &[], &pki, 10, "member").expect("issue");
+    std::fs::write(
+        &config,
+        good.replace(
+            &m.cert.display().to_string(),
+            &other.cert.display().to_string(),
+        )
+        .replace(
+            &m.key.display().to_string(),
+            &other.key.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("speaks for node [\"n2\"] only") && err.contains("\"n1\""),
+        "{err}"
+    );
+    std::fs::write(&config, &good).expect("config");
+
+    // An expired certificate.
     let key = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::new(vec!["shadowcache".to_string()]).expect("p");
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);

@@ -915,7 +915,8 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
 /// and a client's could call the Peer service. Certificates now name a role
 /// (`certs issue --role`): Admin over TLS needs `admin`, the Peer service `member`; the Block
 /// service takes any of the CA's; one that names no role (issued before roles) keeps doing
-/// everything.
+/// everything. A member's certificate that names its node is believed for that node only
+/// (`from_node` was the caller's word).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     use shadowcache_client::{Client, TlsFiles};
@@ -1027,6 +1028,51 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{role}: {e}");
         assert!(e.message().contains("member"), "{e}");
     }
+
+    // A member's certificate that names its node speaks for that node only: a call in another
+    // member's name (a hello, a revocation) is refused; in its own, answered.
+    let (cert, key) = pki.member_for_node("host-b", "shadowcache");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", a.addr))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(&pki.ca).expect("ca"),
+                ))
+                .identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(&cert).expect("cert"),
+                    std::fs::read(&key).expect("key"),
+                ))
+                .domain_name("shadowcache"),
+        )
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect");
+    let mut p = shadowcache_proto::peer_client::PeerClient::new(channel);
+    let hello = |from: &str| shadowcache_proto::HelloRequest {
+        from_node: from.into(),
+        from_boot: 1,
+    };
+    p.hello(hello("host-b"))
+        .await
+        .expect("a hello in its own name");
+    let e = p
+        .hello(hello("c"))
+        .await
+        .expect_err("a hello in another member's name");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = p
+        .revoke(shadowcache_proto::RevokeRequest {
+            disk: "rw".into(),
+            generation: 1,
+            from_node: "c".into(),
+            to_boot: 0,
+        })
+        .await
+        .expect_err("a revocation in another member's name");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("host-b"), "{e}");
 }
 
 /// Item 6: NBD over TCP with `[nbd_tls]` (FORCEDTLS): qemu-io and nbdinfo connect through

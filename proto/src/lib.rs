@@ -33,4 +33,8 @@ pub mod role {
     pub const ADMIN: &str = "admin";
     /// Every role, in the order the CLI lists them.
     pub const ALL: [&str; 3] = [MEMBER, CLIENT, ADMIN];
+    /// The prefix of the URI naming the one node a member's certificate speaks for
+    /// (`urn:shadowcache:node:ID`): calls that say they come from another node are refused. A
+    /// certificate several nodes share names none.
+    pub const NODE_URI_PREFIX: &str = "urn:shadowcache:node:";
 }

@@ -454,7 +454,23 @@ impl TestPki {
         self.issue(name, server_name, Some(role))
     }
 
+    /// A member's certificate and key for node `name` only (its calls in another node's name
+    /// are refused), valid for `server_name`: (cert, key) files.
+    pub fn member_for_node(&self, name: &str, server_name: &str) -> (PathBuf, PathBuf) {
+        self.issue_with(name, server_name, Some("member"), true)
+    }
+
     fn issue(&self, name: &str, server_name: &str, role: Option<&str>) -> (PathBuf, PathBuf) {
+        self.issue_with(name, server_name, role, false)
+    }
+
+    fn issue_with(
+        &self,
+        name: &str,
+        server_name: &str,
+        role: Option<&str>,
+        bound: bool,
+    ) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().expect("member key");
         let mut params =
             rcgen::CertificateParams::new(vec![server_name.to_string()]).expect("params");
@@ -463,6 +479,13 @@ impl TestPki {
                 format!("urn:shadowcache:role:{role}")
                     .try_into()
                     .expect("role uri"),
+            ));
+        }
+        if bound {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                format!("urn:shadowcache:node:{name}")
+                    .try_into()
+                    .expect("node uri"),
             ));
         }
         params

@@ -158,6 +158,11 @@ enum CertsCommand {
         /// Admin services over `listen_tcp`).
         #[arg(long, default_value = "member", value_parser = shadowcache_proto::role::ALL)]
         role: String,
+        /// A member's certificate that any node may present (one Secret for a DaemonSet's
+        /// pods): without it, NAME must be the node id of the one member that presents it, and
+        /// other members refuse its calls in another member's name.
+        #[arg(long)]
+        any_node: bool,
     },
 }
 
@@ -216,9 +221,10 @@ fn certs(cmd: CertsCommand, json: bool) -> anyhow::Result<()> {
             out,
             days,
             role,
+            any_node,
         } => {
             let out = out.unwrap_or_else(|| ca.clone());
-            let f = certs::issue(&ca, &name, &sans, &out, days, &role)?;
+            let f = certs::issue_for(&ca, &name, &sans, &out, days, &role, !any_node)?;
             if json {
                 println!(
                     "{}",

@@ -212,8 +212,8 @@ pub struct Conn {
     budget: Arc<Semaphore>,
     state: Mutex<State>,
     changed: Notify,
-    /// The roles of the client's certificate (TLS only), read at its first request.
-    roles: std::sync::OnceLock<Option<crate::certs::Roles>>,
+    /// What the client's certificate says (TLS only), read at its first request.
+    identity: std::sync::OnceLock<Option<Arc<crate::certs::CertIdentity>>>,
 }
 
 #[derive(Default)]
@@ -274,18 +274,26 @@ pub struct ConnInfo(pub Arc<Conn>);
 /// The roles of the certificate the client of `request`'s connection showed over TLS (read
 /// once a connection); `None` without TLS.
 pub fn roles<T>(request: &tonic::Request<T>) -> Option<crate::certs::Roles> {
+    identity(request).map(|i| i.roles)
+}
+
+/// What the certificate the client of `request`'s connection showed over TLS says (read once
+/// a connection); `None` without TLS.
+pub fn identity<T>(request: &tonic::Request<T>) -> Option<Arc<crate::certs::CertIdentity>> {
     let tls = request
         .extensions()
         .get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()?;
     let read = || {
         // A TLS listener of the node requires a certificate: one is always there.
         tls.peer_certs().map(|chain| {
-            chain
-                .first()
-                .map_or_else(Default::default, |c| crate::certs::roles_of(c))
+            Arc::new(
+                chain
+                    .first()
+                    .map_or_else(Default::default, |c| crate::certs::identity_of(c)),
+            )
         })
     };
-    *tls.get_ref().0.roles.get_or_init(read)
+    tls.get_ref().0.identity.get_or_init(read).clone()
 }
 
 /// A socket under [`Limits`]: closed with an error once its [`Conn`] is closed by the node.
@@ -303,7 +311,7 @@ impl<T> Io<T> {
             budget,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
-            roles: std::sync::OnceLock::new(),
+            identity: std::sync::OnceLock::new(),
         });
         tokio::spawn(watch(conn.clone()));
         Io {

@@ -39,6 +39,24 @@ fn lying() -> bool {
     false
 }
 
+/// Over TLS, a member's certificate that names its node speaks for that node only: a call
+/// that says it comes from another member (its lease, its revocation, its block map
+/// subscription, its forwarded read) is refused. Without TLS, or with a certificate that
+/// names no node (shared, or issued before), the caller's word is taken.
+fn speaks_for<T>(request: &Request<T>, from_node: &str) -> Result<(), Status> {
+    match super::conn::identity(request) {
+        Some(id) if !id.speaks_for(from_node) => {
+            metrics::counter!(crate::telemetry::ROLE_REFUSED, "rpc" => "peer_from_node")
+                .increment(1);
+            Err(Status::permission_denied(format!(
+                "peer call refused: it says it comes from {from_node:?}, and the certificate it came with speaks for {:?} only",
+                id.nodes
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerFrontend {
     type FetchBlocksStream = std::pin::Pin<
@@ -177,6 +195,7 @@ impl pb::peer_server::Peer for PeerFrontend {
             request.get_ref().length.min(crate::read::MAX_IO_BYTES),
         )
         .await;
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self
             .node
@@ -243,6 +262,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::BlockMapRequest>,
     ) -> Result<Response<Self::SubscribeBlockMapStream>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self.node.block_map_stream(
             &r.disk,
@@ -270,6 +290,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self.node.grant_lease(
             &r.disk,
@@ -290,6 +311,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self
             .node
@@ -303,6 +325,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         &self,
         request: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloResponse>, Status> {
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let h = self.node.hello(&r.from_node, r.from_boot);
         let (same_id_addr, same_id_boot) = h
