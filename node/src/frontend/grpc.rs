@@ -567,10 +567,50 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on listen_unix {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    // Bound under a name of its own, given its mode, and only then moved to `path`: a socket
+    // bound at `path` is open to connections before a chmod could narrow it (with the
+    // process's umask, to anyone for a moment). The move never replaces a file: a process
+    // that bound `path` meanwhile keeps it.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "socket".into());
+    let staged = dir.join(format!(
+        ".{name}.{}.{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let l = UnixListener::bind(&staged)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))
+        .and_then(|()| {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &staged,
+                rustix::fs::CWD,
+                path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| {
+                if e == rustix::io::Errno::EXIST {
+                    anyhow::anyhow!(
+                        "{}: another process bound this socket while this node started",
+                        path.display()
+                    )
+                } else {
+                    anyhow::anyhow!("cannot place the socket at {}: {e}", path.display())
+                }
+            })
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
     Ok(l)
 }
 
@@ -627,4 +667,44 @@ pub async fn serve_tcp(
 /// The default socket path for a data directory.
 pub fn default_socket(data_dir: &Path) -> PathBuf {
     data_dir.join("shadowcache.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket is bound under another name and moved into place with its mode set: at its
+    /// path it never had another mode, nothing is left beside it, and a second node on the
+    /// same path is refused while the first serves.
+    #[tokio::test]
+    async fn the_socket_appears_at_its_path_with_mode_0660_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run").join("node.sock");
+        let listener = bind_unix(&path).expect("bind");
+        let mode = std::fs::metadata(&path)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o660);
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["node.sock"], "something left beside the socket");
+        // It serves at its path.
+        let connect = tokio::net::UnixStream::connect(&path);
+        let (accepted, connected) = tokio::join!(listener.accept(), connect);
+        accepted.expect("accept");
+        connected.expect("connect");
+        let err = bind_unix(&path).expect_err("a second node on a live socket");
+        assert!(err.to_string().contains("another process"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(path.parent().expect("dir"))
+                .expect("read dir")
+                .count(),
+            1
+        );
+    }
 }
