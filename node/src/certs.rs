@@ -168,23 +168,36 @@ pub fn identity_of(der: &[u8]) -> CertIdentity {
     };
     let mut id = CertIdentity::default();
     let mut named = false;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            let GeneralName::URI(uri) = name else {
-                continue;
-            };
-            if let Some(role) = uri.strip_prefix(shadowcache_proto::role::URI_PREFIX) {
-                named = true;
-                match role {
-                    shadowcache_proto::role::MEMBER => id.roles.member = true,
-                    shadowcache_proto::role::ADMIN => id.roles.admin = true,
-                    // `client`, or a role this version does not know: the Block service only.
-                    _ => {}
+    // URN namespaces compare without case (RFC 8141): `URN:SHADOWCACHE:ROLE:client` is a role.
+    let strip = |uri: &str, prefix: &str| -> Option<String> {
+        uri.get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| uri[prefix.len()..].to_string())
+    };
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => {
+            for name in &san.value.general_names {
+                let GeneralName::URI(uri) = name else {
+                    continue;
+                };
+                if let Some(role) = strip(uri, shadowcache_proto::role::URI_PREFIX) {
+                    named = true;
+                    match role.to_ascii_lowercase().as_str() {
+                        shadowcache_proto::role::MEMBER => id.roles.member = true,
+                        shadowcache_proto::role::ADMIN => id.roles.admin = true,
+                        // `client`, or a role this version does not know: the Block service
+                        // only.
+                        _ => {}
+                    }
+                } else if let Some(node) = strip(uri, shadowcache_proto::role::NODE_URI_PREFIX) {
+                    id.nodes.push(node);
                 }
-            } else if let Some(node) = uri.strip_prefix(shadowcache_proto::role::NODE_URI_PREFIX) {
-                id.nodes.push(node.to_string());
             }
         }
+        Ok(None) => {}
+        // A subject alternative name that cannot be read may hide a role: no rights, rather
+        // than every right of a certificate that names none.
+        Err(_) => return CertIdentity::default(),
     }
     id.roles.unmarked = !named;
     id
@@ -219,6 +232,14 @@ mod role_tests {
         ] {
             assert!(!client.may_peer() && !client.may_admin(), "{client:?}");
         }
+        // Case does not hide a role.
+        let shouting = roles_of(&cert(&["URN:SHADOWCACHE:ROLE:client"]));
+        assert!(
+            !shouting.may_peer() && !shouting.may_admin(),
+            "{shouting:?}"
+        );
+        let upper_member = roles_of(&cert(&["urn:shadowcache:role:MEMBER"]));
+        assert!(upper_member.may_peer() && !upper_member.may_admin());
         // Other URIs are not roles.
         let legacy = roles_of(&cert(&["https://example.com/x"]));
         assert!(legacy.may_peer() && legacy.may_admin(), "{legacy:?}");

@@ -95,6 +95,10 @@ pub enum Error {
         /// How late it was.
         late_ms: u64,
     },
+    /// Writes an owner acknowledged may be lost: a flush could not cover them (the owner's
+    /// host restarted since, or the disk moved to another owner). Not worth retrying.
+    #[error("{0}")]
+    LostWrites(String),
     /// An error another member answered, kept as it was sent: its kind and message.
     #[error("{message}")]
     Remote {
@@ -144,6 +148,8 @@ pub enum ErrorKind {
     State,
     /// [`Error::Late`].
     Late,
+    /// [`Error::LostWrites`].
+    LostWrites,
 }
 
 /// The protocol's status codes for errors (gRPC's names and meanings).
@@ -165,11 +171,13 @@ pub enum Code {
     Internal,
     /// A generation that is over.
     Aborted,
+    /// Acknowledged data may be lost.
+    DataLoss,
 }
 
 impl ErrorKind {
     /// Every kind, for the round-trip tests of the maps.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::UnknownDisk,
         ErrorKind::InvalidDiskId,
         ErrorKind::DiskExists,
@@ -184,6 +192,7 @@ impl ErrorKind {
         ErrorKind::NoLease,
         ErrorKind::State,
         ErrorKind::Late,
+        ErrorKind::LostWrites,
     ];
 
     /// The kind's name on the wire (lowercase, stable).
@@ -203,6 +212,7 @@ impl ErrorKind {
             ErrorKind::NoLease => "no_lease",
             ErrorKind::State => "state",
             ErrorKind::Late => "late",
+            ErrorKind::LostWrites => "lost_writes",
         }
     }
 
@@ -224,6 +234,7 @@ impl ErrorKind {
             ErrorKind::Origin | ErrorKind::Peer | ErrorKind::Late => Code::Unavailable,
             ErrorKind::State => Code::Internal,
             ErrorKind::StaleGeneration => Code::Aborted,
+            ErrorKind::LostWrites => Code::DataLoss,
         }
     }
 }
@@ -246,6 +257,7 @@ impl Error {
             Error::NoLease { .. } => ErrorKind::NoLease,
             Error::State(_) => ErrorKind::State,
             Error::Late { .. } => ErrorKind::Late,
+            Error::LostWrites(_) => ErrorKind::LostWrites,
             Error::Remote { kind, .. } => *kind,
         }
     }

@@ -127,17 +127,32 @@ pub fn boot_id(unix_ms: u64, random: u64) -> u64 {
     (unix_ms << 12) | (random & 0xfff)
 }
 
-/// This host's boot: the first 8 bytes of a BLAKE3 hash of the kernel's boot id, which changes
-/// only when the host restarts (and with it every page cache). 0 when it cannot be read: then
-/// nobody compares it.
+/// The environment variable that gives the kernel's boot id where `/proc/sys` is hidden (the
+/// systemd unit's `ProcSubset=pid`; it sets it from `%b`).
+pub const HOST_BOOT_ENV: &str = "SHADOWCACHE_HOST_BOOT";
+
+/// This host's boot: the first 8 bytes of a BLAKE3 hash of the kernel's boot id (from
+/// [`HOST_BOOT_ENV`], else `/proc/sys/kernel/random/boot_id`), which changes only when the
+/// host restarts (and with it every page cache). 0 when neither can be read: then nobody
+/// compares it.
 pub fn host_boot() -> u64 {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| {
-            let h = blake3::hash(id.trim().as_bytes());
-            u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8])).max(1)
-        })
-        .unwrap_or(0)
+    let env = std::env::var(HOST_BOOT_ENV).ok();
+    let proc = || std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+    env.filter(|v| !v.trim().is_empty())
+        .or_else(proc)
+        .map_or(0, |id| boot_hash(&id))
+}
+
+/// The hash of a boot id, however it is written (systemd's `%b` has no dashes).
+fn boot_hash(id: &str) -> u64 {
+    let id: String = id
+        .trim()
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let h = blake3::hash(id.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8])).max(1)
 }
 
 #[cfg(test)]
@@ -149,6 +164,9 @@ mod tests {
         let b = host_boot();
         assert_ne!(b, 0, "no /proc/sys/kernel/random/boot_id on a Linux host?");
         assert_eq!(host_boot(), b);
+        // systemd's %b is the same id without dashes.
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+        assert_eq!(boot_hash(&id.replace('-', "").to_uppercase()), b);
     }
 
     #[test]

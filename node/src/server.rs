@@ -35,9 +35,10 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<frontend::tls::PeerTls>> {
     frontend::tls::PeerTls::load(tls).map(Some)
 }
 
-/// A member's certificate that names its node speaks for that node only (other members check
-/// it on every call that names its sender): one issued for another node id would have every
-/// such call refused, so the node does not start with it.
+/// This node's `[cluster.tls]` certificate must be a member's (other members refuse any other
+/// on the Peer service), and one that names its node speaks for that node only (other members
+/// check it on every call that names its sender): with either wrong, every call would be
+/// refused, so the node does not start.
 pub(crate) fn certificate_speaks_for_this_node(config: &Config) -> anyhow::Result<()> {
     let Some(tls) = config.cluster.tls.as_ref() else {
         return Ok(());
@@ -46,6 +47,14 @@ pub(crate) fn certificate_speaks_for_this_node(config: &Config) -> anyhow::Resul
         && let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem)
     {
         let id = crate::certs::identity_of(&block.contents);
+        // The Peer service and gossip of other members take a member's certificate only (in
+        // either gossip mode: with a cluster key, gossip does not read certificates).
+        anyhow::ensure!(
+            id.roles.may_peer(),
+            "cluster.tls.cert: {} is not a member's certificate (its role is {}): issue one with `shadowcache certs issue --role member`",
+            tls.cert.display(),
+            id.roles.describe()
+        );
         anyhow::ensure!(
             id.speaks_for(&config.node_id),
             "cluster.tls.cert: {} speaks for node {:?} only, not for this node's id {:?}: issue one with `shadowcache certs issue --ca DIR {}`",
@@ -80,13 +89,20 @@ fn environment_with(config: &Config, tls: Option<&frontend::tls::PeerTls>) -> cr
         tls.map(|t| t.client.clone()),
         key.as_ref(),
     ));
+    let host_boot = crate::ids::host_boot();
+    if host_boot == 0 {
+        tracing::warn!(
+            "the host's boot id cannot be read (neither {} nor /proc/sys/kernel/random/boot_id): flushes forwarded to owners cannot tell writes lost with an owner's host restart",
+            crate::ids::HOST_BOOT_ENV
+        );
+    }
     crate::Environment {
         clock: crate::clock::system(),
         seed: rand::random(),
         membership: None,
         peers,
         origin_wrap: None,
-        host_boot: crate::ids::host_boot(),
+        host_boot,
     }
 }
 

@@ -237,6 +237,27 @@ fn check_config_reports_what_would_run_and_each_problem() {
         err.contains("speaks for node [\"n2\"] only") && err.contains("\"n1\""),
         "{err}"
     );
+    // A client's certificate as a member's.
+    let client =
+        shadowcache_client::certs::issue(&pki, "app", &[], &pki, 10, "client").expect("issue");
+    std::fs::write(
+        &config,
+        good.replace(
+            &m.cert.display().to_string(),
+            &client.cert.display().to_string(),
+        )
+        .replace(
+            &m.key.display().to_string(),
+            &client.key.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("is not a member's certificate (its role is client)"),
+        "{err}"
+    );
     std::fs::write(&config, &good).expect("config");
 
     // An expired certificate.

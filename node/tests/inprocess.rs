@@ -947,8 +947,8 @@ async fn a_flush_after_the_owners_host_restarted_reports_the_writes_it_cannot_co
     assert!(err.to_string().contains("restarted"), "{err}");
     assert_eq!(
         err.kind(),
-        shadowcache_node::error::ErrorKind::Origin,
-        "an I/O error (EIO over NBD): {err}"
+        shadowcache_node::error::ErrorKind::LostWrites,
+        "DATA_LOSS over gRPC, EIO over NBD: {err}"
     );
     // Reported once: the next flush answers for what came after.
     b.flush("vdi").await.expect("the flush after the report");

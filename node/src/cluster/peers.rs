@@ -194,7 +194,8 @@ impl Unflushed {
             .iter_mut()
             .find(|a| a.node == node && a.host_boot == host_boot)
         {
-            Some(a) => a.last = last,
+            // Another ack may have taken a later number and got here first.
+            Some(a) => a.last = a.last.max(last),
             None => acked.push(Acked {
                 node: node.to_string(),
                 host_boot,
@@ -220,7 +221,9 @@ impl Unflushed {
                 // Acknowledged while the flush was on its way: the next flush decides.
                 return true;
             }
-            if host_boot != 0 && (a.node != node || a.host_boot != host_boot) {
+            // Another owner's writes were never covered; the same owner's, unless it does not
+            // say its host boot.
+            if a.node != node || (host_boot != 0 && a.host_boot != host_boot) {
                 lost = Some((a.node.clone(), a.host_boot));
             }
             false
@@ -559,12 +562,7 @@ impl Peers {
                     )
                 };
                 tracing::error!(disk, owner = node, "{why}");
-                Err(Error::Origin(crate::origin::OriginError::Io {
-                    origin: format!("{disk} at {node}"),
-                    op: "flush",
-                    offset: 0,
-                    cause: why,
-                }))
+                Err(Error::LostWrites(why))
             }
         }
     }
@@ -597,10 +595,13 @@ mod tests {
         assert_eq!(u.flushed("d", "a", 10, m), None);
         assert_eq!(u.flushed("d", "a", 9, u.mark()), None);
         assert_eq!(u.flushed("e", "a", 2, u.mark()), Some(("a".into(), 1)));
-        // Owners that do not say (0) are never compared.
+        // An owner that does not say (0) is not compared with itself; another owner's writes
+        // are still not its own.
         u.acked("d", "a", 0);
         u.acked("d", "a", 5);
         assert_eq!(u.flushed("d", "a", 0, u.mark()), None);
+        u.acked("d", "b", 5);
+        assert_eq!(u.flushed("d", "a", 0, u.mark()), Some(("b".into(), 5)));
         assert!(u.by_disk.lock().is_empty(), "nothing left once flushed");
     }
 }

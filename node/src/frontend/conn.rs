@@ -284,14 +284,12 @@ pub fn identity<T>(request: &tonic::Request<T>) -> Option<Arc<crate::certs::Cert
         .extensions()
         .get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()?;
     let read = || {
-        // A TLS listener of the node requires a certificate: one is always there.
-        tls.peer_certs().map(|chain| {
-            Arc::new(
-                chain
-                    .first()
-                    .map_or_else(Default::default, |c| crate::certs::identity_of(c)),
-            )
-        })
+        // A TLS listener of the node requires a certificate; were none there, no rights.
+        let id = tls
+            .peer_certs()
+            .and_then(|chain| chain.first().map(|c| crate::certs::identity_of(c)))
+            .unwrap_or_default();
+        Some(Arc::new(id))
     };
     tls.get_ref().0.identity.get_or_init(read).clone()
 }

@@ -107,6 +107,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::FetchBlocksRequest>,
     ) -> Result<Response<Self::FetchBlocksStream>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         // The answer's bytes (at most 64 blocks; more are refused below), held until the member
         // has taken them (`conn.rs`).
         let asked = request
@@ -190,12 +191,12 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::PeerReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let held = super::conn::hold(
             &request,
             request.get_ref().length.min(crate::read::MAX_IO_BYTES),
         )
         .await;
-        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self
             .node
@@ -230,6 +231,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::PeerWriteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let len = r.data.len() as u64;
         // The deadline is read against this host's clock once, here: below it is a point on
@@ -344,6 +346,7 @@ impl pb::peer_server::Peer for PeerFrontend {
         request: Request<pb::PeerFlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
         let t = Instant::now();
+        speaks_for(&request, &request.get_ref().from_node)?;
         let r = request.into_inner();
         let res = self.node.flush_local(&r.disk).await;
         observe("peer_flush", t, 0, &res);

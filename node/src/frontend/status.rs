@@ -27,6 +27,7 @@ pub fn to_grpc(c: Code) -> tonic::Code {
         Code::Unavailable => tonic::Code::Unavailable,
         Code::Internal => tonic::Code::Internal,
         Code::Aborted => tonic::Code::Aborted,
+        Code::DataLoss => tonic::Code::DataLoss,
     }
 }
 
@@ -111,6 +112,7 @@ mod tests {
                 disk: "d".into(),
                 late_ms: 3,
             },
+            ErrorKind::LostWrites => Error::LostWrites("the owner's host restarted".into()),
         }
     }
 
