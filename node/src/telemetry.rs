@@ -159,8 +159,8 @@ pub const ROLE_REFUSED: &str = "shadowcache_role_refused_total";
 /// Counter: forwarded flushes answered with an error because writes an owner acknowledged
 /// before them were not covered (its host restarted, or the disk moved to another owner).
 pub const UNFLUSHED_LOST: &str = "shadowcache_unflushed_writes_lost_total";
-/// Counter by kind (`client`, `peer`) and reason: gRPC connections closed by the node because
-/// their client stopped taking answers (`answer_not_taken`, `stalled_socket`).
+/// Counter by kind (`unix`, `tcp`, `peer`) and reason: gRPC connections closed by the node
+/// (`answer_not_taken`, `stalled_socket`, `idle_at_cap`, `source_cap`).
 pub const GRPC_CLOSED: &str = "shadowcache_grpc_closed_connections_total";
 /// Counter by reason: Peer calls refused for want of a valid cluster key signature.
 pub const PEER_CALLS_REFUSED: &str = "shadowcache_peer_calls_refused_total";

@@ -304,7 +304,7 @@ impl pb::block_server::Block for GrpcFrontend {
         // The answer's bytes, held until the client has taken them (`conn.rs`); a length past
         // the per-call limit is refused below, so no more is ever held.
         let held = super::conn::hold(
-            &request,
+            request.extensions(),
             request.get_ref().length.min(crate::read::MAX_IO_BYTES),
         )
         .await;
@@ -628,7 +628,7 @@ pub async fn serve_unix(
     listener: UnixListener,
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let incoming = super::conn::Limits::clients().incoming(listener);
+    let incoming = super::conn::Limits::unix().incoming(listener);
     router(node, true)
         .serve_with_incoming_shutdown(incoming, until_stopped(stopped))
         .await
@@ -645,8 +645,7 @@ pub async fn serve_tcp(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listener_addr = listener.local_addr().ok();
-    // The Unix socket's limits: the two client listeners share them.
-    let incoming = super::conn::Limits::clients().incoming(listener);
+    let incoming = super::conn::Limits::tcp().incoming(listener);
     if let Some(tls) = tls {
         tracing::info!(addr = ?listener_addr, "gRPC on TCP over mutual TLS (clients need a certificate from the cluster's CA)");
         return router_with(node, true, Some(tls.server))?

@@ -108,16 +108,7 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<Self::FetchBlocksStream>, Status> {
         let t = Instant::now();
         speaks_for(&request, &request.get_ref().from_node)?;
-        // The answer's bytes (at most 64 blocks; more are refused below), held until the member
-        // has taken them (`conn.rs`).
-        let asked = request
-            .get_ref()
-            .indices
-            .len()
-            .min(crate::cluster::fetch::MAX_BLOCKS_PER_REQUEST) as u64;
-        let held =
-            super::conn::hold(&request, asked * u64::from(self.node.config().block_bytes)).await;
-        let r = request.into_inner();
+        let (_, extensions, r) = request.into_parts();
         let res = self
             .node
             .blocks_for_peer(
@@ -135,6 +126,10 @@ impl pb::peer_server::Peer for PeerFrontend {
         observe("peer_fetch_blocks", t, bytes, &res);
         self.node.cluster().stats.peer_served_bytes.add(bytes);
         let blocks = res.map_err(|e| status(&e))?;
+        // The answer's bytes, held until the member has taken them (`conn.rs`). Taken once
+        // the blocks are read: waiting for them before would hold a read that a home forwards
+        // to the owner while the owner's Peer budget waits on this one's.
+        let held = super::conn::hold(&extensions, bytes).await;
         let lie = lying();
         let msgs: Vec<pb::BlockData> = blocks
             .into_iter()
@@ -192,12 +187,7 @@ impl pb::peer_server::Peer for PeerFrontend {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let t = Instant::now();
         speaks_for(&request, &request.get_ref().from_node)?;
-        let held = super::conn::hold(
-            &request,
-            request.get_ref().length.min(crate::read::MAX_IO_BYTES),
-        )
-        .await;
-        let r = request.into_inner();
+        let (_, extensions, r) = request.into_parts();
         let res = self
             .node
             .read_local(
@@ -214,16 +204,16 @@ impl pb::peer_server::Peer for PeerFrontend {
         }
         // The version after the read: a detection that came first is in it.
         let disks_version = self.node.cluster().disks_version();
-        res.map(|data| {
-            super::conn::attach(
-                Response::new(pb::ReadResponse {
-                    data,
-                    disks_version,
-                }),
-                held,
-            )
-        })
-        .map_err(|e| status(&e))
+        let data = res.map_err(|e| status(&e))?;
+        // Held once read, as FetchBlocks' answers.
+        let held = super::conn::hold(&extensions, data.len() as u64).await;
+        Ok(super::conn::attach(
+            Response::new(pb::ReadResponse {
+                data,
+                disks_version,
+            }),
+            held,
+        ))
     }
 
     async fn write(
