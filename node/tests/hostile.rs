@@ -1075,6 +1075,65 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     assert!(e.message().contains("host-b"), "{e}");
 }
 
+/// Review of the certificate roles: a member whose certificate the CA signed could stand in
+/// for another at an address gossip gave for it, since a member checked only that the server's
+/// certificate was the CA's. Now the server's certificate must name the member called (when it
+/// names a node) and be a member's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_calling_another_checks_that_the_member_called_answers() {
+    use shadowcache_node::cluster::PeerService;
+    use shadowcache_node::cluster::peers::To;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let tls_section = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            pki.ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    };
+    let (cert, key) = pki.member_for_node("a", "shadowcache");
+    let config = dir.path().join("a-tls.toml");
+    write_file(&config, tls_section(&cert, &key).as_bytes());
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[format!("--config={}", config.display())],
+    );
+    let addr: std::net::SocketAddr = a.addr.parse().expect("addr");
+    let (cert, key) = pki.member_for_node("m", "shadowcache");
+    let tls =
+        shadowcache_node::frontend::tls::PeerTls::load(&shadowcache_node::cluster::TlsConfig {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        })
+        .expect("tls");
+    let peers = shadowcache_node::frontend::peer_client::TonicPeers::new(
+        "m",
+        Duration::from_secs(5),
+        Some(tls.client),
+        None,
+    );
+    let hello = peers
+        .hello(To { node: "a", addr }, 1)
+        .await
+        .expect("the member called answers");
+    assert_eq!(hello.node, "a");
+    let err = peers
+        .hello(To { node: "b", addr }, 1)
+        .await
+        .expect_err("a answered as b");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("speaks for") || text.contains("certificate"),
+        "{text}"
+    );
+}
+
 /// Item 6: NBD over TCP with `[nbd_tls]` (FORCEDTLS): qemu-io and nbdinfo connect through
 /// NBD_OPT_STARTTLS and read the disk; a client that does not start TLS is refused with the
 /// spec's TLS-required error and reads nothing.

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use shadowcache_proto as pb;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use super::grpc::info_from_pb;
 use crate::admin::DiskInfo;
@@ -52,7 +52,7 @@ pub struct TonicPeers {
     connect_timeout: Duration,
     channels: DashMap<String, (SocketAddr, Arc<[Client]>)>,
     turn: AtomicUsize,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<super::tls::PeerClientTls>,
     sign: super::peer_auth::SignCalls,
 }
 
@@ -62,7 +62,7 @@ impl TonicPeers {
     pub fn new(
         me: &str,
         connect_timeout: Duration,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<super::tls::PeerClientTls>,
         key: Option<&crate::cluster::gossip_auth::ClusterKey>,
     ) -> Self {
         TonicPeers {
@@ -101,18 +101,23 @@ impl TonicPeers {
 
     /// `n` new lazily connected channels to `to`.
     fn connect(&self, to: To<'_>, n: usize) -> Result<Arc<[Client]>> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint =
-            Endpoint::from_shared(format!("{scheme}://{}", to.addr)).map_err(|e| Error::Peer {
+        let endpoint =
+            Endpoint::from_shared(format!("http://{}", to.addr)).map_err(|e| Error::Peer {
                 node: to.node.to_string(),
                 cause: e.to_string(),
             })?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Error::Peer {
-                node: to.node.to_string(),
-                cause: format!("tls: {e}"),
-            })?;
-        }
+        // Over TLS, the connection is made here: the server's certificate must be the called
+        // member's (`tls.rs`), which tonic's TLS settings cannot say.
+        let tls = match &self.tls {
+            Some(tls) => Some((
+                tls.connector_for(to.node).map_err(|e| Error::Peer {
+                    node: to.node.to_string(),
+                    cause: format!("tls: {e:#}"),
+                })?,
+                tls.server_name(),
+            )),
+            None => None,
+        };
         let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -124,14 +129,43 @@ impl TonicPeers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(self.connect_timeout.min(Duration::from_secs(10)))
             .keep_alive_while_idle(true);
+        let (addr, timeout) = (to.addr, self.connect_timeout);
         Ok((0..n)
             .map(|_| {
-                pb::peer_client::PeerClient::with_interceptor(
-                    endpoint.connect_lazy(),
-                    self.sign.clone(),
-                )
-                .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+                let channel = match &tls {
+                    None => endpoint.connect_lazy(),
+                    Some((connector, name)) => {
+                        let (connector, name) = (connector.clone(), name.clone());
+                        endpoint.connect_with_connector_lazy(tower::service_fn(
+                            move |_: tonic::transport::Uri| {
+                                let (connector, name) = (connector.clone(), name.clone());
+                                async move {
+                                    let timed_out = |what: &str| {
+                                        std::io::Error::new(
+                                            std::io::ErrorKind::TimedOut,
+                                            format!("{what} to {addr} timed out"),
+                                        )
+                                    };
+                                    let tcp = tokio::time::timeout(
+                                        timeout,
+                                        tokio::net::TcpStream::connect(addr),
+                                    )
+                                    .await
+                                    .map_err(|_| timed_out("connect"))??;
+                                    let _ = tcp.set_nodelay(true);
+                                    let tls =
+                                        tokio::time::timeout(timeout, connector.connect(name, tcp))
+                                            .await
+                                            .map_err(|_| timed_out("TLS handshake"))??;
+                                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                                }
+                            },
+                        ))
+                    }
+                };
+                pb::peer_client::PeerClient::with_interceptor(channel, self.sign.clone())
+                    .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
             })
             .collect())
     }
