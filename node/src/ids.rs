@@ -143,14 +143,21 @@ pub fn host_boot() -> u64 {
         .map_or(0, |id| boot_hash(&id))
 }
 
-/// The hash of a boot id, however it is written (systemd's `%b` has no dashes).
+/// The hash of a boot id, however it is written: as the kernel writes it (lowercase, dashed
+/// 8-4-4-4-12), which systemd's `%b` (32 digits) is turned into first. The same as the release
+/// before `%b` was read, so an owner upgraded on a host that did not restart keeps its value.
 fn boot_hash(id: &str) -> u64 {
-    let id: String = id
-        .trim()
-        .chars()
-        .filter(|c| *c != '-')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let mut id = id.trim().to_ascii_lowercase();
+    if id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+        id = format!(
+            "{}-{}-{}-{}-{}",
+            &id[..8],
+            &id[8..12],
+            &id[12..16],
+            &id[16..20],
+            &id[20..]
+        );
+    }
     let h = blake3::hash(id.as_bytes());
     u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8])).max(1)
 }
@@ -164,9 +171,15 @@ mod tests {
         let b = host_boot();
         assert_ne!(b, 0, "no /proc/sys/kernel/random/boot_id on a Linux host?");
         assert_eq!(host_boot(), b);
-        // systemd's %b is the same id without dashes.
+        // systemd's %b is the same id without dashes; the value is the one the kernel's form
+        // had before (the hash of the trimmed file).
         let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
         assert_eq!(boot_hash(&id.replace('-', "").to_uppercase()), b);
+        let old = blake3::hash(id.trim().as_bytes());
+        assert_eq!(
+            u64::from_le_bytes(old.as_bytes()[..8].try_into().expect("8")).max(1),
+            b
+        );
     }
 
     #[test]

@@ -521,17 +521,42 @@ pub async fn refuse_duplicate(
     seeds: &[String],
     deadline: Duration,
 ) -> Result<(), MembershipError> {
-    let hello = |addr: SocketAddr| {
-        crate::clock::timeout(clock, deadline, peers.hello(To { node: "", addr }, boot))
+    // A seed is asked as whoever it is; an answer that this id lives elsewhere is believed
+    // only from a hello made to this id (over TLS, only a server whose certificate speaks for
+    // it answers one: found in review, any member at a seed address could stop a start).
+    let hello = |node: &'static str, addr: SocketAddr| {
+        crate::clock::timeout(clock, deadline, peers.hello(To { node, addr }, boot))
+    };
+    let to_me = |addr: SocketAddr| {
+        crate::clock::timeout(
+            clock,
+            deadline,
+            peers.hello(
+                To {
+                    node: node_id,
+                    addr,
+                },
+                boot,
+            ),
+        )
     };
     let addrs = resolve_seeds(clock, seeds, deadline).await;
-    let answers =
-        futures::future::join_all(addrs.iter().map(|&s| async move { (s, hello(s).await) })).await;
+    let answers = futures::future::join_all(
+        addrs
+            .iter()
+            .map(|&s| async move { (s, hello("", s).await) }),
+    )
+    .await;
     for (seed, answer) in answers {
         let Ok(Ok(h)) = answer else {
             continue;
         };
-        if h.node == node_id && h.boot != boot {
+        if h.node == node_id
+            && h.boot != boot
+            && let Ok(Ok(h)) = to_me(seed).await
+            && h.node == node_id
+            && h.boot != boot
+        {
             return Err(MembershipError::DuplicateId {
                 id: node_id.to_string(),
                 addr: seed,
@@ -539,7 +564,7 @@ pub async fn refuse_duplicate(
             });
         }
         if let Some((addr, other)) = h.same_id
-            && let Ok(Ok(h)) = hello(addr).await
+            && let Ok(Ok(h)) = to_me(addr).await
             && h.node == node_id
             && h.boot == other
         {
