@@ -376,8 +376,6 @@ impl Conn {
         s.live += bytes;
         if s.due.is_none() {
             s.due = Some(Instant::now() + STALLED_WRITE);
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
@@ -387,11 +385,6 @@ impl Conn {
         s.live = s.live.saturating_sub(bytes);
         if s.live == 0 {
             s.due = None;
-            if s.in_flight == 0 {
-                // The watchdog may be waiting for nothing but this (idle from now on).
-                drop(s);
-                self.changed.notify_one();
-            }
         } else if earned && let Some(due) = s.due {
             let now = Instant::now();
             let credit = Duration::from_secs_f64(bytes as f64 / MIN_BYTES_PER_SEC as f64);
@@ -405,17 +398,9 @@ struct InFlight(Arc<Conn>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let idle = {
-            let mut s = self.0.lock();
-            s.in_flight = s.in_flight.saturating_sub(1);
-            s.last_active = Instant::now();
-            s.in_flight == 0 && s.live == 0
-        };
-        if idle {
-            // The watchdog may be waiting for nothing but this (found in review: an idle
-            // connection was then never closed on a full listener).
-            self.0.changed.notify_one();
-        }
+        let mut s = self.0.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.last_active = Instant::now();
     }
 }
 
@@ -506,8 +491,6 @@ impl<T> Io<T> {
                 s.write_waker = Some(cx.waker().clone());
                 if s.blocked_since.is_none() {
                     s.blocked_since = Some(Instant::now());
-                    drop(s);
-                    self.conn.changed.notify_one();
                 }
             }
             Poll::Ready(Ok(n)) if *n > 0 => s.blocked_since = None,
@@ -610,8 +593,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Io<T> {
     }
 }
 
+/// How often a connection's watchdog looks at it at least. Requests never wake it (that would
+/// be a task switch on every request's path); its deadlines are tens of seconds, so a second
+/// late is nothing.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// Closes `conn` once its answers fall behind ([`Conn::took`]), its socket stays blocked for
-/// [`STALLED_WRITE`], or it sits idle while its listener is full; ends with the socket.
+/// [`STALLED_WRITE`], or it sits idle while a connection waits for its place; ends with the
+/// socket (woken at once for that).
 async fn watch(conn: Arc<Conn>) {
     // A full listener is looked at again this often while the connection stays idle.
     let mut idle_recheck: Option<Instant> = None;
@@ -650,13 +639,13 @@ async fn watch(conn: Arc<Conn>) {
                 conn.close(why);
                 return;
             }
-            Some((at, _)) => {
+            next => {
+                let at = next.map_or(now + WATCH_EVERY, |(at, _)| at.min(now + WATCH_EVERY));
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = &mut changed => {}
                 }
             }
-            None => changed.await,
         }
     }
 }
