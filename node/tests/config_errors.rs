@@ -215,43 +215,24 @@ fn check_config_reports_what_would_run_and_each_problem() {
         "{err}"
     );
 
-    // A member's certificate issued for another node id.
+    // A member's certificate issued for another node id, and a client's as a member's: the
+    // configuration names them in place of n1's, and --check-config refuses each.
     std::fs::write(&ca.cluster_key, "0123456789abcdef0123456789abcdef\n").expect("key");
-    let other =
-        shadowcache_client::certs::issue(&pki, "n2", &[], &pki, 10, "member").expect("issue");
-    std::fs::write(
-        &config,
-        good.replace(
-            &m.cert.display().to_string(),
-            &other.cert.display().to_string(),
-        )
-        .replace(
-            &m.key.display().to_string(),
-            &other.key.display().to_string(),
-        ),
-    )
-    .expect("config");
+    let config_naming = |name: &str, role: &str| {
+        let f = shadowcache_client::certs::issue(&pki, name, &[], &pki, 10, role).expect("issue");
+        let text = good
+            .replace(&m.cert.display().to_string(), &f.cert.display().to_string())
+            .replace(&m.key.display().to_string(), &f.key.display().to_string());
+        std::fs::write(&config, text).expect("config");
+    };
+    config_naming("n2", "member");
     let (code, _, err) = run(&[]);
     assert_eq!(code, 2);
     assert!(
         err.contains("speaks for node [\"n2\"] only") && err.contains("\"n1\""),
         "{err}"
     );
-    // A client's certificate as a member's.
-    let client =
-        shadowcache_client::certs::issue(&pki, "app", &[], &pki, 10, "client").expect("issue");
-    std::fs::write(
-        &config,
-        good.replace(
-            &m.cert.display().to_string(),
-            &client.cert.display().to_string(),
-        )
-        .replace(
-            &m.key.display().to_string(),
-            &client.key.display().to_string(),
-        ),
-    )
-    .expect("config");
+    config_naming("app", "client");
     let (code, _, err) = run(&[]);
     assert_eq!(code, 2);
     assert!(

@@ -910,6 +910,30 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
     );
 }
 
+/// A Peer endpoint at `addr` over mutual TLS with the certificate and key files given, trusting
+/// the CA in `ca`, for the name `shadowcache`.
+fn peer_endpoint(
+    ca: &std::path::Path,
+    addr: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(ca).expect("ca"),
+                ))
+                .identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(cert).expect("cert"),
+                    std::fs::read(key).expect("key"),
+                ))
+                .domain_name("shadowcache"),
+        )
+        .expect("tls config")
+}
+
 /// Review of the gRPC frontends: every certificate of the cluster's CA could do everything: a
 /// member's could call Admin on another node's `listen_tcp` (register host paths, seal disks),
 /// and a client's could call the Peer service. Certificates now name a role
@@ -994,21 +1018,7 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     // The Peer service, for members' certificates (and unmarked ones) only.
     let peer = |name: &str, role: Option<&str>| {
         let f = files(name, role);
-        let identity = tonic::transport::Identity::from_pem(
-            std::fs::read(&f.cert).expect("cert"),
-            std::fs::read(&f.key).expect("key"),
-        );
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", a.addr))
-            .expect("endpoint")
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(
-                        std::fs::read(&pki.ca).expect("ca"),
-                    ))
-                    .identity(identity)
-                    .domain_name("shadowcache"),
-            )
-            .expect("tls config");
+        let endpoint = peer_endpoint(&pki.ca, &a.addr, &f.cert, &f.key);
         async move {
             let channel = endpoint.connect().await.expect("connect");
             shadowcache_proto::peer_client::PeerClient::new(channel)
@@ -1032,20 +1042,7 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     // A member's certificate that names its node speaks for that node only: a call in another
     // member's name (a hello, a revocation) is refused; in its own, answered.
     let (cert, key) = pki.member_for_node("host-b", "shadowcache");
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", a.addr))
-        .expect("endpoint")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(
-                    std::fs::read(&pki.ca).expect("ca"),
-                ))
-                .identity(tonic::transport::Identity::from_pem(
-                    std::fs::read(&cert).expect("cert"),
-                    std::fs::read(&key).expect("key"),
-                ))
-                .domain_name("shadowcache"),
-        )
-        .expect("tls config")
+    let channel = peer_endpoint(&pki.ca, &a.addr, &cert, &key)
         .connect()
         .await
         .expect("connect");

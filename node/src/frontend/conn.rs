@@ -993,6 +993,18 @@ mod tests {
         tx
     }
 
+    /// Admits `server` under `limits` and hands it to the node served by `tx`: its state.
+    async fn admit(
+        limits: &Limits,
+        tx: &tokio::sync::mpsc::Sender<Io<tokio::io::DuplexStream>>,
+        server: tokio::io::DuplexStream,
+    ) -> Arc<Conn> {
+        let io = limits.admit(server).await;
+        let conn = io.conn().clone();
+        tx.send(io).await.expect("served");
+        conn
+    }
+
     /// A Block.Read of `len` bytes at `offset` of `d`, sent on `send`.
     fn read(
         send: &mut h2::client::SendRequest<Bytes>,
@@ -1093,9 +1105,7 @@ mod tests {
         let tx = serve(node);
 
         let (hostile, server) = tokio::io::duplex(1 << 20);
-        let io = limits.admit(server).await;
-        let conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let conn = admit(&limits, &tx, server).await;
         let (mut send, driver) = h2::client::Builder::new()
             .initial_window_size(0)
             .handshake::<_, Bytes>(hostile)
@@ -1115,7 +1125,7 @@ mod tests {
 
         // An honest client waits for budget while the answers are held...
         let (honest, server) = tokio::io::duplex(1 << 20);
-        tx.send(limits.admit(server).await).await.expect("served");
+        admit(&limits, &tx, server).await;
         let (mut send2, driver2) = h2::client::handshake(honest).await.expect("handshake");
         tokio::spawn(driver2);
         let got = tokio::spawn(answer(read(&mut send2, 8192, 4096)));
@@ -1153,9 +1163,7 @@ mod tests {
         let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
         let tx = serve(node);
         let (client, server) = tokio::io::duplex(64 << 10);
-        let io = limits.admit(server).await;
-        let conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let conn = admit(&limits, &tx, server).await;
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (mut send, driver) = h2::client::Builder::new()
             .initial_window_size(1 << 30)
@@ -1226,7 +1234,7 @@ mod tests {
         let tx = serve(node);
         // An honest client reads 1 MiB and sits idle: the budget is all back.
         let (client, server) = tokio::io::duplex(1 << 20);
-        tx.send(limits.admit(server).await).await.expect("served");
+        admit(&limits, &tx, server).await;
         let (mut send, driver) = h2::client::handshake(client).await.expect("handshake");
         tokio::spawn(driver);
         let got = answer(read(&mut send, 0, 1 << 20)).await.expect("answer");
@@ -1240,9 +1248,7 @@ mod tests {
         // piece, the last one waits in its HTTP/2 layer, the budget stays held, and the
         // connection ends at its grace.
         let (client, server) = tokio::io::duplex(4 << 20);
-        let io = limits.admit(server).await;
-        let conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let conn = admit(&limits, &tx, server).await;
         let (mut send, driver) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
@@ -1277,9 +1283,7 @@ mod tests {
         let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
         let tx = serve(node);
         let (client, server) = tokio::io::duplex(1 << 20);
-        let io = limits.admit(server).await;
-        let conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let conn = admit(&limits, &tx, server).await;
         // Windows that let every stream have 64 KiB on its way, no more: the node sends as
         // fast as the client takes.
         let (mut send, driver) = h2::client::Builder::new()
@@ -1335,9 +1339,7 @@ mod tests {
         let limits = Limits::new("test", 64 << 20, 64 << 20, 2);
         let tx = serve(node);
         let (idle, server) = tokio::io::duplex(1 << 20);
-        let io = limits.admit(server).await;
-        let idle_conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let idle_conn = admit(&limits, &tx, server).await;
         let (mut idle_send, driver) = h2::client::handshake(idle).await.expect("handshake");
         tokio::spawn(driver);
         // Its one request never sends its body: not in flight (found in review: it was, for
@@ -1351,9 +1353,7 @@ mod tests {
         let _never = idle_send.send_request(request, false).expect("send");
         // The other holds an answer it does not take (window 0) for less than its grace.
         let (busy, server) = tokio::io::duplex(1 << 20);
-        let io = limits.admit(server).await;
-        let busy_conn = io.conn().clone();
-        tx.send(io).await.expect("served");
+        let busy_conn = admit(&limits, &tx, server).await;
         let (mut busy_send, driver) = h2::client::Builder::new()
             .initial_window_size(0)
             .handshake::<_, Bytes>(busy)
@@ -1498,7 +1498,7 @@ mod tests {
         let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
         let tx = serve(node);
         let (client, server) = tokio::io::duplex(64 << 10);
-        tx.send(limits.admit(server).await).await.expect("served");
+        admit(&limits, &tx, server).await;
         assert_eq!(limits.connections_left(), 7);
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (mut send, driver) = h2::client::handshake(Deaf {
