@@ -841,6 +841,30 @@ async fn gossip_with_tls_only_comes_from_holders_of_the_clusters_certificates() 
     );
 }
 
+/// Node `a` with `pki`'s `[cluster.tls]`, a TCP listener (over mutual TLS) and a mutable disk
+/// `rw` of 64 KiB (byte 4): the node, the listener's address and the image's path.
+fn tls_node_with_rw(
+    dir: &std::path::Path,
+    pki: &shadowcache_testkit::TestPki,
+) -> (common::Member, String, std::path::PathBuf) {
+    let config = dir.join("a-tls.toml");
+    write_file(&config, pki.cluster_tls_section("a").as_bytes());
+    let rw = dir.join("rw.raw");
+    write_file(&rw, &vec![4u8; 65536]);
+    let port = shadowcache_testkit::free_port();
+    let a = member(
+        dir,
+        "a",
+        None,
+        &[
+            format!("--config={}", config.display()),
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    (a, format!("127.0.0.1:{port}"), rw)
+}
+
 /// Item 5, with TLS: a node with `[cluster.tls]` takes gRPC on TCP only from clients holding a
 /// certificate from the cluster's CA, and serves them everything (writes, Admin); a client
 /// without one, or with one from another CA, gets no answer at all.
@@ -850,22 +874,7 @@ async fn tcp_with_tls_needs_a_certificate_from_the_clusters_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
     let rogue = shadowcache_testkit::TestPki::new(&dir.path().join("rogue"));
-    let config = dir.path().join("a-tls.toml");
-    write_file(&config, pki.cluster_tls_section("a").as_bytes());
-    let rw = dir.path().join("rw.raw");
-    write_file(&rw, &vec![4u8; 65536]);
-    let port = shadowcache_testkit::free_port();
-    let _a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--config={}", config.display()),
-            format!("--listen-tcp=127.0.0.1:{port}"),
-            format!("--disk=rw={},mutable", rw.display()),
-        ],
-    );
-    let addr = format!("127.0.0.1:{port}");
+    let (_a, addr, rw) = tls_node_with_rw(dir.path(), &pki);
     let files = |p: &shadowcache_testkit::TestPki, name: &str| {
         let (cert, key) = p.member(name, "shadowcache");
         TlsFiles {
@@ -946,22 +955,7 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     use shadowcache_client::{Client, TlsFiles};
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
-    let config = dir.path().join("a-tls.toml");
-    write_file(&config, pki.cluster_tls_section("a").as_bytes());
-    let rw = dir.path().join("rw.raw");
-    write_file(&rw, &vec![4u8; 65536]);
-    let port = shadowcache_testkit::free_port();
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[
-            format!("--config={}", config.display()),
-            format!("--listen-tcp=127.0.0.1:{port}"),
-            format!("--disk=rw={},mutable", rw.display()),
-        ],
-    );
-    let addr = format!("127.0.0.1:{port}");
+    let (a, addr, rw) = tls_node_with_rw(dir.path(), &pki);
     let files = |name: &str, role: Option<&str>| {
         let (cert, key) = match role {
             Some(r) => pki.member_with_role(name, "shadowcache", r),

@@ -156,8 +156,10 @@ impl Limits {
         self.inner.connections.available_permits()
     }
 
-    /// Waits for a connection's place, then wraps `io` in it.
-    pub async fn admit<T>(&self, io: T) -> Io<T> {
+    /// Waits for a connection's place, then wraps `io` in it (the tests' in-memory sockets;
+    /// listeners go through [`Limits::incoming`]).
+    #[cfg(test)]
+    pub(crate) async fn admit<T>(&self, io: T) -> Io<T> {
         let place = self.place().await;
         Io::new(io, self.clone(), place, None)
     }
@@ -981,7 +983,7 @@ mod tests {
     }
 
     /// Serves the client services of `node` on the sockets sent to the returned sender.
-    fn serve(node: Arc<crate::Node>) -> tokio::sync::mpsc::Sender<Io<tokio::io::DuplexStream>> {
+    fn serve(node: Arc<crate::Node>) -> Tx {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let incoming = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|io| (Ok::<_, io::Error>(io), rx))
@@ -993,16 +995,66 @@ mod tests {
         tx
     }
 
+    /// The sender [`serve`] takes sockets on.
+    type Tx = tokio::sync::mpsc::Sender<Io<tokio::io::DuplexStream>>;
+
+    /// A test node served under limits of `budget` answer bytes (a connection too) and
+    /// `connections` places; its directory.
+    async fn served(budget: u64, connections: usize) -> (Limits, Tx, tempfile::TempDir) {
+        let (node, dir) = node().await;
+        (
+            Limits::new("test", budget, budget, connections),
+            serve(node),
+            dir,
+        )
+    }
+
     /// Admits `server` under `limits` and hands it to the node served by `tx`: its state.
-    async fn admit(
-        limits: &Limits,
-        tx: &tokio::sync::mpsc::Sender<Io<tokio::io::DuplexStream>>,
-        server: tokio::io::DuplexStream,
-    ) -> Arc<Conn> {
+    async fn admit(limits: &Limits, tx: &Tx, server: tokio::io::DuplexStream) -> Arc<Conn> {
         let io = limits.admit(server).await;
         let conn = io.conn().clone();
         tx.send(io).await.expect("served");
         conn
+    }
+
+    /// A client connected through an in-memory socket of `capacity` bytes (seen through
+    /// `wrap`), with `builder`'s HTTP/2 settings: its requests, its connection's task, and the
+    /// node's state of the connection.
+    async fn connect_via<T>(
+        limits: &Limits,
+        tx: &Tx,
+        capacity: usize,
+        builder: &h2::client::Builder,
+        wrap: impl FnOnce(tokio::io::DuplexStream) -> T,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+        Arc<Conn>,
+    )
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(capacity);
+        let conn = admit(limits, tx, server).await;
+        let (send, driver) = builder
+            .handshake::<_, Bytes>(wrap(client))
+            .await
+            .expect("handshake");
+        (send, tokio::spawn(driver), conn)
+    }
+
+    /// [`connect_via`] the socket itself.
+    async fn connect(
+        limits: &Limits,
+        tx: &Tx,
+        capacity: usize,
+        builder: &h2::client::Builder,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+        Arc<Conn>,
+    ) {
+        connect_via(limits, tx, capacity, builder, |s| s).await
     }
 
     /// A Block.Read of `len` bytes at `offset` of `d`, sent on `send`.
@@ -1100,18 +1152,15 @@ mod tests {
     /// rate after a grace, or their connection ends and gives the budget back.
     #[tokio::test(start_paused = true)]
     async fn answers_a_client_never_takes_are_dropped_with_its_connection_after_the_grace() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 2 << 20, 2 << 20, 8);
-        let tx = serve(node);
+        let (limits, tx, _dir) = served(2 << 20, 8).await;
 
-        let (hostile, server) = tokio::io::duplex(1 << 20);
-        let conn = admit(&limits, &tx, server).await;
-        let (mut send, driver) = h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake::<_, Bytes>(hostile)
-            .await
-            .expect("handshake");
-        let driver = tokio::spawn(driver);
+        let (mut send, driver, conn) = connect(
+            &limits,
+            &tx,
+            1 << 20,
+            h2::client::Builder::new().initial_window_size(0),
+        )
+        .await;
         let start = Instant::now();
         let taken = [
             read(&mut send, 0, 1 << 20),
@@ -1124,10 +1173,7 @@ mod tests {
         );
 
         // An honest client waits for budget while the answers are held...
-        let (honest, server) = tokio::io::duplex(1 << 20);
-        admit(&limits, &tx, server).await;
-        let (mut send2, driver2) = h2::client::handshake(honest).await.expect("handshake");
-        tokio::spawn(driver2);
+        let (mut send2, _, _) = connect(&limits, &tx, 1 << 20, &h2::client::Builder::new()).await;
         let got = tokio::spawn(answer(read(&mut send2, 8192, 4096)));
         tokio::time::sleep(Duration::from_secs(20)).await;
         assert!(!got.is_finished(), "served past a budget that was all held");
@@ -1159,22 +1205,21 @@ mod tests {
     /// block, and the connection ends after [`STALLED_WRITE`] with all it held.
     #[tokio::test(start_paused = true)]
     async fn a_client_that_takes_nothing_off_its_socket_is_closed_after_the_stall_time() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
-        let tx = serve(node);
-        let (client, server) = tokio::io::duplex(64 << 10);
-        let conn = admit(&limits, &tx, server).await;
+        let (limits, tx, _dir) = served(64 << 20, 8).await;
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (mut send, driver) = h2::client::Builder::new()
-            .initial_window_size(1 << 30)
-            .initial_connection_window_size(1 << 30)
-            .handshake::<_, Bytes>(Deaf {
-                inner: client,
+        let (mut send, driver, conn) = connect_via(
+            &limits,
+            &tx,
+            64 << 10,
+            h2::client::Builder::new()
+                .initial_window_size(1 << 30)
+                .initial_connection_window_size(1 << 30),
+            |inner| Deaf {
+                inner,
                 frozen: frozen.clone(),
-            })
-            .await
-            .expect("handshake");
-        let driver = tokio::spawn(driver);
+            },
+        )
+        .await;
         // One answer read whole: the connection works, and its budget comes back.
         let got = answer(read(&mut send, 0, 8192)).await.expect("answer");
         assert_eq!(got, expected(0, 8192));
@@ -1229,14 +1274,9 @@ mod tests {
     /// now goes with the pieces themselves.
     #[tokio::test(start_paused = true)]
     async fn an_answers_budget_goes_with_its_last_piece_written() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
-        let tx = serve(node);
+        let (limits, tx, _dir) = served(64 << 20, 8).await;
         // An honest client reads 1 MiB and sits idle: the budget is all back.
-        let (client, server) = tokio::io::duplex(1 << 20);
-        admit(&limits, &tx, server).await;
-        let (mut send, driver) = h2::client::handshake(client).await.expect("handshake");
-        tokio::spawn(driver);
+        let (mut send, _, _) = connect(&limits, &tx, 1 << 20, &h2::client::Builder::new()).await;
         let got = answer(read(&mut send, 0, 1 << 20)).await.expect("answer");
         assert_eq!(got, expected(0, 1 << 20));
         assert!(
@@ -1247,15 +1287,15 @@ mod tests {
         // A client whose window ends a few bytes before its answer does: hyper takes every
         // piece, the last one waits in its HTTP/2 layer, the budget stays held, and the
         // connection ends at its grace.
-        let (client, server) = tokio::io::duplex(4 << 20);
-        let conn = admit(&limits, &tx, server).await;
-        let (mut send, driver) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake::<_, Bytes>(client)
-            .await
-            .expect("handshake");
-        tokio::spawn(driver);
+        let (mut send, _, conn) = connect(
+            &limits,
+            &tx,
+            4 << 20,
+            h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(8 << 20),
+        )
+        .await;
         let start = Instant::now();
         let response = read(&mut send, 0, 1 << 20);
         let _headers = response.await.expect("headers");
@@ -1279,20 +1319,18 @@ mod tests {
     /// Now the connection's answers together must move at the minimum rate.
     #[tokio::test(start_paused = true)]
     async fn a_client_taking_many_answers_above_the_minimum_rate_is_served_to_the_end() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
-        let tx = serve(node);
-        let (client, server) = tokio::io::duplex(1 << 20);
-        let conn = admit(&limits, &tx, server).await;
+        let (limits, tx, _dir) = served(64 << 20, 8).await;
         // Windows that let every stream have 64 KiB on its way, no more: the node sends as
         // fast as the client takes.
-        let (mut send, driver) = h2::client::Builder::new()
-            .initial_window_size(64 << 10)
-            .initial_connection_window_size(4 << 20)
-            .handshake::<_, Bytes>(client)
-            .await
-            .expect("handshake");
-        tokio::spawn(driver);
+        let (mut send, _, conn) = connect(
+            &limits,
+            &tx,
+            1 << 20,
+            h2::client::Builder::new()
+                .initial_window_size(64 << 10)
+                .initial_connection_window_size(4 << 20),
+        )
+        .await;
         // 60 answers of 1 MiB taken together at 1.25 MiB/s: 48 s in all, past the 31 s each
         // had alone (and past the grace while hyper still has pieces to take).
         let n = 60u64;
@@ -1335,13 +1373,9 @@ mod tests {
     /// not.
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_gives_its_place_to_the_next_while_the_listener_is_full() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 64 << 20, 64 << 20, 2);
-        let tx = serve(node);
-        let (idle, server) = tokio::io::duplex(1 << 20);
-        let idle_conn = admit(&limits, &tx, server).await;
-        let (mut idle_send, driver) = h2::client::handshake(idle).await.expect("handshake");
-        tokio::spawn(driver);
+        let (limits, tx, _dir) = served(64 << 20, 2).await;
+        let (mut idle_send, _, idle_conn) =
+            connect(&limits, &tx, 1 << 20, &h2::client::Builder::new()).await;
         // Its one request never sends its body: not in flight (found in review: it was, for
         // ever, so the connection never counted as idle).
         let request = http::Request::builder()
@@ -1352,14 +1386,13 @@ mod tests {
             .expect("request");
         let _never = idle_send.send_request(request, false).expect("send");
         // The other holds an answer it does not take (window 0) for less than its grace.
-        let (busy, server) = tokio::io::duplex(1 << 20);
-        let busy_conn = admit(&limits, &tx, server).await;
-        let (mut busy_send, driver) = h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake::<_, Bytes>(busy)
-            .await
-            .expect("handshake");
-        tokio::spawn(driver);
+        let (mut busy_send, _, busy_conn) = connect(
+            &limits,
+            &tx,
+            1 << 20,
+            h2::client::Builder::new().initial_window_size(0),
+        )
+        .await;
         let _held = read(&mut busy_send, 0, 1 << 20);
         assert_eq!(limits.connections_left(), 0);
         // Full, but nobody waits: nobody is closed for being idle (found in review: the accept
@@ -1494,20 +1527,20 @@ mod tests {
     /// connections would otherwise add up until no one is served.
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_frees_its_place() {
-        let (node, _dir) = node().await;
-        let limits = Limits::new("test", 64 << 20, 64 << 20, 8);
-        let tx = serve(node);
-        let (client, server) = tokio::io::duplex(64 << 10);
-        admit(&limits, &tx, server).await;
-        assert_eq!(limits.connections_left(), 7);
+        let (limits, tx, _dir) = served(64 << 20, 8).await;
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (mut send, driver) = h2::client::handshake(Deaf {
-            inner: client,
-            frozen: frozen.clone(),
-        })
-        .await
-        .expect("handshake");
-        let _driver = tokio::spawn(driver);
+        let (mut send, _, _) = connect_via(
+            &limits,
+            &tx,
+            64 << 10,
+            &h2::client::Builder::new(),
+            |inner| Deaf {
+                inner,
+                frozen: frozen.clone(),
+            },
+        )
+        .await;
+        assert_eq!(limits.connections_left(), 7);
         let got = answer(read(&mut send, 0, 4096)).await.expect("answer");
         assert_eq!(got, expected(0, 4096));
         frozen.store(true, std::sync::atomic::Ordering::SeqCst);
