@@ -102,7 +102,9 @@ mod tests {
 }
 
 /// What a certificate of the cluster's CA may do, from the role URIs it names
-/// ([`shadowcache_proto::role`]). One that names none (issued before roles) may do everything.
+/// ([`shadowcache_proto::role`]). One that names none (issued before roles) may do everything,
+/// unless the node requires roles (`cluster.tls.require_roles`, [`Roles::under`]): then only
+/// what a client's may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles {
     /// `member`: the Peer service and gossip.
@@ -111,22 +113,41 @@ pub struct Roles {
     pub admin: bool,
     /// Names no role at all.
     pub unmarked: bool,
+    /// The node requires roles: naming none gives no right beyond a client's.
+    pub required: bool,
 }
 
 impl Roles {
+    /// These roles at a node whose `cluster.tls.require_roles` is `require`.
+    #[must_use]
+    pub fn under(self, require: bool) -> Roles {
+        Roles {
+            required: require,
+            ..self
+        }
+    }
+
+    /// Whether this certificate has every right because it names no role.
+    fn legacy(self) -> bool {
+        self.unmarked && !self.required
+    }
+
     /// May call the Peer service and gossip.
     pub fn may_peer(self) -> bool {
-        self.member || self.unmarked
+        self.member || self.legacy()
     }
 
     /// May call the Admin service over `listen_tcp`.
     pub fn may_admin(self) -> bool {
-        self.admin || self.unmarked
+        self.admin || self.legacy()
     }
 
     /// The roles in words, for refusals.
     pub fn describe(self) -> &'static str {
         match (self.unmarked, self.member, self.admin) {
+            (true, ..) if self.required => {
+                "no role (issued before roles; refused here: cluster.tls.require_roles is set)"
+            }
             (true, ..) => "no role",
             (_, true, true) => "member and admin",
             (_, true, false) => "member",

@@ -169,6 +169,7 @@ struct FileTls {
     cert: PathBuf,
     key: PathBuf,
     server_name: Option<String>,
+    require_roles: Option<bool>,
 }
 
 /// `[detection]` in the config file.
@@ -635,6 +636,7 @@ impl Config {
                     cert: t.cert,
                     key: t.key,
                     server_name: t.server_name.unwrap_or_else(|| "shadowcache".to_string()),
+                    require_roles: t.require_roles.unwrap_or(false),
                 }),
             },
             detection: {

@@ -47,13 +47,14 @@ pub(crate) fn certificate_speaks_for_this_node(config: &Config) -> anyhow::Resul
         && let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem)
     {
         let id = crate::certs::identity_of(&block.contents);
+        let roles = id.roles.under(tls.require_roles);
         // The Peer service and gossip of other members take a member's certificate only (in
         // either gossip mode: with a cluster key, gossip does not read certificates).
         anyhow::ensure!(
-            id.roles.may_peer(),
+            roles.may_peer(),
             "cluster.tls.cert: {} is not a member's certificate (its role is {}): issue one with `shadowcache certs issue --role member`",
             tls.cert.display(),
-            id.roles.describe()
+            roles.describe()
         );
         anyhow::ensure!(
             id.speaks_for(&config.node_id),

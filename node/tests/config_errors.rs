@@ -239,6 +239,30 @@ fn check_config_reports_what_would_run_and_each_problem() {
         err.contains("is not a member's certificate (its role is client)"),
         "{err}"
     );
+    // `require_roles`: a member's certificate still starts; one issued before roles (it names
+    // none) starts without it, and is refused with it (other members would refuse it too).
+    std::fs::write(&config, format!("{good}require_roles = true\n")).expect("config");
+    let (code, out, err) = run(&[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let old = shadowcache_testkit::TestPki::new(&d.join("old-pki"));
+    let (cert, key) = old.member("n1", "shadowcache");
+    let legacy = good
+        .replace(
+            &ca.ca_cert.display().to_string(),
+            &old.ca.display().to_string(),
+        )
+        .replace(&m.cert.display().to_string(), &cert.display().to_string())
+        .replace(&m.key.display().to_string(), &key.display().to_string());
+    std::fs::write(&config, &legacy).expect("config");
+    let (code, out, err) = run(&[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    std::fs::write(&config, format!("{legacy}require_roles = true\n")).expect("config");
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("is not a member's certificate") && err.contains("require_roles"),
+        "{err}"
+    );
     std::fs::write(&config, &good).expect("config");
 
     // An expired certificate.

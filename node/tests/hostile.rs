@@ -1066,6 +1066,97 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
     assert!(e.message().contains("host-b"), "{e}");
 }
 
+/// `cluster.tls.require_roles`: a certificate that names no role (issued before roles) keeps
+/// the Block service and loses Admin and the Peer service, while certificates that name their
+/// roles keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_roles_leaves_certificates_without_a_role_only_the_block_service() {
+    use shadowcache_client::{Client, TlsFiles};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
+    let (cert, key) = pki.member_with_role("a", "shadowcache", "member");
+    let config = dir.path().join("a-strict.toml");
+    write_file(
+        &config,
+        format!(
+            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\nrequire_roles = true\n",
+            pki.ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+        .as_bytes(),
+    );
+    let rw = dir.path().join("rw.raw");
+    write_file(&rw, &vec![4u8; 65536]);
+    let port = shadowcache_testkit::free_port();
+    let a = member(
+        dir.path(),
+        "a",
+        None,
+        &[
+            format!("--config={}", config.display()),
+            format!("--listen-tcp=127.0.0.1:{port}"),
+            format!("--disk=rw={},mutable", rw.display()),
+        ],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let files = |name: &str, role: Option<&str>| {
+        let (cert, key) = match role {
+            Some(r) => pki.member_with_role(name, "shadowcache", r),
+            None => pki.member(name, "shadowcache"),
+        };
+        TlsFiles {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+        }
+    };
+    let legacy = Client::connect_tcp_tls(&addr, &files("legacy", None))
+        .await
+        .expect("connect");
+    legacy
+        .disk("rw")
+        .write_at(0, vec![5u8; 4096])
+        .await
+        .expect("the Block service for a certificate without a role");
+    assert_eq!(
+        legacy.disk("rw").read_at(0, 4096).await.expect("read"),
+        vec![5u8; 4096]
+    );
+    let e = legacy
+        .list_disks()
+        .await
+        .expect_err("Admin answered a certificate without a role under require_roles");
+    assert!(e.to_string().contains("require_roles"), "{e}");
+    let admin = Client::connect_tcp_tls(&addr, &files("operator", Some("admin")))
+        .await
+        .expect("connect");
+    admin
+        .list_disks()
+        .await
+        .expect("Admin for an admin's certificate");
+
+    let peer = |name: &str, role: Option<&str>| {
+        let f = files(name, role);
+        let endpoint = peer_endpoint(&pki.ca, &a.addr, &f.cert, &f.key);
+        async move {
+            let channel = endpoint.connect().await.expect("connect");
+            shadowcache_proto::peer_client::PeerClient::new(channel)
+                .owned_disks(shadowcache_proto::OwnedDisksRequest {})
+                .await
+        }
+    };
+    let e = peer("peer-legacy", None)
+        .await
+        .expect_err("the Peer service answered a certificate without a role");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("require_roles"), "{e}");
+    peer("peer-m", Some("member"))
+        .await
+        .expect("the Peer service for a member's certificate");
+}
+
 /// Review of the certificate roles: a member whose certificate the CA signed could stand in
 /// for another at an address gossip gave for it, since a member checked only that the server's
 /// certificate was the CA's. Now the server's certificate must name the member called (when it
@@ -1101,6 +1192,7 @@ async fn a_member_calling_another_checks_that_the_member_called_answers() {
             cert,
             key,
             server_name: "shadowcache".into(),
+            require_roles: false,
         })
         .expect("tls");
     let peers = shadowcache_node::frontend::peer_client::TonicPeers::new(

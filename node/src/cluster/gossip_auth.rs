@@ -226,6 +226,8 @@ pub struct TlsIdentity {
     chain: Vec<u8>,
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    /// `cluster.tls.require_roles`: a chain whose certificate names no role is not a member's.
+    require_roles: bool,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -244,8 +246,11 @@ impl TlsIdentity {
             Err(Rejected::WrongRole) => Err(format!(
                 "cluster.tls.cert: {} is not a member's certificate (its role is {}): issue one with `shadowcache certs issue --role member`",
                 cfg.cert.display(),
-                id.first_der()
-                    .map_or("unknown", |d| crate::certs::roles_of(d).describe())
+                id.first_der().map_or("unknown", |d| {
+                    crate::certs::roles_of(d)
+                        .under(cfg.require_roles)
+                        .describe()
+                })
             )),
             Err(_) => Err(format!(
                 "cluster.tls.cert: {} is not signed by the cluster's CA ({})",
@@ -316,6 +321,7 @@ impl TlsIdentity {
             chain,
             verifier,
             algorithms,
+            require_roles: cfg.require_roles,
         })
     }
 
@@ -341,7 +347,10 @@ impl TlsIdentity {
             .verify_client_cert(end, intermediates, rustls_pki_types::UnixTime::now())
             .map_err(|_| Rejected::Untrusted)?;
         // Gossip is members' only: a client's or an operator's certificate may not join.
-        if !crate::certs::roles_of(end).may_peer() {
+        if !crate::certs::roles_of(end)
+            .under(self.require_roles)
+            .may_peer()
+        {
             return Err(Rejected::WrongRole);
         }
         Ok(end.clone())
@@ -688,6 +697,7 @@ mod tests {
                 cert,
                 key,
                 server_name: "shadowcache".into(),
+                require_roles: false,
             };
             let err = TlsIdentity::load(&cfg).expect_err("a client's certificate as a member's");
             assert!(err.contains("not a member's certificate"), "{err}");
@@ -705,12 +715,46 @@ mod tests {
                 cert,
                 key,
                 server_name: "shadowcache".into(),
+                require_roles: false,
             })
             .expect("a member's certificate"),
         ))
         .expect("m");
         let d = m.seal(b"hello", now, [30; 16]).expect("seal");
         assert_eq!(b.open(&d, now).expect("a member's datagram"), b"hello");
+
+        // A certificate that names no role (issued before roles): a member's, unless the
+        // receiver requires roles (`cluster.tls.require_roles`).
+        let legacy = CertSealer::new(identity(&pki, "legacy")).expect("legacy");
+        let d = legacy.seal(b"old", now, [40; 16]).expect("seal");
+        assert_eq!(b.open(&d, now).expect("a legacy member's datagram"), b"old");
+        let (cert, key) = pki.member_with_role("strict", "shadowcache", "member");
+        let strict = CertSealer::new(Arc::new(
+            TlsIdentity::load(&crate::cluster::TlsConfig {
+                ca: pki.ca.clone(),
+                cert,
+                key,
+                server_name: "shadowcache".into(),
+                require_roles: true,
+            })
+            .expect("a member's certificate, roles required"),
+        ))
+        .expect("strict");
+        let d = legacy.seal(b"old", now, [41; 16]).expect("seal");
+        assert_eq!(strict.open(&d, now), Err(Rejected::WrongRole));
+        let d = m.seal(b"hello", now, [42; 16]).expect("seal");
+        assert_eq!(strict.open(&d, now).expect("a member's datagram"), b"hello");
+        // Nor may a node whose own certificate names no role require roles of others.
+        let (cert, key) = pki.member("legacy-self", "shadowcache");
+        let err = TlsIdentity::load(&crate::cluster::TlsConfig {
+            ca: pki.ca.clone(),
+            cert,
+            key,
+            server_name: "shadowcache".into(),
+            require_roles: true,
+        })
+        .expect_err("an unmarked certificate under require_roles");
+        assert!(err.contains("require_roles"), "{err}");
     }
 
     /// The identity of member `name` of `pki`, checked against `pki`'s CA.
@@ -721,6 +765,7 @@ mod tests {
             cert,
             key,
             server_name: "shadowcache".into(),
+            require_roles: false,
         };
         Arc::new(TlsIdentity::load(&cfg).expect("identity"))
     }
@@ -829,6 +874,7 @@ mod tests {
             cert,
             key,
             server_name: "shadowcache".into(),
+            require_roles: false,
         })
         .expect_err("a certificate of another CA");
         assert!(err.contains("not signed by the cluster's CA"), "{err}");

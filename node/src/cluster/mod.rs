@@ -105,6 +105,10 @@ pub struct TlsConfig {
     pub key: std::path::PathBuf,
     /// The name every member's certificate carries (default "shadowcache").
     pub server_name: String,
+    /// A certificate that names no role (issued before roles) gets no right beyond a client's
+    /// (the Block service), instead of every right (default false, so that clusters whose
+    /// certificates predate roles keep working until they reissue them).
+    pub require_roles: bool,
 }
 
 /// How long a refused (or failed) lease request is believed before another is sent.

@@ -265,7 +265,8 @@ impl GrpcFrontend {
     /// register paths or seal disks on every other node.
     fn admin_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
         self.trusted_only(what)?;
-        match super::conn::roles(request) {
+        let require = (self.node.config().cluster.tls.as_ref()).is_some_and(|t| t.require_roles);
+        match super::conn::roles(request).map(|r| r.under(require)) {
             Some(roles) if !roles.may_admin() => {
                 metrics::counter!(crate::telemetry::ROLE_REFUSED, "rpc" => what.to_string())
                     .increment(1);

@@ -392,6 +392,7 @@ pub async fn serve_peer(
         ),
         None => None,
     };
+    let require_roles = (node.config().cluster.tls.as_ref()).is_some_and(|t| t.require_roles);
     let incoming = super::conn::Limits::peers().incoming(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
@@ -414,7 +415,7 @@ pub async fn serve_peer(
             pb::peer_server::PeerServer::new(PeerFrontend::new(node))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            super::peer_auth::CheckCalls::new(key.as_ref()),
+            super::peer_auth::CheckCalls::new(key.as_ref(), require_roles),
         ))
         .serve_with_incoming_shutdown(incoming, super::grpc::until_stopped(stopped))
         .await

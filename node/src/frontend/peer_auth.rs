@@ -52,13 +52,17 @@ impl Interceptor for SignCalls {
 #[derive(Debug, Clone, Default)]
 pub struct CheckCalls {
     sealer: Option<Arc<Sealer>>,
+    /// `cluster.tls.require_roles`: a certificate that names no role is not a member's.
+    require_roles: bool,
 }
 
 impl CheckCalls {
-    /// Checks under `key`, or not at all.
-    pub fn new(key: Option<&ClusterKey>) -> Self {
+    /// Checks under `key`, or not at all; over TLS, certificates' roles with
+    /// `cluster.tls.require_roles` set to `require_roles`.
+    pub fn new(key: Option<&ClusterKey>, require_roles: bool) -> Self {
         CheckCalls {
             sealer: key.map(|k| Arc::new(Sealer::with_context(k, CONTEXT))),
+            require_roles,
         }
     }
 }
@@ -67,7 +71,7 @@ impl Interceptor for CheckCalls {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         // Over TLS: a node's certificate only (a client's or an operator's may not act as a
         // member).
-        if let Some(roles) = super::conn::roles(&req)
+        if let Some(roles) = super::conn::roles(&req).map(|r| r.under(self.require_roles))
             && !roles.may_peer()
         {
             metrics::counter!(crate::telemetry::ROLE_REFUSED, "rpc" => "peer").increment(1);
@@ -115,7 +119,7 @@ mod tests {
     fn signed_calls_pass_once_and_others_are_refused() {
         let key = ClusterKey::from_secret(b"a cluster secret of enough bytes").expect("key");
         let other = ClusterKey::from_secret(b"another secret of enough bytes!!").expect("key");
-        let mut check = CheckCalls::new(Some(&key));
+        let mut check = CheckCalls::new(Some(&key), false);
         let signed = SignCalls::new(Some(&key))
             .call(Request::new(()))
             .expect("sign");
@@ -133,7 +137,7 @@ mod tests {
         assert!(check.call(foreign).is_err(), "another key");
         assert!(check.call(Request::new(())).is_err(), "no signature");
         assert!(
-            CheckCalls::new(None).call(Request::new(())).is_ok(),
+            CheckCalls::new(None, false).call(Request::new(())).is_ok(),
             "no key: open"
         );
     }

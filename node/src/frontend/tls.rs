@@ -35,6 +35,8 @@ pub struct PeerClientTls {
     certs: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     server_name: ServerName<'static>,
+    /// `cluster.tls.require_roles`: a server certificate that names no role is not a member's.
+    require_roles: bool,
 }
 
 impl std::fmt::Debug for PeerClientTls {
@@ -69,6 +71,7 @@ impl PeerClientTls {
             .with_custom_certificate_verifier(Arc::new(MemberVerifier {
                 inner,
                 node: node.to_string(),
+                require_roles: self.require_roles,
             }))
             .with_client_auth_cert(self.certs.clone(), self.key.clone_key())
             .context("cluster.tls: the certificate and key do not make a client identity")?;
@@ -82,6 +85,7 @@ impl PeerClientTls {
 struct MemberVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     node: String,
+    require_roles: bool,
 }
 
 impl ServerCertVerifier for MemberVerifier {
@@ -101,10 +105,11 @@ impl ServerCertVerifier for MemberVerifier {
             now,
         )?;
         let id = crate::certs::identity_of(end_entity);
-        if !id.roles.may_peer() {
+        let roles = id.roles.under(self.require_roles);
+        if !roles.may_peer() {
             return Err(rustls::Error::General(format!(
                 "the server's certificate is not a member's (its role is {})",
-                id.roles.describe()
+                roles.describe()
             )));
         }
         if !self.node.is_empty() && !id.speaks_for(&self.node) {
@@ -183,6 +188,7 @@ impl PeerTls {
                 certs,
                 key: Arc::new(key),
                 server_name,
+                require_roles: cfg.require_roles,
             },
         })
     }
