@@ -205,6 +205,14 @@ impl Node {
             tracing::warn!(disk = id, owner = %r.owner, "register refused: another member owns this id");
             return Err(Error::DiskExists(id.to_string()));
         }
+        if let Some(owners) = self.cluster.disputed(id) {
+            tracing::warn!(
+                disk = id,
+                ?owners,
+                "register refused: other members own this id"
+            );
+            return Err(Error::DiskExists(id.to_string()));
+        }
         let d = self.registry.register(id, origin, mode).await?;
         if let Err(e) = self.registry.save().await {
             tracing::warn!(disk = id, error = %e, "registration not saved; taken back");

@@ -95,6 +95,18 @@ pub enum Error {
         /// How late it was.
         late_ms: u64,
     },
+    /// Several members own a disk of this id: it is served by none of them until all but one
+    /// drop it, so that no member can take another's disk by naming the same id.
+    #[error(
+        "disk {disk:?} is owned by several members ({}): it is served by none of them until all but one drop it",
+        owners.join(", ")
+    )]
+    Disputed {
+        /// The disk.
+        disk: String,
+        /// The members that own it.
+        owners: Vec<String>,
+    },
     /// Writes an owner acknowledged may be lost: a flush could not cover them (the owner's
     /// host restarted since, or the disk moved to another owner). Not worth retrying.
     #[error("{0}")]
@@ -150,6 +162,8 @@ pub enum ErrorKind {
     Late,
     /// [`Error::LostWrites`].
     LostWrites,
+    /// [`Error::Disputed`].
+    Disputed,
 }
 
 /// The protocol's status codes for errors (gRPC's names and meanings).
@@ -177,7 +191,7 @@ pub enum Code {
 
 impl ErrorKind {
     /// Every kind, for the round-trip tests of the maps.
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::UnknownDisk,
         ErrorKind::InvalidDiskId,
         ErrorKind::DiskExists,
@@ -193,6 +207,7 @@ impl ErrorKind {
         ErrorKind::State,
         ErrorKind::Late,
         ErrorKind::LostWrites,
+        ErrorKind::Disputed,
     ];
 
     /// The kind's name on the wire (lowercase, stable).
@@ -213,6 +228,7 @@ impl ErrorKind {
             ErrorKind::State => "state",
             ErrorKind::Late => "late",
             ErrorKind::LostWrites => "lost_writes",
+            ErrorKind::Disputed => "disputed",
         }
     }
 
@@ -230,7 +246,9 @@ impl ErrorKind {
             }
             ErrorKind::DiskExists => Code::AlreadyExists,
             ErrorKind::OutOfRange => Code::OutOfRange,
-            ErrorKind::Sealed | ErrorKind::Unseal | ErrorKind::NoLease => Code::FailedPrecondition,
+            ErrorKind::Sealed | ErrorKind::Unseal | ErrorKind::NoLease | ErrorKind::Disputed => {
+                Code::FailedPrecondition
+            }
             ErrorKind::Origin | ErrorKind::Peer | ErrorKind::Late => Code::Unavailable,
             ErrorKind::State => Code::Internal,
             ErrorKind::StaleGeneration => Code::Aborted,
@@ -258,6 +276,7 @@ impl Error {
             Error::State(_) => ErrorKind::State,
             Error::Late { .. } => ErrorKind::Late,
             Error::LostWrites(_) => ErrorKind::LostWrites,
+            Error::Disputed { .. } => ErrorKind::Disputed,
             Error::Remote { kind, .. } => *kind,
         }
     }

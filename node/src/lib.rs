@@ -379,11 +379,15 @@ impl Node {
         &self.cluster
     }
 
-    /// The owner of `disk` if another member owns it, or an error if nobody does: the owner
-    /// is unavailable when it left the cluster lately, the disk unknown otherwise.
+    /// The owner of `disk` if another member owns it, or an error if nobody does: the disk is
+    /// disputed when several members own it, the owner unavailable when it left the cluster
+    /// lately, the disk unknown otherwise.
     pub(crate) fn remote(&self, disk: &str) -> Result<cluster::RemoteDisk> {
         self.cluster.remote(disk).ok_or_else(|| {
             let id: String = disk.chars().take(160).collect();
+            if let Some(owners) = self.cluster.disputed(disk) {
+                return Error::Disputed { disk: id, owners };
+            }
             match self.cluster.departed(disk) {
                 Some((owner, ago)) => Error::Peer {
                     node: owner,

@@ -963,3 +963,86 @@ async fn a_flush_after_the_owners_host_restarted_reports_the_writes_it_cannot_co
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// Review of the cluster directory: a disk id two members owned went to the lower node id, so
+/// a member with a valid certificate and a lower id could take another's disk, its forwarded
+/// writes and its readers, by registering the same id. Now such an id is disputed: served by
+/// neither, every request failing with both names, until one of them drops it or leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (a, b) = (c.node("a").clone(), c.node("b").clone());
+    assert_eq!(version_of(0, &b.read("vdi", 0, BS).await.expect("read")), 1);
+    // "0evil" sorts before "a", and its own image of the same id is all 9s.
+    let fake = dir.path().join("fake.raw");
+    std::fs::write(&fake, vec![9u8; (BLOCKS * BS) as usize]).expect("fake");
+    let cfg = member_config(
+        &dir.path().join("0evil"),
+        "0evil",
+        BS as u32,
+        (TERM_MS, MARGIN_MS),
+        Some(("vdi", fake.as_path())),
+    );
+    let env = c.net.environment("0evil", 1, c.clock.clone(), 99);
+    let evil = start_in(cfg, env).await.expect("start");
+    c.net.attach("0evil", evil.node());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match b.read("vdi", 0, BS).await {
+            Err(e) if e.kind() == shadowcache_node::error::ErrorKind::Disputed => break e,
+            Ok(got) => {
+                assert_ne!(got[0], 9, "b read the other member's bytes for a's disk");
+                assert!(Instant::now() < deadline, "b never saw the dispute");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("b: {e}"),
+        }
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("\"vdi\"") && msg.contains("0evil, a"), "{msg}");
+    assert_eq!(
+        err.code(),
+        shadowcache_node::error::Code::FailedPrecondition,
+        "{msg}"
+    );
+    // A write at b reaches neither.
+    let w = b
+        .write("vdi", 0, Bytes::from(vec![5u8; BS as usize]))
+        .await
+        .expect_err("a write of a disputed disk");
+    assert_eq!(
+        w.kind(),
+        shadowcache_node::error::ErrorKind::Disputed,
+        "{w}"
+    );
+    assert_eq!(version_of(0, &a.read("vdi", 0, BS).await.expect("a")), 1);
+    assert_eq!(
+        &evil.node().read("vdi", 0, BS).await.expect("0evil")[..],
+        &vec![9u8; BS as usize][..]
+    );
+    // Nor can b register the id for itself meanwhile.
+    let mine = dir.path().join("mine.raw");
+    std::fs::write(&mine, vec![1u8; BS as usize]).expect("mine");
+    let r = b
+        .register("vdi", &mine, DiskMode::Mutable)
+        .await
+        .expect_err("registering a disputed id");
+    assert_eq!(r.kind(), shadowcache_node::error::ErrorKind::DiskExists);
+    // The other claimant leaves: a's disk is served again.
+    c.net.kill("0evil");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match b.read("vdi", 0, BS).await {
+            Ok(got) => {
+                assert_eq!(version_of(0, &got), 1);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "a's disk never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(evil);
+}

@@ -1,8 +1,10 @@
 //! The directory of other members' disks: fetched over `Peer.OwnedDisks` when a member's
-//! advertised registry version (or boot) changes, dropped when it leaves; conflicts resolved
-//! the same way on every node (local first, then the lower owner id).
+//! advertised registry version (or boot) changes, dropped when it leaves. A disk id known
+//! locally is never taken from a member; one that two other members own is disputed: it is
+//! routed to neither until one of them drops it (or leaves).
 //!
-//! Architecture invariant: a disk id known locally always wins over a remote one.
+//! Architecture invariant: a disk id known locally always wins over a remote one, and a disk
+//! id is routed to a member only while no other member claims it.
 
 use crate::hashing::HashMap;
 use std::sync::Arc;
@@ -17,9 +19,47 @@ use super::{Cluster, Member, RemoteDisk};
 const HINT_HOLD: Duration = Duration::from_secs(5);
 
 impl Cluster {
-    /// The member that owns `disk`, if another member does.
+    /// The member that owns `disk`, if another member does (and no other claims it).
     pub fn remote(&self, disk: &str) -> Option<RemoteDisk> {
         self.remote.get(disk).map(|r| r.clone())
+    }
+
+    /// The members that all claim `disk`, if more than one does: it is served by none.
+    pub fn disputed(&self, disk: &str) -> Option<Vec<String>> {
+        self.claims
+            .get(disk)
+            .filter(|c| c.len() > 1)
+            .map(|c| c.keys().cloned().collect())
+    }
+
+    /// Routes `disk` by its claims: to its one claimant, or to nobody.
+    fn settle(&self, disk: &str) {
+        let claimants: Vec<RemoteDisk> = match self.claims.get(disk) {
+            Some(c) => c.values().cloned().collect(),
+            None => Vec::new(),
+        };
+        match claimants.as_slice() {
+            [] => {
+                self.claims.remove_if(disk, |_, c| c.is_empty());
+                self.remote.remove(disk);
+            }
+            [one] => {
+                if let Some(before) = self.remote.insert(disk.to_string(), one.clone())
+                    && before.owner != one.owner
+                {
+                    tracing::info!(disk, owner = %one.owner, before = %before.owner, "disk moved to another member");
+                }
+            }
+            more => {
+                self.remote.remove(disk);
+                let owners: Vec<&str> = more.iter().map(|r| r.owner.as_str()).collect();
+                tracing::warn!(
+                    disk,
+                    ?owners,
+                    "several members own a disk of this id; it is served by none of them until all but one drop it"
+                );
+            }
+        }
     }
 
     /// The owner of `disk` and how long ago it left, if the disk is not served because its
@@ -143,12 +183,19 @@ impl Cluster {
                 }
                 true
             });
+            let mut settle = Vec::new();
+            for mut c in self.claims.iter_mut() {
+                if c.value_mut().remove(id).is_some() {
+                    settle.push(c.key().clone());
+                }
+            }
+            for disk in &settle {
+                // A dispute it was part of may end: the other claimant's disk shows.
+                self.settle(disk);
+            }
             tracing::info!(member = %id, disks = before - self.remote.len(), "member left; its disks are no longer served here");
         }
         if !gone.is_empty() {
-            // A disk id two members own is kept from the lower id; when that one leaves, the
-            // other's list must be read again for its disk to show.
-            self.fetched.clear();
             // Their shadows go now, before the lists of the others are fetched.
             self.sync_shadows();
         }
@@ -174,30 +221,31 @@ impl Cluster {
                     // after: a concurrent read never sees a disk of this member missing.
                     let ids: crate::hashing::HashSet<String> =
                         disks.iter().map(|d| d.id.clone()).collect();
-                    self.remote
-                        .retain(|id, r| r.owner != m.id || ids.contains(id));
                     for d in disks {
                         if local(&d.id) {
                             tracing::warn!(disk = %d.id, owner = %m.id, "a disk of this id is local here; the remote one is ignored");
                             continue;
                         }
-                        let keep_existing = self
-                            .remote
-                            .get(&d.id)
-                            .is_some_and(|r| r.owner < m.id && self.live_member(&r.owner));
-                        if keep_existing {
-                            tracing::warn!(disk = %d.id, owner = %m.id, "two members own a disk of this id; the lower node id wins");
-                            continue;
-                        }
                         self.departed.invalidate(&d.id);
-                        self.remote.insert(
-                            d.id.clone(),
+                        let id = d.id.clone();
+                        self.claims.entry(id.clone()).or_default().insert(
+                            m.id.clone(),
                             RemoteDisk {
                                 owner: m.id.clone(),
                                 addr: m.peer_addr,
                                 info: d,
                             },
                         );
+                        self.settle(&id);
+                    }
+                    let mut dropped = Vec::new();
+                    for mut c in self.claims.iter_mut() {
+                        if !ids.contains(c.key()) && c.value_mut().remove(&m.id).is_some() {
+                            dropped.push(c.key().clone());
+                        }
+                    }
+                    for disk in &dropped {
+                        self.settle(disk);
                     }
                     self.fetched.insert(m.id.clone(), (m.boot, disks_version));
                     self.hinted.remove_if(&m.id, |_, h| h.0 <= disks_version);

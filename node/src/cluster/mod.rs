@@ -21,8 +21,9 @@
 //!
 //! Architecture invariant: this module never decides what a disk's bytes are; it only knows
 //! who owns which disk and how to reach them. A disk id known locally always wins over a
-//! remote one; between two remote owners of one id, the lower node id wins (and a warning says
-//! so), so every node resolves a conflict the same way.
+//! remote one; a disk id two other members both own is disputed and goes to neither (every
+//! request for it fails with the claimants' names, and a warning says so), so a member cannot
+//! take another's disk, its writes or its readers by naming the same id.
 
 pub mod ahead;
 pub mod blockmap;
@@ -155,7 +156,11 @@ pub struct Cluster {
     members: watch::Receiver<Vec<Member>>,
     /// Clients of the other members' Peer services.
     pub peers: Arc<Peers>,
+    /// Per disk id: the one other member that owns it.
     remote: DashMap<String, RemoteDisk>,
+    /// Per disk id: every live member whose list names it (not the ids this node owns). An id
+    /// with one claimant is in `remote`; one with more is disputed and served by none.
+    claims: DashMap<String, std::collections::BTreeMap<String, RemoteDisk>>,
     /// Local shadows of the sealed and detected disks other members own.
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
@@ -206,6 +211,7 @@ impl Cluster {
                 Duration::from_millis(c.rpc_timeout_ms + lease.term_ms + lease.drift_margin_ms) * 2,
             )),
             remote: crate::hashing::dash_map(),
+            claims: crate::hashing::dash_map(),
             shadows: crate::hashing::dash_map(),
             fetched: crate::hashing::dash_map(),
             hinted: crate::hashing::dash_map(),

@@ -113,6 +113,10 @@ mod tests {
                 late_ms: 3,
             },
             ErrorKind::LostWrites => Error::LostWrites("the owner's host restarted".into()),
+            ErrorKind::Disputed => Error::Disputed {
+                disk: "d".into(),
+                owners: vec!["a".into(), "b".into()],
+            },
         }
     }
 
