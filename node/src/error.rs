@@ -98,7 +98,7 @@ pub enum Error {
     /// Several members own a disk of this id: it is served by none of them until all but one
     /// drop it, so that no member can take another's disk by naming the same id.
     #[error(
-        "disk {disk:?} is owned by several members ({}): it is served by none of them until all but one drop it",
+        "disk {disk:?} is owned by several members ({}): it is served by none of them until all but one drop it (restart the wrong ones without it)",
         owners.join(", ")
     )]
     Disputed {

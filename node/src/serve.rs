@@ -432,6 +432,20 @@ impl Node {
                 }
                 Ok(())
             }
+            // No route to `from` any more (a dispute, or a refresh that is under way), but a
+            // shadow of its disk may still be held: it stops before the acknowledgement.
+            _ if self
+                .cluster
+                .shadow(disk)
+                .is_some_and(|sh| sh.owner() == from) =>
+            {
+                let held = self
+                    .cluster
+                    .shadow(disk)
+                    .map_or(0, |sh| sh.disk.generation());
+                self.cluster.revoke_local(disk, generation.min(held));
+                Ok(())
+            }
             // A disk this node no longer knows holds no lease here: nothing to stop.
             None if self.registry.get(disk).is_err() => Ok(()),
             _ => Err(Error::Invalid(format!(

@@ -159,6 +159,8 @@ pub const ROLE_REFUSED: &str = "shadowcache_role_refused_total";
 /// Counter: forwarded flushes answered with an error because writes an owner acknowledged
 /// before them were not covered (its host restarted, or the disk moved to another owner).
 pub const UNFLUSHED_LOST: &str = "shadowcache_unflushed_writes_lost_total";
+/// Gauge: disk ids several members own, served by none of them (`cluster/directory.rs`).
+pub const DISPUTED_DISKS: &str = "shadowcache_disputed_disks";
 /// Counter by kind (`unix`, `tcp`, `peer`) and reason: gRPC connections closed by the node
 /// (`answer_not_taken`, `stalled_socket`, `idle_at_cap`, `source_cap`).
 pub const GRPC_CLOSED: &str = "shadowcache_grpc_closed_connections_total";
@@ -475,6 +477,10 @@ fn describe() {
         "RAM single-touch target as a share of the RAM budget"
     );
     describe_gauge!(GHOST_KEYS, "Evicted keys each ghost remembers");
+    describe_gauge!(
+        DISPUTED_DISKS,
+        "Disk ids several other members own, served by none of them"
+    );
     describe_gauge!(
         SSD_LOADING,
         "1 while the SSD tier's index is read at start (the tier holds nothing until then), 0 after"

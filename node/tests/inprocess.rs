@@ -967,38 +967,17 @@ async fn a_flush_after_the_owners_host_restarted_reports_the_writes_it_cannot_co
 /// Review of the cluster directory: a disk id two members owned went to the lower node id, so
 /// a member with a valid certificate and a lower id could take another's disk, its forwarded
 /// writes and its readers, by registering the same id. Now such an id is disputed: served by
-/// neither, every request failing with both names, until one of them drops it or leaves.
+/// neither, every request failing with both names. The owner's restart does not hand the disk
+/// to the other claimant; the dispute ends when that claimant is back without the id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
+    use shadowcache_node::error::ErrorKind;
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cluster(dir.path()).await;
     let (a, b) = (c.node("a").clone(), c.node("b").clone());
     assert_eq!(version_of(0, &b.read("vdi", 0, BS).await.expect("read")), 1);
-    // "0evil" sorts before "a", and its own image of the same id is all 9s.
-    let fake = dir.path().join("fake.raw");
-    std::fs::write(&fake, vec![9u8; (BLOCKS * BS) as usize]).expect("fake");
-    let cfg = member_config(
-        &dir.path().join("0evil"),
-        "0evil",
-        BS as u32,
-        (TERM_MS, MARGIN_MS),
-        Some(("vdi", fake.as_path())),
-    );
-    let env = c.net.environment("0evil", 1, c.clock.clone(), 99);
-    let evil = start_in(cfg, env).await.expect("start");
-    c.net.attach("0evil", evil.node());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let err = loop {
-        match b.read("vdi", 0, BS).await {
-            Err(e) if e.kind() == shadowcache_node::error::ErrorKind::Disputed => break e,
-            Ok(got) => {
-                assert_ne!(got[0], 9, "b read the other member's bytes for a's disk");
-                assert!(Instant::now() < deadline, "b never saw the dispute");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("b: {e}"),
-        }
-    };
+    let evil = claimant(&c, dir.path(), 1).await;
+    let err = until_disputed(&b).await;
     let msg = err.to_string();
     assert!(msg.contains("\"vdi\"") && msg.contains("0evil, a"), "{msg}");
     assert_eq!(
@@ -1006,16 +985,13 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
         shadowcache_node::error::Code::FailedPrecondition,
         "{msg}"
     );
+    assert_eq!(b.cluster().disputed_disks(), vec!["vdi".to_string()]);
     // A write at b reaches neither.
     let w = b
         .write("vdi", 0, Bytes::from(vec![5u8; BS as usize]))
         .await
         .expect_err("a write of a disputed disk");
-    assert_eq!(
-        w.kind(),
-        shadowcache_node::error::ErrorKind::Disputed,
-        "{w}"
-    );
+    assert_eq!(w.kind(), ErrorKind::Disputed, "{w}");
     assert_eq!(version_of(0, &a.read("vdi", 0, BS).await.expect("a")), 1);
     assert_eq!(
         &evil.node().read("vdi", 0, BS).await.expect("0evil")[..],
@@ -1028,9 +1004,51 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
         .register("vdi", &mine, DiskMode::Mutable)
         .await
         .expect_err("registering a disputed id");
-    assert_eq!(r.kind(), shadowcache_node::error::ErrorKind::DiskExists);
-    // The other claimant leaves: a's disk is served again.
+    assert_eq!(r.kind(), ErrorKind::DiskExists);
+
+    // The owner leaves (a restart): the disk does not go to the other claimant.
+    c.net.kill("a");
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        match b.read("vdi", 0, BS).await {
+            Ok(got) => panic!("b read byte {} of vdi while its owner was away", got[0]),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Disputed, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It is back: still disputed.
+    let a2 = start_in(
+        member_config(
+            &dir.path().join("a-again"),
+            "a",
+            BS as u32,
+            (TERM_MS, MARGIN_MS),
+            Some(("vdi", &dir.path().join("vdi.raw"))),
+        ),
+        c.net.environment("a", 2, c.clock.clone(), 98),
+    )
+    .await
+    .expect("a again");
+    c.net.attach("a", a2.node());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    match b.read("vdi", 0, BS).await {
+        Ok(got) => panic!("b read byte {} of vdi, still disputed", got[0]),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Disputed, "{e}"),
+    }
+    // The other claimant restarts without the id: a's disk is served again.
     c.net.kill("0evil");
+    drop(evil);
+    let cfg = member_config(
+        &dir.path().join("0evil-again"),
+        "0evil",
+        BS as u32,
+        (TERM_MS, MARGIN_MS),
+        None,
+    );
+    let evil = start_in(cfg, c.net.environment("0evil", 2, c.clock.clone(), 97))
+        .await
+        .expect("0evil again");
+    c.net.attach("0evil", evil.node());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match b.read("vdi", 0, BS).await {
@@ -1044,5 +1062,77 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
             }
         }
     }
-    drop(evil);
+    assert!(b.cluster().disputed_disks().is_empty());
+    drop((evil, a2));
+}
+
+/// Same review: a member routed an id to its only claimant as soon as that claimant's list
+/// was read, even while the owner's list was not (a node's first refresh, or an owner it could
+/// not reach). A member that cannot read the owner's list does not route its disk to another
+/// member that claims the id; once it can, it sees the dispute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_has_not_read_the_owners_list_does_not_route_its_disk_to_another_claimant() {
+    use shadowcache_node::error::ErrorKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let evil = claimant(&c, dir.path(), 1).await;
+    until_disputed(c.node("b")).await;
+    // d cannot call a.
+    c.net.set_link("d", "a", Link::Cut);
+    let d = start_in(
+        member_config(
+            &dir.path().join("d"),
+            "d",
+            BS as u32,
+            (TERM_MS, MARGIN_MS),
+            None,
+        ),
+        c.net.environment("d", 1, c.clock.clone(), 96),
+    )
+    .await
+    .expect("d");
+    c.net.attach("d", d.node());
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        if let Ok(got) = d.node().read("vdi", 0, BS).await {
+            panic!("d read vdi without a's list: byte {}", got[0]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.net.set_link("d", "a", Link::Open);
+    let e = until_disputed(d.node()).await;
+    assert_eq!(e.kind(), ErrorKind::Disputed);
+    drop((evil, d));
+}
+
+/// A member "0evil" (its id sorts before "a") that registers its own image, all 9s, as "vdi",
+/// the disk "a" owns.
+async fn claimant(c: &Cluster, dir: &std::path::Path, boot: u64) -> RunningNode {
+    let fake = dir.join("fake.raw");
+    std::fs::write(&fake, vec![9u8; (BLOCKS * BS) as usize]).expect("fake");
+    let cfg = member_config(
+        &dir.join(format!("0evil-{boot}")),
+        "0evil",
+        BS as u32,
+        (TERM_MS, MARGIN_MS),
+        Some(("vdi", fake.as_path())),
+    );
+    let env = c.net.environment("0evil", boot, c.clock.clone(), 99);
+    let evil = start_in(cfg, env).await.expect("start");
+    c.net.attach("0evil", evil.node());
+    evil
+}
+
+/// Reads "vdi" at `node` until it says the id is disputed; never the other claimant's bytes.
+async fn until_disputed(node: &shadowcache_node::Node) -> shadowcache_node::error::Error {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.read("vdi", 0, BS).await {
+            Err(e) if e.kind() == shadowcache_node::error::ErrorKind::Disputed => return e,
+            Ok(got) => assert_ne!(got[0], 9, "the other member's bytes for a's disk"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < deadline, "the dispute was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -21,7 +21,8 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_IO_BYTES as usize + 64 * 1024;
 
 /// What a certificate of the cluster's CA may do, named in it as a URI subject alternative name
 /// `urn:shadowcache:role:NAME` (`shadowcache certs issue --role`). A certificate that names no
-/// role (issued before roles) may do everything.
+/// role (issued before roles) may do everything, unless the node sets
+/// `cluster.tls.require_roles`: then only what a client's may.
 pub mod role {
     /// The prefix of the role URI.
     pub const URI_PREFIX: &str = "urn:shadowcache:role:";

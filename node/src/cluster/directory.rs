@@ -17,6 +17,9 @@ use super::{Cluster, Member, RemoteDisk};
 
 /// How long a member's answer can hold the directory to a disk list newer than the one read.
 const HINT_HOLD: Duration = Duration::from_secs(5);
+/// How long a disk id stays disputed after a claimant of the dispute left the cluster (unless
+/// it comes back first): as long as an owner that left is remembered ([`Cluster::departed`]).
+const DISPUTE_HOLD: Duration = Duration::from_secs(3600);
 
 impl Cluster {
     /// The member that owns `disk`, if another member does (and no other claims it).
@@ -24,41 +27,101 @@ impl Cluster {
         self.remote.get(disk).map(|r| r.clone())
     }
 
-    /// The members that all claim `disk`, if more than one does: it is served by none.
+    /// The members that all claim `disk`, if more than one does (or did, and left within the
+    /// hour): it is served by none.
     pub fn disputed(&self, disk: &str) -> Option<Vec<String>> {
-        self.claims
-            .get(disk)
-            .filter(|c| c.len() > 1)
-            .map(|c| c.keys().cloned().collect())
+        let (present, absent) = self.claimants(disk);
+        (present.len() + absent.len() > 1).then(|| {
+            let mut owners: Vec<String> = present.into_iter().map(|r| r.owner).collect();
+            owners.extend(absent);
+            owners.sort();
+            owners
+        })
     }
 
-    /// Routes `disk` by its claims: to its one claimant, or to nobody.
-    fn settle(&self, disk: &str) {
-        let claimants: Vec<RemoteDisk> = match self.claims.get(disk) {
+    /// The disk ids disputed now, sorted.
+    pub fn disputed_disks(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.disputes.iter().map(|e| e.key().clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// The live members that claim `disk`, and the claimants of a dispute over it that left
+    /// within [`DISPUTE_HOLD`] and are not back.
+    fn claimants(&self, disk: &str) -> (Vec<RemoteDisk>, Vec<String>) {
+        let present: Vec<RemoteDisk> = match self.claims.get(disk) {
             Some(c) => c.values().cloned().collect(),
             None => Vec::new(),
         };
-        match claimants.as_slice() {
-            [] => {
-                self.claims.remove_if(disk, |_, c| c.is_empty());
-                self.remote.remove(disk);
-            }
-            [one] => {
-                if let Some(before) = self.remote.insert(disk.to_string(), one.clone())
-                    && before.owner != one.owner
-                {
-                    tracing::info!(disk, owner = %one.owner, before = %before.owner, "disk moved to another member");
-                }
-            }
-            more => {
-                self.remote.remove(disk);
-                let owners: Vec<&str> = more.iter().map(|r| r.owner.as_str()).collect();
+        let absent: Vec<String> = match self.contested.get(disk) {
+            Some(c) => c
+                .iter()
+                .filter(|(id, at)| {
+                    at.elapsed() < DISPUTE_HOLD && !present.iter().any(|r| &r.owner == *id)
+                })
+                .map(|(id, _)| id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        (present, absent)
+    }
+
+    /// Routes every disk id by its claims ([`Self::settle`]).
+    fn settle_all(&self, complete: bool) {
+        let mut ids: Vec<String> = self
+            .claims
+            .iter()
+            .map(|c| c.key().clone())
+            .chain(self.remote.iter().map(|r| r.key().clone()))
+            .chain(self.contested.iter().map(|c| c.key().clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
+            self.settle(id, complete);
+        }
+        metrics::gauge!(crate::telemetry::DISPUTED_DISKS).set(self.disputes.len() as f64);
+    }
+
+    /// Routes `disk` by its claims: to its one claimant, or to nobody while several claim it.
+    /// A new route (none, or another owner before) is made only when the list of every live
+    /// member has been read (`complete`): until then the owner's list may be the one missing,
+    /// and a member that claims the same id would get its disk.
+    fn settle(&self, disk: &str, complete: bool) {
+        let (present, absent) = self.claimants(disk);
+        if present.len() + absent.len() > 1 {
+            self.remote.remove(disk);
+            if self.disputes.insert(disk.to_string(), ()).is_none() {
+                let mut owners: Vec<&str> = present.iter().map(|r| r.owner.as_str()).collect();
+                owners.extend(absent.iter().map(String::as_str));
                 tracing::warn!(
                     disk,
                     ?owners,
                     "several members own a disk of this id; it is served by none of them until all but one drop it"
                 );
             }
+            return;
+        }
+        if absent.is_empty() {
+            self.contested.remove(disk);
+        }
+        let Some(one) = present.into_iter().next() else {
+            self.claims.remove_if(disk, |_, c| c.is_empty());
+            self.remote.remove(disk);
+            self.disputes.remove(disk);
+            return;
+        };
+        let same = self.remote.get(disk).is_some_and(|r| r.owner == one.owner);
+        if !same && !complete {
+            return;
+        }
+        if self.disputes.remove(disk).is_some() {
+            tracing::info!(disk, owner = %one.owner, "the dispute over this disk id is over; its one owner serves it");
+        }
+        if let Some(before) = self.remote.insert(disk.to_string(), one.clone())
+            && before.owner != one.owner
+        {
+            tracing::info!(disk, owner = %one.owner, before = %before.owner, "disk moved to another member");
         }
     }
 
@@ -160,13 +223,17 @@ impl Cluster {
             .map(|m| (m.id.clone(), m))
             .collect();
         // Members that are gone: everything they contributed goes. Owners of disks in `remote`
-        // count too: one whose list was not fetched again (a refetch that failed after
-        // `fetched` was cleared) must not leave its disks behind.
+        // and claimants count too, whatever `fetched` says.
         let mut gone: Vec<String> = self
             .fetched
             .iter()
             .map(|e| e.key().clone())
             .chain(self.remote.iter().map(|r| r.value().owner.clone()))
+            .chain(
+                self.claims
+                    .iter()
+                    .flat_map(|c| c.keys().cloned().collect::<Vec<_>>()),
+            )
             .filter(|id| !live.contains_key(id))
             .collect();
         gone.sort();
@@ -183,20 +250,25 @@ impl Cluster {
                 }
                 true
             });
-            let mut settle = Vec::new();
+            // A claimant of a dispute that leaves keeps the dispute alive until it is back.
+            let mut left_disputes = Vec::new();
             for mut c in self.claims.iter_mut() {
-                if c.value_mut().remove(id).is_some() {
-                    settle.push(c.key().clone());
+                let disputed = c.value().len() > 1 || self.contested.contains_key(c.key());
+                if c.value_mut().remove(id).is_some() && disputed {
+                    left_disputes.push(c.key().clone());
                 }
             }
-            for disk in &settle {
-                // A dispute it was part of may end: the other claimant's disk shows.
-                self.settle(disk);
+            for disk in left_disputes {
+                self.contested
+                    .entry(disk)
+                    .or_default()
+                    .insert(id.clone(), now);
             }
             tracing::info!(member = %id, disks = before - self.remote.len(), "member left; its disks are no longer served here");
         }
         if !gone.is_empty() {
             // Their shadows go now, before the lists of the others are fetched.
+            self.settle_all(false);
             self.sync_shadows();
         }
         self.hinted.retain(|_, (_, at)| at.elapsed() < HINT_HOLD);
@@ -217,8 +289,9 @@ impl Cluster {
                     if self.fetched.get(&m.id).is_some_and(|v| v.0 != m.boot) {
                         tracing::info!(member = %m.id, "member restarted; its disks are read anew");
                     }
-                    // Entries are replaced in place and the member's vanished disks removed
-                    // after: a concurrent read never sees a disk of this member missing.
+                    // The member's claims; routes change once every list of this pass is in
+                    // (`settle_all` below), in place: a concurrent read never sees a disk
+                    // missing while it is refetched.
                     let ids: crate::hashing::HashSet<String> =
                         disks.iter().map(|d| d.id.clone()).collect();
                     for d in disks {
@@ -227,8 +300,7 @@ impl Cluster {
                             continue;
                         }
                         self.departed.invalidate(&d.id);
-                        let id = d.id.clone();
-                        self.claims.entry(id.clone()).or_default().insert(
+                        self.claims.entry(d.id.clone()).or_default().insert(
                             m.id.clone(),
                             RemoteDisk {
                                 owner: m.id.clone(),
@@ -236,16 +308,15 @@ impl Cluster {
                                 info: d,
                             },
                         );
-                        self.settle(&id);
                     }
-                    let mut dropped = Vec::new();
                     for mut c in self.claims.iter_mut() {
-                        if !ids.contains(c.key()) && c.value_mut().remove(&m.id).is_some() {
-                            dropped.push(c.key().clone());
+                        if !ids.contains(c.key()) {
+                            c.value_mut().remove(&m.id);
                         }
                     }
-                    for disk in &dropped {
-                        self.settle(disk);
+                    // Back: what it claims now is in `claims`.
+                    for mut c in self.contested.iter_mut() {
+                        c.value_mut().remove(&m.id);
                     }
                     self.fetched.insert(m.id.clone(), (m.boot, disks_version));
                     self.hinted.remove_if(&m.id, |_, h| h.0 <= disks_version);
@@ -255,6 +326,11 @@ impl Cluster {
                 }
             }
         }
+        // New routes only once every live member's list is read at its current boot.
+        let complete = live
+            .values()
+            .all(|m| self.fetched.get(&m.id).is_some_and(|v| v.0 == m.boot));
+        self.settle_all(complete);
         self.sync_shadows();
         self.sync_subscriptions(&live);
     }

@@ -137,6 +137,13 @@ pub struct Shadow {
     pub(crate) epoch: u64,
 }
 
+impl Shadow {
+    /// The member that owns the disk.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
 /// A disk owned by another member.
 #[derive(Debug, Clone)]
 pub struct RemoteDisk {
@@ -161,6 +168,12 @@ pub struct Cluster {
     /// Per disk id: every live member whose list names it (not the ids this node owns). An id
     /// with one claimant is in `remote`; one with more is disputed and served by none.
     claims: DashMap<String, std::collections::BTreeMap<String, RemoteDisk>>,
+    /// Per disk id: claimants of a dispute that left the cluster, and when. Until each is back
+    /// (its list read again) or an hour has passed, the id stays disputed: an owner's restart
+    /// must not hand its disk to the member that claimed it too.
+    contested: DashMap<String, std::collections::BTreeMap<String, std::time::Instant>>,
+    /// Disk ids disputed now (for the log's transitions and the gauge).
+    disputes: DashMap<String, ()>,
     /// Local shadows of the sealed and detected disks other members own.
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
@@ -212,6 +225,8 @@ impl Cluster {
             )),
             remote: crate::hashing::dash_map(),
             claims: crate::hashing::dash_map(),
+            contested: crate::hashing::dash_map(),
+            disputes: crate::hashing::dash_map(),
             shadows: crate::hashing::dash_map(),
             fetched: crate::hashing::dash_map(),
             hinted: crate::hashing::dash_map(),

@@ -18,7 +18,10 @@ impl Cluster {
     /// it answers. Any shadow of that generation or older goes.
     pub fn revoke_local(&self, disk: &str, generation: u64) {
         let now = self.clock.now();
-        let epoch = self.remote.get(disk).map_or(0, |r| r.info.epoch);
+        let epoch = match self.remote.get(disk) {
+            Some(r) => r.info.epoch,
+            None => self.shadows.get(disk).map_or(0, |sh| sh.epoch),
+        };
         self.revoked
             .entry(disk.to_string())
             .and_modify(|(e, g)| {
