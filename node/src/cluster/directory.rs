@@ -20,6 +20,11 @@ const HINT_HOLD: Duration = Duration::from_secs(5);
 /// How long a disk id stays disputed after a claimant of the dispute left the cluster (unless
 /// it comes back first): as long as an owner that left is remembered ([`Cluster::departed`]).
 const DISPUTE_HOLD: Duration = Duration::from_secs(3600);
+/// How long new routes wait for a live member whose disk list cannot be read: one member whose
+/// Peer service fails must not keep a starting node from every other member's disks for
+/// ever. A member that claims another's disk id gets it only if the owner's list stays
+/// unreadable here for this long while the owner is live in gossip.
+const LIST_WAIT: Duration = Duration::from_secs(60);
 
 impl Cluster {
     /// The member that owns `disk`, if another member does (and no other claims it).
@@ -234,12 +239,15 @@ impl Cluster {
                     .iter()
                     .flat_map(|c| c.keys().cloned().collect::<Vec<_>>()),
             )
+            .chain(self.unreadable.iter().map(|e| e.key().clone()))
             .filter(|id| !live.contains_key(id))
             .collect();
         gone.sort();
         gone.dedup();
         for id in &gone {
             self.fetched.remove(id);
+            self.unreadable.remove(id);
+            self.unreadable_warned.remove(id);
             self.peers.forget(id);
             let before = self.remote.len();
             let now = std::time::Instant::now();
@@ -319,17 +327,33 @@ impl Cluster {
                         c.value_mut().remove(&m.id);
                     }
                     self.fetched.insert(m.id.clone(), (m.boot, disks_version));
+                    self.unreadable.remove(&m.id);
+                    self.unreadable_warned.remove(&m.id);
                     self.hinted.remove_if(&m.id, |_, h| h.0 <= disks_version);
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");
+                    let since = *self
+                        .unreadable
+                        .entry(m.id.clone())
+                        .or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= LIST_WAIT
+                        && self.unreadable_warned.insert(m.id.clone(), ()).is_none()
+                    {
+                        tracing::warn!(member = %m.id, "this member's disk list has been unreadable for {LIST_WAIT:?}: new routes to other members' disks no longer wait for it");
+                    }
                 }
             }
         }
-        // New routes only once every live member's list is read at its current boot.
-        let complete = live
-            .values()
-            .all(|m| self.fetched.get(&m.id).is_some_and(|v| v.0 == m.boot));
+        // New routes only once every live member's list is read at its current boot, or could
+        // not be read for [`LIST_WAIT`].
+        let complete = live.values().all(|m| {
+            self.fetched.get(&m.id).is_some_and(|v| v.0 == m.boot)
+                || self
+                    .unreadable
+                    .get(&m.id)
+                    .is_some_and(|t| t.elapsed() >= LIST_WAIT)
+        });
         self.settle_all(complete);
         self.sync_shadows();
         self.sync_subscriptions(&live);

@@ -174,6 +174,10 @@ pub struct Cluster {
     contested: DashMap<String, std::collections::BTreeMap<String, std::time::Instant>>,
     /// Disk ids disputed now (for the log's transitions and the gauge).
     disputes: DashMap<String, ()>,
+    /// Per live member: since when its disk list could not be read (cleared once it is).
+    unreadable: DashMap<String, std::time::Instant>,
+    /// Members whose list has been unreadable past `LIST_WAIT`, warned about once.
+    unreadable_warned: DashMap<String, ()>,
     /// Local shadows of the sealed and detected disks other members own.
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
@@ -227,6 +231,8 @@ impl Cluster {
             claims: crate::hashing::dash_map(),
             contested: crate::hashing::dash_map(),
             disputes: crate::hashing::dash_map(),
+            unreadable: crate::hashing::dash_map(),
+            unreadable_warned: crate::hashing::dash_map(),
             shadows: crate::hashing::dash_map(),
             fetched: crate::hashing::dash_map(),
             hinted: crate::hashing::dash_map(),
