@@ -90,6 +90,8 @@ pub struct NodeStatus {
     pub policy: cache::PolicyState,
     /// The certificates this node presents.
     pub certificates: Vec<crate::certs::CertificateInfo>,
+    /// Disk ids several other members own (served by none), with those members.
+    pub disputed: Vec<(String, Vec<String>)>,
 }
 
 /// Lease and detection counters since start.
@@ -263,6 +265,9 @@ impl Node {
             },
             tiers,
             certificates: self.certificates.clone(),
+            disputed: (self.cluster.disputed_disks().into_iter())
+                .filter_map(|d| self.cluster.disputed(&d).map(|owners| (d, owners)))
+                .collect(),
             disks: self.disks(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             members: self.cluster.members(),

@@ -986,6 +986,10 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
         "{msg}"
     );
     assert_eq!(b.cluster().disputed_disks(), vec!["vdi".to_string()]);
+    assert_eq!(
+        b.status().disputed,
+        vec![("vdi".to_string(), vec!["0evil".to_string(), "a".to_string()])]
+    );
     // A write at b reaches neither.
     let w = b
         .write("vdi", 0, Bytes::from(vec![5u8; BS as usize]))
@@ -1063,6 +1067,7 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
         }
     }
     assert!(b.cluster().disputed_disks().is_empty());
+    assert!(b.status().disputed.is_empty());
     drop((evil, a2));
 }
 

@@ -337,6 +337,10 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "block_size": s.block_size,
         "uptime_ms": s.uptime_ms,
         "single_touch_share": s.single_touch_share,
+        "disputed": s.disputed.iter().map(|d| json!({
+            "disk": d.disk,
+            "owners": d.owners,
+        })).collect::<Vec<_>>(),
         "certificates": s.certificates.iter().map(|c| json!({
             "role": c.role,
             "path": c.path,
@@ -552,6 +556,13 @@ fn print_status(s: &StatusResponse) {
                 c.subject,
                 expiry_text(c.not_after_unix)
             );
+        }
+    }
+    if !s.disputed.is_empty() {
+        println!();
+        println!("disputed disk ids (served by none of their owners until all but one drop them):");
+        for d in &s.disputed {
+            println!("  {:<24} owned by {}", d.disk, d.owners.join(", "));
         }
     }
     println!();

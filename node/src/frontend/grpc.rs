@@ -172,6 +172,11 @@ fn status_to_pb(s: NodeStatus) -> pb::StatusResponse {
                 not_after_unix: c.not_after_unix,
             })
             .collect(),
+        disputed: s
+            .disputed
+            .into_iter()
+            .map(|(disk, owners)| pb::DisputedDisk { disk, owners })
+            .collect(),
     }
 }
 
