@@ -207,7 +207,8 @@ impl Node {
             tracing::warn!(disk = id, owner = %r.owner, "register refused: another member owns this id");
             return Err(Error::DiskExists(id.to_string()));
         }
-        if let Some(owners) = self.cluster.disputed(id) {
+        let owners = self.cluster.claimed_by(id);
+        if !owners.is_empty() {
             tracing::warn!(
                 disk = id,
                 ?owners,

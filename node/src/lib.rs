@@ -388,6 +388,15 @@ impl Node {
             if let Some(owners) = self.cluster.disputed(disk) {
                 return Error::Disputed { disk: id, owners };
             }
+            if let Some(owner) = self.cluster.pending(disk) {
+                return Error::Peer {
+                    node: owner,
+                    cause: format!(
+                        "disk {id:?} is served once this node has read every member's disk \
+                         list (a member that claimed the same id would be a dispute)"
+                    ),
+                };
+            }
             match self.cluster.departed(disk) {
                 Some((owner, ago)) => Error::Peer {
                     node: owner,

@@ -988,7 +988,10 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
     assert_eq!(b.cluster().disputed_disks(), vec!["vdi".to_string()]);
     assert_eq!(
         b.status().disputed,
-        vec![("vdi".to_string(), vec!["0evil".to_string(), "a".to_string()])]
+        vec![(
+            "vdi".to_string(),
+            vec!["0evil".to_string(), "a".to_string()]
+        )]
     );
     // A write at b reaches neither.
     let w = b
@@ -1140,4 +1143,111 @@ async fn until_disputed(node: &shadowcache_node::Node) -> shadowcache_node::erro
         assert!(Instant::now() < deadline, "the dispute was never seen");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Second review of the disputes: an owner out of the cluster before anyone claimed its id
+/// was forgotten, so a member that claimed the id then got the disk. The owner that left is
+/// remembered as a claimant for an hour (unless it is back): the new claim is a dispute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_made_while_the_owner_is_away_is_a_dispute_not_a_takeover() {
+    use shadowcache_node::error::ErrorKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let b = c.node("b").clone();
+    b.read("vdi", 0, BS).await.expect("read while a is there");
+    c.net.kill("a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match b.read("vdi", 0, BS).await {
+            Err(e) if e.to_string().contains("left the cluster") => break,
+            other => {
+                assert!(Instant::now() < deadline, "a never left: {:?}", other.err());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let evil = claimant(&c, dir.path(), 1).await;
+    let e = until_disputed(&b).await;
+    assert!(e.to_string().contains("0evil, a"), "{e}");
+    let watch_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_until {
+        match b.read("vdi", 0, BS).await {
+            Ok(got) => panic!("b read byte {} of vdi from the claimant", got[0]),
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Disputed, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(evil);
+}
+
+/// Same review: a claim whose route waited for a member's list was not counted, so a second
+/// member could register the id and start a dispute over the first one's disk. A waiting
+/// route answers UNAVAILABLE (it is served soon), not NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_route_waits_is_unavailable_and_its_id_cannot_be_registered() {
+    use shadowcache_node::error::{Code, ErrorKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let (b, cn) = (c.node("b").clone(), c.node("c").clone());
+    // c cannot read x's list: no new route at c for a minute.
+    c.net.set_link("c", "x", Link::Cut);
+    let x = start_in(
+        member_config(
+            &dir.path().join("x"),
+            "x",
+            BS as u32,
+            (TERM_MS, MARGIN_MS),
+            None,
+        ),
+        c.net.environment("x", 1, c.clock.clone(), 95),
+    )
+    .await
+    .expect("x");
+    c.net.attach("x", x.node());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cn.cluster().members().iter().all(|m| m.id != "x") {
+        assert!(Instant::now() < deadline, "c never saw x");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = dir.path().join("w.raw");
+    std::fs::write(&w, vec![3u8; (4 * BS) as usize]).expect("w");
+    b.register("w", &w, DiskMode::Mutable)
+        .await
+        .expect("b registers w");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        match cn.read("w", 0, BS).await {
+            Err(e) if e.kind() == ErrorKind::Peer => break e,
+            Err(e) if e.kind() == ErrorKind::UnknownDisk => {}
+            Ok(_) => panic!("c routed w while it could not read x's list"),
+            Err(e) => panic!("c: {e}"),
+        }
+        assert!(Instant::now() < deadline, "c never learned b's claim");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.to_string().contains("owner b"), "{e}");
+    let mine = dir.path().join("mine.raw");
+    std::fs::write(&mine, vec![1u8; BS as usize]).expect("mine");
+    let r = cn
+        .register("w", &mine, DiskMode::Mutable)
+        .await
+        .expect_err("c registered an id b claims");
+    assert_eq!(r.kind(), ErrorKind::DiskExists);
+    // Once c reads x's list, the route is made.
+    c.net.set_link("c", "x", Link::Open);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cn.read("w", 0, BS).await {
+            Ok(got) => {
+                assert_eq!(got[0], 3);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "c never routed w: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(x);
 }

@@ -44,6 +44,29 @@ impl Cluster {
         })
     }
 
+    /// The one member that claims `disk` while its route waits for every member's list
+    /// ([`Self::settle`]): the disk is served once they are read.
+    pub fn pending(&self, disk: &str) -> Option<String> {
+        if self.remote.contains_key(disk) {
+            return None;
+        }
+        let (present, absent) = self.claimants(disk);
+        match (present.as_slice(), absent.is_empty()) {
+            ([one], true) => Some(one.owner.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every member that claims `disk` or did and left within [`DISPUTE_HOLD`] (routed,
+    /// disputed, pending or away), sorted: another member may not register the id meanwhile.
+    pub fn claimed_by(&self, disk: &str) -> Vec<String> {
+        let (present, absent) = self.claimants(disk);
+        let mut owners: Vec<String> = present.into_iter().map(|r| r.owner).collect();
+        owners.extend(absent);
+        owners.sort();
+        owners
+    }
+
     /// The disk ids disputed now, sorted.
     pub fn disputed_disks(&self) -> Vec<String> {
         let mut v: Vec<String> = self.disputes.iter().map(|e| e.key().clone()).collect();
@@ -110,18 +133,20 @@ impl Cluster {
         if absent.is_empty() {
             self.contested.remove(disk);
         }
+        if self.disputes.remove(disk).is_some() {
+            tracing::info!(
+                disk,
+                "the dispute over this disk id is over: one owner is left"
+            );
+        }
         let Some(one) = present.into_iter().next() else {
             self.claims.remove_if(disk, |_, c| c.is_empty());
             self.remote.remove(disk);
-            self.disputes.remove(disk);
             return;
         };
         let same = self.remote.get(disk).is_some_and(|r| r.owner == one.owner);
         if !same && !complete {
             return;
-        }
-        if self.disputes.remove(disk).is_some() {
-            tracing::info!(disk, owner = %one.owner, "the dispute over this disk id is over; its one owner serves it");
         }
         if let Some(before) = self.remote.insert(disk.to_string(), one.clone())
             && before.owner != one.owner
@@ -251,15 +276,18 @@ impl Cluster {
             self.peers.forget(id);
             let before = self.remote.len();
             let now = std::time::Instant::now();
+            // Its disks, and the disputes it was part of, keep it as a claimant until it is
+            // back (its list read) or an hour has passed: another member that claims one of
+            // those ids meanwhile meets a dispute, not an empty place.
+            let mut left_disputes = Vec::new();
             self.remote.retain(|disk, r| {
                 if &r.owner == id {
                     self.departed.insert(disk.clone(), (id.clone(), now));
+                    left_disputes.push(disk.clone());
                     return false;
                 }
                 true
             });
-            // A claimant of a dispute that leaves keeps the dispute alive until it is back.
-            let mut left_disputes = Vec::new();
             for mut c in self.claims.iter_mut() {
                 let disputed = c.value().len() > 1 || self.contested.contains_key(c.key());
                 if c.value_mut().remove(id).is_some() && disputed {
@@ -333,10 +361,16 @@ impl Cluster {
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");
-                    let since = *self
-                        .unreadable
-                        .entry(m.id.clone())
-                        .or_insert_with(std::time::Instant::now);
+                    let since = {
+                        let mut e = self
+                            .unreadable
+                            .entry(m.id.clone())
+                            .or_insert((m.boot, std::time::Instant::now()));
+                        if e.0 != m.boot {
+                            *e = (m.boot, std::time::Instant::now());
+                        }
+                        e.1
+                    };
                     if since.elapsed() >= LIST_WAIT
                         && self.unreadable_warned.insert(m.id.clone(), ()).is_none()
                     {
@@ -352,7 +386,7 @@ impl Cluster {
                 || self
                     .unreadable
                     .get(&m.id)
-                    .is_some_and(|t| t.elapsed() >= LIST_WAIT)
+                    .is_some_and(|t| t.0 == m.boot && t.1.elapsed() >= LIST_WAIT)
         });
         self.settle_all(complete);
         self.sync_shadows();

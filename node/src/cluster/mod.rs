@@ -174,8 +174,9 @@ pub struct Cluster {
     contested: DashMap<String, std::collections::BTreeMap<String, std::time::Instant>>,
     /// Disk ids disputed now (for the log's transitions and the gauge).
     disputes: DashMap<String, ()>,
-    /// Per live member: since when its disk list could not be read (cleared once it is).
-    unreadable: DashMap<String, std::time::Instant>,
+    /// Per live member: the boot whose disk list could not be read, and since when (cleared
+    /// once it is).
+    unreadable: DashMap<String, (u64, std::time::Instant)>,
     /// Members whose list has been unreadable past `LIST_WAIT`, warned about once.
     unreadable_warned: DashMap<String, ()>,
     /// Local shadows of the sealed and detected disks other members own.
