@@ -865,6 +865,24 @@ fn tls_node_with_rw(
     (a, format!("127.0.0.1:{port}"), rw)
 }
 
+/// Client TLS files for `name`'s certificate from `pki`, in `role` (none: issued before roles).
+fn role_files(
+    pki: &shadowcache_testkit::TestPki,
+    name: &str,
+    role: Option<&str>,
+) -> shadowcache_client::TlsFiles {
+    let (cert, key) = match role {
+        Some(r) => pki.member_with_role(name, "shadowcache", r),
+        None => pki.member(name, "shadowcache"),
+    };
+    shadowcache_client::TlsFiles {
+        ca: pki.ca.clone(),
+        cert,
+        key,
+        server_name: "shadowcache".into(),
+    }
+}
+
 /// Item 5, with TLS: a node with `[cluster.tls]` takes gRPC on TCP only from clients holding a
 /// certificate from the cluster's CA, and serves them everything (writes, Admin); a client
 /// without one, or with one from another CA, gets no answer at all.
@@ -952,22 +970,11 @@ fn peer_endpoint(
 /// (`from_node` was the caller's word).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
-    use shadowcache_client::{Client, TlsFiles};
+    use shadowcache_client::Client;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
     let (a, addr, rw) = tls_node_with_rw(dir.path(), &pki);
-    let files = |name: &str, role: Option<&str>| {
-        let (cert, key) = match role {
-            Some(r) => pki.member_with_role(name, "shadowcache", r),
-            None => pki.member(name, "shadowcache"),
-        };
-        TlsFiles {
-            ca: pki.ca.clone(),
-            cert,
-            key,
-            server_name: "shadowcache".into(),
-        }
-    };
+    let files = |name: &str, role: Option<&str>| role_files(&pki, name, role);
     let code = |r: shadowcache_client::Result<Vec<shadowcache_client::DiskInfo>>| match r {
         Ok(_) => None,
         Err(e) => Some(e.to_string()),
@@ -1071,7 +1078,7 @@ async fn certificate_roles_decide_who_may_call_admin_and_the_peer_service() {
 /// roles keep theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_roles_leaves_certificates_without_a_role_only_the_block_service() {
-    use shadowcache_client::{Client, TlsFiles};
+    use shadowcache_client::Client;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = shadowcache_testkit::TestPki::new(&dir.path().join("pki"));
     let (cert, key) = pki.member_with_role("a", "shadowcache", "member");
@@ -1100,18 +1107,7 @@ async fn require_roles_leaves_certificates_without_a_role_only_the_block_service
         ],
     );
     let addr = format!("127.0.0.1:{port}");
-    let files = |name: &str, role: Option<&str>| {
-        let (cert, key) = match role {
-            Some(r) => pki.member_with_role(name, "shadowcache", r),
-            None => pki.member(name, "shadowcache"),
-        };
-        TlsFiles {
-            ca: pki.ca.clone(),
-            cert,
-            key,
-            server_name: "shadowcache".into(),
-        }
-    };
+    let files = |name: &str, role: Option<&str>| role_files(&pki, name, role);
     let legacy = Client::connect_tcp_tls(&addr, &files("legacy", None))
         .await
         .expect("connect");

@@ -1024,19 +1024,14 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // It is back: still disputed.
-    let a2 = start_in(
-        member_config(
-            &dir.path().join("a-again"),
-            "a",
-            BS as u32,
-            (TERM_MS, MARGIN_MS),
-            Some(("vdi", &dir.path().join("vdi.raw"))),
-        ),
-        c.net.environment("a", 2, c.clock.clone(), 98),
+    let image = dir.path().join("vdi.raw");
+    let a2 = join(
+        &c,
+        &dir.path().join("a-again"),
+        ("a", 2),
+        Some(("vdi", &image)),
     )
-    .await
-    .expect("a again");
-    c.net.attach("a", a2.node());
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     match b.read("vdi", 0, BS).await {
         Ok(got) => panic!("b read byte {} of vdi, still disputed", got[0]),
@@ -1045,30 +1040,8 @@ async fn a_disk_id_two_members_own_is_served_by_neither_until_one_drops_it() {
     // The other claimant restarts without the id: a's disk is served again.
     c.net.kill("0evil");
     drop(evil);
-    let cfg = member_config(
-        &dir.path().join("0evil-again"),
-        "0evil",
-        BS as u32,
-        (TERM_MS, MARGIN_MS),
-        None,
-    );
-    let evil = start_in(cfg, c.net.environment("0evil", 2, c.clock.clone(), 97))
-        .await
-        .expect("0evil again");
-    c.net.attach("0evil", evil.node());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match b.read("vdi", 0, BS).await {
-            Ok(got) => {
-                assert_eq!(version_of(0, &got), 1);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "a's disk never came back: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let evil = join(&c, &dir.path().join("0evil-again"), ("0evil", 2), None).await;
+    assert_eq!(version_of(0, &until_served(&b, "vdi").await), 1);
     assert!(b.cluster().disputed_disks().is_empty());
     assert!(b.status().disputed.is_empty());
     drop((evil, a2));
@@ -1087,19 +1060,7 @@ async fn a_member_that_has_not_read_the_owners_list_does_not_route_its_disk_to_a
     until_disputed(c.node("b")).await;
     // d cannot call a.
     c.net.set_link("d", "a", Link::Cut);
-    let d = start_in(
-        member_config(
-            &dir.path().join("d"),
-            "d",
-            BS as u32,
-            (TERM_MS, MARGIN_MS),
-            None,
-        ),
-        c.net.environment("d", 1, c.clock.clone(), 96),
-    )
-    .await
-    .expect("d");
-    c.net.attach("d", d.node());
+    let d = join(&c, &dir.path().join("d"), ("d", 1), None).await;
     let watch_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < watch_until {
         if let Ok(got) = d.node().read("vdi", 0, BS).await {
@@ -1118,17 +1079,44 @@ async fn a_member_that_has_not_read_the_owners_list_does_not_route_its_disk_to_a
 async fn claimant(c: &Cluster, dir: &std::path::Path, boot: u64) -> RunningNode {
     let fake = dir.join("fake.raw");
     std::fs::write(&fake, vec![9u8; (BLOCKS * BS) as usize]).expect("fake");
-    let cfg = member_config(
+    join(
+        c,
         &dir.join(format!("0evil-{boot}")),
-        "0evil",
-        BS as u32,
-        (TERM_MS, MARGIN_MS),
-        Some(("vdi", fake.as_path())),
-    );
-    let env = c.net.environment("0evil", boot, c.clock.clone(), 99);
-    let evil = start_in(cfg, env).await.expect("start");
-    c.net.attach("0evil", evil.node());
-    evil
+        ("0evil", boot),
+        Some(("vdi", &fake)),
+    )
+    .await
+}
+
+/// Starts incarnation `boot` of member `id` in `data_dir` on `c`'s network and clock, owning
+/// `owns` if given.
+async fn join(
+    c: &Cluster,
+    data_dir: &std::path::Path,
+    (id, boot): (&str, u64),
+    owns: Option<(&str, &std::path::Path)>,
+) -> RunningNode {
+    let cfg = member_config(data_dir, id, BS as u32, (TERM_MS, MARGIN_MS), owns);
+    let env = c.net.environment(id, boot, c.clock.clone(), 90 + boot);
+    let node = start_in(cfg, env)
+        .await
+        .unwrap_or_else(|e| panic!("start {id}: {e}"));
+    c.net.attach(id, node.node());
+    node
+}
+
+/// Reads block 0 of `disk` at `node` until it is served (30 s at most).
+async fn until_served(node: &shadowcache_node::Node, disk: &str) -> Bytes {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match node.read(disk, 0, BS).await {
+            Ok(got) => return got,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{disk} never served: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Reads "vdi" at `node` until it says the id is disputed; never the other claimant's bytes.
@@ -1191,19 +1179,7 @@ async fn a_claim_whose_route_waits_is_unavailable_and_its_id_cannot_be_registere
     let (b, cn) = (c.node("b").clone(), c.node("c").clone());
     // c cannot read x's list: no new route at c for a minute.
     c.net.set_link("c", "x", Link::Cut);
-    let x = start_in(
-        member_config(
-            &dir.path().join("x"),
-            "x",
-            BS as u32,
-            (TERM_MS, MARGIN_MS),
-            None,
-        ),
-        c.net.environment("x", 1, c.clock.clone(), 95),
-    )
-    .await
-    .expect("x");
-    c.net.attach("x", x.node());
+    let x = join(&c, &dir.path().join("x"), ("x", 1), None).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while cn.cluster().members().iter().all(|m| m.id != "x") {
         assert!(Instant::now() < deadline, "c never saw x");
@@ -1236,18 +1212,6 @@ async fn a_claim_whose_route_waits_is_unavailable_and_its_id_cannot_be_registere
     assert_eq!(r.kind(), ErrorKind::DiskExists);
     // Once c reads x's list, the route is made.
     c.net.set_link("c", "x", Link::Open);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match cn.read("w", 0, BS).await {
-            Ok(got) => {
-                assert_eq!(got[0], 3);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "c never routed w: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    assert_eq!(until_served(&cn, "w").await[0], 3);
     drop(x);
 }

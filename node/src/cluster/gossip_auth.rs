@@ -692,13 +692,7 @@ mod tests {
         let now = 1_000_000_000;
         for (n, role) in ["client", "admin"].into_iter().enumerate() {
             let (cert, key) = pki.member_with_role(role, "shadowcache", role);
-            let cfg = crate::cluster::TlsConfig {
-                ca: pki.ca.clone(),
-                cert,
-                key,
-                server_name: "shadowcache".into(),
-                require_roles: false,
-            };
+            let cfg = tls_config(&pki, (cert, key), false);
             let err = TlsIdentity::load(&cfg).expect_err("a client's certificate as a member's");
             assert!(err.contains("not a member's certificate"), "{err}");
             let unchecked =
@@ -710,14 +704,8 @@ mod tests {
         }
         let (cert, key) = pki.member_with_role("m", "shadowcache", "member");
         let m = CertSealer::new(Arc::new(
-            TlsIdentity::load(&crate::cluster::TlsConfig {
-                ca: pki.ca.clone(),
-                cert,
-                key,
-                server_name: "shadowcache".into(),
-                require_roles: false,
-            })
-            .expect("a member's certificate"),
+            TlsIdentity::load(&tls_config(&pki, (cert, key), false))
+                .expect("a member's certificate"),
         ))
         .expect("m");
         let d = m.seal(b"hello", now, [30; 16]).expect("seal");
@@ -730,14 +718,8 @@ mod tests {
         assert_eq!(b.open(&d, now).expect("a legacy member's datagram"), b"old");
         let (cert, key) = pki.member_with_role("strict", "shadowcache", "member");
         let strict = CertSealer::new(Arc::new(
-            TlsIdentity::load(&crate::cluster::TlsConfig {
-                ca: pki.ca.clone(),
-                cert,
-                key,
-                server_name: "shadowcache".into(),
-                require_roles: true,
-            })
-            .expect("a member's certificate, roles required"),
+            TlsIdentity::load(&tls_config(&pki, (cert, key), true))
+                .expect("a member's certificate, roles required"),
         ))
         .expect("strict");
         let d = legacy.seal(b"old", now, [41; 16]).expect("seal");
@@ -746,27 +728,30 @@ mod tests {
         assert_eq!(strict.open(&d, now).expect("a member's datagram"), b"hello");
         // Nor may a node whose own certificate names no role require roles of others.
         let (cert, key) = pki.member("legacy-self", "shadowcache");
-        let err = TlsIdentity::load(&crate::cluster::TlsConfig {
+        let err = TlsIdentity::load(&tls_config(&pki, (cert, key), true))
+            .expect_err("an unmarked certificate under require_roles");
+        assert!(err.contains("require_roles"), "{err}");
+    }
+
+    /// `[cluster.tls]` for the certificate and key given, under `pki`'s CA.
+    fn tls_config(
+        pki: &shadowcache_testkit::TestPki,
+        (cert, key): (std::path::PathBuf, std::path::PathBuf),
+        require_roles: bool,
+    ) -> crate::cluster::TlsConfig {
+        crate::cluster::TlsConfig {
             ca: pki.ca.clone(),
             cert,
             key,
             server_name: "shadowcache".into(),
-            require_roles: true,
-        })
-        .expect_err("an unmarked certificate under require_roles");
-        assert!(err.contains("require_roles"), "{err}");
+            require_roles,
+        }
     }
 
     /// The identity of member `name` of `pki`, checked against `pki`'s CA.
     fn identity(pki: &shadowcache_testkit::TestPki, name: &str) -> Arc<TlsIdentity> {
         let (cert, key) = pki.member(name, "shadowcache");
-        let cfg = crate::cluster::TlsConfig {
-            ca: pki.ca.clone(),
-            cert,
-            key,
-            server_name: "shadowcache".into(),
-            require_roles: false,
-        };
+        let cfg = tls_config(pki, (cert, key), false);
         Arc::new(TlsIdentity::load(&cfg).expect("identity"))
     }
 
@@ -869,14 +854,8 @@ mod tests {
         );
         // A certificate the CA did not sign does not load as this member's identity.
         let (cert, key) = rogue.member("z", "shadowcache");
-        let err = TlsIdentity::load(&crate::cluster::TlsConfig {
-            ca: pki.ca.clone(),
-            cert,
-            key,
-            server_name: "shadowcache".into(),
-            require_roles: false,
-        })
-        .expect_err("a certificate of another CA");
+        let err = TlsIdentity::load(&tls_config(&pki, (cert, key), false))
+            .expect_err("a certificate of another CA");
         assert!(err.contains("not signed by the cluster's CA"), "{err}");
     }
 }
