@@ -255,6 +255,20 @@ impl Client {
         Ok(r.into_inner().disk.unwrap_or_default())
     }
 
+    /// Ends the node's memory of `member` as a claimant of `disk` that left the cluster: the
+    /// members that claim the disk there now.
+    pub async fn forget_claimant(&self, disk: &str, member: &str) -> Result<Vec<String>> {
+        let r = self
+            .admin
+            .clone()
+            .forget_claimant(pb::ForgetClaimantRequest {
+                disk: disk.to_string(),
+                member: member.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().owners)
+    }
+
     /// The node's cache tiers, counters and disks.
     pub async fn status(&self) -> Result<StatusResponse> {
         Ok(self

@@ -201,6 +201,15 @@ impl Node {
         v
     }
 
+    /// Forgets `member` as a claimant of `disk` that left the cluster (an operator's call):
+    /// the members that claim it now.
+    pub fn forget_claimant(&self, disk: &str, member: &str) -> Result<Vec<String>> {
+        crate::ids::DiskId::parse(disk)?;
+        self.cluster
+            .forget_claimant(disk, member)
+            .map_err(Error::Invalid)
+    }
+
     /// Registers a disk and saves it, so that it is still there after a restart.
     pub async fn register(&self, id: &str, origin: &Path, mode: DiskMode) -> Result<DiskInfo> {
         if let Some(r) = self.cluster.remote(id) {

@@ -1215,3 +1215,41 @@ async fn a_claim_whose_route_waits_is_unavailable_and_its_id_cannot_be_registere
     assert_eq!(until_served(&cn, "w").await[0], 3);
     drop(x);
 }
+
+/// A claimant that left keeps its ids disputed for an hour; an operator who knows it is gone
+/// for good (or was the wrong one) ends that at a node with `forget_claimant`, and the id goes
+/// to the claimant left. A live claimant, or a member never seen claiming, cannot be forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_forgets_a_claimant_that_left_and_the_owner_left_serves_the_disk() {
+    use shadowcache_node::error::ErrorKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let b = c.node("b").clone();
+    let evil = claimant(&c, dir.path(), 1).await;
+    until_disputed(&b).await;
+    let e = b
+        .forget_claimant("vdi", "0evil")
+        .expect_err("forgetting a live claimant");
+    assert!(e.to_string().contains("is live"), "{e}");
+    c.net.kill("0evil");
+    drop(evil);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    match b.read("vdi", 0, BS).await {
+        Ok(got) => panic!("b read byte {} while 0evil is remembered", got[0]),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Disputed, "{e}"),
+    }
+    let e = b
+        .forget_claimant("vdi", "nobody")
+        .expect_err("forgetting a member never seen");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    let e = b
+        .forget_claimant("../vdi", "0evil")
+        .expect_err("a malformed disk id");
+    assert_eq!(e.kind(), ErrorKind::InvalidDiskId, "{e}");
+    assert_eq!(
+        b.forget_claimant("vdi", "0evil").expect("forget 0evil"),
+        vec!["a".to_string()]
+    );
+    assert_eq!(version_of(0, &until_served(&b, "vdi").await), 1);
+    assert!(b.status().disputed.is_empty());
+}

@@ -96,6 +96,14 @@ enum Command {
         /// Disk id (owned by this node).
         disk: String,
     },
+    /// Forget a member that claimed a disk id and left the cluster (remembered an hour, which
+    /// keeps the id disputed); this node only: run it against each node.
+    ForgetClaimant {
+        /// Disk id.
+        disk: String,
+        /// The member's node id.
+        member: String,
+    },
     /// A detected disk goes back to mutable: every lease is revoked, caches stop serving it,
     /// and detection starts over.
     DropShadows {
@@ -682,6 +690,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", disk_json(&d));
             } else {
                 println!("{} is {done} (generation {})", d.id, d.generation);
+            }
+        }
+        Command::ForgetClaimant { disk, member } => {
+            let owners = client.forget_claimant(&disk, &member).await?;
+            if cli.json {
+                println!("{}", json!({ "disk": disk, "owners": owners }));
+            } else {
+                match owners.as_slice() {
+                    [] => println!("{disk}: no member claims it here now"),
+                    [one] => println!(
+                        "{disk}: claimed by {one} only (served from there once every member's list is read)"
+                    ),
+                    more => println!("{disk}: still disputed by {}", more.join(", ")),
+                }
             }
         }
         Command::Register { disk, origin, mode } => {

@@ -67,6 +67,39 @@ impl Cluster {
         owners
     }
 
+    /// Forgets `member` as a claimant of `disk` that left the cluster ([`DISPUTE_HOLD`]),
+    /// and routes the id by the claims left: the members that claim it now.
+    pub fn forget_claimant(&self, disk: &str, member: &str) -> Result<Vec<String>, String> {
+        if self
+            .claims
+            .get(disk)
+            .is_some_and(|c| c.contains_key(member))
+        {
+            return Err(format!(
+                "member {member:?} is live and lists disk {disk:?}: restart it without the disk"
+            ));
+        }
+        let forgot = self
+            .contested
+            .get_mut(disk)
+            .is_some_and(|mut c| c.remove(member).is_some());
+        if !forgot {
+            return Err(format!(
+                "member {member:?} is not remembered here as a claimant of disk {disk:?} that left"
+            ));
+        }
+        tracing::warn!(
+            disk,
+            member,
+            "an operator ended this node's memory of a claimant that left"
+        );
+        // A route to the claimant left, if there is one, waits for every member's list as
+        // any new route does: the refresher settles it at once.
+        self.settle(disk, false);
+        self.refresh_now.notify_one();
+        Ok(self.claimed_by(disk))
+    }
+
     /// The disk ids disputed now, sorted.
     pub fn disputed_disks(&self) -> Vec<String> {
         let mut v: Vec<String> = self.disputes.iter().map(|e| e.key().clone()).collect();

@@ -448,6 +448,19 @@ impl pb::admin_server::Admin for GrpcFrontend {
         .map_err(|e| status(&e))
     }
 
+    async fn forget_claimant(
+        &self,
+        request: Request<pb::ForgetClaimantRequest>,
+    ) -> Result<Response<pb::ForgetClaimantResponse>, Status> {
+        self.admin_only(&request, "admin forget_claimant")?;
+        let t = Instant::now();
+        let r = request.into_inner();
+        let res = self.node.forget_claimant(&r.disk, &r.member);
+        observe("forget_claimant", t, 0, &res);
+        res.map(|owners| Response::new(pb::ForgetClaimantResponse { owners }))
+            .map_err(|e| status(&e))
+    }
+
     async fn set_detection(
         &self,
         request: Request<pb::SetDetectionRequest>,
