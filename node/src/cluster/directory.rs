@@ -17,8 +17,9 @@ use super::{Cluster, Member, RemoteDisk};
 
 /// How long a member's answer can hold the directory to a disk list newer than the one read.
 const HINT_HOLD: Duration = Duration::from_secs(5);
-/// How long a disk id stays disputed after a claimant of the dispute left the cluster (unless
-/// it comes back first): as long as an owner that left is remembered ([`Cluster::departed`]).
+/// How long a claimant of a dispute, or the owner of a routed disk, that left the cluster is
+/// still counted as a claimant of the id (unless it comes back first, or an operator forgets
+/// it): as long as an owner that left is remembered ([`Cluster::departed`]).
 const DISPUTE_HOLD: Duration = Duration::from_secs(3600);
 /// How long new routes wait for a live member whose disk list cannot be read: one member whose
 /// Peer service fails must not keep a starting node from every other member's disks for
@@ -35,13 +36,8 @@ impl Cluster {
     /// The members that all claim `disk`, if more than one does (or did, and left within the
     /// hour): it is served by none.
     pub fn disputed(&self, disk: &str) -> Option<Vec<String>> {
-        let (present, absent) = self.claimants(disk);
-        (present.len() + absent.len() > 1).then(|| {
-            let mut owners: Vec<String> = present.into_iter().map(|r| r.owner).collect();
-            owners.extend(absent);
-            owners.sort();
-            owners
-        })
+        let owners = self.claimed_by(disk);
+        (owners.len() > 1).then_some(owners)
     }
 
     /// The one member that claims `disk` while its route waits for every member's list
