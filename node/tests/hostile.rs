@@ -1181,22 +1181,26 @@ async fn a_member_calling_another_checks_that_the_member_called_answers() {
         &[format!("--config={}", config.display())],
     );
     let addr: std::net::SocketAddr = a.addr.parse().expect("addr");
-    let (cert, key) = pki.member_for_node("m", "shadowcache");
-    let tls =
-        shadowcache_node::frontend::tls::PeerTls::load(&shadowcache_node::cluster::TlsConfig {
-            ca: pki.ca.clone(),
-            cert,
-            key,
-            server_name: "shadowcache".into(),
-            require_roles: false,
-        })
-        .expect("tls");
-    let peers = shadowcache_node::frontend::peer_client::TonicPeers::new(
-        "m",
-        Duration::from_secs(5),
-        Some(tls.client),
-        None,
-    );
+    // Member "m" calling, with `cluster.tls.require_roles` as given.
+    let caller = |require_roles: bool| {
+        let (cert, key) = pki.member_for_node("m", "shadowcache");
+        let tls =
+            shadowcache_node::frontend::tls::PeerTls::load(&shadowcache_node::cluster::TlsConfig {
+                ca: pki.ca.clone(),
+                cert,
+                key,
+                server_name: "shadowcache".into(),
+                require_roles,
+            })
+            .expect("tls");
+        shadowcache_node::frontend::peer_client::TonicPeers::new(
+            "m",
+            Duration::from_secs(5),
+            Some(tls.client),
+            None,
+        )
+    };
+    let peers = caller(false);
     let hello = peers
         .hello(To { node: "a", addr }, 1)
         .await
@@ -1211,6 +1215,33 @@ async fn a_member_calling_another_checks_that_the_member_called_answers() {
         text.contains("speaks for") || text.contains("certificate"),
         "{text}"
     );
+
+    // A member whose certificate names no role (issued before roles) answers a caller that
+    // does not require roles, and not one that does (`cluster.tls.require_roles`).
+    let (cert, key) = pki.member("u", "shadowcache");
+    let config = dir.path().join("u-tls.toml");
+    write_file(&config, tls_section(&cert, &key).as_bytes());
+    let u = member(
+        dir.path(),
+        "u",
+        None,
+        &[format!("--config={}", config.display())],
+    );
+    let u_addr: std::net::SocketAddr = u.addr.parse().expect("addr");
+    let to_u = To {
+        node: "u",
+        addr: u_addr,
+    };
+    caller(false)
+        .hello(to_u, 1)
+        .await
+        .expect("an unmarked member answers a caller that does not require roles");
+    let err = caller(true)
+        .hello(to_u, 1)
+        .await
+        .expect_err("an unmarked member answered a caller that requires roles");
+    let text = format!("{err:#}");
+    assert!(text.contains("require_roles"), "{text}");
 }
 
 /// Item 6: NBD over TCP with `[nbd_tls]` (FORCEDTLS): qemu-io and nbdinfo connect through
