@@ -1171,16 +1171,20 @@ async fn a_member_calling_another_checks_that_the_member_called_answers() {
             key.display().to_string()
         )
     };
-    let (cert, key) = pki.member_for_node("a", "shadowcache");
-    let config = dir.path().join("a-tls.toml");
-    write_file(&config, tls_section(&cert, &key).as_bytes());
-    let a = member(
-        dir.path(),
-        "a",
-        None,
-        &[format!("--config={}", config.display())],
-    );
-    let addr: std::net::SocketAddr = a.addr.parse().expect("addr");
+    // Node `name` with `(cert, key)` as its `[cluster.tls]`, and its Peer address.
+    let tls_member = |name: &str, (cert, key): (std::path::PathBuf, std::path::PathBuf)| {
+        let config = dir.path().join(format!("{name}-tls.toml"));
+        write_file(&config, tls_section(&cert, &key).as_bytes());
+        let m = member(
+            dir.path(),
+            name,
+            None,
+            &[format!("--config={}", config.display())],
+        );
+        let addr: std::net::SocketAddr = m.addr.parse().expect("addr");
+        (m, addr)
+    };
+    let (_a, addr) = tls_member("a", pki.member_for_node("a", "shadowcache"));
     // Member "m" calling, with `cluster.tls.require_roles` as given.
     let caller = |require_roles: bool| {
         let (cert, key) = pki.member_for_node("m", "shadowcache");
@@ -1218,16 +1222,7 @@ async fn a_member_calling_another_checks_that_the_member_called_answers() {
 
     // A member whose certificate names no role (issued before roles) answers a caller that
     // does not require roles, and not one that does (`cluster.tls.require_roles`).
-    let (cert, key) = pki.member("u", "shadowcache");
-    let config = dir.path().join("u-tls.toml");
-    write_file(&config, tls_section(&cert, &key).as_bytes());
-    let u = member(
-        dir.path(),
-        "u",
-        None,
-        &[format!("--config={}", config.display())],
-    );
-    let u_addr: std::net::SocketAddr = u.addr.parse().expect("addr");
+    let (_u, u_addr) = tls_member("u", pki.member("u", "shadowcache"));
     let to_u = To {
         node: "u",
         addr: u_addr,

@@ -301,7 +301,6 @@ impl Cluster {
         for id in &gone {
             self.fetched.remove(id);
             self.unreadable.remove(id);
-            self.unreadable_warned.remove(id);
             self.peers.forget(id);
             let before = self.remote.len();
             let now = std::time::Instant::now();
@@ -385,24 +384,24 @@ impl Cluster {
                     }
                     self.fetched.insert(m.id.clone(), (m.boot, disks_version));
                     self.unreadable.remove(&m.id);
-                    self.unreadable_warned.remove(&m.id);
                     self.hinted.remove_if(&m.id, |_, h| h.0 <= disks_version);
                 }
                 Err(e) => {
                     tracing::warn!(member = %m.id, error = %e, "could not fetch a member's disks; retrying");
-                    let since = {
+                    let warn = {
+                        let now = std::time::Instant::now();
                         let mut e = self
                             .unreadable
                             .entry(m.id.clone())
-                            .or_insert((m.boot, std::time::Instant::now()));
+                            .or_insert((m.boot, now, false));
                         if e.0 != m.boot {
-                            *e = (m.boot, std::time::Instant::now());
+                            *e = (m.boot, now, false);
                         }
-                        e.1
+                        let warn = !e.2 && e.1.elapsed() >= LIST_WAIT;
+                        e.2 |= warn;
+                        warn
                     };
-                    if since.elapsed() >= LIST_WAIT
-                        && self.unreadable_warned.insert(m.id.clone(), ()).is_none()
-                    {
+                    if warn {
                         tracing::warn!(member = %m.id, "this member's disk list has been unreadable for {LIST_WAIT:?}: new routes to other members' disks no longer wait for it");
                     }
                 }

@@ -702,12 +702,16 @@ mod tests {
                 .expect("seal");
             assert_eq!(b.open(&d, now), Err(Rejected::WrongRole), "{role}");
         }
-        let (cert, key) = pki.member_with_role("m", "shadowcache", "member");
-        let m = CertSealer::new(Arc::new(
-            TlsIdentity::load(&tls_config(&pki, (cert, key), false))
-                .expect("a member's certificate"),
-        ))
-        .expect("m");
+        // A sealer with a member's certificate, under `require_roles`.
+        let member = |name: &str, require_roles: bool| {
+            let files = pki.member_with_role(name, "shadowcache", "member");
+            CertSealer::new(Arc::new(
+                TlsIdentity::load(&tls_config(&pki, files, require_roles))
+                    .expect("a member's certificate"),
+            ))
+            .expect("sealer")
+        };
+        let m = member("m", false);
         let d = m.seal(b"hello", now, [30; 16]).expect("seal");
         assert_eq!(b.open(&d, now).expect("a member's datagram"), b"hello");
 
@@ -716,12 +720,7 @@ mod tests {
         let legacy = CertSealer::new(identity(&pki, "legacy")).expect("legacy");
         let d = legacy.seal(b"old", now, [40; 16]).expect("seal");
         assert_eq!(b.open(&d, now).expect("a legacy member's datagram"), b"old");
-        let (cert, key) = pki.member_with_role("strict", "shadowcache", "member");
-        let strict = CertSealer::new(Arc::new(
-            TlsIdentity::load(&tls_config(&pki, (cert, key), true))
-                .expect("a member's certificate, roles required"),
-        ))
-        .expect("strict");
+        let strict = member("strict", true);
         let d = legacy.seal(b"old", now, [41; 16]).expect("seal");
         assert_eq!(strict.open(&d, now), Err(Rejected::WrongRole));
         let d = m.seal(b"hello", now, [42; 16]).expect("seal");

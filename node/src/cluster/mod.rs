@@ -174,11 +174,9 @@ pub struct Cluster {
     contested: DashMap<String, std::collections::BTreeMap<String, std::time::Instant>>,
     /// Disk ids disputed now (for the log's transitions and the gauge).
     disputes: DashMap<String, ()>,
-    /// Per live member: the boot whose disk list could not be read, and since when (cleared
-    /// once it is).
-    unreadable: DashMap<String, (u64, std::time::Instant)>,
-    /// Members whose list has been unreadable past `LIST_WAIT`, warned about once.
-    unreadable_warned: DashMap<String, ()>,
+    /// Per live member: the boot whose disk list could not be read, since when, and whether
+    /// the log said it stopped holding routes back (cleared once it is read).
+    unreadable: DashMap<String, (u64, std::time::Instant, bool)>,
     /// Local shadows of the sealed and detected disks other members own.
     shadows: DashMap<String, Arc<Shadow>>,
     /// Per member: the (boot, disks_version) whose disk list is in `remote`.
@@ -233,7 +231,6 @@ impl Cluster {
             contested: crate::hashing::dash_map(),
             disputes: crate::hashing::dash_map(),
             unreadable: crate::hashing::dash_map(),
-            unreadable_warned: crate::hashing::dash_map(),
             shadows: crate::hashing::dash_map(),
             fetched: crate::hashing::dash_map(),
             hinted: crate::hashing::dash_map(),
